@@ -1,0 +1,129 @@
+"""The component protocol: what a method puts at one site.
+
+A component is an ``nn.Module`` that lives as a child of the module it acts on (under the
+``ak_adapters`` container, keyed by adapter name), so ``.to()``, DDP/FSDP and optimizers see its
+parameters where they are used. The site hook calls it around the module's forward::
+
+    x' = component.pre(x)                     (only when ``has_pre``)
+    y  = module(x')
+    y' = component.post_call(args, kwargs, y)  (default: ``post(x', y)``)
+
+Mergeable components also implement :meth:`merge` / :meth:`unmerge` (usually through
+:meth:`delta_weight` and the module's backend). All parameters a component owns are adapter
+parameters: trainability and saving find them structurally, never by name.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .backends import backend_for
+
+__all__ = ["Component", "first_input"]
+
+
+def first_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The tensor a module was called with (first positional argument, else first keyword)."""
+    if args:
+        return args[0]
+    return next(iter(kwargs.values()))
+
+
+class Component(nn.Module):
+    """Base class of per-site adapter modules.
+
+    Attributes:
+        has_pre: the site calls :meth:`pre` before the module runs.
+        has_post: the site calls :meth:`post_call` after the module runs.
+        mergeable: :meth:`merge` can fold the component into the base weights.
+        merged: the component's effect currently lives in the base weights; the site skips it.
+    """
+
+    has_pre: ClassVar[bool] = False
+    has_post: ClassVar[bool] = True
+    mergeable: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.merged = False
+
+    # --- forward ------------------------------------------------------------------------
+    def pre(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def post(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return y
+
+    def post_call(self, args: tuple[Any, ...], kwargs: dict[str, Any], y: Any) -> Any:
+        """Like :meth:`post`, for components that need the module's whole call."""
+        return self.post(first_input(args, kwargs), y)
+
+    # --- lifecycle ----------------------------------------------------------------------
+    def initialize(self, module: nn.Module) -> None:
+        """Set initial values (may read the base module's weights). Called once after construction."""
+
+    def on_attach(self, module: nn.Module) -> None:
+        """Called after the component is placed on ``module`` (e.g. to adjust base weights)."""
+
+    def on_detach(self, module: nn.Module, keep_merged: bool = False) -> None:
+        """Undo :meth:`on_attach` exactly. With ``keep_merged`` the merged effect stays in the base weights."""
+        if self.merged and not keep_merged:
+            self.unmerge(module)
+
+    # --- merging ------------------------------------------------------------------------
+    def delta_weight(self, module: nn.Module) -> torch.Tensor | None:
+        """The additive change to the module's canonical dense weight, or None when not mergeable."""
+        return None
+
+    def delta_bias(self, module: nn.Module) -> torch.Tensor | None:
+        return None
+
+    @torch.no_grad()
+    def merge(self, module: nn.Module) -> None:
+        """Fold this component into ``module``'s weights. Raises TypeError when it cannot be merged."""
+        if self.merged:
+            return
+        self._apply_delta(module, +1.0)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self, module: nn.Module) -> None:
+        if not self.merged:
+            return
+        self._apply_delta(module, -1.0)
+        self.merged = False
+
+    def _apply_delta(self, module: nn.Module, sign: float) -> None:
+        delta = self.delta_weight(module)
+        dbias = self.delta_bias(module)
+        if delta is None and dbias is None:
+            raise TypeError(f"{type(self).__name__} cannot be merged into {type(module).__name__}")
+        if delta is not None:
+            backend = backend_for(module)
+            if backend is None:
+                raise TypeError(f"cannot merge into {type(module).__name__}: no weight backend registered")
+            backend.add_(module, delta, alpha=sign)
+        if dbias is not None:
+            module.bias.data.add_(dbias.to(module.bias.dtype), alpha=sign)
+
+    # --- saving -------------------------------------------------------------------------
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """Tensors to save for this component (default: its state_dict)."""
+        return {k: v for k, v in self.state_dict().items()}
+
+    def import_state(self, state: dict[str, torch.Tensor], module: nn.Module) -> None:
+        """Inverse of :meth:`export_state`; raises ValueError on missing keys or shape mismatch."""
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        extra = sorted(set(state) - set(own))
+        if missing or extra:
+            raise ValueError(f"tensors do not match the component: missing {missing}, unexpected {extra}")
+        for k, v in own.items():
+            if tuple(state[k].shape) != tuple(v.shape):
+                raise ValueError(
+                    f"shape mismatch for {k!r}: file has {tuple(state[k].shape)}, expected {tuple(v.shape)}"
+                )
+        self.load_state_dict(state)

@@ -1,0 +1,435 @@
+"""The controller: ``ak.attach(model)`` returns one :class:`Adapters` per model.
+
+It owns the sites (hooks) and the adapter records, and implements the public verbs: add, delete,
+train, activate/use, merge/unmerge, save/load/export, summary, detach. Method-specific behaviour
+lives behind the config/component interface; nothing here knows what LoRA is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from torch import nn
+
+from .component import Component
+from .config import AdapterConfig, get_config
+from .context import ForwardState
+from .methods.heads import HeadCopy
+from .profiles import profile_for
+from .sites import Site
+from .targeting import TargetError, base_modules, select
+
+__all__ = ["Adapters", "attach", "Plan"]
+
+_ATTR = "_adapterkit_controller"
+
+TARGET, EXTRA, HEAD = "target", "extra", "head"
+
+
+def attach(model: nn.Module) -> Adapters:
+    """The adapter controller of ``model`` (created on first call; the same object afterwards)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"attach() expects a torch.nn.Module, got {type(model).__name__}")
+    ctl = model.__dict__.get(_ATTR)
+    if ctl is None:
+        ctl = Adapters(model)
+        model.__dict__[_ATTR] = ctl
+    return ctl
+
+
+@dataclasses.dataclass
+class Plan:
+    """What adding a config would do: components per module, not yet attached.
+
+    Attributes:
+        config: the resolved config.
+        components: module name -> (kind, component), kind in ``target`` / ``extra`` / ``head``.
+    """
+
+    config: AdapterConfig
+    components: dict[str, tuple[str, Component]]
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for _, c in self.components.values() for p in c.parameters())
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self.components)
+
+    def __str__(self) -> str:
+        lines = [f"{self.config.method}: {len(self.components)} sites, {self.num_params:,} parameters"]
+        for name, (kind, comp) in self.components.items():
+            n = sum(p.numel() for p in comp.parameters())
+            lines.append(f"  {name:<60} {type(comp).__name__:<14} {kind:<6} {n:>10,}")
+        return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class _Record:
+    config: AdapterConfig
+    kinds: dict[str, str]  # module name -> kind
+
+
+class Adapters:
+    """Adapters on one model. Obtain it with :func:`adapterkit.attach`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.state = ForwardState()
+        self.family, self.roles = profile_for(model)
+        self._sites: dict[str, Site] = {}
+        self._records: dict[str, _Record] = {}
+
+    # --- introspection ---------------------------------------------------------------------
+    def __repr__(self) -> str:
+        return f"Adapters({type(self.model).__name__}, adapters={list(self._records)}, active={list(self.active)})"
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._records
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._records)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._records)
+
+    @property
+    def active(self) -> tuple[str, ...]:
+        return self.state.active
+
+    def config(self, name: str) -> AdapterConfig:
+        return self._record(name).config
+
+    def sites(self, name: str) -> dict[str, str]:
+        """Module name -> kind (``target``/``extra``/``head``) for adapter ``name``."""
+        return dict(self._record(name).kinds)
+
+    def components(self, name: str) -> dict[str, Component]:
+        """Module name -> component of adapter ``name``."""
+        return {m: self._sites[m].components[name] for m in self._record(name).kinds}
+
+    def parameters(self, name: str | None = None) -> Iterator[nn.Parameter]:
+        """Parameters of one adapter, or of all adapters."""
+        for n in [name] if name is not None else list(self._records):
+            for comp in self.components(n).values():
+                yield from comp.parameters()
+
+    def _record(self, name: str) -> _Record:
+        if name not in self._records:
+            known = ", ".join(repr(n) for n in self._records) or "none"
+            raise KeyError(f"no adapter named {name!r}; adapters on this model: {known}")
+        return self._records[name]
+
+    # --- planning and adding ---------------------------------------------------------------
+    def plan(self, config: str | AdapterConfig = "lora", **overrides: Any) -> Plan:
+        """Resolve a config against the model without changing anything (a dry run).
+
+        Raises:
+            TargetError: a target matches nothing or a module the method cannot act on.
+            ValueError: unknown method name or invalid config field.
+        """
+        cfg = get_config(config, **overrides)
+        modules = base_modules(self.model)
+        kw = {"family": self.family, "roles": self.roles, "modules": modules}
+        targets = cfg.targets if cfg.targets is not None else cfg.default_targets(self.roles)
+        names = select(self.model, targets, exclude=cfg.exclude, layers=cfg.layers, **kw)
+        heads = select(self.model, cfg.heads, **kw) if cfg.heads else []
+        bad = [n for n in names if not cfg.accepts(modules[n])]
+        if bad:
+            kinds = sorted({type(modules[n]).__name__ for n in bad})
+            raise TargetError(
+                f"{cfg.method} cannot act on {bad[:5]} ({', '.join(kinds)}); narrow `targets` or add `exclude`"
+            )
+        overlap = sorted(set(names) & set(heads))
+        if overlap:
+            raise TargetError(f"{overlap} are both targets and heads; exclude them from targets")
+        comps: dict[str, tuple[str, Component]] = {n: (TARGET, cfg.build(modules[n], n)) for n in names}
+        extra = getattr(cfg, "extra_sites", None)
+        if extra is not None:
+            for n, c in extra({k: v for k, v in modules.items() if k not in heads}, names).items():
+                comps[n] = (EXTRA, c)
+        for n in heads:
+            comps[n] = (HEAD, HeadCopy(modules[n]))
+        ordered = {n: comps[n] for n in modules if n in comps}
+        return Plan(cfg, ordered)
+
+    def add(
+        self,
+        name: str,
+        config: str | AdapterConfig = "lora",
+        *,
+        dry_run: bool = False,
+        **overrides: Any,
+    ) -> Plan:
+        """Add adapter ``name`` built from ``config`` (a registered name, preset or config object).
+
+        ``overrides`` replace config fields (``add("a", "lora", r=4)``). With ``dry_run=True`` nothing is
+        attached and the returned :class:`Plan` lists the sites and parameter count. The first adapter
+        added to a model becomes active. All-or-nothing: on any error the model is left unchanged.
+
+        Raises:
+            ValueError: invalid or duplicate name, unknown method, bad config values.
+            TargetError: targets that match nothing or modules the method cannot act on.
+        """
+        self._check_new_name(name)
+        plan = self.plan(config, **overrides)
+        if dry_run:
+            return plan
+        modules = base_modules(self.model)
+        for mod_name, (_, comp) in plan.components.items():
+            comp.initialize(modules[mod_name])
+        self._install(name, plan, modules)
+        return plan
+
+    def _check_new_name(self, name: str) -> None:
+        if not isinstance(name, str) or not name or "." in name or not name.isprintable():
+            raise ValueError(f"adapter names must be non-empty strings without '.', got {name!r}")
+        if name in self._records:
+            raise ValueError(f"an adapter named {name!r} already exists; delete it first or pick another name")
+
+    def _install(self, name: str, plan: Plan, modules: dict[str, nn.Module]) -> None:
+        """Attach planned (initialized) components; roll everything back on failure."""
+        done: list[str] = []
+        try:
+            for mod_name, (_, comp) in plan.components.items():
+                site = self._sites.get(mod_name)
+                if site is None:
+                    site = self._sites[mod_name] = Site(modules[mod_name], mod_name, self.state)
+                site.add(name, comp)
+                done.append(mod_name)
+                comp.on_attach(modules[mod_name])
+        except BaseException:
+            for mod_name in reversed(done):
+                comp = self._sites[mod_name].remove(name)
+                comp.on_detach(modules[mod_name])
+                self._drop_site_if_empty(mod_name)
+            raise
+        self._records[name] = _Record(plan.config, {n: k for n, (k, _) in plan.components.items()})
+        if not self.state.active:
+            self.state.active = (name,)
+
+    def _drop_site_if_empty(self, mod_name: str) -> None:
+        site = self._sites[mod_name]
+        if not len(site.components):
+            site.close()
+            del self._sites[mod_name]
+
+    def delete(self, name: str) -> None:
+        """Remove adapter ``name`` (unmerging it first if merged); the base is restored exactly."""
+        self._remove(name, keep_merged=False)
+
+    def _remove(self, name: str, keep_merged: bool) -> None:
+        record = self._record(name)
+        for mod_name in record.kinds:
+            site = self._sites[mod_name]
+            comp = site.remove(name)
+            comp.on_detach(site.module, keep_merged=keep_merged)
+            self._drop_site_if_empty(mod_name)
+        del self._records[name]
+        self.state.active = tuple(n for n in self.state.active if n != name)
+
+    # --- training and activation -----------------------------------------------------------
+    def train(self, name: str, heads: Sequence[str] | None = None) -> None:
+        """Make only adapter ``name`` (and its heads) trainable, and activate it.
+
+        ``heads`` (module names or the role ``"head"``) gives the adapter its own trainable copy of
+        those modules (peft's ``modules_to_save``); the base modules stay untouched.
+        """
+        record = self._record(name)
+        if heads:
+            self._add_heads(name, record, heads)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        for p in self.parameters(name):
+            p.requires_grad_(True)
+        if name not in self.state.active:
+            self.state.active = (name,)
+
+    def _add_heads(self, name: str, record: _Record, heads: Sequence[str]) -> None:
+        modules = base_modules(self.model)
+        found = select(self.model, list(heads), family=self.family, roles=self.roles, modules=modules)
+        clash = [h for h in found if record.kinds.get(h) not in (None, HEAD)]
+        new = [h for h in found if h not in record.kinds]
+        if clash:
+            raise TargetError(f"{clash} already carry adapter {name!r}; they cannot also be its heads")
+        if not new:
+            return
+        for h in new:
+            if h not in self._sites:
+                self._sites[h] = Site(modules[h], h, self.state)
+            self._sites[h].add(name, HeadCopy(modules[h]))
+        record.kinds.update({h: HEAD for h in new})
+        record.config = record.config.replace(heads=tuple(record.config.heads) + tuple(new))
+
+    def activate(self, *names: str | None) -> None:
+        """Set the active adapters. Several names sum their effects (peft semantics); no name (or None)
+        runs the base model."""
+        self.state.active = self._check_active(names)
+
+    def _check_active(self, names: tuple[Any, ...]) -> tuple[str, ...]:
+        flat = tuple(n for n in names if n is not None)
+        if len(flat) == 1 and isinstance(flat[0], (list, tuple)):
+            flat = tuple(flat[0])
+        for n in flat:
+            self._record(n)
+        return flat
+
+    @contextmanager
+    def use(self, *names: str | None) -> Iterator[None]:
+        """Activate ``names`` for the duration of a ``with`` block (``use()`` runs the base model)."""
+        with self.state.scoped(self._check_active(names)):
+            yield
+
+    def disabled(self) -> Any:
+        """Context manager running the base model (same as ``use()``)."""
+        return self.use()
+
+    # --- merging ---------------------------------------------------------------------------
+    def merge(self, name: str) -> None:
+        """Fold adapter ``name`` into the base weights (all-or-nothing). Sites then skip it."""
+        comps = self.components(name)
+        bad = [m for m, c in comps.items() if not c.mergeable]
+        if bad:
+            raise TypeError(f"adapter {name!r} cannot be merged: its components at {bad[:3]} are not mergeable")
+        owners: dict[int, list[str]] = {}
+        for mod_name, module in base_modules(self.model).items():
+            for p in module.parameters(recurse=False):
+                owners.setdefault(id(p), []).append(mod_name)
+        for m in comps:
+            weight = getattr(self._sites[m].module, "weight", None)
+            shared = [o for o in owners.get(id(weight), []) if o != m]
+            if shared:
+                raise TypeError(
+                    f"cannot merge adapter {name!r} into {m!r}: its weight is tied to {shared[0]!r} (e.g. input and "
+                    "output embeddings), so merging would change both; untie the weights or keep the adapter unmerged"
+                )
+        done = []
+        try:
+            for m, c in comps.items():
+                c.merge(self._sites[m].module)
+                done.append(m)
+        except BaseException:
+            for m in done:
+                comps[m].unmerge(self._sites[m].module)
+            raise
+
+    def unmerge(self, name: str) -> None:
+        """Take adapter ``name`` back out of the base weights."""
+        for m, c in self.components(name).items():
+            c.unmerge(self._sites[m].module)
+
+    def is_merged(self, name: str) -> bool:
+        return any(c.merged for c in self.components(name).values())
+
+    def merge_and_detach(self, names: Sequence[str] | None = None) -> nn.Module:
+        """Merge ``names`` (default: the active adapters), drop every adapter, return the plain model."""
+        names = list(self.state.active if names is None else names)
+        for n in names:
+            self.merge(n)
+        for n in list(self._records):
+            self._remove(n, keep_merged=n in names)
+        return self.detach()
+
+    def detach(self) -> nn.Module:
+        """Remove every adapter and hook; the model's state_dict is then bit-identical to the original."""
+        for n in list(self._records):
+            self._remove(n, keep_merged=False)
+        for m in list(self._sites):
+            self._sites[m].close()
+            del self._sites[m]
+        self.model.__dict__.pop(_ATTR, None)
+        return self.model
+
+    # --- files -----------------------------------------------------------------------------
+    def save(self, name: str, path: str | os.PathLike) -> None:
+        """Write adapter ``name`` to directory ``path`` (``adapter_config.json`` + ``adapter.safetensors``)."""
+        from .formats import native
+
+        native.save(self, name, path)
+
+    def load(
+        self,
+        path: str | os.PathLike,
+        name: str | None = None,
+        *,
+        allow_pickle: bool = False,
+        activate: bool = False,
+    ) -> str:
+        """Load an adapter directory written by :meth:`save` or by peft's ``save_pretrained``.
+
+        Returns the adapter's name (``name``, else the saved name, else ``"default"``). Checks everything
+        (files, shapes, base-model fingerprint) before the model is touched. Pickle files (``.bin``) are
+        refused unless ``allow_pickle=True``, and are then read with ``weights_only=True``.
+        """
+        from .formats import detect
+
+        return detect(path).load(self, path, name=name, allow_pickle=allow_pickle, activate=activate)
+
+    def export(self, name: str, path: str | os.PathLike, format: str = "peft") -> None:
+        """Write adapter ``name`` in another library's format (``"peft"``) or natively (``"native"``)."""
+        from .formats import writer
+
+        writer(format).save(self, name, path)
+
+    def install(self, name: str, plan: Plan, *, activate: bool = False) -> None:
+        """Attach a plan whose components already hold their values (used by the format readers)."""
+        self._check_new_name(name)
+        self._install(name, plan, base_modules(self.model))
+        if activate:
+            self.state.active = (name,)
+
+    # --- summary ---------------------------------------------------------------------------
+    def summary(self) -> Summary:
+        """Adapters, their sites, trainable parameters and share of the base model."""
+        own = {id(p) for p in self.parameters()}
+        base_total = sum(p.numel() for p in self.model.parameters() if id(p) not in own)
+        rows = []
+        for n, rec in self._records.items():
+            params = list(self.parameters(n))
+            rows.append(
+                {
+                    "adapter": n,
+                    "method": rec.config.method,
+                    "sites": len(rec.kinds),
+                    "params": sum(p.numel() for p in params),
+                    "trainable": sum(p.numel() for p in params if p.requires_grad),
+                    "active": n in self.state.active,
+                    "merged": self.is_merged(n),
+                }
+            )
+        trainable_total = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return Summary(rows, base_total, trainable_total)
+
+
+@dataclasses.dataclass
+class Summary:
+    """Result of :meth:`Adapters.summary`; ``str()`` renders a table."""
+
+    rows: list[dict[str, Any]]
+    base_params: int
+    trainable_params: int
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable_params / max(self.base_params, 1)
+
+    def __str__(self) -> str:
+        head = f"{'adapter':<16} {'method':<10} {'sites':>6} {'params':>12} {'% of model':>10} {'active':>7} {'merged':>7}"
+        lines = [head, "-" * len(head)]
+        for r in self.rows:
+            pct = 100.0 * r["params"] / max(self.base_params, 1)
+            lines.append(
+                f"{r['adapter']:<16} {r['method']:<10} {r['sites']:>6} {r['params']:>12,} {pct:>9.3f}% "
+                f"{'yes' if r['active'] else '':>7} {'yes' if r['merged'] else '':>7}"
+            )
+        lines.append(
+            f"base model: {self.base_params:,} parameters; trainable now: {self.trainable_params:,} "
+            f"({self.trainable_percent:.3f}% of the base)"
+        )
+        return "\n".join(lines)

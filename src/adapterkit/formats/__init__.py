@@ -1,0 +1,45 @@
+"""Adapter file formats: native (``adapter_config.json`` + ``adapter.safetensors``) and peft."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from types import ModuleType
+
+from .io import AdapterFileError
+
+__all__ = ["detect", "writer", "AdapterFileError"]
+
+
+def detect(path: str | os.PathLike) -> ModuleType:
+    """The format module able to read directory ``path``.
+
+    Raises:
+        AdapterFileError: missing directory/config, or a config that is not valid JSON.
+    """
+    from . import native, peft
+
+    cfg_path = Path(path) / "adapter_config.json"
+    if not Path(path).is_dir():
+        raise AdapterFileError(f"adapter directory {str(path)!r} does not exist")
+    if not cfg_path.is_file():
+        raise AdapterFileError(f"{str(path)!r} has no adapter_config.json: it is not an adapter directory")
+    try:
+        data = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterFileError(f"{cfg_path} is not valid JSON ({e}); the file is corrupt") from None
+    if isinstance(data, dict) and "peft_type" in data:
+        return peft
+    if isinstance(data, dict) and data.get("format") == native.FORMAT:
+        return native
+    raise AdapterFileError(f"{cfg_path} is neither an adapterkit nor a peft adapter config")
+
+
+def writer(name: str) -> ModuleType:
+    from . import native, peft
+
+    table = {"peft": peft, "native": native, "adapterkit": native}
+    if name not in table:
+        raise ValueError(f"unknown export format {name!r}; choose one of: peft, native")
+    return table[name]

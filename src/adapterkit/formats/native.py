@@ -1,0 +1,133 @@
+"""Native format: ``adapter_config.json`` + ``adapter.safetensors``.
+
+``adapter_config.json``::
+
+    {"format": "adapterkit", "format_version": 1, "name": "sst2",
+     "config": {"method": "lora", "schema_version": 1, "r": 8, ...},
+     "sites": {"bert.encoder.layer.0.attention.self.query": "target", "classifier": "head", ...},
+     "fingerprint": {"architecture": "BertForSequenceClassification", "model_type": "bert",
+                     "hidden_size": 384, "shapes": "<sha256 of the adapted modules' weight shapes>"}}
+
+``adapter.safetensors`` keys are ``<module name>.<component tensor name>`` (e.g.
+``...query.lora_A``). Both files are written atomically (temp file + rename), weights first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..component import Component
+from ..config import config_from_dict
+from ..methods.heads import HeadCopy
+from ..targeting import base_modules
+from .io import AdapterFileError, atomic_save_tensors, atomic_write_json, read_json, read_tensors
+
+FORMAT = "adapterkit"
+FORMAT_VERSION = 1
+
+
+def fingerprint(model: nn.Module, sites: list[str]) -> dict[str, Any]:
+    """What identifies a compatible base model: architecture, sizes, and the adapted weights' shapes."""
+    modules = base_modules(model)
+    cfg = getattr(model, "config", None)
+    archs = getattr(cfg, "architectures", None) or [type(model).__name__]
+    shapes = []
+    for s in sorted(sites):
+        w = getattr(modules.get(s), "weight", None)
+        shapes.append(f"{s}:{tuple(w.shape) if isinstance(w, torch.Tensor) else None}")
+    return {
+        "architecture": archs[0],
+        "model_type": getattr(cfg, "model_type", None),
+        "hidden_size": getattr(cfg, "hidden_size", None),
+        "shapes": hashlib.sha256("\n".join(shapes).encode()).hexdigest(),
+    }
+
+
+def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
+    record = ctl._record(name)
+    comps = ctl.components(name)
+    tensors: dict[str, torch.Tensor] = {}
+    for site, comp in comps.items():
+        for k, v in comp.export_state().items():
+            tensors[f"{site}.{k}"] = v
+    directory = Path(path)
+    atomic_save_tensors(directory / "adapter.safetensors", tensors)
+    atomic_write_json(
+        directory / "adapter_config.json",
+        {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "name": name,
+            "config": record.config.to_dict(),
+            "sites": dict(record.kinds),
+            "fingerprint": fingerprint(ctl.model, list(record.kinds)),
+        },
+    )
+
+
+def build_component(cfg: Any, kind: str, module: nn.Module, site: str) -> Component:
+    if kind == "head":
+        return HeadCopy(module)
+    if kind == "extra":
+        (comp,) = cfg.extra_sites({site: module}, []).values()
+        return comp
+    return cfg.build(module, site)
+
+
+def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: bool, activate: bool) -> str:
+    from ..controller import Plan
+
+    directory = Path(path)
+    data = read_json(directory / "adapter_config.json")
+    if data.get("format_version", 1) > FORMAT_VERSION:
+        raise AdapterFileError(f"{directory} was written by a newer adapterkit (format {data['format_version']})")
+    try:
+        cfg = config_from_dict(data["config"])
+        sites: dict[str, str] = dict(data["sites"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise AdapterFileError(f"{directory}/adapter_config.json is invalid: {e}") from None
+    name = name or data.get("name") or "default"
+    ctl._check_new_name(name)
+    tensors = read_tensors(directory, "adapter", allow_pickle=allow_pickle)
+
+    modules = base_modules(ctl.model)
+    saved_fp = data.get("fingerprint", {})
+    missing = [s for s in sites if s not in modules]
+    if missing:
+        raise AdapterFileError(
+            f"adapter {str(path)!r} was saved for a {saved_fp.get('architecture')} model; this "
+            f"{type(ctl.model).__name__} has no module {missing[0]!r} ({len(missing)} missing): wrong base model?"
+        )
+    here = fingerprint(ctl.model, list(sites))
+    if saved_fp.get("shapes") not in (None, here["shapes"]):
+        raise AdapterFileError(
+            f"adapter {str(path)!r} does not fit this model: it was trained on {saved_fp.get('architecture')} "
+            f"(hidden size {saved_fp.get('hidden_size')}) and the adapted weights' shapes differ from this "
+            f"{here['architecture']} (hidden size {here['hidden_size']}); load it onto the base model it was trained on"
+        )
+
+    comps: dict[str, tuple[str, Component]] = {}
+    used: set[str] = set()
+    for site, kind in sites.items():
+        comp = build_component(cfg, kind, modules[site], site)
+        prefix, own = site + ".", comp.state_dict()
+        state = {
+            k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix) and k[len(prefix) :] in own
+        }
+        used.update(prefix + k for k in state)
+        try:
+            comp.import_state(state, modules[site])
+        except ValueError as e:
+            raise AdapterFileError(f"adapter {str(path)!r} does not fit module {site!r}: {e}") from None
+        comps[site] = (kind, comp)
+    unused = sorted(set(tensors) - used)
+    if unused:
+        raise AdapterFileError(f"{directory}/adapter.safetensors has tensors no site uses: {unused[:5]}")
+    ctl.install(name, Plan(cfg, comps), activate=activate)
+    return name

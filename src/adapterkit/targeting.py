@@ -1,0 +1,167 @@
+"""Selectors -> module names.
+
+A selector is one of (tried in this order for strings):
+
+* a module type (``nn.Linear``): every module that is an instance of it;
+* ``"all-linear"``: every linear-like module (``nn.Linear``, GPT-2 ``Conv1D``, registered linear
+  backends) except output heads (the model's output embeddings and the profile's ``head`` role);
+* a role (``"attn.q"``): the model family's profile patterns (``profiles.py``);
+* an exact module name (``"model.layers.0.self_attn.q_proj"``);
+* a name suffix (``"q_proj"`` matches ``...self_attn.q_proj``), as peft's list form;
+* a regular expression matched with ``re.fullmatch`` against full module names, as peft's string form.
+
+A selector that matches nothing is an error that names close matches and the family's roles.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from torch import nn
+
+from .backends import backend_for
+from .profiles import ROLES
+
+__all__ = ["CONTAINER", "base_modules", "select", "layer_index", "TargetError"]
+
+CONTAINER = "ak_adapters"
+"""Attribute name of the ModuleDict that holds components on a target module."""
+
+_LAYER = re.compile(r"\.(\d+)(\.|$)")
+
+
+class TargetError(ValueError):
+    """A selector matched nothing or matched something the method cannot act on."""
+
+
+def base_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's own modules by name, skipping adapterkit containers (and everything inside them)."""
+    out: dict[str, nn.Module] = {}
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        out[prefix] = module
+        for child_name, child in module._modules.items():
+            if child is None or child_name == CONTAINER:
+                continue
+            walk(child, f"{prefix}.{child_name}" if prefix else child_name)
+
+    walk(model, "")
+    return out
+
+
+def layer_index(name: str) -> int | None:
+    """The first integer component of a dotted module path (``encoder.layer.3.output`` -> 3)."""
+    m = _LAYER.search("." + name)
+    return int(m.group(1)) if m else None
+
+
+def _role_match(patterns: Iterable[str], name: str) -> bool:
+    return any(re.fullmatch(rf"(.*\.)?(?:{p})", name) for p in patterns)
+
+
+def head_names(model: nn.Module, modules: dict[str, nn.Module], roles: dict[str, list[str]]) -> set[str]:
+    heads = {n for n in modules if n and _role_match(roles.get("head", ()), n)}
+    get_out = getattr(model, "get_output_embeddings", None)
+    out_emb = get_out() if callable(get_out) else None
+    if out_emb is not None:
+        heads |= {n for n, m in modules.items() if m is out_emb}
+    # a generic fallback for models without a profile
+    heads |= {n for n in modules if n.split(".")[-1] in ("lm_head", "classifier", "score")}
+    return heads
+
+
+def _is_regex(s: str) -> bool:
+    return any(c in s for c in "*+?[]()|\\^$")
+
+
+def _resolve_one(
+    sel: Any, model: nn.Module, modules: dict[str, nn.Module], family: str | None, roles: dict[str, list[str]]
+) -> list[str]:
+    names = [n for n in modules if n]
+    if isinstance(sel, type):
+        return [n for n in names if isinstance(modules[n], sel)]
+    if not isinstance(sel, str):
+        raise TargetError(f"target {sel!r} must be a role, a module name/pattern or a module type")
+    if sel == "all-linear":
+        heads = head_names(model, modules, roles)
+        found = []
+        for n in names:
+            b = backend_for(modules[n])
+            if b is not None and b.kind == "linear" and n not in heads:
+                found.append(n)
+        return found
+    if sel in ROLES:
+        if family is None:
+            raise TargetError(
+                f"role {sel!r} needs a model profile, but {type(model).__name__} has none; "
+                "target module names, suffixes, regexes, module types or 'all-linear' instead"
+            )
+        if sel not in roles:
+            raise TargetError(
+                f"role {sel!r} does not exist for {family} models; roles for {family}: {', '.join(roles)}"
+            )
+        return [n for n in names if _role_match(roles[sel], n)]
+    if sel in modules:
+        return [sel]
+    found = [n for n in names if n.endswith("." + sel)]
+    if found:
+        return found
+    if _is_regex(sel):
+        try:
+            rx = re.compile(sel)
+        except re.error as e:
+            raise TargetError(f"target {sel!r} is not a valid regular expression: {e}") from None
+        return [n for n in names if rx.fullmatch(n)]
+    return []
+
+
+def _no_match_error(sel: Any, modules: dict[str, nn.Module], family: str | None, roles: dict) -> TargetError:
+    leaves = sorted({n.split(".")[-1] for n in modules if n})
+    hint = ""
+    if isinstance(sel, str):
+        close = difflib.get_close_matches(sel.split(".")[-1], leaves, n=3) + difflib.get_close_matches(
+            sel, list(roles), n=2
+        )
+        if close:
+            hint = f"; did you mean {', '.join(repr(c) for c in dict.fromkeys(close))}?"
+    role_text = f" roles for {family}: {', '.join(roles)}." if family else " (this model has no role profile)."
+    return TargetError(
+        f"unknown target {sel!r}{hint}{role_text} module names end in e.g.: {', '.join(leaves[:12])}"
+    )
+
+
+def select(
+    model: nn.Module,
+    selectors: Sequence[Any],
+    *,
+    family: str | None,
+    roles: dict[str, list[str]],
+    exclude: Sequence[Any] = (),
+    layers: Sequence[int] | None = None,
+    modules: dict[str, nn.Module] | None = None,
+) -> list[str]:
+    """Resolve selectors to module names, in model order.
+
+    Raises:
+        TargetError: a selector matched nothing, or nothing is left after ``exclude``/``layers``.
+    """
+    modules = base_modules(model) if modules is None else modules
+    chosen: set[str] = set()
+    for sel in selectors:
+        found = _resolve_one(sel, model, modules, family, roles)
+        if not found:
+            raise _no_match_error(sel, modules, family, roles)
+        chosen.update(found)
+    for sel in exclude:
+        chosen.difference_update(_resolve_one(sel, model, modules, family, roles))
+    if layers is not None:
+        keep = set(layers)
+        chosen = {n for n in chosen if layer_index(n) in keep}
+    if not chosen:
+        raise TargetError(
+            f"targets {list(selectors)!r} (exclude={list(exclude)!r}, layers={layers!r}) leave no module to adapt"
+        )
+    return [n for n in modules if n in chosen]

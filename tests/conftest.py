@@ -1,0 +1,103 @@
+"""Tiny random models (built from configs, no downloads) shared by the test suite."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore", message=".*token_id.*")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def _tiny_bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64, num_labels=3)  # fmt: skip
+    return BertForSequenceClassification(cfg)
+
+
+def _tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                     bos_token_id=0, eos_token_id=0)  # fmt: skip
+    return GPT2LMHeadModel(cfg)
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      bos_token_id=0, eos_token_id=0, pad_token_id=0)  # fmt: skip
+    return LlamaForCausalLM(cfg)
+
+
+def _tiny_t5():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    cfg = T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)  # fmt: skip
+    return T5ForConditionalGeneration(cfg)
+
+
+def _tiny_vit():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    cfg = ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                    num_attention_heads=4, intermediate_size=64, num_labels=3)  # fmt: skip
+    return ViTForImageClassification(cfg)
+
+
+MODEL_FACTORIES: dict[str, Callable[[], torch.nn.Module]] = {
+    "bert": _tiny_bert,
+    "gpt2": _tiny_gpt2,
+    "llama": _tiny_llama,
+    "t5": _tiny_t5,
+    "vit": _tiny_vit,
+}
+
+
+def make_model(family: str, seed: int = 0) -> torch.nn.Module:
+    """A tiny random model of ``family`` in eval mode, identical for the same seed."""
+    torch.manual_seed(seed)
+    return MODEL_FACTORIES[family]().eval()
+
+
+def make_inputs(family: str, batch: int = 2, seq: int = 7, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Inputs for ``make_model(family)``; the second row is left-padded where padding applies."""
+    g = torch.Generator().manual_seed(seed)
+    if family == "vit":
+        return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=g)}
+    ids = torch.randint(2, 100, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    if family == "t5":
+        return {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": ids[:, :4]}
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def output_of(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    out = model(**inputs)
+    return out.logits
+
+
+@pytest.fixture(params=list(MODEL_FACTORIES))
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"../shared is missing ({SHARED}); it holds the shared data this test needs")
+    return SHARED
