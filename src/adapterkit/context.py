@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
+
 __all__ = ["ForwardState"]
 
 
@@ -19,12 +21,15 @@ class ForwardState:
     Attributes:
         active: names of the active adapters, applied in this order at each site. Parallel
             (additive) adapters sum, as in peft when several adapters are active.
+        routes: per-row routing, or None. When set it replaces ``active``: a tuple of
+            ``(adapter name, row indices)`` pairs; rows in no pair run the base model.
     """
 
-    __slots__ = ("active",)
+    __slots__ = ("active", "routes")
 
     def __init__(self) -> None:
         self.active: tuple[str, ...] = ()
+        self.routes: tuple[tuple[str, torch.Tensor], ...] | None = None
 
     @contextmanager
     def scoped(self, active: tuple[str, ...]) -> Iterator[None]:
@@ -34,3 +39,12 @@ class ForwardState:
             yield
         finally:
             self.active = previous
+
+    @contextmanager
+    def routed(self, routes: tuple[tuple[str, torch.Tensor], ...]) -> Iterator[None]:
+        previous = self.routes
+        self.routes = routes
+        try:
+            yield
+        finally:
+            self.routes = previous

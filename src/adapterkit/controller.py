@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import nn
 
 from .component import Component
@@ -284,6 +285,24 @@ class Adapters:
     def use(self, *names: str | None) -> Iterator[None]:
         """Activate ``names`` for the duration of a ``with`` block (``use()`` runs the base model)."""
         with self.state.scoped(self._check_active(names)):
+            yield
+
+    @contextmanager
+    def route(self, names: Sequence[str | None]) -> Iterator[None]:
+        """Run each row of the batch with its own adapter (``None``: the base model), e.g.
+        ``with adapters.route(["a", "b", None]): model(**batch)``. Outputs equal running each row
+        alone with its adapter. Merged adapters cannot be routed."""
+        names = list(names)
+        groups: dict[str, list[int]] = {}
+        for row, n in enumerate(names):
+            if n is not None:
+                self._record(n)
+                if self.is_merged(n):
+                    raise ValueError(f"adapter {n!r} is merged into the base weights; unmerge it before routing")
+                groups.setdefault(n, []).append(row)
+        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        routes = tuple((n, torch.tensor(rows, dtype=torch.long, device=device)) for n, rows in groups.items())
+        with self.state.routed(routes):
             yield
 
     def disabled(self) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from .component import Component
@@ -65,6 +66,8 @@ class Site:
 
     # hot path ------------------------------------------------------------------------------
     def _pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        if self.state.routes is not None:
+            raise NotImplementedError(f"per-row routing of input-transforming adapters (at {self.name!r})")
         comps = self.components._modules
         x = args[0]
         changed = False
@@ -77,8 +80,30 @@ class Site:
 
     def _post_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         comps = self.components._modules
+        if self.state.routes is not None:
+            return self._routed(args, kwargs, output)
         for adapter in self.state.active:
             c = comps.get(adapter)
             if c is not None and c.has_post and not c.merged:
                 output = c.post_call(args, kwargs, output)
         return output
+
+    def _routed(self, args: tuple[Any, ...], kwargs: dict[str, Any], output: torch.Tensor) -> torch.Tensor:
+        """Per-row routing: each group of rows runs its own adapter (rows of no group stay base)."""
+        comps = self.components._modules
+        batch = output.shape[0]
+        result = output
+        for adapter, rows in self.state.routes:
+            c = comps.get(adapter)
+            if c is None or c.merged or not c.has_post:
+                continue
+            sub_args = tuple(_rows(a, rows, batch) for a in args)
+            sub_kwargs = {k: _rows(v, rows, batch) for k, v in kwargs.items()}
+            result = result.index_copy(0, rows, c.post_call(sub_args, sub_kwargs, output.index_select(0, rows)))
+        return result
+
+
+def _rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+        return value.index_select(0, rows)
+    return value
