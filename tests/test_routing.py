@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_inputs, make_model, output_of
 
 import adapterkit as ak
+
+from conftest import make_inputs, make_model, output_of
 
 CONFIGS = {
     "a": ak.LoRA(r=4, targets="all-linear", init_weights=False),
@@ -40,9 +41,8 @@ def test_route_restores_active_and_rejects_unknown() -> None:
     model = make_model("llama")
     adapters = ak.attach(model)
     adapters.add("a", CONFIGS["a"])
-    with pytest.raises(KeyError, match="nope"):
-        with adapters.route(["a", "nope"]):
-            pass
+    with pytest.raises(KeyError, match="nope"), adapters.route(["a", "nope"]):
+        pass
     assert adapters.state.routes is None
     assert adapters.active == ("a",)
 

@@ -202,6 +202,7 @@ class Adapters:
                 site = self._sites.get(mod_name)
                 if site is None:
                     site = self._sites[mod_name] = Site(modules[mod_name], mod_name, self.state)
+                comp.train(modules[mod_name].training)  # follow the model's train/eval mode
                 site.add(name, comp)
                 done.append(mod_name)
                 comp.on_attach(modules[mod_name])
@@ -264,7 +265,7 @@ class Adapters:
         for h in new:
             if h not in self._sites:
                 self._sites[h] = Site(modules[h], h, self.state)
-            self._sites[h].add(name, HeadCopy(modules[h]))
+            self._sites[h].add(name, HeadCopy(modules[h]).train(modules[h].training))
         record.kinds.update({h: HEAD for h in new})
         record.config = record.config.replace(heads=tuple(record.config.heads) + tuple(new))
 

@@ -156,13 +156,16 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
                 break
         else:
             site, _, leaf = rest.rpartition(".")
+            wrapper, _, inner = site.rpartition(".")
+            if inner in ("modules_to_save", "original_module") and _matches(wrapper, head_sel):
+                continue  # peft's bias="all" also lists its head wrapper's inner copies; `<head>.<p>` holds them
             if site in modules and _matches(site, head_sel):
                 heads.setdefault(site, {})[f"head.{leaf}"] = value
             elif leaf == "bias" and site in modules:
                 extra[site] = value
             elif rest.endswith(".base_layer.weight") and rest[: -len(".base_layer.weight")] in modules:
                 base = modules[rest[: -len(".base_layer.weight")]].weight
-                if base.shape != value.shape or not torch.equal(base.detach().cpu().to(value.dtype), value):
+                if base.shape != value.shape or not torch.equal(base.detach().cpu(), value.to(base.dtype)):
                     raise AdapterFileError(f"{directory} carries a changed base weight {rest!r}; not supported")
             else:
                 raise AdapterFileError(
