@@ -91,7 +91,7 @@ _T5 = {
     "ffn.down": [r"DenseReluDense\.wo"],
     "ffn": [r"DenseReluDense"],
     "block": [r"block\.\d+"],
-    "embed": [r"shared"],
+    "embed": [r"(encoder|decoder)\.embed_tokens"],  # they share `shared`'s weight; `shared` itself never runs
     "attention": [r"SelfAttention", r"EncDecAttention"],
     "head": [r"lm_head", r"classification_head(\..*)?"],
 }
@@ -105,7 +105,7 @@ _BART = {
     "ffn.up": [r"layers\.\d+\.fc1"],
     "ffn.down": [r"layers\.\d+\.fc2"],
     "block": [r"layers\.\d+"],
-    "embed": [r"shared"],
+    "embed": [r"(encoder|decoder)\.embed_tokens"],
     "attention": [r"self_attn", r"encoder_attn"],
     "head": [r"lm_head", r"classification_head(\..*)?"],
 }

@@ -35,7 +35,7 @@ class Site:
         self.module = module
         self.name = name
         self.state = state
-        self.components: nn.ModuleDict = nn.ModuleDict()
+        self.components: nn.ModuleDict = nn.ModuleDict().train(module.training)
         module.add_module(CONTAINER, self.components)
         self._post = module.register_forward_hook(self._post_hook, with_kwargs=True)
         self._pre: Any = None

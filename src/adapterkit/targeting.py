@@ -152,6 +152,11 @@ def select(
     chosen: set[str] = set()
     for sel in selectors:
         found = _resolve_one(sel, model, modules, family, roles)
+        if not found and isinstance(sel, str) and sel in roles:
+            raise TargetError(
+                f"role {sel!r} matches no module of this {type(model).__name__}; "
+                f"roles for {family}: {', '.join(roles)}"
+            )
         if not found:
             raise _no_match_error(sel, modules, family, roles)
         chosen.update(found)

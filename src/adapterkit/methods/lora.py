@@ -42,6 +42,7 @@ from torch import nn
 from ..backends import backend_for
 from ..component import Component
 from ..config import AdapterConfig, register
+from ..targeting import CONTAINER
 from .bitfit import BiasDelta
 
 __all__ = ["LoRA", "LoRAInit", "Bias", "LoRALinear", "LoRAEmbedding", "LoRAConv2d", "pattern_value"]
@@ -266,6 +267,12 @@ class _LoRABase(Component):
     def on_attach(self, module: nn.Module) -> None:
         if not hasattr(self, "init_A"):
             return
+        siblings = getattr(module, CONTAINER, {})
+        if any(c is not self and getattr(c, "_original", None) is not None for c in siblings.values()):
+            raise ValueError(
+                f"{type(module).__name__} already carries a PiSSA/OLoRA adapter, which changed its weight; "
+                "only one such adapter per module can be restored exactly: delete it first or use init='default'"
+            )
         backend = backend_for(module)
         self._original = backend.read(module).clone()
         backend.add_(module, self._delta(self.init_A, self.init_B), alpha=-1.0)
