@@ -40,7 +40,9 @@ DATA = ROOT.parent / "shared" / "data" / "glue" / "SST-2"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
     p.add_argument("--steps", type=int, default=400, help="optimizer steps (default 400)")
     p.add_argument("--train-size", type=int, default=None, help="training sentences to draw from (default: all)")
     p.add_argument("--dev-size", type=int, default=None, help="dev sentences to evaluate on (default: all 872)")
@@ -77,6 +79,7 @@ def load_model(path: Path, seed: int) -> torch.nn.Module:
     from transformers.utils import logging
 
     logging.set_verbosity_error()  # "some weights were newly initialized": expected, the head is new
+    logging.disable_progress_bar()
     torch.manual_seed(seed)
     return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
 
@@ -87,7 +90,9 @@ def accuracy(model, tokenizer, rows: list[tuple[str, int]], max_length: int, bat
     correct = 0
     for i in range(0, len(rows), batch_size):
         chunk = rows[i : i + batch_size]
-        enc = tokenizer([s for s, _ in chunk], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        enc = tokenizer(
+            [s for s, _ in chunk], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
         pred = model(**enc).logits.argmax(-1)
         correct += int((pred == torch.tensor([y for _, y in chunk])).sum())
     return correct / max(len(rows), 1)
@@ -178,7 +183,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     total_s = time.perf_counter() - t_start
     print()
     print(f"  base model        {summary.base_params:,} parameters (all-MiniLM-L6-v2)")
-    print(f"  trainable         {summary.trainable_params:,} parameters ({summary.trainable_percent:.2f}% of the model)")
+    print(
+        f"  trainable         {summary.trainable_params:,} parameters ({summary.trainable_percent:.2f}% of the model)"
+    )
     print(f"  dev accuracy      {before:.2%} before -> {after:.2%} after {args.steps} steps")
     print(f"  reloaded          {reloaded:.2%} ({'identical' if reloaded == after else 'DIFFERENT'})")
     print(f"  time              {train_s:.0f}s training, {total_s:.0f}s in all")
