@@ -17,7 +17,7 @@ ROLE_COUNTS = {
     "bert": {"attn.q": 2, "attn.v": 2, "attn.out": 2, "ffn.up": 2, "ffn.down": 2, "embed": 1, "head": 1},
     "gpt2": {"attn.qkv": 2, "attn.out": 2, "ffn.up": 2, "ffn.down": 2, "embed": 1, "head": 1},
     "llama": {"attn.q": 2, "attn.v": 2, "attn.out": 2, "ffn.up": 2, "ffn.down": 2, "embed": 1, "head": 1},
-    "t5": {"attn.q": 6, "attn.v": 6, "attn.out": 6, "ffn.up": 4, "ffn.down": 4, "embed": 1, "head": 1},
+    "t5": {"attn.q": 6, "attn.v": 6, "attn.out": 6, "ffn.up": 4, "ffn.down": 4, "embed": 2, "head": 1},
     "vit": {"attn.q": 2, "attn.v": 2, "attn.out": 2, "ffn.up": 2, "ffn.down": 2, "embed": 1, "head": 1},
 }
 # expected leaf (last name component) per role, checked for every resolved module
