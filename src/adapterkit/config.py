@@ -70,6 +70,11 @@ class AdapterConfig:
         """Whether a component of this method can sit on ``module`` (used to filter selections)."""
         return True
 
+    def extra_sites(self, modules: Mapping[str, nn.Module], targets: list[str]) -> dict[str, Component]:
+        """Components this method adds outside its targets (e.g. LoRA's ``bias="all"`` bias deltas), keyed by
+        module name; ``modules`` are the model's modules that are not heads. Default: none."""
+        return {}
+
     def build(self, module: nn.Module, name: str) -> Component:
         """Create this method's component for the module called ``name``. Parameters are allocated on the
         module's device with its dtype; initialization happens in ``Component.initialize``."""

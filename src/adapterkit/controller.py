@@ -151,10 +151,8 @@ class Adapters:
         if overlap:
             raise TargetError(f"{overlap} are both targets and heads; exclude them from targets")
         comps: dict[str, tuple[str, Component]] = {n: (TARGET, cfg.build(modules[n], n)) for n in names}
-        extra = getattr(cfg, "extra_sites", None)
-        if extra is not None:
-            for n, c in extra({k: v for k, v in modules.items() if k not in heads}, names).items():
-                comps[n] = (EXTRA, c)
+        for n, c in cfg.extra_sites({k: v for k, v in modules.items() if k not in heads}, names).items():
+            comps[n] = (EXTRA, c)
         for n in heads:
             comps[n] = (HEAD, HeadCopy(modules[n]))
         ordered = {n: comps[n] for n in modules if n in comps}
