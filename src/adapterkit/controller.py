@@ -193,10 +193,17 @@ class Adapters:
             raise ValueError(f"an adapter named {name!r} already exists; delete it first or pick another name")
 
     def _install(self, name: str, plan: Plan, modules: dict[str, nn.Module]) -> None:
-        """Attach planned (initialized) components; roll everything back on failure."""
+        """Attach a plan's (initialized) components as adapter ``name`` and record it."""
+        self._place(name, {m: c for m, (_, c) in plan.components.items()}, modules)
+        self._records[name] = _Record(plan.config, {n: k for n, (k, _) in plan.components.items()})
+        if not self.state.active:
+            self.state.active = (name,)
+
+    def _place(self, name: str, components: dict[str, Component], modules: dict[str, nn.Module]) -> None:
+        """Put components on their modules' sites; all-or-nothing (rolled back on any failure)."""
         done: list[str] = []
         try:
-            for mod_name, (_, comp) in plan.components.items():
+            for mod_name, comp in components.items():
                 site = self._sites.get(mod_name)
                 if site is None:
                     site = self._sites[mod_name] = Site(modules[mod_name], mod_name, self.state)
@@ -210,9 +217,6 @@ class Adapters:
                 comp.on_detach(modules[mod_name])
                 self._drop_site_if_empty(mod_name)
             raise
-        self._records[name] = _Record(plan.config, {n: k for n, (k, _) in plan.components.items()})
-        if not self.state.active:
-            self.state.active = (name,)
 
     def _drop_site_if_empty(self, mod_name: str) -> None:
         site = self._sites[mod_name]
@@ -260,10 +264,7 @@ class Adapters:
             raise TargetError(f"{clash} already carry adapter {name!r}; they cannot also be its heads")
         if not new:
             return
-        for h in new:
-            if h not in self._sites:
-                self._sites[h] = Site(modules[h], h, self.state)
-            self._sites[h].add(name, HeadCopy(modules[h]).train(modules[h].training))
+        self._place(name, {h: HeadCopy(modules[h]) for h in new}, modules)
         record.kinds.update({h: HEAD for h in new})
         record.config = record.config.replace(heads=tuple(record.config.heads) + tuple(new))
 
@@ -295,10 +296,11 @@ class Adapters:
         groups: dict[str, list[int]] = {}
         for row, n in enumerate(names):
             if n is not None:
-                self._record(n)
-                if self.is_merged(n):
-                    raise ValueError(f"adapter {n!r} is merged into the base weights; unmerge it before routing")
                 groups.setdefault(n, []).append(row)
+        for n in groups:
+            self._record(n)
+            if self.is_merged(n):
+                raise ValueError(f"adapter {n!r} is merged into the base weights; unmerge it before routing")
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         routes = tuple((n, torch.tensor(rows, dtype=torch.long, device=device)) for n, rows in groups.items())
         with self.state.routed(routes):
