@@ -6,9 +6,19 @@ restores the base bit-for-bit, (f) several adapters on one model. A new method a
 tests; ``test_every_registered_method_has_rows`` enforces it.
 
 Contracts run in eval mode (``model.eval()`` after ``add``), so dropout rows are deterministic.
+
+Each method family keeps its rows in its own module ``tests/rows_<family>.py``, which defines
+``ROWS`` (a list of ``(id, family, config)``) and optionally ``TIED`` (row ids whose merge must be
+refused because the weight is tied) and ``SECOND`` (method name -> config overrides for the second
+adapter of contract (f), e.g. a different rank). Every config must accept ``init_weights=False``
+(start from non-identity values). Methods whose components are not mergeable must make ``merge``
+raise TypeError and leave the model unchanged; that is what contract (b) checks for them.
 """
 
 from __future__ import annotations
+
+import importlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +30,7 @@ from adapterkit.targeting import CONTAINER
 from conftest import make_inputs, make_model, output_of
 
 # (id, family, config)
-MATRIX: list[tuple[str, str, ak.AdapterConfig]] = [
+LORA_ROWS: list[tuple[str, str, ak.AdapterConfig]] = [
     # plain LoRA, default targets
     ("bert-default", "bert", ak.LoRA()),
     ("gpt2-default", "gpt2", ak.LoRA()),  # fused attn.qkv, Conv1D
@@ -71,6 +81,21 @@ MATRIX: list[tuple[str, str, ak.AdapterConfig]] = [
 ]
 
 TIED = {"gpt2-embed", "t5-embed"}  # merging into a tied embedding must raise TypeError
+SECOND: dict[str, dict] = {"lora": {"r": 2, "rank_pattern": {}}}  # contract (f): the second adapter differs
+
+
+def _collect() -> list[tuple[str, str, ak.AdapterConfig]]:
+    """LoRA rows plus every ``tests/rows_*.py`` module's ``ROWS`` (and its ``TIED``/``SECOND``)."""
+    rows = list(LORA_ROWS)
+    for path in sorted(Path(__file__).parent.glob("rows_*.py")):
+        module = importlib.import_module(path.stem)
+        rows += module.ROWS
+        TIED.update(getattr(module, "TIED", ()))
+        SECOND.update(getattr(module, "SECOND", {}))
+    return rows
+
+
+MATRIX = _collect()
 
 
 # (row id, contract) -> reason; strict xfails, so a fix shows up as XPASS
@@ -92,9 +117,10 @@ def _splits_weight(config: ak.AdapterConfig) -> bool:
     return getattr(getattr(config, "init", None), "value", None) in ("pissa", "olora")
 
 
-def _plain(config: ak.AdapterConfig) -> bool:
-    """Adapters whose effect at one site is purely additive (no DoRA rescaling, no head swap)."""
-    return not getattr(config, "dora", False) and not config.heads
+def _plain(adapters: ak.Adapters, name: str) -> bool:
+    """Adapters whose effect at each site is purely additive (``Component.additive``: no DoRA rescaling,
+    no head swap, no sequential bottleneck)."""
+    return all(c.additive for c in adapters.components(name).values())
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -185,9 +211,9 @@ def test_merge_unmerge(row_id, family, config):
     if not _splits_weight(config):
         assert torch.equal(disabled, base)
 
-    if row_id in TIED:
+    if row_id in TIED or not all(c.mergeable for c in adapters.components("a").values()):
         before = state(model)
-        with pytest.raises(TypeError, match="tied"):
+        with pytest.raises(TypeError, match="tied" if row_id in TIED else "cannot be merged"):
             adapters.merge("a")
         assert not adapters.is_merged("a")
         after = state(model)
@@ -308,8 +334,10 @@ def test_two_adapters(row_id, family, config):
     before, original = state(model), out(model, x)
     add_nonidentity(adapters, "a", config, seed=0)
     # one PiSSA/OLoRA adapter per module (a second is refused, see test_second_split_weight_adapter_is_refused)
-    second = {"init": "default"} if _splits_weight(config) else {}
-    add_nonidentity(adapters, "b", config.replace(r=2, rank_pattern={}, **second), seed=1)
+    second = dict(SECOND.get(config.method, {}))
+    if _splits_weight(config):
+        second["init"] = "default"
+    add_nonidentity(adapters, "b", config.replace(**second), seed=1)
     assert adapters.names == ["a", "b"]
     assert adapters.active == ("a",)  # the first adapter added becomes active
 
@@ -321,7 +349,7 @@ def test_two_adapters(row_id, family, config):
     assert rel(out_a, out_b) > 1e-4
     assert rel(out_ab, out_a) > 1e-4 and rel(out_ab, out_b) > 1e-4
 
-    if _plain(config):  # deltas add up at a site (checked where the input is not yet adapted)
+    if _plain(adapters, "a"):  # deltas add up at a site (checked where the input is not yet adapted)
         sites = list(adapters.sites("a"))
         s = {
             names: _first_site_outputs(adapters, sites, lambda n=names: run(*n)) for names in [(), ("a",), ("b",)]

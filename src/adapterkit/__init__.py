@@ -6,7 +6,8 @@ Public names only; everything else may change.
 from .config import AdapterConfig, get_config, register, register_preset, registered
 from .controller import Adapters, Plan, Summary, attach
 from .formats.io import AdapterFileError
-from .methods.lora import LoRA
+from .methods import *  # noqa: F403  (every method family's public configs)
+from .methods import __all__ as _methods_all
 from .targeting import TargetError
 
 __version__ = "0.1.0"
@@ -15,7 +16,6 @@ __all__ = [
     "AdapterConfig",
     "AdapterFileError",
     "Adapters",
-    "LoRA",
     "Plan",
     "Summary",
     "TargetError",
@@ -24,4 +24,5 @@ __all__ = [
     "register",
     "register_preset",
     "registered",
+    *_methods_all,
 ]

@@ -4,7 +4,7 @@ A component is an ``nn.Module`` that lives as a child of the module it acts on (
 ``ak_adapters`` container, keyed by adapter name), so ``.to()``, DDP/FSDP and optimizers see its
 parameters where they are used. The site hook calls it around the module's forward::
 
-    x' = component.pre(x)                     (only when ``has_pre``)
+    x' = component.pre_call(args, kwargs)     (only when ``has_pre``; default: ``pre(x)`` on the first input)
     y  = module(x')
     y' = component.post_call(args, kwargs, y)  (default: ``post(x', y)``)
 
@@ -39,12 +39,15 @@ class Component(nn.Module):
         has_pre: the site calls :meth:`pre` before the module runs.
         has_post: the site calls :meth:`post_call` after the module runs.
         mergeable: :meth:`merge` can fold the component into the base weights.
+        additive: ``post(x, y) - y`` depends on ``x`` only (LoRA family, (IA)^3-free deltas, bias deltas):
+            several active additive components sum, and composition/routing may run them side by side.
         merged: the component's effect currently lives in the base weights; the site skips it.
     """
 
     has_pre: ClassVar[bool] = False
     has_post: ClassVar[bool] = True
     mergeable: ClassVar[bool] = False
+    additive: ClassVar[bool] = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -53,6 +56,14 @@ class Component(nn.Module):
     # --- forward ------------------------------------------------------------------------
     def pre(self, x: torch.Tensor) -> torch.Tensor:
         return x
+
+    def pre_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Like :meth:`pre`, for components that rewrite the whole call (model-level methods change keyword
+        inputs such as ``inputs_embeds``, ``attention_mask``, ``past_key_values`` and ``labels``)."""
+        if args:
+            return (self.pre(args[0]), *args[1:]), kwargs
+        key = next(iter(kwargs))
+        return args, {**kwargs, key: self.pre(kwargs[key])}
 
     def post(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return y

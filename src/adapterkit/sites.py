@@ -46,7 +46,7 @@ class Site:
     def add(self, adapter: str, component: Component) -> None:
         self.components[adapter] = component
         if component.has_pre and self._pre is None:
-            self._pre = self.module.register_forward_pre_hook(self._pre_hook)
+            self._pre = self.module.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
 
     def remove(self, adapter: str) -> Component:
         component = self.components[adapter]
@@ -65,18 +65,19 @@ class Site:
         del self.module._modules[CONTAINER]
 
     # hot path ------------------------------------------------------------------------------
-    def _pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    def _pre_hook(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         if self.state.routes is not None:
             raise NotImplementedError(f"per-row routing of input-transforming adapters (at {self.name!r})")
         comps = self.components._modules
-        x = args[0]
         changed = False
         for adapter in self.state.active:
             c = comps.get(adapter)
             if c is not None and c.has_pre and not c.merged:
-                x = c.pre(x)
+                args, kwargs = c.pre_call(args, kwargs)
                 changed = True
-        return (x, *args[1:]) if changed else None
+        return (args, kwargs) if changed else None
 
     def _post_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         comps = self.components._modules

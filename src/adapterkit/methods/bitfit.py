@@ -20,6 +20,7 @@ class BiasDelta(Component):
     """Adds a trainable bias delta to the output of a module that has a bias."""
 
     mergeable = True
+    additive = True
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()

@@ -45,6 +45,7 @@ from ..config import AdapterConfig, register
 from ..targeting import CONTAINER
 from .bitfit import BiasDelta
 
+PUBLIC = ("LoRA",)
 __all__ = ["LoRA", "LoRAInit", "Bias", "LoRALinear", "LoRAEmbedding", "LoRAConv2d", "pattern_value"]
 
 
@@ -186,6 +187,7 @@ class _LoRABase(Component):
         self.lora_A = nn.Parameter(torch.empty(a_shape, **factory))
         self.lora_B = nn.Parameter(torch.empty(b_shape, **factory))
         self.magnitude = nn.Parameter(torch.ones(magnitude_shape, **factory)) if cfg.dora else None
+        self.additive = not cfg.dora  # DoRA rescales the base output
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else None
         has_bias = isinstance(getattr(module, "bias", None), torch.Tensor)
         if cfg.bias is not Bias.NONE and has_bias:

@@ -1,0 +1,218 @@
+"""peft interop for the LoRA family (``peft_type: "LORA"``); dispatched from ``formats/peft.py``.
+
+Layout (peft 0.21, see docs/peft_lora_format.md): ``adapter_config.json`` with ``peft_type: "LORA"``
+and ``adapter_model.safetensors`` with keys ``base_model.model.<module path>.<suffix>``:
+
+=================================  ==========================================  ===================
+suffix                             meaning                                     adapterkit tensor
+=================================  ==========================================  ===================
+``lora_A.weight``/``lora_B.weight``  linear, Conv1D and Conv2d factors          ``lora_A``/``lora_B``
+``lora_embedding_A``/``_B``        embedding factors (no ``.weight``)          ``lora_A``/``lora_B``
+``lora_magnitude_vector``          DoRA magnitude (no ``.weight``)             ``magnitude``
+``base_layer.bias``                trained bias of a LoRA module               base + ``bias``
+``bias`` (other modules)           ``bias="all"``: trained bias                base + ``BiasDelta``
+``weight``/``bias`` of a head      ``modules_to_save`` copy                    ``HeadCopy``
+=================================  ==========================================  ===================
+
+PiSSA/OLoRA adapters are exported the way peft converts them
+(``path_initial_model_for_weight_conversion``): ``A' = [A; A0]``, ``B' = [B, -B0]``, rank and alpha
+doubled (alpha ×√2 with rsLoRA), a plain LoRA on the *original* weights.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..component import Component
+from ..controller import Plan
+from ..methods.bitfit import BiasDelta
+from ..methods.heads import HeadCopy
+from ..methods.lora import LoRA, LoRAEmbedding, LoRAInit
+from ..targeting import base_modules
+from .io import AdapterFileError, atomic_save_tensors, atomic_write_json, read_json, read_tensors
+from .peft import PREFIX
+
+PEFT_TYPE = "LORA"
+METHOD = "lora"
+_UNSUPPORTED_INITS = ("pissa", "olora", "corda", "loftq", "eva")
+
+
+def _base_bias(module: Any, delta: torch.Tensor, merged: bool) -> torch.Tensor:
+    """The base module's own bias (taking a merged delta back out)."""
+    bias = module.bias.detach()
+    return bias - delta.to(bias.dtype) if merged else bias
+
+
+def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
+    record = ctl._record(name)
+    cfg = record.config
+    assert isinstance(cfg, LoRA)
+    comps = ctl.components(name)
+    converted = cfg.init in (LoRAInit.PISSA, LoRAInit.OLORA)
+    tensors: dict[str, torch.Tensor] = {}
+    targets, heads, fan_in_fan_out = [], [], False
+    for site, comp in comps.items():
+        kind, module = record.kinds[site], ctl._sites[site].module
+        key = PREFIX + site
+        if kind == "head":
+            heads.append(site)
+            for k, v in comp.head.state_dict().items():
+                tensors[f"{key}.{k}"] = v
+            continue
+        if kind == "extra":
+            tensors[f"{key}.bias"] = _base_bias(module, comp.delta, comp.merged) + comp.delta.detach()
+            continue
+        targets.append(site)
+        fan_in_fan_out |= type(module).__name__ == "Conv1D"
+        A, B = comp.lora_A.detach(), comp.lora_B.detach()
+        if converted:
+            A, B = torch.cat([A, comp.init_A], dim=0), torch.cat([B, -comp.init_B], dim=1)
+        if isinstance(comp, LoRAEmbedding):
+            tensors[f"{key}.lora_embedding_A"], tensors[f"{key}.lora_embedding_B"] = A, B
+        else:
+            tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = A, B
+        if getattr(comp, "magnitude", None) is not None:
+            tensors[f"{key}.lora_magnitude_vector"] = comp.magnitude.detach()
+        if comp.bias is not None:
+            tensors[f"{key}.base_layer.bias"] = _base_bias(module, comp.bias, comp.merged) + comp.bias.detach()
+
+    grow_r = 2 if converted else 1
+    grow_alpha = (math.sqrt(2) if cfg.rslora else 2) if converted else 1
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": getattr(ctl.model, "name_or_path", None) or None,
+        "r": cfg.r * grow_r,
+        "lora_alpha": cfg.alpha * grow_alpha,
+        "lora_dropout": cfg.dropout,
+        "use_rslora": cfg.rslora,
+        "use_dora": cfg.dora,
+        "bias": cfg.bias.value,
+        "target_modules": sorted(targets),
+        "rank_pattern": {k: v * grow_r for k, v in cfg.rank_pattern.items()},
+        "alpha_pattern": {k: v * grow_alpha for k, v in cfg.alpha_pattern.items()},
+        "fan_in_fan_out": fan_in_fan_out,
+        "modules_to_save": heads or None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "exclude_modules": None,
+    }
+    directory = Path(path)
+    atomic_save_tensors(directory / "adapter_model.safetensors", tensors)
+    atomic_write_json(directory / "adapter_config.json", config)
+
+
+_LORA_KEYS = {
+    "lora_A.weight": "lora_A",
+    "lora_B.weight": "lora_B",
+    "lora_embedding_A": "lora_A",
+    "lora_embedding_B": "lora_B",
+    "lora_magnitude_vector": "magnitude",
+    "base_layer.bias": "bias",
+}
+
+
+def _matches(name: str, selectors: list[str]) -> bool:
+    return any(name == s or name.endswith("." + s) for s in selectors)
+
+
+def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: bool, activate: bool) -> str:
+    directory = Path(path)
+    data = read_json(directory / "adapter_config.json")
+    init = data.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_UNSUPPORTED_INITS):
+        raise AdapterFileError(
+            f"{directory} holds a peft {init!r} adapter relative to a modified base weight; save it from peft with "
+            "path_initial_model_for_weight_conversion=... so that it applies to the original model"
+        )
+    if data.get("lora_bias"):
+        raise AdapterFileError("peft adapters with lora_bias=True are not supported yet")
+    name = name or "default"
+    ctl._check_new_name(name)
+    raw = read_tensors(directory, "adapter_model", allow_pickle=allow_pickle)
+
+    modules = base_modules(ctl.model)
+    head_sel = list(data.get("modules_to_save") or [])
+    per_site: dict[str, dict[str, torch.Tensor]] = {}
+    heads: dict[str, dict[str, torch.Tensor]] = {}
+    extra: dict[str, torch.Tensor] = {}
+    for key, value in raw.items():
+        if not key.startswith(PREFIX):
+            raise AdapterFileError(f"unexpected key {key!r} in {directory}: peft keys start with {PREFIX!r}")
+        rest = key[len(PREFIX) :]
+        for suffix, ours in _LORA_KEYS.items():
+            if rest.endswith("." + suffix):
+                per_site.setdefault(rest[: -len(suffix) - 1], {})[ours] = value
+                break
+        else:
+            site, _, leaf = rest.rpartition(".")
+            wrapper, _, inner = site.rpartition(".")
+            if inner in ("modules_to_save", "original_module") and _matches(wrapper, head_sel):
+                continue  # peft's bias="all" also lists its head wrapper's inner copies; `<head>.<p>` holds them
+            if site in modules and _matches(site, head_sel):
+                heads.setdefault(site, {})[f"head.{leaf}"] = value
+            elif leaf == "bias" and site in modules:
+                extra[site] = value
+            elif rest.endswith(".base_layer.weight") and rest[: -len(".base_layer.weight")] in modules:
+                base = modules[rest[: -len(".base_layer.weight")]].weight
+                if base.shape != value.shape or not torch.equal(base.detach().cpu(), value.to(base.dtype)):
+                    raise AdapterFileError(f"{directory} carries a changed base weight {rest!r}; not supported")
+            else:
+                raise AdapterFileError(
+                    f"key {key!r} in {directory} does not belong to this {type(ctl.model).__name__}"
+                )
+
+    missing = [s for s in list(per_site) + list(heads) if s not in modules]
+    if missing:
+        raise AdapterFileError(
+            f"peft adapter {str(path)!r} targets {missing[0]!r}, which this {type(ctl.model).__name__} does not "
+            f"have ({len(missing)} missing): wrong base model?"
+        )
+    cfg = LoRA(
+        r=int(data.get("r", 8)),
+        alpha=float(data.get("lora_alpha", 8)),
+        dropout=float(data.get("lora_dropout", 0.0)),
+        rslora=bool(data.get("use_rslora", False)),
+        dora=bool(data.get("use_dora", False)),
+        bias=data.get("bias", "none"),
+        rank_pattern=data.get("rank_pattern") or {},
+        alpha_pattern=data.get("alpha_pattern") or {},
+        targets=tuple(per_site),
+        heads=tuple(heads),
+    )
+    comps: dict[str, tuple[str, Component]] = {}
+    try:
+        for site in modules:
+            module = modules[site]
+            if site in per_site:
+                comp = cfg.build(module, site)
+                state = dict(per_site[site])
+                if "bias" in state:
+                    state["bias"] = state["bias"].to(module.bias.dtype) - module.bias.detach().cpu()
+                elif comp.bias is not None:
+                    state["bias"] = torch.zeros_like(comp.bias)
+                if "lora_A" not in state or "lora_B" not in state:
+                    raise ValueError(f"{site!r} lacks lora_A or lora_B")
+                comp.import_state(state, module)
+                comps[site] = ("target", comp)
+            elif site in heads:
+                comp = HeadCopy(module)
+                comp.import_state(heads[site], module)
+                comps[site] = ("head", comp)
+            elif site in extra:
+                comp = BiasDelta(module)
+                comp.import_state(
+                    {"delta": extra[site].to(module.bias.dtype) - module.bias.detach().cpu()}, module
+                )
+                comps[site] = ("extra", comp)
+    except (TypeError, ValueError) as e:
+        raise AdapterFileError(f"peft adapter {str(path)!r} does not fit this model: {e}") from None
+    ctl.install(name, Plan(cfg, comps), activate=activate)
+    return name
