@@ -3,6 +3,7 @@
 Public names only; everything else may change.
 """
 
+from .compose import Average, BatchSplit, Fuse, Parallel, Split, Stack
 from .config import AdapterConfig, get_config, register, register_preset, registered
 from .controller import Adapters, Plan, Summary, attach
 from .formats.io import AdapterFileError
@@ -14,6 +15,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterConfig",
+    "Average",
+    "BatchSplit",
+    "Fuse",
+    "Parallel",
+    "Split",
+    "Stack",
     "AdapterFileError",
     "Adapters",
     "Plan",

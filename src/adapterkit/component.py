@@ -72,6 +72,17 @@ class Component(nn.Module):
         """Like :meth:`post`, for components that need the module's whole call."""
         return self.post(first_input(args, kwargs), y)
 
+    @classmethod
+    def routed(cls, comps: list[Component | None], plan: Any, x: torch.Tensor, y: torch.Tensor, key: Any) -> Any:
+        """Per-row routing in one batched call, or None to fall back to one ``post_call`` per adapter.
+
+        ``comps[g]`` is the component of ``plan.adapters[g]`` at this site (None where that adapter has none;
+        all others are of this class), ``plan`` a :class:`~adapterkit.compose.RoutePlan` (``gather``,
+        ``scatter_add``, ``stacked(key, build)`` caching stacked weights under ``key``), ``x`` the module's
+        first input and ``y`` its output.
+        """
+        return None
+
     # --- lifecycle ----------------------------------------------------------------------
     def initialize(self, module: nn.Module) -> None:
         """Set initial values (may read the base module's weights). Called once after construction."""

@@ -43,6 +43,7 @@ class AdapterConfig:
 
     method: ClassVar[str] = ""
     schema_version: ClassVar[int] = 1
+    standalone: ClassVar[bool] = True  # False: only created by another verb (e.g. fusion by add_fusion)
 
     targets: Sequence[Any] | None = None
     exclude: Sequence[Any] = ()

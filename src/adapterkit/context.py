@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-
-import torch
+from typing import Any
 
 __all__ = ["ForwardState"]
 
@@ -19,20 +18,22 @@ class ForwardState:
     """What is active for one model.
 
     Attributes:
-        active: names of the active adapters, applied in this order at each site. Parallel
-            (additive) adapters sum, as in peft when several adapters are active.
-        routes: per-row routing, or None. When set it replaces ``active``: a tuple of
-            ``(adapter name, row indices)`` pairs; rows in no pair run the base model.
+        active: the active items (adapter names or composition blocks, see ``compose.py``), applied in
+            this order at each site. Additive adapters (LoRA) thus sum, as in peft with several active.
+        routes: per-row routing (a :class:`~adapterkit.compose.RoutePlan`), or None. When set it replaces
+            ``active``; rows routed to no adapter run the base model.
+        replicated: a Parallel block's inputs are already replicated (set while ``generate`` runs).
     """
 
-    __slots__ = ("active", "routes")
+    __slots__ = ("active", "routes", "replicated")
 
     def __init__(self) -> None:
-        self.active: tuple[str, ...] = ()
-        self.routes: tuple[tuple[str, torch.Tensor], ...] | None = None
+        self.active: tuple[Any, ...] = ()
+        self.routes: Any = None
+        self.replicated = False
 
     @contextmanager
-    def scoped(self, active: tuple[str, ...]) -> Iterator[None]:
+    def scoped(self, active: tuple[Any, ...]) -> Iterator[None]:
         previous = self.active
         self.active = active
         try:
@@ -41,7 +42,7 @@ class ForwardState:
             self.active = previous
 
     @contextmanager
-    def routed(self, routes: tuple[tuple[str, torch.Tensor], ...]) -> Iterator[None]:
+    def routed(self, routes: Any) -> Iterator[None]:
         previous = self.routes
         self.routes = routes
         try:

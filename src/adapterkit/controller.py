@@ -17,8 +17,10 @@ import torch
 from torch import nn
 
 from .component import Component
+from .compose import Block, Fuse, Parallel, RoutePlan, names_in, replicate, validate
 from .config import AdapterConfig, get_config
 from .context import ForwardState
+from .methods.fusion import Fusion
 from .methods.heads import HeadCopy
 from .profiles import profile_for
 from .sites import Site
@@ -85,6 +87,7 @@ class Adapters:
         self.family, self.roles = profile_for(model)
         self._sites: dict[str, Site] = {}
         self._records: dict[str, _Record] = {}
+        self._root_hook: Any = None
 
     # --- introspection ---------------------------------------------------------------------
     def __repr__(self) -> str:
@@ -236,7 +239,8 @@ class Adapters:
             comp.on_detach(site.module, keep_merged=keep_merged)
             self._drop_site_if_empty(mod_name)
         del self._records[name]
-        self.state.active = tuple(n for n in self.state.active if n != name)
+        self.state.active = tuple(i for i in self.state.active if name not in set(names_in(i)))
+        self._sync_parallel()
 
     # --- training and activation -----------------------------------------------------------
     def train(self, name: str, heads: Sequence[str] | None = None) -> None:
@@ -268,43 +272,117 @@ class Adapters:
         record.kinds.update({h: HEAD for h in new})
         record.config = record.config.replace(heads=tuple(record.config.heads) + tuple(new))
 
-    def activate(self, *names: str | None) -> None:
-        """Set the active adapters. Several names sum their effects (peft semantics); no name (or None)
-        runs the base model."""
-        self.state.active = self._check_active(names)
+    def activate(self, *items: str | Block | None) -> None:
+        """Set what is active: adapter names and/or composition blocks (``ak.Stack``, ``ak.Average``, ...),
+        applied in order at each site (several names: their effects stack; for LoRA they sum, as in peft).
+        No argument (or None) runs the base model."""
+        self.state.active = self._check_active(items)
+        self._sync_parallel()
 
-    def _check_active(self, names: tuple[Any, ...]) -> tuple[str, ...]:
-        flat = tuple(n for n in names if n is not None)
+    def _check_active(self, items: tuple[Any, ...]) -> tuple[str | Block, ...]:
+        flat = tuple(n for n in items if n is not None)
         if len(flat) == 1 and isinstance(flat[0], (list, tuple)):
             flat = tuple(flat[0])
-        for n in flat:
-            self._record(n)
+        validate(flat)
+        for item in flat:
+            for n in names_in(item):
+                if n not in self._records and n.startswith("fusion["):
+                    raise KeyError(f"no fusion weights {n!r} on this model: call adapters.add_fusion([...]) first")
+                self._record(n)
         return flat
 
     @contextmanager
-    def use(self, *names: str | None) -> Iterator[None]:
-        """Activate ``names`` for the duration of a ``with`` block (``use()`` runs the base model)."""
-        with self.state.scoped(self._check_active(names)):
-            yield
+    def use(self, *items: str | Block | None) -> Iterator[None]:
+        """Activate ``items`` for the duration of a ``with`` block (``use()`` runs the base model)."""
+        try:
+            with self.state.scoped(self._check_active(items)):
+                self._sync_parallel()
+                yield
+        finally:
+            self._sync_parallel()
 
     @contextmanager
     def route(self, names: Sequence[str | None]) -> Iterator[None]:
         """Run each row of the batch with its own adapter (``None``: the base model), e.g.
         ``with adapters.route(["a", "b", None]): model(**batch)``. Outputs equal running each row
-        alone with its adapter. Merged adapters cannot be routed."""
+        alone with its adapter; LoRA rows run as gathered batched matmuls over stacked adapter weights.
+        Merged adapters cannot be routed."""
         names = list(names)
-        groups: dict[str, list[int]] = {}
-        for row, n in enumerate(names):
-            if n is not None:
-                groups.setdefault(n, []).append(row)
-        for n in groups:
+        for n in dict.fromkeys(x for x in names if x is not None):
             self._record(n)
             if self.is_merged(n):
                 raise ValueError(f"adapter {n!r} is merged into the base weights; unmerge it before routing")
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
-        routes = tuple((n, torch.tensor(rows, dtype=torch.long, device=device)) for n, rows in groups.items())
-        with self.state.routed(routes):
+        with self.state.routed(RoutePlan(names, device)):
             yield
+
+    # Parallel: the model-level pre-hook replicates the batch; generate() replicates its inputs first
+    def _parallel(self) -> Parallel | None:
+        active = self.state.active
+        return active[0] if len(active) == 1 and isinstance(active[0], Parallel) else None
+
+    def _sync_parallel(self) -> None:
+        block = self._parallel()
+        if block is not None and self._root_hook is None:
+            self._root_hook = self.model.register_forward_pre_hook(self._replicate_inputs, with_kwargs=True)
+            if hasattr(type(self.model), "generate"):
+                self.model.__dict__["generate"] = self._parallel_generate
+        elif block is None and self._root_hook is not None:
+            self._root_hook.remove()
+            self._root_hook = None
+            self.model.__dict__.pop("generate", None)
+
+    def _replicate_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        block = self._parallel()
+        if block is None or self.state.replicated or self.state.routes is not None:
+            return None
+        return replicate(args, kwargs, len(block.children))
+
+    def _parallel_generate(self, *args: Any, **kwargs: Any) -> Any:
+        block = self._parallel()
+        generate = type(self.model).generate
+        if block is None:
+            return generate(self.model, *args, **kwargs)
+        args, kwargs = replicate(args, kwargs, len(block.children))
+        self.state.replicated = True
+        try:
+            return generate(self.model, *args, **kwargs)
+        finally:
+            self.state.replicated = False
+
+    # AdapterFusion
+    def add_fusion(self, names: Sequence[str], *, temperature: float = 1.0, init_weights: bool = True) -> str:
+        """Add AdapterFusion weights over adapters ``names`` (Pfeiffer et al. 2021) at every site where one
+        of them has an output component; returns the fusion's name, used by ``ak.Fuse(*names)``."""
+        names = list(names)
+        for n in names:
+            self._record(n)
+        if len(names) < 2:
+            raise ValueError("AdapterFusion needs at least two adapters")
+        sites = [
+            m
+            for m, site in self._sites.items()
+            if any(n in site.components and site.components[n].has_post for n in names)
+        ]
+        fusion = Fuse(*names).name
+        self.add(
+            fusion,
+            Fusion(adapters=tuple(names), targets=sites, temperature=temperature, init_weights=init_weights),
+        )
+        if self.state.active == (fusion,):
+            self.state.active = ()
+        return fusion
+
+    def train_fusion(self, names: Sequence[str] | Fuse) -> None:
+        """Make only the fusion weights over ``names`` trainable (the adapters stay frozen) and activate
+        ``Fuse(*names)``."""
+        block = names if isinstance(names, Fuse) else Fuse(*names)
+        self._record(block.name)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        for p in self.parameters(block.name):
+            p.requires_grad_(True)
+        self.activate(block)
 
     def disabled(self) -> Any:
         """Context manager running the base model (same as ``use()``)."""
@@ -363,6 +441,8 @@ class Adapters:
         for m in list(self._sites):
             self._sites[m].close()
             del self._sites[m]
+        self.state.active = ()
+        self._sync_parallel()
         self.model.__dict__.pop(_ATTR, None)
         return self.model
 

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .component import Component
+from .component import Component, first_input
+from .compose import apply_post, apply_pre
 from .context import ForwardState
 from .targeting import CONTAINER
 
@@ -68,40 +69,75 @@ class Site:
     def _pre_hook(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-        if self.state.routes is not None:
-            raise NotImplementedError(f"per-row routing of input-transforming adapters (at {self.name!r})")
         comps = self.components._modules
+        if self.state.routes is not None:
+            return self._routed_pre(args, kwargs)
         changed = False
-        for adapter in self.state.active:
-            c = comps.get(adapter)
-            if c is not None and c.has_pre and not c.merged:
-                args, kwargs = c.pre_call(args, kwargs)
-                changed = True
+        for item in self.state.active:
+            if type(item) is str:
+                c = comps.get(item)
+                if c is not None and c.has_pre and not c.merged:
+                    args, kwargs = c.pre_call(args, kwargs)
+                    changed = True
+            else:
+                args, kwargs, ch = apply_pre(item, comps, args, kwargs)
+                changed |= ch
         return (args, kwargs) if changed else None
 
     def _post_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         comps = self.components._modules
         if self.state.routes is not None:
             return self._routed(args, kwargs, output)
-        for adapter in self.state.active:
-            c = comps.get(adapter)
-            if c is not None and c.has_post and not c.merged:
-                output = c.post_call(args, kwargs, output)
+        for item in self.state.active:
+            if type(item) is str:
+                c = comps.get(item)
+                if c is not None and c.has_post and not c.merged:
+                    output = c.post_call(args, kwargs, output)
+            else:
+                output = apply_post(item, comps, args, kwargs, output)
         return output
 
     def _routed(self, args: tuple[Any, ...], kwargs: dict[str, Any], output: torch.Tensor) -> torch.Tensor:
-        """Per-row routing: each group of rows runs its own adapter (rows of no group stay base)."""
-        comps = self.components._modules
+        """Per-row routing: one batched call when the components support it, else one call per adapter."""
+        plan = self.state.routes
+        table = self.components._modules
+        comps = [table.get(a) for a in plan.adapters]
+        comps = [c if c is not None and c.has_post and not c.merged else None for c in comps]
+        live = [c for c in comps if c is not None]
+        if not live:
+            return output
+        kind = type(live[0])
+        if all(type(c) is kind for c in live):
+            result = kind.routed(comps, plan, first_input(args, kwargs), output, key=self.name)
+            if result is not None:
+                return result
         batch = output.shape[0]
         result = output
-        for adapter, rows in self.state.routes:
-            c = comps.get(adapter)
-            if c is None or c.merged or not c.has_post:
+        for (_, rows), c in zip(plan.groups, comps):
+            if c is None:
                 continue
             sub_args = tuple(_rows(a, rows, batch) for a in args)
             sub_kwargs = {k: _rows(v, rows, batch) for k, v in kwargs.items()}
             result = result.index_copy(0, rows, c.post_call(sub_args, sub_kwargs, output.index_select(0, rows)))
         return result
+
+    def _routed_pre(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
+        """Row-wise input transforms under routing: each group of rows gets its adapter's ``pre``."""
+        plan = self.state.routes
+        table = self.components._modules
+        x = first_input(args, kwargs)
+        new = x
+        for name, rows in plan.groups:
+            c = table.get(name)
+            if c is None or c.merged or not c.has_pre:
+                continue
+            new = new.index_copy(0, rows, c.pre(x.index_select(0, rows)))
+        if new is x:
+            return None
+        if args:
+            return (new, *args[1:]), kwargs
+        key = next(iter(kwargs))
+        return args, {**kwargs, key: new}
 
 
 def _rows(value: Any, rows: torch.Tensor, batch: int) -> Any:

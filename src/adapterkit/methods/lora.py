@@ -377,6 +377,37 @@ class LoRALinear(_LoRABase):
             return torch.addmm(y2, h2, B.t(), alpha=self.scaling).view(y.shape)
         return y2.addmm_(h2, B.t(), alpha=self.scaling).view(y.shape)
 
+    @classmethod
+    def routed(cls, comps: list[Component | None], plan: Any, x: torch.Tensor, y: torch.Tensor, key: Any) -> Any:
+        """Per-row routing as two gathered ``bmm`` calls over factors stacked as ``(G, in, r_max)`` and
+        ``(G, r_max, out)`` (ranks zero-padded to ``r_max``, scaling folded into B; adapters absent from this
+        site contribute zeros). DoRA, bias deltas and training-time dropout fall back to one call per adapter."""
+        live = [c for c in comps if c is not None]
+        if any(
+            c.magnitude is not None or c.bias is not None or (c.dropout is not None and c.training) for c in live
+        ):
+            return None
+        ref = live[0]
+
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
+            r_max = max(c.r for c in live)
+            in_dim, out_dim = ref.lora_A.shape[1], ref.out_dim
+            A = [
+                F.pad(c.lora_A, (0, 0, 0, r_max - c.r)) if c is not None else ref.lora_A.new_zeros(r_max, in_dim)
+                for c in comps
+            ]
+            B = [
+                F.pad(c.lora_B * c.scaling, (0, r_max - c.r))
+                if c is not None
+                else ref.lora_B.new_zeros(out_dim, r_max)
+                for c in comps
+            ]
+            return torch.stack(A).transpose(1, 2), torch.stack(B).transpose(1, 2)  # (G, in, r), (G, r, out)
+
+        A, B = plan.stacked(key, build)
+        h = torch.bmm(plan.gather(x.to(A.dtype)), A)  # (G, m * L, r_max)
+        return plan.scatter_add(y, torch.bmm(h, B))
+
 
 class LoRAEmbedding(_LoRABase):
     """LoRA on ``nn.Embedding``: ``y = E[x] + s * A^T[x] B^T``.

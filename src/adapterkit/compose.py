@@ -1,0 +1,371 @@
+"""Composition blocks (AdapterHub semantics) and per-row routing plans.
+
+What is active is a sequence of items, each an adapter name or a block; the items apply one after the
+other at every site (so ``activate("a", "b")`` is ``Stack("a", "b")``; for additive adapters such as
+LoRA this is the sum of their deltas, peft's semantics for several active adapters). Blocks:
+
+==============  ===========================================================================================
+``Stack``       children one after another: the output of one feeds the next (MAD-X language + task).
+``Average``     ``y + sum_i w_i (child_i(y) - y)``: for weights summing to 1 the weighted average of the
+                children's outputs; negative weights subtract a child's effect.
+``Split``       by sequence position: positions ``[0, s1)`` use child 0, ``[s1, s2)`` child 1, ...
+``BatchSplit``  by rows: the first ``n1`` rows use child 0, the next ``n2`` child 1, ...
+``Parallel``    the batch is replicated once per child in one forward pass; rows ``[i B, (i+1) B)`` of the
+                outputs belong to child ``i`` (multi-task inference, also with ``generate()``).
+``Fuse``        AdapterFusion (Pfeiffer et al. 2021, §3): per-site attention over the children's outputs,
+                with weights added by ``Adapters.add_fusion`` and trained by ``Adapters.train_fusion``.
+==============  ===========================================================================================
+
+Allowed nestings (anything else raises ``ValueError`` when activated):
+
+==============  =============================================================================
+block           children may be
+==============  =============================================================================
+``Stack``       names, ``Average``, ``Split``, ``BatchSplit``, ``Fuse``, ``Stack``
+``Average``     names, ``Stack``, ``Average``
+``Split``       names, ``Stack``, ``Average``, ``Fuse``
+``BatchSplit``  names, ``Stack``, ``Average``, ``Split``, ``Fuse``
+``Parallel``    names, ``Stack``, ``Average``, ``Split``, ``Fuse``; Parallel itself only at the top level
+``Fuse``        names, ``Stack``
+==============  =============================================================================
+
+Components that transform a module's *input* (``has_pre``) apply in stacking order only; under
+``Average``/``Split``/``BatchSplit``/``Fuse`` they raise, since one module call cannot take several inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+__all__ = [
+    "Block",
+    "Stack",
+    "Average",
+    "Split",
+    "BatchSplit",
+    "Parallel",
+    "Fuse",
+    "RoutePlan",
+    "names_in",
+    "validate",
+]
+
+
+class Block:
+    """A composition node: ``children`` are adapter names or blocks."""
+
+    allowed: tuple[type, ...] = ()
+
+    def __init__(self, *children: str | Block) -> None:
+        if len(children) == 1 and isinstance(children[0], (list, tuple)):
+            children = tuple(children[0])
+        if not children:
+            raise ValueError(f"{type(self).__name__} needs at least one adapter")
+        for c in children:
+            if not isinstance(c, (str, Block)):
+                raise TypeError(f"{type(self).__name__} children are adapter names or blocks, got {c!r}")
+        self.children: tuple[str | Block, ...] = tuple(children)
+
+    def _extra(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        inner = ", ".join(repr(c) for c in self.children)
+        return f"{type(self).__name__}({inner}{self._extra()})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and repr(self) == repr(other)
+
+    def __hash__(self) -> int:
+        return hash(repr(self))
+
+
+class Stack(Block):
+    """Children applied one after another at each site."""
+
+
+class Average(Block):
+    """Weighted average of the children's outputs (``weights`` default: uniform; may be negative)."""
+
+    def __init__(self, *children: str | Block, weights: Sequence[float] | None = None) -> None:
+        super().__init__(*children)
+        n = len(self.children)
+        self.weights = tuple(float(w) for w in weights) if weights is not None else (1.0 / n,) * n
+        if len(self.weights) != n:
+            raise ValueError(f"Average got {n} adapters but {len(self.weights)} weights")
+
+    def _extra(self) -> str:
+        return f", weights={list(self.weights)}"
+
+
+class Split(Block):
+    """By sequence position: ``splits=[s1, ...]`` are the first positions of children 1, 2, ..."""
+
+    def __init__(self, *children: str | Block, splits: Sequence[int] | int) -> None:
+        super().__init__(*children)
+        self.splits = (int(splits),) if isinstance(splits, int) else tuple(int(s) for s in splits)
+        if len(self.splits) != len(self.children) - 1 or any(s <= 0 for s in self.splits):
+            raise ValueError(
+                f"Split of {len(self.children)} adapters needs {len(self.children) - 1} positive split positions, "
+                f"got {list(self.splits)}"
+            )
+        if list(self.splits) != sorted(self.splits):
+            raise ValueError(f"Split positions must increase, got {list(self.splits)}")
+
+    def _extra(self) -> str:
+        return f", splits={list(self.splits)}"
+
+
+class BatchSplit(Block):
+    """By rows: ``batch_sizes=[n1, n2, ...]`` rows go to each child in order (they must sum to the batch)."""
+
+    def __init__(self, *children: str | Block, batch_sizes: Sequence[int]) -> None:
+        super().__init__(*children)
+        self.batch_sizes = tuple(int(n) for n in batch_sizes)
+        if len(self.batch_sizes) != len(self.children) or any(n < 0 for n in self.batch_sizes):
+            raise ValueError(
+                f"BatchSplit of {len(self.children)} adapters needs as many non-negative batch sizes, "
+                f"got {list(self.batch_sizes)}"
+            )
+
+    def _extra(self) -> str:
+        return f", batch_sizes={list(self.batch_sizes)}"
+
+
+class Parallel(Block):
+    """Replicate the batch once per child; rows ``[i B, (i+1) B)`` of the output belong to child ``i``."""
+
+
+class Fuse(Block):
+    """AdapterFusion over the children (their fusion weights come from ``Adapters.add_fusion``)."""
+
+    @property
+    def name(self) -> str:
+        """The name under which ``add_fusion`` stores this fusion's weights."""
+        return fusion_name([c if isinstance(c, str) else repr(c) for c in self.children])
+
+
+def fusion_name(children: Sequence[str]) -> str:
+    return "fusion[" + ",".join(children) + "]"
+
+
+Stack.allowed = (str, Stack, Average, Split, BatchSplit, Fuse)
+Average.allowed = (str, Stack, Average)
+Split.allowed = (str, Stack, Average, Fuse)
+BatchSplit.allowed = (str, Stack, Average, Split, Fuse)
+Parallel.allowed = (str, Stack, Average, Split, Fuse)
+Fuse.allowed = (str, Stack)
+
+
+def names_in(item: str | Block) -> Iterator[str]:
+    """Adapter names used by an item (depth first; fusion weights included)."""
+    if isinstance(item, str):
+        yield item
+        return
+    for c in item.children:
+        yield from names_in(c)
+    if isinstance(item, Fuse):
+        yield item.name
+
+
+def validate(items: Sequence[str | Block]) -> None:
+    """Raise ``ValueError`` for nestings outside the table in this module's docstring."""
+
+    def check(block: Block) -> None:
+        for c in block.children:
+            if not isinstance(c, block.allowed):
+                raise ValueError(
+                    f"{type(c).__name__} cannot be nested in {type(block).__name__}: allowed children of "
+                    f"{type(block).__name__} are {', '.join('names' if t is str else t.__name__ for t in block.allowed)}"
+                )
+            if isinstance(c, Block):
+                check(c)
+
+    for i, item in enumerate(items):
+        if isinstance(item, Parallel) and len(items) > 1:
+            raise ValueError("Parallel must be the only active item (it replicates the whole batch)")
+        if isinstance(item, Block):
+            check(item)
+        elif not isinstance(item, str):
+            raise TypeError(f"active item {i} must be an adapter name or a block, got {item!r}")
+
+
+# --- per-row routing ---------------------------------------------------------------------------------
+class RoutePlan:
+    """Which rows of a batch run which adapter, laid out for gathered batched matmuls.
+
+    The ``G`` routed adapters each get ``m`` slots (``m`` = the largest number of rows of one adapter);
+    ``index[g * m + j]`` is the batch row in slot ``j`` of adapter ``g`` (short groups repeat their last
+    row; ``real`` marks the slots that count). Batched components gather ``x[index]`` as ``(G, m * L, in)``,
+    run one ``bmm`` per factor against weights stacked as ``(G, ...)`` and add the result back to ``rows``.
+
+    Attributes:
+        adapters: the ``G`` adapter names, in order of first appearance.
+        groups: ``(name, rows)`` pairs (rows: ``LongTensor``), as used by the per-adapter fallback.
+        batch: number of rows in the batch.
+        cache: per-site stacked weights, reused while no gradient is recorded (e.g. decode steps).
+    """
+
+    def __init__(self, names: Sequence[str | None], device: torch.device) -> None:
+        groups: dict[str, list[int]] = {}
+        for row, n in enumerate(names):
+            if n is not None:
+                groups.setdefault(n, []).append(row)
+        self.batch = len(names)
+        self.adapters: tuple[str, ...] = tuple(groups)
+        self.groups = tuple((n, torch.tensor(r, dtype=torch.long, device=device)) for n, r in groups.items())
+        self.m = max((len(r) for r in groups.values()), default=0)
+        slots, real = [], []
+        for rows in groups.values():
+            slots += rows + [rows[-1]] * (self.m - len(rows))
+            real += [True] * len(rows) + [False] * (self.m - len(rows))
+        self.index = torch.tensor(slots, dtype=torch.long, device=device)
+        self.padded = not all(real)
+        self.real = torch.tensor([i for i, r in enumerate(real) if r], dtype=torch.long, device=device)
+        self.rows = self.index.index_select(0, self.real) if self.padded else self.index
+        # gathering is a no-op when slots are the batch rows in order
+        self.identity = not self.padded and len(slots) == self.batch and slots == list(range(self.batch))
+        self.cache: dict[Any, Any] = {}
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """``x: (batch, *rest, d)`` -> ``(G, m * prod(rest), d)``."""
+        xs = x if self.identity else x.index_select(0, self.index)
+        return xs.reshape(len(self.adapters), -1, x.shape[-1])
+
+    def scatter_add(self, y: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Add ``delta: (G, m * prod(rest), out)`` to the rows of ``y: (batch, *rest, out)`` it belongs to."""
+        d = delta.reshape(len(self.adapters) * self.m, *y.shape[1:])
+        if self.padded:
+            d = d.index_select(0, self.real)
+        if self.identity:
+            return y.add_(d) if not torch.is_grad_enabled() else y + d
+        if not torch.is_grad_enabled():
+            return y.index_add_(0, self.rows, d.to(y.dtype))
+        return y.index_add(0, self.rows, d.to(y.dtype))
+
+    def stacked(self, key: Any, build: Any) -> Any:
+        """``build()`` once per key while no gradient is recorded (weights cannot change then)."""
+        if torch.is_grad_enabled():
+            return build()
+        if key not in self.cache:
+            self.cache[key] = build()
+        return self.cache[key]
+
+
+# --- applying blocks at one site ------------------------------------------------------------------------
+def _slice(value: Any, dim: int, start: int, stop: int, size: int) -> Any:
+    if isinstance(value, torch.Tensor) and value.dim() > dim and value.shape[dim] == size:
+        return value.narrow(dim, start, stop - start)
+    return value
+
+
+def _sliced_call(args: tuple, kwargs: dict, dim: int, start: int, stop: int, size: int) -> tuple[tuple, dict]:
+    return (
+        tuple(_slice(a, dim, start, stop, size) for a in args),
+        {k: _slice(v, dim, start, stop, size) for k, v in kwargs.items()},
+    )
+
+
+def _tensor(y: Any, block: Block) -> torch.Tensor:
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"{type(block).__name__} needs a tensor output at each site, got {type(y).__name__}")
+    return y
+
+
+def _segments(block: Block, y: torch.Tensor, dim: int) -> list[tuple[int, int]]:
+    size = y.shape[dim]
+    if isinstance(block, Split):
+        cuts = [0, *(min(s, size) for s in block.splits), size]
+    elif isinstance(block, BatchSplit):
+        if sum(block.batch_sizes) != size:
+            raise ValueError(
+                f"BatchSplit batch_sizes {list(block.batch_sizes)} do not sum to the batch size {size}"
+            )
+        cuts = [0]
+        for n in block.batch_sizes:
+            cuts.append(cuts[-1] + n)
+    else:  # Parallel: equal blocks of rows
+        k = len(block.children)
+        if size % k:
+            raise ValueError(f"Parallel over {k} adapters got a batch of {size} rows, not a multiple of {k}")
+        cuts = [i * size // k for i in range(k + 1)]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def apply_post(item: str | Block, comps: dict[str, Any], args: tuple, kwargs: dict, y: Any) -> Any:
+    """Apply ``item`` (a name or block) to the output ``y`` of one site's module."""
+    if isinstance(item, str):
+        c = comps.get(item)
+        if c is None or c.merged or not c.has_post:
+            return y
+        return c.post_call(args, kwargs, y)
+    if not any(n in comps for n in names_in(item)):
+        return y
+    if isinstance(item, Stack):
+        for child in item.children:
+            y = apply_post(child, comps, args, kwargs, y)
+        return y
+    base = _tensor(y, item)
+    if isinstance(item, Average):
+        out = base
+        for w, child in zip(item.weights, item.children):
+            yi = apply_post(child, comps, args, kwargs, base.clone())
+            out = out + w * (yi - base)
+        return out
+    if isinstance(item, Fuse):
+        outs = [apply_post(child, comps, args, kwargs, base.clone()) for child in item.children]
+        fusion = comps.get(item.name)
+        if fusion is None:
+            raise KeyError(
+                f"no fusion weights for {item!r} here: call adapters.add_fusion({list(item.children)!r})"
+            )
+        return fusion.fuse(base, outs)
+    dim = 1 if isinstance(item, Split) else 0
+    size = base.shape[dim]
+    parts = []
+    for child, (start, stop) in zip(item.children, _segments(item, base, dim)):
+        if stop <= start:
+            continue
+        a, kw = _sliced_call(args, kwargs, dim, start, stop, size)
+        parts.append(apply_post(child, comps, a, kw, base.narrow(dim, start, stop - start).clone()))
+    return torch.cat(parts, dim=dim)
+
+
+def apply_pre(item: str | Block, comps: dict[str, Any], args: tuple, kwargs: dict) -> tuple[tuple, dict, bool]:
+    """Input transforms of ``item`` at one site (stacking order only). Returns ``(args, kwargs, changed)``."""
+    if isinstance(item, str):
+        c = comps.get(item)
+        if c is None or c.merged or not c.has_pre:
+            return args, kwargs, False
+        args, kwargs = c.pre_call(args, kwargs)
+        return args, kwargs, True
+    if isinstance(item, Stack):
+        changed = False
+        for child in item.children:
+            args, kwargs, ch = apply_pre(child, comps, args, kwargs)
+            changed |= ch
+        return args, kwargs, changed
+    pre = [n for n in names_in(item) if getattr(comps.get(n), "has_pre", False)]
+    if pre:
+        raise NotImplementedError(
+            f"{type(item).__name__} cannot combine adapters that transform a module's input ({pre}); use Stack"
+        )
+    return args, kwargs, False
+
+
+def replicate(args: tuple, kwargs: dict, k: int) -> tuple[tuple, dict]:
+    """Repeat every batch-first tensor of a model call ``k`` times along the batch (Parallel)."""
+    tensors = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim() > 0]
+    if not tensors:
+        return args, kwargs
+    batch = tensors[0].shape[0]
+
+    def rep(v: Any) -> Any:
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch:
+            return torch.cat([v] * k, dim=0)
+        return v
+
+    return tuple(rep(a) for a in args), {key: rep(v) for key, v in kwargs.items()}
