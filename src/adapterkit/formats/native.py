@@ -24,7 +24,6 @@ from torch import nn
 
 from ..component import Component
 from ..config import config_from_dict
-from ..methods.heads import HeadCopy
 from ..targeting import base_modules
 from .io import AdapterFileError, atomic_save_tensors, atomic_write_json, read_json, read_tensors
 
@@ -71,15 +70,6 @@ def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
     )
 
 
-def build_component(cfg: Any, kind: str, module: nn.Module, site: str) -> Component:
-    if kind == "head":
-        return HeadCopy(module)
-    if kind == "extra":
-        (comp,) = cfg.extra_sites({site: module}, []).values()
-        return comp
-    return cfg.build(module, site)
-
-
 def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: bool, activate: bool) -> str:
     from ..controller import Plan
 
@@ -112,10 +102,22 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
             f"{here['architecture']} (hidden size {here['hidden_size']}); load it onto the base model it was trained on"
         )
 
+    # re-plan from the saved config, so components built together (shared state) are built together again
+    try:
+        plan = ctl.plan(cfg)
+    except (TypeError, ValueError) as e:
+        raise AdapterFileError(f"adapter {str(path)!r} does not fit this model: {e}") from None
+    planned = {n: kind for n, (kind, _) in plan.components.items()}
+    if planned != sites:
+        diff = sorted(set(planned.items()) ^ set(sites.items()))
+        raise AdapterFileError(
+            f"adapter {str(path)!r} does not fit this model: its config resolves to other sites here than when it "
+            f"was saved (e.g. {diff[0]}); load it onto the base model it was trained on"
+        )
     comps: dict[str, tuple[str, Component]] = {}
     used: set[str] = set()
     for site, kind in sites.items():
-        comp = build_component(cfg, kind, modules[site], site)
+        comp = plan.components[site][1]
         prefix, own = site + ".", comp.state_dict()
         state = {
             k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix) and k[len(prefix) :] in own
@@ -129,5 +131,5 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
     unused = sorted(set(tensors) - used)
     if unused:
         raise AdapterFileError(f"{directory}/adapter.safetensors has tensors no site uses: {unused[:5]}")
-    ctl.install(name, Plan(cfg, comps), activate=activate)
+    ctl.install(name, Plan(plan.config, comps), activate=activate)
     return name
