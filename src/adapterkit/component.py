@@ -149,3 +149,61 @@ class Component(nn.Module):
                     f"shape mismatch for {k!r}: file has {tuple(state[k].shape)}, expected {tuple(v.shape)}"
                 )
         self.load_state_dict(state)
+
+
+class Chain(Component):
+    """Several components of one adapter at one module (the parts of a union), applied in order.
+
+    Inputs go through the parts' ``pre_call`` in order, outputs through their ``post_call`` in order;
+    merging merges every part (so all must be mergeable). Tensors are saved as ``parts.<i>.<name>``.
+    """
+
+    def __init__(self, parts: list[Component]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.has_pre = any(p.has_pre for p in parts)
+        self.has_post = any(p.has_post for p in parts)
+        self.mergeable = all(p.mergeable for p in parts)
+        self.additive = all(p.additive for p in parts)
+
+    def pre_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        for p in self.parts:
+            if p.has_pre:
+                args, kwargs = p.pre_call(args, kwargs)
+        return args, kwargs
+
+    def post_call(self, args: tuple[Any, ...], kwargs: dict[str, Any], y: Any) -> Any:
+        for p in self.parts:
+            if p.has_post:
+                y = p.post_call(args, kwargs, y)
+        return y
+
+    def initialize(self, module: nn.Module) -> None:
+        for p in self.parts:
+            p.initialize(module)
+
+    def on_attach(self, module: nn.Module) -> None:
+        done = []
+        try:
+            for p in self.parts:
+                p.on_attach(module)
+                done.append(p)
+        except BaseException:
+            for p in reversed(done):
+                p.on_detach(module)
+            raise
+
+    def on_detach(self, module: nn.Module, keep_merged: bool = False) -> None:
+        for p in reversed(self.parts):
+            p.on_detach(module, keep_merged)
+        self.merged = any(p.merged for p in self.parts)
+
+    def merge(self, module: nn.Module) -> None:
+        for p in self.parts:
+            p.merge(module)
+        self.merged = True
+
+    def unmerge(self, module: nn.Module) -> None:
+        for p in reversed(self.parts):
+            p.unmerge(module)
+        self.merged = False

@@ -81,6 +81,19 @@ class AdapterConfig:
         module's device with its dtype; initialization happens in ``Component.initialize``."""
         raise NotImplementedError
 
+    def parts(self) -> Sequence[AdapterConfig]:
+        """The configs this one is made of (a union lists its members; a plain config is its own part)."""
+        return (self,)
+
+    def combine(self, name: str, module: nn.Module, components: list[Component]) -> Component:
+        """One component for module ``name`` from the components the parts put there (in part order).
+        Default: the single component, or a :class:`~adapterkit.component.Chain` applying them in order."""
+        if len(components) == 1:
+            return components[0]
+        from .component import Chain
+
+        return Chain(components)
+
     # --- serialization --------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"method": self.method, "schema_version": self.schema_version}
@@ -93,6 +106,8 @@ class AdapterConfig:
 
 
 def _jsonable(value: Any) -> Any:
+    if isinstance(value, AdapterConfig):
+        return value.to_dict()
     if isinstance(value, enum.Enum):
         return value.value
     if isinstance(value, type):
@@ -178,6 +193,8 @@ def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
 
 
 def _from_json(value: Any) -> Any:
+    if isinstance(value, dict) and "method" in value:
+        return config_from_dict(value)
     if isinstance(value, str) and value.startswith("type:"):
         import importlib
 

@@ -140,9 +140,28 @@ class Adapters:
         """
         cfg = get_config(config, **overrides)
         modules = base_modules(self.model)
+        parts = [self._plan_part(part, modules) for part in cfg.parts()]
+        per_site: dict[str, list[tuple[str, Component]]] = {}
+        for part in parts:
+            for n, kc in part.items():
+                per_site.setdefault(n, []).append(kc)
+        if not per_site:
+            raise TargetError(f"{cfg.method} would not act on any module of this {type(self.model).__name__}")
+        comps: dict[str, tuple[str, Component]] = {}
+        for n, found in per_site.items():
+            kinds = {k for k, _ in found}
+            if HEAD in kinds and len(found) > 1:
+                raise TargetError(f"{n!r} is a head of one part of the union and adapted by another")
+            kind = TARGET if TARGET in kinds else found[0][0]
+            comps[n] = (kind, cfg.combine(n, modules[n], [c for _, c in found]))
+        ordered = {n: comps[n] for n in modules if n in comps}
+        return Plan(cfg, ordered)
+
+    def _plan_part(self, cfg: AdapterConfig, modules: dict[str, nn.Module]) -> dict[str, tuple[str, Component]]:
+        """Components of one (non-union) config, keyed by module name."""
         kw = {"family": self.family, "roles": self.roles, "modules": modules}
         targets = cfg.targets if cfg.targets is not None else cfg.default_targets(self.roles)
-        names = select(self.model, targets, exclude=cfg.exclude, layers=cfg.layers, **kw)
+        names = select(self.model, targets, exclude=cfg.exclude, layers=cfg.layers, **kw) if targets else []
         heads = select(self.model, cfg.heads, **kw) if cfg.heads else []
         bad = [n for n in names if not cfg.accepts(modules[n])]
         if bad:
@@ -158,8 +177,7 @@ class Adapters:
             comps[n] = (EXTRA, c)
         for n in heads:
             comps[n] = (HEAD, HeadCopy(modules[n]))
-        ordered = {n: comps[n] for n in modules if n in comps}
-        return Plan(cfg, ordered)
+        return comps
 
     def add(
         self,

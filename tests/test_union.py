@@ -1,0 +1,87 @@
+"""Unions of configs: planning, Chain at shared modules, UniPELT gates, JSON round trip, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import adapterkit as ak
+from adapterkit.component import Chain
+from adapterkit.config import config_from_dict
+from adapterkit.methods.union import Gate
+
+from conftest import make_inputs, make_model, output_of
+
+
+def test_union_chains_members_at_shared_modules_and_sums_lora():
+    model = make_model("llama")
+    adapters = ak.attach(model)
+    x = make_inputs("llama")
+    u = ak.Union(ak.LoRA(targets=["attn.q"]), ak.LoRA(r=2, targets=["attn.q", "ffn.down"]), init_weights=False)
+    torch.manual_seed(0)
+    adapters.add("u", u)
+    comps = adapters.components("u")
+    assert isinstance(comps["model.layers.0.self_attn.q_proj"], Chain)
+    assert not isinstance(comps["model.layers.0.mlp.down_proj"], Chain)
+    with torch.no_grad():
+        union_out = output_of(model, x)
+    # the same members as two separate adapters, active together, give the same output
+    other = make_model("llama")
+    oa = ak.attach(other)
+    torch.manual_seed(0)
+    oa.add("m0", u.configs[0])
+    oa.add("m1", u.configs[1])
+    for site, comp in comps.items():
+        parts = list(comp.parts) if isinstance(comp, Chain) else [comp]
+        members = [n for n in ("m0", "m1") if site in oa.sites(n)]
+        for part, n in zip(parts, members, strict=True):
+            oa.components(n)[site].load_state_dict(part.state_dict())
+    oa.activate("m0", "m1")
+    with torch.no_grad():
+        torch.testing.assert_close(output_of(other, x), union_out, atol=1e-6, rtol=1e-5)
+
+
+def test_gate_equation():
+    model = make_model("bert")
+    adapters = ak.attach(model)
+    adapters.add(
+        "u",
+        ak.Union(ak.LoRA(targets=["attn.q"]), ak.LoRA(r=2, targets=["attn.v"]), gated=True, init_weights=False),
+    )
+    site = "bert.encoder.layer.0.attention.self.query"
+    gate = adapters.components("u")[site]
+    assert isinstance(gate, Gate)
+    module = dict(model.named_modules())[site]
+    x = torch.randn(2, 5, module.in_features)
+    with torch.no_grad():
+        y = module(x)  # the hook applies the gated LoRA
+        base = torch.nn.functional.linear(x, module.weight, module.bias)
+        lora = gate.inner
+        delta = (x @ lora.lora_A.T @ lora.lora_B.T) * lora.scaling
+        g = torch.sigmoid(x @ gate.gate.weight.T + gate.gate.bias)
+    torch.testing.assert_close(y, base + g * delta, atol=1e-6, rtol=1e-5)
+
+
+def test_union_config_round_trips_through_json():
+    u = ak.Union(ak.LoRA(r=4, targets=["attn.q"]), "lora", gated=True)
+    data = u.to_dict()
+    assert data["method"] == "union" and data["configs"][0]["method"] == "lora"
+    back = config_from_dict(data)
+    assert back == u
+    assert back.replace(init_weights=False).configs[0].init_weights is False
+
+
+def test_union_errors():
+    with pytest.raises(ValueError, match="at least two"):
+        ak.Union(ak.LoRA())
+    with pytest.raises(ValueError, match="members cannot themselves be unions"):
+        ak.Union(ak.LoRA(), ak.Union(ak.LoRA(), ak.LoRA()))
+    with pytest.raises(ValueError, match="on the Union's members"):
+        ak.Union(ak.LoRA(), ak.LoRA(), targets=["attn.q"])
+    with pytest.raises(ValueError, match="unknown method"):
+        ak.Union(ak.LoRA(), "nope")
+    model = make_model("llama")
+    adapters = ak.attach(model)
+    with pytest.raises(ak.TargetError):
+        adapters.add("u", ak.Union(ak.LoRA(), ak.LoRA(targets=["nothing_here"])))
+    assert adapters.names == []
