@@ -81,6 +81,18 @@ class AdapterConfig:
         module's device with its dtype; initialization happens in ``Component.initialize``."""
         raise NotImplementedError
 
+    def build_all(
+        self, modules: Mapping[str, nn.Module], targets: list[str], select: Callable[[Sequence[Any]], list[str]]
+    ) -> dict[str, Component]:
+        """Components for the resolved ``targets`` at once (default: :meth:`build` for each), keyed by module name.
+
+        Override when components share state across sites (VeRA's shared projections), depend on other selectors
+        ((IA)^3's ``feedforward``), or when a default selection keeps only the modules the method has work at
+        (BitFit: modules with a bias). ``select(selectors)`` resolves selectors against the model the way
+        ``targets`` are resolved (raises ``TargetError`` when one matches nothing); ``modules`` are all of the
+        model's modules by name."""
+        return {n: self.build(modules[n], n) for n in targets}
+
     def parts(self) -> Sequence[AdapterConfig]:
         """The configs this one is made of (a union lists its members; a plain config is its own part)."""
         return (self,)

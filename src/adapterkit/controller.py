@@ -172,7 +172,8 @@ class Adapters:
         overlap = sorted(set(names) & set(heads))
         if overlap:
             raise TargetError(f"{overlap} are both targets and heads; exclude them from targets")
-        comps: dict[str, tuple[str, Component]] = {n: (TARGET, cfg.build(modules[n], n)) for n in names}
+        built = cfg.build_all(modules, names, lambda sels: select(self.model, list(sels), **kw))
+        comps: dict[str, tuple[str, Component]] = {n: (TARGET, c) for n, c in built.items()}
         for n, c in cfg.extra_sites({k: v for k, v in modules.items() if k not in heads}, names).items():
             comps[n] = (EXTRA, c)
         for n in heads:
