@@ -228,3 +228,19 @@ def test_routed_training_gradients_match_per_row():
             assert id(p) not in routed
         else:
             torch.testing.assert_close(routed[id(p)], p.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_route_cache_follows_weight_changes():
+    model, adapters, x = setup("llama", batch=3)
+    rows = ["a", "b", "a"]
+    with torch.no_grad():
+        with adapters.route(rows):
+            first = output_of(model, x)
+        with adapters.route(rows):  # same adapters, same weights: stacks reused
+            torch.testing.assert_close(output_of(model, x), first)
+        for p in adapters.parameters("b"):
+            p.mul_(2.0)
+        with adapters.route(rows):
+            changed = output_of(model, x)
+    assert (changed - first).abs().max() > 1e-4
+    torch.testing.assert_close(changed, singles(model, adapters, x, rows), atol=1e-5, rtol=1e-5)

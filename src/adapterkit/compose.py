@@ -203,17 +203,27 @@ class RoutePlan:
     run one ``bmm`` per factor against weights stacked as ``(G, ...)`` and add the result back to ``rows``.
 
     Attributes:
-        adapters: the ``G`` adapter names, in order of first appearance.
+        adapters: the ``G`` adapter names, in ``order`` (default: first appearance).
         groups: ``(name, rows)`` pairs (rows: ``LongTensor``), as used by the per-adapter fallback.
         batch: number of rows in the batch.
-        cache: per-site stacked weights, reused while no gradient is recorded (e.g. decode steps).
+        cache: per-site stacked weights, reused while no gradient is recorded (e.g. decode steps); the
+            controller passes a cache shared by plans over the same adapters with unchanged weights.
     """
 
-    def __init__(self, names: Sequence[str | None], device: torch.device) -> None:
+    def __init__(
+        self,
+        names: Sequence[str | None],
+        device: torch.device,
+        order: Sequence[str] | None = None,
+        cache: dict[Any, Any] | None = None,
+    ) -> None:
         groups: dict[str, list[int]] = {}
         for row, n in enumerate(names):
             if n is not None:
                 groups.setdefault(n, []).append(row)
+        if order is not None:
+            rank = {n: i for i, n in enumerate(order)}
+            groups = dict(sorted(groups.items(), key=lambda kv: rank.get(kv[0], len(rank))))
         self.batch = len(names)
         self.adapters: tuple[str, ...] = tuple(groups)
         self.groups = tuple((n, torch.tensor(r, dtype=torch.long, device=device)) for n, r in groups.items())
@@ -228,7 +238,7 @@ class RoutePlan:
         self.rows = self.index.index_select(0, self.real) if self.padded else self.index
         # gathering is a no-op when slots are the batch rows in order
         self.identity = not self.padded and len(slots) == self.batch and slots == list(range(self.batch))
-        self.cache: dict[Any, Any] = {}
+        self.cache: dict[Any, Any] = {} if cache is None else cache
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """``x: (batch, *rest, d)`` -> ``(G, m * prod(rest), d)``."""

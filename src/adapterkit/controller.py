@@ -88,6 +88,7 @@ class Adapters:
         self._sites: dict[str, Site] = {}
         self._records: dict[str, _Record] = {}
         self._root_hook: Any = None
+        self._route_caches: dict[Any, dict[Any, Any]] = {}
 
     # --- introspection ---------------------------------------------------------------------
     def __repr__(self) -> str:
@@ -332,8 +333,21 @@ class Adapters:
             if self.is_merged(n):
                 raise ValueError(f"adapter {n!r} is merged into the base weights; unmerge it before routing")
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
-        with self.state.routed(RoutePlan(names, device)):
+        used = [n for n in self._records if n in set(names)]
+        with self.state.routed(RoutePlan(names, device, order=used, cache=self._route_cache(used))):
             yield
+
+    def _route_cache(self, used: list[str]) -> dict[Any, Any]:
+        """Stacked-weight cache shared by route() blocks over the same adapters whose weights did not change
+        (keyed by parameter identity and version, so training steps or loads invalidate it); last 4 kept."""
+        key = (tuple(used), tuple((id(p), p._version) for n in used for p in self.parameters(n)))
+        cache = self._route_caches.pop(key, None)
+        if cache is None:
+            cache = {}
+            while len(self._route_caches) >= 4:
+                self._route_caches.pop(next(iter(self._route_caches)))
+        self._route_caches[key] = cache  # most recent last
+        return cache
 
     # Parallel: the model-level pre-hook replicates the batch; generate() replicates its inputs first
     def _parallel(self) -> Parallel | None:
@@ -444,9 +458,16 @@ class Adapters:
     def is_merged(self, name: str) -> bool:
         return any(c.merged for c in self.components(name).values())
 
-    def merge_and_detach(self, names: Sequence[str] | None = None) -> nn.Module:
-        """Merge ``names`` (default: the active adapters), drop every adapter, return the plain model."""
+    def merge_and_detach(
+        self, names: Sequence[str] | None = None, *, dtype: torch.dtype | None = None
+    ) -> nn.Module:
+        """Merge ``names`` (default: the active adapters), drop every adapter, return the plain model.
+        With ``dtype``: a dense model of that dtype, quantized layers dequantized (see ``quant.merge_dense``)."""
         names = list(self.state.active if names is None else names)
+        if dtype is not None:
+            from .quant import merge_dense
+
+            return merge_dense(self, names, dtype)
         for n in names:
             self.merge(n)
         for n in list(self._records):
@@ -464,6 +485,31 @@ class Adapters:
         self._sync_parallel()
         self.model.__dict__.pop(_ATTR, None)
         return self.model
+
+    def combine(
+        self,
+        new_name: str,
+        names: Sequence[str],
+        weights: Sequence[float] | None = None,
+        method: str = "linear",
+        *,
+        density: float | None = None,
+        r: int | None = None,
+        seed: int | torch.Generator | None = None,
+        **options: Any,
+    ) -> None:
+        """Add adapter ``new_name`` merged in weight space from adapters ``names`` (all-or-nothing).
+
+        ``method``: ``linear``, ``cat``, ``svd``, ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``
+        and their ``*_svd`` forms (for LoRA these equal peft's ``add_weighted_adapter`` combination types),
+        ``task_arithmetic`` (exactly ``Σ w_i ΔW_i``; weight -1 negates) and ``soup`` (uniform average).
+        ``weights`` default to 1 each; ``density`` in (0, 1] for ties/dare/magnitude_prune; ``r`` is the SVD
+        rank; ``seed`` makes DARE's drops reproducible; ``options``: ``majority_sign_method``, ``svd_clamp``,
+        ``svd_full_matrices``, ``svd_driver``. See :mod:`adapterkit.merging` and docs/merging.md.
+        """
+        from .merging import combine_adapters
+
+        combine_adapters(self, new_name, names, weights, method, density=density, r=r, seed=seed, **options)
 
     # --- files -----------------------------------------------------------------------------
     def save(self, name: str, path: str | os.PathLike) -> None:
