@@ -2,7 +2,9 @@
 
 Contracts (peft's ``tests/testing_common.py`` style): (a) identity at init, (b) merge == unmerged and
 unmerge restores, (c) save/load round trip, (d) only adapter parameters get gradients, (e) detach
-restores the base bit-for-bit, (f) several adapters on one model. A new method adds rows here, not
+restores the base bit-for-bit, (f) several adapters on one model, (g) a mixed batch routed per row equals
+per-row runs (components that cannot be routed per row must say so with ``NotImplementedError``; the
+contract then skips with that message). A new method adds rows here, not
 tests; ``test_every_registered_method_has_rows`` enforces it.
 
 Contracts run in eval mode (``model.eval()`` after ``add``), so dropout rows are deterministic.
@@ -12,7 +14,7 @@ Each method family keeps its rows in its own module ``tests/rows_<family>.py``, 
 refused because the weight is tied), ``SECOND`` (method name -> config overrides for the second
 adapter of contract (f), e.g. a different rank) and ``SKIP`` (``{(row id, contract): reason}`` for a
 contract a method cannot meet by its nature, e.g. prompt tuning is not an identity at init; contracts
-are named identity, merge, save, grads, detach, two). Every config must accept ``init_weights=False``
+are named identity, merge, save, grads, detach, two, route). Every config must accept ``init_weights=False``
 (start from non-identity values). Methods whose components are not mergeable must make ``merge``
 raise TypeError and leave the model unchanged; that is what contract (b) checks for them.
 """
@@ -393,6 +395,29 @@ def test_two_adapters(row_id, family, config):
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert_clean(model)
+
+
+# --- (g) mixed batch == per-row runs -----------------------------------------------------------------
+@pytest.mark.parametrize(("row_id", "family", "config"), _rows("route"))
+def test_mixed_batch_equals_per_row_runs(row_id, family, config):
+    model, adapters, _ = setup(family)
+    add_nonidentity(adapters, "a", config, seed=0)
+    second = dict(SECOND.get(config.method, {}))
+    if _splits_weight(config):
+        second["init"] = "default"
+    add_nonidentity(adapters, "b", config.replace(**second), seed=1)
+    rows = ["a", None, "b", "a"]
+    x = make_inputs(family, batch=len(rows))
+    try:
+        with adapters.route(rows):
+            mixed = out(model, x)
+    except NotImplementedError as e:
+        pytest.skip(str(e))
+    singles = []
+    for i, name in enumerate(rows):
+        with adapters.use(name):
+            singles.append(out(model, {k: v[i : i + 1] for k, v in x.items()}))
+    torch.testing.assert_close(mixed, torch.cat(singles), atol=1e-5, rtol=1e-5)
 
 
 # --- found outside the matrix ------------------------------------------------------------------------

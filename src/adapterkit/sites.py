@@ -131,6 +131,11 @@ class Site:
             c = table.get(name)
             if c is None or c.merged or not c.has_pre:
                 continue
+            if type(c).pre_call is not Component.pre_call:
+                raise NotImplementedError(
+                    f"per-row routing is not available for {type(c).__name__} at {self.name or 'the model'!r}: it "
+                    "rewrites the whole call; run such adapters in separate batches"
+                )
             new = new.index_copy(0, rows, c.pre(x.index_select(0, rows)))
         if new is x:
             return None
