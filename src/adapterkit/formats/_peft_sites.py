@@ -1,0 +1,73 @@
+"""Helpers shared by the peft converters of the vector methods ((IA)^3, VeRA): splitting a peft state dict
+into per-site tensors and ``modules_to_save`` heads, and writing heads back.
+
+peft keys are ``base_model.model.<module path>.<suffix>``; a head copy (``modules_to_save``) is stored as
+``base_model.model.<head path>.<parameter>``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .io import AdapterFileError
+from .peft import PREFIX
+
+__all__ = ["split_state", "head_state", "check_sites"]
+
+
+def _matches(name: str, selectors: list[str]) -> bool:
+    return any(name == s or name.endswith("." + s) for s in selectors)
+
+
+def split_state(
+    raw: dict[str, torch.Tensor],
+    modules: dict[str, nn.Module],
+    suffixes: dict[str, str],
+    head_sel: list[str],
+    directory: Path,
+    skip: tuple[str, ...] = (),
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict[str, torch.Tensor]]]:
+    """``(per_site, heads)``: per module path, our tensor name -> tensor (``suffixes`` maps peft's key suffix to
+    ours), and per head path, ``head.<parameter>`` -> tensor. Keys in ``skip`` are left out.
+
+    Raises:
+        AdapterFileError: a key that is neither an adapter tensor nor a head parameter of this model.
+    """
+    per_site: dict[str, dict[str, torch.Tensor]] = {}
+    heads: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in raw.items():
+        if key in skip:
+            continue
+        if not key.startswith(PREFIX):
+            raise AdapterFileError(f"unexpected key {key!r} in {directory}: peft keys start with {PREFIX!r}")
+        rest = key[len(PREFIX) :]
+        for suffix, ours in suffixes.items():
+            if rest.endswith("." + suffix):
+                per_site.setdefault(rest[: -len(suffix) - 1], {})[ours] = value
+                break
+        else:
+            site, _, leaf = rest.rpartition(".")
+            if site in modules and _matches(site, head_sel):
+                heads.setdefault(site, {})[f"head.{leaf}"] = value
+            else:
+                raise AdapterFileError(f"key {key!r} in {directory} does not belong to this model")
+    return per_site, heads
+
+
+def check_sites(sites: list[str], modules: dict[str, nn.Module], path: Any, model: nn.Module) -> None:
+    """Raise AdapterFileError when the file names modules this model does not have."""
+    missing = [s for s in sites if s not in modules]
+    if missing:
+        raise AdapterFileError(
+            f"peft adapter {str(path)!r} targets {missing[0]!r}, which this {type(model).__name__} does not "
+            f"have ({len(missing)} missing): wrong base model?"
+        )
+
+
+def head_state(site: str, comp: Any) -> dict[str, torch.Tensor]:
+    """peft keys of an adapter-owned head copy."""
+    return {f"{PREFIX}{site}.{k}": v for k, v in comp.head.state_dict().items()}

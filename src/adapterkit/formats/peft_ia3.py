@@ -1,0 +1,122 @@
+"""peft interop for (IA)^3 (``peft_type: "IA3"``); dispatched from ``formats/peft.py``.
+
+Layout (peft 0.21): ``adapter_config.json`` with ``target_modules``, ``feedforward_modules`` (targets that
+scale their input) and ``fan_in_fan_out`` (GPT-2 ``Conv1D``); ``adapter_model.safetensors`` with one key per
+adapted module, ``base_model.model.<module path>.ia3_l``:
+
+==========================  =================  ========================
+kind                        peft shape         adapterkit tensor
+==========================  =================  ========================
+output scaling              ``(out, 1)``       ``IA3OutputScale.scale: (out,)``
+input scaling (feedforward) ``(1, in)``        ``IA3InputScale.scale: (in,)``
+``modules_to_save`` head    ``<head>.<param>`` ``HeadCopy``
+==========================  =================  ========================
+
+The shapes are the same for ``nn.Linear`` and ``Conv1D``. We write exact module paths for
+``target_modules`` and ``feedforward_modules``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..component import Component
+from ..controller import Plan
+from ..methods.ia3 import IA3, IA3InputScale
+from ..targeting import base_modules
+from ._peft_sites import check_sites, head_state, split_state
+from .io import AdapterFileError, atomic_save_tensors, atomic_write_json, read_json, read_tensors
+from .peft import PREFIX
+
+PEFT_TYPE = "IA3"
+METHOD = "ia3"
+
+
+def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
+    record = ctl._record(name)
+    assert isinstance(record.config, IA3)
+    tensors: dict[str, torch.Tensor] = {}
+    targets, feedforward, heads, fan_in_fan_out = [], [], [], False
+    for site, comp in ctl.components(name).items():
+        kind, module = record.kinds[site], ctl._sites[site].module
+        if kind == "head":
+            heads.append(site)
+            tensors.update(head_state(site, comp))
+            continue
+        targets.append(site)
+        fan_in_fan_out |= type(module).__name__ == "Conv1D"
+        scale = comp.scale.detach()
+        if isinstance(comp, IA3InputScale):
+            feedforward.append(site)
+            tensors[f"{PREFIX}{site}.ia3_l"] = scale.reshape(1, -1)
+        else:
+            tensors[f"{PREFIX}{site}.ia3_l"] = scale.reshape(-1, 1)
+    config = {
+        "peft_type": PEFT_TYPE,
+        "task_type": None,
+        "base_model_name_or_path": getattr(ctl.model, "name_or_path", None) or None,
+        "target_modules": sorted(targets),
+        "feedforward_modules": sorted(feedforward),
+        "exclude_modules": None,
+        "fan_in_fan_out": fan_in_fan_out,
+        "modules_to_save": heads or None,
+        "init_ia3_weights": True,
+        "inference_mode": True,
+    }
+    directory = Path(path)
+    atomic_save_tensors(directory / "adapter_model.safetensors", tensors)
+    atomic_write_json(directory / "adapter_config.json", config)
+
+
+def _is_feedforward(site: str, spec: Any) -> bool:
+    """peft's rule: a string is a ``re.fullmatch`` pattern, a list matches by suffix."""
+    if not spec:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, site) is not None
+    return any(site.endswith(s) for s in spec)
+
+
+def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: bool, activate: bool) -> str:
+    directory = Path(path)
+    data = read_json(directory / "adapter_config.json")
+    name = name or "default"
+    ctl._check_new_name(name)
+    raw = read_tensors(directory, "adapter_model", allow_pickle=allow_pickle)
+    modules = base_modules(ctl.model)
+    head_sel = list(data.get("modules_to_save") or [])
+    per_site, heads = split_state(raw, modules, {"ia3_l": "scale"}, head_sel, directory)
+    check_sites(list(per_site) + list(heads), modules, path, ctl.model)
+    if not per_site:
+        raise AdapterFileError(f"{directory} holds no (IA)^3 vectors (keys ending in '.ia3_l')")
+    spec = data.get("feedforward_modules")
+    feedforward = tuple(s for s in per_site if _is_feedforward(s, spec))
+    cfg = IA3(targets=tuple(per_site), feedforward=feedforward, heads=tuple(heads))
+    comps: dict[str, tuple[str, Component]] = {}
+    try:
+        plan = ctl.plan(cfg)
+        for site, (kind, comp) in plan.components.items():
+            if kind == "head":
+                comp.import_state(heads[site], modules[site])
+            else:
+                comp.import_state({"scale": _vector(site, comp, per_site[site]["scale"])}, modules[site])
+            comps[site] = (kind, comp)
+    except (TypeError, ValueError) as e:
+        raise AdapterFileError(f"peft adapter {str(path)!r} does not fit this model: {e}") from None
+    ctl.install(name, Plan(cfg, comps), activate=activate)
+    return name
+
+
+def _vector(site: str, comp: Component, value: torch.Tensor) -> torch.Tensor:
+    """peft's ``(1, in)`` / ``(out, 1)`` vector as ours, after checking it has the layout of its kind."""
+    n = comp.scale.numel()
+    expected = (1, n) if isinstance(comp, IA3InputScale) else (n, 1)
+    if tuple(value.shape) != expected:
+        what = "input (feedforward)" if isinstance(comp, IA3InputScale) else "output"
+        raise ValueError(f"{site!r}.ia3_l has shape {tuple(value.shape)}; {what} scaling needs {expected}")
+    return value.reshape(-1).to(comp.scale.dtype)

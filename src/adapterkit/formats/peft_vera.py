@@ -1,0 +1,136 @@
+"""peft interop for VeRA (``peft_type: "VERA"``); dispatched from ``formats/peft.py``.
+
+Layout (peft 0.21): ``adapter_config.json`` with ``r``, ``projection_prng_key``, ``save_projection``,
+``d_initial``, ``vera_dropout``, ``target_modules``; ``adapter_model.safetensors`` with
+
+========================================================  ===============  =====================
+key                                                       shape            adapterkit tensor
+========================================================  ===============  =====================
+``base_model.model.<module path>.vera_lambda_b``          ``(out,)``       ``VeRALinear.lambda_b``
+``base_model.model.<module path>.vera_lambda_d``          ``(r,)``         ``VeRALinear.lambda_d``
+``base_model.vera_A`` / ``base_model.vera_B``             ``(r, in_max)``  shared projections
+                                                          ``(out_max, r)`` (with ``save_projection``)
+``base_model.model.<head>.<param>``                       head             ``HeadCopy``
+========================================================  ===============  =====================
+
+Both libraries generate the projections from ``projection_prng_key`` the same way; on load, saved
+projections must equal the ones the seed gives (we regenerate them rather than store them), else the
+file is refused. We always export with ``save_projection: true``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..component import Component
+from ..controller import Plan
+from ..methods.vera import VeRA, VeRALinear
+from ..targeting import base_modules
+from ._peft_sites import check_sites, head_state, split_state
+from .io import AdapterFileError, atomic_save_tensors, atomic_write_json, read_json, read_tensors
+from .peft import PREFIX
+
+PEFT_TYPE = "VERA"
+METHOD = "vera"
+_A, _B = "base_model.vera_A", "base_model.vera_B"
+
+
+def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
+    record = ctl._record(name)
+    cfg = record.config
+    assert isinstance(cfg, VeRA)
+    tensors: dict[str, torch.Tensor] = {}
+    targets, heads, fan_in_fan_out = [], [], False
+    projection = None
+    for site, comp in ctl.components(name).items():
+        kind, module = record.kinds[site], ctl._sites[site].module
+        if kind == "head":
+            heads.append(site)
+            tensors.update(head_state(site, comp))
+            continue
+        targets.append(site)
+        fan_in_fan_out |= type(module).__name__ == "Conv1D"
+        tensors[f"{PREFIX}{site}.vera_lambda_b"] = comp.lambda_b.detach()
+        tensors[f"{PREFIX}{site}.vera_lambda_d"] = comp.lambda_d.detach()
+        projection = comp.projection
+    tensors[_A], tensors[_B] = projection.A.contiguous(), projection.B.contiguous()
+    config = {
+        "peft_type": PEFT_TYPE,
+        "task_type": None,
+        "base_model_name_or_path": getattr(ctl.model, "name_or_path", None) or None,
+        "r": cfg.r,
+        "target_modules": sorted(targets),
+        "projection_prng_key": cfg.projection_prng_key,
+        "save_projection": True,
+        "vera_dropout": cfg.dropout,
+        "d_initial": cfg.d_initial,
+        "fan_in_fan_out": fan_in_fan_out,
+        "bias": "none",
+        "modules_to_save": heads or None,
+        "init_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "inference_mode": True,
+    }
+    directory = Path(path)
+    atomic_save_tensors(directory / "adapter_model.safetensors", tensors)
+    atomic_write_json(directory / "adapter_config.json", config)
+
+
+def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: bool, activate: bool) -> str:
+    directory = Path(path)
+    data = read_json(directory / "adapter_config.json")
+    if data.get("bias", "none") != "none":
+        raise AdapterFileError(f"peft VeRA adapters with bias={data['bias']!r} are not supported yet")
+    name = name or "default"
+    ctl._check_new_name(name)
+    raw = read_tensors(directory, "adapter_model", allow_pickle=allow_pickle)
+    modules = base_modules(ctl.model)
+    head_sel = list(data.get("modules_to_save") or [])
+    suffixes = {"vera_lambda_b": "lambda_b", "vera_lambda_d": "lambda_d"}
+    per_site, heads = split_state(raw, modules, suffixes, head_sel, directory, skip=(_A, _B))
+    check_sites(list(per_site) + list(heads), modules, path, ctl.model)
+    if not per_site:
+        raise AdapterFileError(f"{directory} holds no VeRA vectors (keys ending in '.vera_lambda_b')")
+    cfg = VeRA(
+        r=int(data.get("r", 256)),
+        projection_prng_key=int(data.get("projection_prng_key", 0)),
+        d_initial=float(data.get("d_initial", 0.1)),
+        dropout=float(data.get("vera_dropout", 0.0)),
+        targets=tuple(per_site),
+        heads=tuple(heads),
+    )
+    comps: dict[str, tuple[str, Component]] = {}
+    try:
+        plan = ctl.plan(cfg)
+        for site, (kind, comp) in plan.components.items():
+            if kind == "head":
+                comp.import_state(heads[site], modules[site])
+            else:
+                comp.import_state(per_site[site], modules[site])
+                _check_projection(comp, raw, directory)
+            comps[site] = (kind, comp)
+    except AdapterFileError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise AdapterFileError(f"peft adapter {str(path)!r} does not fit this model: {e}") from None
+    ctl.install(name, Plan(cfg, comps), activate=activate)
+    return name
+
+
+def _check_projection(comp: VeRALinear, raw: dict[str, torch.Tensor], directory: Path) -> None:
+    """Saved projections must be the ones ``projection_prng_key`` generates (we regenerate, not store them)."""
+    for key, ours in ((_A, comp.projection.A), (_B, comp.projection.B)):
+        if key not in raw:
+            continue
+        theirs = raw[key]
+        if tuple(theirs.shape) != tuple(ours.shape) or not torch.equal(theirs.to(ours), ours):
+            raise AdapterFileError(
+                f"{directory}: {key.rpartition('.')[2]} {tuple(theirs.shape)} differs from the projection that "
+                f"projection_prng_key generates for these targets {tuple(ours.shape)}; adapterkit regenerates "
+                "VeRA projections from the seed, so it cannot load projections made another way"
+            )
