@@ -118,7 +118,7 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
     used: set[str] = set()
     for site, kind in sites.items():
         comp = plan.components[site][1]
-        prefix, own = site + ".", comp.state_dict()
+        prefix, own = site + ".", comp.export_state()  # the keys it saves (a prefix MLP saves its result)
         state = {
             k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix) and k[len(prefix) :] in own
         }

@@ -1,0 +1,187 @@
+"""peft interop for prompt tuning (``peft_type: "PROMPT_TUNING"``); dispatched from ``formats/peft.py``.
+
+Layout (peft 0.21): ``adapter_config.json`` with ``num_virtual_tokens``, ``token_dim``,
+``num_transformer_submodules`` and ``task_type``; ``adapter_model.safetensors`` with
+
+=========================================  =================================================  =================
+key                                        meaning                                            adapterkit
+=========================================  =================================================  =================
+``prompt_embeddings``                      ``(P * num_transformer_submodules, token_dim)``    ``SoftPrompt.prompt``
+``base_model.<module>.<param>``            ``modules_to_save`` copy (classifier of SEQ_CLS)   ``HeadCopy``
+=========================================  =================================================  =================
+
+peft's ``SEQ_2_SEQ_LM`` prompt tuning allocates ``2 P`` rows but only reads the first ``P`` (the encoder's
+prompt); loading keeps those, exporting writes ``num_transformer_submodules: 1``. ``task_type`` follows the
+model class on export (``CAUSAL_LM``, ``SEQ_2_SEQ_LM``, ``SEQ_CLS``, ``TOKEN_CLS``, ``QUESTION_ANS``, else
+``FEATURE_EXTRACTION``); peft picks its model wrapper from it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..component import Component
+from ..controller import Plan
+from ..methods.prompt import PromptTuning, SoftPrompt
+from ..targeting import base_modules
+from .io import AdapterFileError, atomic_save_tensors, atomic_write_json, read_json, read_tensors
+
+PEFT_TYPE = "PROMPT_TUNING"
+METHOD = "prompt_tuning"
+EMBEDDINGS = "prompt_embeddings"
+HEAD_PREFIXES = ("base_model.model.", "base_model.")
+
+__all__ = ["PEFT_TYPE", "METHOD", "save", "load", "task_type", "head_tensors", "split_heads"]
+
+_TASKS = (
+    ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "SEQ_2_SEQ_LM", ("ForConditionalGeneration",)),
+    ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "CAUSAL_LM", ("ForCausalLM", "LMHeadModel")),
+    ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "SEQ_CLS", ("ForSequenceClassification",)),
+    ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "TOKEN_CLS", ("ForTokenClassification",)),
+    ("MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", "QUESTION_ANS", ("ForQuestionAnswering",)),
+)
+
+
+def task_type(model: nn.Module) -> str:
+    """peft's ``task_type`` for a transformers model, from its class (auto-class tables, then the name)."""
+    cls = type(model).__name__
+    try:
+        from transformers.models.auto import modeling_auto
+    except ImportError:  # pragma: no cover - transformers is needed for peft files anyway
+        modeling_auto = None
+    for table, task, _suffixes in _TASKS:
+        names = getattr(modeling_auto, table, {}) if modeling_auto is not None else {}
+        flat = {n for v in names.values() for n in ((v,) if isinstance(v, str) else v)}
+        if cls in flat:
+            return task
+    enc_dec = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    for _, task, suffixes in _TASKS:
+        if cls.endswith(suffixes) and (task != "SEQ_2_SEQ_LM" or enc_dec):
+            return task
+    return "FEATURE_EXTRACTION"
+
+
+def head_tensors(ctl: Any, name: str) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """The adapter's head copies as peft stores ``modules_to_save`` of prompt methods."""
+    heads, tensors = [], {}
+    for site, kind in ctl.sites(name).items():
+        if kind != "head":
+            continue
+        heads.append(site)
+        for k, v in ctl.components(name)[site].head.state_dict().items():
+            tensors[f"base_model.{site}.{k}"] = v
+    return heads, tensors
+
+
+def split_heads(
+    raw: dict[str, torch.Tensor], modules: dict[str, nn.Module], selectors: list[str], directory: Path
+) -> dict[str, dict[str, torch.Tensor]]:
+    """``base_model.<module>.<param>`` tensors -> module name -> ``{"head.<param>": tensor}``.
+
+    Raises:
+        AdapterFileError: a key that is no head of this model.
+    """
+
+    def is_head(site: str) -> bool:
+        return site in modules and any(site == s or site.endswith("." + s) for s in selectors)
+
+    heads: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in raw.items():
+        rest = next((key[len(p) :] for p in HEAD_PREFIXES if key.startswith(p)), None)
+        parts = rest.split(".") if rest is not None else []
+        site = next(
+            (".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1) if is_head(".".join(parts[:i]))), None
+        )
+        if site is None:
+            raise AdapterFileError(f"key {key!r} in {directory} is neither the prompt nor a head of this model")
+        heads.setdefault(site, {})["head." + rest[len(site) + 1 :]] = value
+    return heads
+
+
+def install(
+    ctl: Any,
+    cfg: Any,
+    state_of: Callable[[str, Component], dict[str, torch.Tensor]],
+    name: str,
+    path: Any,
+    activate: bool,
+) -> str:
+    """Plan ``cfg`` on the model, load each component's ``state_of(module name, component)`` and attach it
+    (all-or-nothing: the model is untouched until every state fits)."""
+    ctl._check_new_name(name)
+    modules = base_modules(ctl.model)
+    try:
+        plan = ctl.plan(cfg)
+        for site, (_, comp) in plan.components.items():
+            comp.import_state(state_of(site, comp), modules[site])
+    except (TypeError, ValueError) as e:
+        raise AdapterFileError(
+            f"peft adapter {str(path)!r} does not fit this {type(ctl.model).__name__}: {e}"
+        ) from None
+    ctl.install(name, Plan(plan.config, plan.components), activate=activate)
+    return name
+
+
+def _model_config(ctl: Any) -> dict[str, Any]:
+    config = getattr(ctl.model, "config", None)
+    return {
+        "num_layers": getattr(config, "num_hidden_layers", None),
+        "num_attention_heads": getattr(config, "num_attention_heads", None),
+        "base_model_name_or_path": getattr(ctl.model, "name_or_path", None) or None,
+    }
+
+
+def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
+    cfg = ctl.config(name)
+    assert isinstance(cfg, PromptTuning)
+    (prompt,) = [c for c in ctl.components(name).values() if isinstance(c, SoftPrompt)]
+    heads, tensors = head_tensors(ctl, name)
+    tensors[EMBEDDINGS] = prompt.prompt.detach()
+    config = {
+        "peft_type": PEFT_TYPE,
+        "task_type": task_type(ctl.model),
+        "num_virtual_tokens": cfg.num_virtual_tokens,
+        "token_dim": int(prompt.prompt.shape[1]),
+        "num_transformer_submodules": 1,
+        "prompt_tuning_init": "RANDOM",  # the values are trained; peft does not re-initialize in inference mode
+        "prompt_tuning_init_text": None,
+        "tokenizer_name_or_path": None,
+        "tokenizer_kwargs": None,
+        "modules_to_save": heads or None,
+        "inference_mode": True,
+        "revision": None,
+        "auto_mapping": None,
+        **_model_config(ctl),
+    }
+    directory = Path(path)
+    atomic_save_tensors(directory / "adapter_model.safetensors", tensors)
+    atomic_write_json(directory / "adapter_config.json", config)
+
+
+def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: bool, activate: bool) -> str:
+    directory = Path(path)
+    data = read_json(directory / "adapter_config.json")
+    raw = read_tensors(directory, "adapter_model", allow_pickle=allow_pickle)
+    n = data.get("num_virtual_tokens")
+    if not isinstance(n, int) or n <= 0:
+        raise AdapterFileError(f"{directory}/adapter_config.json has no valid num_virtual_tokens")
+    if EMBEDDINGS not in raw:
+        raise AdapterFileError(f"{directory} has no {EMBEDDINGS!r} tensor: not a peft prompt-tuning adapter")
+    emb = raw.pop(EMBEDDINGS)
+    if emb.dim() != 2 or emb.shape[0] < n:
+        raise AdapterFileError(f"{EMBEDDINGS!r} in {directory} has shape {tuple(emb.shape)}; expected ({n}, dim)")
+    modules = base_modules(ctl.model)
+    heads = split_heads(raw, modules, list(data.get("modules_to_save") or []), directory)
+    cfg = PromptTuning(num_virtual_tokens=n, init="random", heads=tuple(heads))
+
+    def state_of(site: str, comp: Component) -> dict[str, torch.Tensor]:
+        # the first n rows: the (encoder) prompt; peft's prompt tuning never reads a second submodule's rows
+        return {"prompt": emb[:n].clone()} if isinstance(comp, SoftPrompt) else heads.get(site, {})
+
+    return install(ctl, cfg, state_of, name or "default", path, activate)

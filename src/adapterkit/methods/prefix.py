@@ -1,0 +1,291 @@
+"""Prefix tuning (Li & Liang 2021) and P-tuning v2 (Liu et al. 2022): trainable keys/values on every layer.
+
+Prefix tuning (§4) prepends ``P`` trainable activations to every layer. In attention terms, each layer's
+self-attention sees ``P`` extra key/value pairs in front of the real ones::
+
+    layer l:   K_l = [ Pk_l ; W_k h ]     V_l = [ Pv_l ; W_v h ]      Pk_l, Pv_l: (kv_heads, P, head_dim)
+               softmax(Q K_l^T / sqrt(d)) V_l                       (queries come only from real tokens)
+
+The prefixes enter through the model's own KV cache (``past_key_values``): a forward pre-hook on the model
+puts them into a transformers ``DynamicCache`` (``EncoderDecoderCache`` for the decoder self-attention of
+T5/BART, as peft) and extends the attention mask by ``P`` ones. The models give the real tokens positions
+``P, P+1, ...`` after a cached prefix; given ``position_ids`` are moved by ``P`` the same way (peft's
+semantics, so logits equal peft's). With ``generate()`` the prefix enters the cache once, on the first step.
+Grouped-query attention: prefixes have ``num_key_value_heads`` heads.
+
+* ``prefix_projection`` (§4.3 "Parametrization of P_θ"): training directly on ``P_θ`` is unstable, so
+  ``P_θ[i] = MLP(P'_θ[i])`` with a smaller ``P'_θ: (P, kv_dim)`` and ``MLP = Linear -> tanh -> Linear``.
+  After training "only P_θ needs to be saved": saving stores the computed prefix, and a loaded adapter
+  holds only that tensor (further training then updates it directly).
+* P-tuning v2 (Liu et al. 2022, §3.2-3.3) is the same deep prompt on every layer, without the
+  reparametrization, usually with a task head: the preset ``"ptuning_v2"`` is
+  ``PrefixTuning(num_virtual_tokens=20, prefix_projection=False)``; add ``heads=["head"]`` for classifiers.
+
+The prefix tensor has peft's layout: ``prefix: (P, num_layers * 2 * kv_dim)``, viewed as
+``(P, num_layers, 2 [key, value], kv_heads, head_dim)``. Works on decoder-only models (GPT-2, LLaMA, ...),
+BERT-like encoders whose attention reads ``past_key_values`` (checked on the first call: a model that
+ignores the cache raises instead of silently running without the prefix), and the decoder of
+encoder-decoder models. Not with gradient checkpointing of layers that drop the cache in training (GPT-2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..component import Component
+from ..config import AdapterConfig, register, register_preset
+from ..targeting import TargetError
+from .prompt import VirtualCache, as_kwargs, batch_size_of, component_key, extend_mask
+
+PUBLIC = ("PrefixTuning",)
+_OWN = "_adapterkit_created"  # set on caches this module created (not passed in by the caller)
+__all__ = ["PrefixTuning", "PrefixKV", "KVLayout", "kv_layout"]
+
+
+@dataclasses.dataclass(frozen=True)
+class KVLayout:
+    """Shapes of the self-attention keys/values that receive the prefix."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    encoder_decoder: bool
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+def _first(cfg: Any, names: tuple[str, ...]) -> int | None:
+    for n in names:
+        v = getattr(cfg, n, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def kv_layout(model: nn.Module) -> KVLayout:
+    """Read the layer count, key/value heads and head size of the (decoder) self-attention from the config.
+
+    Raises:
+        TargetError: the model has no transformers-style config with these sizes.
+    """
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        raise TargetError(
+            f"prefix tuning needs a transformers model with a config; {type(model).__name__} has none"
+        )
+    enc_dec = bool(getattr(cfg, "is_encoder_decoder", False))
+    text = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+    layer_names = ("num_decoder_layers", "decoder_layers") if enc_dec else ()
+    layers = _first(text, (*layer_names, "num_hidden_layers", "n_layer", "num_layers"))
+    heads = _first(text, ("decoder_attention_heads",) if enc_dec else ()) or _first(
+        text, ("num_attention_heads", "n_head", "num_heads")
+    )
+    kv_heads = _first(text, ("num_key_value_heads",)) or heads
+    hidden = _first(text, ("d_model", "hidden_size", "n_embd"))
+    head_dim = _first(text, ("head_dim", "d_kv")) or (hidden // heads if hidden and heads else None)
+    if not (layers and kv_heads and head_dim):
+        raise TargetError(
+            f"cannot read the number of layers, key/value heads and head size from {type(cfg).__name__}; "
+            "prefix tuning supports transformers models with standard config fields"
+        )
+    return KVLayout(layers, kv_heads, head_dim, enc_dec)
+
+
+@register("prefix_tuning")
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PrefixTuning(AdapterConfig):
+    """Prefix tuning / P-tuning v2: trainable key/value prefixes on every attention layer.
+
+    Args:
+        num_virtual_tokens: prefix length ``P`` (Li & Liang §6.3: 200 for summarization, 10 for table-to-text;
+            P-tuning v2 §4: 20 for simple classification, up to 100-200 for hard sequence labeling).
+        prefix_projection: train through the MLP reparametrization ``P = MLP(P')`` (Li & Liang §4.3); folded
+            into the plain prefix when saved.
+        encoder_hidden_size: hidden width of that MLP (default: the key/value width, as peft).
+        init_weights: accepted for the common interface; prefixes start from ``N(0, 1)`` values (peft's
+            default) either way, since no prefix is an identity.
+        targets: leave unset; the method acts on the model as a whole (module name ``""``).
+    """
+
+    num_virtual_tokens: int = 20
+    prefix_projection: bool = False
+    encoder_hidden_size: int | None = None
+    init_weights: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens <= 0:
+            raise ValueError(f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
+        if self.encoder_hidden_size is not None and (
+            not isinstance(self.encoder_hidden_size, int) or self.encoder_hidden_size <= 0
+        ):
+            raise ValueError(f"encoder_hidden_size must be a positive integer, got {self.encoder_hidden_size!r}")
+
+    def default_targets(self, roles: Mapping[str, Any]) -> tuple[str, ...]:
+        return ("",)
+
+    def build(self, module: nn.Module, name: str) -> Component:
+        if name != "":
+            raise TargetError(
+                f"prefix tuning acts on the whole model, not on {name!r}: leave `targets` unset (or pass [''])"
+            )
+        return PrefixKV(self, module)
+
+
+register_preset("ptuning_v2", PrefixTuning(num_virtual_tokens=20, prefix_projection=False))
+
+
+class PrefixKV(Component):
+    """Puts per-layer key/value prefixes into the model's KV cache.
+
+    Parameters: ``prefix: (P, num_layers * 2 * kv_dim)``, or with the projection ``embedding: (P, kv_dim)``
+    and ``transform`` (``kv_dim -> hidden -> num_layers * 2 * kv_dim``).
+    """
+
+    has_pre = True
+    has_post = True
+
+    def __init__(self, cfg: PrefixTuning, model: nn.Module) -> None:
+        super().__init__()
+        self.layout = kv_layout(model)
+        ref = next(model.parameters(), None)
+        factory = {
+            "device": ref.device if ref is not None else None,
+            "dtype": ref.dtype if ref is not None and ref.is_floating_point() else torch.float32,
+        }
+        n, width, kv = cfg.num_virtual_tokens, self.layout.num_layers * 2 * self.layout.kv_dim, self.layout.kv_dim
+        self.num_virtual_tokens = n
+        if cfg.prefix_projection:
+            hidden = cfg.encoder_hidden_size or kv
+            self.embedding = nn.Parameter(torch.empty(n, kv, **factory))
+            self.transform = nn.Sequential(
+                nn.Linear(kv, hidden, **factory), nn.Tanh(), nn.Linear(hidden, width, **factory)
+            )
+            self.register_parameter("prefix", None)
+        else:
+            self.prefix = nn.Parameter(torch.empty(n, width, **factory))
+        self.key = component_key()
+        object.__setattr__(self, "_module_ref", model)
+
+    def extra_repr(self) -> str:
+        lay = self.layout
+        proj = ", projection" if self.prefix is None else ""
+        return f"P={self.num_virtual_tokens}, layers={lay.num_layers}, kv_heads={lay.num_kv_heads}, head_dim={lay.head_dim}{proj}"
+
+    @torch.no_grad()
+    def initialize(self, module: nn.Module) -> None:
+        if self.prefix is not None:
+            nn.init.normal_(self.prefix)
+        else:
+            nn.init.normal_(self.embedding)
+            for layer in self.transform:
+                if isinstance(layer, nn.Linear):
+                    layer.reset_parameters()
+
+    # --- values ---------------------------------------------------------------------------------------
+    def values(self) -> torch.Tensor:
+        """The prefix ``(P, num_layers * 2 * kv_dim)`` (through the MLP when reparametrized)."""
+        return self.prefix if self.prefix is not None else self.transform(self.embedding)
+
+    def per_layer(self, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``[(key, value)]`` per layer, each ``(batch, kv_heads, P, head_dim)``."""
+        lay = self.layout
+        kv = self.values().view(self.num_virtual_tokens, lay.num_layers * 2, lay.num_kv_heads, lay.head_dim)
+        kv = kv.permute(1, 2, 0, 3).unsqueeze(1).expand(-1, batch, -1, -1, -1)
+        return [(kv[2 * i], kv[2 * i + 1]) for i in range(lay.num_layers)]
+
+    # --- forward --------------------------------------------------------------------------------------
+    def _new_cache(self) -> Any:
+        from transformers import DynamicCache, EncoderDecoderCache
+
+        config = self.__dict__["_module_ref"].config
+        if self.layout.encoder_decoder:
+            return EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config))
+        return DynamicCache(config=config)
+
+    def pre_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        kw = as_kwargs(self.__dict__["_module_ref"], args, kwargs)
+        dec = self.layout.encoder_decoder
+        ids_keys = (
+            ("decoder_input_ids", "decoder_inputs_embeds", "labels") if dec else ("input_ids", "inputs_embeds")
+        )
+        batch = batch_size_of(kw, (*ids_keys, "input_ids", "inputs_embeds", "encoder_outputs"))
+        if batch is None:
+            raise ValueError("prefix tuning could not find the batch size: pass input_ids or inputs_embeds")
+        cache = kw.get("past_key_values")
+        if cache is None:
+            cache = kw["past_key_values"] = self._new_cache()
+            setattr(cache, _OWN, True)
+        record = VirtualCache.record(cache)
+        n = self.num_virtual_tokens
+        if self.key not in record:
+            if not VirtualCache.fresh(cache):
+                raise ValueError(
+                    "past_key_values already holds tokens that were computed without this prefix-tuning adapter; "
+                    "start from an empty cache (or none) with the adapter active"
+                )
+            target = getattr(cache, "self_attention_cache", cache)
+            for i, (k, v) in enumerate(self.per_layer(batch)):
+                target.update(k, v, i)
+            VirtualCache.add(cache, self.key, n)
+        pos_key = "decoder_position_ids" if dec else "position_ids"
+        if isinstance(kw.get(pos_key), torch.Tensor):
+            kw[pos_key] = kw[pos_key] + n
+        mask_key = "decoder_attention_mask" if dec else "attention_mask"
+        new = next((kw[k] for k in ids_keys if isinstance(kw.get(k), torch.Tensor)), None)
+        if new is not None and kw.get(mask_key) is not None:
+            kw[mask_key] = extend_mask(kw[mask_key], n, VirtualCache.length(cache) + new.shape[1])
+        return (), kw
+
+    def post_call(self, args: tuple[Any, ...], kwargs: dict[str, Any], y: Any) -> Any:
+        """Refuse models that silently ignored the cache (the prefix would have had no effect), and do not hand
+        back a cache the caller did not ask for (``use_cache=False``): a later call must start afresh."""
+        cache = kwargs.get("past_key_values")
+        if cache is None:
+            return y
+        if VirtualCache.fresh(cache):
+            raise TypeError(
+                f"{type(self.__dict__['_module_ref']).__name__} did not read past_key_values, so the prefix had no "
+                "effect: some models never read it, and layers under gradient checkpointing drop it in training; "
+                "turn gradient checkpointing off, or use prompt tuning or LoRA for this model"
+            )
+        if getattr(cache, _OWN, False) and hasattr(y, "keys") and getattr(y, "past_key_values", None) is cache:
+            use_cache = kwargs.get("use_cache")
+            if use_cache is None:
+                use_cache = getattr(self.__dict__["_module_ref"].config, "use_cache", False)
+            if not use_cache:
+                y["past_key_values"] = None
+        return y
+
+    # --- saving: the reparametrization is folded away ---------------------------------------------------
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """Only the computed prefix (Li & Liang §4.3: the MLP is dropped after training)."""
+        return {"prefix": self.values().detach().clone()}
+
+    def import_state(self, state: dict[str, torch.Tensor], module: nn.Module) -> None:
+        """Load a saved prefix; a reparametrized component becomes a plain one holding it."""
+        if set(state) != {"prefix"}:
+            if self.prefix is None:
+                super().import_state(state, module)
+                return
+            raise ValueError(f"tensors do not match the component: expected ['prefix'], got {sorted(state)}")
+        value = state["prefix"]
+        expected = (self.num_virtual_tokens, self.layout.num_layers * 2 * self.layout.kv_dim)
+        if tuple(value.shape) != expected:
+            raise ValueError(
+                f"shape mismatch for 'prefix': file has {tuple(value.shape)}, expected {expected} "
+                f"(P={expected[0]}, {self.layout.num_layers} layers x 2 x kv_dim {self.layout.kv_dim})"
+            )
+        if self.prefix is None:
+            ref = self.embedding
+            del self.embedding, self.transform
+            self.prefix = nn.Parameter(torch.empty(expected, device=ref.device, dtype=ref.dtype))
+        with torch.no_grad():
+            self.prefix.copy_(value)

@@ -1,0 +1,402 @@
+"""Prompt tuning (Lester et al. 2021, "The Power of Scale for Parameter-Efficient Prompt Tuning").
+
+A frozen model reads ``P`` trainable "soft prompt" vectors in front of every input sequence (§2)::
+
+    input_ids ─► embed ─► [ p_1 … p_P | e(x_1) … e(x_L) ] ─► frozen model ─► logits of x_1 … x_L
+                            trainable    frozen lookups
+
+The component sits on the model itself (module name ``""``): a forward pre-hook rewrites the call so that
+everything stays consistent with the ``P`` virtual positions in front:
+
+* ``inputs_embeds``: the prompt ``(P, dim)`` is prepended (``input_ids`` are looked up first, through the
+  model's own input embedding module, so an adapter on the embeddings still applies).
+* ``attention_mask``: ``P`` ones in front; ``token_type_ids``: ``P`` zeros in front.
+* ``position_ids`` (when given): the prompt takes the ``P`` positions before the first token's and the real
+  tokens move ``P`` further, as if the prompt were text (the models' own default when none are given).
+* ``labels`` of token-level tasks (causal LM, token classification: integer labels shaped like the input):
+  ``-100`` in front, so the loss ignores the virtual positions.
+* ``logits`` of token-level tasks lose the ``P`` virtual positions again on the way out, so
+  ``model(**batch).logits`` lines up with the input with or without the adapter (peft returns the
+  ``P + L`` positions; compare ``peft_logits[:, P:]``).
+
+Generation with a KV cache: the prompt enters the cache once, on the first step (an empty cache, or one
+that holds only prefix-tuning entries); later steps only get their attention mask extended by ``P`` and
+their position ids moved by ``P``. Attention masks, position ids and labels passed in always describe
+the real tokens only, which is what ``generate()`` passes. A cache that already holds real tokens is taken
+to contain the prompt too (it came from an earlier call of this model with the adapter active).
+
+Encoder-decoder models (T5, BART): the prompt goes in front of the *encoder* input (peft's semantics);
+a component on the encoder stack prepends it (so ``generate()``, which runs the encoder on its own, sees
+it) and one on the model extends the encoder attention mask that the decoder's cross-attention reads.
+
+Initialization (§3.2, Figure 3b): ``"sample_vocab"`` (default) copies the embeddings of random vocabulary
+tokens, ``"text"`` those of ``init_token_ids`` (repeated or cut to ``P``; Lester et al.'s "class label"
+init is this with the label words), ``"random"`` draws ``U(-0.5, 0.5)``. No init is an identity: the
+adapted model always differs from the base.
+
+Several prompt (and prefix) adapters can be active at once: each adds its own virtual tokens. Not mergeable,
+and not routable per row (``adapters.route``): the model call is rewritten as a whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import inspect
+import itertools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..component import Component
+from ..config import AdapterConfig, register
+from ..targeting import TargetError
+
+PUBLIC = ("PromptTuning",)
+__all__ = [
+    "PromptTuning",
+    "PromptInit",
+    "SoftPrompt",
+    "EncoderMask",
+    "as_kwargs",
+    "encoder_of",
+    "batch_size_of",
+    "VirtualCache",
+]
+
+
+# --- helpers shared by the model-level methods (prompt.py, prefix.py) --------------------------------
+@functools.cache
+def _positional_names(cls: type) -> tuple[str, ...]:
+    params = list(inspect.signature(cls.forward).parameters.values())[1:]  # drop self
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return tuple(p.name for p in params if p.kind in kinds)
+
+
+def as_kwargs(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The call ``module(*args, **kwargs)`` as keyword arguments only (positional ones named by ``forward``)."""
+    if not args:
+        return dict(kwargs)
+    names = _positional_names(type(module))
+    if len(args) > len(names):
+        raise TypeError(
+            f"{type(module).__name__}.forward takes {len(names)} positional arguments, got {len(args)}"
+        )
+    return {**dict(zip(names, args)), **kwargs}
+
+
+def encoder_of(model: nn.Module) -> nn.Module | None:
+    """The encoder stack of an encoder-decoder model (``model.get_encoder()``), else None."""
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return None
+    get = getattr(model, "get_encoder", None)
+    return get() if callable(get) else None
+
+
+def batch_size_of(kw: Mapping[str, Any], keys: Sequence[str]) -> int | None:
+    """Batch size from the first of ``keys`` that holds a tensor (or a model output whose first item is one)."""
+    for key in keys:
+        value = kw.get(key)
+        if value is not None and not isinstance(value, torch.Tensor):
+            value = value[0] if isinstance(value, (tuple, list)) or hasattr(value, "keys") else None
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    return None
+
+
+def extend_mask(mask: Any, n: int, needed: int | None) -> Any:
+    """``mask: (B, T)`` with ``n`` ones in front when it covers fewer than ``needed`` positions (None: always).
+
+    Several model-level adapters each extend the mask by their own count; one that finds the mask already
+    long enough (the caller or the model level extended it) leaves it alone.
+    """
+    if not isinstance(mask, torch.Tensor):
+        return mask
+    if mask.dim() != 2:
+        raise ValueError(
+            f"model-level adapters (prompt/prefix tuning) need a 2-D attention mask (batch, seq), got shape "
+            f"{tuple(mask.shape)}; pass the 2-D padding mask and let the model build the 4-D one"
+        )
+    if needed is not None and mask.shape[1] >= needed:
+        return mask
+    return torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
+
+
+class VirtualCache:
+    """What a transformers cache holds besides real tokens: the prefixes that prefix-tuning components put in.
+
+    The record lives on the cache object (attribute ``_adapterkit_virtual``: component key -> count), so a
+    cache returned by one call and passed to the next (``generate()``, manual decoding) carries it along.
+    """
+
+    ATTR = "_adapterkit_virtual"
+
+    @staticmethod
+    def length(cache: Any) -> int:
+        return 0 if cache is None else int(cache.get_seq_length())
+
+    @classmethod
+    def record(cls, cache: Any) -> dict[int, int]:
+        return dict(getattr(cache, cls.ATTR, None) or {}) if cache is not None else {}
+
+    @classmethod
+    def add(cls, cache: Any, key: int, count: int) -> None:
+        setattr(cache, cls.ATTR, {**cls.record(cache), key: count})
+
+    @classmethod
+    def fresh(cls, cache: Any) -> bool:
+        """No real token has been cached yet: the cache is absent, empty, or holds only prefixes."""
+        return cls.length(cache) == sum(cls.record(cache).values())
+
+
+_KEYS = itertools.count()
+
+
+def component_key() -> int:
+    """A process-unique key for a model-level component (its entry in :class:`VirtualCache` records)."""
+    return next(_KEYS)
+
+
+# --- config -------------------------------------------------------------------------------------------
+class PromptInit(str, enum.Enum):
+    """How the soft prompt starts (Lester et al. §3.2)."""
+
+    RANDOM = "random"
+    SAMPLE_VOCAB = "sample_vocab"
+    TEXT = "text"
+
+
+@register("prompt_tuning")
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PromptTuning(AdapterConfig):
+    """Soft prompt tuning: ``num_virtual_tokens`` trainable input embeddings in front of every sequence.
+
+    Args:
+        num_virtual_tokens: prompt length ``P`` (§3.3: 20 to 100 tokens work well; gains saturate past 20
+            for large models).
+        init: see :class:`PromptInit`.
+        init_token_ids: token ids whose embeddings initialize the prompt with ``init="text"`` (repeated or
+            cut to ``P``, as peft's ``TEXT`` init). No tokenizer is loaded: tokenize the text yourself, or
+            use :meth:`from_text` with a tokenizer object.
+        init_weights: accepted for the common interface; prompt tuning has no identity init, so it
+            changes nothing.
+        targets: leave unset; the method acts on the model as a whole (module name ``""``).
+
+    The embedding size is read from the model's input embeddings (``get_input_embeddings()``; the encoder's
+    for encoder-decoder models).
+    """
+
+    num_virtual_tokens: int = 20
+    init: PromptInit = PromptInit.SAMPLE_VOCAB
+    init_token_ids: Sequence[int] | None = None
+    init_weights: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "init", PromptInit(self.init))
+        if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens <= 0:
+            raise ValueError(f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
+        if self.init_token_ids is not None:
+            ids = tuple(self.init_token_ids)
+            if not ids or not all(isinstance(i, int) and i >= 0 for i in ids):
+                raise ValueError("init_token_ids must be a non-empty list of non-negative token ids")
+            object.__setattr__(self, "init_token_ids", ids)
+        if self.init is PromptInit.TEXT and self.init_token_ids is None:
+            raise ValueError(
+                "init='text' needs init_token_ids=[...] (or use PromptTuning.from_text(text, tokenizer))"
+            )
+        if self.init is not PromptInit.TEXT and self.init_token_ids is not None:
+            raise ValueError(f"init_token_ids is only used with init='text', not init={self.init.value!r}")
+
+    @classmethod
+    def from_text(cls, text: str, tokenizer: Any, **fields: Any) -> PromptTuning:
+        """A ``init="text"`` config whose prompt starts as the embeddings of ``text``'s tokens.
+
+        ``tokenizer`` is any object that maps a string to ids: a transformers tokenizer (``tokenizer(text)
+        ["input_ids"]``) or anything with ``encode(text)``. The ids are stored in the config, so it stays
+        serializable and needs no tokenizer to load.
+        """
+        if callable(getattr(tokenizer, "encode", None)):
+            ids = tokenizer.encode(text)
+        else:
+            ids = tokenizer(text)["input_ids"]
+        return cls(init=PromptInit.TEXT, init_token_ids=tuple(int(i) for i in ids), **fields)
+
+    def default_targets(self, roles: Mapping[str, Any]) -> tuple[str, ...]:
+        return ("",)
+
+    def build(self, module: nn.Module, name: str) -> Component:
+        if name != "":
+            raise TargetError(
+                f"prompt tuning acts on the whole model, not on {name!r}: leave `targets` unset (or pass [''])"
+            )
+        if encoder_of(module) is not None:
+            return EncoderMask(self, module)
+        return SoftPrompt(self, module, _input_embeddings(module), token_level=True)
+
+    def extra_sites(self, modules: Mapping[str, nn.Module], targets: list[str]) -> dict[str, Component]:
+        """Encoder-decoder models: the prompt itself sits on the encoder stack."""
+        root = modules.get("")
+        encoder = encoder_of(root) if root is not None else None
+        if encoder is None:
+            return {}
+        name = next((n for n, m in modules.items() if m is encoder), None)
+        if name is None:
+            raise TargetError(f"the encoder of this {type(root).__name__} is not one of its submodules")
+        return {name: SoftPrompt(self, encoder, _input_embeddings(encoder), token_level=False)}
+
+
+def _input_embeddings(module: nn.Module) -> nn.Module:
+    emb = getattr(module, "embed_tokens", None)
+    if isinstance(emb, nn.Module):
+        return emb
+    get = getattr(module, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    if not isinstance(emb, nn.Module) or not isinstance(getattr(emb, "weight", None), torch.Tensor):
+        raise TargetError(
+            f"prompt tuning needs the input token embeddings of {type(module).__name__} "
+            "(get_input_embeddings()), which it does not expose"
+        )
+    return emb
+
+
+# --- components ---------------------------------------------------------------------------------------
+class SoftPrompt(Component):
+    """Prepends the soft prompt ``prompt: (P, dim)`` to the inputs of a model (or of an encoder stack).
+
+    Args:
+        cfg: the config.
+        module: the module whose calls are rewritten (the model, or the encoder of an encoder-decoder).
+        embeddings: its input token embedding module (looked up for ``input_ids``; kept outside the
+            component's module tree).
+        token_level: the module is the model itself: also extend ``labels`` and strip the prompt positions
+            from token-level ``logits``.
+    """
+
+    has_pre = True
+
+    def __init__(self, cfg: PromptTuning, module: nn.Module, embeddings: nn.Module, token_level: bool) -> None:
+        super().__init__()
+        weight = embeddings.weight
+        dtype = weight.dtype if weight.is_floating_point() else torch.float32
+        self.cfg = cfg
+        self.prompt = nn.Parameter(
+            torch.empty(cfg.num_virtual_tokens, weight.shape[-1], device=weight.device, dtype=dtype)
+        )
+        self.token_level = token_level
+        self.has_post = token_level
+        self.key = component_key()
+        object.__setattr__(self, "_module_ref", module)
+        object.__setattr__(self, "_embed_ref", embeddings)
+
+    def extra_repr(self) -> str:
+        return f"num_virtual_tokens={self.prompt.shape[0]}, dim={self.prompt.shape[1]}"
+
+    @torch.no_grad()
+    def initialize(self, module: nn.Module) -> None:
+        """Lester et al. §3.2: sampled vocabulary, given tokens, or ``U(-0.5, 0.5)``."""
+        init, n = self.cfg.init, self.prompt.shape[0]
+        weight = self.__dict__["_embed_ref"].weight
+        if init is PromptInit.RANDOM:
+            nn.init.uniform_(self.prompt, -0.5, 0.5)
+            return
+        if init is PromptInit.SAMPLE_VOCAB:
+            ids = torch.randint(0, weight.shape[0], (n,), device=weight.device)
+        else:
+            ids = torch.tensor(self.cfg.init_token_ids, dtype=torch.long, device=weight.device)
+            if int(ids.max()) >= weight.shape[0]:
+                raise ValueError(
+                    f"init_token_ids holds id {int(ids.max())}, but the model's vocabulary has {weight.shape[0]} tokens"
+                )
+            ids = ids.repeat((n + len(ids) - 1) // len(ids))[:n]
+        self.prompt.copy_(weight[ids].to(self.prompt.dtype))
+
+    def pre_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        kw = as_kwargs(self.__dict__["_module_ref"], args, kwargs)
+        ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
+        if ids is None and embeds is None:
+            return args, kwargs  # e.g. a decoder-only call driven by other inputs: nothing to prepend to
+        cache = kw.get("past_key_values")
+        n = self.prompt.shape[0]
+        if VirtualCache.fresh(cache):
+            kw, length = self._prepend(kw, ids, embeds, n)
+        else:  # a later generation step: the prompt is in the cache already
+            length = (embeds if embeds is not None else ids).shape[1]
+            if kw.get("position_ids") is not None:
+                kw["position_ids"] = kw["position_ids"] + n
+        kw["attention_mask"] = extend_mask(kw.get("attention_mask"), n, VirtualCache.length(cache) + length)
+        return (), kw
+
+    def _prepend(
+        self, kw: dict[str, Any], ids: torch.Tensor | None, embeds: torch.Tensor | None, n: int
+    ) -> tuple[dict[str, Any], int]:
+        """``inputs_embeds: (B, L, dim) -> (B, P + L, dim)`` and the per-token inputs that go with it."""
+        if embeds is None:
+            embeds = self.__dict__["_embed_ref"](ids)
+        batch, length = embeds.shape[:2]
+        prompt = self.prompt.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+        new = torch.cat([prompt, embeds], dim=1)
+        # the real length survives several stacked prompts: the first one records it
+        new._adapterkit_real = getattr(embeds, "_adapterkit_real", length)
+        kw["inputs_embeds"], kw["input_ids"] = new, None
+        pos = kw.get("position_ids")
+        if isinstance(pos, torch.Tensor):
+            first = pos[..., :1]
+            kw["position_ids"] = torch.cat(
+                [first + torch.arange(n, device=pos.device, dtype=pos.dtype), pos + n], -1
+            )
+        types = kw.get("token_type_ids")
+        if isinstance(types, torch.Tensor) and types.shape[-1] == length:
+            kw["token_type_ids"] = torch.cat([types.new_zeros(*types.shape[:-1], n), types], dim=-1)
+        labels = kw.get("labels")
+        if (
+            self.token_level
+            and isinstance(labels, torch.Tensor)
+            and not labels.is_floating_point()
+            and tuple(labels.shape) == (batch, length)
+        ):
+            kw["labels"] = torch.cat([labels.new_full((batch, n), -100), labels], dim=1)
+        return kw, n + length
+
+    def post_call(self, args: tuple[Any, ...], kwargs: dict[str, Any], y: Any) -> Any:
+        """Token-level logits ``(B, P + L, ...) -> (B, L, ...)``: the first prompt to run back strips all."""
+        embeds = kwargs.get("inputs_embeds")
+        real = getattr(embeds, "_adapterkit_real", None)
+        logits = getattr(y, "logits", None) if hasattr(y, "keys") else None
+        if real is None or not isinstance(logits, torch.Tensor) or logits.dim() < 3:
+            return y
+        if logits.shape[1] == embeds.shape[1] and real < logits.shape[1]:
+            y["logits"] = logits[:, logits.shape[1] - real :]
+        return y
+
+
+class EncoderMask(Component):
+    """On an encoder-decoder model: extends the encoder attention mask by the ``P`` prompt positions.
+
+    The :class:`SoftPrompt` on the encoder prepends the prompt; the decoder's cross-attention reads the mask
+    the model was called with, so it needs the ``P`` ones too. With ``encoder_outputs`` given (generation
+    steps) the mask is extended only while it is shorter than the encoder output. Holds no parameters.
+    """
+
+    has_pre = True
+    has_post = False
+
+    def __init__(self, cfg: PromptTuning, module: nn.Module) -> None:
+        super().__init__()
+        self.num_virtual_tokens = cfg.num_virtual_tokens
+        object.__setattr__(self, "_module_ref", module)
+
+    def pre_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        kw = as_kwargs(self.__dict__["_module_ref"], args, kwargs)
+        if kw.get("attention_mask") is None:
+            return args, kwargs
+        enc = kw.get("encoder_outputs")
+        needed = None
+        if enc is not None:
+            hidden = enc[0] if isinstance(enc, (tuple, list)) or hasattr(enc, "keys") else enc
+            needed = int(hidden.shape[1])
+        kw["attention_mask"] = extend_mask(kw["attention_mask"], self.num_virtual_tokens, needed)
+        return (), kw
