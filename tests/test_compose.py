@@ -244,3 +244,26 @@ def test_route_cache_follows_weight_changes():
             changed = output_of(model, x)
     assert (changed - first).abs().max() > 1e-4
     torch.testing.assert_close(changed, singles(model, adapters, x, rows), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_ia3_routing_is_batched(family, monkeypatch):
+    from adapterkit.methods.ia3 import IA3InputScale, IA3OutputScale
+
+    model = make_model(family)
+    adapters = ak.attach(model)
+    torch.manual_seed(0)
+    adapters.add("a", ak.IA3(init_weights=False))
+    adapters.add("b", ak.IA3(init_weights=False))
+    rows = ["a", None, "b", "a"]
+    x = make_inputs(family, batch=len(rows))
+
+    def fail(*args, **kwargs):
+        raise AssertionError("per-adapter fallback used")
+
+    monkeypatch.setattr(IA3OutputScale, "post", fail)
+    monkeypatch.setattr(IA3InputScale, "pre", fail)
+    with torch.no_grad(), adapters.route(rows):
+        mixed = output_of(model, x)
+    monkeypatch.undo()
+    torch.testing.assert_close(mixed, singles(model, adapters, x, rows), atol=1e-5, rtol=1e-5)

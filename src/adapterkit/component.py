@@ -83,6 +83,12 @@ class Component(nn.Module):
         """
         return None
 
+    @classmethod
+    def routed_pre(cls, comps: list[Component | None], plan: Any, x: torch.Tensor, key: Any) -> Any:
+        """Like :meth:`routed` for input transforms (``has_pre``): the new first input, or None to fall
+        back to one ``pre`` per adapter."""
+        return None
+
     # --- lifecycle ----------------------------------------------------------------------
     def initialize(self, module: nn.Module) -> None:
         """Set initial values (may read the base module's weights). Called once after construction."""

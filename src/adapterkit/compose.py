@@ -206,6 +206,8 @@ class RoutePlan:
         adapters: the ``G`` adapter names, in ``order`` (default: first appearance).
         groups: ``(name, rows)`` pairs (rows: ``LongTensor``), as used by the per-adapter fallback.
         batch: number of rows in the batch.
+        row_group: ``(batch,)`` index of each row's adapter in ``adapters`` (``G`` for base rows), for
+            components that gather one small tensor per row (e.g. (IA)^3 vectors).
         cache: per-site stacked weights, reused while no gradient is recorded (e.g. decode steps); the
             controller passes a cache shared by plans over the same adapters with unchanged weights.
     """
@@ -236,6 +238,12 @@ class RoutePlan:
         self.padded = not all(real)
         self.real = torch.tensor([i for i, r in enumerate(real) if r], dtype=torch.long, device=device)
         self.rows = self.index.index_select(0, self.real) if self.padded else self.index
+        # row -> its adapter's position in `adapters`, or G for rows that run the base model
+        group = [len(groups)] * self.batch
+        for g, rows in enumerate(groups.values()):
+            for r in rows:
+                group[r] = g
+        self.row_group = torch.tensor(group, dtype=torch.long, device=device)
         # gathering is a no-op when slots are the batch rows in order
         self.identity = not self.padded and len(slots) == self.batch and slots == list(range(self.batch))
         self.cache: dict[Any, Any] = {} if cache is None else cache

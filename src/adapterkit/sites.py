@@ -127,7 +127,14 @@ class Site:
         table = self.components._modules
         x = first_input(args, kwargs)
         new = x
-        for name, rows in plan.groups:
+        comps = [table.get(a) for a in plan.adapters]
+        comps = [c if c is not None and c.has_pre and not c.merged else None for c in comps]
+        live = [c for c in comps if c is not None]
+        if live and all(type(c) is type(live[0]) for c in live):
+            batched = type(live[0]).routed_pre(comps, plan, x, key=(self.name, "pre"))
+            if batched is not None:
+                new = batched
+        for name, rows in plan.groups if new is x else ():
             c = table.get(name)
             if c is None or c.merged or not c.has_pre:
                 continue

@@ -172,6 +172,20 @@ class IA3Scale(Component):
             fb = self.scale.detach().to(bias.dtype)
             bias.data.copy_(bias.data / fb if divide else bias.data * fb)
 
+    # --- per-row routing: one gathered vector per row ---------------------------------------
+    @classmethod
+    def _row_scales(cls, comps: list[Component | None], plan: Any, key: Any, like: torch.Tensor) -> torch.Tensor:
+        """``(batch, 1, ..., 1, d)`` scales broadcasting against ``like: (batch, ..., d)``: each row gets its
+        adapter's vector (ones for rows of the base or of adapters without a component here)."""
+        live = [c for c in comps if c is not None]
+
+        def build() -> torch.Tensor:
+            ones = torch.ones_like(live[0].scale)
+            return torch.stack([c.scale if c is not None else ones for c in comps] + [ones])  # (G + 1, d)
+
+        rows = plan.stacked(key, build).index_select(0, plan.row_group)  # (batch, d)
+        return rows.view(rows.shape[0], *([1] * (like.dim() - 2)), rows.shape[1]).to(like.dtype)
+
 
 class IA3OutputScale(IA3Scale):
     """Scales a module's output: ``y' = l ⊙ y``. Shapes: ``y: (..., out)``, ``scale: (out,)``."""
@@ -180,6 +194,10 @@ class IA3OutputScale(IA3Scale):
 
     def post(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return y * self.scale.to(y.dtype)
+
+    @classmethod
+    def routed(cls, comps: list[Component | None], plan: Any, x: torch.Tensor, y: torch.Tensor, key: Any) -> Any:
+        return y * cls._row_scales(comps, plan, key, y)
 
 
 class IA3InputScale(IA3Scale):
@@ -191,3 +209,7 @@ class IA3InputScale(IA3Scale):
 
     def pre(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.scale.to(x.dtype)
+
+    @classmethod
+    def routed_pre(cls, comps: list[Component | None], plan: Any, x: torch.Tensor, key: Any) -> Any:
+        return x * cls._row_scales(comps, plan, key, x)
