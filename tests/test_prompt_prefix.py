@@ -321,6 +321,19 @@ def test_stacked_prompt_and_prefix_generate_consistently():
     assert logits(model, x).shape == (2, 7, 100)
 
 
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_beam_search_with_cache_equals_no_cache(family):
+    model = make_model(family)
+    adapters = ak.attach(model)
+    torch.manual_seed(2)
+    adapters.add("pre", ak.PrefixTuning(num_virtual_tokens=2))
+    adapters.add("prompt", ak.PromptTuning(num_virtual_tokens=2))
+    adapters.activate("pre", "prompt")
+    x = inputs(family)
+    kw = {"input_ids": x["input_ids"], "attention_mask": x["attention_mask"], "max_new_tokens": 4, "num_beams": 3}
+    assert torch.equal(model.generate(**kw), model.generate(**kw, use_cache=False))
+
+
 def test_t5_generate_with_cache_equals_no_cache():
     for config in (ak.PromptTuning(num_virtual_tokens=P), ak.PrefixTuning(num_virtual_tokens=P)):
         model = make_model("t5")

@@ -10,7 +10,9 @@ The prefixes enter through the model's own KV cache (``past_key_values``): a for
 puts them into a transformers ``DynamicCache`` (``EncoderDecoderCache`` for the decoder self-attention of
 T5/BART, as peft) and extends the attention mask by ``P`` ones. The models give the real tokens positions
 ``P, P+1, ...`` after a cached prefix; given ``position_ids`` are moved by ``P`` the same way (peft's
-semantics, so logits equal peft's). With ``generate()`` the prefix enters the cache once, on the first step.
+semantics, so logits equal peft's). With ``generate()`` the prefix enters the cache once, on the first step
+(the cache records which prefixes it holds). Without a cache passed in, one is created for the call and, as
+for the base model, returned only when ``use_cache`` is on. Static (compileable) caches are not supported.
 Grouped-query attention: prefixes have ``num_key_value_heads`` heads.
 
 * ``prefix_projection`` (§4.3 "Parametrization of P_θ"): training directly on ``P_θ`` is unstable, so
@@ -260,8 +262,8 @@ class PrefixKV(Component):
             use_cache = kwargs.get("use_cache")
             if use_cache is None:
                 use_cache = getattr(self.__dict__["_module_ref"].config, "use_cache", False)
-            if not use_cache:
-                y["past_key_values"] = None
+            if not use_cache:  # the output then lacks the key, as without the adapter (generate() checks for it)
+                y = type(y)(**{k: v for k, v in y.items() if k != "past_key_values"})
         return y
 
     # --- saving: the reparametrization is folded away ---------------------------------------------------
