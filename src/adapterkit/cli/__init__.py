@@ -1,0 +1,440 @@
+"""``adapterkit``: train, evaluate, merge, export and inspect adapters from the command line.
+
+Commands (``adapterkit COMMAND --help`` documents each)::
+
+    adapterkit train    --model PATH --data PATH --task classify --method lora --out DIR [--config run.yaml]
+    adapterkit eval     DIR [--data PATH]
+    adapterkit merge    DIR --out MERGED
+    adapterkit export   DIR --format peft --out PEFT_DIR
+    adapterkit inspect  --model PATH [--method lora --targets all-linear]
+    adapterkit generate DIR --prompt "..."
+
+``train`` runs Hugging Face's ``Trainer`` (see ``adapterkit.cli.train``); distributed runs use the same
+command under ``torchrun`` (``torchrun --nproc_per_node 2 -m adapterkit.cli train ... [--fsdp]``).
+
+Every command takes ``--config FILE`` (YAML or JSON): its keys are option names (``max_length`` or
+``max-length``) and stand in for flags; flags given on the command line win. ``opt`` may be a mapping of
+method options (``opt: {r: 16, alpha: 32}``).
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import typer  # noqa: E402
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="adapterkit",
+    help="Train, evaluate, merge, export and inspect parameter-efficient adapters.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+class Task(str, enum.Enum):
+    classify = "classify"
+    causal_lm = "causal-lm"
+    seq2seq = "seq2seq"
+
+
+class ExportFormat(str, enum.Enum):
+    peft = "peft"
+    native = "native"
+
+
+# --- --config FILE -----------------------------------------------------------------------------------------
+def _read_config(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise typer.BadParameter(f"config file {str(path)!r} does not exist", param_hint="--config")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:  # yaml.YAMLError, json.JSONDecodeError
+        raise typer.BadParameter(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}",
+                                 param_hint="--config") from None  # fmt: skip
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise typer.BadParameter(f"{path} must hold a mapping of option names to values", param_hint="--config")
+    return data
+
+
+def _config_callback(ctx: typer.Context, param: typer.CallbackParam, value: Path | None) -> Path | None:
+    """Eager ``--config``: its values become the command's defaults (``ctx.default_map``), so flags win."""
+    if value is None:
+        return None
+    data = _read_config(Path(value))
+    known = {p.name: p for p in ctx.command.params if p.name and p.name != "config"}
+    defaults: dict[str, Any] = {}
+    for key, v in data.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise typer.BadParameter(
+                f"{value}: unknown option {key!r}; options of `{ctx.command.name}`: {', '.join(sorted(known))}",
+                param_hint="--config",
+            )
+        if name == "opt" and isinstance(v, dict):
+            v = [f"{k}={json.dumps(x)}" for k, x in v.items()]
+        elif getattr(known[name], "multiple", False) and isinstance(v, str):
+            v = [v]
+        defaults[name] = v
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", is_eager=True, callback=_config_callback, exists=False,
+                 help="YAML/JSON file whose keys stand in for this command's flags (flags win)."),
+]  # fmt: skip
+
+
+# --- parsing helpers -----------------------------------------------------------------------------------------
+def _split(values: list[str] | None) -> list[str] | None:
+    """Repeated and comma-separated values; None when not given, [] for 'none'."""
+    if values is None:
+        return None
+    out = [v.strip() for item in values for v in str(item).split(",") if v.strip()]
+    return [] if out in (["none"], ["None"]) else out
+
+
+def _parse_opts(values: list[str] | None) -> dict[str, Any]:
+    """``key=value`` pairs; values are read as JSON (``r=16``, ``dora=true``, ``rank_pattern={"q": 4}``),
+    else kept as strings (``init=pissa``)."""
+    out: dict[str, Any] = {}
+    for item in values or []:
+        key, sep, raw = str(item).partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--opt")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the library's own errors (bad method, target, file, data) into one message and exit status 1.
+    Set ``ADAPTERKIT_DEBUG=1`` to see the traceback instead."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if os.environ.get("ADAPTERKIT_DEBUG"):
+            return fn(*args, **kwargs)
+        try:
+            return fn(*args, **kwargs)
+        except (typer.BadParameter, typer.Exit, typer.Abort):
+            raise
+        except (ValueError, KeyError, TypeError, OSError, ImportError) as e:
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+            if isinstance(e, ImportError):
+                msg = f"{msg}\nthe CLI's training extras are missing: pip install 'adapterkit[cli]'"
+            typer.echo(f"Error: {msg}", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _configure_logging() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+# --- train -------------------------------------------------------------------------------------------------------
+@app.command()
+@_friendly
+def train(
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Base model: a local directory (save_pretrained) or a hub id.")
+    ],
+    data: Annotated[
+        Path,
+        typer.Option(
+            "--data",
+            "-d",
+            help="Training data: a .csv/.tsv/.json/.jsonl file, or a directory with train.* and dev.* (GLUE layout).",
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Output directory: the adapter, run.json, metrics.json, curve.png and checkpoints/.",
+        ),
+    ],
+    task: Annotated[
+        Task | None, typer.Option(help="classify, causal-lm or seq2seq (default: from the model's config).")
+    ] = None,
+    method: Annotated[str, typer.Option(help="Registered method or preset name (lora, ...).")] = "lora",
+    targets: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Where the method acts: roles (attn.q), module names, patterns or all-linear; repeat or comma-separate."
+        ),
+    ] = None,
+    opt: Annotated[
+        list[str] | None,
+        typer.Option(help="Method option KEY=VALUE (JSON value), e.g. --opt r=16 --opt alpha=32; repeatable."),
+    ] = None,
+    heads: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Modules the adapter owns a trainable copy of (default for classify: the head role; 'none' for no head)."
+        ),
+    ] = None,
+    name: Annotated[str, typer.Option(help="Adapter name.")] = "default",
+    dev: Annotated[
+        Path | None,
+        typer.Option(help="Dev file (default: the data directory's dev.*, else a held-out part of train)."),
+    ] = None,
+    dev_fraction: Annotated[
+        float, typer.Option(help="Share of the training rows held out as dev set when there is no dev file.")
+    ] = 0.1,
+    text_column: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Text column(s): one, or two for sentence pairs (classify) / source and target (seq2seq)."
+        ),
+    ] = None,
+    label_column: Annotated[str | None, typer.Option(help="Label column (classify).")] = None,
+    instruction_column: Annotated[
+        str, typer.Option(help="Instruction column of alpaca-style data.")
+    ] = "instruction",
+    input_column: Annotated[str, typer.Option(help="Optional input column of alpaca-style data.")] = "input",
+    output_column: Annotated[str, typer.Option(help="Response column of alpaca-style data.")] = "output",
+    template: Annotated[
+        str,
+        typer.Option(
+            help="Prompt template for instruction data: alpaca, plain, or a format string with {instruction} and {input}."
+        ),
+    ] = "alpaca",
+    train_on_prompt: Annotated[
+        bool, typer.Option(help="Causal LM: also compute the loss on prompt tokens.")
+    ] = False,
+    train_size: Annotated[int | None, typer.Option(help="Use only this many (shuffled) training rows.")] = None,
+    dev_size: Annotated[int | None, typer.Option(help="Use only this many dev rows.")] = None,
+    max_length: Annotated[int, typer.Option(help="Truncate examples to this many tokens.")] = 128,
+    epochs: Annotated[float, typer.Option(help="Training epochs.")] = 3.0,
+    max_steps: Annotated[
+        int | None, typer.Option(help="Stop after this many optimizer steps (overrides --epochs).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Batch size per process.")] = 16,
+    eval_batch_size: Annotated[int | None, typer.Option(help="Evaluation batch size per process.")] = None,
+    grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 1,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 5e-4,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
+    warmup: Annotated[
+        float, typer.Option(help="Warmup: a share of the steps if < 1, else a number of steps.")
+    ] = 0.0,
+    scheduler: Annotated[
+        str, typer.Option(help="Learning-rate schedule (transformers names: linear, cosine, constant, ...).")
+    ] = "linear",
+    max_grad_norm: Annotated[float, typer.Option(help="Gradient clipping norm.")] = 1.0,
+    eval_steps: Annotated[
+        int | None, typer.Option(help="Evaluate and checkpoint every N steps (default: every epoch).")
+    ] = None,
+    logging_steps: Annotated[int, typer.Option(help="Log the training loss every N steps.")] = 10,
+    save_total_limit: Annotated[int, typer.Option(help="Checkpoints to keep (the best one is always kept).")] = 2,
+    seed: Annotated[int, typer.Option(help="Seed for the data split, shuffling and initialization.")] = 42,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads per process.")] = None,
+    bf16: Annotated[bool, typer.Option(help="bfloat16 mixed precision.")] = False,
+    cpu: Annotated[bool, typer.Option(help="Train on CPU even if a GPU is present.")] = False,
+    fsdp: Annotated[
+        bool, typer.Option(help="Shard the model with FSDP2 (fully_shard); launch with torchrun.")
+    ] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Continue from the last complete checkpoint in OUT/checkpoints.")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Delete the checkpoints of an earlier run in OUT first.")
+    ] = False,
+    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+    config: ConfigOpt = None,
+) -> None:
+    """Train an adapter with the Hugging Face Trainer; save it (native format), metrics.json and curve.png to OUT.
+
+    Example: adapterkit train --model ./minilm --data glue/SST-2 --task classify --method lora --targets attn.q,attn.v --opt r=8 --out out/sst2
+    """
+    _configure_logging()
+    options = dict(locals())
+    options.pop("config")
+    options["task"] = task.value if task is not None else None
+    options["targets"] = _split(targets)
+    options["heads"] = _split(heads)
+    options["text_column"] = _split(text_column)
+    options["opt"] = _parse_opts(opt)
+    if "." in name or not name:
+        raise typer.BadParameter(
+            f"adapter names cannot be empty or contain '.', got {name!r}", param_hint="--name"
+        )
+    from .train import run_train
+
+    run_train(options)
+
+
+# --- eval ---------------------------------------------------------------------------------------------------------
+AdapterArg = Annotated[Path, typer.Argument(help="Adapter directory (what `adapterkit train --out` wrote).")]
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Base model (default: the one in run.json).")]
+TaskOpt = Annotated[Task | None, typer.Option(help="Task (default: from run.json or the model's config).")]
+NumLabelsOpt = Annotated[int | None, typer.Option(help="Classes of the head, for adapters without run.json.")]
+
+
+@app.command("eval")
+@_friendly
+def eval_(
+    adapter: AdapterArg,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            "--data", "-d", help="Evaluation file, or a directory with a dev file (default: the run's dev set)."
+        ),
+    ] = None,
+    dev: Annotated[str | None, typer.Option(help="Dev file (with --data DIR).")] = None,
+    model: ModelOpt = None,
+    task: TaskOpt = None,
+    batch_size: Annotated[int, typer.Option(help="Evaluation batch size.")] = 64,
+    max_length: Annotated[int | None, typer.Option(help="Truncation length (default: the training one).")] = None,
+    num_labels: NumLabelsOpt = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the metrics to this JSON file.")
+    ] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Evaluate an adapter on its dev set (or --data) and print the accuracy."""
+    _configure_logging()
+    from .ops import run_eval
+
+    metrics = run_eval(adapter, model=model, data=data, dev=dev, task=task.value if task else None,
+                       batch_size=batch_size, max_length=max_length, num_labels=num_labels)  # fmt: skip
+    if json_out is not None:
+        json_out.write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+# --- merge / export ------------------------------------------------------------------------------------------------
+@app.command()
+@_friendly
+def merge(
+    adapter: AdapterArg,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the merged model (save_pretrained).")],
+    model: ModelOpt = None,
+    task: TaskOpt = None,
+    num_labels: NumLabelsOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Merge the adapter into the base weights and save a plain transformers model (+ tokenizer)."""
+    _configure_logging()
+    from .ops import run_merge
+
+    run_merge(adapter, out, model=model, task=task.value if task else None, num_labels=num_labels)
+
+
+@app.command()
+@_friendly
+def export(
+    adapter: AdapterArg,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the exported adapter.")],
+    fmt: Annotated[
+        ExportFormat, typer.Option("--format", "-f", help="peft (PeftModel.from_pretrained) or native.")
+    ] = ExportFormat.peft,
+    model: ModelOpt = None,
+    task: TaskOpt = None,
+    num_labels: NumLabelsOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Write the adapter in another library's format (peft)."""
+    _configure_logging()
+    from .ops import run_export
+
+    run_export(adapter, out, fmt=fmt.value, model=model, task=task.value if task else None, num_labels=num_labels)
+
+
+# --- inspect -------------------------------------------------------------------------------------------------------------
+@app.command("inspect")
+@_friendly
+def inspect_(
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Model directory or hub id (only its config is read).")
+    ],
+    task: Annotated[
+        Task | None, typer.Option(help="Task head to build (default: from the config; none: the bare model).")
+    ] = None,
+    method: Annotated[
+        str | None, typer.Option(help="Show where this method's adapters would sit (e.g. lora).")
+    ] = None,
+    targets: Annotated[
+        list[str] | None, typer.Option(help="Targets for --method (roles, names, patterns, all-linear).")
+    ] = None,
+    opt: Annotated[
+        list[str] | None, typer.Option(help="Method option KEY=VALUE (JSON value); repeatable.")
+    ] = None,
+    heads: Annotated[list[str] | None, typer.Option(help="Head modules the adapter would own a copy of.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Batch size for the memory estimate.")] = 8,
+    max_length: Annotated[int, typer.Option(help="Sequence length for the memory estimate.")] = 512,
+    depth: Annotated[int | None, typer.Option(help="Show the module tree down to this depth.")] = None,
+    tree: Annotated[bool, typer.Option(help="Print the module tree.")] = True,
+    config: ConfigOpt = None,
+) -> None:
+    """Module tree with targetable roles, where adapters would sit, parameter counts, estimated training memory."""
+    _configure_logging()
+    from .inspect import inspect_model
+
+    overrides = _parse_opts(opt)
+    if _split(targets):
+        overrides["targets"] = _split(targets)
+    if _split(heads):
+        overrides["heads"] = _split(heads)
+    if overrides and method is None:
+        method = "lora"
+    inspect_model(model, task=task.value if task else None, method=method, overrides=overrides,
+                  batch=batch_size, seq=max_length, depth=depth, tree=tree)  # fmt: skip
+
+
+# --- generate -------------------------------------------------------------------------------------------------------------
+@app.command()
+@_friendly
+def generate(
+    adapter: AdapterArg,
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Instruction or prompt; repeatable.")],
+    model: ModelOpt = None,
+    template: Annotated[
+        str | None, typer.Option(help="Prompt template (default: the adapter's training template).")
+    ] = None,
+    raw: Annotated[bool, typer.Option(help="Send the prompt as is, without a template.")] = False,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 128,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (0: greedy).")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold.")] = 0.9,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    config: ConfigOpt = None,
+) -> None:
+    """Generate with a causal LM and its adapter."""
+    _configure_logging()
+    from .ops import run_generate
+
+    run_generate(adapter, prompt, model=model, template=template, raw=raw, max_new_tokens=max_new_tokens,
+                 temperature=temperature, top_p=top_p, seed=seed)  # fmt: skip
+
+
+def main() -> None:
+    """Console entry point (``python -m adapterkit.cli``)."""
+    app()

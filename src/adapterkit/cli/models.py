@@ -1,0 +1,110 @@
+"""Loading base models and tokenizers for a task, and the ``run.json`` a training run leaves behind."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["TASKS", "RUN_FILE", "guess_task", "load_tokenizer", "load_model", "read_run", "model_class"]
+
+TASKS = ("classify", "causal-lm", "seq2seq")
+RUN_FILE = "run.json"
+
+
+class ModelError(ValueError):
+    """A model path, task or architecture problem; the message names what to change."""
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()  # "some weights were newly initialized": expected for a new head
+    logging.disable_progress_bar()
+
+
+def model_config(path: str | os.PathLike) -> Any:
+    from transformers import AutoConfig
+
+    _quiet_transformers()
+    try:
+        return AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load a model config from {str(path)!r}: {str(e).splitlines()[0]}") from None
+
+
+def guess_task(config: Any) -> str | None:
+    """The task a checkpoint was saved for, from its ``architectures`` (None when it does not say)."""
+    for arch in getattr(config, "architectures", None) or []:
+        if arch.endswith(("ForSequenceClassification",)):
+            return "classify"
+        if arch.endswith(("ForCausalLM", "LMHeadModel")):
+            return "causal-lm"
+        if arch.endswith(("ForConditionalGeneration", "ForSeq2SeqLM")) and getattr(
+            config, "is_encoder_decoder", False
+        ):
+            return "seq2seq"
+    return None
+
+
+def model_class(task: str | None) -> Any:
+    import transformers as tf
+
+    return {
+        "classify": tf.AutoModelForSequenceClassification,
+        "causal-lm": tf.AutoModelForCausalLM,
+        "seq2seq": tf.AutoModelForSeq2SeqLM,
+        None: tf.AutoModel,
+    }[task]
+
+
+def load_tokenizer(path: str | os.PathLike) -> Any:
+    """The checkpoint's tokenizer, with a pad token (EOS, or [SEP] for BERT-style vocabularies) if it has none."""
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError) as e:
+        raise ModelError(f"cannot load a tokenizer from {str(path)!r}: {str(e).splitlines()[0]}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.sep_token
+    return tok
+
+
+def load_model(path: str | os.PathLike, task: str, *, labels: list[str] | None = None, regression: bool = False,
+               pad_token_id: int | None = None, seed: int = 42, dtype: torch.dtype | None = None) -> torch.nn.Module:  # fmt: skip
+    """The base model for ``task``; classification gets a fresh head of ``len(labels)`` outputs (1 for
+    regression), initialized from ``seed`` so that every process of a distributed run starts the same."""
+    _quiet_transformers()
+    kwargs: dict[str, Any] = {}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if task == "classify":
+        names = labels or ["0", "1"]
+        kwargs.update(num_labels=1 if regression else len(names))
+        if regression:
+            kwargs["problem_type"] = "regression"
+        else:
+            kwargs.update(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+    torch.manual_seed(seed)
+    try:
+        model = model_class(task).from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelError(
+            f"cannot load {str(path)!r} as a {task} model: {str(e).splitlines()[0]}; check --model and --task"
+        ) from None
+    if pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = pad_token_id  # sequence classification on decoders finds the last token by it
+    return model
+
+
+def read_run(directory: str | os.PathLike) -> dict[str, Any]:
+    """The ``run.json`` of a training output directory ({} when absent)."""
+    p = Path(directory) / RUN_FILE
+    if not p.is_file():
+        return {}
+    return json.loads(p.read_text())

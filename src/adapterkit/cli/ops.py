@@ -1,0 +1,170 @@
+"""The commands that use a trained adapter: ``eval``, ``merge``, ``export``, ``generate``.
+
+Each reads the adapter directory and, when present, the ``run.json`` that ``adapterkit train`` wrote next to
+it (base model path, task, labels, max length, prompt template, data recipe). Flags override it; an adapter
+saved from Python (no ``run.json``) needs ``--model`` and, for classification, ``--num-labels``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import adapterkit as ak
+
+from .models import ModelError, guess_task, load_model, load_tokenizer, model_config, read_run
+
+__all__ = ["load_adapted", "run_eval", "run_merge", "run_export", "run_generate"]
+
+
+def _adapter_meta(adapter: Path) -> dict[str, Any]:
+    cfg = adapter / "adapter_config.json"
+    if not cfg.is_file():
+        raise ak.AdapterFileError(
+            f"{str(adapter)!r} has no adapter_config.json: pass the directory `adapterkit train --out` wrote"
+        )
+    return json.loads(cfg.read_text())
+
+
+def load_adapted(adapter: str | os.PathLike, *, model: str | None = None, task: str | None = None,
+                 num_labels: int | None = None) -> tuple[torch.nn.Module, ak.Adapters, str, dict[str, Any], Any]:  # fmt: skip
+    """(model, adapters, adapter name, run info, tokenizer): the base model with the adapter loaded and active."""
+    adapter = Path(adapter)
+    meta = _adapter_meta(adapter)
+    run = read_run(adapter)
+    base = model or run.get("model")
+    if base is None:
+        raise ModelError(f"{str(adapter)!r} has no run.json naming its base model: pass --model PATH")
+    task = task or run.get("task") or guess_task(model_config(base))
+    if task is None:
+        raise ModelError(f"cannot tell the task of {str(base)!r}: pass --task classify|causal-lm|seq2seq")
+    labels = run.get("labels")
+    if task == "classify" and labels is None and not run.get("regression"):
+        labels = [str(i) for i in range(num_labels or 2)]
+    tokenizer = load_tokenizer(base)
+    net = load_model(
+        base, task, labels=labels, regression=bool(run.get("regression")), pad_token_id=tokenizer.pad_token_id
+    )
+    net.eval()
+    adapters = ak.attach(net)
+    name = adapters.load(adapter, name=meta.get("name") or run.get("name"), activate=True)
+    return net, adapters, name, {**run, "task": task, "model": base}, tokenizer
+
+
+def run_eval(adapter: Path, *, model: str | None, data: str | None, dev: str | None, task: str | None,
+             batch_size: int, max_length: int | None, num_labels: int | None) -> dict[str, float]:  # fmt: skip
+    """Evaluate an adapter on a dev set: the one it was trained with (rebuilt from run.json), a data
+    directory's dev file, or a given file (all its rows). Prints the metrics; returns them."""
+    import tempfile
+
+    from transformers import PrinterCallback, Trainer, TrainingArguments
+
+    from . import data as D
+    from .train import argmax_logits, compute_metrics_for
+
+    net, adapters, name, run, tokenizer = load_adapted(adapter, model=model, task=task, num_labels=num_labels)
+    task = run["task"]
+    recipe = dict(run.get("data") or {})
+    if data is not None or dev is not None:
+        if data is None:
+            data, dev = dev, None
+        p = Path(data)
+        # a file given on its own is the evaluation set; a directory contributes its dev file
+        recipe.update(
+            data=str(p), dev=dev if dev else (str(p) if p.is_file() else None), train_size=None, dev_size=None
+        )
+        if p.is_dir() and D.resolve_files(p, None)[1] is None:
+            raise D.DataError(f"{str(p)!r} has no dev/validation file: pass the evaluation file itself")
+    if not recipe.get("data"):
+        raise D.DataError(f"{str(adapter)!r} has no run.json with the data it was trained on: pass --data FILE")
+    recipe["task"] = task
+    spec = D.DataSpec(**{k: v for k, v in recipe.items() if k in D.DataSpec.__dataclass_fields__})
+    splits = D.load_splits(spec)
+    if run.get("labels") is not None and splits.labels != run["labels"] and task == "classify":
+        splits.labels = run["labels"]  # score with the label order the head was trained with
+    max_length = max_length or run.get("max_length") or 128
+    template = run.get("template", "alpaca")
+    dev_set = D.encode(splits.dev, splits, tokenizer, task=task, max_length=max_length, template=template,
+                       train_on_prompt=bool(run.get("train_on_prompt")))  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(output_dir=tmp, per_device_eval_batch_size=batch_size, report_to=[],
+                                 use_cpu=not torch.cuda.is_available(), remove_unused_columns=False,
+                                 label_names=["labels"], disable_tqdm=True)  # fmt: skip
+        trainer = Trainer(
+            model=net, args=args, eval_dataset=dev_set, data_collator=D.collator(tokenizer, task),
+            compute_metrics=compute_metrics_for(task, splits.regression, len(splits.labels or [None])),
+            preprocess_logits_for_metrics=None if task == "classify" else argmax_logits,
+        )  # fmt: skip
+        trainer.remove_callback(PrinterCallback)
+        raw = trainer.evaluate()
+    metrics = {
+        k[5:]: v
+        for k, v in raw.items()
+        if k.startswith("eval_") and not k.endswith(("_per_second", "runtime", "_time"))
+    }
+    print(
+        f"adapter {name!r} ({adapters.config(name).method}) on {run['model']}: {len(dev_set):,} examples from {splits.dev_source}"
+    )
+    for k, v in metrics.items():
+        print(f"  {k:<10} {v:.4%}" if k in ("accuracy", "f1") else f"  {k:<10} {v:.4f}")
+    if "accuracy" in metrics:
+        print(f"accuracy: {metrics['accuracy']:.2%}")
+    curve = Path(adapter) / "curve.png"
+    if curve.is_file():
+        print(f"training curve: {curve}")
+    return metrics
+
+
+def run_merge(adapter: Path, out: Path, *, model: str | None, task: str | None, num_labels: int | None) -> None:
+    """Fold the adapter into the base weights and write a plain transformers model (+ tokenizer) to ``out``."""
+    net, adapters, name, run, tokenizer = load_adapted(adapter, model=model, task=task, num_labels=num_labels)
+    plain = adapters.merge_and_detach([name])
+    plain.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    print(f"merged adapter {name!r} into {run['model']}: wrote {out} (load it with from_pretrained)")
+
+
+def run_export(adapter: Path, out: Path, *, fmt: str, model: str | None, task: str | None,
+               num_labels: int | None) -> None:  # fmt: skip
+    """Write the adapter in another format (``peft``: loads with ``PeftModel.from_pretrained``)."""
+    net, adapters, name, run, _ = load_adapted(adapter, model=model, task=task, num_labels=num_labels)
+    adapters.export(name, out, format=fmt)
+    print(f"exported adapter {name!r} as {fmt} to {out}")
+
+
+def run_generate(adapter: Path, prompts: list[str], *, model: str | None, template: str | None, raw: bool,
+                 max_new_tokens: int, temperature: float, top_p: float, seed: int) -> list[str]:  # fmt: skip
+    """Generate a response per prompt with a causal LM and its adapter; prints and returns them.
+
+    Prompts are rendered with the adapter's training template (``--template`` to change it, ``--raw`` to send
+    them as they are).
+    """
+    from .data import render_prompt
+
+    net, adapters, name, run, tokenizer = load_adapted(adapter, model=model, task="causal-lm")
+    if run.get("task", "causal-lm") != "causal-lm":
+        raise ModelError(f"adapter {name!r} was trained for {run['task']}; generate needs a causal-lm adapter")
+    template = template or run.get("template") or "alpaca"
+    columns = run.get("columns") or {}
+    use_template = not raw and "instruction" in columns if run else not raw
+    outputs = []
+    torch.manual_seed(seed)
+    for prompt in prompts:
+        text = render_prompt(template, prompt) if use_template else prompt
+        enc = tokenizer(text, return_tensors="pt")
+        enc = {k: enc[k] for k in ("input_ids", "attention_mask") if k in enc}  # no token_type_ids for decoders
+        gen = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+        if temperature > 0:
+            gen.update(do_sample=True, temperature=temperature, top_p=top_p)
+        else:
+            gen.update(do_sample=False)
+        with torch.no_grad():
+            ids = net.generate(**enc, **gen)
+        response = tokenizer.decode(ids[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        outputs.append(response)
+        print(response)
+    return outputs

@@ -1,0 +1,468 @@
+"""Trainer glue: Hugging Face ``Trainer`` training an adapterkit adapter, checkpointing only the adapter.
+
+The loop is ``transformers.Trainer``'s (progress bar, evaluation and checkpoint each epoch or every
+``--eval-steps``, best-checkpoint keeping, resuming with optimizer, scheduler and RNG state). What changes:
+
+* checkpoints hold the adapter in the native format (``adapter_config.json`` + ``adapter.safetensors``,
+  the head copy included), not the base model; resuming and loading the best checkpoint read it back into
+  the live components;
+* distributed data parallel on CPU uses gloo (``use_cpu`` + ``ddp_backend="gloo"``): without them each
+  process would train alone;
+* ``--fsdp`` shards every transformer block and then the root with FSDP2 (``fully_shard``) before training.
+  accelerate only enables FSDP on accelerators, so the model is sharded here and the Trainer is told the
+  model handles its own gradient reduction (``is_distributed_loading_by_transformers``, the flag transformers
+  uses for models sharded at load time). Adapter tensors are gathered (``full_tensor``) to be saved, and the
+  optimizer state is checkpointed as a full state dict (``torch.distributed.checkpoint.state_dict``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import adapterkit as ak
+from adapterkit.formats.io import read_tensors
+from adapterkit.targeting import base_modules
+
+__all__ = ["AdapterTrainer", "compute_metrics_for", "best_metric", "last_checkpoint", "shard_fsdp2", "world_size"]
+
+CHECKPOINTS = "checkpoints"
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def best_metric(task: str, regression: bool) -> tuple[str, bool]:
+    """(metric name, greater is better) used to keep the best checkpoint."""
+    if task == "classify":
+        return ("pearson", True) if regression else ("accuracy", True)
+    return ("loss", False)
+
+
+# --- metrics -------------------------------------------------------------------------------------------
+def compute_metrics_for(task: str, regression: bool, num_labels: int) -> Any:
+    """The ``compute_metrics`` function for ``task``: accuracy (+F1 for two classes), Pearson/MSE for
+    regression, next-token (causal) or target-token (seq2seq) accuracy for generation tasks."""
+
+    def classify(pred: Any) -> dict[str, float]:
+        logits, labels = _first(pred.predictions), np.asarray(pred.label_ids)
+        if regression:
+            p = np.asarray(logits).reshape(-1).astype(np.float64)
+            y = labels.reshape(-1).astype(np.float64)
+            r = float(np.corrcoef(p, y)[0, 1]) if p.std() > 0 and y.std() > 0 else 0.0
+            return {"pearson": r, "mse": float(np.mean((p - y) ** 2))}
+        guess = np.asarray(logits).argmax(-1)
+        out = {"accuracy": float((guess == labels).mean())}
+        if num_labels == 2:
+            tp = float(((guess == 1) & (labels == 1)).sum())
+            fp, fn = float(((guess == 1) & (labels != 1)).sum()), float(((guess != 1) & (labels == 1)).sum())
+            out["f1"] = 2 * tp / max(2 * tp + fp + fn, 1.0)
+        return out
+
+    def tokens(pred: Any) -> dict[str, float]:
+        guess, labels = np.asarray(_first(pred.predictions)), np.asarray(pred.label_ids)
+        if task == "causal-lm":  # position t predicts token t+1
+            guess, labels = guess[:, :-1], labels[:, 1:]
+        n = min(guess.shape[1], labels.shape[1])
+        guess, labels = guess[:, :n], labels[:, :n]
+        mask = labels != -100
+        return {"accuracy": float((guess[mask] == labels[mask]).mean()) if mask.any() else 0.0}
+
+    return classify if task == "classify" else tokens
+
+
+def _first(x: Any) -> Any:
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+def argmax_logits(logits: Any, labels: Any) -> torch.Tensor:
+    """``preprocess_logits_for_metrics``: keep token ids, not (batch, seq, vocab) logits."""
+    return _first(logits).argmax(-1)
+
+
+# --- FSDP2 ---------------------------------------------------------------------------------------------
+def shard_fsdp2(model: nn.Module, device: torch.device) -> int:
+    """Shard ``model`` with FSDP2: each transformer block (the classes in ``_no_split_modules``), then the
+    root. Adapter components live inside the modules they act on, so they are sharded with their block.
+    Returns the number of sharded blocks."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world_size(),))
+    block_types = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [m for n, m in base_modules(model).items() if n and type(m).__name__ in block_types]
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return len(blocks)
+
+
+def _reshard(model: nn.Module) -> bool:
+    """Put FSDP2 modules' registered parameters back to their sharded DTensors (the root stays unsharded after
+    an evaluation). Returns whether the model is FSDP2-sharded at all."""
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = False
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+            sharded = True
+    return sharded
+
+
+@contextmanager
+def full_adapter_params(adapters: ak.Adapters, name: str) -> Iterator[None]:
+    """Within the block, adapter ``name``'s FSDP2-sharded parameters are plain full tensors (gathered on every
+    rank: call it on all ranks). Without FSDP2 this does nothing."""
+    from torch.distributed.tensor import DTensor
+
+    swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+    if _reshard(adapters.model):
+        with torch.no_grad():
+            for comp in adapters.components(name).values():
+                for mod in comp.modules():
+                    for key, p in list(mod._parameters.items()):
+                        if isinstance(p, DTensor):
+                            mod._parameters[key] = nn.Parameter(p.full_tensor(), requires_grad=p.requires_grad)
+                            swapped.append((mod, key, p))
+    try:
+        yield
+    finally:
+        for mod, key, sharded in swapped:
+            mod._parameters[key] = sharded
+
+
+def _copy_into_shards(comp: nn.Module, state: dict[str, torch.Tensor], site: str) -> None:
+    """Copy full tensors into a component whose parameters are FSDP2 shards (each rank keeps its slice)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    own = dict(comp.named_parameters())
+    own.update(comp.named_buffers())
+    if set(own) != set(state):
+        raise ValueError(
+            f"checkpoint tensors for {site!r} do not match the adapter: {sorted(set(own) ^ set(state))}"
+        )
+    with torch.no_grad():
+        for k, p in own.items():
+            t = state[k].to(p.dtype)
+            if isinstance(p, DTensor):
+                p.copy_(distribute_tensor(t.to(p.device), p.device_mesh, p.placements, src_data_rank=None))
+            else:
+                p.copy_(t)
+
+
+def import_adapter_weights(adapters: ak.Adapters, name: str, directory: str | os.PathLike) -> None:
+    """Load the tensors of a native adapter directory into adapter ``name``'s existing components."""
+    tensors = read_tensors(Path(directory), "adapter")
+    modules = base_modules(adapters.model)
+    sharded = _reshard(adapters.model)
+    for site, comp in adapters.components(name).items():
+        prefix, own = site + ".", comp.state_dict()
+        state = {
+            k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix) and k[len(prefix) :] in own
+        }
+        if sharded:
+            _copy_into_shards(comp, state, site)
+        else:
+            comp.import_state(state, modules[site])
+
+
+def save_adapter(adapters: ak.Adapters, name: str, directory: str | os.PathLike, *, write: bool) -> None:
+    """Save adapter ``name`` natively (every rank must call it under FSDP2; only ``write`` ranks write)."""
+    with full_adapter_params(adapters, name):
+        if write:
+            adapters.save(name, directory)
+
+
+def last_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint under ``directory`` (its trainer state, written last, is present)."""
+    d = Path(directory)
+    if not d.is_dir():
+        return None
+    done = []
+    for c in d.glob("checkpoint-*"):
+        step = c.name.rsplit("-", 1)[-1]
+        if step.isdigit() and (c / "trainer_state.json").is_file() and (c / "adapter.safetensors").is_file():
+            done.append((int(step), c))
+    return max(done)[1] if done else None
+
+
+# --- the Trainer -----------------------------------------------------------------------------------------
+def _trainer_base() -> type:
+    from transformers import Trainer
+
+    return Trainer
+
+
+class AdapterTrainer(_trainer_base()):  # type: ignore[misc]
+    """``transformers.Trainer`` whose checkpoints hold adapter ``adapter_name`` only (native format)."""
+
+    def __init__(self, *args: Any, adapters: ak.Adapters, adapter_name: str, fsdp: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.adapters = adapters
+        self.adapter_name = adapter_name
+        self.fsdp2 = fsdp
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        save_adapter(self.adapters, self.adapter_name, output_dir, write=self.args.should_save)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        import_adapter_weights(self.adapters, self.adapter_name, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        import_adapter_weights(self.adapters, self.adapter_name, self.state.best_model_checkpoint)
+
+    # Under FSDP2 the optimizer state holds sharded tensors: checkpoint it as one full state dict.
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.fsdp2:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        full = get_optimizer_state_dict(
+            self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        if self.args.should_save:
+            torch.save(full, os.path.join(output_dir, "optimizer.pt"))
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if not self.fsdp2 or checkpoint is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        full = torch.load(os.path.join(checkpoint, "optimizer.pt"), map_location="cpu", weights_only=True)
+        set_optimizer_state_dict(
+            self.model, self.optimizer, optim_state_dict=full, options=StateDictOptions(full_state_dict=True)
+        )
+        self.lr_scheduler.load_state_dict(
+            torch.load(os.path.join(checkpoint, "scheduler.pt"), map_location="cpu", weights_only=True)
+        )
+
+
+def history(log_history: list[dict[str, Any]], task: str) -> dict[str, list[dict[str, Any]]]:
+    """Split the Trainer's log history into training-loss points and evaluation points (with perplexity for
+    generation tasks)."""
+    train, evals = [], []
+    for entry in log_history:
+        if "loss" in entry and "eval_loss" not in entry:
+            train.append(
+                {k: entry[k] for k in ("step", "epoch", "loss", "learning_rate", "grad_norm") if k in entry}
+            )
+        elif any(k.startswith("eval_") for k in entry):
+            point = {"step": entry.get("step"), "epoch": entry.get("epoch")}
+            point.update(
+                {
+                    k[5:]: v
+                    for k, v in entry.items()
+                    if k.startswith("eval_") and not k.endswith(("_per_second", "runtime", "_time"))
+                }
+            )
+            if task != "classify" and isinstance(point.get("loss"), float) and point["loss"] < 50:
+                point.setdefault("perplexity", math.exp(point["loss"]))
+            evals.append(point)
+    return {"train": train, "eval": evals}
+
+
+# --- the `train` command -----------------------------------------------------------------------------------
+def _say(*lines: str) -> None:
+    if rank() == 0:
+        for line in lines:
+            print(line, flush=True)
+
+
+def _training_args(o: dict[str, Any], out: Path, task: str, metric: str, greater: bool, use_cpu: bool) -> Any:
+    from transformers import TrainingArguments
+
+    strategy = "steps" if o["eval_steps"] else "epoch"
+    distributed = world_size() > 1
+    return TrainingArguments(
+        output_dir=str(out / CHECKPOINTS),
+        num_train_epochs=o["epochs"],
+        max_steps=o["max_steps"] if o["max_steps"] is not None else -1,
+        per_device_train_batch_size=o["batch_size"],
+        per_device_eval_batch_size=o["eval_batch_size"] or max(o["batch_size"], 32),
+        gradient_accumulation_steps=o["grad_accum"],
+        learning_rate=o["lr"],
+        weight_decay=o["weight_decay"],
+        warmup_steps=o["warmup"] if o["warmup"] < 1 else int(o["warmup"]),
+        lr_scheduler_type=o["scheduler"],
+        max_grad_norm=o["max_grad_norm"],
+        eval_strategy=strategy,
+        save_strategy=strategy,
+        eval_steps=o["eval_steps"],
+        save_steps=o["eval_steps"],
+        load_best_model_at_end=True,
+        metric_for_best_model=metric,
+        greater_is_better=greater,
+        save_total_limit=o["save_total_limit"],
+        logging_steps=o["logging_steps"],
+        seed=o["seed"],
+        bf16=o["bf16"],
+        use_cpu=use_cpu,
+        ddp_backend=("gloo" if use_cpu else "nccl") if distributed else None,
+        ddp_find_unused_parameters=False if distributed else None,
+        # classification losses are per-example means: scaling them by the world size (meant for token-count
+        # normalised LM losses) would double the gradients of a 2-process run
+        average_tokens_across_devices=task != "classify",
+        remove_unused_columns=False,
+        label_names=["labels"],
+        report_to=[],
+        disable_tqdm=not o["progress"],
+        dataloader_num_workers=0,
+        save_only_model=False,
+    )
+
+
+def run_train(o: dict[str, Any]) -> dict[str, Any]:
+    """The ``adapterkit train`` command (``o``: the parsed options). Returns the metrics written to metrics.json."""
+    import json
+    import shutil
+    import time
+
+    from . import data as D
+    from .models import RUN_FILE, ModelError, guess_task, load_model, load_tokenizer, model_config
+
+    t0 = time.perf_counter()
+    out = Path(o["out"])
+    if o["threads"]:
+        torch.set_num_threads(o["threads"])
+    overrides = dict(o["opt"])
+    if o["targets"]:
+        overrides["targets"] = o["targets"]
+    ak.get_config(o["method"], **overrides)  # a bad method or option fails now, before anything is loaded
+
+    task = o["task"] or guess_task(model_config(o["model"]))
+    if task is None:
+        raise ModelError(
+            f"cannot tell the task of {str(o['model'])!r} from its config: pass --task classify|causal-lm|seq2seq"
+        )
+    heads = o["heads"] if o["heads"] is not None else (["head"] if task == "classify" else [])
+    overrides["heads"] = heads
+
+    ckpt_dir = out / CHECKPOINTS
+    resume_from = last_checkpoint(ckpt_dir) if o["resume"] else None
+    if ckpt_dir.is_dir() and any(ckpt_dir.glob("checkpoint-*")) and not o["resume"]:
+        if not o["overwrite"]:
+            raise ValueError(
+                f"{out} already holds checkpoints of an earlier run: pass --resume to continue it or --overwrite "
+                "to start over"
+            )
+        if rank() == 0:
+            shutil.rmtree(ckpt_dir)
+    if o["resume"] and resume_from is None:
+        _say(f"no complete checkpoint in {ckpt_dir}: starting from scratch")
+
+    spec = D.DataSpec(
+        data=str(o["data"]), task=task, dev=str(o["dev"]) if o["dev"] else None, text_columns=o["text_column"] or None,
+        label_column=o["label_column"], instruction_column=o["instruction_column"], input_column=o["input_column"],
+        output_column=o["output_column"], template=o["template"], dev_fraction=o["dev_fraction"],
+        train_size=o["train_size"], dev_size=o["dev_size"], seed=o["seed"],
+    )  # fmt: skip
+    splits = D.load_splits(spec)
+    tokenizer = load_tokenizer(o["model"])
+    enc = dict(task=task, max_length=o["max_length"], template=o["template"], train_on_prompt=o["train_on_prompt"])
+    train_set = D.encode(splits.train, splits, tokenizer, **enc)
+    dev_set = D.encode(splits.dev, splits, tokenizer, **enc)
+    _say(
+        f"data: {len(train_set):,} training and {len(dev_set):,} dev examples ({splits.dev_source}); columns {splits.columns}"
+    )
+
+    model = load_model(o["model"], task, labels=splits.labels, regression=splits.regression,
+                       pad_token_id=tokenizer.pad_token_id, seed=o["seed"])  # fmt: skip
+    name = o["name"]
+    adapters = ak.attach(model)
+    adapters.add(name, o["method"], **overrides)
+    adapters.train(name)
+    summary = adapters.summary()
+    _say(str(summary))
+
+    metric, greater = best_metric(task, splits.regression)
+    use_cpu = o["cpu"] or not torch.cuda.is_available()
+    args = _training_args(o, out, task, metric, greater, use_cpu)
+    num_labels = len(splits.labels or [None])
+    trainer = AdapterTrainer(
+        model=model, args=args, train_dataset=train_set, eval_dataset=dev_set,
+        data_collator=D.collator(tokenizer, task),
+        compute_metrics=compute_metrics_for(task, splits.regression, num_labels),
+        preprocess_logits_for_metrics=None if task == "classify" else argmax_logits,
+        adapters=adapters, adapter_name=name, fsdp=o["fsdp"],
+    )  # fmt: skip
+    if o["fsdp"]:
+        if world_size() < 2:
+            raise ValueError(
+                "--fsdp shards the model across processes: launch with torchrun --nproc_per_node N (N >= 2)"
+            )
+        n = shard_fsdp2(model, args.device)
+        trainer.is_distributed_loading_by_transformers = True  # FSDP2 reduces the gradients itself
+        _say(f"FSDP2: {n} blocks and the root sharded over {world_size()} processes")
+
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    hist = history(trainer.state.log_history, task)
+    final = trainer.evaluate()  # the best checkpoint, loaded back at the end of training
+
+    write = trainer.args.should_save
+    save_adapter(adapters, name, out, write=write)
+    metrics = {
+        "task": task,
+        "method": o["method"],
+        "model": str(o["model"]),
+        "adapter": str(out),
+        "adapter_name": name,
+        "train_examples": len(train_set),
+        "dev_examples": len(dev_set),
+        "dev_source": splits.dev_source,
+        "trainable_params": summary.trainable_params,
+        "trainable_percent": summary.trainable_percent,
+        "world_size": world_size(),
+        "fsdp": o["fsdp"],
+        "metric": metric,
+        "best": {
+            "step": trainer.state.best_global_step,
+            "value": trainer.state.best_metric,
+            "checkpoint": trainer.state.best_model_checkpoint,
+        },
+        "final_eval": {k[5:]: v for k, v in final.items() if k.startswith("eval_")},
+        "global_step": trainer.state.global_step,
+        "train_runtime_s": result.metrics.get("train_runtime"),
+        "train_samples_per_second": result.metrics.get("train_samples_per_second"),
+        "seconds": time.perf_counter() - t0,
+        "history": hist,
+    }
+    if write:
+        run = {
+            "model": str(Path(o["model"]).resolve()) if Path(o["model"]).exists() else str(o["model"]),
+            "task": task, "method": o["method"], "name": name, "labels": splits.labels, "regression": splits.regression,
+            "max_length": o["max_length"], "template": o["template"], "train_on_prompt": o["train_on_prompt"],
+            "data": spec.to_dict(), "columns": splits.columns,
+        }  # fmt: skip
+        (out / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        from .plot import plot_curve
+
+        plot_curve(
+            hist, out / "curve.png", metric=metric, title=f"{o['method']} on {Path(o['model']).name}: {name}"
+        )
+        shown = metrics["final_eval"].get(metric if metric != "loss" else "accuracy")
+        _say(
+            "",
+            f"dev {metric if metric != 'loss' else 'token accuracy'}: {shown:.4f} (best checkpoint: step {trainer.state.best_global_step})"
+            if shown is not None else "",
+            f"adapter:  {out}  ({summary.trainable_params:,} trainable parameters, {summary.trainable_percent:.2f}% of the model)",
+            f"metrics:  {out / 'metrics.json'}",
+            f"curve:    {out / 'curve.png'}",
+        )  # fmt: skip
+    return metrics

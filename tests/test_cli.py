@@ -1,0 +1,334 @@
+"""The ``adapterkit`` CLI end to end on tiny random models saved to a temporary directory (no network):
+help and errors, train (config file, metrics.json, PNG, adapter-only checkpoints), resume after a stop,
+eval, export to peft, merge, inspect, generate, and 2-process DDP / FSDP2 runs equal to one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import adapterkit as ak
+from adapterkit.cli import app
+
+WORDS = [
+    "good",
+    "bad",
+    "great",
+    "awful",
+    "fine",
+    "nice",
+    "poor",
+    "dull",
+    "movie",
+    "film",
+    "plot",
+    "actor",
+    "the",
+    "a",
+    "is",
+    "was",
+    "very",
+    "not",
+]
+POS, NEG = ["good", "great", "fine", "nice"], ["bad", "awful", "poor", "dull"]
+
+
+def _run(*args: str) -> object:
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result
+
+
+def _ok(*args: str) -> str:
+    result = _run(*args)
+    assert result.exit_code == 0, f"{args[0]} failed:\n{result.output}\n{result.exception!r}"
+    return result.output
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    """Tiny BERT classifier and LLaMA causal LM (save_pretrained, no dropout) with a BertTokenizerFast built
+    from a vocab file; a GLUE-style SST-2 directory; alpaca-style instruction data."""
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        BertTokenizerFast,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
+
+    root = tmp_path_factory.mktemp("cli")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(root / "vocab.txt"))
+    torch.manual_seed(0)
+    bert = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )  # fmt: skip
+    )
+    bert.save_pretrained(root / "bert")
+    tok.save_pretrained(root / "bert")
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            bos_token_id=2,
+            eos_token_id=3,
+            pad_token_id=0,
+        )  # fmt: skip
+    )
+    llama.save_pretrained(root / "llama")
+    tok.save_pretrained(root / "llama")
+
+    rng = random.Random(0)
+    rows = []
+    for i in range(96):
+        y = i % 2
+        rows.append(
+            f"the {rng.choice(['movie', 'film', 'plot'])} is {rng.choice(['very ', ''])}{rng.choice(POS if y else NEG)} \t{y}"
+        )
+    sst = root / "SST-2"
+    sst.mkdir()
+    (sst / "train.tsv").write_text("sentence\tlabel\n" + "\n".join(rows[:80]) + "\n")
+    (sst / "dev.tsv").write_text("sentence\tlabel\n" + "\n".join(rows[80:]) + "\n")
+    alpaca = [{"instruction": "rate the film", "input": f"the film is {w}", "output": "good" if w in POS else "bad"}
+              for w in (POS + NEG) * 3]  # fmt: skip
+    (root / "alpaca.json").write_text(json.dumps(alpaca))
+    return {
+        "root": root,
+        "bert": root / "bert",
+        "llama": root / "llama",
+        "sst": sst,
+        "alpaca": root / "alpaca.json",
+    }
+
+
+# 80 rows, batch 8: 10 steps per epoch; a constant schedule so that a stop at any step changes nothing after it
+RECIPE = ["--task", "classify", "--epochs", "2", "--batch-size", "8", "--lr", "5e-3", "--scheduler", "constant",
+          "--logging-steps", "2", "--no-progress", "--threads", "1"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(files) -> Path:
+    """One training run driven by a YAML config file, with flags on top."""
+    out = files["root"] / "run"
+    cfg = files["root"] / "run.yaml"
+    cfg.write_text(
+        f"model: {files['bert']}\ndata: {files['sst']}\nmethod: lora\ntargets: [attn.q, attn.v]\nopt: {{r: 4, alpha: 8}}\nname: sst\n"
+    )
+    _ok("train", "--config", cfg, *RECIPE, "--out", out)
+    return out
+
+
+def _logits(model: torch.nn.Module, tokenizer_dir: Path) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    enc = tok(["the film is very good", "the plot is dull"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return model(**enc).logits
+
+
+def _adapted(files, out: Path) -> torch.nn.Module:
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(files["bert"], num_labels=2).eval()
+    ak.attach(model).load(out, activate=True)
+    return model
+
+
+# --- help and errors ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", ["train", "eval", "merge", "export", "inspect", "generate"])
+def test_help_for_each_command(command):
+    out = _ok(command, "--help")
+    assert "Usage:" in out and "--config" in out
+
+
+def test_top_level_help_lists_commands():
+    out = _ok("--help")
+    for command in ("train", "eval", "merge", "export", "inspect", "generate"):
+        assert command in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--model", "m", "--data", "d", "--out", "o", "--bogus"], "No such option: --bogus"),
+        (["train", "--model", "m", "--data", "d", "--out", "o", "--opt", "r"], "expected KEY=VALUE"),
+        (["train", "--model", "m", "--data", "d", "--out", "o", "--task", "regress"], "regress"),
+        (["train", "--data", "d", "--out", "o"], "Missing option '--model'"),
+        (["train", "--model", "m", "--data", "d", "--out", "o", "--method", "lorra"], "did you mean 'lora'"),
+        (["train", "--model", "m", "--data", "d", "--out", "o", "--opt", "rank=4"], "rank"),
+    ],
+)
+def test_bad_flags_give_one_clear_message(args, message):
+    result = _run(*args)
+    assert result.exit_code != 0
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_missing_data_and_unknown_config_key(files, tmp_path):
+    result = _run(
+        "train",
+        "--model",
+        files["bert"],
+        "--data",
+        tmp_path / "nope.tsv",
+        "--out",
+        tmp_path / "o",
+        "--task",
+        "classify",
+    )
+    assert result.exit_code == 1 and "does not exist" in result.output and "Traceback" not in result.output
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("modle: x\n")
+    result = _run("train", "--config", cfg)
+    assert result.exit_code == 2 and "unknown option 'modle'" in result.output
+
+
+# --- train -------------------------------------------------------------------------------------------------
+def test_train_writes_adapter_metrics_and_curve(trained):
+    assert json.loads((trained / "adapter_config.json").read_text())["name"] == "sst"
+    tensors = load_file(trained / "adapter.safetensors")
+    assert any(k.startswith("classifier.") for k in tensors)  # the head copy travels with the adapter
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert metrics["global_step"] == 20 and metrics["metric"] == "accuracy"
+    assert [p["step"] for p in metrics["history"]["eval"]] == [10, 20]
+    assert 0.0 <= metrics["final_eval"]["accuracy"] <= 1.0
+    assert (trained / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    run = json.loads((trained / "run.json").read_text())
+    assert run["task"] == "classify" and run["labels"] == ["0", "1"]
+    for ckpt in (trained / "checkpoints").glob("checkpoint-*"):  # adapter-only checkpoints
+        assert (ckpt / "adapter.safetensors").is_file() and not (ckpt / "model.safetensors").exists()
+
+
+def test_existing_checkpoints_need_resume_or_overwrite(files, trained):
+    result = _run("train", "--model", files["bert"], "--data", files["sst"], *RECIPE, "--out", trained)
+    assert result.exit_code == 1 and "--resume" in result.output
+
+
+def test_resume_after_a_stop_equals_an_uninterrupted_run(files, trained):
+    out = files["root"] / "resumed"
+    base = ["--model", files["bert"], "--data", files["sst"], "--targets", "attn.q,attn.v", "--opt", "r=4",
+            "--opt", "alpha=8", "--name", "sst", *RECIPE, "--out", out]  # fmt: skip
+    _ok("train", *base, "--max-steps", "5")  # the "kill": training ends after step 5 with its checkpoint
+    assert (out / "checkpoints" / "checkpoint-5").is_dir()
+    _ok("train", *base, "--resume")
+    a = load_file(trained / "checkpoints" / "checkpoint-20" / "adapter.safetensors")
+    b = load_file(out / "checkpoints" / "checkpoint-20" / "adapter.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+# --- eval / export / merge -------------------------------------------------------------------------------------
+def test_eval_prints_accuracy(trained):
+    out = _ok("eval", trained)
+    expected = json.loads((trained / "metrics.json").read_text())["final_eval"]["accuracy"]
+    assert f"accuracy: {expected:.2%}" in out
+    assert "curve.png" in out
+
+
+def test_export_peft_loads_in_peft(files, trained):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    dest = files["root"] / "peft"
+    _ok("export", trained, "--format", "peft", "--out", dest)
+    base = AutoModelForSequenceClassification.from_pretrained(files["bert"], num_labels=2).eval()
+    peft_model = PeftModel.from_pretrained(base, dest).eval()
+    expected = _logits(_adapted(files, trained), files["bert"])
+    torch.testing.assert_close(_logits(peft_model, files["bert"]), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_writes_a_plain_model_with_the_same_logits(files, trained):
+    from transformers import AutoModelForSequenceClassification
+
+    dest = files["root"] / "merged"
+    _ok("merge", trained, "--out", dest)
+    merged = AutoModelForSequenceClassification.from_pretrained(dest).eval()
+    assert not any("ak_adapters" in k for k in merged.state_dict())
+    expected = _logits(_adapted(files, trained), files["bert"])
+    torch.testing.assert_close(_logits(merged, dest), expected, rtol=1e-5, atol=1e-5)
+
+
+# --- inspect / generate ------------------------------------------------------------------------------------------
+def test_inspect_prints_roles_sites_params_and_memory(files):
+    out = _ok(
+        "inspect", "--model", files["bert"], "--method", "lora", "--targets", "attn.q,attn.v", "--opt", "r=4"
+    )
+    assert "[attn.q]" in out and "[ffn.down]" in out and "[head]" in out
+    assert "query (Linear, 1,056)  [attn.q]  <- lora target (+256)" in out
+    assert "1..1 (1 more like 0; lora at 2 sites in them)" in out
+    assert "lora: 5 sites (4 target, 1 head), 1,090 trainable parameters" in out
+    assert "estimated training memory" in out and "total" in out
+
+
+def test_generate_with_a_causal_lm_adapter(files):
+    out = files["root"] / "gen"
+    _ok("train", "--model", files["llama"], "--data", files["alpaca"], "--task", "causal-lm", "--max-steps", "2",
+        "--batch-size", "4", "--dev-fraction", "0.25", "--no-progress", "--threads", "1", "--out", out)  # fmt: skip
+    run = json.loads((out / "run.json").read_text())
+    assert run["task"] == "causal-lm" and run["columns"]["instruction"] == "instruction"
+    from adapterkit.cli.ops import run_generate
+
+    texts = run_generate(out, ["rate the film", "the film is good"], model=None, template=None, raw=False,
+                         max_new_tokens=4, temperature=0.0, top_p=0.9, seed=0)  # fmt: skip
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    _ok("generate", out, "--prompt", "rate the film", "--max-new-tokens", "3")
+
+
+# --- distributed ---------------------------------------------------------------------------------------------------
+def _torchrun(args: list[str], tmp: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "adapterkit.cli", "train", *map(str, args)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+def _distributed_equals_single(files, tmp_path: Path, extra: list[str]) -> None:
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    common = ["--model", files["bert"], "--data", files["sst"], "--task", "classify", "--epochs", "1", "--lr", "5e-3",
+              "--opt", "r=4", "--no-progress", "--logging-steps", "5", "--scheduler", "constant"]  # fmt: skip
+    _ok("train", *common, "--batch-size", "8", "--out", tmp_path / "single", "--threads", "1")
+    _torchrun([*common, "--batch-size", "4", "--out", tmp_path / "multi", *extra], tmp_path)  # same global batch
+    metrics = json.loads((tmp_path / "multi" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["global_step"] == 10
+    a = load_file(tmp_path / "single" / "checkpoints" / "checkpoint-10" / "adapter.safetensors")
+    b = load_file(tmp_path / "multi" / "checkpoints" / "checkpoint-10" / "adapter.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_ddp_two_cpu_processes_equal_one_process(files, tmp_path):
+    _distributed_equals_single(files, tmp_path, [])
+
+
+@pytest.mark.slow
+def test_fsdp2_two_cpu_processes_equal_one_process(files, tmp_path):
+    _distributed_equals_single(files, tmp_path, ["--fsdp"])
