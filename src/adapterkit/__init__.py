@@ -9,6 +9,7 @@ from .controller import Adapters, Plan, Summary, attach
 from .formats.io import AdapterFileError
 from .methods import *  # noqa: F403  (every method family's public configs)
 from .methods import __all__ as _methods_all
+from .quant import dequantize, merge_error, prepare_for_kbit_training, quantize
 from .targeting import TargetError
 
 __version__ = "0.1.0"
@@ -33,3 +34,4 @@ __all__ = [
     "registered",
     *_methods_all,
 ]
+__all__ += ["quantize", "prepare_for_kbit_training", "dequantize", "merge_error"]  # quantized bases

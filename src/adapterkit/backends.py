@@ -55,6 +55,10 @@ class Backend:
     def copy_(self, module: nn.Module, value: torch.Tensor) -> None:
         self.view(module).copy_(value)
 
+    def shape(self, module: nn.Module) -> tuple[int, ...]:
+        """Shape of ``module.weight`` as a dense tensor (quantized backends: before packing)."""
+        return tuple(module.weight.shape)
+
 
 _TABLE: list[tuple[type, Backend]] = []
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..backends import backend_for
 from ..component import Component
 from ..config import config_from_dict
 from ..targeting import base_modules
@@ -38,8 +39,12 @@ def fingerprint(model: nn.Module, sites: list[str]) -> dict[str, Any]:
     archs = getattr(cfg, "architectures", None) or [type(model).__name__]
     shapes = []
     for s in sorted(sites):
-        w = getattr(modules.get(s), "weight", None)
-        shapes.append(f"{s}:{tuple(w.shape) if isinstance(w, torch.Tensor) else None}")
+        module = modules.get(s)
+        w, shape = getattr(module, "weight", None), None
+        if isinstance(w, torch.Tensor):  # the dense shape, also for quantized (packed) weights
+            backend = backend_for(module)
+            shape = backend.shape(module) if backend is not None else tuple(w.shape)
+        shapes.append(f"{s}:{shape}")
     return {
         "architecture": archs[0],
         "model_type": getattr(cfg, "model_type", None),
