@@ -267,3 +267,28 @@ def test_ia3_routing_is_batched(family, monkeypatch):
         mixed = output_of(model, x)
     monkeypatch.undo()
     torch.testing.assert_close(mixed, singles(model, adapters, x, rows), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("family", "preset"), [("llama", "seq_bn"), ("gpt2", "double_seq_bn"), ("llama", "par_bn")]
+)
+def test_bottleneck_routing_is_batched(family, preset, monkeypatch):
+    from adapterkit.methods.bottleneck import ParallelBottleneck, SequentialBottleneck
+
+    model = make_model(family)
+    adapters = ak.attach(model)
+    torch.manual_seed(0)
+    adapters.add("a", preset, init_weights=False, reduction_factor=4)
+    adapters.add("b", preset, init_weights=False, reduction_factor=8)
+    rows = ["a", None, "b", "a"]
+    x = make_inputs(family, batch=len(rows))
+
+    def fail(*args, **kwargs):
+        raise AssertionError("per-adapter fallback used")
+
+    monkeypatch.setattr(SequentialBottleneck, "post_call", fail)
+    monkeypatch.setattr(ParallelBottleneck, "post_call", fail)
+    with torch.no_grad(), adapters.route(rows):
+        mixed = output_of(model, x)
+    monkeypatch.undo()
+    torch.testing.assert_close(mixed, singles(model, adapters, x, rows), atol=1e-5, rtol=1e-5)

@@ -543,6 +543,51 @@ class _BottleneckBase(Component):
         dtype = self.down.bias.dtype
         return h if h.dtype == dtype else h.to(dtype)
 
+    # --- per-row routing: two gathered baddbmm calls over stacked projections ------------------------
+    def _batchable(self) -> bool:
+        plain = isinstance(self.down, nn.Linear) and self.ln_before is None and self.ln_after is None
+        train_only = self.dropout is not None or self.layer_drop is not None
+        return plain and not (self.training and train_only) and not getattr(self, "holder", _Holder()).source
+
+    @classmethod
+    def _routed_delta(cls, comps: list[Component | None], plan: Any, h: torch.Tensor, key: Any) -> Any:
+        """``s · up(act(down(h)))`` for each row with its adapter's weights, as ``(G, m·L, out)``; bottleneck
+        sizes zero-padded to the largest (a padded unit gets zero weights in and out, so it adds nothing;
+        adapters absent from the site get all-zero weights). None when some component needs the slow path."""
+        live = [c for c in comps if c is not None]
+        if not all(c._batchable() for c in live) or len({type(c.act) for c in live}) != 1:
+            return None
+        ref = live[0]
+
+        def build() -> tuple[torch.Tensor, ...]:
+            size = max(c.size for c in live)
+            wd, bd, wu, bu = [], [], [], []
+            for c in comps:
+                if c is None:
+                    wd.append(ref.down.weight.new_zeros(size, ref.in_dim))
+                    bd.append(ref.down.bias.new_zeros(size))
+                    wu.append(ref.up.weight.new_zeros(ref.out_dim, size))
+                    bu.append(ref.up.bias.new_zeros(ref.out_dim))
+                    continue
+                s = c.scale if c.scale is not None else c.scaling
+                pad = size - c.size
+                wd.append(F.pad(c.down.weight, (0, 0, 0, pad)))
+                bd.append(F.pad(c.down.bias, (0, pad)))
+                wu.append(
+                    F.pad(c.up.weight * (s[:, None] if torch.is_tensor(s) and s.numel() > 1 else s), (0, pad))
+                )
+                bu.append(c.up.bias * s)
+            return (
+                torch.stack(wd).transpose(1, 2),  # (G, in, size)
+                torch.stack(bd).unsqueeze(1),  # (G, 1, size)
+                torch.stack(wu).transpose(1, 2),  # (G, size, out)
+                torch.stack(bu).unsqueeze(1),  # (G, 1, out)
+            )
+
+        wd, bd, wu, bu = plan.stacked(key, build)
+        z = ref.act(torch.baddbmm(bd, plan.gather(h.to(wd.dtype)), wd))
+        return torch.baddbmm(bu, z, wu)
+
 
 def _main(y: Any) -> torch.Tensor:
     return y[0] if isinstance(y, tuple) else y
@@ -573,6 +618,12 @@ class SequentialBottleneck(_BottleneckBase):
         else:
             out = h + self.ln_after(delta).to(h.dtype)
         return _with_main(y, out)
+
+    @classmethod
+    def routed(cls, comps: list[Component | None], plan: Any, x: torch.Tensor, y: Any, key: Any) -> Any:
+        h = _main(y)
+        delta = cls._routed_delta(comps, plan, h, key)
+        return None if delta is None else _with_main(y, plan.scatter_add(h, delta))
 
 
 class _Holder:
@@ -625,6 +676,12 @@ class ParallelBottleneck(_BottleneckBase):
         if self.ln_after is not None:
             delta = self.ln_after(delta)
         return _with_main(y, h + delta.to(h.dtype))
+
+    @classmethod
+    def routed(cls, comps: list[Component | None], plan: Any, x: torch.Tensor, y: Any, key: Any) -> Any:
+        h = _main(y)
+        delta = cls._routed_delta(comps, plan, x, key)
+        return None if delta is None else _with_main(y, plan.scatter_add(h, delta))
 
 
 class FFNInputTap(Component):
