@@ -292,3 +292,17 @@ def test_bottleneck_routing_is_batched(family, preset, monkeypatch):
         mixed = output_of(model, x)
     monkeypatch.undo()
     torch.testing.assert_close(mixed, singles(model, adapters, x, rows), atol=1e-5, rtol=1e-5)
+
+
+def test_fusion_of_bottleneck_adapters_skips_observer_sites():
+    model = make_model("bert")
+    adapters = ak.attach(model)
+    torch.manual_seed(0)
+    adapters.add("a", "par_bn", init_weights=False, reduction_factor=4)
+    adapters.add("b", "seq_bn", init_weights=False, reduction_factor=4)
+    name = adapters.add_fusion(["a", "b"])
+    sites = adapters.sites(name)
+    assert sites and not any(s.endswith("intermediate.dense") for s in sites)  # the FFN-input taps only observe
+    x = make_inputs("bert", batch=2)
+    out = run(model, adapters, x, ak.Fuse("a", "b"))
+    assert torch.isfinite(out).all()

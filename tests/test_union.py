@@ -85,3 +85,25 @@ def test_union_errors():
     with pytest.raises(ak.TargetError):
         adapters.add("u", ak.Union(ak.LoRA(), ak.LoRA(targets=["nothing_here"])))
     assert adapters.names == []
+
+
+@pytest.mark.parametrize(("family", "preset"), [("llama", "mam"), ("llama", "unipelt"), ("bert", "unipelt")])
+def test_presets_train_and_round_trip(family, preset, tmp_path):
+    model = make_model(family)
+    adapters = ak.attach(model)
+    x = make_inputs(family)
+    torch.manual_seed(0)
+    adapters.add("p", preset, init_weights=False)
+    adapters.train("p")
+    assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in adapters.parameters("p")}
+    output_of(model, x).float().pow(2).mean().backward()
+    assert all(p.grad is not None for p in adapters.parameters("p"))
+    model.eval()
+    with torch.no_grad():
+        expected = output_of(model, x)
+    adapters.save("p", tmp_path / "p")
+    fresh = make_model(family)
+    fa = ak.attach(fresh)
+    fa.load(tmp_path / "p")
+    with torch.no_grad():
+        torch.testing.assert_close(output_of(fresh, x), expected, atol=1e-5, rtol=1e-5)

@@ -41,6 +41,8 @@ class Component(nn.Module):
         mergeable: :meth:`merge` can fold the component into the base weights.
         additive: ``post(x, y) - y`` depends on ``x`` only (LoRA family, (IA)^3-free deltas, bias deltas):
             several active additive components sum, and composition/routing may run them side by side.
+        observer: the component only records values for other components of its adapter (its post returns
+            the output unchanged); fusion layers are not placed at modules where adapters only observe.
         merged: the component's effect currently lives in the base weights; the site skips it.
     """
 
@@ -48,6 +50,7 @@ class Component(nn.Module):
     has_post: ClassVar[bool] = True
     mergeable: ClassVar[bool] = False
     additive: ClassVar[bool] = False
+    observer: ClassVar[bool] = False  # only records something (e.g. an FFN input tap); never changes the output
 
     def __init__(self) -> None:
         super().__init__()

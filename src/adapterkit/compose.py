@@ -334,8 +334,14 @@ def apply_post(item: str | Block, comps: dict[str, Any], args: tuple, kwargs: di
             out = out + w * (yi - base)
         return out
     if isinstance(item, Fuse):
-        outs = [apply_post(child, comps, args, kwargs, base.clone()) for child in item.children]
         fusion = comps.get(item.name)
+        if fusion is None and all(
+            getattr(comps.get(n), "observer", True) for n in names_in(item) if n != item.name
+        ):
+            for child in item.children:  # only observers here (e.g. FFN-input taps): let them record
+                y = apply_post(child, comps, args, kwargs, y)
+            return y
+        outs = [apply_post(child, comps, args, kwargs, base.clone()) for child in item.children]
         if fusion is None:
             raise KeyError(
                 f"no fusion weights for {item!r} here: call adapters.add_fusion({list(item.children)!r})"

@@ -395,7 +395,10 @@ class Adapters:
         sites = [
             m
             for m, site in self._sites.items()
-            if any(n in site.components and site.components[n].has_post for n in names)
+            if any(
+                n in site.components and site.components[n].has_post and not site.components[n].observer
+                for n in names
+            )
         ]
         fusion = Fuse(*names).name
         self.add(

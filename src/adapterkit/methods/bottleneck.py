@@ -689,6 +689,7 @@ class FFNInputTap(Component):
     as BERT's). Has no parameters and returns the module's output unchanged."""
 
     additive = True
+    observer = True
 
     def __init__(self, name: str) -> None:
         super().__init__()

@@ -136,3 +136,33 @@ class Gate(Component):
 
     def on_detach(self, module: nn.Module, keep_merged: bool = False) -> None:
         self.inner.on_detach(module, keep_merged)
+
+
+def _presets() -> None:
+    """MAM (He et al. 2022, §4.4: prefix tuning with l=30 on attention + a parallel adapter on the FFN, scaling 4)
+    and UniPELT (Mao et al. 2022, §3: gated LoRA r=8 on q/v + prefix l=10 + sequential bottleneck, reduction 16),
+    with AdapterHub's MAMConfig / UniPELTConfig member settings."""
+    from ..config import register_preset
+    from .bottleneck import Bottleneck
+    from .lora import LoRA
+    from .prefix import PrefixTuning
+
+    register_preset(
+        "mam",
+        Union(
+            PrefixTuning(num_virtual_tokens=30, prefix_projection=True, encoder_hidden_size=800),
+            Bottleneck(placement="parallel", reduction_factor=2, non_linearity="relu", scaling=4.0),
+        ),
+    )
+    register_preset(
+        "unipelt",
+        Union(
+            LoRA(r=8, alpha=8, targets=["attn.q", "attn.v"]),
+            PrefixTuning(num_virtual_tokens=10, prefix_projection=True, encoder_hidden_size=512),
+            Bottleneck(placement="pfeiffer", reduction_factor=16, non_linearity="relu"),
+            gated=True,
+        ),
+    )
+
+
+_presets()
