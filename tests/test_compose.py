@@ -306,3 +306,12 @@ def test_fusion_of_bottleneck_adapters_skips_observer_sites():
     x = make_inputs("bert", batch=2)
     out = run(model, adapters, x, ak.Fuse("a", "b"))
     assert torch.isfinite(out).all()
+
+
+def test_route_cache_with_a_new_row_assignment():
+    model, adapters, x = setup("llama", batch=3)
+    with torch.no_grad():
+        for rows in (["a", "b", "a"], ["b", "a", None], ["a", "b", "a"]):
+            with adapters.route(rows):
+                mixed = output_of(model, x)
+            torch.testing.assert_close(mixed, singles(model, adapters, x, rows), atol=1e-5, rtol=1e-5)

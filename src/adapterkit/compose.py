@@ -247,6 +247,7 @@ class RoutePlan:
         # gathering is a no-op when slots are the batch rows in order
         self.identity = not self.padded and len(slots) == self.batch and slots == list(range(self.batch))
         self.cache: dict[Any, Any] = {} if cache is None else cache
+        self.local: dict[Any, Any] = {}
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """``x: (batch, *rest, d)`` -> ``(G, m * prod(rest), d)``."""
@@ -264,13 +265,16 @@ class RoutePlan:
             return y.index_add_(0, self.rows, d.to(y.dtype))
         return y.index_add(0, self.rows, d.to(y.dtype))
 
-    def stacked(self, key: Any, build: Any) -> Any:
-        """``build()`` once per key while no gradient is recorded (weights cannot change then)."""
+    def stacked(self, key: Any, build: Any, per_plan: bool = False) -> Any:
+        """``build()`` once per key while no gradient is recorded (weights cannot change then). ``per_plan``:
+        the value depends on this plan's row assignment, so it is kept for this plan only (not shared with
+        later ``route()`` blocks over the same adapters)."""
         if torch.is_grad_enabled():
             return build()
-        if key not in self.cache:
-            self.cache[key] = build()
-        return self.cache[key]
+        cache = self.local if per_plan else self.cache
+        if key not in cache:
+            cache[key] = build()
+        return cache[key]
 
 
 # --- applying blocks at one site ------------------------------------------------------------------------

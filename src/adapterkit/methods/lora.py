@@ -379,34 +379,45 @@ class LoRALinear(_LoRABase):
 
     @classmethod
     def routed(cls, comps: list[Component | None], plan: Any, x: torch.Tensor, y: torch.Tensor, key: Any) -> Any:
-        """Per-row routing as two gathered ``bmm`` calls over factors stacked as ``(G, in, r_max)`` and
-        ``(G, r_max, out)`` (ranks zero-padded to ``r_max``, scaling folded into B; adapters absent from this
-        site contribute zeros). DoRA, bias deltas and training-time dropout fall back to one call per adapter."""
+        """Per-row routing as two batched matmuls over factors stacked as ``(G + 1, in, r_max)`` and
+        ``(G + 1, r_max, out)`` (ranks zero-padded to ``r_max``, scaling folded into B; the last entry, and
+        adapters absent from this site, are zeros for rows of the base model).
+
+        Two layouts, whichever moves fewer bytes: long sequences (``L >= r_max``, e.g. prefill) gather the
+        *weights* per row (``(batch, in, r)``) and update ``y`` in place with ``baddbmm``; short ones (decode)
+        gather the *rows* per adapter (``(G, m·L, in)``, see ``RoutePlan``). DoRA, bias deltas and
+        training-time dropout fall back to one call per adapter."""
         live = [c for c in comps if c is not None]
         if any(
             c.magnitude is not None or c.bias is not None or (c.dropout is not None and c.training) for c in live
         ):
             return None
         ref = live[0]
+        r_max = max(c.r for c in live)
 
         def build() -> tuple[torch.Tensor, torch.Tensor]:
-            r_max = max(c.r for c in live)
             in_dim, out_dim = ref.lora_A.shape[1], ref.out_dim
-            A = [
-                F.pad(c.lora_A, (0, 0, 0, r_max - c.r)) if c is not None else ref.lora_A.new_zeros(r_max, in_dim)
-                for c in comps
-            ]
-            B = [
-                F.pad(c.lora_B * c.scaling, (0, r_max - c.r))
-                if c is not None
-                else ref.lora_B.new_zeros(out_dim, r_max)
-                for c in comps
-            ]
-            return torch.stack(A).transpose(1, 2), torch.stack(B).transpose(1, 2)  # (G, in, r), (G, r, out)
+            zero_A, zero_B = ref.lora_A.new_zeros(r_max, in_dim), ref.lora_B.new_zeros(out_dim, r_max)
+            A = [F.pad(c.lora_A, (0, 0, 0, r_max - c.r)) if c is not None else zero_A for c in comps] + [zero_A]
+            B = [F.pad(c.lora_B * c.scaling, (0, r_max - c.r)) if c is not None else zero_B for c in comps]
+            B.append(zero_B)
+            return torch.stack(A).transpose(1, 2), torch.stack(B).transpose(1, 2)  # (G+1, in, r), (G+1, r, out)
 
         A, B = plan.stacked(key, build)
-        h = torch.bmm(plan.gather(x.to(A.dtype)), A)  # (G, m * L, r_max)
-        return plan.scatter_add(y, torch.bmm(h, B))
+        x = x.to(A.dtype)
+        batch, length = y.shape[0], y[0].numel() // y.shape[-1]
+        if length >= r_max:  # per-row weights: no activation copies, the add fused into the second GEMM
+            Ar, Br = plan.stacked(
+                key, lambda: (A.index_select(0, plan.row_group), B.index_select(0, plan.row_group)), per_plan=True
+            )
+            h = torch.bmm(x.reshape(batch, length, -1), Ar)  # (batch, L, r_max)
+            if not torch.is_grad_enabled() and y.is_contiguous() and y.dtype == h.dtype:
+                y.view(batch, length, -1).baddbmm_(h, Br)
+                return y
+            return y + torch.bmm(h, Br).view(y.shape).to(y.dtype)
+        G = len(plan.adapters)
+        h = torch.bmm(plan.gather(x), A[:G])  # (G, m * L, r_max)
+        return plan.scatter_add(y, torch.bmm(h, B[:G]))
 
 
 class LoRAEmbedding(_LoRABase):
