@@ -58,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--dev-size", type=int, default=None, help="dev sentences (default: all 872)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data", type=Path, default=demo.DATA)
     p.add_argument("--out", type=Path, default=None, help="write the markdown table here")
@@ -130,8 +131,20 @@ def main(argv: list[str] | None = None) -> int:
     train_rows = demo.read_tsv(args.data / "train.tsv")
     random.Random(args.seed).shuffle(train_rows)
     train_rows = train_rows[: args.train_size]
-    dev_rows = demo.read_tsv(args.data / "dev.tsv")
-    rows = [r for m in args.methods.split(",") if (r := run_one(m.strip(), args, tokenizer, train_rows, dev_rows))]
+    dev_rows = demo.read_tsv(args.data / "dev.tsv")[: args.dev_size]
+    rows: list[dict] = []
+    for m in args.methods.split(","):
+        row = run_one(m.strip(), args, tokenizer, train_rows, dev_rows)
+        if row is not None:
+            rows.append(row)
+            table = render(rows, args, train_rows, dev_rows)
+            if args.out:  # after every method, so a long run leaves its figures so far
+                args.out.write_text(table + "\n")
+    print(render(rows, args, train_rows, dev_rows))
+    return 0
+
+
+def render(rows: list[dict], args: argparse.Namespace, train_rows: list, dev_rows: list) -> str:
     full = next((r["acc"] for r in rows if r["method"] == "full"), None)
     lines = [
         f"Command: `python benchmarks/methods_sst2.py {' '.join(sys.argv[1:])}`".replace("  ", " "),
@@ -148,11 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['method']} | {r['trainable']:,} | {r['share']:.2f}% | {r['acc']:.1f}% | {gap} | {r['lr']:g} | "
             f"{r['seconds']:.0f}s |"
         )
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        args.out.write_text(table + "\n")
-    return 0
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -78,6 +78,8 @@ def test_union_errors():
         ak.Union(ak.LoRA(), ak.Union(ak.LoRA(), ak.LoRA()))
     with pytest.raises(ValueError, match="on the Union's members"):
         ak.Union(ak.LoRA(), ak.LoRA(), targets=["attn.q"])
+    with pytest.raises(ValueError, match="set heads on the Union"):
+        ak.Union(ak.LoRA(heads=["head"]), ak.LoRA())
     with pytest.raises(ValueError, match="unknown method"):
         ak.Union(ak.LoRA(), "nope")
     model = make_model("llama")
@@ -107,3 +109,10 @@ def test_presets_train_and_round_trip(family, preset, tmp_path):
     fa.load(tmp_path / "p")
     with torch.no_grad():
         torch.testing.assert_close(output_of(fresh, x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_union_heads():
+    model = make_model("bert")
+    adapters = ak.attach(model)
+    adapters.add("u", ak.Union(ak.LoRA(), ak.LoRA(r=2, targets=["ffn.down"]), heads=["head"]))
+    assert "head" in adapters.sites("u").values()

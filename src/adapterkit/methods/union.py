@@ -40,6 +40,7 @@ class Union(AdapterConfig):
 
     Args:
         *configs: member configs (objects or registered names / presets); at least two.
+        heads: trainable head copies of the whole adapter (see ``AdapterConfig``).
         gated: learn a UniPELT gate per member and linear-like module.
         init_weights: passed to every member (False: members start from non-identity values; gates too).
     """
@@ -81,11 +82,16 @@ class Union(AdapterConfig):
             raise ValueError("a Union needs at least two member configs")
         if any(isinstance(c, Union) for c in self.configs):
             raise ValueError("Union members cannot themselves be unions; list their members instead")
-        if self.targets is not None or self.heads or self.exclude or self.layers is not None:
-            raise ValueError("set targets/exclude/layers/heads on the Union's members, not on the Union")
+        if self.targets is not None or self.exclude or self.layers is not None:
+            raise ValueError("set targets/exclude/layers on the Union's members, not on the Union")
+        if any(c.heads for c in self.configs):
+            raise ValueError("set heads on the Union (they belong to the whole adapter), not on its members")
 
     def parts(self) -> Sequence[AdapterConfig]:
-        return self.configs
+        """The members; the union's ``heads`` are planned with the first member."""
+        if not self.heads:
+            return self.configs
+        return (self.configs[0].replace(heads=self.heads), *self.configs[1:])
 
     def combine(self, name: str, module: nn.Module, components: list[Component]) -> Component:
         if self.gated and backend_for(module) is not None:
