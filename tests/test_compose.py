@@ -246,48 +246,65 @@ def test_route_cache_follows_weight_changes():
     torch.testing.assert_close(changed, singles(model, adapters, x, rows), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["bert", "llama"])
-def test_ia3_routing_is_batched(family, monkeypatch):
-    from adapterkit.methods.ia3 import IA3InputScale, IA3OutputScale
+def _bottleneck(preset: str, reduction: int):
+    return ak.get_config(preset, init_weights=False, reduction_factor=reduction)
 
+
+# family, the two adapters' configs, the slow per-adapter methods that must not run
+BATCHED = {
+    "ia3-bert": (
+        "bert",
+        ak.IA3(init_weights=False),
+        ak.IA3(init_weights=False),
+        ["IA3OutputScale.post", "IA3InputScale.pre"],
+    ),
+    "ia3-llama": (
+        "llama",
+        ak.IA3(init_weights=False),
+        ak.IA3(init_weights=False),
+        ["IA3OutputScale.post", "IA3InputScale.pre"],
+    ),
+    "seq_bn-llama": (
+        "llama",
+        _bottleneck("seq_bn", 4),
+        _bottleneck("seq_bn", 8),
+        ["SequentialBottleneck.post_call"],
+    ),
+    "double_seq_bn-gpt2": (
+        "gpt2",
+        _bottleneck("double_seq_bn", 4),
+        _bottleneck("double_seq_bn", 8),
+        ["SequentialBottleneck.post_call"],
+    ),
+    "par_bn-llama": (
+        "llama",
+        _bottleneck("par_bn", 4),
+        _bottleneck("par_bn", 8),
+        ["ParallelBottleneck.post_call"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BATCHED))
+def test_routing_is_batched_without_per_adapter_calls(case, monkeypatch):
+    from adapterkit.methods import bottleneck, ia3
+
+    family, cfg_a, cfg_b, slow = BATCHED[case]
     model = make_model(family)
     adapters = ak.attach(model)
     torch.manual_seed(0)
-    adapters.add("a", ak.IA3(init_weights=False))
-    adapters.add("b", ak.IA3(init_weights=False))
+    adapters.add("a", cfg_a)
+    adapters.add("b", cfg_b)
     rows = ["a", None, "b", "a"]
     x = make_inputs(family, batch=len(rows))
 
     def fail(*args, **kwargs):
         raise AssertionError("per-adapter fallback used")
 
-    monkeypatch.setattr(IA3OutputScale, "post", fail)
-    monkeypatch.setattr(IA3InputScale, "pre", fail)
-    with torch.no_grad(), adapters.route(rows):
-        mixed = output_of(model, x)
-    monkeypatch.undo()
-    torch.testing.assert_close(mixed, singles(model, adapters, x, rows), atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize(
-    ("family", "preset"), [("llama", "seq_bn"), ("gpt2", "double_seq_bn"), ("llama", "par_bn")]
-)
-def test_bottleneck_routing_is_batched(family, preset, monkeypatch):
-    from adapterkit.methods.bottleneck import ParallelBottleneck, SequentialBottleneck
-
-    model = make_model(family)
-    adapters = ak.attach(model)
-    torch.manual_seed(0)
-    adapters.add("a", preset, init_weights=False, reduction_factor=4)
-    adapters.add("b", preset, init_weights=False, reduction_factor=8)
-    rows = ["a", None, "b", "a"]
-    x = make_inputs(family, batch=len(rows))
-
-    def fail(*args, **kwargs):
-        raise AssertionError("per-adapter fallback used")
-
-    monkeypatch.setattr(SequentialBottleneck, "post_call", fail)
-    monkeypatch.setattr(ParallelBottleneck, "post_call", fail)
+    for spec in slow:
+        cls_name, method = spec.split(".")
+        cls = getattr(ia3, cls_name, None) or getattr(bottleneck, cls_name)
+        monkeypatch.setattr(cls, method, fail)
     with torch.no_grad(), adapters.route(rows):
         mixed = output_of(model, x)
     monkeypatch.undo()
