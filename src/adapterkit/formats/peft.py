@@ -20,11 +20,18 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .io import AdapterFileError, read_json
+from .io import AdapterFileError, atomic_save_tensors, atomic_write_json, read_json
 
 PREFIX = "base_model.model."
 
-__all__ = ["PREFIX", "converters", "save", "load"]
+__all__ = ["PREFIX", "converters", "save", "load", "write"]
+
+
+def write(path: str | os.PathLike, tensors: dict[str, Any], config: dict[str, Any]) -> None:
+    """Write a peft directory: ``adapter_model.safetensors`` then ``adapter_config.json``, each atomically."""
+    directory = Path(path)
+    atomic_save_tensors(directory / "adapter_model.safetensors", tensors)
+    atomic_write_json(directory / "adapter_config.json", config)
 
 
 def converters() -> dict[str, ModuleType]:

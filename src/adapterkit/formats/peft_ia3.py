@@ -30,8 +30,8 @@ from ..controller import Plan
 from ..methods.ia3 import IA3, IA3InputScale
 from ..targeting import base_modules
 from ._peft_sites import check_sites, head_state, split_state
-from .io import AdapterFileError, atomic_save_tensors, atomic_write_json, read_json, read_tensors
-from .peft import PREFIX
+from .io import AdapterFileError, read_json, read_tensors
+from .peft import PREFIX, write
 
 PEFT_TYPE = "IA3"
 METHOD = "ia3"
@@ -68,9 +68,7 @@ def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
         "init_ia3_weights": True,
         "inference_mode": True,
     }
-    directory = Path(path)
-    atomic_save_tensors(directory / "adapter_model.safetensors", tensors)
-    atomic_write_json(directory / "adapter_config.json", config)
+    write(path, tensors, config)
 
 
 def _is_feedforward(site: str, spec: Any) -> bool:

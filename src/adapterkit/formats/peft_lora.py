@@ -34,8 +34,8 @@ from ..methods.bitfit import BiasDelta
 from ..methods.heads import HeadCopy
 from ..methods.lora import LoRA, LoRAEmbedding, LoRAInit
 from ..targeting import base_modules
-from .io import AdapterFileError, atomic_save_tensors, atomic_write_json, read_json, read_tensors
-from .peft import PREFIX
+from .io import AdapterFileError, read_json, read_tensors
+from .peft import PREFIX, write
 
 PEFT_TYPE = "LORA"
 METHOD = "lora"
@@ -104,9 +104,7 @@ def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
         "layers_pattern": None,
         "exclude_modules": None,
     }
-    directory = Path(path)
-    atomic_save_tensors(directory / "adapter_model.safetensors", tensors)
-    atomic_write_json(directory / "adapter_config.json", config)
+    write(path, tensors, config)
 
 
 _LORA_KEYS = {

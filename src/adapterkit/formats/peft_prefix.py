@@ -25,7 +25,8 @@ import torch
 from ..component import Component
 from ..methods.prefix import PrefixKV, PrefixTuning
 from ..targeting import base_modules
-from .io import AdapterFileError, atomic_save_tensors, atomic_write_json, read_json, read_tensors
+from .io import AdapterFileError, read_json, read_tensors
+from .peft import write
 from .peft_prompt import EMBEDDINGS, head_tensors, install, split_heads, task_type
 
 PEFT_TYPE = "PREFIX_TUNING"
@@ -70,9 +71,7 @@ def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
         "auto_mapping": None,
         "base_model_name_or_path": getattr(ctl.model, "name_or_path", None) or None,
     }
-    directory = Path(path)
-    atomic_save_tensors(directory / "adapter_model.safetensors", tensors)
-    atomic_write_json(directory / "adapter_config.json", config)
+    write(path, tensors, config)
 
 
 def _int(data: dict[str, Any], key: str, directory: Path) -> int:

@@ -30,7 +30,8 @@ from ..component import Component
 from ..controller import Plan
 from ..methods.prompt import PromptTuning, SoftPrompt
 from ..targeting import base_modules
-from .io import AdapterFileError, atomic_save_tensors, atomic_write_json, read_json, read_tensors
+from .io import AdapterFileError, read_json, read_tensors
+from .peft import write
 
 PEFT_TYPE = "PROMPT_TUNING"
 METHOD = "prompt_tuning"
@@ -159,9 +160,7 @@ def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
         "auto_mapping": None,
         **_model_config(ctl),
     }
-    directory = Path(path)
-    atomic_save_tensors(directory / "adapter_model.safetensors", tensors)
-    atomic_write_json(directory / "adapter_config.json", config)
+    write(path, tensors, config)
 
 
 def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: bool, activate: bool) -> str:

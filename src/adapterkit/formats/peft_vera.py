@@ -31,8 +31,8 @@ from ..controller import Plan
 from ..methods.vera import VeRA, VeRALinear
 from ..targeting import base_modules
 from ._peft_sites import check_sites, head_state, split_state
-from .io import AdapterFileError, atomic_save_tensors, atomic_write_json, read_json, read_tensors
-from .peft import PREFIX
+from .io import AdapterFileError, read_json, read_tensors
+from .peft import PREFIX, write
 
 PEFT_TYPE = "VERA"
 METHOD = "vera"
@@ -76,9 +76,7 @@ def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
         "layers_pattern": None,
         "inference_mode": True,
     }
-    directory = Path(path)
-    atomic_save_tensors(directory / "adapter_model.safetensors", tensors)
-    atomic_write_json(directory / "adapter_config.json", config)
+    write(path, tensors, config)
 
 
 def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: bool, activate: bool) -> str:
