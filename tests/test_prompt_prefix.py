@@ -468,6 +468,24 @@ def test_model_level_methods_refuse_module_targets_and_routing():
             model(**make_inputs("gpt2"))
 
 
+@pytest.mark.parametrize("name", ["a", "b"])
+def test_routing_every_row_to_one_model_level_adapter_is_its_ordinary_run(name):
+    """A plan with one adapter on every row takes the unrouted path, so model-level methods route too."""
+    model = make_model("gpt2")
+    adapters = ak.attach(model)
+    adapters.add("a", ak.PrefixTuning(num_virtual_tokens=2))
+    adapters.add("b", ak.PromptTuning(num_virtual_tokens=2))
+    x = make_inputs("gpt2")
+    batch = x["input_ids"].shape[0]
+    with torch.no_grad():
+        adapters.activate(name)
+        expected = model(**x).logits
+        adapters.activate([])
+        with adapters.route([name] * batch):
+            got = model(**x).logits
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
 def test_cache_without_the_prefix_is_refused():
     model = make_model("llama")
     x = make_inputs("llama")

@@ -116,3 +116,16 @@ def test_union_heads():
     adapters = ak.attach(model)
     adapters.add("u", ak.Union(ak.LoRA(), ak.LoRA(r=2, targets=["ffn.down"]), heads=["head"]))
     assert "head" in adapters.sites("u").values()
+
+
+def test_gated_union_does_not_gate_head_copies():
+    """A head copy replaces the module's output (a fresh classifier), so a UniPELT gate around it would
+    blend in the old head; only the members' effects are gated."""
+    model = make_model("bert")
+    adapters = ak.attach(model)
+    adapters.add("u", ak.Union(ak.LoRA(), ak.LoRA(r=2, targets=["ffn.down"]), gated=True, heads=["head"]))
+    names = [n for n, _ in model.named_parameters() if ".ak_adapters.u." in n]
+    assert any(".gate." in n for n in names)
+    head_site = next(s for s, role in adapters.sites("u").items() if role == "head")
+    at_head = [n for n in names if n.startswith(f"{head_site}.ak_adapters.u.")]
+    assert at_head and not any(".gate." in n or ".inner." in n for n in at_head), at_head

@@ -208,6 +208,7 @@ class RoutePlan:
         batch: number of rows in the batch.
         row_group: ``(batch,)`` index of each row's adapter in ``adapters`` (``G`` for base rows), for
             components that gather one small tensor per row (e.g. (IA)^3 vectors).
+        uniform: the adapter name when every row runs that one adapter (sites then run it unrouted), else None.
         cache: per-site stacked weights, reused while no gradient is recorded (e.g. decode steps); the
             controller passes a cache shared by plans over the same adapters with unchanged weights.
     """
@@ -244,6 +245,8 @@ class RoutePlan:
             for r in rows:
                 group[r] = g
         self.row_group = torch.tensor(group, dtype=torch.long, device=device)
+        # every row runs one adapter: sites take the ordinary (unrouted) path for it
+        self.uniform: str | None = self.adapters[0] if len(groups) == 1 and self.m == self.batch else None
         # gathering is a no-op when slots are the batch rows in order
         self.identity = not self.padded and len(slots) == self.batch and slots == list(range(self.batch))
         self.cache: dict[Any, Any] = {} if cache is None else cache

@@ -101,6 +101,9 @@ class Site:
         """Per-row routing: one batched call when the components support it, else one call per adapter."""
         plan = self.state.routes
         table = self.components._modules
+        if plan.uniform is not None:  # one adapter for the whole batch: its ordinary call
+            c = table.get(plan.uniform)
+            return c.post_call(args, kwargs, output) if c is not None and c.has_post and not c.merged else output
         comps = [table.get(a) for a in plan.adapters]
         comps = [c if c is not None and c.has_post and not c.merged else None for c in comps]
         live = [c for c in comps if c is not None]
@@ -125,6 +128,9 @@ class Site:
         """Row-wise input transforms under routing: each group of rows gets its adapter's ``pre``."""
         plan = self.state.routes
         table = self.components._modules
+        if plan.uniform is not None:  # one adapter for the whole batch: its ordinary call (any method)
+            c = table.get(plan.uniform)
+            return c.pre_call(args, kwargs) if c is not None and c.has_pre and not c.merged else None
         x = first_input(args, kwargs)
         new = x
         comps = [table.get(a) for a in plan.adapters]

@@ -95,8 +95,13 @@ class Union(AdapterConfig):
 
     def combine(self, name: str, module: nn.Module, components: list[Component]) -> Component:
         if self.gated and backend_for(module) is not None:
+            from .heads import HeadCopy  # head copies replace a module's output; they are never gated
+
             components = [
-                Gate(c, backend_for(module).dims(module)[0], module.weight, self.init_weights) for c in components
+                c
+                if isinstance(c, HeadCopy)
+                else Gate(c, backend_for(module).dims(module)[0], module.weight, self.init_weights)
+                for c in components
             ]
         return components[0] if len(components) == 1 else Chain(components)
 
