@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
 import multiprocessing as mp
 import os
@@ -111,6 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, default=DATA, help=f"GLUE folder (default {DATA})")
     p.add_argument("--out", type=Path, default=RESULTS / "glue.md", help="markdown table (written after each run)")
     p.add_argument("--png", type=Path, default=RESULTS / "glue.png", help="bar chart of the dev scores")
+    p.add_argument("--update", action="store_true",
+                   help="keep the other (task, method) rows already in OUT.json and re-render with them")  # fmt: skip
     args = p.parse_args(argv)
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -444,11 +447,30 @@ def plot(rows: list[dict[str, Any]], args: argparse.Namespace, path: Path) -> No
     plt.close(fig)
 
 
+def _flags_without_selection(argv: list[str]) -> list[str]:
+    """The command line minus ``--tasks/--methods/--update``: the command that reproduces the whole table."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--tasks", "--methods"):
+            skip = True
+        elif a != "--update" and not a.startswith(("--tasks=", "--methods=")):
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cmd = " ".join(shlex.quote(a) for a in ["python", "benchmarks/glue.py", *sys.argv[1:]])
-    rows: list[dict[str, Any]] = []
+    store = args.out.with_suffix(".json")
+    rows: list[dict[str, Any]] = json.loads(store.read_text()) if args.update and store.exists() else []
+    if args.update:
+        cmd = " ".join(
+            shlex.quote(a) for a in ["python", "benchmarks/glue.py", *_flags_without_selection(sys.argv[1:])]
+        )
     failed: list[str] = []
+    shown = argparse.Namespace(**vars(args))  # what the table shows: these runs plus the kept rows
     for task in args.tasks:
         for method in args.methods:
             print(f"{task} / {method}", flush=True)
@@ -457,16 +479,19 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {task} / {method} failed: {res['error']}", flush=True)
                 failed.append(f"{task}/{method} ({res['error']})")
             else:
-                rows.append(res)
+                rows = [r for r in rows if (r["task"], r["method"]) != (task, method)] + [res]
                 f1 = f", F1 {res['f1']:.1f}%" if res["recipe"]["f1"] else ""
                 print(f"  {task} / {method}: loss {res['first_loss']:.6f} -> {res['last_loss']:.6f}, "
                       f"dev acc {res['acc']:.1f}%{f1}, {res['samples_per_s']:.1f} samples/s, "
                       f"peak RSS {res['peak_rss_mib']:.0f} MiB, {res['seconds']:.0f}s", flush=True)  # fmt: skip
             # after every variant, so a long run leaves its figures so far
+            shown.tasks = [t for t in TASKS if any(r["task"] == t for r in rows)]
+            shown.methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(render(rows, failed, args, cmd) + "\n")
-            plot(rows, args, args.png)
-    print(render(rows, failed, args, cmd))
+            args.out.write_text(render(rows, failed, shown, cmd) + "\n")
+            store.write_text(json.dumps(rows, indent=1) + "\n")
+            plot(rows, shown, args.png)
+    print(render(rows, failed, shown, cmd))
     return 1 if failed and not rows else 0
 
 
