@@ -92,6 +92,25 @@ class Component(nn.Module):
         back to one ``pre`` per adapter."""
         return None
 
+    @classmethod
+    def routed_call(
+        cls, comps: list[Component | None], plan: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        """Per-row routing for components that rewrite the whole call (model-level methods, which override
+        :meth:`pre_call`): the call with each row rewritten by its adapter's component (rows of adapters
+        without one here, and base rows, left as they are), or None when the method cannot route rows
+        separately (the site then raises ``NotImplementedError``). Arguments as for :meth:`routed`."""
+        return None
+
+    @classmethod
+    def routed_output(
+        cls, comps: list[Component | None], plan: Any, args: tuple[Any, ...], kwargs: dict[str, Any], y: Any
+    ) -> Any:
+        """The output side of :meth:`routed_call` (components that override :meth:`post_call` and need the
+        whole call, not just the first input): the new output, or None to fall back to :meth:`routed`'s
+        per-adapter calls on row slices."""
+        return None
+
     # --- lifecycle ----------------------------------------------------------------------
     def initialize(self, module: nn.Module) -> None:
         """Set initial values (may read the base module's weights). Called once after construction."""

@@ -111,7 +111,9 @@ class Site:
             return output
         kind = type(live[0])
         if all(type(c) is kind for c in live):
-            result = kind.routed(comps, plan, first_input(args, kwargs), output, key=self.name)
+            result = kind.routed_output(comps, plan, args, kwargs, output)
+            if result is None:
+                result = kind.routed(comps, plan, first_input(args, kwargs), output, key=self.name)
             if result is not None:
                 return result
         batch = output.shape[0]
@@ -131,11 +133,25 @@ class Site:
         if plan.uniform is not None:  # one adapter for the whole batch: its ordinary call (any method)
             c = table.get(plan.uniform)
             return c.pre_call(args, kwargs) if c is not None and c.has_pre and not c.merged else None
-        x = first_input(args, kwargs)
-        new = x
         comps = [table.get(a) for a in plan.adapters]
         comps = [c if c is not None and c.has_pre and not c.merged else None for c in comps]
         live = [c for c in comps if c is not None]
+        if any(
+            type(c).pre_call is not Component.pre_call for c in live
+        ):  # model-level methods rewrite the whole call: one method may route its rows itself
+            kind = type(live[0])
+            same = all(type(c) is kind for c in live)
+            routed = kind.routed_call(comps, plan, args, kwargs) if same else None
+            if routed is None:
+                what = " and ".join(sorted({type(c).__name__ for c in live}))
+                raise NotImplementedError(
+                    f"per-row routing is not available for {what}{'' if same else ' together'} at "
+                    f"{self.name or 'the model'!r}: it rewrites the whole call; run such adapters in separate "
+                    "batches"
+                )
+            return routed
+        x = first_input(args, kwargs)
+        new = x
         if live and all(type(c) is type(live[0]) for c in live):
             batched = type(live[0]).routed_pre(comps, plan, x, key=(self.name, "pre"))
             if batched is not None:
@@ -144,11 +160,6 @@ class Site:
             c = table.get(name)
             if c is None or c.merged or not c.has_pre:
                 continue
-            if type(c).pre_call is not Component.pre_call:
-                raise NotImplementedError(
-                    f"per-row routing is not available for {type(c).__name__} at {self.name or 'the model'!r}: it "
-                    "rewrites the whole call; run such adapters in separate batches"
-                )
             new = new.index_copy(0, rows, c.pre(x.index_select(0, rows)))
         if new is x:
             return None

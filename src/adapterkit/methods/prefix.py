@@ -42,10 +42,12 @@ from torch import nn
 from ..component import Component
 from ..config import AdapterConfig, register, register_preset
 from ..targeting import TargetError
-from .prompt import VirtualCache, as_kwargs, batch_size_of, component_key, extend_mask
+from .prompt import RowLayout, VirtualCache, as_kwargs, batch_size_of, component_key, extend_mask, takes
 
 PUBLIC = ("PrefixTuning",)
 _OWN = "_adapterkit_created"  # set on caches this module created (not passed in by the caller)
+_ROUTED = -1  # VirtualCache record key of the per-row prefixes of a routed batch
+_ROWS = "_adapterkit_routed_rows"  # on such a cache: which prefix each row holds
 __all__ = ["PrefixTuning", "PrefixKV", "KVLayout", "kv_layout"]
 
 
@@ -245,6 +247,103 @@ class PrefixKV(Component):
         if new is not None and kw.get(mask_key) is not None:
             kw[mask_key] = extend_mask(kw[mask_key], n, VirtualCache.length(cache) + new.shape[1])
         return (), kw
+
+    # --- per-row routing ------------------------------------------------------------------------------
+    @classmethod
+    def routed_call(
+        cls, comps: list[Component | None], plan: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        """Each row's cache gets its own adapter's prefix (base rows none), padded in front to the longest
+        (:class:`~adapterkit.methods.prompt.RowLayout`, masked out). Rows with shorter prefixes get explicit
+        position ids, so each row sees the positions of a run by itself (models with relative position
+        biases, T5, need none)."""
+        head = next(c for c in comps if c is not None)
+        model = head.__dict__["_module_ref"]
+        kw = as_kwargs(model, args, kwargs)
+        dec = head.layout.encoder_decoder
+        ids_keys = (
+            ("decoder_input_ids", "decoder_inputs_embeds", "labels") if dec else ("input_ids", "inputs_embeds")
+        )
+        new = next((kw[k] for k in ids_keys if isinstance(kw.get(k), torch.Tensor)), None)
+        if new is None:
+            raise ValueError("prefix tuning could not find the batch size: pass input_ids or inputs_embeds")
+        batch, length = int(new.shape[0]), int(new.shape[1])
+        layout = RowLayout(comps, plan, lambda c: c.num_virtual_tokens, left=True)
+        rows = (tuple(c.key if c is not None else None for c in comps), tuple(layout.counts.tolist()))
+        cache = kw.get("past_key_values")
+        if cache is None:
+            cache = kw["past_key_values"] = head._new_cache()
+            setattr(cache, _OWN, True)
+        if _ROUTED not in VirtualCache.record(cache):
+            if not VirtualCache.fresh(cache):
+                raise ValueError(
+                    "past_key_values already holds tokens computed without these routed prefix-tuning adapters; "
+                    "start from an empty cache (or none) inside the same adapters.route(...) block"
+                )
+            target = getattr(cache, "self_attention_cache", cache)
+            for i, (k, v) in enumerate(cls._stacked(layout, batch)):
+                target.update(k, v, i)
+            VirtualCache.add(cache, _ROUTED, layout.width)
+            setattr(cache, _ROWS, rows)
+        elif getattr(cache, _ROWS, None) != rows:
+            raise ValueError(
+                "past_key_values holds the prefixes of a different routing (other adapters or rows); keep the "
+                "same adapters.route(...) for every step of a generation"
+            )
+        pos_key = "decoder_position_ids" if dec else "position_ids"
+        mask_key = "decoder_attention_mask" if dec else "attention_mask"
+        total = VirtualCache.length(cache) + length  # virtual slots + cached real tokens + this call's tokens
+        past = total - length - sum(VirtualCache.record(cache).values())
+        pos, mask = kw.get(pos_key), kw.get(mask_key)
+        if layout.uniform:
+            pos = pos + layout.width if isinstance(pos, torch.Tensor) else pos
+        else:
+            relative = getattr(model.config, "relative_attention_num_buckets", None) is not None
+            if isinstance(pos, torch.Tensor) or not relative:
+                if not takes(type(model), pos_key):
+                    raise NotImplementedError(
+                        f"rows with prefixes of different lengths (or base rows) need explicit position ids, which "
+                        f"{type(model).__name__} does not take; route rows whose prefixes have the same length"
+                    )
+                if not isinstance(pos, torch.Tensor):
+                    pos = past + torch.arange(length, device=new.device)
+                pos = pos.expand(batch, -1) + layout.counts[:, None]
+            if mask is None:
+                mask = torch.ones(batch, past + length, dtype=torch.long, device=new.device)
+        if pos is not None:
+            kw[pos_key] = pos
+        if mask is not None:
+            if mask.dim() != 2:
+                extend_mask(mask, 0, None)  # raises the 2-D mask error
+            if mask.shape[1] < total:
+                mask = torch.cat([layout.mask_front(mask), mask], dim=1)
+            kw[mask_key] = mask
+        return (), kw
+
+    @staticmethod
+    def _stacked(layout: RowLayout, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer ``(key, value)``, each ``(batch, kv_heads, width, head_dim)``: row ``b``'s prefix in its
+        last ``counts[b]`` slots, zeros (masked out) before."""
+        head = next(c for c, _, _ in layout.groups if c is not None)
+        lay = head.layout
+        ref = head.values()
+
+        def prefix(c: PrefixKV, n: int, rows: torch.Tensor) -> torch.Tensor:
+            v = ref if c is head else c.values()
+            return v.to(ref.dtype).unsqueeze(0).expand(rows.numel(), -1, -1)
+
+        empty = ref.new_zeros(batch, 0, lay.num_layers * 2 * lay.kv_dim)
+        kv = layout.join(empty, prefix, 0.0)  # (B, width, layers * 2 * kv_dim)
+        kv = kv.view(batch, layout.width, lay.num_layers * 2, lay.num_kv_heads, lay.head_dim).permute(
+            2, 0, 3, 1, 4
+        )
+        return [(kv[2 * i], kv[2 * i + 1]) for i in range(lay.num_layers)]
+
+    @classmethod
+    def routed_output(
+        cls, comps: list[Component | None], plan: Any, args: tuple[Any, ...], kwargs: dict[str, Any], y: Any
+    ) -> Any:
+        return next(c for c in comps if c is not None).post_call(args, kwargs, y)
 
     def post_call(self, args: tuple[Any, ...], kwargs: dict[str, Any], y: Any) -> Any:
         """Refuse models that silently ignored the cache (the prefix would have had no effect), and do not hand

@@ -34,8 +34,10 @@ tokens, ``"text"`` those of ``init_token_ids`` (repeated or cut to ``P``; Lester
 init is this with the label words), ``"random"`` draws ``U(-0.5, 0.5)``. No init is an identity: the
 adapted model always differs from the base.
 
-Several prompt (and prefix) adapters can be active at once: each adds its own virtual tokens. Not mergeable,
-and not routable per row (``adapters.route``): the model call is rewritten as a whole.
+Several prompt (and prefix) adapters can be active at once: each adds its own virtual tokens. Not mergeable.
+Per-row routing (``adapters.route``): each row gets its own adapter's prompt; rows with shorter prompts (or
+none: base rows, other methods) are padded to the longest (:class:`RowLayout`; in front on causal models,
+with explicit position ids, behind on bidirectional ones), so each row computes what it computes alone.
 """
 
 from __future__ import annotations
@@ -123,6 +125,75 @@ def extend_mask(mask: Any, n: int, needed: int | None) -> Any:
     if needed is not None and mask.shape[1] >= needed:
         return mask
     return torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
+
+
+@functools.cache
+def takes(cls: type, name: str) -> bool:
+    """``cls.forward`` has a parameter called ``name``."""
+    return name in inspect.signature(cls.forward).parameters
+
+
+def is_causal(module: nn.Module) -> bool:
+    """The module's attention is causal (transformers attention modules carry ``is_causal``)."""
+    return any(getattr(m, "is_causal", False) is True for m in module.modules())
+
+
+class RowLayout:
+    """Where each row's virtual tokens go when the rows of one routed batch use different adapters.
+
+    Row ``b`` carries ``counts[b]`` virtual tokens (0 for base rows and for adapters with none here) and
+    every row is widened by ``width = max(counts)`` slots, the unused ones padding (masked out)::
+
+        left  (causal models, KV-cache prefixes):  [ pad (width - n) | virtual (n) | real tokens ]
+        right (bidirectional models):              [ virtual (n) | real tokens | pad (width - n) ]
+
+    Left padding keeps the real tokens last, where generation appends; right padding keeps each row's
+    first position where a run of that row alone has it (BERT's pooler reads position 0).
+
+    Attributes:
+        counts: ``(B,)`` virtual tokens per row.
+        width: the slots every row gets.
+        uniform: every row has ``width`` virtual tokens (no padding: the layout is the ordinary one).
+        left: the padding goes in front.
+    """
+
+    def __init__(self, comps: Sequence[Any], plan: Any, count: Any, left: bool) -> None:
+        per_group = [count(c) if c is not None else 0 for c in comps]
+        device = plan.row_group.device
+        self.counts = torch.tensor([*per_group, 0], dtype=torch.long, device=device)[plan.row_group]
+        self.width = int(self.counts.max()) if plan.batch else 0
+        self.uniform = bool((self.counts == self.width).all())
+        self.left = left
+        base = torch.nonzero(plan.row_group == len(comps)).flatten()
+        self.groups = [(c, k, rows) for (_, rows), c, k in zip(plan.groups, comps, per_group)]
+        if base.numel():
+            self.groups.append((None, 0, base))
+        order = torch.cat([rows for _, _, rows in self.groups])
+        self._back = torch.empty_like(order)
+        self._back[order] = torch.arange(order.numel(), device=device)
+
+    def join(self, x: torch.Tensor, front: Any, fill: Any) -> torch.Tensor:
+        """``x: (B, L, ...) -> (B, width + L, ...)``: each row's ``front(comp, n, rows)`` (``(rows, n, ...)``)
+        and ``fill`` padding placed around its real entries as the layout says."""
+        parts = []
+        for comp, n, rows in self.groups:
+            real = x.index_select(0, rows)
+            pad = real.new_full((rows.numel(), self.width - n, *real.shape[2:]), fill)
+            virtual = front(comp, n, rows) if n else real[:, :0]
+            parts.append(torch.cat([pad, virtual, real] if self.left else [virtual, real, pad], dim=1))
+        return torch.cat(parts).index_select(0, self._back)
+
+    def mask_front(self, like: torch.Tensor) -> torch.Tensor:
+        """``(B, width)`` mask of the virtual slots in front (left layout), in ``like``'s dtype."""
+        slots = torch.arange(self.width, device=like.device)
+        return (slots >= self.width - self.counts[:, None]).to(like.dtype)
+
+    def take(self, x: torch.Tensor, length: int) -> torch.Tensor:
+        """``x: (B, width + L, ...) -> (B, L, ...)``: the real positions of each row."""
+        if self.left or self.uniform:
+            return x[:, x.shape[1] - length :]
+        index = self.counts[:, None] + torch.arange(length, device=x.device)
+        return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))
 
 
 class VirtualCache:
@@ -289,6 +360,7 @@ class SoftPrompt(Component):
         self.token_level = token_level
         self.has_post = token_level
         self.key = component_key()
+        self.causal = is_causal(module)
         object.__setattr__(self, "_module_ref", module)
         object.__setattr__(self, "_embed_ref", embeddings)
 
@@ -372,6 +444,95 @@ class SoftPrompt(Component):
             y["logits"] = logits[:, logits.shape[1] - real :]
         return y
 
+    # --- per-row routing ------------------------------------------------------------------------------
+    @classmethod
+    def routed_call(
+        cls, comps: list[Component | None], plan: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        """Each row gets its own adapter's prompt (base rows none), laid out by :class:`RowLayout`: padded in
+        front on causal models, behind on bidirectional ones. Rows with fewer virtual tokens than the widest
+        get explicit ``position_ids`` where padding in front would move them, so every row sees exactly the
+        positions, mask and tokens of a run by itself."""
+        head = next(c for c in comps if c is not None)
+        module = head.__dict__["_module_ref"]
+        kw = as_kwargs(module, args, kwargs)
+        ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
+        if ids is None and embeds is None:
+            return args, kwargs
+        layout = RowLayout(comps, plan, lambda c: c.prompt.shape[0], left=head.causal)
+        cache = kw.get("past_key_values")
+        fresh = VirtualCache.fresh(cache)
+        x = embeds if embeds is not None else ids
+        batch, length = x.shape[:2]
+        past = (
+            VirtualCache.length(cache) - sum(VirtualCache.record(cache).values()) - (0 if fresh else layout.width)
+        )
+        pos = kw.get("position_ids")
+        if isinstance(pos, torch.Tensor):
+            pos = pos.expand(batch, -1)
+        elif layout.left and not layout.uniform:  # padding in front: say where the real tokens are
+            if not takes(type(module), "position_ids"):
+                raise NotImplementedError(
+                    f"rows with prompts of different lengths (or base rows) need explicit position ids, which "
+                    f"{type(module).__name__} does not take; route rows whose prompts have the same length"
+                )
+            pos = (past + torch.arange(length, device=x.device)).expand(batch, -1)
+        mask = kw.get("attention_mask")
+        if mask is None and not layout.uniform:
+            mask = torch.ones(batch, past + length, dtype=torch.long, device=x.device)
+        if not fresh:  # a later generation step: the prompts are in the cache (left layout)
+            if pos is not None:
+                kw["position_ids"] = pos + layout.counts[:, None]
+            if mask is not None and mask.shape[1] < VirtualCache.length(cache) + length:
+                kw["attention_mask"] = torch.cat([layout.mask_front(mask), mask], dim=1)
+            return (), kw
+        if embeds is None:
+            embeds = head.__dict__["_embed_ref"](ids)
+
+        def prompts(c: SoftPrompt, n: int, rows: torch.Tensor) -> torch.Tensor:
+            return c.prompt.to(embeds.dtype).unsqueeze(0).expand(rows.numel(), -1, -1)
+
+        new = layout.join(embeds, prompts, 0.0)
+        new._adapterkit_real = getattr(embeds, "_adapterkit_real", length)
+        new._adapterkit_layout = layout
+        kw["inputs_embeds"], kw["input_ids"] = new, None
+        if pos is not None:
+            kw["position_ids"] = layout.join(
+                pos + layout.counts[:, None],
+                lambda c, n, rows: pos[rows, :1] + torch.arange(n, device=pos.device),
+                0,
+            )
+        types = kw.get("token_type_ids")
+        if isinstance(types, torch.Tensor) and types.shape[-1] == length:
+            kw["token_type_ids"] = layout.join(
+                types.expand(batch, -1), lambda c, n, rows: types.new_zeros(rows.numel(), n), 0
+            )
+        labels = kw.get("labels")
+        if (
+            head.token_level
+            and isinstance(labels, torch.Tensor)
+            and not labels.is_floating_point()
+            and tuple(labels.shape) == (batch, length)
+        ):
+            kw["labels"] = layout.join(labels, lambda c, n, rows: labels.new_full((rows.numel(), n), -100), -100)
+        if mask is not None and mask.shape[1] < VirtualCache.length(cache) + layout.width + length:
+            kw["attention_mask"] = layout.join(mask, lambda c, n, rows: mask.new_ones(rows.numel(), n), 0)
+        return (), kw
+
+    @classmethod
+    def routed_output(
+        cls, comps: list[Component | None], plan: Any, args: tuple[Any, ...], kwargs: dict[str, Any], y: Any
+    ) -> Any:
+        """Token-level logits ``(B, width + L, ...) -> (B, L, ...)``: each row's real positions."""
+        embeds = kwargs.get("inputs_embeds")
+        layout = getattr(embeds, "_adapterkit_layout", None)
+        logits = getattr(y, "logits", None) if hasattr(y, "keys") else None
+        if layout is None or not isinstance(logits, torch.Tensor) or logits.dim() < 3:
+            return y
+        if logits.shape[1] == embeds.shape[1]:
+            y["logits"] = layout.take(logits, embeds._adapterkit_real)
+        return y
+
 
 class EncoderMask(Component):
     """On an encoder-decoder model: extends the encoder attention mask by the ``P`` prompt positions.
@@ -399,4 +560,31 @@ class EncoderMask(Component):
             hidden = enc[0] if isinstance(enc, (tuple, list)) or hasattr(enc, "keys") else enc
             needed = int(hidden.shape[1])
         kw["attention_mask"] = extend_mask(kw["attention_mask"], self.num_virtual_tokens, needed)
+        return (), kw
+
+    @classmethod
+    def routed_call(
+        cls, comps: list[Component | None], plan: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        """The encoder mask in the layout the encoder's routed prompts use (the encoder is bidirectional:
+        each row's prompt, its tokens, then padding)."""
+        head = next(c for c in comps if c is not None)
+        kw = as_kwargs(head.__dict__["_module_ref"], args, kwargs)
+        layout = RowLayout(comps, plan, lambda c: c.num_virtual_tokens, left=False)
+        mask, ids, enc = kw.get("attention_mask"), kw.get("input_ids"), kw.get("encoder_outputs")
+        if enc is not None:
+            hidden = enc[0] if isinstance(enc, (tuple, list)) or hasattr(enc, "keys") else enc
+            needed = int(hidden.shape[1])
+        elif isinstance(ids, torch.Tensor) or isinstance(kw.get("inputs_embeds"), torch.Tensor):
+            needed = layout.width + int((ids if ids is not None else kw["inputs_embeds"]).shape[1])
+        else:
+            return args, kwargs
+        if mask is None:
+            if layout.uniform:
+                return args, kwargs
+            device = layout.counts.device
+            mask = torch.ones(layout.counts.numel(), needed - layout.width, dtype=torch.long, device=device)
+        if mask.shape[1] < needed:
+            mask = layout.join(mask, lambda c, n, rows: mask.new_ones(rows.numel(), n), 0)
+        kw["attention_mask"] = mask
         return (), kw

@@ -57,7 +57,9 @@ Dropout (``dropout``) applies to the edit ``Rᵀ(W h + b − R h)`` in training 
 whole output ``Φ(h)``, which also drops entries of ``h``).
 
 Not mergeable (an edit at chosen positions of a hidden state is no weight change: ``merge`` raises
-TypeError), not additive, and not routable per row (``adapters.route``): the recorder reads the whole call.
+TypeError) and not additive. Per-row routing (``adapters.route``): every routed adapter's recorder reads
+the whole call, and each adapter's blocks edit only its own rows (the positions of a row depend on that
+row's mask alone, so this equals running each row by itself).
 """
 
 from __future__ import annotations
@@ -394,6 +396,27 @@ class LoReFTBlock(Component):
         raise TypeError("LoReFT cannot be merged: it edits hidden states at chosen positions, not weights")
 
     def post_call(self, args: tuple[Any, ...], kwargs: dict[str, Any], y: Any) -> Any:
+        h = self._checked(y)
+        sel = self.selected(h)
+        if sel is None:
+            return y
+        return _with_hidden(y, self.edit(h, *sel))
+
+    @classmethod
+    def routed(cls, comps: list[Component | None], plan: Any, x: torch.Tensor, y: Any, key: Any) -> Any:
+        """Per-row routing: each adapter edits its own rows, at positions counted on the whole call's mask."""
+        live = [c for c in comps if c is not None]
+        h = live[0]._checked(y)
+        out = h
+        for (_, rows), c in zip(plan.groups, comps):
+            sel = None if c is None else c.selected(h)
+            if sel is not None:
+                sub = c.edit(h.index_select(0, rows), sel[0].index_select(0, rows), sel[1].index_select(0, rows))
+                out = out.index_copy(0, rows, sub)
+        return y if out is h else _with_hidden(y, out)
+
+    def _checked(self, y: Any) -> torch.Tensor:
+        """The hidden states ``(B, L, d)`` in the block's output ``y``."""
         h = _hidden(y)
         if not isinstance(h, torch.Tensor) or h.dim() != 3 or h.shape[-1] != self.dim:
             shape = tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__
@@ -401,10 +424,11 @@ class LoReFTBlock(Component):
                 f"LoReFT at {self.__dict__['_site']!r} expects hidden states (batch, seq, {self.dim}) as the "
                 f"module's output, got {shape}: target transformer blocks (role 'block')"
             )
-        sel = self.__dict__["_state"].positions(h, self.prefix_count, self.suffix_count, self.__dict__["_site"])
-        if sel is None:
-            return y
-        return _with_hidden(y, self.edit(h, *sel))
+        return h
+
+    def selected(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(prefix_mask, suffix_mask)`` ``(B, L)`` of the current call, or None (no intervention)."""
+        return self.__dict__["_state"].positions(h, self.prefix_count, self.suffix_count, self.__dict__["_site"])
 
     def edit(self, h: torch.Tensor, prefix: torch.Tensor, suffix: torch.Tensor) -> torch.Tensor:
         """``h: (B, L, d)`` with ``Φ`` applied where ``prefix`` / ``suffix`` ``(B, L)`` are True."""
@@ -474,6 +498,25 @@ class PositionRecorder(Component):
 
     def post_call(self, args: tuple[Any, ...], kwargs: dict[str, Any], y: Any) -> Any:
         self.__dict__["_state"].close()
+        return y
+
+    @classmethod
+    def routed_call(
+        cls, comps: list[Component | None], plan: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Every routed adapter records the whole call (its blocks pick their own rows); the call is unchanged."""
+        for c in comps:
+            if c is not None:
+                c.pre_call(args, kwargs)
+        return args, kwargs
+
+    @classmethod
+    def routed_output(
+        cls, comps: list[Component | None], plan: Any, args: tuple[Any, ...], kwargs: dict[str, Any], y: Any
+    ) -> Any:
+        for c in comps:
+            if c is not None:
+                c.post_call(args, kwargs, y)
         return y
 
     def merge(self, module: nn.Module) -> None:
