@@ -199,6 +199,18 @@ def test_batched_routing_equals_per_row_runs(family, rows, monkeypatch):
     torch.testing.assert_close(mixed, singles(model, adapters, x, rows), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [["a", "b", "c"], ["a", "a", "b", "b"], ["b", "a", None]])
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_decode_shape_routing_equals_per_row_runs(family, rows):
+    """One token per row (shorter than the ranks): rows gathered per adapter, or, when already grouped in
+    order, the product accumulated into the base output in place."""
+    model, adapters, _ = setup(family)
+    x = make_inputs(family, batch=len(rows), seq=1)
+    with torch.no_grad(), adapters.route(rows):
+        mixed = output_of(model, x)
+    torch.testing.assert_close(mixed, singles(model, adapters, x, rows), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_routed_generate_equals_per_row_generate(family):
     model, adapters, x = setup(family, batch=4)

@@ -268,6 +268,15 @@ class RoutePlan:
             return y.index_add_(0, self.rows, d.to(y.dtype))
         return y.index_add(0, self.rows, d.to(y.dtype))
 
+    def scatter_bmm(self, y: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``scatter_add(y, bmm(h, w))`` for ``h: (G, m * prod(rest), k)``, ``w: (G, k, out)``; when the rows
+        are already grouped in order (``identity``) and no gradient is recorded, the product is accumulated
+        into ``y`` in place (one ``baddbmm_``, no temporary)."""
+        if self.identity and not torch.is_grad_enabled() and y.is_contiguous() and y.dtype == h.dtype:
+            y.view(len(self.adapters), -1, y.shape[-1]).baddbmm_(h, w)
+            return y
+        return self.scatter_add(y, torch.bmm(h, w))
+
     def stacked(self, key: Any, build: Any, per_plan: bool = False) -> Any:
         """``build()`` once per key while no gradient is recorded (weights cannot change then). ``per_plan``:
         the value depends on this plan's row assignment, so it is kept for this plan only (not shared with

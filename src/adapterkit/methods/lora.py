@@ -417,7 +417,7 @@ class LoRALinear(_LoRABase):
             return y + torch.bmm(h, Br).view(y.shape).to(y.dtype)
         G = len(plan.adapters)
         h = torch.bmm(plan.gather(x), A[:G])  # (G, m * L, r_max)
-        return plan.scatter_add(y, torch.bmm(h, B[:G]))
+        return plan.scatter_bmm(y, h, B[:G])
 
 
 class LoRAEmbedding(_LoRABase):
