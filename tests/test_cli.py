@@ -325,6 +325,15 @@ def _distributed_equals_single(files, tmp_path: Path, extra: list[str]) -> None:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
+def test_ddp_backend_is_gloo_on_cpu_and_nccl_on_cuda():
+    """The NCCL branch cannot run here (no GPU in CI); its choice is checked directly."""
+    from adapterkit.cli.train import ddp_backend
+
+    assert ddp_backend(use_cpu=True, world=2) == "gloo"
+    assert ddp_backend(use_cpu=False, world=2) == "nccl"
+    assert ddp_backend(use_cpu=False, world=1) is None
+
+
 def test_ddp_two_cpu_processes_equal_one_process(files, tmp_path):
     _distributed_equals_single(files, tmp_path, [])
 

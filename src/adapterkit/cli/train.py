@@ -284,6 +284,13 @@ def _say(*lines: str) -> None:
             print(line, flush=True)
 
 
+def ddp_backend(use_cpu: bool, world: int) -> str | None:
+    """The process-group backend of a ``torchrun`` launch: gloo on CPU, NCCL on CUDA, none for one process."""
+    if world <= 1:
+        return None
+    return "gloo" if use_cpu else "nccl"
+
+
 def _training_args(o: dict[str, Any], out: Path, task: str, metric: str, greater: bool, use_cpu: bool) -> Any:
     from transformers import TrainingArguments
 
@@ -313,7 +320,7 @@ def _training_args(o: dict[str, Any], out: Path, task: str, metric: str, greater
         seed=o["seed"],
         bf16=o["bf16"],
         use_cpu=use_cpu,
-        ddp_backend=("gloo" if use_cpu else "nccl") if distributed else None,
+        ddp_backend=ddp_backend(use_cpu, world_size()),
         ddp_find_unused_parameters=False if distributed else None,
         # classification losses are per-example means: scaling them by the world size (meant for token-count
         # normalised LM losses) would double the gradients of a 2-process run
