@@ -136,9 +136,8 @@ class Site:
         comps = [table.get(a) for a in plan.adapters]
         comps = [c if c is not None and c.has_pre and not c.merged else None for c in comps]
         live = [c for c in comps if c is not None]
-        if any(
-            type(c).pre_call is not Component.pre_call for c in live
-        ):  # model-level methods rewrite the whole call: one method may route its rows itself
+        # model-level methods rewrite the whole call: one method may route its rows itself
+        if any(type(c).pre_call is not Component.pre_call for c in live):
             kind = type(live[0])
             same = all(type(c) is kind for c in live)
             routed = kind.routed_call(comps, plan, args, kwargs) if same else None

@@ -42,7 +42,7 @@ from torch import nn
 from ..component import Component
 from ..config import AdapterConfig, register, register_preset
 from ..targeting import TargetError
-from .prompt import RowLayout, VirtualCache, as_kwargs, batch_size_of, component_key, extend_mask, takes
+from .prompt import RowLayout, VirtualCache, as_kwargs, batch_size_of, component_key, extend_mask
 
 PUBLIC = ("PrefixTuning",)
 _OWN = "_adapterkit_created"  # set on caches this module created (not passed in by the caller)
@@ -300,14 +300,9 @@ class PrefixKV(Component):
         else:
             relative = getattr(model.config, "relative_attention_num_buckets", None) is not None
             if isinstance(pos, torch.Tensor) or not relative:
-                if not takes(type(model), pos_key):
-                    raise NotImplementedError(
-                        f"rows with prefixes of different lengths (or base rows) need explicit position ids, which "
-                        f"{type(model).__name__} does not take; route rows whose prefixes have the same length"
-                    )
-                if not isinstance(pos, torch.Tensor):
-                    pos = past + torch.arange(length, device=new.device)
-                pos = pos.expand(batch, -1) + layout.counts[:, None]
+                pos = (
+                    layout.positions(model, pos_key, pos, past, length, batch, "prefixes") + layout.counts[:, None]
+                )
             if mask is None:
                 mask = torch.ones(batch, past + length, dtype=torch.long, device=new.device)
         if pos is not None:
@@ -328,9 +323,9 @@ class PrefixKV(Component):
         lay = head.layout
         ref = head.values()
 
-        def prefix(c: PrefixKV, n: int, rows: torch.Tensor) -> torch.Tensor:
+        def prefix(c: PrefixKV, n: int, real: torch.Tensor) -> torch.Tensor:
             v = ref if c is head else c.values()
-            return v.to(ref.dtype).unsqueeze(0).expand(rows.numel(), -1, -1)
+            return v.to(ref.dtype).unsqueeze(0).expand(real.shape[0], -1, -1)
 
         empty = ref.new_zeros(batch, 0, lay.num_layers * 2 * lay.kv_dim)
         kv = layout.join(empty, prefix, 0.0)  # (B, width, layers * 2 * kv_dim)

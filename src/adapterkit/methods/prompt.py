@@ -173,15 +173,34 @@ class RowLayout:
         self._back[order] = torch.arange(order.numel(), device=device)
 
     def join(self, x: torch.Tensor, front: Any, fill: Any) -> torch.Tensor:
-        """``x: (B, L, ...) -> (B, width + L, ...)``: each row's ``front(comp, n, rows)`` (``(rows, n, ...)``)
-        and ``fill`` padding placed around its real entries as the layout says."""
+        """``x: (B, L, ...) -> (B, width + L, ...)``: each group's ``front(comp, n, real)`` (``(rows, n, ...)``,
+        ``real`` the group's rows of ``x``) and ``fill`` padding placed around the real entries as the layout
+        says."""
         parts = []
         for comp, n, rows in self.groups:
             real = x.index_select(0, rows)
             pad = real.new_full((rows.numel(), self.width - n, *real.shape[2:]), fill)
-            virtual = front(comp, n, rows) if n else real[:, :0]
+            virtual = front(comp, n, real) if n else real[:, :0]
             parts.append(torch.cat([pad, virtual, real] if self.left else [virtual, real, pad], dim=1))
         return torch.cat(parts).index_select(0, self._back)
+
+    def positions(
+        self, model: nn.Module, key: str, pos: Any, past: int, length: int, batch: int, what: str
+    ) -> torch.Tensor:
+        """``(B, L)`` position ids of this call's real tokens as a run without virtual tokens numbers them
+        (``pos`` if given, else ``past, past + 1, ...``), for layouts whose rows need explicit ones.
+
+        Raises:
+            NotImplementedError: ``model.forward`` takes no ``key`` (``what``: "prompts", "prefixes").
+        """
+        if isinstance(pos, torch.Tensor):
+            return pos.expand(batch, -1)
+        if not takes(type(model), key):
+            raise NotImplementedError(
+                f"rows with {what} of different lengths (or base rows) need explicit position ids, which "
+                f"{type(model).__name__} does not take; route rows whose {what} have the same length"
+            )
+        return (past + torch.arange(length, device=self.counts.device)).expand(batch, -1)
 
     def mask_front(self, like: torch.Tensor) -> torch.Tensor:
         """``(B, width)`` mask of the virtual slots in front (left layout), in ``like``'s dtype."""
@@ -194,6 +213,29 @@ class RowLayout:
             return x[:, x.shape[1] - length :]
         index = self.counts[:, None] + torch.arange(length, device=x.device)
         return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))
+
+
+def widen_per_token(kw: dict[str, Any], batch: int, length: int, token_level: bool, join: Any, shift: Any) -> None:
+    """Give the per-token inputs of a call whose embeddings get virtual tokens in front their entries for
+    those tokens: position ids (the real ones move by ``shift``, the virtual ones count up to them), token
+    type 0, and label -100 (ignored) for token-level heads. ``join(t, front, fill)`` widens ``t: (B, L)``
+    with ``front(comp, n, real) -> (rows, n)`` (a plain prepend, or :meth:`RowLayout.join`)."""
+    pos = kw.get("position_ids")
+    if isinstance(pos, torch.Tensor):
+        kw["position_ids"] = join(
+            pos + shift, lambda c, n, real: real[..., :1] - n + torch.arange(n, device=real.device), 0
+        )
+    types = kw.get("token_type_ids")
+    if isinstance(types, torch.Tensor) and types.shape[-1] == length:
+        kw["token_type_ids"] = join(types, lambda c, n, real: real.new_zeros(*real.shape[:-1], n), 0)
+    labels = kw.get("labels")
+    if (
+        token_level
+        and isinstance(labels, torch.Tensor)
+        and not labels.is_floating_point()
+        and tuple(labels.shape) == (batch, length)
+    ):
+        kw["labels"] = join(labels, lambda c, n, real: real.new_full((*real.shape[:-1], n), -100), -100)
 
 
 class VirtualCache:
@@ -414,23 +456,11 @@ class SoftPrompt(Component):
         # the real length survives several stacked prompts: the first one records it
         new._adapterkit_real = getattr(embeds, "_adapterkit_real", length)
         kw["inputs_embeds"], kw["input_ids"] = new, None
-        pos = kw.get("position_ids")
-        if isinstance(pos, torch.Tensor):
-            first = pos[..., :1]
-            kw["position_ids"] = torch.cat(
-                [first + torch.arange(n, device=pos.device, dtype=pos.dtype), pos + n], -1
-            )
-        types = kw.get("token_type_ids")
-        if isinstance(types, torch.Tensor) and types.shape[-1] == length:
-            kw["token_type_ids"] = torch.cat([types.new_zeros(*types.shape[:-1], n), types], dim=-1)
-        labels = kw.get("labels")
-        if (
-            self.token_level
-            and isinstance(labels, torch.Tensor)
-            and not labels.is_floating_point()
-            and tuple(labels.shape) == (batch, length)
-        ):
-            kw["labels"] = torch.cat([labels.new_full((batch, n), -100), labels], dim=1)
+
+        def prepend(t: torch.Tensor, front: Any, fill: Any) -> torch.Tensor:
+            return torch.cat([front(self, n, t), t], dim=-1)
+
+        widen_per_token(kw, batch, length, self.token_level, prepend, n)
         return kw, n + length
 
     def post_call(self, args: tuple[Any, ...], kwargs: dict[str, Any], y: Any) -> Any:
@@ -468,15 +498,8 @@ class SoftPrompt(Component):
             VirtualCache.length(cache) - sum(VirtualCache.record(cache).values()) - (0 if fresh else layout.width)
         )
         pos = kw.get("position_ids")
-        if isinstance(pos, torch.Tensor):
-            pos = pos.expand(batch, -1)
-        elif layout.left and not layout.uniform:  # padding in front: say where the real tokens are
-            if not takes(type(module), "position_ids"):
-                raise NotImplementedError(
-                    f"rows with prompts of different lengths (or base rows) need explicit position ids, which "
-                    f"{type(module).__name__} does not take; route rows whose prompts have the same length"
-                )
-            pos = (past + torch.arange(length, device=x.device)).expand(batch, -1)
+        if isinstance(pos, torch.Tensor) or (layout.left and not layout.uniform):  # padding in front moves them
+            pos = layout.positions(module, "position_ids", pos, past, length, batch, "prompts")
         mask = kw.get("attention_mask")
         if mask is None and not layout.uniform:
             mask = torch.ones(batch, past + length, dtype=torch.long, device=x.device)
@@ -489,34 +512,18 @@ class SoftPrompt(Component):
         if embeds is None:
             embeds = head.__dict__["_embed_ref"](ids)
 
-        def prompts(c: SoftPrompt, n: int, rows: torch.Tensor) -> torch.Tensor:
-            return c.prompt.to(embeds.dtype).unsqueeze(0).expand(rows.numel(), -1, -1)
+        def prompts(c: SoftPrompt, n: int, real: torch.Tensor) -> torch.Tensor:
+            return c.prompt.to(embeds.dtype).unsqueeze(0).expand(real.shape[0], -1, -1)
 
         new = layout.join(embeds, prompts, 0.0)
         new._adapterkit_real = getattr(embeds, "_adapterkit_real", length)
         new._adapterkit_layout = layout
         kw["inputs_embeds"], kw["input_ids"] = new, None
         if pos is not None:
-            kw["position_ids"] = layout.join(
-                pos + layout.counts[:, None],
-                lambda c, n, rows: pos[rows, :1] + torch.arange(n, device=pos.device),
-                0,
-            )
-        types = kw.get("token_type_ids")
-        if isinstance(types, torch.Tensor) and types.shape[-1] == length:
-            kw["token_type_ids"] = layout.join(
-                types.expand(batch, -1), lambda c, n, rows: types.new_zeros(rows.numel(), n), 0
-            )
-        labels = kw.get("labels")
-        if (
-            head.token_level
-            and isinstance(labels, torch.Tensor)
-            and not labels.is_floating_point()
-            and tuple(labels.shape) == (batch, length)
-        ):
-            kw["labels"] = layout.join(labels, lambda c, n, rows: labels.new_full((rows.numel(), n), -100), -100)
+            kw["position_ids"] = pos
+        widen_per_token(kw, batch, length, head.token_level, layout.join, layout.counts[:, None])
         if mask is not None and mask.shape[1] < VirtualCache.length(cache) + layout.width + length:
-            kw["attention_mask"] = layout.join(mask, lambda c, n, rows: mask.new_ones(rows.numel(), n), 0)
+            kw["attention_mask"] = layout.join(mask, lambda c, n, real: real.new_ones(real.shape[0], n), 0)
         return (), kw
 
     @classmethod
@@ -554,13 +561,17 @@ class EncoderMask(Component):
         kw = as_kwargs(self.__dict__["_module_ref"], args, kwargs)
         if kw.get("attention_mask") is None:
             return args, kwargs
-        enc = kw.get("encoder_outputs")
-        needed = None
-        if enc is not None:
-            hidden = enc[0] if isinstance(enc, (tuple, list)) or hasattr(enc, "keys") else enc
-            needed = int(hidden.shape[1])
-        kw["attention_mask"] = extend_mask(kw["attention_mask"], self.num_virtual_tokens, needed)
+        kw["attention_mask"] = extend_mask(kw["attention_mask"], self.num_virtual_tokens, self._encoded(kw))
         return (), kw
+
+    @staticmethod
+    def _encoded(kw: dict[str, Any]) -> int | None:
+        """Length of the given ``encoder_outputs`` (generation steps), or None."""
+        enc = kw.get("encoder_outputs")
+        if enc is None:
+            return None
+        hidden = enc[0] if isinstance(enc, (tuple, list)) or hasattr(enc, "keys") else enc
+        return int(hidden.shape[1])
 
     @classmethod
     def routed_call(
@@ -571,20 +582,18 @@ class EncoderMask(Component):
         head = next(c for c in comps if c is not None)
         kw = as_kwargs(head.__dict__["_module_ref"], args, kwargs)
         layout = RowLayout(comps, plan, lambda c: c.num_virtual_tokens, left=False)
-        mask, ids, enc = kw.get("attention_mask"), kw.get("input_ids"), kw.get("encoder_outputs")
-        if enc is not None:
-            hidden = enc[0] if isinstance(enc, (tuple, list)) or hasattr(enc, "keys") else enc
-            needed = int(hidden.shape[1])
-        elif isinstance(ids, torch.Tensor) or isinstance(kw.get("inputs_embeds"), torch.Tensor):
-            needed = layout.width + int((ids if ids is not None else kw["inputs_embeds"]).shape[1])
-        else:
-            return args, kwargs
+        mask, needed = kw.get("attention_mask"), cls._encoded(kw)
+        if needed is None:
+            x = next((kw[k] for k in ("input_ids", "inputs_embeds") if isinstance(kw.get(k), torch.Tensor)), None)
+            if x is None:
+                return args, kwargs
+            needed = layout.width + int(x.shape[1])
         if mask is None:
             if layout.uniform:
                 return args, kwargs
             device = layout.counts.device
             mask = torch.ones(layout.counts.numel(), needed - layout.width, dtype=torch.long, device=device)
         if mask.shape[1] < needed:
-            mask = layout.join(mask, lambda c, n, rows: mask.new_ones(rows.numel(), n), 0)
+            mask = layout.join(mask, lambda c, n, real: real.new_ones(real.shape[0], n), 0)
         kw["attention_mask"] = mask
         return (), kw
