@@ -25,7 +25,7 @@ from adapterkit.methods.prefix import PrefixKV
 from adapterkit.methods.prompt import SoftPrompt
 from adapterkit.targeting import TargetError
 
-from conftest import make_inputs, make_model
+from conftest import PEFT_MISSES_CACHE_RENAME, make_inputs, make_model, skip_if_peft_misses_cache_rename
 
 peft = pytest.importorskip("peft")
 from peft import PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model  # noqa: E402
@@ -79,6 +79,8 @@ CASES = [(f, k) for f in TASK for k in ("prompt", "prefix")]
 @pytest.mark.parametrize(("family", "kind"), CASES, ids=[f"{f}-{k}" for f, k in CASES])
 def test_peft_to_adapterkit(family, kind, tmp_path):
     """A peft-saved adapter loads with ``adapters.load`` and gives peft's logits (SEQ_CLS: with its classifier)."""
+    if family == "bert" and kind == "prefix":
+        skip_if_peft_misses_cache_rename("peft's prefix tuning on BERT")
     torch.manual_seed(0)
     pm = get_peft_model(make_model(family), peft_config(family, kind)).eval()
     perturb(pm.prompt_encoder.parameters())
@@ -113,8 +115,9 @@ def test_adapterkit_to_peft(family, kind, tmp_path):
     assert data["task_type"] == TASK[family]
     assert data["peft_type"] == f"{kind.upper()}_TUNING"
 
-    pm = PeftModel.from_pretrained(make_model(family), tmp_path).eval()
-    torch.testing.assert_close(peft_logits(pm, family, kind, x), expected, **TOL)
+    if not (family == "bert" and kind == "prefix" and PEFT_MISSES_CACHE_RENAME):
+        pm = PeftModel.from_pretrained(make_model(family), tmp_path).eval()
+        torch.testing.assert_close(peft_logits(pm, family, kind, x), expected, **TOL)
     # and back: the exported directory loads into adapterkit with the same outputs
     again = make_model(family)
     ak.attach(again).load(tmp_path)
@@ -278,6 +281,7 @@ def test_generate_with_cache_equals_reference(family, kind, padded):
 @pytest.mark.parametrize(("family", "kind"), CASES[2:], ids=[f"{f}-{k}" for f, k in CASES[2:]])
 def test_generate_equals_peft(family, kind):
     """Without padding (peft drops the padding-aware positions of prompt tuning), generation equals peft's."""
+    skip_if_peft_misses_cache_rename("peft's generate() with virtual tokens")
     model = make_model(family)
     adapters = ak.attach(model)
     torch.manual_seed(3)
@@ -372,6 +376,8 @@ def test_causal_lm_loss_ignores_virtual_positions():
 
 @pytest.mark.parametrize(("family", "kind"), CASES, ids=[f"{f}-{k}" for f, k in CASES])
 def test_loss_equals_peft(family, kind):
+    if family == "bert" and kind == "prefix":
+        skip_if_peft_misses_cache_rename("peft's prefix tuning on BERT")
     model = make_model(family)
     adapters = ak.attach(model)
     torch.manual_seed(0)

@@ -101,7 +101,7 @@ class _Bnb8bitLinear(metaclass=_LazyTypeMeta):
 
 
 def _torchao_tensor_types() -> tuple[type, ...]:
-    if "torchao" not in sys.modules:
+    if sys.modules.get("torchao") is None:  # never imported, or hidden (``sys.modules["torchao"] = None``)
         return ()
     from torchao.quantization import NF4Tensor
     from torchao.utils import TorchAOBaseTensor

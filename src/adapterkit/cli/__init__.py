@@ -156,6 +156,9 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _configure_logging() -> None:
     import warnings
 
+    from .models import hide_quantization_libraries
+
+    hide_quantization_libraries()
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 

@@ -19,6 +19,45 @@ class ModelError(ValueError):
     """A model path, task or architecture problem; the message names what to change."""
 
 
+QUANT_ENV = "ADAPTERKIT_QUANT_LIBS"
+QUANT_LIBRARIES = ("bitsandbytes", "torchao")
+
+
+def hide_quantization_libraries() -> None:
+    """Keep transformers (and peft) from importing bitsandbytes and torchao in this CLI process.
+
+    transformers imports every installed quantization library while it loads its Trainer and model code,
+    and they print warnings on a machine without their kernels (torchao's "Could not load this library",
+    torch pytree deprecations, bitsandbytes' "Failed to load CPU gemm_4bit_forward"). The CLI trains and
+    evaluates full-precision bases, so it hides them (``sys.modules[name] = None``: they read as not installed)
+    unless ``ADAPTERKIT_QUANT_LIBS=1``. A pre-quantized checkpoint is then refused by :func:`load_model` with
+    a message naming that variable. Libraries already imported stay as they are.
+    """
+    import sys
+
+    if os.environ.get(QUANT_ENV, "") not in ("", "0"):
+        return
+    for name in QUANT_LIBRARIES:
+        sys.modules.setdefault(name, None)  # type: ignore[arg-type]
+
+
+def _refuse_hidden_quantization(path: str | os.PathLike) -> None:
+    import sys
+
+    file = Path(path) / "config.json"
+    try:
+        quant = json.loads(file.read_text()).get("quantization_config") if file.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return
+    hidden = [n for n in QUANT_LIBRARIES if n in sys.modules and sys.modules[n] is None]
+    if quant and hidden:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+        raise ModelError(
+            f"{str(path)!r} is a pre-quantized checkpoint (quant_method {method!r}); the CLI keeps quantization "
+            f"libraries unloaded by default: run with {QUANT_ENV}=1 to load it"
+        )
+
+
 def _quiet_transformers() -> None:
     from transformers.utils import logging
 
@@ -29,6 +68,7 @@ def _quiet_transformers() -> None:
 def model_config(path: str | os.PathLike) -> Any:
     from transformers import AutoConfig
 
+    _refuse_hidden_quantization(path)
     _quiet_transformers()
     try:
         return AutoConfig.from_pretrained(str(path))
@@ -79,6 +119,7 @@ def load_model(path: str | os.PathLike, task: str, *, labels: list[str] | None =
                pad_token_id: int | None = None, seed: int = 42, dtype: torch.dtype | None = None) -> torch.nn.Module:  # fmt: skip
     """The base model for ``task``; classification gets a fresh head of ``len(labels)`` outputs (1 for
     regression), initialized from ``seed`` so that every process of a distributed run starts the same."""
+    _refuse_hidden_quantization(path)
     _quiet_transformers()
     kwargs: dict[str, Any] = {}
     if dtype is not None:

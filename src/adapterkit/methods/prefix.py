@@ -42,7 +42,17 @@ from torch import nn
 from ..component import Component
 from ..config import AdapterConfig, register, register_preset
 from ..targeting import TargetError
-from .prompt import RowLayout, VirtualCache, as_kwargs, batch_size_of, component_key, extend_mask
+from .prompt import (
+    RowLayout,
+    VirtualCache,
+    as_kwargs,
+    batch_size_of,
+    cache_key,
+    component_key,
+    extend_mask,
+    output_cache,
+    take_cache,
+)
 
 PUBLIC = ("PrefixTuning",)
 _OWN = "_adapterkit_created"  # set on caches this module created (not passed in by the caller)
@@ -223,9 +233,9 @@ class PrefixKV(Component):
         batch = batch_size_of(kw, (*ids_keys, "input_ids", "inputs_embeds", "encoder_outputs"))
         if batch is None:
             raise ValueError("prefix tuning could not find the batch size: pass input_ids or inputs_embeds")
-        cache = kw.get("past_key_values")
+        cache = take_cache(self.__dict__["_module_ref"], kw)
         if cache is None:
-            cache = kw["past_key_values"] = self._new_cache()
+            cache = kw[cache_key(type(self.__dict__["_module_ref"]))] = self._new_cache()
             setattr(cache, _OWN, True)
         record = VirtualCache.record(cache)
         n = self.num_virtual_tokens
@@ -270,9 +280,9 @@ class PrefixKV(Component):
         batch, length = int(new.shape[0]), int(new.shape[1])
         layout = RowLayout(comps, plan, lambda c: c.num_virtual_tokens, left=True)
         rows = (tuple(c.key if c is not None else None for c in comps), tuple(layout.counts.tolist()))
-        cache = kw.get("past_key_values")
+        cache = take_cache(model, kw)
         if cache is None:
-            cache = kw["past_key_values"] = head._new_cache()
+            cache = kw[cache_key(type(model))] = head._new_cache()
             setattr(cache, _OWN, True)
         if _ROUTED not in VirtualCache.record(cache):
             if not VirtualCache.fresh(cache):
@@ -343,21 +353,23 @@ class PrefixKV(Component):
     def post_call(self, args: tuple[Any, ...], kwargs: dict[str, Any], y: Any) -> Any:
         """Refuse models that silently ignored the cache (the prefix would have had no effect), and do not hand
         back a cache the caller did not ask for (``use_cache=False``): a later call must start afresh."""
-        cache = kwargs.get("past_key_values")
+        model = self.__dict__["_module_ref"]
+        cache = kwargs.get(cache_key(type(model)))
         if cache is None:
             return y
         if VirtualCache.fresh(cache):
             raise TypeError(
-                f"{type(self.__dict__['_module_ref']).__name__} did not read past_key_values, so the prefix had no "
+                f"{type(model).__name__} did not read past_key_values (its KV cache), so the prefix had no "
                 "effect: some models never read it, and layers under gradient checkpointing drop it in training; "
                 "turn gradient checkpointing off, or use prompt tuning or LoRA for this model"
             )
-        if getattr(cache, _OWN, False) and hasattr(y, "keys") and getattr(y, "past_key_values", None) is cache:
+        field, returned = output_cache(y)
+        if getattr(cache, _OWN, False) and returned is cache:
             use_cache = kwargs.get("use_cache")
             if use_cache is None:
-                use_cache = getattr(self.__dict__["_module_ref"].config, "use_cache", False)
+                use_cache = getattr(model.config, "use_cache", False)
             if not use_cache:  # the output then lacks the key, as without the adapter (generate() checks for it)
-                y = type(y)(**{k: v for k, v in y.items() if k != "past_key_values"})
+                y = type(y)(**{k: v for k, v in y.items() if k != field})
         return y
 
     # --- saving: the reparametrization is folded away ---------------------------------------------------

@@ -67,6 +67,10 @@ __all__ = [
     "encoder_of",
     "batch_size_of",
     "VirtualCache",
+    "cache_key",
+    "cache_of",
+    "take_cache",
+    "output_cache",
 ]
 
 
@@ -131,6 +135,52 @@ def extend_mask(mask: Any, n: int, needed: int | None) -> Any:
 def takes(cls: type, name: str) -> bool:
     """``cls.forward`` has a parameter called ``name``."""
     return name in inspect.signature(cls.forward).parameters
+
+
+# transformers 5.24 renamed the KV-cache argument and output field ``past_key_values`` to ``cache`` (the old name
+# still works through a deprecation shim until 5.40); earlier releases only know ``past_key_values``.
+CACHE_KEYS = ("cache", "past_key_values")
+
+
+@functools.cache
+def cache_key(cls: type) -> str:
+    """The name under which ``cls.forward`` takes its KV cache: ``cache`` (transformers >= 5.24) or
+    ``past_key_values`` (earlier releases, and models that take neither)."""
+    return "cache" if takes(cls, "cache") else "past_key_values"
+
+
+def cache_of(kw: Mapping[str, Any]) -> Any:
+    """The KV cache of a call (passed under either name), or None."""
+    cache = kw.get("cache")
+    return cache if cache is not None else kw.get("past_key_values")
+
+
+def take_cache(module: nn.Module, kw: dict[str, Any]) -> Any:
+    """The call's KV cache, moved in ``kw`` to the name ``module.forward`` takes (:func:`cache_key`), so
+    hooks that add to it hand the model the object they filled.
+
+    Raises:
+        ValueError: the call passes two different caches under both names.
+    """
+    key = cache_key(type(module))
+    other = CACHE_KEYS[1] if key == CACHE_KEYS[0] else CACHE_KEYS[0]
+    cache, alias = kw.get(key), kw.pop(other, None)
+    if cache is not None and alias is not None and alias is not cache:
+        raise ValueError("the call passes both `cache` and `past_key_values`; pass the KV cache once, as `cache`")
+    if cache is None and alias is not None:
+        cache = alias
+    if cache is not None or key in kw:
+        kw[key] = cache
+    return cache
+
+
+def output_cache(y: Any) -> tuple[str | None, Any]:
+    """``(field, cache)`` of a model output (``cache`` or ``past_key_values``), or ``(None, None)``."""
+    if hasattr(y, "keys"):
+        for key in CACHE_KEYS:
+            if key in y:
+                return key, y[key]
+    return None, None
 
 
 def is_causal(module: nn.Module) -> bool:
@@ -433,7 +483,7 @@ class SoftPrompt(Component):
         ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
         if ids is None and embeds is None:
             return args, kwargs  # e.g. a decoder-only call driven by other inputs: nothing to prepend to
-        cache = kw.get("past_key_values")
+        cache = take_cache(self.__dict__["_module_ref"], kw)
         n = self.prompt.shape[0]
         if VirtualCache.fresh(cache):
             kw, length = self._prepend(kw, ids, embeds, n)
@@ -490,7 +540,7 @@ class SoftPrompt(Component):
         if ids is None and embeds is None:
             return args, kwargs
         layout = RowLayout(comps, plan, lambda c: c.prompt.shape[0], left=head.causal)
-        cache = kw.get("past_key_values")
+        cache = take_cache(module, kw)
         fresh = VirtualCache.fresh(cache)
         x = embeds if embeds is not None else ids
         batch, length = x.shape[:2]

@@ -76,7 +76,7 @@ from torch import nn
 from ..component import Component
 from ..config import AdapterConfig, register
 from ..targeting import TargetError
-from .prompt import VirtualCache, as_kwargs, encoder_of
+from .prompt import VirtualCache, as_kwargs, cache_of, encoder_of
 
 PUBLIC = ("LoReFT",)
 __all__ = ["LoReFT", "LoReFTBlock", "LoReFTIntervention", "PositionRecorder", "CallState", "select_positions"]
@@ -467,7 +467,7 @@ class PositionRecorder(Component):
     """On the model (or an encoder/decoder stack): records each call's padding mask for the LoReFT blocks.
 
     Holds no parameters and changes nothing in the call. The mask is the call's 2-D ``attention_mask``
-    (None: every position is real); the call is *fresh* when its KV cache (``past_key_values``) holds no real
+    (None: every position is real); the call is *fresh* when its KV cache (``cache``, before transformers 5.24 ``past_key_values``) holds no real
     token yet. With ``use_labels`` the call's token-level ``labels`` are kept too (``prompt_from_labels``).
     """
 
@@ -492,7 +492,7 @@ class PositionRecorder(Component):
         labels = kw.get("labels") if self.use_labels else None
         if not isinstance(labels, torch.Tensor) or labels.dim() != 2 or labels.is_floating_point():
             labels = None
-        fresh = _fresh(kw.get("past_key_values"))
+        fresh = _fresh(cache_of(kw))
         self.__dict__["_state"].open(mask, labels, fresh)
         return args, kwargs
 
