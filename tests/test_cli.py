@@ -300,6 +300,30 @@ def test_generate_with_a_causal_lm_adapter(files):
     _ok("generate", out, "--prompt", "rate the film", "--max-new-tokens", "3")
 
 
+@pytest.mark.parametrize("method", ["prefix_tuning", "prompt_tuning"])
+def test_generate_with_a_model_level_adapter(files, method):
+    """Prefix/prompt adapters generate through the CLI (the KV cache the model is handed holds the virtual tokens
+    once: transformers >= 5.24 passes it as ``cache``)."""
+    out = files["root"] / f"gen-{method}"
+    _ok("train", "--model", files["llama"], "--data", files["alpaca"], "--task", "causal-lm", "--max-steps", "2",
+        "--method", method, "--opt", "num_virtual_tokens=4", "--batch-size", "4", "--dev-fraction", "0.25",
+        "--no-progress", "--threads", "1", "--out", out)  # fmt: skip
+    from adapterkit.cli.ops import run_generate
+
+    kw = {
+        "model": None,
+        "template": None,
+        "raw": True,
+        "max_new_tokens": 4,
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "seed": 0,
+    }
+    texts = run_generate(out, ["the film is good", "rate the film"], **kw)
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    _ok("generate", out, "--prompt", "rate the film", "--max-new-tokens", "3")
+
+
 # --- distributed ---------------------------------------------------------------------------------------------------
 def _torchrun(args: list[str], tmp: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
