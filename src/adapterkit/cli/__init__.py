@@ -117,7 +117,8 @@ def _split(values: list[str] | None) -> list[str] | None:
 
 def _parse_opts(values: list[str] | None) -> dict[str, Any]:
     """``key=value`` pairs; values are read as JSON (``r=16``, ``dora=true``, ``rank_pattern={"q": 4}``),
-    else kept as strings (``init=pissa``)."""
+    else kept as strings (``init=pissa``). A value that starts like a JSON object, list or string must be
+    valid JSON."""
     out: dict[str, Any] = {}
     for item in values or []:
         key, sep, raw = str(item).partition("=")
@@ -126,9 +127,34 @@ def _parse_opts(values: list[str] | None) -> dict[str, Any]:
             raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--opt")
         try:
             out[key] = json.loads(raw)
-        except json.JSONDecodeError:
+        except json.JSONDecodeError as e:
+            if raw.strip()[:1] in ("{", "[", '"'):
+                raise typer.BadParameter(
+                    f"the value of {key!r} is not valid JSON ({e.msg} at character {e.pos + 1} of {raw!r}); "
+                    f"""write it as JSON, e.g. {key}='{{"q": 4}}' or {key}='["a", "b"]' (quote it for the shell)""",
+                    param_hint="--opt",
+                ) from None
             out[key] = raw
     return out
+
+
+def _check_numbers(**checks: tuple[Any, str]) -> None:
+    """Refuse option values outside their range: ``flag_name=(value, rule)`` with rule ``>0``, ``>=0``,
+    ``>=1`` or ``0<x<=1``; None means "not given" and passes. Floats must be finite."""
+    import math
+
+    tests = {
+        ">0": (lambda v: v > 0, "a positive number"),
+        ">=0": (lambda v: v >= 0, "a number >= 0"),
+        ">=1": (lambda v: v >= 1, "a whole number >= 1"),
+        "0<x<=1": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    }
+    for name, (value, rule) in checks.items():
+        if value is None:
+            continue
+        ok, what = tests[rule]
+        if not (isinstance(value, int) or math.isfinite(value)) or not ok(value):
+            raise typer.BadParameter(f"must be {what}, got {value!r}", param_hint=f"--{name.replace('_', '-')}")
 
 
 def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -287,6 +313,14 @@ def train(
     options["heads"] = _split(heads)
     options["text_column"] = _split(text_column)
     options["opt"] = _parse_opts(opt)
+    _check_numbers(
+        epochs=(epochs, ">0"), max_steps=(max_steps, ">=1"), batch_size=(batch_size, ">=1"),
+        eval_batch_size=(eval_batch_size, ">=1"), grad_accum=(grad_accum, ">=1"), lr=(lr, ">0"),
+        weight_decay=(weight_decay, ">=0"), warmup=(warmup, ">=0"), max_grad_norm=(max_grad_norm, ">=0"),
+        eval_steps=(eval_steps, ">=1"), logging_steps=(logging_steps, ">=1"),
+        save_total_limit=(save_total_limit, ">=1"), max_length=(max_length, ">=1"), train_size=(train_size, ">=1"),
+        dev_size=(dev_size, ">=1"), dev_fraction=(dev_fraction, ">0"), threads=(threads, ">=1"), seed=(seed, ">=0"),
+    )  # fmt: skip
     if "." in name or not name:
         raise typer.BadParameter(
             f"adapter names cannot be empty or contain '.', got {name!r}", param_hint="--name"
@@ -326,6 +360,7 @@ def eval_(
 ) -> None:
     """Evaluate an adapter on its dev set (or --data) and print the accuracy."""
     _configure_logging()
+    _check_numbers(batch_size=(batch_size, ">=1"), max_length=(max_length, ">=1"), num_labels=(num_labels, ">=1"))
     from .ops import run_eval
 
     metrics = run_eval(adapter, model=model, data=data, dev=dev, task=task.value if task else None,
@@ -347,6 +382,7 @@ def merge(
 ) -> None:
     """Merge the adapter into the base weights and save a plain transformers model (+ tokenizer)."""
     _configure_logging()
+    _check_numbers(num_labels=(num_labels, ">=1"))
     from .ops import run_merge
 
     run_merge(adapter, out, model=model, task=task.value if task else None, num_labels=num_labels)
@@ -367,6 +403,7 @@ def export(
 ) -> None:
     """Write the adapter in another library's format (peft)."""
     _configure_logging()
+    _check_numbers(num_labels=(num_labels, ">=1"))
     from .ops import run_export
 
     run_export(adapter, out, fmt=fmt.value, model=model, task=task.value if task else None, num_labels=num_labels)
@@ -400,6 +437,7 @@ def inspect_(
 ) -> None:
     """Module tree with targetable roles, where adapters would sit, parameter counts, estimated training memory."""
     _configure_logging()
+    _check_numbers(batch_size=(batch_size, ">=1"), max_length=(max_length, ">=1"), depth=(depth, ">=0"))
     from .inspect import inspect_model
 
     overrides = _parse_opts(opt)
@@ -432,6 +470,9 @@ def generate(
 ) -> None:
     """Generate with a causal LM and its adapter."""
     _configure_logging()
+    _check_numbers(
+        max_new_tokens=(max_new_tokens, ">=1"), temperature=(temperature, ">=0"), top_p=(top_p, "0<x<=1")
+    )
     from .ops import run_generate
 
     run_generate(adapter, prompt, model=model, template=template, raw=raw, max_new_tokens=max_new_tokens,

@@ -83,8 +83,15 @@ class DataSpec:
     dev_size: int | None = None
     seed: int = 42
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def to_dict(self, *, absolute: bool = False) -> dict[str, Any]:
+        """The fields; with ``absolute``, ``data`` and ``dev`` as absolute paths (run.json: ``adapterkit eval``
+        may run from another directory)."""
+        out = dataclasses.asdict(self)
+        if absolute:
+            for key in ("data", "dev"):
+                if out[key] is not None:
+                    out[key] = str(Path(out[key]).resolve())
+        return out
 
 
 @dataclasses.dataclass
@@ -284,6 +291,11 @@ def _is_float(v: str) -> bool:
     return True
 
 
+def _has_label(row: dict[str, Any], column: str) -> bool:
+    value = row.get(column)
+    return value is not None and str(value).strip() != ""
+
+
 def load_splits(spec: DataSpec) -> Splits:
     """Read, shuffle (seeded), split and subsample the data of ``spec``.
 
@@ -311,8 +323,20 @@ def load_splits(spec: DataSpec) -> Splits:
     columns = resolve_columns(spec, list(rows[0]), str(train_path))
     labels, regression = None, False
     if spec.task == "classify":
-        dev = [r for r in dev if str(r.get(columns["label"], "")).strip() != ""]  # unlabelled rows (test sets)
-        labels, regression = _label_names(rows, dev, columns["label"])
+        label = columns["label"]
+        labelled = [r for r in rows if _has_label(r, label)]
+        if not labelled:
+            raise DataError(
+                f"every row of {train_path} has an empty label in column {label!r}: fill in the labels, or pass "
+                "--label-column with the column that holds them"
+            )
+        rows = labelled
+        dev = [r for r in dev if _has_label(r, label)]  # unlabelled rows (test sets)
+        if not dev:
+            raise DataError(
+                f"the dev set ({dev_source}) has no labelled rows in column {label!r}: pass --dev with a labelled file"
+            )
+        labels, regression = _label_names(rows, dev, label)
     return Splits(rows, dev, dev_source, columns, labels, regression)
 
 

@@ -9,7 +9,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["TASKS", "RUN_FILE", "guess_task", "load_tokenizer", "load_model", "read_run", "model_class"]
+__all__ = [
+    "TASKS", "RUN_FILE", "guess_task", "load_tokenizer", "load_model", "read_run", "model_class", "check_adapter_size",
+    "add_adapter", "load_adapter",
+]  # fmt: skip
 
 TASKS = ("classify", "causal-lm", "seq2seq")
 RUN_FILE = "run.json"
@@ -126,7 +129,8 @@ def load_model(path: str | os.PathLike, task: str, *, labels: list[str] | None =
         kwargs["dtype"] = dtype
     if task == "classify":
         names = labels or ["0", "1"]
-        kwargs.update(num_labels=1 if regression else len(names))
+        # a checkpoint saved with another number of labels gets a new head of the right size
+        kwargs.update(num_labels=1 if regression else len(names), ignore_mismatched_sizes=True)
         if regression:
             kwargs["problem_type"] = "regression"
         else:
@@ -134,7 +138,7 @@ def load_model(path: str | os.PathLike, task: str, *, labels: list[str] | None =
     torch.manual_seed(seed)
     try:
         model = model_class(task).from_pretrained(str(path), **kwargs)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RuntimeError) as e:
         raise ModelError(
             f"cannot load {str(path)!r} as a {task} model: {str(e).splitlines()[0]}; check --model and --task"
         ) from None
@@ -149,3 +153,93 @@ def read_run(directory: str | os.PathLike) -> dict[str, Any]:
     if not p.is_file():
         return {}
     return json.loads(p.read_text())
+
+
+def _memory_bytes() -> int | None:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _large_options(config: Any) -> str:
+    """The config's integer options of 100,000 or more (``r=1000000000``), to name in a message."""
+    import dataclasses
+
+    found = [
+        f"{f.name}={getattr(config, f.name)}"
+        for f in dataclasses.fields(config)
+        if isinstance(getattr(config, f.name), int) and not isinstance(getattr(config, f.name), bool)
+        and getattr(config, f.name) >= 100_000
+    ]  # fmt: skip
+    for part in getattr(config, "configs", ()) or ():  # a union's members
+        if dataclasses.is_dataclass(part):
+            inner = _large_options(part)
+            if inner:
+                found.append(f"{part.method}: {inner}")
+    return ", ".join(found)
+
+
+def check_adapter_size(path: str | os.PathLike, task: str | None, config: Any, *, source: str) -> None:
+    """Refuse an adapter config whose tensors would not fit in this machine's memory (an absurd rank or size),
+    before anything is allocated: the adapter is planned on a ``meta``-device copy of the model (no memory).
+    ``source`` names where the config came from (``--opt``, an adapter_config.json). Configs the meta copy
+    cannot plan are left to the real build."""
+    import adapterkit as ak
+
+    limit = _memory_bytes()
+    if limit is None:
+        return
+    try:
+        cfg = model_config(path)
+        with torch.device("meta"):
+            meta = model_class(task).from_config(cfg)
+        n = ak.attach(meta).plan(config).num_params
+    except Exception:  # noqa: BLE001 - only a pre-check: the real build reports its own errors
+        return
+    if n * 4 > limit:
+        big = _large_options(config)
+        raise ModelError(
+            f"the {config.method} adapter ({source}) would have {n:,} parameters ({n * 4 / 2**30:,.0f} GiB in "
+            f"float32), more than this machine's memory ({limit / 2**30:,.0f} GiB)"
+            + (f": {big} is far too large" if big else "")
+            + "; lower the adapter's size options (r, reduction_factor, num_virtual_tokens, ...)"
+        )
+
+
+def _build_error(e: BaseException, method: str, source: str) -> ModelError:
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return ModelError(
+        f"building the {method} adapter ({source}) failed: {first}; lower the adapter's size options "
+        "(r, reduction_factor, num_virtual_tokens, ...) or free memory"
+    )
+
+
+def _allocation_failed(e: BaseException) -> bool:
+    text = str(e).lower()
+    return (
+        isinstance(e, MemoryError)
+        or "out of memory" in text
+        or "can't allocate" in text
+        or "tried to allocate" in text
+    )
+
+
+def add_adapter(adapters: Any, name: str, method: str, *, source: str, **overrides: Any) -> None:
+    """``adapters.add`` with allocation failures (out of memory) reported as a :class:`ModelError`."""
+    try:
+        adapters.add(name, method, **overrides)
+    except (RuntimeError, MemoryError) as e:
+        if not _allocation_failed(e):
+            raise
+        raise _build_error(e, method, source) from None
+
+
+def load_adapter(adapters: Any, directory: str | os.PathLike, *, method: str, **kwargs: Any) -> str:
+    """``adapters.load`` with allocation failures (out of memory) reported as a :class:`ModelError`."""
+    try:
+        return adapters.load(directory, **kwargs)
+    except (RuntimeError, MemoryError) as e:
+        if not _allocation_failed(e):
+            raise
+        raise _build_error(e, method, f"in {str(directory)!r}") from None

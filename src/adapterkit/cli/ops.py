@@ -7,7 +7,6 @@ saved from Python (no ``run.json``) needs ``--model`` and, for classification, `
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -15,19 +14,70 @@ from typing import Any
 import torch
 
 import adapterkit as ak
+from adapterkit.config import config_from_dict
 
-from .models import ModelError, guess_task, load_model, load_tokenizer, model_config, read_run
+from .models import (
+    ModelError,
+    check_adapter_size,
+    guess_task,
+    load_adapter,
+    load_model,
+    load_tokenizer,
+    model_config,
+    read_run,
+)
 
 __all__ = ["load_adapted", "run_eval", "run_merge", "run_export", "run_generate"]
 
 
 def _adapter_meta(adapter: Path) -> dict[str, Any]:
+    from adapterkit.formats.io import read_json
+
     cfg = adapter / "adapter_config.json"
     if not cfg.is_file():
         raise ak.AdapterFileError(
             f"{str(adapter)!r} has no adapter_config.json: pass the directory `adapterkit train --out` wrote"
         )
-    return json.loads(cfg.read_text())
+    return read_json(cfg)
+
+
+def _saved_shapes(adapter: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of ``adapter.safetensors`` (header only; {} when it cannot be read: loading reports it)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(adapter / "adapter.safetensors"), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - not a dict
+    except Exception:  # noqa: BLE001
+        return {}
+
+
+def _check_heads(adapter: Path, meta: dict[str, Any], net: torch.nn.Module, labels: list[str] | None,
+                 from_run: bool) -> None:  # fmt: skip
+    """Refuse a head copy whose shape differs from the model's head (another number of labels) with a message
+    naming the labels, before the adapter is loaded."""
+    from adapterkit.targeting import base_modules
+
+    shapes = _saved_shapes(adapter)
+    modules = base_modules(net)
+    for site, kind in (meta.get("sites") or {}).items():
+        if kind != "head" or site not in modules:
+            continue
+        for pname, p in modules[site].named_parameters():
+            saved = shapes.get(f"{site}.head.{pname}")
+            if saved is None or saved == tuple(p.shape):
+                continue
+            n = saved[0] if saved else 0
+            have = f"{len(labels)} labels ({', '.join(labels[:10])})" if labels else f"{p.shape[0]} outputs"
+            hint = (
+                "run.json's labels do not match the adapter: the adapter directory was altered"
+                if from_run
+                else f"pass --num-labels {n}"
+            )
+            raise ModelError(
+                f"the adapter's copy of the head {site!r} has {n} outputs ({pname} {list(saved)}), but the model was "
+                f"built for {have}: {hint}"
+            )
 
 
 def load_adapted(adapter: str | os.PathLike, *, model: str | None = None, task: str | None = None,
@@ -45,14 +95,27 @@ def load_adapted(adapter: str | os.PathLike, *, model: str | None = None, task: 
     labels = run.get("labels")
     if task == "classify" and labels is None and not run.get("regression"):
         labels = [str(i) for i in range(num_labels or 2)]
+    elif task == "classify" and num_labels is not None and labels is not None and num_labels != len(labels):
+        raise ModelError(
+            f"--num-labels {num_labels} contradicts the {len(labels)} labels in {str(adapter / 'run.json')!r}: "
+            "drop --num-labels"
+        )
+    method = str((meta.get("config") or {}).get("method", "?"))
+    try:
+        config = config_from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ak.AdapterFileError(f"{str(adapter / 'adapter_config.json')!r} is invalid: {e}") from None
+    check_adapter_size(base, task, config, source=f"in {str(adapter)!r}")
     tokenizer = load_tokenizer(base)
     net = load_model(
         base, task, labels=labels, regression=bool(run.get("regression")), pad_token_id=tokenizer.pad_token_id
     )
     net.eval()
+    if task == "classify":
+        _check_heads(adapter, meta, net, labels, from_run=run.get("labels") is not None)
     adapters = ak.attach(net)
-    name = adapters.load(adapter, name=meta.get("name") or run.get("name"), activate=True)
-    return net, adapters, name, {**run, "task": task, "model": base}, tokenizer
+    name = load_adapter(adapters, adapter, method=method, name=meta.get("name") or run.get("name"), activate=True)
+    return net, adapters, name, {**run, "task": task, "model": base, "labels": labels}, tokenizer
 
 
 def run_eval(adapter: Path, *, model: str | None, data: str | None, dev: str | None, task: str | None,
@@ -84,8 +147,22 @@ def run_eval(adapter: Path, *, model: str | None, data: str | None, dev: str | N
     recipe["task"] = task
     spec = D.DataSpec(**{k: v for k, v in recipe.items() if k in D.DataSpec.__dataclass_fields__})
     splits = D.load_splits(spec)
-    if run.get("labels") is not None and splits.labels != run["labels"] and task == "classify":
-        splits.labels = run["labels"]  # score with the label order the head was trained with
+    head = run.get("labels")
+    if task == "classify" and head is not None and not splits.regression:
+        label = splits.columns["label"]
+        unknown = sorted({str(r[label]).strip() for r in splits.dev} - set(head))
+        unknown = [u for u in unknown if not (D._is_int(u) and 0 <= int(u) < len(head))]
+        if unknown:
+            fix = (
+                "pass --num-labels N (the labels are 0..N-1) if it was trained with more"
+                if not (Path(adapter) / "run.json").is_file()
+                else "evaluate on data with the labels it was trained on"
+            )
+            raise D.DataError(
+                f"{splits.dev_source} has labels the adapter's head does not have: {unknown[:5]}; its {len(head)} "
+                f"outputs are the labels {head[:10]}: {fix}"
+            )
+        splits.labels = head  # score with the label order the head was trained with
     max_length = max_length or run.get("max_length") or 128
     template = run.get("template", "alpaca")
     dev_set = D.encode(splits.dev, splits, tokenizer, task=task, max_length=max_length, template=template,
@@ -119,8 +196,21 @@ def run_eval(adapter: Path, *, model: str | None, data: str | None, dev: str | N
     return metrics
 
 
+def _output_directory(out: Path) -> None:
+    """Refuse an ``--out`` that cannot become a directory (checked before anything is loaded or written)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OSError(f"--out {str(out)!r} is an existing file, not a directory: pass a directory path")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OSError(f"--out {str(out)!r}: {str(parent)!r} is a file, not a directory")
+            break
+
+
 def run_merge(adapter: Path, out: Path, *, model: str | None, task: str | None, num_labels: int | None) -> None:
     """Fold the adapter into the base weights and write a plain transformers model (+ tokenizer) to ``out``."""
+    _output_directory(out)
     net, adapters, name, run, tokenizer = load_adapted(adapter, model=model, task=task, num_labels=num_labels)
     plain = adapters.merge_and_detach([name])
     plain.save_pretrained(out)
@@ -131,6 +221,7 @@ def run_merge(adapter: Path, out: Path, *, model: str | None, task: str | None, 
 def run_export(adapter: Path, out: Path, *, fmt: str, model: str | None, task: str | None,
                num_labels: int | None) -> None:  # fmt: skip
     """Write the adapter in another format (``peft``: loads with ``PeftModel.from_pretrained``)."""
+    _output_directory(out)
     net, adapters, name, run, _ = load_adapted(adapter, model=model, task=task, num_labels=num_labels)
     adapters.export(name, out, format=fmt)
     print(f"exported adapter {name!r} as {fmt} to {out}")

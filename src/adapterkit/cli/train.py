@@ -5,7 +5,10 @@ The loop is ``transformers.Trainer``'s (progress bar, evaluation and checkpoint 
 
 * checkpoints hold the adapter in the native format (``adapter_config.json`` + ``adapter.safetensors``,
   the head copy included), not the base model; resuming and loading the best checkpoint read it back into
-  the live components;
+  the live components. Where a component saves something other than its trainable parameters (prefix
+  tuning with ``prefix_projection`` saves the computed prefix, not the MLP that makes it), the checkpoint
+  also holds those parameters as trained (``training_state.safetensors``), and resuming and best-checkpoint
+  reloads restore them from it (the optimizer state refers to them);
 * distributed data parallel on CPU uses gloo (``use_cpu`` + ``ddp_backend="gloo"``): without them each
   process would train alone;
 * ``--fsdp`` shards every transformer block and then the root with FSDP2 (``fully_shard``) before training.
@@ -29,12 +32,14 @@ import torch
 from torch import nn
 
 import adapterkit as ak
+from adapterkit.component import Component
 from adapterkit.formats.io import read_tensors
 from adapterkit.targeting import base_modules
 
 __all__ = ["AdapterTrainer", "compute_metrics_for", "best_metric", "last_checkpoint", "shard_fsdp2", "world_size"]
 
 CHECKPOINTS = "checkpoints"
+TRAINING_STATE = "training_state"  # checkpoints: trainable tensors the native save leaves out
 
 
 def world_size() -> int:
@@ -164,40 +169,123 @@ def _copy_into_shards(comp: nn.Module, state: dict[str, torch.Tensor], site: str
                 p.copy_(t)
 
 
+def _site_state(tensors: dict[str, torch.Tensor], site: str) -> dict[str, torch.Tensor]:
+    prefix = site + "."
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
 def import_adapter_weights(adapters: ak.Adapters, name: str, directory: str | os.PathLike) -> None:
-    """Load the tensors of a native adapter directory into adapter ``name``'s existing components."""
-    tensors = read_tensors(Path(directory), "adapter")
+    """Load a checkpoint of adapter ``name`` into its existing components: each component's trainable state
+    from ``training_state.safetensors`` when the checkpoint has it for that component, else what the native
+    ``adapter.safetensors`` holds (read back with the component's ``import_state``)."""
+    directory = Path(directory)
+    tensors = read_tensors(directory, "adapter")
+    raw = (
+        read_tensors(directory, TRAINING_STATE) if (directory / f"{TRAINING_STATE}.safetensors").is_file() else {}
+    )
     modules = base_modules(adapters.model)
     sharded = _reshard(adapters.model)
     for site, comp in adapters.components(name).items():
-        prefix, own = site + ".", comp.state_dict()
-        state = {
-            k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix) and k[len(prefix) :] in own
-        }
+        state = _site_state(raw, site)
+        if state:  # the parameters as trained: load them exactly (whatever the component saves natively)
+            if sharded:
+                _copy_into_shards(comp, state, site)
+            else:
+                try:
+                    Component.import_state(comp, state, modules[site])
+                except ValueError as e:
+                    raise ValueError(
+                        f"checkpoint {str(directory)!r} does not fit adapter site {site!r}: {e}"
+                    ) from None
+            continue
+        own = comp.state_dict() if sharded else comp.export_state()
+        state = {k: v for k, v in _site_state(tensors, site).items() if k in own}
         if sharded:
             _copy_into_shards(comp, state, site)
         else:
-            comp.import_state(state, modules[site])
+            try:
+                comp.import_state(state, modules[site])
+            except ValueError as e:
+                raise ValueError(
+                    f"checkpoint {str(directory)!r} does not fit adapter site {site!r}: {e}"
+                ) from None
 
 
-def save_adapter(adapters: ak.Adapters, name: str, directory: str | os.PathLike, *, write: bool) -> None:
-    """Save adapter ``name`` natively (every rank must call it under FSDP2; only ``write`` ranks write)."""
+def _training_state(adapters: ak.Adapters, name: str) -> dict[str, torch.Tensor]:
+    """``site.key -> tensor``: the full state of every component whose native save differs from it (other
+    keys or other values, e.g. a prefix MLP saved as the prefix it computes)."""
+    out: dict[str, torch.Tensor] = {}
+    for site, comp in adapters.components(name).items():
+        own, saved = comp.state_dict(), comp.export_state()
+        if set(own) != set(saved) or any(not torch.equal(own[k], saved[k]) for k in own):
+            out.update({f"{site}.{k}": v for k, v in own.items()})
+    return out
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write a safetensors file under a temp name, then rename it into place."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"}
+        )
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_adapter(adapters: ak.Adapters, name: str, directory: str | os.PathLike, *, write: bool,
+                 checkpoint: bool = False) -> None:  # fmt: skip
+    """Save adapter ``name`` natively (every rank must call it under FSDP2; only ``write`` ranks write).
+    A ``checkpoint`` also gets the trainable state that the native save leaves out (``training_state``)."""
     with full_adapter_params(adapters, name):
         if write:
+            if checkpoint:
+                raw = _training_state(adapters, name)
+                if raw:
+                    _save_tensors(Path(directory) / f"{TRAINING_STATE}.safetensors", raw)
             adapters.save(name, directory)
 
 
+def _complete(checkpoint: Path) -> bool:
+    """Whether ``checkpoint`` was written to the end: its JSON files parse (the trainer state is written last)
+    and its tensor files have a readable header."""
+    import json
+
+    from safetensors import safe_open
+
+    try:
+        for name in ("trainer_state.json", "adapter_config.json"):
+            if not isinstance(json.loads((checkpoint / name).read_text()), dict):
+                return False
+        for name in ("adapter.safetensors", f"{TRAINING_STATE}.safetensors"):
+            if name == "adapter.safetensors" or (checkpoint / name).exists():
+                with safe_open(str(checkpoint / name), "pt") as f:
+                    f.keys()
+    except Exception:  # OSError, JSONDecodeError, UnicodeDecodeError, safetensors' SafetensorError
+        return False
+    return True
+
+
 def last_checkpoint(directory: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint under ``directory`` (its trainer state, written last, is present)."""
+    """The newest complete checkpoint under ``directory`` (see :func:`_complete`); an interrupted save of a
+    later one is skipped."""
     d = Path(directory)
     if not d.is_dir():
         return None
-    done = []
+    found = []
     for c in d.glob("checkpoint-*"):
         step = c.name.rsplit("-", 1)[-1]
-        if step.isdigit() and (c / "trainer_state.json").is_file() and (c / "adapter.safetensors").is_file():
-            done.append((int(step), c))
-    return max(done)[1] if done else None
+        if step.isdigit():
+            found.append((int(step), c))
+    for _, c in sorted(found, reverse=True):
+        if _complete(c):
+            return c
+    return None
 
 
 # --- the Trainer -----------------------------------------------------------------------------------------
@@ -218,10 +306,16 @@ class AdapterTrainer(_trainer_base()):  # type: ignore[misc]
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir or self.args.output_dir
-        save_adapter(self.adapters, self.adapter_name, output_dir, write=self.args.should_save)
+        save_adapter(self.adapters, self.adapter_name, output_dir, write=self.args.should_save, checkpoint=True)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        import_adapter_weights(self.adapters, self.adapter_name, resume_from_checkpoint)
+        try:
+            import_adapter_weights(self.adapters, self.adapter_name, resume_from_checkpoint)
+        except ValueError as e:
+            raise ValueError(
+                f"cannot resume: {e}; the run that wrote it used other options or data (method, --opt, --targets, "
+                "number of labels): resume with the same ones, or pass --overwrite instead of --resume to start over"
+            ) from None
 
     def _load_best_model(self) -> None:
         import_adapter_weights(self.adapters, self.adapter_name, self.state.best_model_checkpoint)
@@ -341,7 +435,17 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
     import time
 
     from . import data as D
-    from .models import RUN_FILE, ModelError, guess_task, load_model, load_tokenizer, model_config
+    from .models import (
+        RUN_FILE,
+        ModelError,
+        add_adapter,
+        check_adapter_size,
+        guess_task,
+        load_model,
+        load_tokenizer,
+        model_config,
+    )
+    from .ops import _output_directory
 
     t0 = time.perf_counter()
     out = Path(o["out"])
@@ -350,7 +454,13 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
     overrides = dict(o["opt"])
     if o["targets"]:
         overrides["targets"] = o["targets"]
-    ak.get_config(o["method"], **overrides)  # a bad method or option fails now, before anything is loaded
+    cfg = ak.get_config(o["method"], **overrides)  # a bad method or option fails now, before anything is loaded
+    if not getattr(cfg, "standalone", True):
+        raise ValueError(
+            f"method {o['method']!r} is not trained on its own: it combines adapters that are already trained "
+            "(Adapters.add_fusion in Python); the CLI trains one adapter: pick another --method"
+        )
+    _output_directory(out)
 
     task = o["task"] or guess_task(model_config(o["model"]))
     if task is None:
@@ -359,6 +469,7 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
         )
     heads = o["heads"] if o["heads"] is not None else (["head"] if task == "classify" else [])
     overrides["heads"] = heads
+    check_adapter_size(o["model"], task, ak.get_config(o["method"], **overrides), source="from --method and --opt")
 
     ckpt_dir = out / CHECKPOINTS
     resume_from = last_checkpoint(ckpt_dir) if o["resume"] else None
@@ -372,6 +483,8 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
             shutil.rmtree(ckpt_dir)
     if o["resume"] and resume_from is None:
         _say(f"no complete checkpoint in {ckpt_dir}: starting from scratch")
+    elif resume_from is not None:
+        _say(f"resuming from {resume_from}")
 
     spec = D.DataSpec(
         data=str(o["data"]), task=task, dev=str(o["dev"]) if o["dev"] else None, text_columns=o["text_column"] or None,
@@ -392,7 +505,7 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
                        pad_token_id=tokenizer.pad_token_id, seed=o["seed"])  # fmt: skip
     name = o["name"]
     adapters = ak.attach(model)
-    adapters.add(name, o["method"], **overrides)
+    add_adapter(adapters, name, o["method"], source="from --method and --opt", **overrides)
     adapters.train(name)
     summary = adapters.summary()
     _say(str(summary))
@@ -454,7 +567,7 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
             "model": str(Path(o["model"]).resolve()) if Path(o["model"]).exists() else str(o["model"]),
             "task": task, "method": o["method"], "name": name, "labels": splits.labels, "regression": splits.regression,
             "max_length": o["max_length"], "template": o["template"], "train_on_prompt": o["train_on_prompt"],
-            "data": spec.to_dict(), "columns": splits.columns,
+            "data": spec.to_dict(absolute=True), "columns": splits.columns,
         }  # fmt: skip
         (out / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

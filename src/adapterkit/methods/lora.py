@@ -77,6 +77,14 @@ def pattern_value(pattern: Mapping[str, Any], name: str, default: Any) -> Any:
     return default
 
 
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _finite_real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 @register("lora")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LoRA(AdapterConfig):
@@ -114,11 +122,16 @@ class LoRA(AdapterConfig):
         object.__setattr__(self, "init", LoRAInit(self.init))
         object.__setattr__(self, "rank_pattern", dict(self.rank_pattern))
         object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern))
-        if not isinstance(self.r, int) or self.r <= 0:
+        if not _positive_int(self.r):
             raise ValueError(f"LoRA rank r must be a positive integer, got r={self.r!r}")
         for key, r in self.rank_pattern.items():
-            if not isinstance(r, int) or r <= 0:
+            if not _positive_int(r):
                 raise ValueError(f"rank_pattern[{key!r}] must be a positive integer, got {r!r}")
+        if not _finite_real(self.alpha):
+            raise ValueError(f"LoRA alpha must be a finite number, got alpha={self.alpha!r}")
+        for key, a in self.alpha_pattern.items():
+            if not _finite_real(a):
+                raise ValueError(f"alpha_pattern[{key!r}] must be a finite number, got {a!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
 
