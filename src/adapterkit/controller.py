@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -88,6 +89,7 @@ class Adapters:
         self._sites: dict[str, Site] = {}
         self._records: dict[str, _Record] = {}
         self._root_hook: Any = None
+        self._sync_lock = threading.Lock()
         self._route_caches: dict[Any, dict[Any, Any]] = {}
 
     # --- introspection ---------------------------------------------------------------------
@@ -219,8 +221,8 @@ class Adapters:
         """Attach a plan's (initialized) components as adapter ``name`` and record it."""
         self._place(name, {m: c for m, (_, c) in plan.components.items()}, modules)
         self._records[name] = _Record(plan.config, {n: k for n, (k, _) in plan.components.items()})
-        if not self.state.active:
-            self.state.active = (name,)
+        if not self.state.default:
+            self.state.default = (name,)
 
     def _place(self, name: str, components: dict[str, Component], modules: dict[str, nn.Module]) -> None:
         """Put components on their modules' sites; all-or-nothing (rolled back on any failure)."""
@@ -259,7 +261,7 @@ class Adapters:
             comp.on_detach(site.module, keep_merged=keep_merged)
             self._drop_site_if_empty(mod_name)
         del self._records[name]
-        self.state.active = tuple(i for i in self.state.active if name not in set(names_in(i)))
+        self.state.default = tuple(i for i in self.state.default if name not in set(names_in(i)))
         self._sync_parallel()
 
     # --- training and activation -----------------------------------------------------------
@@ -276,8 +278,8 @@ class Adapters:
             p.requires_grad_(False)
         for p in self.parameters(name):
             p.requires_grad_(True)
-        if name not in self.state.active:
-            self.state.active = (name,)
+        if name not in self.state.default:
+            self.state.default = (name,)
 
     def _add_heads(self, name: str, record: _Record, heads: Sequence[str]) -> None:
         modules = base_modules(self.model)
@@ -295,7 +297,13 @@ class Adapters:
     def activate(self, *items: str | Block | None) -> None:
         """Set what is active: adapter names and/or composition blocks (``ak.Stack``, ``ak.Average``, ...),
         applied in order at each site (several names: their effects stack; for LoRA they sum, as in peft).
-        No argument (or None) runs the base model."""
+        No argument (or None) runs the base model.
+
+        This is the persistent default, shared by all threads and asyncio tasks: it applies wherever no
+        :meth:`use`/:meth:`route` scope of the current thread or task overrides it (inside such a scope it
+        takes effect when the scope exits). Sites read it on every call, so changing it while another thread
+        runs a forward that relies on it is a data race: that forward may run the old value at some layers
+        and the new one at others. Call it while no forward runs; concurrent callers use :meth:`use`."""
         self.state.active = self._check_active(items)
         self._sync_parallel()
 
@@ -313,7 +321,11 @@ class Adapters:
 
     @contextmanager
     def use(self, *items: str | Block | None) -> Iterator[None]:
-        """Activate ``items`` for the duration of a ``with`` block (``use()`` runs the base model)."""
+        """Activate ``items`` for the duration of a ``with`` block (``use()`` runs the base model).
+
+        The scope is per thread and per asyncio task (``contextvars``): other threads keep what they had, a new
+        thread starts with the default (:meth:`activate`), a task inherits the scopes open where it was created.
+        On exit exactly this scope's override goes, even when overlapping scopes exit out of order."""
         try:
             with self.state.scoped(self._check_active(items)):
                 self._sync_parallel()
@@ -326,8 +338,24 @@ class Adapters:
         """Run each row of the batch with its own adapter (``None``: the base model), e.g.
         ``with adapters.route(["a", "b", None]): model(**batch)``. Outputs equal running each row
         alone with its adapter; LoRA rows run as gathered batched matmuls over stacked adapter weights.
-        Merged adapters cannot be routed."""
+        Merged adapters cannot be routed. Scoped per thread and per asyncio task, like :meth:`use`.
+
+        ``names`` has one entry per row: a call inside the block whose batch has another number of rows raises
+        ``ValueError`` (so does ``generate`` with ``num_beams``/``num_return_sequences`` > 1)."""
+        if isinstance(names, (str, bytes)) or not isinstance(names, Iterable):
+            raise TypeError(
+                f"route() takes one adapter name (or None) per row of the batch, e.g. ['a', None, 'b'], got "
+                f"{names!r}; use adapters.use(name) to run one adapter on every row"
+            )
         names = list(names)
+        if not names:
+            raise ValueError("route() needs one adapter name (or None) per row of the batch, got an empty list")
+        bad = [n for n in names if n is not None and not isinstance(n, str)]
+        if bad:
+            raise TypeError(
+                f"route() takes adapter names (str) or None, one per row, got {bad[0]!r}; composition blocks "
+                "cannot be routed per row"
+            )
         for n in dict.fromkeys(x for x in names if x is not None):
             self._record(n)
             if self.is_merged(n):
@@ -355,15 +383,18 @@ class Adapters:
         return active[0] if len(active) == 1 and isinstance(active[0], Parallel) else None
 
     def _sync_parallel(self) -> None:
-        block = self._parallel()
-        if block is not None and self._root_hook is None:
-            self._root_hook = self.model.register_forward_pre_hook(self._replicate_inputs, with_kwargs=True)
-            if hasattr(type(self.model), "generate"):
-                self.model.__dict__["generate"] = self._parallel_generate
-        elif block is None and self._root_hook is not None:
-            self._root_hook.remove()
-            self._root_hook = None
-            self.model.__dict__.pop("generate", None)
+        """Keep the replicating hook and ``generate`` while a Parallel is active in any thread or task (they do
+        nothing where the current one has no Parallel active)."""
+        with self._sync_lock:
+            wanted = any(len(a) == 1 and isinstance(a[0], Parallel) for a in self.state.open_actives())
+            if wanted and self._root_hook is None:
+                self._root_hook = self.model.register_forward_pre_hook(self._replicate_inputs, with_kwargs=True)
+                if hasattr(type(self.model), "generate"):
+                    self.model.__dict__["generate"] = self._parallel_generate
+            elif not wanted and self._root_hook is not None:
+                self._root_hook.remove()
+                self._root_hook = None
+                self.model.__dict__.pop("generate", None)
 
     def _replicate_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         block = self._parallel()
@@ -377,11 +408,8 @@ class Adapters:
         if block is None:
             return generate(self.model, *args, **kwargs)
         args, kwargs = replicate(args, kwargs, len(block.children))
-        self.state.replicated = True
-        try:
+        with self.state.scope(replicated=True):
             return generate(self.model, *args, **kwargs)
-        finally:
-            self.state.replicated = False
 
     # AdapterFusion
     def add_fusion(self, names: Sequence[str], *, temperature: float = 1.0, init_weights: bool = True) -> str:
@@ -405,8 +433,8 @@ class Adapters:
             fusion,
             Fusion(adapters=tuple(names), targets=sites, temperature=temperature, init_weights=init_weights),
         )
-        if self.state.active == (fusion,):
-            self.state.active = ()
+        if self.state.default == (fusion,):
+            self.state.default = ()
         return fusion
 
     def train_fusion(self, names: Sequence[str] | Fuse) -> None:

@@ -101,6 +101,7 @@ class Site:
         """Per-row routing: one batched call when the components support it, else one call per adapter."""
         plan = self.state.routes
         table = self.components._modules
+        _check_rows(plan, output, self.name, 3 if plan.uniform is not None else 1)
         if plan.uniform is not None:  # one adapter for the whole batch: its ordinary call
             c = table.get(plan.uniform)
             return c.post_call(args, kwargs, output) if c is not None and c.has_post and not c.merged else output
@@ -130,6 +131,12 @@ class Site:
         """Row-wise input transforms under routing: each group of rows gets its adapter's ``pre``."""
         plan = self.state.routes
         table = self.components._modules
+        _check_rows(
+            plan,
+            first_input(args, kwargs) if args or kwargs else None,
+            self.name,
+            2 if plan.uniform is None else 3,
+        )
         if plan.uniform is not None:  # one adapter for the whole batch: its ordinary call (any method)
             c = table.get(plan.uniform)
             return c.pre_call(args, kwargs) if c is not None and c.has_pre and not c.merged else None
@@ -166,6 +173,21 @@ class Site:
             return (new, *args[1:]), kwargs
         key = next(iter(kwargs))
         return args, {**kwargs, key: new}
+
+
+def _check_rows(plan: Any, value: Any, where: str, min_dim: int) -> None:
+    """Refuse a routed call whose batch is not the plan's (one name per row), where the plan meets the batch.
+
+    Tensors with fewer than ``min_dim`` dimensions are not checked: on the unrouted path of a uniform plan
+    (``min_dim=3``) a module may see flattened tokens (e.g. an MoE router's ``(batch * seq, d)``), which that path
+    handles; a model-level pre-hook's first input is ``(batch, seq)`` ids or larger (``min_dim=2``)."""
+    if isinstance(value, torch.Tensor) and value.dim() >= min_dim and value.shape[0] != plan.batch:
+        raise ValueError(
+            f"adapters.route() was given {plan.batch} names (one per row), but the batch at "
+            f"{where or 'the model'!r} has {value.shape[0]} rows: pass exactly one adapter name (or None) per row "
+            f"of the batch (expected batch size {plan.batch}; generate() with num_beams or num_return_sequences "
+            "multiplies the rows)"
+        )
 
 
 def _rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
