@@ -81,6 +81,32 @@ def _tiny_t5():
     return T5ForConditionalGeneration(cfg)
 
 
+def _bart_sizes() -> dict:
+    return dict(vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, pad_token_id=1, bos_token_id=0,
+                eos_token_id=2, decoder_start_token_id=2)  # fmt: skip
+
+
+def _tiny_bart():
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    return BartForConditionalGeneration(BartConfig(max_position_embeddings=64, **_bart_sizes()))
+
+
+def _tiny_mbart():
+    from transformers import MBartConfig, MBartForConditionalGeneration
+
+    return MBartForConditionalGeneration(MBartConfig(max_position_embeddings=64, **_bart_sizes()))
+
+
+def _tiny_whisper():
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    # input_features: (batch, num_mel_bins, 2 * max_source_positions)
+    cfg = WhisperConfig(num_mel_bins=8, max_source_positions=16, max_target_positions=64, **_bart_sizes())
+    return WhisperForConditionalGeneration(cfg)
+
+
 def _tiny_vit():
     from transformers import ViTConfig, ViTForImageClassification
 
@@ -95,6 +121,9 @@ MODEL_FACTORIES: dict[str, Callable[[], torch.nn.Module]] = {
     "llama": _tiny_llama,
     "t5": _tiny_t5,
     "vit": _tiny_vit,
+    "bart": _tiny_bart,
+    "mbart": _tiny_mbart,
+    "whisper": _tiny_whisper,
 }
 
 
@@ -111,7 +140,9 @@ def make_inputs(family: str, batch: int = 2, seq: int = 7, seed: int = 1) -> dic
         return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=g)}
     ids = torch.randint(2, 100, (batch, seq), generator=g)
     mask = torch.ones(batch, seq, dtype=torch.long)
-    if family == "t5":
+    if family == "whisper":
+        return {"input_features": torch.randn(batch, 8, 32, generator=g), "decoder_input_ids": ids[:, :4]}
+    if family in ("t5", "bart", "mbart"):
         return {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": ids[:, :4]}
     return {"input_ids": ids, "attention_mask": mask}
 

@@ -17,6 +17,10 @@ ROWS: list[tuple[str, str, ak.AdapterConfig]] = [
     ("llama-prefix-gqa", "llama", ak.PrefixTuning(num_virtual_tokens=4)),
     ("t5-prefix", "t5", ak.PrefixTuning(num_virtual_tokens=4)),
     ("llama-prefix-projection", "llama", ak.PrefixTuning(num_virtual_tokens=4, prefix_projection=True)),
+    # flat encoder-decoder configs (decoder sizes in decoder_* fields; read from the model)
+    ("bart-prefix", "bart", ak.PrefixTuning(num_virtual_tokens=4)),
+    ("mbart-prefix", "mbart", ak.PrefixTuning(num_virtual_tokens=4)),
+    ("whisper-prefix", "whisper", ak.PrefixTuning(num_virtual_tokens=4)),
     ("bert-ptuning-v2-heads", "bert", ak.get_config("ptuning_v2", num_virtual_tokens=3, heads=("head",))),
 ]
 

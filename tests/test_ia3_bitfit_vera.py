@@ -215,16 +215,31 @@ def test_ia3_merge_scales_bias_and_unmerge_restores():
         torch.testing.assert_close(model.state_dict()[k], v, atol=1e-6, rtol=1e-5)
 
 
-def test_ia3_zero_scale_merge_is_refused_and_nothing_changes():
-    model = make_model("llama")
+@pytest.mark.parametrize("bad", [0.0, float("nan"), float("inf")])
+def test_ia3_zero_scale_merge_is_refused_and_nothing_changes(bad):
+    # random (non-identity) vectors: undoing the sites merged before the refusal by division would leave the
+    # weights one ulp off, so every site is checked before any weight changes
+    model, x = make_model("llama"), make_inputs("llama")
     adapters = ak.attach(model)
-    adapters.add("a", ak.IA3())
+    torch.manual_seed(0)
+    adapters.add("a", ak.IA3(init_weights=False))
+    site = "model.layers.1.mlp.down_proj"  # the last site: every other one would be merged first
+    assert list(adapters.components("a"))[-1] == site
     with torch.no_grad():
-        adapters.components("a")["model.layers.1.self_attn.v_proj"].scale[0] = 0.0
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match="zeros"):
+        adapters.components("a")[site].scale[0] = bad
+    before = {k: v.clone() for k, v in model.state_dict().items() if ".ak_adapters." not in k}  # the base
+    out = logits(model, x)
+    with pytest.raises(ValueError, match=f"adapter 'a' cannot be merged at '{site}'.*zeros or non-finite"):
         adapters.merge("a")
     assert not adapters.is_merged("a")
+    assert all(not c.merged for c in adapters.components("a").values())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    torch.testing.assert_close(logits(model, x), out, rtol=0, atol=0, equal_nan=True)  # bit-identical
+    # merge_and_detach is all-or-nothing over several adapters: a good one is not left merged
+    adapters.add("b", ak.LoRA(init_weights=False))
+    with pytest.raises(ValueError, match="zeros or non-finite"):
+        adapters.merge_and_detach(["b", "a"])
+    assert adapters.names == ["a", "b"] and not adapters.is_merged("a") and not adapters.is_merged("b")
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 

@@ -32,7 +32,7 @@ from peft import PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_mod
 
 warnings.filterwarnings("ignore", module="peft")
 TOL = {"atol": 1e-5, "rtol": 1e-5}
-TASK = {"bert": "SEQ_CLS", "gpt2": "CAUSAL_LM", "llama": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM"}
+TASK = {"bert": "SEQ_CLS", "gpt2": "CAUSAL_LM", "llama": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM", "bart": "SEQ_2_SEQ_LM"}
 P = 3
 
 
@@ -301,7 +301,7 @@ def test_generate_equals_peft(family, kind):
         weight = pm.prompt_encoder["default"].embedding.weight
         if kind == "prompt":
             weight[:P].copy_(comp.prompt)
-        elif family == "t5":  # peft's slot (2 i) mod L for decoder layer i
+        elif TASK[family] == "SEQ_2_SEQ_LM":  # peft's slot (2 i) mod L for decoder layer i
             weight.copy_(comp.prefix.view(P, 2, -1)[:, [0, 0]].reshape(P, -1))
             comp.prefix.view(P, 2, -1)[:, 1] = comp.prefix.view(P, 2, -1)[:, 0]
             ours = model.generate(**kw)
@@ -387,7 +387,7 @@ def test_loss_equals_peft(family, kind):
         torch.tensor([0, 2])
         if family == "bert"
         else x["input_ids"][:, :4].contiguous()
-        if family == "t5"
+        if TASK[family] == "SEQ_2_SEQ_LM"
         else x["input_ids"]
     )
     pm = get_peft_model(make_model(family), peft_config(family, kind)).eval()
@@ -397,7 +397,7 @@ def test_loss_equals_peft(family, kind):
         if kind == "prompt":
             weight[:P].copy_(comp.prompt)
         else:
-            if family == "t5":
+            if TASK[family] == "SEQ_2_SEQ_LM":  # peft's slot (2 i) mod L for decoder layer i
                 comp.prefix.view(P, 2, -1)[:, 1] = comp.prefix.view(P, 2, -1)[:, 0]
             weight.copy_(comp.prefix)
         torch.testing.assert_close(model(**x).loss, pm(**x).loss, **TOL)
@@ -528,3 +528,80 @@ def test_prefix_on_a_model_that_ignores_the_cache_raises():
     adapters.delete("a")
     adapters.add("b", ak.PromptTuning(num_virtual_tokens=P))  # prompt tuning works on it
     assert model(**make_inputs("bert")).logits.shape == (2, 2)
+
+
+# --- flat encoder-decoder configs: BART, mBART, Whisper ------------------------------------------
+SEQ2SEQ = ["bart", "mbart", "whisper"]
+
+
+def _seq2seq(family: str) -> torch.nn.Module:
+    """A tiny ``family`` model with larger random weights (greedy decoding then varies), and no forced or
+    suppressed tokens, so ``generate()`` is a plain argmax loop."""
+    model = make_model(family)
+    perturb(model.parameters(), seed=11)
+    gen = model.generation_config
+    gen.eos_token_id = gen.forced_eos_token_id = gen.forced_bos_token_id = None
+    gen.begin_suppress_tokens = gen.suppress_tokens = None
+    return model
+
+
+def _prefix_cache_seq2seq(model, prefix: torch.Tensor, batch: int):
+    """An EncoderDecoderCache whose decoder self-attention holds the prefix, built by hand from peft's layout
+    ``(P, L * 2 * heads * head_dim)`` with the sizes of the config's *decoder* fields."""
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    cfg = model.config
+    layers, heads = cfg.decoder_layers, cfg.decoder_attention_heads
+    kv = prefix.view(P, layers, 2, heads, cfg.d_model // heads)
+    self_attn = DynamicCache()
+    for i in range(layers):
+        k = kv[:, i, 0].permute(1, 0, 2).unsqueeze(0).expand(batch, -1, -1, -1)
+        v = kv[:, i, 1].permute(1, 0, 2).unsqueeze(0).expand(batch, -1, -1, -1)
+        self_attn.update(k, v, i)
+    return EncoderDecoderCache(self_attn, DynamicCache())
+
+
+@pytest.mark.parametrize("family", SEQ2SEQ)
+def test_prefix_on_flat_encoder_decoder_configs(family):
+    """BART-style configs keep the decoder sizes in ``decoder_*`` fields, which transformers'
+    ``get_text_config(decoder=True)`` resets to the class defaults on the copy it returns (a 2-layer BART read as
+    12 layers x 16 heads, IndexError). The layout comes from the model; logits equal the base model run with the
+    prefix put into its cache by hand, and generate() with the cache equals a greedy reference loop and
+    ``use_cache=False`` (greedy and beam search)."""
+    from adapterkit.methods.prefix import KVLayout
+    from adapterkit.methods.prompt import cache_key
+
+    model = _seq2seq(family)
+    cfg = model.config
+    adapters = ak.attach(model)
+    torch.manual_seed(0)
+    adapters.add("a", ak.PrefixTuning(num_virtual_tokens=P))
+    comp = adapters.components("a")[""]
+    heads = cfg.decoder_attention_heads
+    assert comp.layout == KVLayout(cfg.decoder_layers, heads, cfg.d_model // heads, True)
+    assert (cfg.decoder_layers, heads) == (2, 4) and cfg.get_text_config(decoder=True).decoder_layers != 2
+
+    x = make_inputs(family)
+    batch = x["decoder_input_ids"].shape[0]
+    base = _seq2seq(family)
+    key = cache_key(type(base))
+    with torch.no_grad():
+        ref = base(**x, **{key: _prefix_cache_seq2seq(base, comp.prefix, batch)}, use_cache=True).logits
+    ours = logits(model, x)
+    torch.testing.assert_close(ours, ref, **TOL)
+    assert (ours - logits(base, x)).abs().max() > 1e-3  # the prefix changes the output
+
+    enc = {k: v for k, v in x.items() if not k.startswith("decoder")}
+    steps = 5
+    out = model.generate(**enc, max_new_tokens=steps, do_sample=False)
+    ids = torch.full((batch, 1), cfg.decoder_start_token_id)
+    with torch.no_grad():
+        for _ in range(steps):  # no cache reuse: the whole decoder sequence each step, the prefix put in by hand
+            cache = _prefix_cache_seq2seq(base, comp.prefix, batch)
+            step = base(**enc, decoder_input_ids=ids, **{key: cache}, use_cache=True).logits[:, -1]
+            ids = torch.cat([ids, step.argmax(-1, keepdim=True)], 1)
+    assert out[:, -steps:].tolist() == ids[:, 1:].tolist()
+    assert len(set(out[:, -steps:].flatten().tolist())) > 1  # not a degenerate constant sequence
+    assert torch.equal(model.generate(**enc, max_new_tokens=steps, do_sample=False, use_cache=False), out)
+    beam = {"max_new_tokens": 4, "num_beams": 3, "do_sample": False}
+    assert torch.equal(model.generate(**enc, **beam), model.generate(**enc, **beam, use_cache=False))

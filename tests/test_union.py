@@ -129,3 +129,61 @@ def test_gated_union_does_not_gate_head_copies():
     head_site = next(s for s, role in adapters.sites("u").items() if role == "head")
     at_head = [n for n in names if n.startswith(f"{head_site}.ak_adapters.u.")]
     assert at_head and not any(".gate." in n or ".inner." in n for n in at_head), at_head
+
+
+@pytest.mark.parametrize("zero_at", ["model.layers.1.self_attn.v_proj", "model.layers.1.mlp.down_proj"])
+def test_refused_union_merge_changes_nothing(zero_at):
+    # Union(LoRA, (IA)^3) with a zero in one (IA)^3 vector: at a shared module (a Chain whose LoRA part would
+    # merge first) or at the last site (every other site would merge first). The merge is all-or-nothing.
+    model, x = make_model("llama"), make_inputs("llama")
+    adapters = ak.attach(model)
+    torch.manual_seed(0)
+    adapters.add("u", ak.Union(ak.LoRA(targets=["attn.q", "attn.v"]), ak.IA3(), init_weights=False))
+    comps = adapters.components("u")
+    assert isinstance(comps["model.layers.1.self_attn.v_proj"], Chain)
+    comp = comps[zero_at]
+    ia3 = comp.parts[1] if isinstance(comp, Chain) else comp
+    with torch.no_grad():
+        ia3.scale[3] = 0.0
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        out = output_of(model, x)
+    with pytest.raises(ValueError, match=f"adapter 'u' cannot be merged at '{zero_at}'.*zeros"):
+        adapters.merge("u")
+    assert not adapters.is_merged("u")
+    for c in comps.values():
+        assert not c.merged and all(not p.merged for p in getattr(c, "parts", []))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    with torch.no_grad():
+        assert torch.equal(output_of(model, x), out)
+    # once the vector is fixed the same adapter merges, and unmerges, normally
+    with torch.no_grad():
+        ia3.scale[3] = 1.0
+        out = output_of(model, x)
+    adapters.merge("u")
+    assert adapters.is_merged("u")
+    with torch.no_grad():
+        torch.testing.assert_close(output_of(model, x), out, atol=1e-5, rtol=1e-5)
+    adapters.unmerge("u")
+    assert not adapters.is_merged("u")
+
+
+def test_chain_merge_failing_part_unmerges_the_others():
+    # a failure after the checks (not a refusal) still leaves no part merged
+    model = make_model("llama")
+    adapters = ak.attach(model)
+    torch.manual_seed(0)
+    adapters.add("u", ak.Union(ak.LoRA(targets=["attn.v"]), ak.IA3(targets=["attn.v"]), init_weights=False))
+    site = "model.layers.0.self_attn.v_proj"
+    chain = adapters.components("u")[site]
+    lora, ia3 = chain.parts
+    before = model.state_dict()[site + ".weight"].clone()
+
+    def boom(module):
+        raise RuntimeError("boom")
+
+    ia3.merge = boom
+    with pytest.raises(RuntimeError, match="boom"):
+        adapters.merge("u")
+    assert not chain.merged and not lora.merged and not adapters.is_merged("u")
+    torch.testing.assert_close(model.state_dict()[site + ".weight"], before, atol=1e-6, rtol=1e-5)

@@ -131,6 +131,12 @@ class Component(nn.Module):
     def delta_bias(self, module: nn.Module) -> torch.Tensor | None:
         return None
 
+    def check_merge(self, module: nn.Module) -> None:
+        """Raise (TypeError/ValueError) when :meth:`merge` into ``module`` would be refused, changing nothing.
+
+        Composite merges (a :class:`Chain`, an adapter over many sites) check every component before any
+        weight changes, so a refused merge leaves the base weights bit-identical."""
+
     @torch.no_grad()
     def merge(self, module: nn.Module) -> None:
         """Fold this component into ``module``'s weights. Raises TypeError when it cannot be merged."""
@@ -226,9 +232,25 @@ class Chain(Component):
             p.on_detach(module, keep_merged)
         self.merged = any(p.merged for p in self.parts)
 
-    def merge(self, module: nn.Module) -> None:
+    def check_merge(self, module: nn.Module) -> None:
         for p in self.parts:
-            p.merge(module)
+            p.check_merge(module)
+
+    def merge(self, module: nn.Module) -> None:
+        """Merge every part, or none: refusals are checked first; a later failure unmerges the merged parts."""
+        if self.merged:
+            return
+        self.check_merge(module)
+        done = []
+        try:
+            for p in self.parts:
+                if not p.merged:
+                    p.merge(module)
+                    done.append(p)
+        except BaseException:
+            for p in reversed(done):
+                p.unmerge(module)
+            raise
         self.merged = True
 
     def unmerge(self, module: nn.Module) -> None:

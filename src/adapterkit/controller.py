@@ -454,7 +454,25 @@ class Adapters:
 
     # --- merging ---------------------------------------------------------------------------
     def merge(self, name: str) -> None:
-        """Fold adapter ``name`` into the base weights (all-or-nothing). Sites then skip it."""
+        """Fold adapter ``name`` into the base weights (all-or-nothing). Sites then skip it.
+
+        Every refusal (unmergeable or tied weights, a component's :meth:`Component.check_merge`) is raised before
+        any weight changes, so a refused merge leaves the base weights bit-identical; an unexpected failure later
+        unmerges the sites already merged."""
+        comps = self._merge_check(name)
+        done = []
+        try:
+            for m, c in comps.items():
+                if not c.merged:
+                    c.merge(self._sites[m].module)
+                    done.append(m)
+        except BaseException:
+            for m in reversed(done):
+                comps[m].unmerge(self._sites[m].module)
+            raise
+
+    def _merge_check(self, name: str) -> dict[str, Component]:
+        """Adapter ``name``'s components, after checking (changing nothing) that all of them can be merged."""
         comps = self.components(name)
         bad = [m for m, c in comps.items() if not c.mergeable]
         if bad:
@@ -471,15 +489,13 @@ class Adapters:
                     f"cannot merge adapter {name!r} into {m!r}: its weight is tied to {shared[0]!r} (e.g. input and "
                     "output embeddings), so merging would change both; untie the weights or keep the adapter unmerged"
                 )
-        done = []
-        try:
-            for m, c in comps.items():
-                c.merge(self._sites[m].module)
-                done.append(m)
-        except BaseException:
-            for m in done:
-                comps[m].unmerge(self._sites[m].module)
-            raise
+        for m, c in comps.items():
+            if not c.merged:
+                try:
+                    c.check_merge(self._sites[m].module)
+                except (TypeError, ValueError) as e:
+                    raise type(e)(f"adapter {name!r} cannot be merged at {m!r}: {e}") from e
+        return comps
 
     def unmerge(self, name: str) -> None:
         """Take adapter ``name`` back out of the base weights."""
@@ -499,8 +515,18 @@ class Adapters:
             from .quant import merge_dense
 
             return merge_dense(self, names, dtype)
-        for n in names:
-            self.merge(n)
+        for n in names:  # all-or-nothing: every refusal before any weight changes
+            self._merge_check(n)
+        merged = []
+        try:
+            for n in names:
+                if not self.is_merged(n):
+                    self.merge(n)
+                    merged.append(n)
+        except BaseException:
+            for n in reversed(merged):
+                self.unmerge(n)
+            raise
         for n in list(self._records):
             self._remove(n, keep_merged=n in names)
         return self.detach()

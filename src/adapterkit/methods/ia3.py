@@ -16,7 +16,8 @@ As in peft, the FFN vector scales the *input* of the FFN's down projection (peft
 
 Merging (§3.3: "(IA)^3 ... can be merged into the model's weights, so it adds no inference cost"):
 output scaling multiplies the weight's rows and the bias; input scaling multiplies the weight's columns.
-Unmerging divides them back (exact to float rounding). The effect is multiplicative, so two (IA)^3
+Unmerging divides them back (exact to float rounding), so a vector with zeros or non-finite values is refused
+before any weight changes (:meth:`IA3Scale.check_merge`). The effect is multiplicative, so two (IA)^3
 adapters on one module multiply rather than add.
 
 Works on ``nn.Linear`` and GPT-2 ``Conv1D`` (canonical weight ``(out, in)``, see ``backends.py``).
@@ -141,15 +142,22 @@ class IA3Scale(Component):
         s = self.scale.detach()
         return s[:, None] if self.axis == 0 else s[None, :]
 
+    def check_merge(self, module: nn.Module) -> None:
+        """Refuse vectors with zeros or non-finite values: unmerging divides by them. Nothing is changed."""
+        if backend_for(module) is None:
+            raise TypeError(f"cannot merge into {type(module).__name__}: no weight backend registered")
+        s = self.scale.detach()
+        if bool((s == 0).any()) or not bool(torch.isfinite(s).all()):
+            raise ValueError(
+                f"cannot merge (IA)^3 into {type(module).__name__}: its scaling vector has zeros or non-finite "
+                "values, which could not be unmerged; keep the adapter unmerged"
+            )
+
     @torch.no_grad()
     def merge(self, module: nn.Module) -> None:
         if self.merged:
             return
-        if bool((self.scale == 0).any()):
-            raise ValueError(
-                f"cannot merge (IA)^3 into {type(module).__name__}: its scaling vector has zeros, which could not be "
-                "unmerged; keep the adapter unmerged"
-            )
+        self.check_merge(module)  # before any weight changes: a refused merge leaves them bit-identical
         self._rescale(module, self._on_weight(), divide=False)
         self.merged = True
 

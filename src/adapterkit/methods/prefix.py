@@ -27,7 +27,8 @@ The prefix tensor has peft's layout: ``prefix: (P, num_layers * 2 * kv_dim)``, v
 ``(P, num_layers, 2 [key, value], kv_heads, head_dim)``. Works on decoder-only models (GPT-2, LLaMA, ...),
 BERT-like encoders whose attention reads ``past_key_values`` (checked on the first call: a model that
 ignores the cache raises instead of silently running without the prefix), and the decoder of
-encoder-decoder models. Not with gradient checkpointing of layers that drop the cache in training (GPT-2).
+encoder-decoder models (T5, BART, mBART, Whisper: the layer and head counts are read from the decoder's modules,
+see :func:`kv_layout`). Not with gradient checkpointing of layers that drop the cache in training (GPT-2).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ PUBLIC = ("PrefixTuning",)
 _OWN = "_adapterkit_created"  # set on caches this module created (not passed in by the caller)
 _ROUTED = -1  # VirtualCache record key of the per-row prefixes of a routed batch
 _ROWS = "_adapterkit_routed_rows"  # on such a cache: which prefix each row holds
+_NO_CACHE = "_adapterkit_no_cache"  # on a cache created for a use_cache=False call: left out of the output
 __all__ = ["PrefixTuning", "PrefixKV", "KVLayout", "kv_layout"]
 
 
@@ -83,8 +85,61 @@ def _first(cfg: Any, names: tuple[str, ...]) -> int | None:
     return None
 
 
+def _text_config(cfg: Any) -> Any:
+    """The config holding the (decoder) text sizes: a composite model's nested text/decoder config, else ``cfg``.
+
+    ``get_text_config(decoder=True)`` on a flat encoder-decoder config (BART, mBART, Whisper, Marian, ...) returns
+    a *copy* whose ``decoder_*`` fields are renamed and reset to the class defaults (a 2-layer BART reads as 12
+    layers of 16 heads), so such configs are read directly, decoder fields first."""
+    if not hasattr(cfg, "get_text_config"):
+        return cfg
+    text = cfg.get_text_config(decoder=True)
+    nested = any(getattr(cfg, n, None) is text for n in ("decoder", "generator", "text_config"))
+    return text if nested else cfg
+
+
+_HEAD_DIM = ("head_dim", "key_value_proj_dim", "attention_head_size")  # on transformers attention modules
+_KV_HEADS = ("num_key_value_heads", "num_kv_heads")
+_HEADS = ("num_heads", "n_heads", "num_attention_heads", "n_head")
+_K_PROJ = ("k_proj", "k", "key")
+
+
+def _from_model(model: nn.Module) -> tuple[int | None, int | None, int | None]:
+    """``(layers, kv_heads, head_dim)`` of the (decoder) self-attention read from the modules themselves, each
+    None where the model does not show it: the layers are the first ``ModuleList`` of the decoder (its blocks);
+    the self-attention is the first module of the first block with a head size attribute (self-attention comes
+    before cross-attention in transformers' decoder blocks)."""
+    root = model
+    get_decoder = getattr(model, "get_decoder", None)
+    if callable(get_decoder):
+        try:
+            root = get_decoder() or model
+        except Exception:  # noqa: BLE001 - some models define get_decoder but have no decoder
+            root = model
+    blocks = next((m for m in root.modules() if isinstance(m, nn.ModuleList) and len(m) > 0), None)
+    if blocks is None:
+        return None, None, None
+    attn = next(
+        (m for m in blocks[0].modules() if any(isinstance(getattr(m, a, None), int) for a in _HEAD_DIM)), None
+    )
+    if attn is None:  # not a block of attention layers we can read
+        return None, None, None
+    head_dim = _first(attn, _HEAD_DIM)
+    kv_heads = _first(attn, _KV_HEADS)
+    if kv_heads is None:
+        k = next((getattr(attn, n) for n in _K_PROJ if isinstance(getattr(attn, n, None), nn.Linear)), None)
+        if k is not None and head_dim and k.out_features % head_dim == 0:
+            kv_heads = k.out_features // head_dim
+        elif (heads := _first(attn, _HEADS)) is not None:
+            kv_heads = heads // (_first(attn, ("num_key_value_groups",)) or 1)
+    return len(blocks), kv_heads, head_dim
+
+
 def kv_layout(model: nn.Module) -> KVLayout:
-    """Read the layer count, key/value heads and head size of the (decoder) self-attention from the config.
+    """The layer count, key/value heads and head size of the (decoder) self-attention.
+
+    Read from the model's decoder blocks and their self-attention modules where they show them, else from the
+    config (decoder fields first on encoder-decoder models).
 
     Raises:
         TargetError: the model has no transformers-style config with these sizes.
@@ -95,19 +150,21 @@ def kv_layout(model: nn.Module) -> KVLayout:
             f"prefix tuning needs a transformers model with a config; {type(model).__name__} has none"
         )
     enc_dec = bool(getattr(cfg, "is_encoder_decoder", False))
-    text = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
-    layer_names = ("num_decoder_layers", "decoder_layers") if enc_dec else ()
-    layers = _first(text, (*layer_names, "num_hidden_layers", "n_layer", "num_layers"))
+    text = _text_config(cfg)
+    dec = ("num_decoder_layers", "decoder_layers") if enc_dec else ()
+    layers = _first(text, (*dec, "num_hidden_layers", "n_layer", "num_layers"))
     heads = _first(text, ("decoder_attention_heads",) if enc_dec else ()) or _first(
         text, ("num_attention_heads", "n_head", "num_heads")
     )
     kv_heads = _first(text, ("num_key_value_heads",)) or heads
     hidden = _first(text, ("d_model", "hidden_size", "n_embd"))
     head_dim = _first(text, ("head_dim", "d_kv")) or (hidden // heads if hidden and heads else None)
+    m_layers, m_kv_heads, m_head_dim = _from_model(model)
+    layers, kv_heads, head_dim = m_layers or layers, m_kv_heads or kv_heads, m_head_dim or head_dim
     if not (layers and kv_heads and head_dim):
         raise TargetError(
-            f"cannot read the number of layers, key/value heads and head size from {type(cfg).__name__}; "
-            "prefix tuning supports transformers models with standard config fields"
+            f"cannot read the number of layers, key/value heads and head size from {type(model).__name__} or "
+            f"{type(cfg).__name__}; prefix tuning supports transformers models with standard config fields"
         )
     return KVLayout(layers, kv_heads, head_dim, enc_dec)
 
@@ -224,6 +281,17 @@ class PrefixKV(Component):
             return EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config))
         return DynamicCache(config=config)
 
+    def _own_cache(self, kw: dict[str, Any]) -> Any:
+        """A new cache for a call that passed none, put into ``kw``. Under ``use_cache=False`` some models (Whisper)
+        hand their layers no cache at all, which would drop the prefix: the call then runs with the cache on and
+        :meth:`post_call` leaves it out of the output, as the caller asked."""
+        cache = kw[cache_key(type(self.__dict__["_module_ref"]))] = self._new_cache()
+        setattr(cache, _OWN, True)
+        if kw.get("use_cache") is False:
+            kw["use_cache"] = True
+            setattr(cache, _NO_CACHE, True)
+        return cache
+
     def pre_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         kw = as_kwargs(self.__dict__["_module_ref"], args, kwargs)
         dec = self.layout.encoder_decoder
@@ -235,8 +303,7 @@ class PrefixKV(Component):
             raise ValueError("prefix tuning could not find the batch size: pass input_ids or inputs_embeds")
         cache = take_cache(self.__dict__["_module_ref"], kw)
         if cache is None:
-            cache = kw[cache_key(type(self.__dict__["_module_ref"]))] = self._new_cache()
-            setattr(cache, _OWN, True)
+            cache = self._own_cache(kw)
         record = VirtualCache.record(cache)
         n = self.num_virtual_tokens
         if self.key not in record:
@@ -282,8 +349,7 @@ class PrefixKV(Component):
         rows = (tuple(c.key if c is not None else None for c in comps), tuple(layout.counts.tolist()))
         cache = take_cache(model, kw)
         if cache is None:
-            cache = kw[cache_key(type(model))] = head._new_cache()
-            setattr(cache, _OWN, True)
+            cache = head._own_cache(kw)
         if _ROUTED not in VirtualCache.record(cache):
             if not VirtualCache.fresh(cache):
                 raise ValueError(
@@ -365,7 +431,7 @@ class PrefixKV(Component):
             )
         field, returned = output_cache(y)
         if getattr(cache, _OWN, False) and returned is cache:
-            use_cache = kwargs.get("use_cache")
+            use_cache = False if getattr(cache, _NO_CACHE, False) else kwargs.get("use_cache")
             if use_cache is None:
                 use_cache = getattr(model.config, "use_cache", False)
             if not use_cache:  # the output then lacks the key, as without the adapter (generate() checks for it)
