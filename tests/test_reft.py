@@ -336,7 +336,11 @@ def test_bfloat16_model():
     adapters = ak.attach(model)
     adapters.add("reft", ak.LoReFT())
     assert torch.equal(output_of(model, x), base)
-    assert all(p.dtype == torch.bfloat16 for p in adapters.parameters("reft"))
+    assert all(p.dtype == torch.float32 for p in adapters.parameters("reft"))  # autocast_adapter_dtype
+    adapters.add("bf16", ak.LoReFT(), autocast_adapter_dtype=False)
+    assert all(p.dtype == torch.bfloat16 for p in adapters.parameters("bf16"))
+    with adapters.use("bf16"):
+        assert torch.equal(output_of(model, x), base)
 
 
 # --- errors -------------------------------------------------------------------------------------------------------

@@ -123,6 +123,13 @@ class Component(nn.Module):
         if self.merged and not keep_merged:
             self.unmerge(module)
 
+    def upcast_(self, dtype: torch.dtype = torch.float32) -> None:
+        """Store this component's float16/bfloat16 parameters and buffers in ``dtype`` (in place: parameter
+        objects keep their identity). The controller calls it on every planned component unless
+        ``autocast_adapter_dtype=False``, so adapters on half-precision bases train fp32 master weights; forwards
+        compute in the adapter's dtype and return the base output's dtype (peft's ``autocast_adapter_dtype``)."""
+        self._apply(lambda t: t.to(dtype) if t.dtype in (torch.float16, torch.bfloat16) else t)
+
     # --- merging ------------------------------------------------------------------------
     def delta_weight(self, module: nn.Module) -> torch.Tensor | None:
         """The additive change to the module's canonical dense weight, or None when not mergeable."""
@@ -215,6 +222,10 @@ class Chain(Component):
     def initialize(self, module: nn.Module) -> None:
         for p in self.parts:
             p.initialize(module)
+
+    def upcast_(self, dtype: torch.dtype = torch.float32) -> None:
+        for p in self.parts:
+            p.upcast_(dtype)
 
     def on_attach(self, module: nn.Module) -> None:
         done = []

@@ -263,7 +263,7 @@ class RoutePlan:
         if self.padded:
             d = d.index_select(0, self.real)
         if self.identity:
-            return y.add_(d) if not torch.is_grad_enabled() else y + d
+            return y.add_(d) if not torch.is_grad_enabled() else y + d.to(y.dtype)
         if not torch.is_grad_enabled():
             return y.index_add_(0, self.rows, d.to(y.dtype))
         return y.index_add(0, self.rows, d.to(y.dtype))

@@ -91,6 +91,8 @@ class Adapters:
         self._root_hook: Any = None
         self._sync_lock = threading.Lock()
         self._route_caches: dict[Any, dict[Any, Any]] = {}
+        # adapter tensors on float16/bfloat16 bases are stored in float32 (peft's autocast_adapter_dtype)
+        self.autocast_adapter_dtype = True
 
     # --- introspection ---------------------------------------------------------------------
     def __repr__(self) -> str:
@@ -134,8 +136,13 @@ class Adapters:
         return self._records[name]
 
     # --- planning and adding ---------------------------------------------------------------
-    def plan(self, config: str | AdapterConfig = "lora", **overrides: Any) -> Plan:
+    def plan(
+        self, config: str | AdapterConfig = "lora", *, autocast_adapter_dtype: bool | None = None, **overrides: Any
+    ) -> Plan:
         """Resolve a config against the model without changing anything (a dry run).
+
+        The components' float16/bfloat16 tensors are stored in float32 (:meth:`Component.upcast_`) unless
+        ``autocast_adapter_dtype`` (default: the controller's attribute of that name, True) is False.
 
         Raises:
             TargetError: a target matches nothing or a module the method cannot act on.
@@ -158,6 +165,9 @@ class Adapters:
             kind = TARGET if TARGET in kinds else found[0][0]
             comps[n] = (kind, cfg.combine(n, modules[n], [c for _, c in found]))
         ordered = {n: comps[n] for n in modules if n in comps}
+        if self.autocast_adapter_dtype if autocast_adapter_dtype is None else autocast_adapter_dtype:
+            for _, comp in ordered.values():
+                comp.upcast_()
         return Plan(cfg, ordered)
 
     def _plan_part(self, cfg: AdapterConfig, modules: dict[str, nn.Module]) -> dict[str, tuple[str, Component]]:
@@ -189,6 +199,7 @@ class Adapters:
         config: str | AdapterConfig = "lora",
         *,
         dry_run: bool = False,
+        autocast_adapter_dtype: bool | None = None,
         **overrides: Any,
     ) -> Plan:
         """Add adapter ``name`` built from ``config`` (a registered name, preset or config object).
@@ -197,12 +208,17 @@ class Adapters:
         attached and the returned :class:`Plan` lists the sites and parameter count. The first adapter
         added to a model becomes active. All-or-nothing: on any error the model is left unchanged.
 
+        On a float16/bfloat16 base the adapter's parameters are stored in float32 (the forward computes the
+        adapter branch in float32 and returns the base dtype, as peft's ``autocast_adapter_dtype``), so small
+        optimizer steps are not rounded away; ``autocast_adapter_dtype=False`` keeps them in the base dtype
+        (default: the controller's ``autocast_adapter_dtype`` attribute, which also applies to :meth:`load`).
+
         Raises:
             ValueError: invalid or duplicate name, unknown method, bad config values.
             TargetError: targets that match nothing or modules the method cannot act on.
         """
         self._check_new_name(name)
-        plan = self.plan(config, **overrides)
+        plan = self.plan(config, autocast_adapter_dtype=autocast_adapter_dtype, **overrides)
         if dry_run:
             return plan
         modules = base_modules(self.model)
@@ -600,8 +616,13 @@ class Adapters:
         writer(format).save(self, name, path)
 
     def install(self, name: str, plan: Plan, *, activate: bool = False) -> None:
-        """Attach a plan whose components already hold their values (used by the format readers)."""
+        """Attach a plan whose components already hold their values (used by the format readers). Their
+        float16/bfloat16 tensors become float32 unless ``autocast_adapter_dtype`` is False (plans made by
+        :meth:`plan` already are; readers that build components themselves should upcast before importing)."""
         self._check_new_name(name)
+        if self.autocast_adapter_dtype:
+            for _, comp in plan.components.values():
+                comp.upcast_()
         self._install(name, plan, base_modules(self.model))
         if activate:
             self.state.active = (name,)

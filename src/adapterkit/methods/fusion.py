@@ -89,8 +89,9 @@ class FusionLayer(Component):
 
     def fuse(self, h: torch.Tensor, outs: list[torch.Tensor]) -> torch.Tensor:
         """``h: (..., d)`` and ``outs``: N tensors ``(..., d)`` -> ``(..., d)``."""
-        o = torch.stack(outs, dim=-2)  # (..., N, d)
-        q = self.query(h).unsqueeze(-2)  # (..., 1, d)
+        dtype = self.query.weight.dtype  # computed in the fusion weights' dtype, returned in h's
+        o = torch.stack(outs, dim=-2).to(dtype)  # (..., N, d)
+        q = self.query(h.to(dtype)).unsqueeze(-2)  # (..., 1, d)
         scores = (q * self.key(o)).sum(-1) / self.temperature  # (..., N)
         alpha = scores.softmax(-1).unsqueeze(-1)
         return (alpha * self.value(o)).sum(-2).to(h.dtype)

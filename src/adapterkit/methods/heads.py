@@ -48,6 +48,10 @@ class HeadCopy(Component):
     def post_call(self, args: tuple[Any, ...], kwargs: dict[str, Any], y: Any) -> Any:
         return self.head(*args, **kwargs)
 
+    def upcast_(self, dtype: torch.dtype = torch.float32) -> None:
+        """A head copy is a whole module run on the base's inputs: it keeps the base dtype (as peft's
+        ``modules_to_save``, which ``autocast_adapter_dtype`` leaves alone)."""
+
     def _base_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
         own = set(self.head.state_dict())
         return {k: v for k, v in module.state_dict(keep_vars=True).items() if k in own}

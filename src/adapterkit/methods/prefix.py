@@ -265,10 +265,16 @@ class PrefixKV(Component):
         """The prefix ``(P, num_layers * 2 * kv_dim)`` (through the MLP when reparametrized)."""
         return self.prefix if self.prefix is not None else self.transform(self.embedding)
 
+    def kv_values(self) -> torch.Tensor:
+        """:meth:`values` in the model's dtype, that of its KV cache (float32 prefixes on half-precision bases)."""
+        ref = next(self.__dict__["_module_ref"].parameters(), None)
+        v = self.values()
+        return v if ref is None or not ref.is_floating_point() else v.to(ref.dtype)
+
     def per_layer(self, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``[(key, value)]`` per layer, each ``(batch, kv_heads, P, head_dim)``."""
         lay = self.layout
-        kv = self.values().view(self.num_virtual_tokens, lay.num_layers * 2, lay.num_kv_heads, lay.head_dim)
+        kv = self.kv_values().view(self.num_virtual_tokens, lay.num_layers * 2, lay.num_kv_heads, lay.head_dim)
         kv = kv.permute(1, 2, 0, 3).unsqueeze(1).expand(-1, batch, -1, -1, -1)
         return [(kv[2 * i], kv[2 * i + 1]) for i in range(lay.num_layers)]
 
@@ -397,10 +403,10 @@ class PrefixKV(Component):
         last ``counts[b]`` slots, zeros (masked out) before."""
         head = next(c for c, _, _ in layout.groups if c is not None)
         lay = head.layout
-        ref = head.values()
+        ref = head.kv_values()
 
         def prefix(c: PrefixKV, n: int, real: torch.Tensor) -> torch.Tensor:
-            v = ref if c is head else c.values()
+            v = ref if c is head else c.kv_values()
             return v.to(ref.dtype).unsqueeze(0).expand(real.shape[0], -1, -1)
 
         empty = ref.new_zeros(batch, 0, lay.num_layers * 2 * lay.kv_dim)

@@ -356,8 +356,9 @@ class LoReFTIntervention(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """``h: (..., d) -> Rᵀ(W h + b − R h): (..., d)``."""
         rot = self.rotation_matrix()
-        coords = F.linear(h, self.weight - rot, self.bias)  # (..., r): target minus current subspace values
-        return self.dropout(coords @ rot)
+        x = h.to(self.weight.dtype)  # computed in the intervention's dtype, returned in h's
+        coords = F.linear(x, self.weight - rot, self.bias)  # (..., r): target minus current subspace values
+        return self.dropout(coords @ rot).to(h.dtype)
 
 
 class LoReFTBlock(Component):
