@@ -257,3 +257,12 @@ def test_routing_on_bf16(config: ak.AdapterConfig) -> None:
         assert out.dtype == BF16
         assert torch.allclose(out[0].float(), ya[0].float(), atol=0.05)
         assert torch.allclose(out[1].float(), yb[1].float(), atol=0.05)
+
+
+def test_float16_base() -> None:
+    model = make_model("llama").to(torch.float16)
+    adapters = ak.attach(model)
+    adapters.add("a", ak.LoRA(r=4, dora=True, init_weights=False))
+    assert all(p.dtype == torch.float32 for p in adapters.parameters("a"))
+    out = model(**make_inputs("llama")).logits
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
