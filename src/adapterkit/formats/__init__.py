@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from types import ModuleType
 
-from .io import AdapterFileError
+from .io import AdapterFileError, pending_config, read_json
 
 __all__ = ["detect", "writer", "AdapterFileError"]
 
@@ -23,12 +22,11 @@ def detect(path: str | os.PathLike) -> ModuleType:
     cfg_path = Path(path) / "adapter_config.json"
     if not Path(path).is_dir():
         raise AdapterFileError(f"adapter directory {str(path)!r} does not exist")
-    if not cfg_path.is_file():
-        raise AdapterFileError(f"{str(path)!r} has no adapter_config.json: it is not an adapter directory")
-    try:
-        data = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterFileError(f"{cfg_path} is not valid JSON ({e}); the file is corrupt") from None
+    data = pending_config(path)  # the config of a save killed between its renames (see io.write_adapter)
+    if data is None:
+        if not cfg_path.is_file():
+            raise AdapterFileError(f"{str(path)!r} has no adapter_config.json: it is not an adapter directory")
+        data = read_json(cfg_path)
     if isinstance(data, dict) and "peft_type" in data:
         return peft
     if isinstance(data, dict) and data.get("format") == native.FORMAT:

@@ -9,7 +9,8 @@
                      "hidden_size": 384, "shapes": "<sha256 of the adapted modules' weight shapes>"}}
 
 ``adapter.safetensors`` keys are ``<module name>.<component tensor name>`` (e.g.
-``...query.lora_A``). Both files are written atomically (temp file + rename), weights first.
+``...query.lora_A``). A save is all-or-nothing (``io.write_adapter``: the tensors' metadata holds a copy of
+the config they were saved with, and ``load`` never pairs them with another config).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from ..backends import backend_for
 from ..component import Component
 from ..config import config_from_dict
 from ..targeting import base_modules
-from .io import AdapterFileError, atomic_save_tensors, atomic_write_json, read_json, read_tensors
+from .io import CONFIG, AdapterFileError, import_checked, read_adapter, write_adapter
 
 FORMAT = "adapterkit"
 FORMAT_VERSION = 1
@@ -60,10 +61,10 @@ def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
     for site, comp in comps.items():
         for k, v in comp.export_state().items():
             tensors[f"{site}.{k}"] = v
-    directory = Path(path)
-    atomic_save_tensors(directory / "adapter.safetensors", tensors)
-    atomic_write_json(
-        directory / "adapter_config.json",
+    write_adapter(
+        path,
+        "adapter.safetensors",
+        tensors,
         {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -79,20 +80,37 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
     from ..controller import Plan
 
     directory = Path(path)
-    data = read_json(directory / "adapter_config.json")
-    if data.get("format_version", 1) > FORMAT_VERSION:
-        raise AdapterFileError(f"{directory} was written by a newer adapterkit (format {data['format_version']})")
+    where = directory / CONFIG
+
+    def check_version(data: dict[str, Any]) -> None:
+        version = data.get("format_version", 1)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise AdapterFileError(f"{where}: 'format_version' must be an integer, not {version!r}")
+        if version > FORMAT_VERSION:
+            raise AdapterFileError(f"{directory} was written by a newer adapterkit (format {version})")
+
+    data, tensors = read_adapter(directory, "adapter", allow_pickle=allow_pickle, check=check_version)
+    sites = data.get("sites")
+    if not isinstance(sites, dict) or not all(isinstance(v, str) for v in sites.values()):
+        raise AdapterFileError(
+            f"{where} is invalid: 'sites' must map module names to site kinds, not {sites!r:.80}"
+        )
+    if not isinstance(data.get("config"), dict):
+        raise AdapterFileError(f"{where} is invalid: 'config' must be an object, not {data.get('config')!r:.80}")
     try:
         cfg = config_from_dict(data["config"])
-        sites: dict[str, str] = dict(data["sites"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise AdapterFileError(f"{directory}/adapter_config.json is invalid: {e}") from None
-    name = name or data.get("name") or "default"
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise AdapterFileError(f"{where} is invalid: {e}") from None
+    saved_name = data.get("name")
+    if saved_name is not None and not isinstance(saved_name, str):
+        raise AdapterFileError(f"{where} is invalid: 'name' must be a string, not {saved_name!r:.80}")
+    saved_fp = data.get("fingerprint") or {}
+    if not isinstance(saved_fp, dict):
+        raise AdapterFileError(f"{where} is invalid: 'fingerprint' must be an object, not {saved_fp!r:.80}")
+    name = name or saved_name or "default"
     ctl._check_new_name(name)
-    tensors = read_tensors(directory, "adapter", allow_pickle=allow_pickle)
 
     modules = base_modules(ctl.model)
-    saved_fp = data.get("fingerprint", {})
     missing = [s for s in sites if s not in modules]
     if missing:
         raise AdapterFileError(
@@ -129,8 +147,8 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
         }
         used.update(prefix + k for k in state)
         try:
-            comp.import_state(state, modules[site])
-        except ValueError as e:
+            import_checked(comp, state, modules[site], reference=own)
+        except (TypeError, ValueError) as e:
             raise AdapterFileError(f"adapter {str(path)!r} does not fit module {site!r}: {e}") from None
         comps[site] = (kind, comp)
     unused = sorted(set(tensors) - used)

@@ -30,8 +30,8 @@ from ..controller import Plan
 from ..methods.ia3 import IA3, IA3InputScale
 from ..targeting import base_modules
 from ._peft_sites import check_sites, head_state, split_state
-from .io import AdapterFileError, read_json, read_tensors
-from .peft import PREFIX, write
+from .io import AdapterFileError, import_checked, read_adapter, require_float
+from .peft import PREFIX, Fields, adapter_task_type, write
 
 PEFT_TYPE = "IA3"
 METHOD = "ia3"
@@ -58,7 +58,7 @@ def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
             tensors[f"{PREFIX}{site}.ia3_l"] = scale.reshape(-1, 1)
     config = {
         "peft_type": PEFT_TYPE,
-        "task_type": None,
+        "task_type": adapter_task_type(ctl, name),
         "base_model_name_or_path": getattr(ctl.model, "name_or_path", None) or None,
         "target_modules": sorted(targets),
         "feedforward_modules": sorted(feedforward),
@@ -82,25 +82,31 @@ def _is_feedforward(site: str, spec: Any) -> bool:
 
 def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: bool, activate: bool) -> str:
     directory = Path(path)
-    data = read_json(directory / "adapter_config.json")
+    data, raw = read_adapter(directory, "adapter_model", allow_pickle=allow_pickle)
     name = name or "default"
     ctl._check_new_name(name)
-    raw = read_tensors(directory, "adapter_model", allow_pickle=allow_pickle)
+    fields = Fields(data, directory)
     modules = base_modules(ctl.model)
-    head_sel = list(data.get("modules_to_save") or [])
+    head_sel = fields.names("modules_to_save")
     per_site, heads = split_state(raw, modules, {"ia3_l": "scale"}, head_sel, directory)
     check_sites(list(per_site) + list(heads), modules, path, ctl.model)
     if not per_site:
         raise AdapterFileError(f"{directory} holds no (IA)^3 vectors (keys ending in '.ia3_l')")
-    spec = data.get("feedforward_modules")
-    feedforward = tuple(s for s in per_site if _is_feedforward(s, spec))
-    cfg = IA3(targets=tuple(per_site), feedforward=feedforward, heads=tuple(heads))
+    require_float({f"{s}.{k}": v for s, state in per_site.items() for k, v in state.items()}, directory)
+    spec = fields.pattern_or_names("feedforward_modules")
+    try:
+        feedforward = tuple(s for s in per_site if _is_feedforward(s, spec))
+    except re.error as e:
+        raise AdapterFileError(
+            f"{fields.where}: 'feedforward_modules' is no valid regular expression ({e})"
+        ) from None
+    cfg = fields.build(IA3, targets=tuple(per_site), feedforward=feedforward, heads=tuple(heads))
     comps: dict[str, tuple[str, Component]] = {}
     try:
         plan = ctl.plan(cfg)
         for site, (kind, comp) in plan.components.items():
             if kind == "head":
-                comp.import_state(heads[site], modules[site])
+                import_checked(comp, heads[site], modules[site])
             else:
                 comp.import_state({"scale": _vector(site, comp, per_site[site]["scale"])}, modules[site])
             comps[site] = (kind, comp)

@@ -34,8 +34,8 @@ from ..methods.bitfit import BiasDelta
 from ..methods.heads import HeadCopy
 from ..methods.lora import LoRA, LoRAEmbedding, LoRAInit
 from ..targeting import base_modules
-from .io import AdapterFileError, read_json, read_tensors
-from .peft import PREFIX, write
+from .io import AdapterFileError, import_checked, read_adapter, require_float
+from .peft import PREFIX, Fields, adapter_task_type, write
 
 PEFT_TYPE = "LORA"
 METHOD = "lora"
@@ -85,7 +85,7 @@ def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
     grow_alpha = (math.sqrt(2) if cfg.rslora else 2) if converted else 1
     config = {
         "peft_type": "LORA",
-        "task_type": None,
+        "task_type": adapter_task_type(ctl, name),
         "base_model_name_or_path": getattr(ctl.model, "name_or_path", None) or None,
         "r": cfg.r * grow_r,
         "lora_alpha": cfg.alpha * grow_alpha,
@@ -123,21 +123,21 @@ def _matches(name: str, selectors: list[str]) -> bool:
 
 def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: bool, activate: bool) -> str:
     directory = Path(path)
-    data = read_json(directory / "adapter_config.json")
+    data, raw = read_adapter(directory, "adapter_model", allow_pickle=allow_pickle)
     init = data.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_UNSUPPORTED_INITS):
         raise AdapterFileError(
             f"{directory} holds a peft {init!r} adapter relative to a modified base weight; save it from peft with "
             "path_initial_model_for_weight_conversion=... so that it applies to the original model"
         )
-    if data.get("lora_bias"):
-        raise AdapterFileError("peft adapters with lora_bias=True are not supported yet")
+    fields = Fields(data, directory)
+    if fields.flag("lora_bias", False):
+        raise AdapterFileError(f"{fields.where}: peft adapters with lora_bias=True are not supported yet")
     name = name or "default"
     ctl._check_new_name(name)
-    raw = read_tensors(directory, "adapter_model", allow_pickle=allow_pickle)
 
     modules = base_modules(ctl.model)
-    head_sel = list(data.get("modules_to_save") or [])
+    head_sel = fields.names("modules_to_save")
     per_site: dict[str, dict[str, torch.Tensor]] = {}
     heads: dict[str, dict[str, torch.Tensor]] = {}
     extra: dict[str, torch.Tensor] = {}
@@ -167,21 +167,26 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
                     f"key {key!r} in {directory} does not belong to this {type(ctl.model).__name__}"
                 )
 
+    if not per_site and not heads and not extra:
+        raise AdapterFileError(f"{directory} holds no LoRA tensors (keys ending in '.lora_A.weight' and so on)")
+    require_float({f"{s}.{k}": v for s, state in per_site.items() for k, v in state.items()}, directory)
+    require_float(extra, directory)
     missing = [s for s in list(per_site) + list(heads) if s not in modules]
     if missing:
         raise AdapterFileError(
             f"peft adapter {str(path)!r} targets {missing[0]!r}, which this {type(ctl.model).__name__} does not "
             f"have ({len(missing)} missing): wrong base model?"
         )
-    cfg = LoRA(
-        r=int(data.get("r", 8)),
-        alpha=float(data.get("lora_alpha", 8)),
-        dropout=float(data.get("lora_dropout", 0.0)),
-        rslora=bool(data.get("use_rslora", False)),
-        dora=bool(data.get("use_dora", False)),
-        bias=data.get("bias", "none"),
-        rank_pattern=data.get("rank_pattern") or {},
-        alpha_pattern=data.get("alpha_pattern") or {},
+    cfg = fields.build(
+        LoRA,
+        r=fields.integer("r", 8),
+        alpha=fields.number("lora_alpha", 8),
+        dropout=fields.number("lora_dropout", 0.0),
+        rslora=fields.flag("use_rslora", False),
+        dora=fields.flag("use_dora", False),
+        bias=fields.choice("bias", "none", ("none", "all", "lora_only")),
+        rank_pattern=fields.numbers("rank_pattern"),
+        alpha_pattern=fields.numbers("alpha_pattern"),
         targets=tuple(per_site),
         heads=tuple(heads),
     )
@@ -198,11 +203,11 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
                     state["bias"] = torch.zeros_like(comp.bias)
                 if "lora_A" not in state or "lora_B" not in state:
                     raise ValueError(f"{site!r} lacks lora_A or lora_B")
-                comp.import_state(state, module)
+                import_checked(comp, state, module)
                 comps[site] = ("target", comp)
             elif site in heads:
                 comp = HeadCopy(module)
-                comp.import_state(heads[site], module)
+                import_checked(comp, heads[site], module)
                 comps[site] = ("head", comp)
             elif site in extra:
                 comp = BiasDelta(module)

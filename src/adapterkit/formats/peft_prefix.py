@@ -25,9 +25,9 @@ import torch
 from ..component import Component
 from ..methods.prefix import PrefixKV, PrefixTuning
 from ..targeting import base_modules
-from .io import AdapterFileError, read_json, read_tensors
-from .peft import write
-from .peft_prompt import EMBEDDINGS, head_tensors, install, split_heads, task_type
+from .io import AdapterFileError, read_adapter, require_float
+from .peft import Fields, task_type, write
+from .peft_prompt import EMBEDDINGS, head_tensors, install, split_heads
 
 PEFT_TYPE = "PREFIX_TUNING"
 METHOD = "prefix_tuning"
@@ -56,7 +56,7 @@ def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
     tensors[EMBEDDINGS] = prefix
     config = {
         "peft_type": PEFT_TYPE,
-        "task_type": task_type(ctl.model),
+        "task_type": task_type(ctl.model, default="FEATURE_EXTRACTION"),
         "num_virtual_tokens": n,
         "num_layers": slots,
         "token_dim": lay.kv_dim,
@@ -74,20 +74,14 @@ def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
     write(path, tensors, config)
 
 
-def _int(data: dict[str, Any], key: str, directory: Path) -> int:
-    value = data.get(key)
-    if not isinstance(value, int) or value <= 0:
-        raise AdapterFileError(f"{directory}/adapter_config.json has no valid {key!r} (got {value!r})")
-    return value
-
-
 def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: bool, activate: bool) -> str:
     directory = Path(path)
-    data = read_json(directory / "adapter_config.json")
-    raw = read_tensors(directory, "adapter_model", allow_pickle=allow_pickle)
-    n, slots, width = (_int(data, k, directory) for k in ("num_virtual_tokens", "num_layers", "token_dim"))
+    data, raw = read_adapter(directory, "adapter_model", allow_pickle=allow_pickle)
+    fields = Fields(data, directory)
+    n, slots, width = (fields.integer(k) for k in ("num_virtual_tokens", "num_layers", "token_dim"))
     if EMBEDDINGS not in raw:
         raise AdapterFileError(f"{directory} has no {EMBEDDINGS!r} tensor: not a peft prefix-tuning adapter")
+    require_float({EMBEDDINGS: raw[EMBEDDINGS]}, directory)
     stored = raw.pop(EMBEDDINGS)
     if tuple(stored.shape) != (n, slots * 2 * width):
         raise AdapterFileError(
@@ -95,9 +89,13 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
             f"({n}, num_layers {slots} x 2 x token_dim {width})"
         )
     modules = base_modules(ctl.model)
-    heads = split_heads(raw, modules, list(data.get("modules_to_save") or []), directory)
-    cfg = PrefixTuning(num_virtual_tokens=n, prefix_projection=False, heads=tuple(heads))
-    submodules = data.get("num_transformer_submodules") or (2 if data.get("task_type") == "SEQ_2_SEQ_LM" else 1)
+    heads = split_heads(raw, modules, fields.names("modules_to_save"), directory)
+    cfg = fields.build(PrefixTuning, num_virtual_tokens=n, prefix_projection=False, heads=tuple(heads))
+    submodules = data.get("num_transformer_submodules")
+    if submodules is None:  # older peft files: the task tells
+        submodules = 2 if data.get("task_type") == "SEQ_2_SEQ_LM" else 1
+    elif isinstance(submodules, bool) or submodules not in (1, 2):
+        raise fields.error("num_transformer_submodules", submodules, "1 or 2")
 
     def state_of(site: str, comp: Component) -> dict[str, torch.Tensor]:
         if not isinstance(comp, PrefixKV):

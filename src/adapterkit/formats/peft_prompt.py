@@ -30,8 +30,8 @@ from ..component import Component
 from ..controller import Plan
 from ..methods.prompt import PromptTuning, SoftPrompt
 from ..targeting import base_modules
-from .io import AdapterFileError, read_json, read_tensors
-from .peft import write
+from .io import AdapterFileError, import_checked, read_adapter, require_float
+from .peft import Fields, task_type, write
 
 PEFT_TYPE = "PROMPT_TUNING"
 METHOD = "prompt_tuning"
@@ -39,33 +39,6 @@ EMBEDDINGS = "prompt_embeddings"
 HEAD_PREFIXES = ("base_model.model.", "base_model.")
 
 __all__ = ["PEFT_TYPE", "METHOD", "save", "load", "task_type", "head_tensors", "split_heads"]
-
-_TASKS = (
-    ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "SEQ_2_SEQ_LM", ("ForConditionalGeneration",)),
-    ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "CAUSAL_LM", ("ForCausalLM", "LMHeadModel")),
-    ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "SEQ_CLS", ("ForSequenceClassification",)),
-    ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "TOKEN_CLS", ("ForTokenClassification",)),
-    ("MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", "QUESTION_ANS", ("ForQuestionAnswering",)),
-)
-
-
-def task_type(model: nn.Module) -> str:
-    """peft's ``task_type`` for a transformers model, from its class (auto-class tables, then the name)."""
-    cls = type(model).__name__
-    try:
-        from transformers.models.auto import modeling_auto
-    except ImportError:  # pragma: no cover - transformers is needed for peft files anyway
-        modeling_auto = None
-    for table, task, _suffixes in _TASKS:
-        names = getattr(modeling_auto, table, {}) if modeling_auto is not None else {}
-        flat = {n for v in names.values() for n in ((v,) if isinstance(v, str) else v)}
-        if cls in flat:
-            return task
-    enc_dec = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-    for _, task, suffixes in _TASKS:
-        if cls.endswith(suffixes) and (task != "SEQ_2_SEQ_LM" or enc_dec):
-            return task
-    return "FEATURE_EXTRACTION"
 
 
 def head_tensors(ctl: Any, name: str) -> tuple[list[str], dict[str, torch.Tensor]]:
@@ -120,7 +93,7 @@ def install(
     try:
         plan = ctl.plan(cfg)
         for site, (_, comp) in plan.components.items():
-            comp.import_state(state_of(site, comp), modules[site])
+            import_checked(comp, state_of(site, comp), modules[site])
     except (TypeError, ValueError) as e:
         raise AdapterFileError(
             f"peft adapter {str(path)!r} does not fit this {type(ctl.model).__name__}: {e}"
@@ -146,7 +119,7 @@ def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
     tensors[EMBEDDINGS] = prompt.prompt.detach()
     config = {
         "peft_type": PEFT_TYPE,
-        "task_type": task_type(ctl.model),
+        "task_type": task_type(ctl.model, default="FEATURE_EXTRACTION"),
         "num_virtual_tokens": cfg.num_virtual_tokens,
         "token_dim": int(prompt.prompt.shape[1]),
         "num_transformer_submodules": 1,
@@ -165,19 +138,18 @@ def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
 
 def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: bool, activate: bool) -> str:
     directory = Path(path)
-    data = read_json(directory / "adapter_config.json")
-    raw = read_tensors(directory, "adapter_model", allow_pickle=allow_pickle)
-    n = data.get("num_virtual_tokens")
-    if not isinstance(n, int) or n <= 0:
-        raise AdapterFileError(f"{directory}/adapter_config.json has no valid num_virtual_tokens")
+    data, raw = read_adapter(directory, "adapter_model", allow_pickle=allow_pickle)
+    fields = Fields(data, directory)
+    n = fields.integer("num_virtual_tokens")
     if EMBEDDINGS not in raw:
         raise AdapterFileError(f"{directory} has no {EMBEDDINGS!r} tensor: not a peft prompt-tuning adapter")
+    require_float({EMBEDDINGS: raw[EMBEDDINGS]}, directory)
     emb = raw.pop(EMBEDDINGS)
     if emb.dim() != 2 or emb.shape[0] < n:
         raise AdapterFileError(f"{EMBEDDINGS!r} in {directory} has shape {tuple(emb.shape)}; expected ({n}, dim)")
     modules = base_modules(ctl.model)
-    heads = split_heads(raw, modules, list(data.get("modules_to_save") or []), directory)
-    cfg = PromptTuning(num_virtual_tokens=n, init="random", heads=tuple(heads))
+    heads = split_heads(raw, modules, fields.names("modules_to_save"), directory)
+    cfg = fields.build(PromptTuning, num_virtual_tokens=n, init="random", heads=tuple(heads))
 
     def state_of(site: str, comp: Component) -> dict[str, torch.Tensor]:
         # the first n rows: the (encoder) prompt; peft's prompt tuning never reads a second submodule's rows

@@ -31,8 +31,8 @@ from ..controller import Plan
 from ..methods.vera import VeRA, VeRALinear
 from ..targeting import base_modules
 from ._peft_sites import check_sites, head_state, split_state
-from .io import AdapterFileError, read_json, read_tensors
-from .peft import PREFIX, write
+from .io import AdapterFileError, import_checked, read_adapter, require_float
+from .peft import PREFIX, Fields, adapter_task_type, write
 
 PEFT_TYPE = "VERA"
 METHOD = "vera"
@@ -60,7 +60,7 @@ def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
     tensors[_A], tensors[_B] = projection.A.contiguous(), projection.B.contiguous()
     config = {
         "peft_type": PEFT_TYPE,
-        "task_type": None,
+        "task_type": adapter_task_type(ctl, name),
         "base_model_name_or_path": getattr(ctl.model, "name_or_path", None) or None,
         "r": cfg.r,
         "target_modules": sorted(targets),
@@ -81,24 +81,29 @@ def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
 
 def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: bool, activate: bool) -> str:
     directory = Path(path)
-    data = read_json(directory / "adapter_config.json")
-    if data.get("bias", "none") != "none":
-        raise AdapterFileError(f"peft VeRA adapters with bias={data['bias']!r} are not supported yet")
+    data, raw = read_adapter(directory, "adapter_model", allow_pickle=allow_pickle)
+    fields = Fields(data, directory)
+    if fields.choice("bias", "none", ("none", "all", "vera_only")) != "none":
+        raise AdapterFileError(
+            f"{fields.where}: peft VeRA adapters with bias={data['bias']!r} are not supported yet"
+        )
     name = name or "default"
     ctl._check_new_name(name)
-    raw = read_tensors(directory, "adapter_model", allow_pickle=allow_pickle)
     modules = base_modules(ctl.model)
-    head_sel = list(data.get("modules_to_save") or [])
+    head_sel = fields.names("modules_to_save")
     suffixes = {"vera_lambda_b": "lambda_b", "vera_lambda_d": "lambda_d"}
     per_site, heads = split_state(raw, modules, suffixes, head_sel, directory, skip=(_A, _B))
     check_sites(list(per_site) + list(heads), modules, path, ctl.model)
     if not per_site:
         raise AdapterFileError(f"{directory} holds no VeRA vectors (keys ending in '.vera_lambda_b')")
-    cfg = VeRA(
-        r=int(data.get("r", 256)),
-        projection_prng_key=int(data.get("projection_prng_key", 0)),
-        d_initial=float(data.get("d_initial", 0.1)),
-        dropout=float(data.get("vera_dropout", 0.0)),
+    require_float({f"{s}.{k}": v for s, state in per_site.items() for k, v in state.items()}, directory)
+    require_float({k: raw[k] for k in (_A, _B) if k in raw}, directory)
+    cfg = fields.build(
+        VeRA,
+        r=fields.integer("r", 256),
+        projection_prng_key=fields.integer("projection_prng_key", 0, minimum=0),
+        d_initial=fields.number("d_initial", 0.1),
+        dropout=fields.number("vera_dropout", 0.0),
         targets=tuple(per_site),
         heads=tuple(heads),
     )
@@ -107,9 +112,9 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
         plan = ctl.plan(cfg)
         for site, (kind, comp) in plan.components.items():
             if kind == "head":
-                comp.import_state(heads[site], modules[site])
+                import_checked(comp, heads[site], modules[site])
             else:
-                comp.import_state(per_site[site], modules[site])
+                import_checked(comp, per_site[site], modules[site])
                 _check_projection(comp, raw, directory)
             comps[site] = (kind, comp)
     except AdapterFileError:
