@@ -446,3 +446,12 @@ def test_config_from_newer_adapterkit(tmp_path):
 def test_attach_non_module():
     with pytest.raises(TypeError, match="dict"):
         ak.attach({})
+
+
+@pytest.mark.parametrize("name", ["half", "train", "float", "modules"])
+def test_adapter_name_that_is_a_module_attribute_is_refused(name):
+    model, adapters, snap = fresh("bert")
+    with pytest.raises(ValueError, match="attribute of torch modules"):
+        adapters.add(name, ak.LoRA())
+    assert adapters.names == []
+    snap.assert_unchanged()

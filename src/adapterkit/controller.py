@@ -232,6 +232,11 @@ class Adapters:
             raise ValueError(f"adapter names must be non-empty strings without '.', got {name!r}")
         if name in self._records:
             raise ValueError(f"an adapter named {name!r} already exists; delete it first or pick another name")
+        if hasattr(nn.ModuleDict(), name):  # components live in a ModuleDict keyed by adapter name
+            raise ValueError(
+                f"{name!r} cannot name an adapter: it is an attribute of torch modules (like 'half', 'train', "
+                "'float'); pick another name"
+            )
 
     def _install(self, name: str, plan: Plan, modules: dict[str, nn.Module]) -> None:
         """Attach a plan's (initialized) components as adapter ``name`` and record it."""
