@@ -196,6 +196,8 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
             module = modules[site]
             if site in per_site:
                 comp = cfg.build(module, site)
+                if ctl.autocast_adapter_dtype:  # float32 before the import, so the file's values stay exact
+                    comp.upcast_()
                 state = dict(per_site[site])
                 if "bias" in state:
                     state["bias"] = state["bias"].to(module.bias.dtype) - module.bias.detach().cpu()
@@ -211,6 +213,8 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
                 comps[site] = ("head", comp)
             elif site in extra:
                 comp = BiasDelta(module)
+                if ctl.autocast_adapter_dtype:
+                    comp.upcast_()
                 comp.import_state(
                     {"delta": extra[site].to(module.bias.dtype) - module.bias.detach().cpu()}, module
                 )
