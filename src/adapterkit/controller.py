@@ -21,17 +21,18 @@ from .component import Component
 from .compose import Block, Fuse, Parallel, RoutePlan, names_in, replicate, validate
 from .config import AdapterConfig, get_config
 from .context import ForwardState
+from .formats import detect, native, writer
+from .merging import combine_adapters
 from .methods.fusion import Fusion
 from .methods.heads import HeadCopy
+from .plan import EXTRA, HEAD, TARGET, Plan
 from .profiles import profile_for
 from .sites import Site
 from .targeting import TargetError, base_modules, select
 
-__all__ = ["Adapters", "attach", "Plan"]
+__all__ = ["Adapters", "attach", "Plan"]  # Plan: re-exported from adapterkit.plan
 
 _ATTR = "_adapterkit_controller"
-
-TARGET, EXTRA, HEAD = "target", "extra", "head"
 
 
 def attach(model: nn.Module) -> Adapters:
@@ -43,34 +44,6 @@ def attach(model: nn.Module) -> Adapters:
         ctl = Adapters(model)
         model.__dict__[_ATTR] = ctl
     return ctl
-
-
-@dataclasses.dataclass
-class Plan:
-    """What adding a config would do: components per module, not yet attached.
-
-    Attributes:
-        config: the resolved config.
-        components: module name -> (kind, component), kind in ``target`` / ``extra`` / ``head``.
-    """
-
-    config: AdapterConfig
-    components: dict[str, tuple[str, Component]]
-
-    @property
-    def num_params(self) -> int:
-        return sum(p.numel() for _, c in self.components.values() for p in c.parameters())
-
-    @property
-    def sites(self) -> list[str]:
-        return list(self.components)
-
-    def __str__(self) -> str:
-        lines = [f"{self.config.method}: {len(self.components)} sites, {self.num_params:,} parameters"]
-        for name, (kind, comp) in self.components.items():
-            n = sum(p.numel() for p in comp.parameters())
-            lines.append(f"  {name:<60} {type(comp).__name__:<14} {kind:<6} {n:>10,}")
-        return "\n".join(lines)
 
 
 @dataclasses.dataclass
@@ -585,15 +558,11 @@ class Adapters:
         rank; ``seed`` makes DARE's drops reproducible; ``options``: ``majority_sign_method``, ``svd_clamp``,
         ``svd_full_matrices``, ``svd_driver``. See :mod:`adapterkit.merging` and docs/merging.md.
         """
-        from .merging import combine_adapters
-
         combine_adapters(self, new_name, names, weights, method, density=density, r=r, seed=seed, **options)
 
     # --- files -----------------------------------------------------------------------------
     def save(self, name: str, path: str | os.PathLike) -> None:
         """Write adapter ``name`` to directory ``path`` (``adapter_config.json`` + ``adapter.safetensors``)."""
-        from .formats import native
-
         native.save(self, name, path)
 
     def load(
@@ -610,14 +579,10 @@ class Adapters:
         (files, shapes, base-model fingerprint) before the model is touched. Pickle files (``.bin``) are
         refused unless ``allow_pickle=True``, and are then read with ``weights_only=True``.
         """
-        from .formats import detect
-
         return detect(path).load(self, path, name=name, allow_pickle=allow_pickle, activate=activate)
 
     def export(self, name: str, path: str | os.PathLike, format: str = "peft") -> None:
         """Write adapter ``name`` in another library's format (``"peft"``) or natively (``"native"``)."""
-        from .formats import writer
-
         writer(format).save(self, name, path)
 
     def install(self, name: str, plan: Plan, *, activate: bool = False) -> None:

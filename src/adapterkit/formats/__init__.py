@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from types import ModuleType
 
+from . import native, peft
 from .io import AdapterFileError, pending_config, read_json
 
 __all__ = ["detect", "writer", "AdapterFileError"]
@@ -17,8 +18,6 @@ def detect(path: str | os.PathLike) -> ModuleType:
     Raises:
         AdapterFileError: missing directory/config, or a config that is not valid JSON.
     """
-    from . import native, peft
-
     cfg_path = Path(path) / "adapter_config.json"
     if not Path(path).is_dir():
         raise AdapterFileError(f"adapter directory {str(path)!r} does not exist")
@@ -35,8 +34,6 @@ def detect(path: str | os.PathLike) -> ModuleType:
 
 
 def writer(name: str) -> ModuleType:
-    from . import native, peft
-
     table = {"peft": peft, "native": native, "adapterkit": native}
     if name not in table:
         raise ValueError(f"unknown export format {name!r}; choose one of: peft, native")

@@ -26,6 +26,7 @@ from torch import nn
 from ..backends import backend_for
 from ..component import Component
 from ..config import config_from_dict
+from ..plan import Plan
 from ..targeting import base_modules
 from .io import CONFIG, AdapterFileError, import_checked, read_adapter, write_adapter
 
@@ -77,8 +78,6 @@ def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
 
 
 def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: bool, activate: bool) -> str:
-    from ..controller import Plan
-
     directory = Path(path)
     where = directory / CONFIG
 

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from ..component import Component
-from ..controller import Plan
 from ..methods.ia3 import IA3, IA3InputScale
+from ..plan import Plan
 from ..targeting import base_modules
 from ._peft_sites import check_sites, head_state, split_state
 from .io import AdapterFileError, import_checked, read_adapter, require_float

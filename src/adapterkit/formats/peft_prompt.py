@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from ..component import Component
-from ..controller import Plan
 from ..methods.prompt import PromptTuning, SoftPrompt
+from ..plan import Plan
 from ..targeting import base_modules
 from .io import AdapterFileError, import_checked, read_adapter, require_float
 from .peft import Fields, task_type, write
