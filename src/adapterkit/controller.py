@@ -27,6 +27,7 @@ from .methods.fusion import Fusion
 from .methods.heads import HeadCopy
 from .plan import EXTRA, HEAD, TARGET, Plan
 from .profiles import profile_for
+from .quant.common import dequantize_for_merge
 from .sites import Site
 from .targeting import TargetError, base_modules, select
 
@@ -503,12 +504,10 @@ class Adapters:
         self, names: Sequence[str] | None = None, *, dtype: torch.dtype | None = None
     ) -> nn.Module:
         """Merge ``names`` (default: the active adapters), drop every adapter, return the plain model.
-        With ``dtype``: a dense model of that dtype, quantized layers dequantized (see ``quant.merge_dense``)."""
+        With ``dtype``: a dense model of that dtype, quantized layers dequantized (see :meth:`_merge_dense`)."""
         names = list(self.state.active if names is None else names)
         if dtype is not None:
-            from .quant import merge_dense
-
-            return merge_dense(self, names, dtype)
+            return self._merge_dense(names, dtype)
         for n in names:  # all-or-nothing: every refusal before any weight changes
             self._merge_check(n)
         merged = []
@@ -524,6 +523,43 @@ class Adapters:
         for n in list(self._records):
             self._remove(n, keep_merged=n in names)
         return self.detach()
+
+    def _merge_dense(self, names: Sequence[str], dtype: torch.dtype) -> nn.Module:
+        """``merge_and_detach(names, dtype=...)``: a dense model of ``dtype`` with ``names`` merged.
+
+        Quantized layers are dequantized from their *original* codes (every adapter is unmerged first, exactly)
+        into float32 where an adapter merges, the adapters are merged there in float32 (no requantization, so
+        the only error is the base's own quantization), and every floating tensor is then cast to ``dtype``.
+        """
+        comps = {n: self.components(n) for n in names}
+        bad = [f"{n}:{m}" for n, cs in comps.items() for m, c in cs.items() if not c.mergeable]
+        if bad:
+            raise TypeError(f"cannot merge {bad[:3]}: those components are not mergeable")
+        saved = {
+            n: (
+                self.config(n),
+                self.sites(n),
+                {m: {k: v.detach().clone() for k, v in c.export_state().items()} for m, c in cs.items()},
+            )
+            for n, cs in comps.items()
+        }
+        model = self.detach()  # unmerges everything: the original quantized codes
+        dequantize_for_merge(model, {m for _, sites, _ in saved.values() for m in sites}, dtype)
+        dense = attach(model)
+        modules = base_modules(model)
+        for n, (cfg, sites, states) in saved.items():
+            plan = dense.plan(cfg)
+            planned = {m: kind for m, (kind, _) in plan.components.items()}
+            if planned != sites:
+                raise RuntimeError(
+                    f"adapter {n!r} resolves to other sites on the dequantized model: {planned} != {sites}"
+                )
+            for m, (_, comp) in plan.components.items():
+                own = comp.state_dict()
+                comp.import_state({k: v for k, v in states[m].items() if k in own}, modules[m])
+            dense.install(n, Plan(plan.config, plan.components))
+        model = dense.merge_and_detach(list(names))
+        return model.to(dtype)
 
     def detach(self) -> nn.Module:
         """Remove every adapter and hook; the model's state_dict is then bit-identical to the original."""
