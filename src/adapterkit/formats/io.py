@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as load_bytes
 from safetensors.torch import save_file
 
 __all__ = [
@@ -265,11 +266,20 @@ def read_json(path: Path) -> dict[str, Any]:
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of one opening of ``path`` (a concurrent rename over it cannot split them)."""
+    # One read of one opened file: safe_open checks the header against the size of the *path*, so a save
+    # renamed over it between the two could make a complete file look truncated (seen with two writers).
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            return {k: f.get_tensor(k) for k in f.keys()}, meta  # noqa: SIM118 - safe_open is no dict
-    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
+        with open(path, "rb") as fh:
+            data = fh.read()
+        size = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + size]) if len(data) >= 8 + size else None
+        if not isinstance(header, dict):
+            raise ValueError(f"the header claims {size} bytes but the file has {len(data)}")
+        meta = header.get("__metadata__") or {}
+        if not isinstance(meta, dict):
+            raise ValueError("__metadata__ is not an object")
+        return load_bytes(data), {str(k): v for k, v in meta.items()}
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, RecursionError) as e:
         raise AdapterFileError(f"{path} is corrupt or not a safetensors file ({e})") from None
 
 
