@@ -49,7 +49,7 @@ DYNAMIC = {
     "adapterkit.formats.peft": ("adapterkit.formats.peft_", False),  # converters(), on first peft save/load
 }
 # modules lower layers still import in a way (c) forbids, waiting for another change; each must still do so
-PENDING = {"adapterkit.formats.peft_lora": "from ..controller import Plan (should be: from ..plan import Plan)"}
+PENDING: dict[str, str] = {}
 
 
 def _modules() -> dict[str, tuple[Path, bool]]:

@@ -29,10 +29,10 @@ from typing import Any
 import torch
 
 from ..component import Component
-from ..controller import Plan
 from ..methods.bitfit import BiasDelta
 from ..methods.heads import HeadCopy
 from ..methods.lora import LoRA, LoRAEmbedding, LoRAInit
+from ..plan import Plan
 from ..targeting import base_modules
 from .io import AdapterFileError, import_checked, read_adapter, require_float
 from .peft import PREFIX, Fields, adapter_task_type, write
