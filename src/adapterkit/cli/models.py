@@ -147,6 +147,18 @@ def load_model(path: str | os.PathLike, task: str, *, labels: list[str] | None =
     return model
 
 
+def check_output_directory(out: Path) -> None:
+    """Refuse an ``--out`` that cannot become a directory (checked before anything is loaded or written)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OSError(f"--out {str(out)!r} is an existing file, not a directory: pass a directory path")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OSError(f"--out {str(out)!r}: {str(parent)!r} is a file, not a directory")
+            break
+
+
 def read_run(directory: str | os.PathLike) -> dict[str, Any]:
     """The ``run.json`` of a training output directory ({} when absent)."""
     p = Path(directory) / RUN_FILE

@@ -19,6 +19,7 @@ from adapterkit.config import config_from_dict
 from .models import (
     ModelError,
     check_adapter_size,
+    check_output_directory,
     guess_task,
     load_adapter,
     load_model,
@@ -196,21 +197,9 @@ def run_eval(adapter: Path, *, model: str | None, data: str | None, dev: str | N
     return metrics
 
 
-def _output_directory(out: Path) -> None:
-    """Refuse an ``--out`` that cannot become a directory (checked before anything is loaded or written)."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise OSError(f"--out {str(out)!r} is an existing file, not a directory: pass a directory path")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise OSError(f"--out {str(out)!r}: {str(parent)!r} is a file, not a directory")
-            break
-
-
 def run_merge(adapter: Path, out: Path, *, model: str | None, task: str | None, num_labels: int | None) -> None:
     """Fold the adapter into the base weights and write a plain transformers model (+ tokenizer) to ``out``."""
-    _output_directory(out)
+    check_output_directory(out)
     net, adapters, name, run, tokenizer = load_adapted(adapter, model=model, task=task, num_labels=num_labels)
     plain = adapters.merge_and_detach([name])
     plain.save_pretrained(out)
@@ -221,7 +210,7 @@ def run_merge(adapter: Path, out: Path, *, model: str | None, task: str | None, 
 def run_export(adapter: Path, out: Path, *, fmt: str, model: str | None, task: str | None,
                num_labels: int | None) -> None:  # fmt: skip
     """Write the adapter in another format (``peft``: loads with ``PeftModel.from_pretrained``)."""
-    _output_directory(out)
+    check_output_directory(out)
     net, adapters, name, run, _ = load_adapted(adapter, model=model, task=task, num_labels=num_labels)
     adapters.export(name, out, format=fmt)
     print(f"exported adapter {name!r} as {fmt} to {out}")

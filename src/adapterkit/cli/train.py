@@ -440,12 +440,12 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
         ModelError,
         add_adapter,
         check_adapter_size,
+        check_output_directory,
         guess_task,
         load_model,
         load_tokenizer,
         model_config,
     )
-    from .ops import _output_directory
 
     t0 = time.perf_counter()
     out = Path(o["out"])
@@ -460,7 +460,7 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
             f"method {o['method']!r} is not trained on its own: it combines adapters that are already trained "
             "(Adapters.add_fusion in Python); the CLI trains one adapter: pick another --method"
         )
-    _output_directory(out)
+    check_output_directory(out)
 
     task = o["task"] or guess_task(model_config(o["model"]))
     if task is None:
