@@ -60,7 +60,7 @@ def split_state(
 
 def check_sites(sites: list[str], modules: dict[str, nn.Module], path: Any, model: nn.Module) -> None:
     """Raise AdapterFileError when the file names modules this model does not have."""
-    missing = [s for s in sites if s not in modules]
+    missing = sorted(s for s in sites if s not in modules)
     if missing:
         raise AdapterFileError(
             f"peft adapter {str(path)!r} targets {missing[0]!r}, which this {type(model).__name__} does not "

@@ -110,7 +110,7 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
     ctl._check_new_name(name)
 
     modules = base_modules(ctl.model)
-    missing = [s for s in sites if s not in modules]
+    missing = sorted(s for s in sites if s not in modules)
     if missing:
         raise AdapterFileError(
             f"adapter {str(path)!r} was saved for a {saved_fp.get('architecture')} model; this "

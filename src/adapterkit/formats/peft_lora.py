@@ -171,7 +171,7 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
         raise AdapterFileError(f"{directory} holds no LoRA tensors (keys ending in '.lora_A.weight' and so on)")
     require_float({f"{s}.{k}": v for s, state in per_site.items() for k, v in state.items()}, directory)
     require_float(extra, directory)
-    missing = [s for s in list(per_site) + list(heads) if s not in modules]
+    missing = sorted(s for s in list(per_site) + list(heads) if s not in modules)
     if missing:
         raise AdapterFileError(
             f"peft adapter {str(path)!r} targets {missing[0]!r}, which this {type(ctl.model).__name__} does not "
