@@ -8,6 +8,7 @@ Commands (``adapterkit COMMAND --help`` documents each)::
     adapterkit export   DIR --format peft --out PEFT_DIR
     adapterkit inspect  --model PATH [--method lora --targets all-linear]
     adapterkit generate DIR --prompt "..."
+    adapterkit serve    --model PATH [--adapters DIR] [--adapter NAME=PATH] [--port 8000]
 
 ``train`` runs Hugging Face's ``Trainer`` (see ``adapterkit.cli.train``); distributed runs use the same
 command under ``torchrun`` (``torchrun --nproc_per_node 2 -m adapterkit.cli train ... [--fsdp]``).
@@ -477,6 +478,63 @@ def generate(
 
     run_generate(adapter, prompt, model=model, template=template, raw=raw, max_new_tokens=max_new_tokens,
                  temperature=temperature, top_p=top_p, seed=seed)  # fmt: skip
+
+
+# --- serve ----------------------------------------------------------------------------------------------------------------
+@app.command()
+@_friendly
+def serve(
+    model: Annotated[str, typer.Option("--model", "-m", help="Base causal LM directory (with its tokenizer).")],
+    adapters: Annotated[
+        Path | None, typer.Option(help="Directory whose subfolders are adapters, each named by its folder.")
+    ] = None,
+    adapter: Annotated[list[str] | None, typer.Option(help="NAME=PATH: one more adapter; repeatable.")] = None,
+    host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0: any free port; the log line names it).")] = 8000,
+    api_key: Annotated[str | None, typer.Option(help="Require `Authorization: Bearer KEY` on /v1.")] = None,
+    dtype: Annotated[str, typer.Option(help="auto, float32, float16 or bfloat16.")] = "auto",
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+    max_running: Annotated[int, typer.Option(help="Requests decoded together.")] = 32,
+    max_queue: Annotated[int, typer.Option(help="Waiting requests before 429.")] = 256,
+    max_active_adapters: Annotated[int, typer.Option(help="Distinct adapters in one step.")] = 8,
+    adapter_pool_mb: Annotated[float | None, typer.Option(help="Memory budget of loaded adapters (LRU).")] = None,
+    allow_runtime_adapter_updates: Annotated[
+        bool, typer.Option(help="Enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter.")
+    ] = False,
+    drain_timeout: Annotated[float, typer.Option(help="Seconds SIGTERM waits for in-flight requests.")] = 30.0,
+    config: ConfigOpt = None,
+) -> None:
+    """Serve the base model and its adapters over an OpenAI-compatible HTTP API (continuous batching, requests
+    of different adapters in one forward).
+
+    Example: adapterkit serve --model ./llama --adapters ./adapters --port 8000
+    """
+    _configure_logging()
+    _check_numbers(
+        max_running=(max_running, ">=1"), max_queue=(max_queue, ">=1"),
+        max_active_adapters=(max_active_adapters, ">=1"), drain_timeout=(drain_timeout, ">=0"),
+    )  # fmt: skip
+    if dtype not in ("auto", "float32", "float16", "bfloat16"):
+        raise typer.BadParameter(f"unknown dtype {dtype!r}", param_hint="--dtype")
+    extra = {}
+    for spec in adapter or []:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise typer.BadParameter(f"{spec!r} is not NAME=PATH", param_hint="--adapter")
+        extra[name] = path
+    import logging
+
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    from ..serve import Server
+
+    Server(model, adapters_dir=adapters, adapters=extra, host=host, port=port, api_key=api_key, dtype=dtype,
+           max_running=max_running, max_queue=max_queue, max_active_adapters=max_active_adapters,
+           adapter_pool_mb=adapter_pool_mb, allow_runtime_adapter_updates=allow_runtime_adapter_updates,
+           drain_timeout=drain_timeout).run()  # fmt: skip
 
 
 def main() -> None:

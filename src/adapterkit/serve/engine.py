@@ -1,0 +1,369 @@
+"""The engine of ``adapterkit serve``: one thread owns the model and runs iteration-level (continuous) batching.
+
+Requests enter a queue (:meth:`Engine.submit`). At every step the engine thread
+
+1. drops finished and cancelled requests (their adapters are unpinned),
+2. admits waiting requests in arrival order while fewer than ``max_running`` run and the step would hold at
+   most ``max_active_adapters`` distinct adapters (a request whose adapter would exceed it, or does not fit
+   the pool yet, waits; later ones may pass it meanwhile), attaching adapters on first use
+   (:class:`~adapterkit.serve.pool.AdapterPool`), and prefills each admitted request alone (batch of one),
+3. decodes one token for every running request: **one** forward over all rows whose adapters act token-wise
+   (LoRA family, bottleneck, (IA)^3, VeRA, ...) and base rows, routed per row with ``adapters.route(names)``.
+   Each request keeps its own KV cache; for the batched step the caches are left-padded to the longest,
+   with an attention mask that hides the padding and explicit ``position_ids`` (each row's own length), and
+   split back afterwards. Requests of *model-level* adapters (prompt/prefix tuning, LoReFT, UniPELT gates:
+   they change sequence lengths or caches) decode in forwards of their own (batch of one) in the same step:
+   they are never refused, only not batched with other rows yet.
+
+Greedy (temperature 0) outputs equal the same request served alone (float32; masked padding contributes
+exactly zero attention weight).
+"""
+
+from __future__ import annotations
+
+import collections
+import inspect
+import itertools
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .pool import AdapterPool, PoolError
+
+__all__ = ["Engine", "EngineError", "Request"]
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(Exception):
+    """A request cannot enter the engine (``status``: 429 queue full, 503 draining or dead)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation. ``emit`` receives ``("token", id)``, then ``("done", finish_reason)`` or
+    ``("error", message, status)``; it is called on the engine thread and must not block."""
+
+    model: str | None  # adapter name; None: the base model
+    prompt: list[int]
+    max_tokens: int
+    emit: Callable[[tuple[Any, ...]], None]
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    arrival: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+    # engine state
+    tokens: list[int] = field(default_factory=list)
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    cache: Any = None
+    length: int = 0
+    solo: bool = False
+    pinned: bool = False
+    generator: torch.Generator | None = None
+    last_token_at: float = 0.0
+
+
+def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
+    return t if n == 0 else torch.cat([t.new_zeros(*t.shape[:2], n, *t.shape[3:]), t], dim=2)
+
+
+class Engine:
+    def __init__(
+        self,
+        model: Any,
+        adapters: Any,
+        pool: AdapterPool,
+        *,
+        eos_ids: set[int],
+        metrics: Any = None,
+        max_running: int = 32,
+        max_queue: int = 256,
+        max_active_adapters: int = 8,
+    ) -> None:
+        self.model = model
+        self.adapters = adapters
+        self.pool = pool
+        self.eos_ids = set(eos_ids)
+        self.metrics = metrics
+        self.max_running = max_running
+        self.max_queue = max_queue
+        self.max_active_adapters = max_active_adapters
+        self.cache_arg = (
+            "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+        )
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
+        self.cond = threading.Condition()
+        self.accepting = True
+        self.dead: str | None = None
+        self._stop = False
+        self._seeds = itertools.count(int(time.time() * 1000) % (2**31))
+        self.thread = threading.Thread(target=self._loop, name="adapterkit-engine", daemon=True)
+        # testing aid: seconds slept after each step, so a test can act while a tiny model is mid-generation
+        self.step_delay = float(os.environ.get("ADAPTERKIT_SERVE_STEP_DELAY", "0") or 0)
+
+    # --- any thread -------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.thread.start()
+
+    def submit(self, req: Request) -> None:
+        with self.cond:
+            if self.dead is not None:
+                raise EngineError(f"the engine stopped: {self.dead}", 503)
+            if not self.accepting:
+                raise EngineError("the server is shutting down", 503)
+            if len(self.waiting) >= self.max_queue:
+                raise EngineError(f"too many waiting requests ({self.max_queue}); retry later", 429)
+            self.waiting.append(req)
+            self.cond.notify_all()
+
+    def cancel(self, req: Request) -> None:
+        req.cancelled = True
+        with self.cond:
+            self.cond.notify_all()
+
+    def idle(self) -> bool:
+        with self.cond:
+            return not self.waiting and not self.running
+
+    def drain(self, timeout: float) -> None:
+        """Stop admission, wait up to ``timeout`` s for queued and running requests, then end the rest with
+        an error and stop the engine thread."""
+        with self.cond:
+            self.accepting = False
+        deadline = time.monotonic() + timeout
+        while not self.idle() and time.monotonic() < deadline and self.thread.is_alive():
+            time.sleep(0.02)
+        self.stop()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.accepting = False
+            self._stop = True
+            self.cond.notify_all()
+        if self.thread.is_alive() and threading.current_thread() is not self.thread:
+            self.thread.join(timeout=30)
+
+    # --- engine thread ----------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            with torch.no_grad():
+                while True:
+                    with self.cond:
+                        while not self._stop and not self.waiting and not self.running:
+                            self.cond.wait(0.2)
+                            self.pool.collect()
+                        if self._stop:
+                            break
+                    self.step()
+                    if self.step_delay:
+                        time.sleep(self.step_delay)
+            reason = "the server is shutting down"
+        except BaseException as e:  # the engine died: fail everything, /health reports it
+            log.exception("engine failed")
+            reason = f"{type(e).__name__}: {e}"
+            self.dead = reason
+        with self.cond:
+            left = list(self.running) + list(self.waiting)
+            self.running.clear()
+            self.waiting.clear()
+        for req in left:
+            self._release(req)
+            req.emit(("error", reason, 503))
+        self._gauges()
+
+    def _gauges(self) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.running.set(len(self.running))
+        self.metrics.waiting.set(len(self.waiting))
+        self.metrics.set_lora_info(
+            [r.model for r in self.running if r.model], [r.model for r in self.waiting if r.model],
+            self.max_active_adapters,
+        )  # fmt: skip
+
+    def _release(self, req: Request) -> None:
+        if req.pinned and req.model is not None:
+            self.pool.release(req.model)
+        req.pinned = False
+        req.kv = req.cache = None
+
+    def _finish(self, req: Request, reason: str) -> None:
+        self._release(req)
+        if req in self.running:
+            self.running.remove(req)
+        if self.metrics is not None:
+            self.metrics.e2e.observe(time.monotonic() - req.arrival)
+            self.metrics.requests_success.labels(reason).inc()
+        req.emit(("done", reason))
+
+    def step(self) -> None:
+        """One scheduling step: retire, admit and prefill, decode one token for every running request."""
+        for req in [r for r in self.running if r.cancelled]:
+            self._finish(req, "abort")
+        self.pool.collect()
+        for req in self._admit():
+            try:
+                if req.model is not None:
+                    self.pool.acquire(req.model)
+                    req.pinned = True
+            except PoolError as e:
+                req.emit(("error", str(e), e.status))
+                continue
+            if self.metrics is not None:
+                self.metrics.queue_time.observe(time.monotonic() - req.arrival)
+            self.running.append(req)
+            self._prefill(req)
+        self._gauges()
+        batch = [r for r in self.running if not r.solo]
+        if batch:
+            self._decode_batch(batch)
+        for req in [r for r in self.running if r.solo]:
+            self._decode_solo(req)
+        self._gauges()
+
+    def _admit(self) -> list[Request]:
+        out: list[Request] = []
+        with self.cond:
+            active = {r.model for r in self.running if r.model is not None}
+            keep: collections.deque[Request] = collections.deque()
+            while self.waiting:
+                req = self.waiting.popleft()
+                if req.cancelled:
+                    continue
+                if len(self.running) + len(out) >= self.max_running:
+                    keep.append(req)
+                    keep.extend(self.waiting)
+                    self.waiting.clear()
+                    break
+                if req.model is not None and req.model not in active:
+                    entry = self.pool.get(req.model)
+                    if entry is not None and (
+                        len(active) >= self.max_active_adapters or not self.pool.can_acquire(req.model)
+                    ):
+                        keep.append(req)  # waits for a slot; acquire() reports unknown adapters
+                        continue
+                    active.add(req.model)
+                out.append(req)
+            self.waiting = keep
+        return out
+
+    def _scope(self, names: list[str | None]) -> Any:
+        if all(n is None for n in names):
+            return self.adapters.use()
+        return self.adapters.route(names)
+
+    def _forward(self, names: list[str | None], **kw: Any) -> tuple[torch.Tensor, Any]:
+        with self._scope(names):
+            out = self.model(use_cache=True, **kw)
+        cache = out.get("cache", None)
+        if cache is None:
+            cache = out.get("past_key_values", None)
+        return out.logits[:, -1, :], cache
+
+    def _prefill(self, req: Request) -> None:
+        from transformers import DynamicCache
+
+        entry = self.pool.get(req.model) if req.model is not None else None
+        req.solo = bool(entry is not None and entry.model_level)
+        ids = torch.tensor([req.prompt], dtype=torch.long, device=self._device())
+        logits, cache = self._forward([req.model], input_ids=ids, **{self.cache_arg: DynamicCache()})
+        if self.metrics is not None:
+            self.metrics.prompt_tokens.inc(len(req.prompt))
+        req.length = len(req.prompt)
+        layers = getattr(cache, "layers", None)
+        if not req.solo and layers and all(type(lay).__name__ == "DynamicLayer" for lay in layers):
+            req.kv = [(lay.keys, lay.values) for lay in layers]
+        else:  # model-level adapter or a cache this engine cannot combine: decoded alone
+            req.solo = True
+            req.cache = cache
+        self._token(req, logits[0])
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _decode_solo(self, req: Request) -> None:
+        ids = torch.tensor([[req.tokens[-1]]], dtype=torch.long, device=self._device())
+        logits, cache = self._forward([req.model], input_ids=ids, **{self.cache_arg: req.cache})
+        req.cache = cache
+        req.length += 1
+        self._token(req, logits[0])
+
+    def _decode_batch(self, rows: list[Request]) -> None:
+        from transformers import DynamicCache
+
+        lengths = [r.length for r in rows]
+        longest = max(lengths)
+        device = self._device()
+        cache = DynamicCache()
+        assert rows[0].kv is not None
+        for layer in range(len(rows[0].kv)):
+            keys = torch.cat([_pad_left(r.kv[layer][0], longest - r.length) for r in rows])  # type: ignore[index]
+            values = torch.cat([_pad_left(r.kv[layer][1], longest - r.length) for r in rows])  # type: ignore[index]
+            cache.update(keys, values, layer)
+        mask = torch.zeros(len(rows), longest + 1, dtype=torch.long, device=device)
+        for i, n in enumerate(lengths):
+            mask[i, longest - n :] = 1
+        pos = torch.tensor([[n] for n in lengths], dtype=torch.long, device=device)
+        ids = torch.tensor([[r.tokens[-1]] for r in rows], dtype=torch.long, device=device)
+        logits, new = self._forward(
+            [r.model for r in rows],
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            **{self.cache_arg: cache},
+        )
+        for i, (req, n) in enumerate(zip(rows, lengths)):
+            start = longest - n
+            req.kv = [
+                (lay.keys[i : i + 1, :, start:].clone(), lay.values[i : i + 1, :, start:].clone())
+                for lay in new.layers
+            ]
+            req.length = n + 1
+            self._token(req, logits[i])
+
+    def _sample(self, req: Request, logits: torch.Tensor) -> int:
+        logits = logits.float()
+        if req.temperature <= 0:
+            return int(logits.argmax())
+        if req.generator is None:
+            req.generator = torch.Generator(device=logits.device)
+            req.generator.manual_seed(req.seed if req.seed is not None else next(self._seeds))
+        probs = torch.softmax(logits / req.temperature, dim=-1)
+        if req.top_p < 1.0:
+            sorted_p, order = probs.sort(descending=True)
+            keep = sorted_p.cumsum(0) - sorted_p < req.top_p  # always keeps the most likely token
+            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+        return int(torch.multinomial(probs, 1, generator=req.generator))
+
+    def _token(self, req: Request, logits: torch.Tensor) -> None:
+        tok = self._sample(req, logits)
+        now = time.monotonic()
+        if self.metrics is not None:
+            self.metrics.generation_tokens.inc()
+            if req.tokens:
+                self.metrics.itl.observe(now - req.last_token_at)
+            else:
+                self.metrics.ttft.observe(now - req.arrival)
+        req.last_token_at = now
+        req.tokens.append(tok)
+        req.emit(("token", tok))
+        if tok in self.eos_ids:
+            self._finish(req, "stop")
+        elif len(req.tokens) >= req.max_tokens:
+            self._finish(req, "length")
+        elif req.cancelled:
+            self._finish(req, "abort")

@@ -1,0 +1,237 @@
+"""Adapter pool of ``adapterkit serve``: which adapters the server knows, which are in memory, and eviction.
+
+Tiers: *on disk* (registered: a name and a directory) -> *attached* (loaded into the model with
+``adapters.load(path, name=...)``). Loading happens on first use, on the engine thread between two steps (the
+only thread that runs the model, so no forward ever sees a half-installed adapter). Attached adapters that no
+running request uses (unpinned) are evicted least-recently-used when loading another would exceed the byte
+budget (``--adapter-pool-mb``). Each load records a content hash of the adapter's files, so an adapter reloaded
+under the same name after its files changed is a new version, never the stale one.
+
+Registry changes from the HTTP side (runtime load/unload) only touch the registry under a lock; the model is
+changed by the engine thread alone (:meth:`AdapterPool.collect`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["AdapterEntry", "AdapterPool", "PoolError", "is_model_level"]
+
+
+class PoolError(Exception):
+    """An adapter cannot be used (unknown, unreadable, larger than the pool); ``status`` is the HTTP code."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class AdapterEntry:
+    name: str
+    path: Path
+    method: str = "unknown"
+    attached: bool = False
+    pins: int = 0
+    nbytes: int = 0
+    last_used: float = 0.0
+    digest: str | None = None
+    model_level: bool = False
+    removed: bool = False  # unregistered while in use: deleted from the model once unpinned
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def state(self) -> str:
+        return "attached" if self.attached else "on disk"
+
+
+def _method_of(path: Path) -> str:
+    try:
+        cfg = json.loads((path / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return "unknown"
+    return str(cfg.get("method") or cfg.get("peft_type") or "unknown").lower()
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.iterdir() if p.is_file()):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _file_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin"))
+
+
+def is_model_level(adapters: Any, name: str) -> bool:
+    """Adapter ``name`` has a component that rewrites the whole model call (prompt/prefix tuning, LoReFT's
+    position recorder, UniPELT gates): its rows change sequence lengths or caches, so the engine decodes them
+    in their own forwards instead of the shared routed batch."""
+    from adapterkit.component import Component
+
+    for comp in adapters.components(name).values():
+        for sub in comp.modules():
+            if isinstance(sub, Component) and type(sub).pre_call is not Component.pre_call:
+                return True
+    return "" in adapters.sites(name)
+
+
+class AdapterPool:
+    """Registered adapters (name -> directory) and the in-memory tier under a byte budget."""
+
+    def __init__(
+        self,
+        adapters: Any,
+        root: Path | None = None,
+        extra: dict[str, Path] | None = None,
+        budget_bytes: int | None = None,
+        metrics: Any = None,
+    ) -> None:
+        self.adapters = adapters
+        self.root = root.resolve() if root is not None else None
+        self.budget = budget_bytes
+        self.metrics = metrics
+        self.lock = threading.RLock()
+        self.entries: dict[str, AdapterEntry] = {}
+        if self.root is not None:
+            if not self.root.is_dir():
+                raise PoolError(f"--adapters {self.root} is not a directory")
+            for sub in sorted(self.root.iterdir()):
+                if (sub / "adapter_config.json").is_file():
+                    self.register(sub.name, sub)
+        for name, path in (extra or {}).items():
+            self.register(name, Path(path))
+
+    # --- registry (any thread) ------------------------------------------------------------------------
+    def register(self, name: str, path: Path) -> AdapterEntry:
+        path = Path(path).resolve()
+        if not (path / "adapter_config.json").is_file():
+            raise PoolError(f"{path} holds no adapter_config.json", 400)
+        with self.lock:
+            old = self.entries.get(name)
+            if old is not None and not old.removed:
+                raise PoolError(f"an adapter named {name!r} is already registered", 400)
+            if old is not None and old.pins > 0:
+                raise PoolError(f"adapter {name!r} is being unloaded (requests still use it); retry later", 409)
+            # an old version still attached but unused is deleted by acquire() before the new one loads
+            entry = AdapterEntry(name=name, path=path, method=_method_of(path))
+            self.entries[name] = entry
+            return entry
+
+    def confined(self, path: str) -> Path:
+        """``path`` resolved, refused unless it lies under ``--adapters`` (runtime loads)."""
+        if self.root is None:
+            raise PoolError("runtime adapter loading needs --adapters DIR (paths are confined under it)", 400)
+        p = Path(path)
+        p = (p if p.is_absolute() else self.root / p).resolve()
+        if p != self.root and self.root not in p.parents:
+            raise PoolError(f"lora_path {path!r} is outside the adapters directory", 400)
+        return p
+
+    def unregister(self, name: str) -> None:
+        with self.lock:
+            entry = self.entries.get(name)
+            if entry is None or entry.removed:
+                raise PoolError(f"no adapter named {name!r}", 404)
+            entry.removed = True
+            if not entry.attached:
+                del self.entries[name]
+
+    def get(self, name: str) -> AdapterEntry | None:
+        with self.lock:
+            entry = self.entries.get(name)
+            return None if entry is None or entry.removed else entry
+
+    def listing(self) -> list[AdapterEntry]:
+        with self.lock:
+            return [e for e in self.entries.values() if not e.removed]
+
+    def used_bytes(self) -> int:
+        with self.lock:
+            return sum(e.nbytes for e in self.entries.values() if e.attached)
+
+    # --- model changes (engine thread only) -------------------------------------------------------------
+    def collect(self) -> None:
+        """Delete adapters unregistered while in use, once nothing uses them."""
+        with self.lock:
+            for name, entry in list(self.entries.items()):
+                if entry.removed and entry.attached and entry.pins == 0:
+                    self._detach(entry)
+                    del self.entries[name]
+
+    def _detach(self, entry: AdapterEntry) -> None:
+        if entry.name in self.adapters:
+            self.adapters.delete(entry.name)
+        entry.attached = False
+        entry.nbytes = 0
+        if self.metrics is not None:
+            self.metrics.pool_bytes.set(self.used_bytes())
+
+    def can_acquire(self, name: str) -> bool:
+        """``name`` is attached, or loading it fits the budget after evicting unpinned adapters."""
+        with self.lock:
+            entry = self.entries[name]
+            if entry.attached or self.budget is None:
+                return True
+            need = _file_bytes(entry.path)
+            free = self.budget - sum(e.nbytes for e in self.entries.values() if e.attached and e.pins > 0)
+            return need <= free
+
+    def acquire(self, name: str) -> AdapterEntry:
+        """Attach ``name`` if needed (evicting LRU unpinned adapters to fit) and pin it."""
+        with self.lock:
+            entry = self.entries.get(name)
+            if entry is None or entry.removed:
+                raise PoolError(f"no adapter named {name!r}", 404)
+            stale = self.adapters.__contains__(name) and not entry.attached
+            if stale:  # an older version of this name is still in the model (unloaded, then reloaded)
+                self.adapters.delete(name)
+            if not entry.attached:
+                need = _file_bytes(entry.path)
+                if self.budget is not None:
+                    if need > self.budget:
+                        raise PoolError(
+                            f"adapter {name!r} needs {need} bytes, more than --adapter-pool-mb allows "
+                            f"({self.budget} bytes)", 400
+                        )  # fmt: skip
+                    victims = sorted(
+                        (e for e in self.entries.values() if e.attached and e.pins == 0 and e is not entry),
+                        key=lambda e: e.last_used,
+                    )
+                    while self.used_bytes() + need > self.budget and victims:
+                        self._detach(victims.pop(0))
+                        if self.metrics is not None:
+                            self.metrics.adapter_evictions.inc()
+                try:
+                    entry.digest = _digest(entry.path)
+                    self.adapters.load(entry.path, name=name)
+                except Exception as e:  # a failed load fails only the requests for this adapter
+                    if name in self.adapters:
+                        self.adapters.delete(name)
+                    raise PoolError(f"adapter {name!r} failed to load from {entry.path}: {e}", 400) from e
+                entry.attached = True
+                entry.method = self.adapters.config(name).method
+                entry.nbytes = sum(p.numel() * p.element_size() for p in self.adapters.parameters(name)) or need
+                entry.model_level = is_model_level(self.adapters, name)
+                if self.metrics is not None:
+                    self.metrics.adapter_loads.inc()
+                    self.metrics.pool_bytes.set(self.used_bytes())
+            entry.pins += 1
+            entry.last_used = time.monotonic()
+            return entry
+
+    def release(self, name: str) -> None:
+        with self.lock:
+            entry = self.entries.get(name)
+            if entry is None:
+                return
+            entry.pins = max(0, entry.pins - 1)
+            entry.last_used = time.monotonic()

@@ -1,0 +1,378 @@
+"""``adapterkit serve`` end to end: a live server on 127.0.0.1 (uvicorn in a thread; a subprocess for SIGTERM)
+with a tiny random LLaMA and a word tokenizer, adapters of several methods saved with ``adapters.save``, and
+the real ``openai`` client: completions and chat (streamed and not), concurrent mixed-adapter clients equal to
+their single-request references, errors in OpenAI's schema, runtime load/unload, eviction, 429, metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+import adapterkit as ak
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from adapterkit.serve import Server  # noqa: E402
+
+WORDS = [f"w{i}" for i in range(48)] + ["the", "film", "is", "good", "bad", "user", "assistant", "system"]
+KEY = "sk-test"
+PROMPTS = ["the film is good", "w1 w2 w3", "the w5 is bad w7 w9", "film film w11", "w20 w21 w22 w23 w24 w25"]
+
+
+def _tokenizer(vocab: list[str]) -> object:
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    ids = {w: i for i, w in enumerate(vocab)}
+    tok = Tokenizer(models.WordLevel(ids, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", ids["[BOS]"])])
+    from tokenizers import decoders
+
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", bos_token="[BOS]")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("serve")
+    vocab = ["[PAD]", "[UNK]", "[BOS]", *WORDS]
+    tok = _tokenizer(vocab)
+    assert tok("the film is good")["input_ids"] == [2, *(vocab.index(w) for w in ["the", "film", "is", "good"])]
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=2,
+                      eos_token_id=None, pad_token_id=0)  # fmt: skip
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(root / "llama")
+    tok.save_pretrained(root / "llama")
+    adapters = ak.attach(model)
+    specs = {
+        "lora-a": ak.LoRA(r=4, targets=["attn.q", "attn.v"]),
+        "lora-b": ak.LoRA(r=8, targets="all-linear"),
+        "bn": "seq_bn",
+        "ia3": ak.IA3(),
+        "prompt": ak.PromptTuning(num_virtual_tokens=4),
+    }
+    out = root / "adapters"
+    for i, (name, spec) in enumerate(specs.items()):
+        adapters.add(name, spec)
+        gen = torch.Generator().manual_seed(100 + i)
+        with torch.no_grad():
+            for p in adapters.parameters(name):
+                p.add_(torch.randn(p.shape, generator=gen) * (0.5 if name != "ia3" else 0.8))
+        adapters.save(name, out / name)
+    return {"root": root, "model": root / "llama", "adapters": out}
+
+
+def _reference(files: dict[str, Path], name: str | None, prompt: str, n: int) -> list[int]:
+    """Greedy tokens by full recomputation without a cache (no server), for ``name`` alone."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(files["model"]).eval()
+    tok = AutoTokenizer.from_pretrained(files["model"])
+    adapters = ak.attach(model)
+    if name is not None:
+        adapters.load(files["adapters"] / name, name=name)
+    ids = list(tok(prompt)["input_ids"])
+    out: list[int] = []
+    with torch.no_grad(), adapters.use(name) if name else adapters.use():
+        for _ in range(n):
+            logits = model(input_ids=torch.tensor([ids + out])).logits
+            out.append(int(logits[0, -1].argmax()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(files):
+    srv = Server(files["model"], adapters_dir=files["adapters"], port=0, api_key=KEY, max_running=32,
+                 allow_runtime_adapter_updates=True)  # fmt: skip
+    port = srv.start_in_thread()
+    yield srv, port
+    srv.stop()
+
+
+def _client(port: int, key: str = KEY, **kw) -> object:
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=30, **kw)
+
+
+def _tokens(srv: Server, text: str) -> list[int]:
+    return srv.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_completion_equals_reference_and_adapters_differ(server, files):
+    srv, port = server
+    client = _client(port)
+    base = str(files["model"])
+    answers = {}
+    for name in [base, "lora-a", "bn", "prompt"]:
+        r = client.completions.create(model=name, prompt=PROMPTS[0], max_tokens=8, temperature=0)
+        assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 8
+        assert r.usage.prompt_tokens == 5
+        answers[name] = r.choices[0].text
+        ref = _reference(files, None if name == base else name, PROMPTS[0], 8)
+        assert _tokens(srv, answers[name]) == ref, name
+    assert len(set(answers.values())) == len(answers), answers  # every adapter changes the output
+
+
+def test_streaming_completion_and_chat(server, files):
+    srv, port = server
+    client = _client(port)
+    whole = client.completions.create(model="lora-b", prompt=PROMPTS[1], max_tokens=6, temperature=0)
+    chunks = list(
+        client.completions.create(
+            model="lora-b",
+            prompt=PROMPTS[1],
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )  # fmt: skip
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+
+    messages = [{"role": "user", "content": "the film is good"}]
+    chat = client.chat.completions.create(model="ia3", messages=messages, max_tokens=5, temperature=0)
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens == 5
+    stream = client.chat.completions.create(
+        model="ia3", messages=messages, max_tokens=5, temperature=0, stream=True
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == chat.choices[0].message.content
+    # the fallback template (the tokenizer has none): "role: content" lines, then "assistant:"
+    plain = client.completions.create(model="ia3", prompt="user: the film is good\nassistant:", max_tokens=5,
+                                      temperature=0)  # fmt: skip
+    assert plain.choices[0].text == chat.choices[0].message.content
+    # stop strings end the answer early
+    words = whole.choices[0].text.split()
+    cut = client.completions.create(
+        model="lora-b", prompt=PROMPTS[1], max_tokens=6, temperature=0, stop=[words[2]]
+    )
+    assert cut.choices[0].finish_reason == "stop" and words[2] not in cut.choices[0].text.split()
+    # sampling with a seed repeats
+    a, b = (
+        client.completions.create(model="bn", prompt=PROMPTS[2], max_tokens=6, temperature=1.0, top_p=0.9, seed=7)
+        for _ in range(2)
+    )
+    assert a.choices[0].text == b.choices[0].text
+
+
+def test_concurrent_mixed_adapters_equal_single_requests(server, files):
+    srv, port = server
+    client = _client(port)
+    names = [str(files["model"]), "lora-a", "lora-b", "bn", "ia3", "prompt"]
+    jobs = [(names[i % len(names)], PROMPTS[i % len(PROMPTS)], 4 + (i * 3) % 9) for i in range(32)]
+    ref = {}
+    for job in set(jobs):
+        r = client.completions.create(model=job[0], prompt=job[1], max_tokens=job[2], temperature=0)
+        ref[job] = r.choices[0].text
+    got: dict[int, str] = {}
+    errors: list[BaseException] = []
+
+    def worker(k: int) -> None:
+        try:
+            c = _client(port)
+            for i in range(k, len(jobs), 16):
+                name, prompt, n = jobs[i]
+                if i % 3 == 0:  # some streamed
+                    s = c.completions.create(model=name, prompt=prompt, max_tokens=n, temperature=0, stream=True)
+                    got[i] = "".join(ch.choices[0].text for ch in s if ch.choices)
+                else:
+                    got[i] = (
+                        c.completions.create(model=name, prompt=prompt, max_tokens=n, temperature=0)
+                        .choices[0]
+                        .text
+                    )
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    assert {i: got.get(i) for i in range(len(jobs))} == {i: ref[j] for i, j in enumerate(jobs)}
+    assert srv.metrics.running._value.get() == 0
+
+
+def test_errors_in_openai_schema(server, files):
+    srv, port = server
+    client = _client(port)
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="nope", prompt="the", max_tokens=2)
+    assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="lora-a", prompt="the", max_tokens=2, n=2)
+    assert e.value.body["param"] == "n" and e.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="lora-a", prompt="the", max_tokens=2, extra_body={"beam_width": 3})
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="lora-a", prompt="the", max_tokens=200)
+    assert e.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.AuthenticationError):
+        _client(port, key="wrong").completions.create(model="lora-a", prompt="the", max_tokens=2)
+    with pytest.raises(openai.NotFoundError):  # runtime updates are on, but the name must exist
+        client.post("/unload_lora_adapter", body={"lora_name": "nope"}, cast_to=str)
+    listed = {m.id: m for m in client.models.list()}
+    assert set(listed) == {str(files["model"]), "lora-a", "lora-b", "bn", "ia3", "prompt"}
+    assert listed["lora-a"].parent == str(files["model"]) and listed["bn"].method == "bottleneck"
+    assert listed["prompt"].method == "prompt_tuning"
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+        assert r.status == 200
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    for metric in ["adapterkit:num_requests_running", "adapterkit:num_requests_waiting",
+                   "adapterkit:time_to_first_token_seconds_count", "adapterkit:e2e_request_latency_seconds_count",
+                   "adapterkit:prompt_tokens_total", "adapterkit:generation_tokens_total",
+                   "adapterkit:adapter_loads_total"]:  # fmt: skip
+        assert metric in text, metric
+    generated = [ln for ln in text.splitlines() if ln.startswith("adapterkit:generation_tokens_total")]
+    assert float(generated[0].split()[-1]) > 0
+
+
+def test_load_unload_and_same_name_reload(server, files):
+    srv, port = server
+    client = _client(port)
+    with pytest.raises(openai.BadRequestError):  # outside --adapters
+        client.post("/load_lora_adapter", body={"lora_name": "x", "lora_path": str(files["model"])}, cast_to=str)
+    client.post("/load_lora_adapter", body={"lora_name": "x", "lora_path": "lora-a"}, cast_to=str)
+    a = client.completions.create(model="x", prompt=PROMPTS[3], max_tokens=6, temperature=0).choices[0].text
+    assert (
+        a
+        == client.completions.create(model="lora-a", prompt=PROMPTS[3], max_tokens=6, temperature=0)
+        .choices[0]
+        .text
+    )
+    client.post("/unload_lora_adapter", body={"lora_name": "x"}, cast_to=str)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="x", prompt=PROMPTS[3], max_tokens=6, temperature=0)
+    # the same name again, other weights: no stale answer
+    client.post(
+        "/load_lora_adapter", body={"lora_name": "x", "lora_path": str(files["adapters"] / "bn")}, cast_to=str
+    )
+    b = client.completions.create(model="x", prompt=PROMPTS[3], max_tokens=6, temperature=0).choices[0].text
+    assert (
+        b == client.completions.create(model="bn", prompt=PROMPTS[3], max_tokens=6, temperature=0).choices[0].text
+    )
+    assert b != a
+    client.post("/unload_lora_adapter", body={"lora_name": "x"}, cast_to=str)
+
+
+def test_eviction_under_tiny_pool_then_reload(files):
+    sizes = {n: (files["adapters"] / n / "adapter.safetensors").stat().st_size for n in ["lora-a", "bn"]}
+    srv = Server(
+        files["model"], adapters_dir=files["adapters"], port=0, adapter_pool_mb=(max(sizes.values()) * 1.5) / 2**20
+    )
+    port = srv.start_in_thread()
+    try:
+        client = _client(port)
+        first = (
+            client.completions.create(model="lora-a", prompt=PROMPTS[0], max_tokens=5, temperature=0)
+            .choices[0]
+            .text
+        )
+        client.completions.create(model="bn", prompt=PROMPTS[0], max_tokens=5, temperature=0)
+        states = {m.id: m.state for m in client.models.list()}
+        assert states["lora-a"] == "on disk" and states["bn"] == "attached"
+        again = (
+            client.completions.create(model="lora-a", prompt=PROMPTS[0], max_tokens=5, temperature=0)
+            .choices[0]
+            .text
+        )
+        assert again == first
+        assert srv.metrics.adapter_evictions._value.get() == 2 and srv.metrics.adapter_loads._value.get() == 3
+    finally:
+        srv.stop()
+
+
+def test_429_when_queue_is_full(files):
+    srv = Server(files["model"], adapters_dir=files["adapters"], port=0, max_running=1, max_queue=1)
+    port = srv.start_in_thread()
+    try:
+        statuses: list[int] = []
+        lock = threading.Lock()
+
+        def one() -> None:
+            body = json.dumps(
+                {"model": "lora-a", "prompt": PROMPTS[4], "max_tokens": 40, "temperature": 0}
+            ).encode()
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+                                         headers={"Content-Type": "application/json"})  # fmt: skip
+            try:
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    code = r.status
+            except urllib.error.HTTPError as e:
+                code = e.code
+                if code == 429:
+                    assert e.headers["Retry-After"] and json.loads(e.read())["error"]["type"] == "rate_limit_error"
+            with lock:
+                statuses.append(code)
+
+        threads = [threading.Thread(target=one) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert 429 in statuses and 200 in statuses, statuses
+    finally:
+        srv.stop()
+
+
+def test_sigterm_drains_a_stream_and_exits_0(files, tmp_path):
+    env = {**os.environ, "ADAPTERKIT_QUANT_LIBS": "1", "ADAPTERKIT_SERVE_STEP_DELAY": "0.05"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "adapterkit.cli", "serve", "--model", str(files["model"]), "--adapters",
+         str(files["adapters"]), "--port", "0", "--drain-timeout", "20", "--threads", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )  # fmt: skip
+    try:
+        port = None
+        deadline = time.monotonic() + 60
+        lines = []
+        while time.monotonic() < deadline and port is None:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "http://127.0.0.1:" in line:
+                port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
+        assert port is not None, "".join(lines)
+        client = _client(port)
+        stream = client.completions.create(model="lora-a", prompt=PROMPTS[0], max_tokens=40, temperature=0,
+                                           stream=True)  # fmt: skip
+        first = next(iter(stream))
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+        assert e.value.code == 503
+        rest = [c for c in stream if c.choices]
+        assert rest[-1].choices[0].finish_reason == "length"
+        assert len(_tokens_of(first.choices[0].text + "".join(c.choices[0].text for c in rest))) >= 1
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _tokens_of(text: str) -> list[str]:
+    return text.split()
