@@ -2,7 +2,7 @@
 
 Layers, top to bottom (a module may import its own layer and those below, never one above):
 
-4. ``adapterkit.cli`` (and a future ``serve``): the commands, on top of the public API.
+4. ``adapterkit.cli`` and ``adapterkit.serve``: the commands and the server, on top of the public API.
 3. ``adapterkit`` (the public ``__init__``) and ``controller``: the verbs (add/merge/save/load/...).
 2. ``formats/*``, ``quant/*``, ``merging``, ``methods/*``: readers/writers, quantized bases, weight-space
    arithmetic, method families. They receive the controller as an argument (duck-typed ``ctl``) and hand
@@ -29,7 +29,7 @@ import pytest
 SRC = Path(__file__).resolve().parent.parent / "src"
 ROOT = "adapterkit"
 
-TOP = ("adapterkit.cli",)
+TOP = ("adapterkit.cli", "adapterkit.serve")
 CONTROLLER = ("adapterkit", "adapterkit.controller")
 MIDDLE = ("adapterkit.formats", "adapterkit.quant", "adapterkit.merging", "adapterkit.methods")
 BOTTOM = (
