@@ -68,6 +68,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
         "bn": "seq_bn",
         "ia3": ak.IA3(),
         "prompt": ak.PromptTuning(num_virtual_tokens=4),
+        "prefix": ak.PrefixTuning(num_virtual_tokens=3),
     }
     out = root / "adapters"
     for i, (name, spec) in enumerate(specs.items()):
@@ -120,7 +121,7 @@ def test_completion_equals_reference_and_adapters_differ(server, files):
     client = _client(port)
     base = str(files["model"])
     answers = {}
-    for name in [base, "lora-a", "bn", "prompt"]:
+    for name in [base, "lora-a", "bn", "prompt", "prefix"]:
         r = client.completions.create(model=name, prompt=PROMPTS[0], max_tokens=8, temperature=0)
         assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 8
         assert r.usage.prompt_tokens == 5
@@ -177,12 +178,14 @@ def test_streaming_completion_and_chat(server, files):
 def test_concurrent_mixed_adapters_equal_single_requests(server, files):
     srv, port = server
     client = _client(port)
-    names = [str(files["model"]), "lora-a", "lora-b", "bn", "ia3", "prompt"]
+    names = [str(files["model"]), "lora-a", "lora-b", "bn", "ia3", "prompt", "prefix"]
     jobs = [(names[i % len(names)], PROMPTS[i % len(PROMPTS)], 4 + (i * 3) % 9) for i in range(32)]
     ref = {}
     for job in set(jobs):
         r = client.completions.create(model=job[0], prompt=job[1], max_tokens=job[2], temperature=0)
         ref[job] = r.choices[0].text
+    before = dict(srv.engine.stats)
+    srv.engine.step_delay = 0.003  # steps slow enough that requests arriving together share them
     got: dict[int, str] = {}
     errors: list[BaseException] = []
 
@@ -208,9 +211,43 @@ def test_concurrent_mixed_adapters_equal_single_requests(server, files):
         t.start()
     for t in threads:
         t.join(timeout=60)
+    srv.engine.step_delay = 0.0
     assert not errors, errors
     assert {i: got.get(i) for i in range(len(jobs))} == {i: ref[j] for i, j in enumerate(jobs)}
     assert srv.metrics.running._value.get() == 0
+    # rows of different adapters (and base rows) shared decode forwards
+    assert srv.engine.stats["mixed_steps"] > before["mixed_steps"] and srv.engine.stats["max_batch"] >= 4
+
+
+def test_chat_template_of_the_tokenizer(server, files):
+    srv, port = server
+    client = _client(port)
+    messages = [{"role": "system", "content": "w1 w2"}, {"role": "user", "content": "the film is good"}]
+    srv.tokenizer.chat_template = "{% for m in messages %}{{ m.role }} {{ m.content }} {% endfor %}assistant"
+    try:
+        chat = client.chat.completions.create(model="lora-a", messages=messages, max_tokens=5, temperature=0)
+    finally:
+        srv.tokenizer.chat_template = None
+    ids = srv.tokenizer("system w1 w2 user the film is good assistant", add_special_tokens=False)["input_ids"]
+    plain = client.completions.create(model="lora-a", prompt=ids, max_tokens=5, temperature=0)
+    assert chat.choices[0].message.content == plain.choices[0].text
+    assert chat.usage.prompt_tokens == len(ids)
+
+
+def test_client_disconnect_cancels_its_request(server):
+    srv, port = server
+    srv.engine.step_delay = 0.02
+    try:
+        stream = _client(port).completions.create(model="bn", prompt=PROMPTS[0], max_tokens=50, temperature=0,
+                                                  stream=True)  # fmt: skip
+        next(iter(stream))
+        stream.close()
+        deadline = time.monotonic() + 10
+        while srv.engine.running and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not srv.engine.running
+    finally:
+        srv.engine.step_delay = 0.0
 
 
 def test_errors_in_openai_schema(server, files):
@@ -232,7 +269,7 @@ def test_errors_in_openai_schema(server, files):
     with pytest.raises(openai.NotFoundError):  # runtime updates are on, but the name must exist
         client.post("/unload_lora_adapter", body={"lora_name": "nope"}, cast_to=str)
     listed = {m.id: m for m in client.models.list()}
-    assert set(listed) == {str(files["model"]), "lora-a", "lora-b", "bn", "ia3", "prompt"}
+    assert set(listed) == {str(files["model"]), "lora-a", "lora-b", "bn", "ia3", "prompt", "prefix"}
     assert listed["lora-a"].parent == str(files["model"]) and listed["bn"].method == "bottleneck"
     assert listed["prompt"].method == "prompt_tuning"
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:

@@ -72,6 +72,7 @@ class Request:
     length: int = 0
     solo: bool = False
     pinned: bool = False
+    skipped: int = 0
     generator: torch.Generator | None = None
     last_token_at: float = 0.0
 
@@ -101,6 +102,8 @@ class Engine:
         self.max_running = max_running
         self.max_queue = max_queue
         self.max_active_adapters = max_active_adapters
+        self.max_skips = 2 * max_running  # steps a request waits for an adapter slot before it blocks others
+        self.stats = {"steps": 0, "batched_rows": 0, "mixed_steps": 0, "max_batch": 0}
         self.cache_arg = (
             "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
         )
@@ -168,9 +171,9 @@ class Engine:
                             self.pool.collect()
                         if self._stop:
                             break
-                    self.step()
-                    if self.step_delay:
-                        time.sleep(self.step_delay)
+                    ran = self.step()
+                    if self.step_delay or not ran:
+                        time.sleep(self.step_delay or 0.005)  # nothing admissible yet: do not spin
             reason = "the server is shutting down"
         except BaseException as e:  # the engine died: fail everything, /health reports it
             log.exception("engine failed")
@@ -210,8 +213,9 @@ class Engine:
             self.metrics.requests_success.labels(reason).inc()
         req.emit(("done", reason))
 
-    def step(self) -> None:
-        """One scheduling step: retire, admit and prefill, decode one token for every running request."""
+    def step(self) -> bool:
+        """One scheduling step: retire, admit and prefill, decode one token for every running request.
+        Returns whether any forward ran."""
         for req in [r for r in self.running if r.cancelled]:
             self._finish(req, "abort")
         self.pool.collect()
@@ -226,14 +230,32 @@ class Engine:
             if self.metrics is not None:
                 self.metrics.queue_time.observe(time.monotonic() - req.arrival)
             self.running.append(req)
-            self._prefill(req)
+            self._guarded(req, self._prefill)
         self._gauges()
         batch = [r for r in self.running if not r.solo]
+        ran = bool(self.running)
         if batch:
-            self._decode_batch(batch)
+            try:
+                self._decode_batch(batch)
+            except Exception:  # a combination that cannot share a forward: decode each row alone instead
+                log.exception("batched decode failed; decoding its %d rows one by one", len(batch))
+                for req in batch:
+                    req.solo = True
         for req in [r for r in self.running if r.solo]:
-            self._decode_solo(req)
+            self._guarded(req, self._decode_solo)
         self._gauges()
+        return ran
+
+    def _guarded(self, req: Request, fn: Callable[[Request], None]) -> None:
+        """``fn(req)``; an exception fails this request only (500), not the engine."""
+        try:
+            fn(req)
+        except Exception as e:
+            log.exception("request %s failed", req.id)
+            self._release(req)
+            if req in self.running:
+                self.running.remove(req)
+            req.emit(("error", f"generation failed: {type(e).__name__}: {e}", 500))
 
     def _admit(self) -> list[Request]:
         out: list[Request] = []
@@ -254,7 +276,14 @@ class Engine:
                     if entry is not None and (
                         len(active) >= self.max_active_adapters or not self.pool.can_acquire(req.model)
                     ):
-                        keep.append(req)  # waits for a slot; acquire() reports unknown adapters
+                        # waits for a slot (acquire() reports unknown adapters); later requests may pass it for
+                        # a while, then admission stops behind it until it fits (no starvation)
+                        req.skipped += 1
+                        keep.append(req)
+                        if req.skipped > self.max_skips:
+                            keep.extend(self.waiting)
+                            self.waiting.clear()
+                            break
                         continue
                     active.add(req.model)
                 out.append(req)
@@ -296,6 +325,13 @@ class Engine:
         return next(self.model.parameters()).device
 
     def _decode_solo(self, req: Request) -> None:
+        if req.cache is None:  # a row of the shared batch decoded alone (its batch failed)
+            from transformers import DynamicCache
+
+            req.cache = DynamicCache()
+            for layer, (k, v) in enumerate(req.kv or []):
+                req.cache.update(k, v, layer)
+            req.kv = None
         ids = torch.tensor([[req.tokens[-1]]], dtype=torch.long, device=self._device())
         logits, cache = self._forward([req.model], input_ids=ids, **{self.cache_arg: req.cache})
         req.cache = cache
@@ -319,6 +355,10 @@ class Engine:
             mask[i, longest - n :] = 1
         pos = torch.tensor([[n] for n in lengths], dtype=torch.long, device=device)
         ids = torch.tensor([[r.tokens[-1]] for r in rows], dtype=torch.long, device=device)
+        self.stats["steps"] += 1
+        self.stats["batched_rows"] += len(rows)
+        self.stats["max_batch"] = max(self.stats["max_batch"], len(rows))
+        self.stats["mixed_steps"] += len({r.model for r in rows}) > 1
         logits, new = self._forward(
             [r.model for r in rows],
             input_ids=ids,

@@ -182,6 +182,8 @@ class AdapterPool:
             if entry.attached or self.budget is None:
                 return True
             need = _file_bytes(entry.path)
+            if need > self.budget:
+                return True  # never fits: acquire() fails its requests with a clear error
             free = self.budget - sum(e.nbytes for e in self.entries.values() if e.attached and e.pins > 0)
             return need <= free
 
