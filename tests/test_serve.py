@@ -217,6 +217,44 @@ def test_concurrent_mixed_adapters_equal_single_requests(server, files):
     assert srv.metrics.running._value.get() == 0
     # rows of different adapters (and base rows) shared decode forwards
     assert srv.engine.stats["mixed_steps"] > before["mixed_steps"] and srv.engine.stats["max_batch"] >= 4
+    assert srv.engine.stats["prefill_batches"] > before["prefill_batches"]
+
+
+def test_a_failing_batched_forward_falls_back_to_rows_alone(server, files):
+    srv, port = server
+    client = _client(port)
+    jobs = [("lora-a", PROMPTS[0]), ("bn", PROMPTS[1]), (str(files["model"]), PROMPTS[2]), ("ia3", PROMPTS[3])]
+    ref = [
+        client.completions.create(model=m, prompt=p, max_tokens=6, temperature=0).choices[0].text for m, p in jobs
+    ]
+    forward = srv.engine._forward
+
+    def flaky(names, **kw):
+        if len(names) > 1:
+            raise RuntimeError("this mix cannot share a forward")
+        return forward(names, **kw)
+
+    srv.engine._forward = flaky
+    srv.engine.step_delay = 0.003
+    try:
+        got: dict[int, str] = {}
+
+        def one(i: int) -> None:
+            m, p = jobs[i]
+            got[i] = (
+                _client(port).completions.create(model=m, prompt=p, max_tokens=6, temperature=0).choices[0].text
+            )
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(jobs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+    finally:
+        srv.engine._forward = forward
+        srv.engine.step_delay = 0.0
+    assert [got.get(i) for i in range(len(jobs))] == ref
+    assert srv.engine.dead is None
 
 
 def test_chat_template_of_the_tokenizer(server, files):

@@ -103,7 +103,12 @@ class Engine:
         self.max_queue = max_queue
         self.max_active_adapters = max_active_adapters
         self.max_skips = 2 * max_running  # steps a request waits for an adapter slot before it blocks others
-        self.stats = {"steps": 0, "batched_rows": 0, "mixed_steps": 0, "max_batch": 0}
+        self.stats = {"steps": 0, "batched_rows": 0, "mixed_steps": 0, "max_batch": 0, "prefill_batches": 0}
+        # the decode batch carried from step to step while its rows stay the same
+        self._brows: list[Request] | None = None
+        self._bcache: Any = None
+        self._bwidth = 0
+        self._bmask: Any = None
         self.cache_arg = (
             "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
         )
@@ -219,10 +224,11 @@ class Engine:
         for req in [r for r in self.running if r.cancelled]:
             self._finish(req, "abort")
         self.pool.collect()
+        admitted = []
         for req in self._admit():
             try:
                 if req.model is not None:
-                    self.pool.acquire(req.model)
+                    req.solo = self.pool.acquire(req.model).model_level
                     req.pinned = True
             except PoolError as e:
                 req.emit(("error", str(e), e.status))
@@ -230,6 +236,15 @@ class Engine:
             if self.metrics is not None:
                 self.metrics.queue_time.observe(time.monotonic() - req.arrival)
             self.running.append(req)
+            admitted.append(req)
+        shared = [r for r in admitted if not r.solo]
+        if len(shared) > 1:
+            try:
+                self._prefill_batch(shared)
+                admitted = [r for r in admitted if r.solo]
+            except Exception:
+                log.exception("batched prefill failed; prefilling its %d rows one by one", len(shared))
+        for req in admitted:
             self._guarded(req, self._prefill)
         self._gauges()
         batch = [r for r in self.running if not r.solo]
@@ -306,8 +321,6 @@ class Engine:
     def _prefill(self, req: Request) -> None:
         from transformers import DynamicCache
 
-        entry = self.pool.get(req.model) if req.model is not None else None
-        req.solo = bool(entry is not None and entry.model_level)
         ids = torch.tensor([req.prompt], dtype=torch.long, device=self._device())
         logits, cache = self._forward([req.model], input_ids=ids, **{self.cache_arg: DynamicCache()})
         if self.metrics is not None:
@@ -338,42 +351,99 @@ class Engine:
         req.length += 1
         self._token(req, logits[0])
 
-    def _decode_batch(self, rows: list[Request]) -> None:
+    def _prefill_batch(self, rows: list[Request]) -> None:
+        """Prefill token-wise rows in one routed forward: prompts left-padded to the longest, with an attention
+        mask and explicit position ids; each row's cache is cut back out of the batch's."""
         from transformers import DynamicCache
 
-        lengths = [r.length for r in rows]
-        longest = max(lengths)
         device = self._device()
-        cache = DynamicCache()
-        assert rows[0].kv is not None
-        for layer in range(len(rows[0].kv)):
-            keys = torch.cat([_pad_left(r.kv[layer][0], longest - r.length) for r in rows])  # type: ignore[index]
-            values = torch.cat([_pad_left(r.kv[layer][1], longest - r.length) for r in rows])  # type: ignore[index]
-            cache.update(keys, values, layer)
-        mask = torch.zeros(len(rows), longest + 1, dtype=torch.long, device=device)
-        for i, n in enumerate(lengths):
-            mask[i, longest - n :] = 1
-        pos = torch.tensor([[n] for n in lengths], dtype=torch.long, device=device)
+        longest = max(len(r.prompt) for r in rows)
+        ids = torch.zeros(len(rows), longest, dtype=torch.long, device=device)
+        mask = torch.zeros(len(rows), longest, dtype=torch.long, device=device)
+        for i, r in enumerate(rows):
+            ids[i, longest - len(r.prompt) :] = torch.tensor(r.prompt, dtype=torch.long)
+            mask[i, longest - len(r.prompt) :] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits, cache = self._forward(
+            [r.model for r in rows], input_ids=ids, attention_mask=mask, position_ids=pos,
+            **{self.cache_arg: DynamicCache()},
+        )  # fmt: skip
+        layers = getattr(cache, "layers", None)
+        if not layers or not all(type(lay).__name__ == "DynamicLayer" for lay in layers):
+            raise RuntimeError(f"cannot split a {type(cache).__name__} per row")
+        for i, r in enumerate(rows):
+            start = longest - len(r.prompt)
+            r.kv = [
+                (lay.keys[i : i + 1, :, start:].clone(), lay.values[i : i + 1, :, start:].clone())
+                for lay in layers
+            ]
+            r.length = len(r.prompt)
+        if self.metrics is not None:
+            self.metrics.prompt_tokens.inc(sum(len(r.prompt) for r in rows))
+        self.stats["prefill_batches"] += 1
+        for i, r in enumerate(rows):
+            self._token(r, logits[i])
+
+    def _unbatch(self) -> None:
+        """Cut the rows of the persistent batch cache that still run back into per-row caches (membership
+        changes, or a failed step: columns past the batch's width, appended by a half-run forward, are left out)."""
+        if self._brows is not None and self._bcache is not None:
+            width = self._bwidth
+            for i, r in enumerate(self._brows):
+                if r in self.running and r.kv is None and r.cache is None:
+                    a, b = width - r.length, width
+                    r.kv = [
+                        (lay.keys[i : i + 1, :, a:b].clone(), lay.values[i : i + 1, :, a:b].clone())
+                        for lay in self._bcache.layers
+                    ]
+        self._brows = self._bcache = self._bmask = None
+        self._bwidth = 0
+
+    def _decode_batch(self, rows: list[Request]) -> None:
+        """One routed forward over ``rows``. While the rows stay the same from step to step the batch's cache,
+        mask and width carry over (each step appends one column); when rows join or leave, the per-row caches
+        are left-padded to the longest and combined again."""
+        from transformers import DynamicCache
+
+        device = self._device()
+        same = self._brows is not None and len(rows) == len(self._brows)
+        same = same and all(a is b for a, b in zip(rows, self._brows or []))
+        if same:
+            cache, width = self._bcache, self._bwidth
+            mask = torch.cat([self._bmask, self._bmask.new_ones(len(rows), 1)], dim=1)
+        else:
+            self._unbatch()
+            width = max(r.length for r in rows)
+            cache = DynamicCache()
+            assert rows[0].kv is not None
+            for layer in range(len(rows[0].kv)):
+                keys = torch.cat([_pad_left(r.kv[layer][0], width - r.length) for r in rows])  # type: ignore[index]
+                values = torch.cat([_pad_left(r.kv[layer][1], width - r.length) for r in rows])  # type: ignore[index]
+                cache.update(keys, values, layer)
+            for r in rows:
+                r.kv = None
+            mask = torch.zeros(len(rows), width + 1, dtype=torch.long, device=device)
+            for i, r in enumerate(rows):
+                mask[i, width - r.length :] = 1
+            self._brows, self._bcache, self._bwidth, self._bmask = list(rows), cache, width, mask[:, :-1]
+        pos = torch.tensor([[r.length] for r in rows], dtype=torch.long, device=device)
         ids = torch.tensor([[r.tokens[-1]] for r in rows], dtype=torch.long, device=device)
         self.stats["steps"] += 1
         self.stats["batched_rows"] += len(rows)
         self.stats["max_batch"] = max(self.stats["max_batch"], len(rows))
         self.stats["mixed_steps"] += len({r.model for r in rows}) > 1
-        logits, new = self._forward(
-            [r.model for r in rows],
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=pos,
-            **{self.cache_arg: cache},
-        )
-        for i, (req, n) in enumerate(zip(rows, lengths)):
-            start = longest - n
-            req.kv = [
-                (lay.keys[i : i + 1, :, start:].clone(), lay.values[i : i + 1, :, start:].clone())
-                for lay in new.layers
-            ]
-            req.length = n + 1
-            self._token(req, logits[i])
+        try:
+            logits, new = self._forward(
+                [r.model for r in rows], input_ids=ids, attention_mask=mask, position_ids=pos,
+                **{self.cache_arg: cache},
+            )  # fmt: skip
+        except Exception:
+            self._unbatch()
+            raise
+        self._bcache, self._bwidth, self._bmask = new, width + 1, mask
+        for i, r in enumerate(rows):
+            r.length += 1
+            self._token(r, logits[i])
 
     def _sample(self, req: Request, logits: torch.Tensor) -> int:
         logits = logits.float()
