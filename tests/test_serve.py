@@ -378,6 +378,54 @@ def test_eviction_under_tiny_pool_then_reload(files):
         srv.stop()
 
 
+def test_max_active_adapters_bounds_each_step(files):
+    srv = Server(files["model"], adapters_dir=files["adapters"], port=0, max_active_adapters=2)
+    port = srv.start_in_thread()
+    try:
+        client = _client(port)
+        jobs = [(["lora-a", "lora-b", "bn", "ia3"][i % 4], PROMPTS[i % len(PROMPTS)]) for i in range(8)]
+        ref = {j: client.completions.create(model=j[0], prompt=j[1], max_tokens=8, temperature=0).choices[0].text
+               for j in set(jobs)}  # fmt: skip
+        srv.engine.step_delay = 0.003
+        got: dict[int, str] = {}
+
+        def one(i: int) -> None:
+            m, p = jobs[i]
+            got[i] = (
+                _client(port).completions.create(model=m, prompt=p, max_tokens=8, temperature=0).choices[0].text
+            )
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(jobs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        assert [got.get(i) for i in range(len(jobs))] == [ref[j] for j in jobs]
+        assert srv.engine.stats["max_adapters"] == 2
+    finally:
+        srv.stop()
+
+
+def test_bad_fields_are_refused(server):
+    srv, port = server
+    client = _client(port)
+    bad = [
+        {"stream_options": {"include_usage": True}},  # without stream
+        {"temperature": 3},
+        {"top_p": 0},
+        {"max_tokens": 0},
+        {"stop": ["a", "b", "c", "d", "e"]},
+        {"logprobs": 2},
+        {"echo": True},
+        {"prompt": ["the film", "w1"]},  # several prompts in one request
+    ]
+    for extra in bad:
+        body = {"model": "lora-a", "prompt": "the film", "max_tokens": 2, **extra}
+        with pytest.raises(openai.BadRequestError) as e:
+            client.post("/completions", body=body, cast_to=object)
+        assert set(e.value.body) == {"message", "type", "param", "code"}, extra
+
+
 def test_429_when_queue_is_full(files):
     srv = Server(files["model"], adapters_dir=files["adapters"], port=0, max_running=1, max_queue=1)
     port = srv.start_in_thread()
@@ -415,7 +463,7 @@ def test_sigterm_drains_a_stream_and_exits_0(files, tmp_path):
     env = {**os.environ, "ADAPTERKIT_QUANT_LIBS": "1", "ADAPTERKIT_SERVE_STEP_DELAY": "0.05"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "adapterkit.cli", "serve", "--model", str(files["model"]), "--adapters",
-         str(files["adapters"]), "--port", "0", "--drain-timeout", "20", "--threads", "1"],
+         str(files["adapters"]), "--adapter", f"extra={files['adapters'] / 'ia3'}", "--port", "0", "--drain-timeout", "20", "--threads", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )  # fmt: skip
     try:
@@ -431,7 +479,8 @@ def test_sigterm_drains_a_stream_and_exits_0(files, tmp_path):
                 port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
         assert port is not None, "".join(lines)
         client = _client(port)
-        stream = client.completions.create(model="lora-a", prompt=PROMPTS[0], max_tokens=40, temperature=0,
+        assert "extra" in {m.id for m in client.models.list()}
+        stream = client.completions.create(model="extra", prompt=PROMPTS[0], max_tokens=40, temperature=0,
                                            stream=True)  # fmt: skip
         first = next(iter(stream))
         proc.send_signal(signal.SIGTERM)

@@ -103,7 +103,14 @@ class Engine:
         self.max_queue = max_queue
         self.max_active_adapters = max_active_adapters
         self.max_skips = 2 * max_running  # steps a request waits for an adapter slot before it blocks others
-        self.stats = {"steps": 0, "batched_rows": 0, "mixed_steps": 0, "max_batch": 0, "prefill_batches": 0}
+        self.stats = {
+            "steps": 0,
+            "batched_rows": 0,
+            "mixed_steps": 0,
+            "max_batch": 0,
+            "prefill_batches": 0,
+            "max_adapters": 0,
+        }
         # the decode batch carried from step to step while its rows stay the same
         self._brows: list[Request] | None = None
         self._bcache: Any = None
@@ -432,6 +439,9 @@ class Engine:
         self.stats["batched_rows"] += len(rows)
         self.stats["max_batch"] = max(self.stats["max_batch"], len(rows))
         self.stats["mixed_steps"] += len({r.model for r in rows}) > 1
+        self.stats["max_adapters"] = max(
+            self.stats["max_adapters"], len({r.model for r in self.running if r.model is not None})
+        )
         try:
             logits, new = self._forward(
                 [r.model for r in rows], input_ids=ids, attention_mask=mask, position_ids=pos,
