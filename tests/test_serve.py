@@ -220,6 +220,35 @@ def test_concurrent_mixed_adapters_equal_single_requests(server, files):
     assert srv.engine.stats["prefill_batches"] > before["prefill_batches"]
 
 
+def test_model_level_rows_of_one_adapter_share_forwards(server, files):
+    srv, port = server
+    client = _client(port)
+    jobs = [(m, p) for m in ["prompt", "prefix"] for p in ["w1 w2 w3", "w4 w5 w6", "the film is"]]
+    ref = [
+        client.completions.create(model=m, prompt=p, max_tokens=7, temperature=0).choices[0].text for m, p in jobs
+    ]
+    before = srv.engine.stats["group_steps"]
+    srv.engine.step_delay = 0.01
+    try:
+        got: dict[int, str] = {}
+
+        def one(i: int) -> None:
+            m, p = jobs[i]
+            got[i] = (
+                _client(port).completions.create(model=m, prompt=p, max_tokens=7, temperature=0).choices[0].text
+            )
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(jobs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+    finally:
+        srv.engine.step_delay = 0.0
+    assert [got.get(i) for i in range(len(jobs))] == ref
+    assert srv.engine.stats["group_steps"] > before
+
+
 def test_a_failing_batched_forward_falls_back_to_rows_alone(server, files):
     srv, port = server
     client = _client(port)

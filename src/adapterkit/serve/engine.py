@@ -110,6 +110,7 @@ class Engine:
             "max_batch": 0,
             "prefill_batches": 0,
             "max_adapters": 0,
+            "group_steps": 0,
         }
         # the decode batch carried from step to step while its rows stay the same
         self._brows: list[Request] | None = None
@@ -263,8 +264,7 @@ class Engine:
                 log.exception("batched decode failed; decoding its %d rows one by one", len(batch))
                 for req in batch:
                     req.solo = True
-        for req in [r for r in self.running if r.solo]:
-            self._guarded(req, self._decode_solo)
+        self._decode_groups([r for r in self.running if r.solo])
         self._gauges()
         return ran
 
@@ -343,6 +343,61 @@ class Engine:
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def _decode_groups(self, rows: list[Request]) -> None:
+        """Rows decoded apart from the shared batch (model-level adapters): rows of one adapter whose caches have
+        the same length share a forward (caches stacked along the batch, nothing padded, so each row sees exactly
+        its own run); the others run alone."""
+        groups: dict[Any, list[Request]] = {}
+        for r in rows:
+            groups.setdefault(self._group_key(r), []).append(r)
+        for key, group in groups.items():
+            if key is None or len(group) == 1:
+                for r in group:
+                    self._guarded(r, self._decode_solo)
+                continue
+            try:
+                self._decode_group(group)
+            except Exception:
+                log.exception("grouped decode failed; decoding its %d rows one by one", len(group))
+                for r in group:
+                    self._guarded(r, self._decode_solo)
+
+    @staticmethod
+    def _group_key(req: Request) -> Any:
+        cache = req.cache
+        layers = getattr(cache, "layers", None)
+        if not layers or not all(type(lay).__name__ == "DynamicLayer" for lay in layers):
+            return None
+        if getattr(cache, "_adapterkit_routed_rows", None) is not None:
+            return None
+        return (req.model, int(cache.get_seq_length()))
+
+    def _decode_group(self, rows: list[Request]) -> None:
+        from transformers import DynamicCache
+
+        first = rows[0].cache
+        marks = {k: v for k, v in vars(first).items() if k.startswith("_adapterkit_")}
+        cache = DynamicCache()
+        for layer in range(len(first.layers)):
+            cache.update(torch.cat([r.cache.layers[layer].keys for r in rows]),
+                         torch.cat([r.cache.layers[layer].values for r in rows]), layer)  # fmt: skip
+        for k, v in marks.items():
+            setattr(cache, k, v.copy() if isinstance(v, dict) else v)
+        ids = torch.tensor([[r.tokens[-1]] for r in rows], dtype=torch.long, device=self._device())
+        logits, new = self._forward([r.model for r in rows], input_ids=ids, **{self.cache_arg: cache})
+        self.stats["group_steps"] += 1
+        out_marks = {k: v for k, v in vars(new).items() if k.startswith("_adapterkit_")}
+        for i, r in enumerate(rows):
+            own = DynamicCache()
+            for layer, lay in enumerate(new.layers):
+                own.update(lay.keys[i : i + 1].clone(), lay.values[i : i + 1].clone(), layer)
+            for k, v in out_marks.items():
+                setattr(own, k, v.copy() if isinstance(v, dict) else v)
+            r.cache = own
+            r.length += 1
+        for i, r in enumerate(rows):
+            self._token(r, logits[i])
 
     def _decode_solo(self, req: Request) -> None:
         if req.cache is None:  # a row of the shared batch decoded alone (its batch failed)
