@@ -112,6 +112,23 @@ def _client(port: int, key: str = KEY, **kw) -> object:
     return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=30, **kw)
 
 
+def _together(srv: Server, fn, n: int) -> None:
+    """Run ``fn(0..n-1)`` in threads whose requests the engine admits in one step: admission is held
+    (``max_running = 0``) until all ``n`` wait."""
+    limit, srv.engine.max_running = srv.engine.max_running, 0
+    threads = [threading.Thread(target=fn, args=(i,)) for i in range(n)]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 20
+        while len(srv.engine.waiting) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        srv.engine.max_running = limit
+    for t in threads:
+        t.join(timeout=30)
+
+
 def _tokens(srv: Server, text: str) -> list[int]:
     return srv.tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -227,7 +244,7 @@ def test_model_level_rows_of_one_adapter_share_forwards(server, files):
     ref = [
         client.completions.create(model=m, prompt=p, max_tokens=7, temperature=0).choices[0].text for m, p in jobs
     ]
-    before = srv.engine.stats["group_steps"]
+    before, prefills = srv.engine.stats["group_steps"], srv.engine.stats["group_prefills"]
     srv.engine.step_delay = 0.01
     try:
         got: dict[int, str] = {}
@@ -238,15 +255,12 @@ def test_model_level_rows_of_one_adapter_share_forwards(server, files):
                 _client(port).completions.create(model=m, prompt=p, max_tokens=7, temperature=0).choices[0].text
             )
 
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(jobs))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=30)
+        _together(srv, one, len(jobs))
     finally:
         srv.engine.step_delay = 0.0
     assert [got.get(i) for i in range(len(jobs))] == ref
     assert srv.engine.stats["group_steps"] > before
+    assert srv.engine.stats["group_prefills"] > prefills
 
 
 def test_a_failing_batched_forward_falls_back_to_rows_alone(server, files):
@@ -274,11 +288,7 @@ def test_a_failing_batched_forward_falls_back_to_rows_alone(server, files):
                 _client(port).completions.create(model=m, prompt=p, max_tokens=6, temperature=0).choices[0].text
             )
 
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(jobs))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=30)
+        _together(srv, one, len(jobs))
     finally:
         srv.engine._forward = forward
         srv.engine.step_delay = 0.0

@@ -111,6 +111,7 @@ class Engine:
             "prefill_batches": 0,
             "max_adapters": 0,
             "group_steps": 0,
+            "group_prefills": 0,
         }
         # the decode batch carried from step to step while its rows stay the same
         self._brows: list[Request] | None = None
@@ -252,8 +253,18 @@ class Engine:
                 admitted = [r for r in admitted if r.solo]
             except Exception:
                 log.exception("batched prefill failed; prefilling its %d rows one by one", len(shared))
-        for req in admitted:
-            self._guarded(req, self._prefill)
+        same: dict[Any, list[Request]] = {}
+        for req in admitted:  # rows of one adapter with prompts of one length prefill together
+            same.setdefault((req.model, len(req.prompt)) if req.solo else id(req), []).append(req)
+        for group in same.values():
+            if len(group) > 1:
+                try:
+                    self._prefill_group(group)
+                    continue
+                except Exception:
+                    log.exception("grouped prefill failed; prefilling its %d rows one by one", len(group))
+            for req in group:
+                self._guarded(req, self._prefill)
         self._gauges()
         batch = [r for r in self.running if not r.solo]
         ran = bool(self.running)
@@ -341,6 +352,46 @@ class Engine:
             req.cache = cache
         self._token(req, logits[0])
 
+    def _prefill_group(self, rows: list[Request]) -> None:
+        """Rows of one model-level adapter with prompts of one length: one forward, nothing padded."""
+        from transformers import DynamicCache
+
+        ids = torch.tensor([r.prompt for r in rows], dtype=torch.long, device=self._device())
+        logits, cache = self._forward([r.model for r in rows], input_ids=ids, **{self.cache_arg: DynamicCache()})
+        if self._group_key_of(cache) is None:
+            raise RuntimeError(f"cannot split a {type(cache).__name__} per row")
+        self.stats["group_prefills"] += 1
+        for i, r in enumerate(rows):
+            r.cache = self._row_cache(cache, i)
+            r.length = len(r.prompt)
+        if self.metrics is not None:
+            self.metrics.prompt_tokens.inc(sum(len(r.prompt) for r in rows))
+        for i, r in enumerate(rows):
+            self._token(r, logits[i])
+
+    @staticmethod
+    def _row_cache(cache: Any, i: int) -> Any:
+        """Row ``i`` of a batch's DynamicCache as a cache of its own, with adapterkit's marks on it (the virtual
+        tokens' record of prompt/prefix tuning)."""
+        from transformers import DynamicCache
+
+        own = DynamicCache()
+        for layer, lay in enumerate(cache.layers):
+            own.update(lay.keys[i : i + 1].clone(), lay.values[i : i + 1].clone(), layer)
+        for k, v in vars(cache).items():
+            if k.startswith("_adapterkit_"):
+                setattr(own, k, v.copy() if isinstance(v, dict) else v)
+        return own
+
+    @staticmethod
+    def _group_key_of(cache: Any) -> Any:
+        layers = getattr(cache, "layers", None)
+        if not layers or not all(type(lay).__name__ == "DynamicLayer" for lay in layers):
+            return None
+        if getattr(cache, "_adapterkit_routed_rows", None) is not None:
+            return None
+        return int(cache.get_seq_length())
+
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
 
@@ -363,15 +414,9 @@ class Engine:
                 for r in group:
                     self._guarded(r, self._decode_solo)
 
-    @staticmethod
-    def _group_key(req: Request) -> Any:
-        cache = req.cache
-        layers = getattr(cache, "layers", None)
-        if not layers or not all(type(lay).__name__ == "DynamicLayer" for lay in layers):
-            return None
-        if getattr(cache, "_adapterkit_routed_rows", None) is not None:
-            return None
-        return (req.model, int(cache.get_seq_length()))
+    def _group_key(self, req: Request) -> Any:
+        length = self._group_key_of(req.cache)
+        return None if length is None else (req.model, length)
 
     def _decode_group(self, rows: list[Request]) -> None:
         from transformers import DynamicCache
@@ -387,14 +432,8 @@ class Engine:
         ids = torch.tensor([[r.tokens[-1]] for r in rows], dtype=torch.long, device=self._device())
         logits, new = self._forward([r.model for r in rows], input_ids=ids, **{self.cache_arg: cache})
         self.stats["group_steps"] += 1
-        out_marks = {k: v for k, v in vars(new).items() if k.startswith("_adapterkit_")}
         for i, r in enumerate(rows):
-            own = DynamicCache()
-            for layer, lay in enumerate(new.layers):
-                own.update(lay.keys[i : i + 1].clone(), lay.values[i : i + 1].clone(), layer)
-            for k, v in out_marks.items():
-                setattr(own, k, v.copy() if isinstance(v, dict) else v)
-            r.cache = own
+            r.cache = self._row_cache(new, i)
             r.length += 1
         for i, r in enumerate(rows):
             self._token(r, logits[i])
