@@ -412,6 +412,8 @@ def test_eviction_under_tiny_pool_then_reload(files):
             .text
         )
         assert again == first
+        with pytest.raises(openai.NotFoundError):  # off without --allow-runtime-adapter-updates
+            client.post("/load_lora_adapter", body={"lora_name": "y", "lora_path": "bn"}, cast_to=str)
         assert srv.metrics.adapter_evictions._value.get() == 2 and srv.metrics.adapter_loads._value.get() == 3
     finally:
         srv.stop()
@@ -494,6 +496,33 @@ def test_429_when_queue_is_full(files):
         for t in threads:
             t.join(timeout=60)
         assert 429 in statuses and 200 in statuses, statuses
+    finally:
+        srv.stop()
+
+
+def test_drain_timeout_ends_the_rest_with_an_error(files):
+    srv = Server(files["model"], adapters_dir=files["adapters"], port=0, drain_timeout=0.3)
+    port = srv.start_in_thread()
+    srv.engine.step_delay = 0.05
+    try:
+        client = _client(port)
+        stream = client.completions.create(
+            model="bn", prompt=PROMPTS[0], max_tokens=50, temperature=0, stream=True
+        )
+        chunks = iter(stream)
+        next(chunks)
+        srv.begin_drain()
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+        assert e.value.code == 503
+        with pytest.raises(openai.APIStatusError) as e:
+            client.completions.create(model="bn", prompt=PROMPTS[0], max_tokens=2)
+        assert e.value.status_code == 503
+        with pytest.raises(openai.APIError, match="shutting down"):
+            for _ in chunks:
+                pass
+        srv._thread.join(timeout=10)
+        assert not srv._thread.is_alive()  # the server stopped by itself after the drain
     finally:
         srv.stop()
 
