@@ -235,6 +235,7 @@ def test_concurrent_mixed_adapters_equal_single_requests(server, files):
     # rows of different adapters (and base rows) shared decode forwards
     assert srv.engine.stats["mixed_steps"] > before["mixed_steps"] and srv.engine.stats["max_batch"] >= 4
     assert srv.engine.stats["prefill_batches"] > before["prefill_batches"]
+    assert srv.engine.stats["plan_reuses"] > before["plan_reuses"]
 
 
 def test_model_level_rows_of_one_adapter_share_forwards(server, files):

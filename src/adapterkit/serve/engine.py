@@ -112,12 +112,17 @@ class Engine:
             "max_adapters": 0,
             "group_steps": 0,
             "group_prefills": 0,
+            "plan_reuses": 0,
         }
         # the decode batch carried from step to step while its rows stay the same
         self._brows: list[Request] | None = None
         self._bcache: Any = None
         self._bwidth = 0
         self._bmask: Any = None
+        # the route plan of the last decode step (rows' adapters in order, pool generation): reused while equal,
+        # so its gathered/stacked adapter weights are built once for a run of steps, not at every step
+        self._plan: Any = None
+        self._plan_key: Any = None
         self.cache_arg = (
             "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
         )
@@ -331,10 +336,12 @@ class Engine:
     def _forward(self, names: list[str | None], **kw: Any) -> tuple[torch.Tensor, Any]:
         with self._scope(names):
             out = self.model(use_cache=True, **kw)
+        return out.logits[:, -1, :], self._cache_of(out)
+
+    @staticmethod
+    def _cache_of(out: Any) -> Any:
         cache = out.get("cache", None)
-        if cache is None:
-            cache = out.get("past_key_values", None)
-        return out.logits[:, -1, :], cache
+        return out.get("past_key_values", None) if cache is None else cache
 
     def _prefill(self, req: Request) -> None:
         from transformers import DynamicCache
@@ -536,13 +543,24 @@ class Engine:
         self.stats["max_adapters"] = max(
             self.stats["max_adapters"], len({r.model for r in self.running if r.model is not None})
         )
+        names = [r.model for r in rows]
+        key = (tuple(names), self.pool.generation)
         try:
-            logits, new = self._forward(
-                [r.model for r in rows], input_ids=ids, attention_mask=mask, position_ids=pos,
-                **{self.cache_arg: cache},
-            )  # fmt: skip
+            if key == self._plan_key and self._plan is not None:  # same adapters per row: reuse the route plan
+                scope: Any = self.adapters.state.routed(self._plan)
+                self.stats["plan_reuses"] += 1
+            else:
+                scope, self._plan, self._plan_key = self._scope(names), None, None
+            with scope:
+                if self._plan_key is None and any(n is not None for n in names):
+                    self._plan, self._plan_key = self.adapters.state.routes, key
+                out = self.model(
+                    use_cache=True, input_ids=ids, attention_mask=mask, position_ids=pos, **{self.cache_arg: cache}
+                )
+            logits, new = out.logits[:, -1, :], self._cache_of(out)
         except Exception:
             self._unbatch()
+            self._plan = self._plan_key = None
             raise
         self._bcache, self._bwidth, self._bmask = new, width + 1, mask
         for i, r in enumerate(rows):

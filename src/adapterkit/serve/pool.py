@@ -101,6 +101,7 @@ class AdapterPool:
         self.metrics = metrics
         self.lock = threading.RLock()
         self.entries: dict[str, AdapterEntry] = {}
+        self.generation = 0  # bumped whenever the model's adapters change (loads, deletions)
         if self.root is not None:
             if not self.root.is_dir():
                 raise PoolError(f"--adapters {self.root} is not a directory")
@@ -170,6 +171,7 @@ class AdapterPool:
     def _detach(self, entry: AdapterEntry) -> None:
         if entry.name in self.adapters:
             self.adapters.delete(entry.name)
+            self.generation += 1
         entry.attached = False
         entry.nbytes = 0
         if self.metrics is not None:
@@ -196,6 +198,7 @@ class AdapterPool:
             stale = self.adapters.__contains__(name) and not entry.attached
             if stale:  # an older version of this name is still in the model (unloaded, then reloaded)
                 self.adapters.delete(name)
+                self.generation += 1
             if not entry.attached:
                 need = _file_bytes(entry.path)
                 if self.budget is not None:
@@ -212,6 +215,7 @@ class AdapterPool:
                         self._detach(victims.pop(0))
                         if self.metrics is not None:
                             self.metrics.adapter_evictions.inc()
+                self.generation += 1
                 try:
                     entry.digest = _digest(entry.path)
                     self.adapters.load(entry.path, name=name)
