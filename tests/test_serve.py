@@ -391,6 +391,34 @@ def test_load_unload_and_same_name_reload(server, files):
     client.post("/unload_lora_adapter", body={"lora_name": "x"}, cast_to=str)
 
 
+def test_unload_while_in_use_waits_for_its_requests(server, files):
+    srv, port = server
+    client = _client(port)
+    with pytest.raises(openai.BadRequestError):  # the name is taken
+        client.post("/load_lora_adapter", body={"lora_name": "bn", "lora_path": "ia3"}, cast_to=str)
+    with pytest.raises(openai.BadRequestError):  # no adapter there
+        client.post("/load_lora_adapter", body={"lora_name": "z", "lora_path": "missing"}, cast_to=str)
+    client.post("/load_lora_adapter", body={"lora_name": "z", "lora_path": "ia3"}, cast_to=str)
+    ref = client.completions.create(model="ia3", prompt=PROMPTS[2], max_tokens=20, temperature=0).choices[0].text
+    srv.engine.step_delay = 0.02
+    try:
+        stream = client.completions.create(model="z", prompt=PROMPTS[2], max_tokens=20, temperature=0, stream=True)
+        chunks = iter(stream)
+        text = next(chunks).choices[0].text
+        client.post("/unload_lora_adapter", body={"lora_name": "z"}, cast_to=str)
+        assert "z" not in {m.id for m in client.models.list()}
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="z", prompt=PROMPTS[2], max_tokens=2)
+        text += "".join(c.choices[0].text for c in chunks if c.choices)
+    finally:
+        srv.engine.step_delay = 0.0
+    assert text == ref  # the running request finished with its adapter
+    deadline = time.monotonic() + 5
+    while "z" in srv.adapters and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert "z" not in srv.adapters  # then the engine deleted it from the model
+
+
 def test_eviction_under_tiny_pool_then_reload(files):
     sizes = {n: (files["adapters"] / n / "adapter.safetensors").stat().st_size for n in ["lora-a", "bn"]}
     srv = Server(
