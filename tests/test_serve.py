@@ -556,6 +556,18 @@ def test_drain_timeout_ends_the_rest_with_an_error(files):
         srv.stop()
 
 
+def test_cli_help_and_bad_adapter_spec(files):
+    from typer.testing import CliRunner
+
+    from adapterkit.cli import app
+
+    out = CliRunner().invoke(app, ["serve", "--help"]).output
+    for flag in ["--adapters", "--adapter", "--api-key", "--max-queue", "--drain-timeout"]:
+        assert flag in out
+    bad = CliRunner().invoke(app, ["serve", "--model", str(files["model"]), "--adapter", "nopath"])
+    assert bad.exit_code != 0 and "NAME=PATH" in bad.output
+
+
 def test_sigterm_drains_a_stream_and_exits_0(files, tmp_path):
     env = {**os.environ, "ADAPTERKIT_QUANT_LIBS": "1", "ADAPTERKIT_SERVE_STEP_DELAY": "0.05"}
     proc = subprocess.Popen(

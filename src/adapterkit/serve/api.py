@@ -12,6 +12,7 @@ Chat prompts use the tokenizer's chat template when it has one; otherwise the pl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import time
@@ -227,15 +228,23 @@ class _Run:
     def __init__(self, state: ServerState, p: _Params) -> None:
         self.state, self.p = state, p
         self.queue: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
         self.req = GenRequest(
             model=p.name, prompt=p.prompt, max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p,
-            seed=p.seed, emit=lambda ev: loop.call_soon_threadsafe(self.queue.put_nowait, ev),
+            seed=p.seed, emit=self._emitter(),
         )  # fmt: skip
         self.tokens: list[int] = []
         self.sent = ""
         self.finish: str | None = None
         self.hold = max((len(s) for s in p.stop), default=1) - 1
+
+    def _emitter(self) -> Any:
+        loop = asyncio.get_running_loop()
+
+        def emit(ev: tuple[Any, ...]) -> None:  # engine thread -> this request's queue on the event loop
+            with contextlib.suppress(RuntimeError):  # a closed event loop (server stopped): nobody listens
+                loop.call_soon_threadsafe(self.queue.put_nowait, ev)
+
+        return emit
 
     def submit(self) -> None:
         try:
