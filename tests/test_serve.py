@@ -496,6 +496,25 @@ def test_bad_fields_are_refused(server):
         assert set(e.value.body) == {"message", "type", "param", "code"}, extra
 
 
+def test_a_failed_load_fails_only_its_requests(files, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(files["adapters"] / "lora-a", broken)
+    (broken / "adapter.safetensors").write_bytes(b"not a safetensors file")
+    srv = Server(files["model"], adapters={"broken": broken, "good": files["adapters"] / "lora-a"}, port=0)
+    port = srv.start_in_thread()
+    try:
+        client = _client(port)
+        with pytest.raises(openai.BadRequestError, match="failed to load"):
+            client.completions.create(model="broken", prompt=PROMPTS[0], max_tokens=3)
+        ok = client.completions.create(model="good", prompt=PROMPTS[0], max_tokens=3, temperature=0)
+        assert ok.usage.completion_tokens == 3 and srv.engine.dead is None
+        assert {m.id: m.state for m in client.models.list()}["broken"] == "on disk"
+    finally:
+        srv.stop()
+
+
 def test_429_when_queue_is_full(files):
     srv = Server(files["model"], adapters_dir=files["adapters"], port=0, max_running=1, max_queue=1)
     port = srv.start_in_thread()

@@ -190,49 +190,55 @@ class AdapterPool:
             return need <= free
 
     def acquire(self, name: str) -> AdapterEntry:
-        """Attach ``name`` if needed (evicting LRU unpinned adapters to fit) and pin it."""
+        """Attach ``name`` if needed (evicting LRU unpinned adapters to fit) and pin it. The files are read and
+        installed outside the registry lock, so the HTTP side (which reads the registry) never waits on a load."""
         with self.lock:
             entry = self.entries.get(name)
             if entry is None or entry.removed:
                 raise PoolError(f"no adapter named {name!r}", 404)
-            stale = self.adapters.__contains__(name) and not entry.attached
-            if stale:  # an older version of this name is still in the model (unloaded, then reloaded)
-                self.adapters.delete(name)
-                self.generation += 1
-            if not entry.attached:
-                need = _file_bytes(entry.path)
-                if self.budget is not None:
-                    if need > self.budget:
-                        raise PoolError(
-                            f"adapter {name!r} needs {need} bytes, more than --adapter-pool-mb allows "
-                            f"({self.budget} bytes)", 400
-                        )  # fmt: skip
-                    victims = sorted(
-                        (e for e in self.entries.values() if e.attached and e.pins == 0 and e is not entry),
-                        key=lambda e: e.last_used,
-                    )
-                    while self.used_bytes() + need > self.budget and victims:
-                        self._detach(victims.pop(0))
-                        if self.metrics is not None:
-                            self.metrics.adapter_evictions.inc()
-                self.generation += 1
-                try:
-                    entry.digest = _digest(entry.path)
-                    self.adapters.load(entry.path, name=name)
-                except Exception as e:  # a failed load fails only the requests for this adapter
-                    if name in self.adapters:
-                        self.adapters.delete(name)
-                    raise PoolError(f"adapter {name!r} failed to load from {entry.path}: {e}", 400) from e
-                entry.attached = True
-                entry.method = self.adapters.config(name).method
-                entry.nbytes = sum(p.numel() * p.element_size() for p in self.adapters.parameters(name)) or need
-                entry.model_level = is_model_level(self.adapters, name)
-                if self.metrics is not None:
-                    self.metrics.adapter_loads.inc()
-                    self.metrics.pool_bytes.set(self.used_bytes())
             entry.pins += 1
             entry.last_used = time.monotonic()
-            return entry
+            if entry.attached:
+                return entry
+            if name in self.adapters:  # an older version of this name is still in the model (unloaded, reloaded)
+                self.adapters.delete(name)
+                self.generation += 1
+            need = _file_bytes(entry.path)
+            if self.budget is not None:
+                if need > self.budget:
+                    entry.pins -= 1
+                    raise PoolError(
+                        f"adapter {name!r} needs {need} bytes, more than --adapter-pool-mb allows "
+                        f"({self.budget} bytes)", 400
+                    )  # fmt: skip
+                victims = sorted(
+                    (e for e in self.entries.values() if e.attached and e.pins == 0 and e is not entry),
+                    key=lambda e: e.last_used,
+                )
+                while self.used_bytes() + need > self.budget and victims:
+                    self._detach(victims.pop(0))
+                    if self.metrics is not None:
+                        self.metrics.adapter_evictions.inc()
+            self.generation += 1
+        try:  # the engine thread is the only one that changes the model: no lock needed for the load itself
+            digest = _digest(entry.path)
+            self.adapters.load(entry.path, name=name)
+            method = self.adapters.config(name).method
+            nbytes = sum(p.numel() * p.element_size() for p in self.adapters.parameters(name)) or need
+            model_level = is_model_level(self.adapters, name)
+        except Exception as e:  # a failed load fails only the requests for this adapter
+            if name in self.adapters:
+                self.adapters.delete(name)
+            with self.lock:
+                entry.pins -= 1
+            raise PoolError(f"adapter {name!r} failed to load from {entry.path}: {e}", 400) from e
+        with self.lock:
+            entry.attached, entry.digest, entry.method = True, digest, method
+            entry.nbytes, entry.model_level = nbytes, model_level
+            if self.metrics is not None:
+                self.metrics.adapter_loads.inc()
+                self.metrics.pool_bytes.set(self.used_bytes())
+        return entry
 
     def release(self, name: str) -> None:
         with self.lock:
