@@ -628,3 +628,27 @@ def test_sigterm_drains_a_stream_and_exits_0(files, tmp_path):
 
 def _tokens_of(text: str) -> list[str]:
     return text.split()
+
+
+def test_incremental_detokenization_equals_full_decode():
+    """Byte-level BPE (multi-byte characters split across tokens): the streamed pieces add up to the full
+    decoding after every token."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from adapterkit.serve.api import _Run
+
+    text = "héllo wörld, 日本語のテキスト and émojis 🙂🙃 mixed with plain words " * 3
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([text], vocab_size=300, min_frequency=1)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer)
+    ids = tok(text)["input_ids"]
+    run = _Run.__new__(_Run)
+    run.state = type("S", (), {"tokenizer": tok})()
+    run.tokens, run._decoded, run._prefix, run._read = [], "", 0, 0
+    for i, t in enumerate(ids):
+        run.tokens.append(t)
+        got = run._text(final=i == len(ids) - 1)
+        full = tok.decode(run.tokens)
+        assert full.startswith(got) and (len(full) - len(got) <= 1 or full.endswith("\ufffd"))
+    assert got == text

@@ -234,6 +234,8 @@ class _Run:
         )  # fmt: skip
         self.tokens: list[int] = []
         self.sent = ""
+        # incremental detokenization (as TGI/vLLM): decode a short window, not the whole output, per token
+        self._decoded, self._prefix, self._read = "", 0, 0
         self.finish: str | None = None
         self.hold = max((len(s) for s in p.stop), default=1) - 1
 
@@ -252,8 +254,17 @@ class _Run:
         except EngineError as e:
             raise ApiError(e.status, str(e)) from None
 
-    def _text(self) -> str:
-        return self.state.tokenizer.decode(self.tokens, skip_special_tokens=True)
+    def _text(self, final: bool = False) -> str:
+        """The text of the tokens so far. Each call decodes the window from the last emitted boundary: the text
+        the new tokens add is the window's decoding minus its old part's (an incomplete UTF-8 sequence, shown as
+        U+FFFD, waits for the next token unless ``final``)."""
+        decode = self.state.tokenizer.decode
+        old = decode(self.tokens[self._prefix : self._read], skip_special_tokens=True)
+        new = decode(self.tokens[self._prefix :], skip_special_tokens=True)
+        if len(new) > len(old) and (final or not new.endswith("\ufffd")):
+            self._decoded += new[len(old) :]
+            self._prefix, self._read = self._read, len(self.tokens)
+        return self._decoded
 
     async def deltas(self) -> AsyncIterator[str]:
         """Text pieces until the request finishes (then ``self.finish`` is set); ApiError on engine errors."""
@@ -266,7 +277,7 @@ class _Run:
                     self.tokens.append(ev[1])
                     text, done = self._text(), False
                 else:
-                    text, done = self._text(), True
+                    text, done = self._text(final=True), True
                     self.finish = "stop" if ev[1] == "stop" else "length" if ev[1] == "length" else ev[1]
                 for s in self.p.stop:
                     i = text.find(s, max(0, len(self.sent) - len(s)))
