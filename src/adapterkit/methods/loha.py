@@ -1,0 +1,243 @@
+"""LoHa (Hyeon-Woo et al. 2022, "FedPara: Low-Rank Hadamard Product for Communication-Efficient Federated
+Learning", §3; LyCORIS's ``loha``): the update is the Hadamard (element-wise) product of two low-rank matrices::
+
+    ΔW = s · (W1a W1b) ⊙ (W2a W2b)      W1a, W2a: (out, r)    W1b, W2b: (r, in)    s = alpha / r
+
+        x ─────────► W ───────────────┐
+        │                             (+) ──► y = W x + ΔW x
+        └─► ΔW (built from the factors) ┘
+
+* Rank: the Hadamard product of two rank-``r`` matrices has rank up to ``r²`` (FedPara §3, Prop. 1) with
+  ``2 r (out + in)`` trained numbers (LoRA needs ``r² (out + in)`` for that rank).
+* Init as peft's ``LoHaConfig`` (FedPara's He init): ``W1a, W1b, W2a`` Kaiming-uniform (``a = √5``) and
+  ``W2b = 0``, so ΔW = 0 at init; ``init_weights=False`` draws ``W2b`` too (not an identity; for tests).
+* ``rank_dropout`` (peft/LyCORIS): in training, each output row of ΔW is kept with probability
+  ``1 - rank_dropout`` and the kept rows are rescaled by ``1 / mean(kept)``; ``module_dropout``: in training,
+  the whole branch is skipped with that probability.
+* Mergeable: ΔW in the canonical ``(out, in)`` layout (``(out, in, kh, kw)`` for convolutions).
+
+Works on ``nn.Linear``, GPT-2 ``Conv1D`` (not in peft: such adapters cannot be exported to peft) and
+``nn.Conv2d`` with the flattened ``(out, in/groups · kh · kw)`` factors (peft's default
+``use_effective_conv2d=False``; the CP/Tucker core ``hada_t1``/``hada_t2`` is not implemented yet).
+
+This first version builds the dense ΔW in every forward, as peft does (``O(out · in · r)``); applying the
+factors to the activations is left for later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backends import backend_for
+from ..component import Component
+from ..config import AdapterConfig, register
+from .lora import pattern_value
+
+PUBLIC = ("LoHa",)
+__all__ = ["LoHa", "LoHaLayer", "LycorisBase", "check_lycoris_config", "lycoris_shape"]
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _finite_real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_lycoris_config(cfg: Any, what: str) -> None:
+    """Validation shared by LoHa and LoKr (rank, alpha, patterns, dropouts, ``use_effective_conv2d``)."""
+    object.__setattr__(cfg, "rank_pattern", dict(cfg.rank_pattern))
+    object.__setattr__(cfg, "alpha_pattern", dict(cfg.alpha_pattern))
+    if not _positive_int(cfg.r):
+        raise ValueError(f"{what} rank r must be a positive integer, got r={cfg.r!r}")
+    for key, r in cfg.rank_pattern.items():
+        if not _positive_int(r):
+            raise ValueError(f"rank_pattern[{key!r}] must be a positive integer, got {r!r}")
+    if not _finite_real(cfg.alpha):
+        raise ValueError(f"{what} alpha must be a finite number, got alpha={cfg.alpha!r}")
+    for key, a in cfg.alpha_pattern.items():
+        if not _finite_real(a):
+            raise ValueError(f"alpha_pattern[{key!r}] must be a finite number, got {a!r}")
+    for field in ("rank_dropout", "module_dropout"):
+        value = getattr(cfg, field)
+        if not _finite_real(value) or not 0.0 <= value < 1.0:
+            raise ValueError(f"{what} {field} must be in [0, 1), got {value!r}")
+    if cfg.use_effective_conv2d:
+        raise NotImplementedError(
+            f"{what} with use_effective_conv2d=True (the CP/Tucker core for k×k convolutions) is not implemented "
+            "yet; use the default use_effective_conv2d=False (flattened factors)"
+        )
+
+
+def lycoris_shape(module: nn.Module) -> tuple[int, int, tuple[int, ...]]:
+    """``(out, in, kernel)`` of a linear-like module (``kernel = ()``) or a Conv2d (``in`` per group)."""
+    backend = backend_for(module)
+    if backend.kind == "conv2d":
+        return module.out_channels, module.in_channels // module.groups, tuple(module.kernel_size)
+    in_dim, out_dim = backend.dims(module)
+    return out_dim, in_dim, ()
+
+
+def _accepts(module: nn.Module) -> bool:
+    backend = backend_for(module)
+    return backend is not None and backend.kind in ("linear", "conv2d")
+
+
+@register("loha")
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoHa(AdapterConfig):
+    """Low-rank Hadamard product adaptation of linear, Conv1D and Conv2d weights (defaults as peft's
+    ``LoHaConfig``).
+
+    Args:
+        r: rank of each of the two factor pairs (> 0).
+        alpha: scaling numerator; ``s = alpha / r``.
+        rank_dropout: probability of dropping an output row of ΔW in training (rescaled by the kept share).
+        module_dropout: probability of skipping the whole update in a training forward.
+        use_effective_conv2d: peft's CP decomposition for k×k convolutions (not implemented: must be False).
+        rank_pattern: module-name pattern -> rank, overriding ``r`` (peft's matching rule).
+        alpha_pattern: module-name pattern -> alpha, overriding ``alpha``.
+        init_weights: False draws ``W2b`` too (not an identity; for tests).
+        targets: default ``["attn.q", "attn.v"]``, or ``"attn.qkv"`` on models with a fused projection (GPT-2).
+    """
+
+    r: int = 8
+    alpha: float = 8.0
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    use_effective_conv2d: bool = False
+    rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    init_weights: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_lycoris_config(self, "LoHa")
+
+    def default_targets(self, roles: Mapping[str, Any]) -> tuple[str, ...]:
+        return ("attn.qkv",) if "attn.q" not in roles and "attn.qkv" in roles else ("attn.q", "attn.v")
+
+    def accepts(self, module: nn.Module) -> bool:
+        return _accepts(module)
+
+    def rank_for(self, name: str) -> int:
+        return int(pattern_value(self.rank_pattern, name, self.r))
+
+    def scaling_for(self, name: str) -> float:
+        return float(pattern_value(self.alpha_pattern, name, self.alpha)) / self.rank_for(name)
+
+    def build(self, module: nn.Module, name: str) -> Component:
+        if not self.accepts(module):
+            raise TypeError(
+                f"LoHa cannot act on {name!r} ({type(module).__name__}): it supports nn.Linear, Conv1D and "
+                "nn.Conv2d; pick other targets"
+            )
+        return LoHaLayer(self, module, name)
+
+
+class LycorisBase(Component):
+    """What LoHa and LoKr components share: scaling, dropouts, and applying a dense ΔW to the input."""
+
+    mergeable = True
+    additive = True
+
+    def __init__(self, cfg: Any, module: nn.Module, name: str) -> None:
+        super().__init__()
+        self.out_dim, self.in_dim, self.kernel = lycoris_shape(module)
+        self.r = cfg.rank_for(name)
+        self.alpha = float(pattern_value(cfg.alpha_pattern, name, cfg.alpha))
+        self.scaling = self.alpha / self.r
+        self.rank_dropout = float(cfg.rank_dropout)
+        self.module_dropout = float(cfg.module_dropout)
+        self._random = not cfg.init_weights
+        weight = module.weight
+        self._factory = {
+            "device": weight.device,
+            "dtype": weight.dtype if weight.is_floating_point() else torch.float32,
+        }
+        self.conv = (
+            {"stride": module.stride, "padding": module.padding, "dilation": module.dilation, "groups": module.groups}
+            if self.kernel
+            else None
+        )
+
+    def extra_repr(self) -> str:
+        kernel = f", kernel={self.kernel}" if self.kernel else ""
+        return f"r={self.r}, in={self.in_dim}, out={self.out_dim}{kernel}, scaling={self.scaling:g}"
+
+    def _param(self, *shape: int) -> nn.Parameter:
+        return nn.Parameter(torch.empty(shape, **self._factory))
+
+    def _dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def _row_drop(self) -> torch.Tensor | None:
+        """peft's rank dropout in training: a ``(out,)`` keep mask (rescaled by its mean) or None."""
+        if not (self.training and self.rank_dropout):
+            return None
+        drop = (torch.rand(self.out_dim) > self.rank_dropout).to(self._dtype())
+        return (drop / drop.mean()).to(next(self.parameters()).device)
+
+    def _skipped(self) -> bool:
+        return self.training and self.module_dropout > 0 and not bool(torch.rand(1) > self.module_dropout)
+
+    def _dense(self) -> torch.Tensor:
+        """The flat ``(out, in · kh · kw)`` ΔW including the scaling (no dropout)."""
+        raise NotImplementedError
+
+    def _full(self, flat: torch.Tensor) -> torch.Tensor:
+        return flat.reshape(self.out_dim, self.in_dim, *self.kernel) if self.kernel else flat
+
+    def post(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self._skipped():
+            return y
+        delta = self._dense()
+        drop = self._row_drop()
+        if drop is not None:
+            delta = delta * drop[:, None]
+        x = x.to(delta.dtype)
+        if self.kernel:
+            out = F.conv2d(x, self._full(delta), None, **self.conv)
+        else:
+            out = F.linear(x, delta)
+        return y + out.to(y.dtype)
+
+    def delta_weight(self, module: nn.Module) -> torch.Tensor:
+        """ΔW in the canonical layout: ``(out, in)`` or ``(out, in, kh, kw)``."""
+        with torch.no_grad():
+            return self._full(self._dense().detach())
+
+
+class LoHaLayer(LycorisBase):
+    """LoHa on a linear-like module or a Conv2d: ``y + x ΔWᵀ`` (or the convolution with ΔW).
+
+    Shapes (``n = in · kh · kw``): ``hada_w1_a, hada_w2_a: (out, r)``, ``hada_w1_b, hada_w2_b: (r, n)``.
+    """
+
+    def __init__(self, cfg: LoHa, module: nn.Module, name: str) -> None:
+        super().__init__(cfg, module, name)
+        n = self.in_dim * math.prod(self.kernel)
+        self.hada_w1_a = self._param(self.out_dim, self.r)
+        self.hada_w1_b = self._param(self.r, n)
+        self.hada_w2_a = self._param(self.out_dim, self.r)
+        self.hada_w2_b = self._param(self.r, n)
+
+    @torch.no_grad()
+    def initialize(self, module: nn.Module) -> None:
+        for p in (self.hada_w1_a, self.hada_w1_b, self.hada_w2_a):
+            nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+        if self._random:
+            nn.init.kaiming_uniform_(self.hada_w2_b, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(self.hada_w2_b)
+
+    def _dense(self) -> torch.Tensor:
+        return (self.hada_w1_a @ self.hada_w1_b) * (self.hada_w2_a @ self.hada_w2_b) * self.scaling

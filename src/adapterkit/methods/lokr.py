@@ -1,0 +1,216 @@
+"""LoKr (LyCORIS's ``lokr``; Yeh et al. 2024, "Navigating Text-To-Image Customization: From LyCORIS Fine-Tuning
+to Model Evaluation", §3; the KronA idea of Edalati et al. 2022): the update is a Kronecker product::
+
+    ΔW = s · (C ⊗ D)      C = W1: (a, c)    D = W2: (b, d)    out = a · b, in = c · d    s = alpha / r
+
+        x ──────────────► W ─────────────────────┐
+        │                                        (+) ──► y = W x + s · vec(C X Dᵀ)
+        └─► X = x as (c, d) ─► C X Dᵀ ─► ·s ─────┘
+
+* Factor sizes (peft's ``factorization(dim, decompose_factor)``): ``(a, b)`` from ``out`` and ``(c, d)`` from
+  ``in``, each pair with the smaller number first; ``decompose_factor=-1`` picks the divisors closest to
+  ``√dim``, a positive factor ``f`` dividing ``dim`` gives ``(f, dim / f)``.
+* Low rank (peft's ``LoKrLayer`` rules): ``D = W2a W2b`` (``(b, r)``, ``(r, d)``) when ``r < max(b, d) / 2``, else
+  a full ``W2``; with ``decompose_both``, ``C = W1a W1b`` (``(a, r)``, ``(r, c)``) when ``r < max(a, c) / 2``,
+  else a full ``W1``. ``s = alpha / r`` in every case (as peft, unlike LyCORIS's full-matrix convention).
+* Init as peft's ``LoKrConfig``: ``init_weights=True`` zeroes ``W1`` (or ``W1a``) and draws the rest
+  Kaiming-uniform (``a = √5``); ``"lycoris"`` zeroes ``W2`` (or ``W2b``) instead; ``False`` draws everything
+  (not an identity; for tests).
+* Applied to the activations without building ΔW for linear-like modules: with ``x`` reshaped to
+  ``X: (..., c, d)``, ``(C ⊗ D) vec(X) = vec(C X Dᵀ)`` (row-major), so the cost per token is
+  ``O(c · d · b + a · c · b)`` (``O(in · (r + b))`` with a low-rank D) instead of ``O(out · in)``, and no
+  ``(out, in)`` tensor is built in training. Convolutions build ΔW (as peft).
+* ``rank_dropout`` (peft/LyCORIS): in training, each output row of ΔW (each output feature) is kept with
+  probability ``1 - rank_dropout``, rescaled by ``1 / mean(kept)`` with ``rank_dropout_scale``;
+  ``module_dropout`` skips the whole update in a training forward with that probability.
+* Mergeable: ΔW in the canonical ``(out, in)`` / ``(out, in, kh, kw)`` layout.
+
+Works on ``nn.Linear``, GPT-2 ``Conv1D`` (not in peft: not exportable to peft) and ``nn.Conv2d`` with
+flattened factors (peft's default ``use_effective_conv2d=False``; for a Conv2d, a full ``W2`` is
+``(b, d, kh, kw)`` and a low-rank one ``W2a: (b, r)``, ``W2b: (r, d · kh · kw)``). The Tucker core ``lokr_t2``
+is not implemented yet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..component import Component
+from ..config import AdapterConfig, register
+from .loha import LycorisBase, _accepts, check_lycoris_config
+from .lora import pattern_value
+
+PUBLIC = ("LoKr",)
+__all__ = ["LoKr", "LoKrLayer", "factorization"]
+
+
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """``(m, n)`` with ``m · n = dimension`` and ``m <= n`` (LyCORIS's and peft's rule, same results).
+
+    ``factor > 0`` dividing ``dimension`` gives ``(factor, dimension / factor)`` as is (not reordered);
+    otherwise the largest ``m <= factor`` (``-1``: no bound) found while walking up the divisors while
+    ``m + n`` shrinks, i.e. the divisor pair closest to ``√dimension``: ``256 -> (16, 16)``, ``128 -> (8, 16)``,
+    ``127 -> (1, 127)``.
+    """
+    if factor > 0 and dimension % factor == 0:
+        return factor, dimension // factor
+    if factor == -1:
+        factor = dimension
+    m, n = 1, dimension
+    length = m + n
+    while m < n:
+        new_m = m + 1
+        while dimension % new_m != 0:
+            new_m += 1
+        new_n = dimension // new_m
+        if new_m + new_n > length or new_m > factor:
+            break
+        m, n = new_m, new_n
+    if m > n:
+        n, m = m, n
+    return m, n
+
+
+@register("lokr")
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoKr(AdapterConfig):
+    """Low-rank Kronecker product adaptation of linear, Conv1D and Conv2d weights (defaults as peft's
+    ``LoKrConfig``).
+
+    Args:
+        r: rank of the low-rank factor(s) (> 0); large ranks give full factors (see the module docstring).
+        alpha: scaling numerator; ``s = alpha / r``.
+        rank_dropout: probability of dropping an output row of ΔW in training.
+        module_dropout: probability of skipping the whole update in a training forward.
+        decompose_both: also factor ``C`` (``W1``) when the rank is small enough.
+        decompose_factor: the factor size to aim at (``-1``: closest to ``√dim``).
+        rank_dropout_scale: rescale kept rows by ``1 / mean(kept)``.
+        use_effective_conv2d: peft's Tucker core for k×k convolutions (not implemented: must be False).
+        rank_pattern: module-name pattern -> rank, overriding ``r`` (peft's matching rule).
+        alpha_pattern: module-name pattern -> alpha, overriding ``alpha``.
+        init_weights: True (``W1`` zero), ``"lycoris"`` (``W2`` zero) or False (all random; for tests).
+        targets: default ``["attn.q", "attn.v"]``, or ``"attn.qkv"`` on models with a fused projection (GPT-2).
+    """
+
+    r: int = 8
+    alpha: float = 8.0
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    decompose_both: bool = False
+    decompose_factor: int = -1
+    rank_dropout_scale: bool = False
+    use_effective_conv2d: bool = False
+    rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    init_weights: bool | str = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_lycoris_config(self, "LoKr")
+        f = self.decompose_factor
+        if isinstance(f, bool) or not isinstance(f, int) or (f != -1 and f <= 0):
+            raise ValueError(f"LoKr decompose_factor must be -1 or a positive integer, got {f!r}")
+        if self.init_weights not in (True, False, "lycoris"):
+            raise ValueError(f"LoKr init_weights must be True, False or 'lycoris', got {self.init_weights!r}")
+
+    def default_targets(self, roles: Mapping[str, Any]) -> tuple[str, ...]:
+        return ("attn.qkv",) if "attn.q" not in roles and "attn.qkv" in roles else ("attn.q", "attn.v")
+
+    def accepts(self, module: nn.Module) -> bool:
+        return _accepts(module)
+
+    def rank_for(self, name: str) -> int:
+        return int(pattern_value(self.rank_pattern, name, self.r))
+
+    def build(self, module: nn.Module, name: str) -> Component:
+        if not self.accepts(module):
+            raise TypeError(
+                f"LoKr cannot act on {name!r} ({type(module).__name__}): it supports nn.Linear, Conv1D and "
+                "nn.Conv2d; pick other targets"
+            )
+        return LoKrLayer(self, module, name)
+
+
+class LoKrLayer(LycorisBase):
+    """LoKr on a linear-like module or a Conv2d.
+
+    Shapes: ``lokr_w1: (a, c)`` or ``lokr_w1_a: (a, r)``, ``lokr_w1_b: (r, c)``; ``lokr_w2: (b, d[, kh, kw])`` or
+    ``lokr_w2_a: (b, r)``, ``lokr_w2_b: (r, d · kh · kw)``; ``out = a · b``, ``in = c · d`` (per group).
+    """
+
+    def __init__(self, cfg: LoKr, module: nn.Module, name: str) -> None:
+        super().__init__(cfg, module, name)
+        r = self.r
+        a, b = factorization(self.out_dim, cfg.decompose_factor)
+        c, d = factorization(self.in_dim, cfg.decompose_factor)
+        self.shape = (a, b, c, d)
+        self.rank_dropout_scale = bool(cfg.rank_dropout_scale)
+        self.init = cfg.init_weights
+        self.use_w1 = not (cfg.decompose_both and r < max(a, c) / 2)
+        self.use_w2 = not (r < max(b, d) / 2)
+        if self.use_w1:
+            self.lokr_w1 = self._param(a, c)
+        else:
+            self.lokr_w1_a = self._param(a, r)
+            self.lokr_w1_b = self._param(r, c)
+        if self.use_w2:
+            self.lokr_w2 = self._param(b, d, *self.kernel)
+        else:
+            self.lokr_w2_a = self._param(b, r)
+            self.lokr_w2_b = self._param(r, d * math.prod(self.kernel))
+
+    def extra_repr(self) -> str:
+        a, b, c, d = self.shape
+        return f"{super().extra_repr()}, C=({a}, {c}){'' if self.use_w1 else ' low-rank'}, D=({b}, {d})" + (
+            "" if self.use_w2 else " low-rank"
+        )
+
+    @torch.no_grad()
+    def initialize(self, module: nn.Module) -> None:
+        for p in self.parameters():
+            nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+        if self.init is True:
+            nn.init.zeros_(self.lokr_w1 if self.use_w1 else self.lokr_w1_a)
+        elif self.init == "lycoris":
+            nn.init.zeros_(self.lokr_w2 if self.use_w2 else self.lokr_w2_b)
+
+    def _w1(self) -> torch.Tensor:
+        return self.lokr_w1 if self.use_w1 else self.lokr_w1_a @ self.lokr_w1_b
+
+    def _w2(self) -> torch.Tensor:
+        """D flattened to ``(b, d · kh · kw)``."""
+        return self.lokr_w2.reshape(self.lokr_w2.shape[0], -1) if self.use_w2 else self.lokr_w2_a @ self.lokr_w2_b
+
+    def _dense(self) -> torch.Tensor:
+        return torch.kron(self._w1(), self._w2()) * self.scaling
+
+    def _row_drop(self) -> torch.Tensor | None:
+        if not (self.training and self.rank_dropout):
+            return None
+        drop = (torch.rand(self.out_dim) > self.rank_dropout).to(self._dtype())
+        if self.rank_dropout_scale:
+            drop = drop / drop.mean()
+        return drop.to(next(self.parameters()).device)
+
+    def post(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.kernel:
+            return super().post(x, y)
+        if self._skipped():
+            return y
+        a, b, c, d = self.shape
+        X = x.to(self._dtype()).reshape(*x.shape[:-1], c, d)
+        if self.use_w2:
+            XD = X @ self.lokr_w2.T  # (..., c, b)
+        else:
+            XD = (X @ self.lokr_w2_b.T) @ self.lokr_w2_a.T
+        out = (self._w1() @ XD).reshape(*x.shape[:-1], a * b) * self.scaling  # C (X Dᵀ): (..., a, b)
+        drop = self._row_drop()
+        if drop is not None:
+            out = out * drop
+        return y + out.to(y.dtype)
