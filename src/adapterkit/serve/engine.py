@@ -373,8 +373,7 @@ class Engine:
             r.length = len(r.prompt)
         if self.metrics is not None:
             self.metrics.prompt_tokens.inc(sum(len(r.prompt) for r in rows))
-        for i, r in enumerate(rows):
-            self._token(r, logits[i])
+        self._tokens(rows, logits)
 
     @staticmethod
     def _row_cache(cache: Any, i: int) -> Any:
@@ -442,8 +441,7 @@ class Engine:
         for i, r in enumerate(rows):
             r.cache = self._row_cache(new, i)
             r.length += 1
-        for i, r in enumerate(rows):
-            self._token(r, logits[i])
+        self._tokens(rows, logits)
 
     def _decode_solo(self, req: Request) -> None:
         if req.cache is None:  # a row of the shared batch decoded alone (its batch failed)
@@ -489,8 +487,7 @@ class Engine:
         if self.metrics is not None:
             self.metrics.prompt_tokens.inc(sum(len(r.prompt) for r in rows))
         self.stats["prefill_batches"] += 1
-        for i, r in enumerate(rows):
-            self._token(r, logits[i])
+        self._tokens(rows, logits)
 
     def _unbatch(self) -> None:
         """Cut the rows of the persistent batch cache that still run back into per-row caches (membership
@@ -563,9 +560,9 @@ class Engine:
             self._plan = self._plan_key = None
             raise
         self._bcache, self._bwidth, self._bmask = new, width + 1, mask
-        for i, r in enumerate(rows):
+        for r in rows:
             r.length += 1
-            self._token(r, logits[i])
+        self._tokens(rows, logits)
 
     def _sample(self, req: Request, logits: torch.Tensor) -> int:
         logits = logits.float()
@@ -581,8 +578,15 @@ class Engine:
             probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
         return int(torch.multinomial(probs, 1, generator=req.generator))
 
-    def _token(self, req: Request, logits: torch.Tensor) -> None:
-        tok = self._sample(req, logits)
+    def _tokens(self, rows: list[Request], logits: torch.Tensor) -> None:
+        """One token per row from ``logits: (rows, vocab)``; greedy rows take one batched argmax."""
+        greedy = logits.float().argmax(-1).tolist() if any(r.temperature <= 0 for r in rows) else None
+        for i, r in enumerate(rows):
+            self._token(r, logits[i], greedy[i] if greedy is not None and r.temperature <= 0 else None)
+
+    def _token(self, req: Request, logits: torch.Tensor, tok: int | None = None) -> None:
+        if tok is None:
+            tok = self._sample(req, logits)
         now = time.monotonic()
         if self.metrics is not None:
             self.metrics.generation_tokens.inc()
