@@ -164,7 +164,12 @@ class LycorisBase(Component):
             "dtype": weight.dtype if weight.is_floating_point() else torch.float32,
         }
         self.conv = (
-            {"stride": module.stride, "padding": module.padding, "dilation": module.dilation, "groups": module.groups}
+            {
+                "stride": module.stride,
+                "padding": module.padding,
+                "dilation": module.dilation,
+                "groups": module.groups,
+            }
             if self.kernel
             else None
         )

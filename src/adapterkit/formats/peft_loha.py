@@ -1,0 +1,164 @@
+"""peft interop for LoHa (``peft_type: "LOHA"``); dispatched from ``formats/peft.py``. The LyCORIS helpers
+here (:func:`save_lycoris`, :func:`load_lycoris`) serve LoKr too (``formats/peft_lokr.py``).
+
+Layout (peft 0.21): ``adapter_config.json`` with ``r``, ``alpha``, ``rank_dropout``, ``module_dropout``,
+``use_effective_conv2d``, ``rank_pattern``, ``alpha_pattern``, ``target_modules``, ``modules_to_save``;
+``adapter_model.safetensors`` with, per adapted module (``n = in · kh · kw``):
+
+==================================================  ==============  ==========================
+key                                                 shape           adapterkit tensor
+==================================================  ==============  ==========================
+``base_model.model.<module path>.hada_w1_a``        ``(out, r)``    ``LoHaLayer.hada_w1_a``
+``base_model.model.<module path>.hada_w1_b``        ``(r, n)``      ``LoHaLayer.hada_w1_b``
+``base_model.model.<module path>.hada_w2_a``        ``(out, r)``    ``LoHaLayer.hada_w2_a``
+``base_model.model.<module path>.hada_w2_b``        ``(r, n)``      ``LoHaLayer.hada_w2_b``
+``base_model.model.<head>.<param>``                 head            ``HeadCopy``
+==================================================  ==============  ==========================
+
+The tensor names are peft's, so the conversion is a renaming of keys. peft has no LoHa/LoKr for GPT-2
+``Conv1D``: exporting an adapter on one is refused. The CP core (``hada_t1``/``hada_t2``,
+``use_effective_conv2d: true``) is not supported yet and refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..component import Component
+from ..methods.loha import LoHa
+from ..plan import Plan
+from ..targeting import base_modules
+from ._peft_sites import check_sites, head_state, split_state
+from .io import AdapterFileError, import_checked, read_adapter, require_float
+from .peft import PREFIX, Fields, adapter_task_type, write
+
+PEFT_TYPE = "LOHA"
+METHOD = "loha"
+TENSORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+UNSUPPORTED = ("hada_t1", "hada_t2")
+
+
+def save_lycoris(ctl: Any, name: str, path: str | os.PathLike, peft_type: str, extra: dict[str, Any]) -> None:
+    """Write adapter ``name`` (LoHa or LoKr: components whose tensors carry peft's names) as a peft directory."""
+    record = ctl._record(name)
+    cfg = record.config
+    tensors: dict[str, torch.Tensor] = {}
+    targets, heads = [], []
+    for site, comp in ctl.components(name).items():
+        kind, module = record.kinds[site], ctl._sites[site].module
+        if kind == "head":
+            heads.append(site)
+            tensors.update(head_state(site, comp))
+            continue
+        if type(module).__name__ == "Conv1D":
+            raise ValueError(
+                f"adapter {name!r} acts on {site!r}, a GPT-2 Conv1D; peft's {peft_type} has no Conv1D layer, so it "
+                "cannot be exported to peft (use format='native')"
+            )
+        targets.append(site)
+        for key, value in comp.state_dict().items():
+            tensors[f"{PREFIX}{site}.{key}"] = value.detach().contiguous()
+    config = {
+        "peft_type": peft_type,
+        "task_type": adapter_task_type(ctl, name),
+        "base_model_name_or_path": getattr(ctl.model, "name_or_path", None) or None,
+        "r": cfg.r,
+        "alpha": cfg.alpha,
+        "rank_dropout": cfg.rank_dropout,
+        "module_dropout": cfg.module_dropout,
+        "use_effective_conv2d": cfg.use_effective_conv2d,
+        "target_modules": sorted(targets),
+        "exclude_modules": None,
+        "rank_pattern": dict(cfg.rank_pattern),
+        "alpha_pattern": dict(cfg.alpha_pattern),
+        "modules_to_save": heads or None,
+        "init_weights": cfg.init_weights,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "inference_mode": True,
+        **extra,
+    }
+    write(path, tensors, config)
+
+
+def load_lycoris(
+    ctl: Any,
+    path: str | os.PathLike,
+    *,
+    name: str | None,
+    allow_pickle: bool,
+    activate: bool,
+    what: str,
+    tensors: tuple[str, ...],
+    unsupported: tuple[str, ...],
+    make: Any,
+) -> str:
+    """Load a peft LoHa/LoKr directory: ``make(fields, **common)`` builds the config from the file's fields."""
+    directory = Path(path)
+    data, raw = read_adapter(directory, "adapter_model", allow_pickle=allow_pickle)
+    fields = Fields(data, directory)
+    if fields.flag("use_effective_conv2d", False) or any(
+        k.endswith(tuple("." + u for u in unsupported)) for k in raw
+    ):
+        raise AdapterFileError(
+            f"{directory}: peft {what} adapters with use_effective_conv2d (the CP/Tucker core of k×k convolutions, "
+            f"{', '.join(unsupported)}) are not supported yet"
+        )
+    name = name or "default"
+    ctl._check_new_name(name)
+    modules = base_modules(ctl.model)
+    head_sel = fields.names("modules_to_save")
+    per_site, heads = split_state(raw, modules, {t: t for t in tensors}, head_sel, directory)
+    check_sites(list(per_site) + list(heads), modules, path, ctl.model)
+    if not per_site:
+        raise AdapterFileError(
+            f"{directory} holds no {what} tensors (keys ending in '.{tensors[0]}' and the like)"
+        )
+    require_float({f"{s}.{k}": v for s, state in per_site.items() for k, v in state.items()}, directory)
+    rank_pattern, alpha_pattern = fields.numbers("rank_pattern"), fields.numbers("alpha_pattern")
+    cfg = fields.build(
+        lambda **kw: make(fields, **kw),
+        r=fields.integer("r", 8),
+        alpha=fields.number("alpha", 8.0),
+        rank_dropout=fields.number("rank_dropout", 0.0),
+        module_dropout=fields.number("module_dropout", 0.0),
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        targets=tuple(per_site),
+        heads=tuple(heads),
+    )
+    comps: dict[str, tuple[str, Component]] = {}
+    try:
+        plan = ctl.plan(cfg)
+        for site, (kind, comp) in plan.components.items():
+            import_checked(comp, heads[site] if kind == "head" else per_site[site], modules[site])
+            comps[site] = (kind, comp)
+    except AdapterFileError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise AdapterFileError(f"peft adapter {str(path)!r} does not fit this model: {e}") from None
+    ctl.install(name, Plan(cfg, comps), activate=activate)
+    return name
+
+
+def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
+    assert isinstance(ctl._record(name).config, LoHa)
+    save_lycoris(ctl, name, path, PEFT_TYPE, {})
+
+
+def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: bool, activate: bool) -> str:
+    return load_lycoris(
+        ctl,
+        path,
+        name=name,
+        allow_pickle=allow_pickle,
+        activate=activate,
+        what="LoHa",
+        tensors=TENSORS,
+        unsupported=UNSUPPORTED,
+        make=lambda fields, **kw: LoHa(**kw),
+    )

@@ -1,0 +1,26 @@
+"""Contract rows for LoHa (``ak.LoHa``): Linear, GPT-2 Conv1D (native only; peft has no Conv1D LoHa) and the
+ViT patch-embedding Conv2d (flattened factors)."""
+
+from __future__ import annotations
+
+import adapterkit as ak
+
+ROWS = [
+    ("bert-loha", "bert", ak.LoHa(r=4)),
+    ("gpt2-loha", "gpt2", ak.LoHa(r=2, targets=["attn.qkv", "ffn.up"])),  # Conv1D
+    (
+        "llama-loha-patterns",
+        "llama",
+        ak.LoHa(
+            r=4,
+            alpha=8,
+            targets=["attn.q", "attn.v", "ffn.down"],
+            rank_pattern={"v_proj": 2},
+            alpha_pattern={"down_proj": 3.0},
+        ),
+    ),
+    ("t5-loha", "t5", ak.LoHa()),
+    ("vit-loha-conv2d", "vit", ak.LoHa(r=2, targets=["embed", "attn.v"])),
+    ("bert-loha-dropouts", "bert", ak.LoHa(r=2, rank_dropout=0.2, module_dropout=0.3)),
+]
+SECOND = {"loha": {"r": 2, "alpha": 4.0, "rank_pattern": {}}}
