@@ -69,6 +69,9 @@ def files(tmp_path_factory) -> dict[str, Path]:
         "ia3": ak.IA3(),
         "prompt": ak.PromptTuning(num_virtual_tokens=4),
         "prefix": ak.PrefixTuning(num_virtual_tokens=3),
+        "vera": ak.VeRA(r=4),
+        "reft": ak.LoReFT(r=2, prefix=2, suffix=2),
+        "mam": "mam",  # a union: prefix tuning + a parallel bottleneck
     }
     out = root / "adapters"
     for i, (name, spec) in enumerate(specs.items()):
@@ -195,7 +198,7 @@ def test_streaming_completion_and_chat(server, files):
 def test_concurrent_mixed_adapters_equal_single_requests(server, files):
     srv, port = server
     client = _client(port)
-    names = [str(files["model"]), "lora-a", "lora-b", "bn", "ia3", "prompt", "prefix"]
+    names = [str(files["model"]), "lora-a", "lora-b", "bn", "ia3", "prompt", "prefix", "vera", "reft", "mam"]
     jobs = [(names[i % len(names)], PROMPTS[i % len(PROMPTS)], 4 + (i * 3) % 9) for i in range(32)]
     ref = {}
     for job in set(jobs):
@@ -347,7 +350,18 @@ def test_errors_in_openai_schema(server, files):
     with pytest.raises(openai.NotFoundError):  # runtime updates are on, but the name must exist
         client.post("/unload_lora_adapter", body={"lora_name": "nope"}, cast_to=str)
     listed = {m.id: m for m in client.models.list()}
-    assert set(listed) == {str(files["model"]), "lora-a", "lora-b", "bn", "ia3", "prompt", "prefix"}
+    assert set(listed) == {
+        str(files["model"]),
+        "lora-a",
+        "lora-b",
+        "bn",
+        "ia3",
+        "prompt",
+        "prefix",
+        "vera",
+        "reft",
+        "mam",
+    }
     assert listed["lora-a"].parent == str(files["model"]) and listed["bn"].method == "bottleneck"
     assert listed["prompt"].method == "prompt_tuning"
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
