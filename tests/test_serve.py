@@ -226,11 +226,7 @@ def test_concurrent_mixed_adapters_equal_single_requests(server, files):
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    _together(srv, worker, 16)  # 16 first requests start in one step; the second ones join running batches
     srv.engine.step_delay = 0.0
     assert not errors, errors
     assert {i: got.get(i) for i in range(len(jobs))} == {i: ref[j] for i, j in enumerate(jobs)}
@@ -479,11 +475,7 @@ def test_max_active_adapters_bounds_each_step(files):
                 _client(port).completions.create(model=m, prompt=p, max_tokens=8, temperature=0).choices[0].text
             )
 
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(jobs))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=30)
+        _together(srv, one, len(jobs))
         assert [got.get(i) for i in range(len(jobs))] == [ref[j] for j in jobs]
         assert srv.engine.stats["max_adapters"] == 2
     finally:
@@ -552,12 +544,17 @@ def test_429_when_queue_is_full(files):
             with lock:
                 statuses.append(code)
 
+        srv.engine.max_running = 0
         threads = [threading.Thread(target=one) for _ in range(8)]
         for t in threads:
             t.start()
+        deadline = time.monotonic() + 20  # admission held: one request waits, the other 7 are refused
+        while len(statuses) < 7 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        srv.engine.max_running = 1
         for t in threads:
             t.join(timeout=60)
-        assert 429 in statuses and 200 in statuses, statuses
+        assert sorted(statuses) == [200] + [429] * 7, statuses
     finally:
         srv.stop()
 
