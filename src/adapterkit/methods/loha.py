@@ -192,7 +192,9 @@ class LycorisBase(Component):
         return (drop / drop.mean()).to(next(self.parameters()).device)
 
     def _skipped(self) -> bool:
-        return self.training and self.module_dropout > 0 and not bool(torch.rand(1) > self.module_dropout)
+        """peft's module dropout: in training, one ``torch.rand(1)`` draw per forward (always, as peft, so that
+        the same seed gives the same dropout masks in both libraries)."""
+        return self.training and not bool(torch.rand(1) > self.module_dropout)
 
     def _dense(self) -> torch.Tensor:
         """The flat ``(out, in · kh · kw)`` ΔW including the scaling (no dropout)."""

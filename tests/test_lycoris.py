@@ -1,0 +1,403 @@
+"""LoHa and LoKr: the equations, peft equivalence both ways (float32 logits within 1e-5), merge equivalence
+with peft, training-mode dropouts equal to peft's for the same seed, and refusals.
+
+* peft -> adapterkit: ``get_peft_model`` with non-identity init, perturb every trainable tensor,
+  ``save_pretrained``, ``ak.attach(other).load(dir)`` on an identical model, compare logits.
+* adapterkit -> peft: ``init_weights=False``, perturb, ``export(format="peft")``,
+  ``PeftModel.from_pretrained(fresh, dir)``, compare logits.
+* merge: peft's ``merge_and_unload()`` and our ``merge_and_detach()`` give the same plain weights.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import adapterkit as ak
+from adapterkit.formats import AdapterFileError
+from adapterkit.methods.loha import LoHaLayer
+from adapterkit.methods.lokr import LoKrLayer, factorization
+
+from conftest import make_inputs, make_model, output_of
+
+peft = pytest.importorskip("peft")
+from peft import LoHaConfig, LoKrConfig, PeftModel, get_peft_model  # noqa: E402
+from peft.tuners.lokr.layer import factorization as peft_factorization  # noqa: E402
+
+warnings.filterwarnings("ignore", module="peft")
+
+TOL = {"atol": 1e-5, "rtol": 1e-5}
+
+
+@torch.no_grad()
+def logits(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    return output_of(model, inputs).detach().float()
+
+
+@torch.no_grad()
+def perturb(params: Any, seed: int = 123, scale: float = 0.05) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.add_((torch.randn(p.shape, generator=g) * scale).to(p.dtype))
+
+
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def nontrivial(a: torch.Tensor, b: torch.Tensor) -> None:
+    change = ((a - b).abs().max() / b.abs().max()).item()
+    assert change > 1e-3, "the adapter does not change the output; the test is vacuous"
+
+
+# (id, family, peft config factory, our equivalent config)
+CASES = [
+    (
+        "loha-bert",
+        "bert",
+        lambda: LoHaConfig(r=4, target_modules=["query", "value"], init_weights=False),
+        ak.LoHa(r=4),
+    ),
+    (
+        "loha-llama-patterns",
+        "llama",
+        lambda: LoHaConfig(
+            r=4,
+            alpha=6,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            rank_pattern={"v_proj": 2},
+            alpha_pattern={"down_proj": 3},
+            init_weights=False,
+        ),
+        ak.LoHa(
+            r=4,
+            alpha=6,
+            targets=["attn.q", "attn.v", "ffn.down"],
+            rank_pattern={"v_proj": 2},
+            alpha_pattern={"down_proj": 3.0},
+        ),
+    ),
+    ("loha-t5", "t5", lambda: LoHaConfig(target_modules=["q", "v"], init_weights=False), ak.LoHa()),
+    (
+        "loha-vit-conv2d",
+        "vit",
+        lambda: LoHaConfig(r=2, target_modules=["projection", "v_proj"], init_weights=False),
+        ak.LoHa(r=2, targets=["embed", "attn.v"]),
+    ),
+    (
+        "loha-bert-heads",
+        "bert",
+        lambda: LoHaConfig(
+            r=2, target_modules=["query", "value"], modules_to_save=["classifier"], init_weights=False
+        ),
+        ak.LoHa(r=2, heads=["head"]),
+    ),
+    (
+        "lokr-bert-full",
+        "bert",
+        lambda: LoKrConfig(target_modules=["query", "value"], init_weights=False),
+        ak.LoKr(),
+    ),
+    (
+        "lokr-llama-both",
+        "llama",
+        lambda: LoKrConfig(
+            r=1, alpha=3, decompose_both=True, target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False
+        ),
+        ak.LoKr(r=1, alpha=3, decompose_both=True, targets=["attn.q", "attn.v", "ffn.down"]),
+    ),
+    (
+        "lokr-t5-factor",
+        "t5",
+        lambda: LoKrConfig(r=2, decompose_factor=4, target_modules=["q", "v", "wo"], init_weights=False),
+        ak.LoKr(r=2, decompose_factor=4, targets=["attn.q", "attn.v", "ffn.down"]),
+    ),
+    (
+        "lokr-llama-patterns",
+        "llama",
+        lambda: LoKrConfig(
+            r=2,
+            target_modules=["q_proj", "v_proj"],
+            rank_pattern={"v_proj": 8},
+            alpha_pattern={"q_proj": 5},
+            init_weights=False,
+        ),  # fmt: skip
+        ak.LoKr(r=2, rank_pattern={"v_proj": 8}, alpha_pattern={"q_proj": 5.0}),
+    ),
+    (
+        "lokr-vit-conv2d-lowrank",
+        "vit",
+        lambda: LoKrConfig(r=1, target_modules=["projection", "v_proj"], init_weights=False),
+        ak.LoKr(r=1, targets=["embed", "attn.v"]),
+    ),
+    (
+        "lokr-vit-conv2d-full",
+        "vit",
+        lambda: LoKrConfig(r=8, target_modules=["projection"], init_weights=False),
+        ak.LoKr(r=8, targets=["embed"]),
+    ),
+]
+IDS = [c[0] for c in CASES]
+
+
+@pytest.mark.parametrize(("cid", "family", "make", "ours"), CASES, ids=IDS)
+def test_peft_to_adapterkit(cid, family, make, ours, tmp_path):
+    x = make_inputs(family)
+    base = logits(make_model(family), x)
+    pm = get_peft_model(make_model(family), make()).eval()
+    perturb(trainable(pm))
+    expected = logits(pm, x)
+    nontrivial(expected, base)
+    pm.save_pretrained(str(tmp_path))
+    model = make_model(family)
+    adapters = ak.attach(model)
+    assert adapters.load(tmp_path) == "default"
+    torch.testing.assert_close(logits(model, x), expected, **TOL)
+    # the component layout peft chose is ours for the equivalent config
+    probe = ak.attach(make_model(family))
+    probe.add("p", ours)
+    assert set(probe.components("p")) == set(adapters.components("default"))
+    for site, comp in probe.components("p").items():
+        if isinstance(comp, (LoHaLayer, LoKrLayer)):
+            got = adapters.components("default")[site]
+            assert {k: tuple(v.shape) for k, v in comp.state_dict().items()} == {
+                k: tuple(v.shape) for k, v in got.state_dict().items()
+            }, site
+            assert comp.scaling == got.scaling, site
+    # merge equivalence: peft's merge_and_unload == our merge_and_detach
+    merged_theirs = pm.merge_and_unload()
+    merged_ours = adapters.merge_and_detach()
+    a, b = merged_ours.state_dict(), merged_theirs.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], **TOL, msg=k)
+
+
+@pytest.mark.parametrize(("cid", "family", "make", "ours"), CASES, ids=IDS)
+def test_adapterkit_to_peft(cid, family, make, ours, tmp_path):
+    x = make_inputs(family)
+    model = make_model(family)
+    base = logits(model, x)
+    adapters = ak.attach(model)
+    torch.manual_seed(0)
+    adapters.add("a", ours.replace(init_weights=False))
+    perturb(adapters.parameters("a"))
+    expected = logits(model, x)
+    nontrivial(expected, base)
+    adapters.export("a", tmp_path, format="peft")
+    pm = PeftModel.from_pretrained(make_model(family), str(tmp_path)).eval()
+    torch.testing.assert_close(logits(pm, x), expected, **TOL)
+    # merged == unmerged
+    adapters.merge("a")
+    torch.testing.assert_close(logits(model, x), expected, **TOL)
+    adapters.unmerge("a")
+    torch.testing.assert_close(logits(model, x), expected, **TOL)
+
+
+# --- equations -------------------------------------------------------------------------------------------
+def _one_linear(cfg: ak.AdapterConfig, in_dim: int = 24, out_dim: int = 36):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(in_dim, out_dim))
+    adapters = ak.attach(model)
+    adapters.add("a", cfg.replace(targets=["0"], init_weights=False))
+    return model, adapters, adapters.components("a")["0"]
+
+
+def test_loha_equation():
+    """ΔW = (alpha / r) · (W1a W1b) ⊙ (W2a W2b); y = W x + b + ΔW x."""
+    model, _, comp = _one_linear(ak.LoHa(r=3, alpha=5))
+    lin = model[0]
+    x = torch.randn(2, 4, 24)
+    with torch.no_grad():
+        delta = (comp.hada_w1_a @ comp.hada_w1_b) * (comp.hada_w2_a @ comp.hada_w2_b) * (5 / 3)
+        torch.testing.assert_close(comp.delta_weight(lin), delta)
+        torch.testing.assert_close(model(x), x @ (lin.weight + delta).T + lin.bias, atol=1e-5, rtol=1e-5)
+    assert tuple(comp.hada_w1_a.shape) == (36, 3) and tuple(comp.hada_w2_b.shape) == (3, 24)
+
+
+@pytest.mark.parametrize(
+    ("cfg", "low_w1", "low_w2"),
+    [
+        (ak.LoKr(r=8, alpha=4), False, False),  # 36 = 6·6, 24 = 4·6: r >= 6/2, full factors
+        (ak.LoKr(r=2, alpha=4), False, True),
+        (ak.LoKr(r=2, alpha=4, decompose_both=True), True, True),
+        (ak.LoKr(r=1, alpha=2, decompose_factor=3), False, True),  # (3, 12) and (3, 8)
+    ],
+)
+def test_lokr_equation(cfg, low_w1, low_w2):
+    """ΔW = (alpha / r) · (C ⊗ D); y = W x + b + ΔW x, computed as vec(C X Dᵀ) without building ΔW."""
+    model, _, comp = _one_linear(cfg)
+    lin = model[0]
+    a, b = factorization(36, cfg.decompose_factor)
+    c, d = factorization(24, cfg.decompose_factor)
+    assert comp.shape == (a, b, c, d)
+    assert (not comp.use_w1, not comp.use_w2) == (low_w1, low_w2)
+    x = torch.randn(2, 4, 24)
+    with torch.no_grad():
+        C = comp.lokr_w1 if comp.use_w1 else comp.lokr_w1_a @ comp.lokr_w1_b
+        D = comp.lokr_w2 if comp.use_w2 else comp.lokr_w2_a @ comp.lokr_w2_b
+        assert tuple(C.shape) == (a, c) and tuple(D.shape) == (b, d)
+        delta = torch.kron(C, D) * (cfg.alpha / cfg.r)
+        torch.testing.assert_close(comp.delta_weight(lin), delta)
+        torch.testing.assert_close(model(x), x @ (lin.weight + delta).T + lin.bias, atol=1e-5, rtol=1e-5)
+
+
+def test_lokr_factorization_is_peft_s():
+    for dim in (1, 2, 7, 24, 32, 36, 64, 96, 127, 128, 256, 768, 3072, 4096, 11008):
+        for factor in (-1, 2, 3, 4, 8, 16, 5):
+            assert factorization(dim, factor) == peft_factorization(dim, factor), (dim, factor)
+
+
+@pytest.mark.parametrize(
+    "cfg", [ak.LoHa(r=2, alpha=3), ak.LoKr(r=1, alpha=3), ak.LoKr(r=8)], ids=["loha", "lokr", "lokr-full"]
+)
+def test_conv2d_equation(cfg):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, stride=2, padding=1))
+    adapters = ak.attach(model)
+    adapters.add("a", cfg.replace(targets=["0"], init_weights=False))
+    conv, comp = model[0], adapters.components("a")["0"]
+    x = torch.randn(2, 4, 9, 9)
+    with torch.no_grad():
+        delta = comp.delta_weight(conv)
+        assert tuple(delta.shape) == (6, 4, 3, 3)
+        expected = F.conv2d(x, conv.weight + delta, conv.bias, stride=2, padding=1)
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_init_is_identity_with_peft_s_zero_factor():
+    loha = _init_comp(ak.LoHa(r=2))
+    assert torch.count_nonzero(loha.hada_w2_b) == 0 and torch.count_nonzero(loha.hada_w2_a) > 0
+    lokr = _init_comp(ak.LoKr(r=2))
+    assert torch.count_nonzero(lokr.lokr_w1) == 0 and torch.count_nonzero(lokr.lokr_w2_b) > 0
+    both = _init_comp(ak.LoKr(r=1, decompose_both=True))
+    assert torch.count_nonzero(both.lokr_w1_a) == 0 and torch.count_nonzero(both.lokr_w1_b) > 0
+    lycoris = _init_comp(ak.LoKr(r=2, init_weights="lycoris"))
+    assert torch.count_nonzero(lycoris.lokr_w2_b) == 0 and torch.count_nonzero(lycoris.lokr_w1) > 0
+    full = _init_comp(ak.LoKr(r=8, init_weights="lycoris"))
+    assert torch.count_nonzero(full.lokr_w2) == 0
+    for comp in (loha, lokr, both, lycoris, full):
+        assert torch.count_nonzero(comp.delta_weight(None)) == 0
+
+
+def _init_comp(cfg):
+    model = nn.Sequential(nn.Linear(24, 36))
+    adapters = ak.attach(model)
+    adapters.add("a", cfg.replace(targets=["0"]))
+    return adapters.components("a")["0"]
+
+
+# --- training-mode dropouts equal peft's for the same seed ----------------------------------------------
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(24, 36)
+        self.down = nn.Linear(36, 24)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+@pytest.mark.parametrize(
+    ("theirs", "ours"),
+    [
+        (
+            lambda: LoHaConfig(
+                r=2, rank_dropout=0.3, module_dropout=0.4, target_modules=["up", "down"], init_weights=False
+            ),
+            ak.LoHa(r=2, rank_dropout=0.3, module_dropout=0.4, targets=["up", "down"]),
+        ),
+        (
+            lambda: LoKrConfig(
+                r=1,
+                rank_dropout=0.3,
+                module_dropout=0.4,
+                rank_dropout_scale=True,
+                target_modules=["up", "down"],
+                init_weights=False,
+            ),  # fmt: skip
+            ak.LoKr(r=1, rank_dropout=0.3, module_dropout=0.4, rank_dropout_scale=True, targets=["up", "down"]),
+        ),
+    ],
+    ids=["loha", "lokr"],
+)
+def test_training_dropouts_equal_peft_s(theirs, ours, tmp_path):
+    torch.manual_seed(0)
+    pm = get_peft_model(MLP(), theirs())
+    perturb(trainable(pm))
+    pm.save_pretrained(str(tmp_path))
+    torch.manual_seed(0)
+    model = MLP()
+    adapters = ak.attach(model)
+    adapters.load(tmp_path, name="a")
+    assert adapters.config("a").rank_dropout == 0.3 and adapters.config("a").module_dropout == 0.4
+    pm.train()
+    model.train()
+    x = torch.randn(5, 24)
+    outs = set()
+    for step in range(8):
+        torch.manual_seed(step)
+        expected = pm(x)
+        torch.manual_seed(step)
+        got = model(x)
+        torch.testing.assert_close(got, expected, **TOL)
+        outs.add(round(got.sum().item(), 4))
+    assert len(outs) > 1  # the dropouts did act
+
+
+# --- refusals --------------------------------------------------------------------------------------------
+def test_effective_conv2d_is_refused():
+    with pytest.raises(NotImplementedError, match="use_effective_conv2d"):
+        ak.LoHa(use_effective_conv2d=True)
+    with pytest.raises(NotImplementedError, match="use_effective_conv2d"):
+        ak.LoKr(use_effective_conv2d=True)
+
+
+def test_peft_effective_conv2d_file_is_refused(tmp_path):
+    pm = get_peft_model(
+        make_model("vit"), LoKrConfig(r=1, target_modules=["projection"], use_effective_conv2d=True)
+    )
+    pm.save_pretrained(str(tmp_path))
+    with pytest.raises(AdapterFileError, match="use_effective_conv2d"):
+        ak.attach(make_model("vit")).load(tmp_path)
+
+
+def test_conv1d_export_to_peft_is_refused(tmp_path):
+    adapters = ak.attach(make_model("gpt2"))
+    adapters.add("a", ak.LoKr(r=2))
+    with pytest.raises(ValueError, match="Conv1D"):
+        adapters.export("a", tmp_path, format="peft")
+    adapters.export("a", tmp_path / "native", format="native")  # the native format holds it
+    assert not (tmp_path / "adapter_config.json").exists()
+
+
+def test_bad_configs():
+    for bad in (
+        lambda: ak.LoHa(r=0),
+        lambda: ak.LoHa(rank_dropout=1.0),
+        lambda: ak.LoHa(module_dropout=-0.1),
+        lambda: ak.LoKr(decompose_factor=0),
+        lambda: ak.LoKr(init_weights="gaussian"),
+        lambda: ak.LoKr(rank_pattern={"q": 0}),
+    ):
+        with pytest.raises(ValueError):
+            bad()
+
+
+def test_lokr_file_with_wrong_form_is_refused(tmp_path):
+    """A file whose tensors are not the form (full/low-rank) its config implies does not load."""
+    pm = get_peft_model(make_model("llama"), LoKrConfig(r=1, target_modules=["q_proj"]))
+    pm.save_pretrained(str(tmp_path))
+    cfg_path = Path(tmp_path) / "adapter_config.json"
+    data = json.loads(cfg_path.read_text())
+    data["r"] = 16  # would need a full lokr_w2
+    cfg_path.write_text(json.dumps(data))
+    with pytest.raises(AdapterFileError, match="does not fit"):
+        ak.attach(make_model("llama")).load(tmp_path)
