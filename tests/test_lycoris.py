@@ -210,16 +210,19 @@ def _one_linear(cfg: ak.AdapterConfig, in_dim: int = 24, out_dim: int = 36):
     return model, adapters, adapters.components("a")["0"]
 
 
-def test_loha_equation():
-    """ΔW = (alpha / r) · (W1a W1b) ⊙ (W2a W2b); y = W x + b + ΔW x."""
-    model, _, comp = _one_linear(ak.LoHa(r=3, alpha=5))
+@pytest.mark.parametrize("r", [3, 7])
+def test_loha_equation(r):
+    """ΔW = (alpha / r) · (W1a W1b) ⊙ (W2a W2b); y = W x + b + ΔW x (r=3 through the rank-r² factors, r=7
+    through the dense ΔW: 49 · (24 + 36) > 24 · 36)."""
+    model, _, comp = _one_linear(ak.LoHa(r=r, alpha=5))
+    assert comp._factored() == (r == 3)
     lin = model[0]
     x = torch.randn(2, 4, 24)
     with torch.no_grad():
-        delta = (comp.hada_w1_a @ comp.hada_w1_b) * (comp.hada_w2_a @ comp.hada_w2_b) * (5 / 3)
+        delta = (comp.hada_w1_a @ comp.hada_w1_b) * (comp.hada_w2_a @ comp.hada_w2_b) * (5 / r)
         torch.testing.assert_close(comp.delta_weight(lin), delta)
         torch.testing.assert_close(model(x), x @ (lin.weight + delta).T + lin.bias, atol=1e-5, rtol=1e-5)
-    assert tuple(comp.hada_w1_a.shape) == (36, 3) and tuple(comp.hada_w2_b.shape) == (3, 24)
+    assert tuple(comp.hada_w1_a.shape) == (36, r) and tuple(comp.hada_w2_b.shape) == (r, 24)
 
 
 @pytest.mark.parametrize(

@@ -3,9 +3,9 @@ Learning", §3; LyCORIS's ``loha``): the update is the Hadamard (element-wise) p
 
     ΔW = s · (W1a W1b) ⊙ (W2a W2b)      W1a, W2a: (out, r)    W1b, W2b: (r, in)    s = alpha / r
 
-        x ─────────► W ───────────────┐
-        │                             (+) ──► y = W x + ΔW x
-        └─► ΔW (built from the factors) ┘
+        x ─────────► W ──────────────────┐
+        │                                (+) ──► y = W x + s · U (V x)
+        └─► V = W1b ⊙ W2b ─► U = W1a ⊙ W2a ┘
 
 * Rank: the Hadamard product of two rank-``r`` matrices has rank up to ``r²`` (FedPara §3, Prop. 1) with
   ``2 r (out + in)`` trained numbers (LoRA needs ``r² (out + in)`` for that rank).
@@ -20,8 +20,11 @@ Works on ``nn.Linear``, GPT-2 ``Conv1D`` (not in peft: such adapters cannot be e
 ``nn.Conv2d`` with the flattened ``(out, in/groups · kh · kw)`` factors (peft's default
 ``use_effective_conv2d=False``; the CP/Tucker core ``hada_t1``/``hada_t2`` is not implemented yet).
 
-This first version builds the dense ΔW in every forward, as peft does (``O(out · in · r)``); applying the
-factors to the activations is left for later.
+Forward on linear-like modules: the Hadamard product of two rank-``r`` products is one rank-``r²`` product,
+``(W1a W1b) ⊙ (W2a W2b) = U V`` with ``U[o, (i, j)] = W1a[o, i] W2a[o, j]`` and ``V[(i, j), n] = W1b[i, n] W2b[j, n]``,
+so ``ΔW x = s · U (V x)`` costs ``O(r² (in + out))`` per token and never builds the ``(out, in)`` ΔW (nor keeps
+it for backward) whenever ``r² (in + out) <= in · out``; otherwise (large ``r`` on small layers) and on
+convolutions the dense ΔW is built per forward, as peft does.
 """
 
 from __future__ import annotations
@@ -248,3 +251,21 @@ class LoHaLayer(LycorisBase):
 
     def _dense(self) -> torch.Tensor:
         return (self.hada_w1_a @ self.hada_w1_b) * (self.hada_w2_a @ self.hada_w2_b) * self.scaling
+
+    def _factored(self) -> bool:
+        """Apply the rank-r² factors (linear-like modules) when that is cheaper per token than ΔW."""
+        return not self.kernel and self.r * self.r * (self.in_dim + self.out_dim) <= self.in_dim * self.out_dim
+
+    def post(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if not self._factored():
+            return super().post(x, y)
+        if self._skipped():
+            return y
+        # (W1a W1b) ⊙ (W2a W2b) = U V with U = W1a ⊙ W2a (row-wise Kronecker, (out, r²)), V = W1b ⊙ W2b ((r², in))
+        u = (self.hada_w1_a[:, :, None] * self.hada_w2_a[:, None, :]).reshape(self.out_dim, -1)
+        v = (self.hada_w1_b[:, None, :] * self.hada_w2_b[None, :, :]).reshape(-1, self.in_dim)
+        out = F.linear(F.linear(x.to(v.dtype), v), u) * self.scaling
+        drop = self._row_drop()
+        if drop is not None:
+            out = out * drop
+        return y + out.to(y.dtype)
