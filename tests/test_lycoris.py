@@ -404,3 +404,44 @@ def test_lokr_file_with_wrong_form_is_refused(tmp_path):
     cfg_path.write_text(json.dumps(data))
     with pytest.raises(AdapterFileError, match="does not fit"):
         ak.attach(make_model("llama")).load(tmp_path)
+
+
+# --- per-row routing takes the batched path ---------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("family", "first", "second"),
+    [
+        (
+            "llama",
+            ak.LoHa(r=2, targets=["attn.q", "ffn.down"]),
+            ak.LoHa(r=3, alpha=2, targets=["attn.q", "attn.v"]),
+        ),
+        ("bert", ak.LoHa(r=8), ak.LoHa(r=1)),  # dense ΔW per call, batched factors when routed
+        (
+            "llama",
+            ak.LoKr(r=1, decompose_both=True, targets=["attn.q", "ffn.down"]),
+            ak.LoKr(r=8, targets=["attn.q"]),
+        ),
+    ],
+    ids=["loha", "loha-dense", "lokr"],
+)
+def test_routing_is_batched(family, first, second, monkeypatch):
+    model = make_model(family)
+    adapters = ak.attach(model)
+    torch.manual_seed(0)
+    adapters.add("a", first.replace(init_weights=False))
+    adapters.add("b", second.replace(init_weights=False))
+    rows = ["a", None, "b", "a", "b"]
+    x = make_inputs(family, batch=len(rows))
+    singles = []
+    for i, name in enumerate(rows):
+        with adapters.use(name):
+            singles.append(logits(model, {k: v[i : i + 1] for k, v in x.items()}))
+
+    def no_fallback(self, *args):
+        raise AssertionError("per-adapter fallback used")
+
+    cls = type(adapters.components("a")[next(iter(adapters.components("a")))])
+    monkeypatch.setattr(cls, "post", no_fallback)
+    with adapters.route(rows):
+        mixed = logits(model, x)
+    torch.testing.assert_close(mixed, torch.cat(singles), **TOL)

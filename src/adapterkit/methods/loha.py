@@ -220,6 +220,9 @@ class LycorisBase(Component):
             out = F.linear(x, delta)
         return y + out.to(y.dtype)
 
+    def _random_in_training(self) -> bool:
+        return self.training and (self.rank_dropout > 0 or self.module_dropout > 0)
+
     def delta_weight(self, module: nn.Module) -> torch.Tensor:
         """ΔW in the canonical layout: ``(out, in)`` or ``(out, in, kh, kw)``."""
         with torch.no_grad():
@@ -256,14 +259,48 @@ class LoHaLayer(LycorisBase):
         """Apply the rank-r² factors (linear-like modules) when that is cheaper per token than ΔW."""
         return not self.kernel and self.r * self.r * (self.in_dim + self.out_dim) <= self.in_dim * self.out_dim
 
+    def _uv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``U: (out, r²)`` (scaling not included) and ``V: (r², in)`` with ``(W1a W1b) ⊙ (W2a W2b) = U V``."""
+        u = (self.hada_w1_a[:, :, None] * self.hada_w2_a[:, None, :]).reshape(self.out_dim, -1)
+        v = (self.hada_w1_b[:, None, :] * self.hada_w2_b[None, :, :]).reshape(-1, self.in_dim)
+        return u, v
+
+    @classmethod
+    def routed(cls, comps: list[Component | None], plan: Any, x: torch.Tensor, y: torch.Tensor, key: Any) -> Any:
+        """Per-row routing as two batched matmuls over the rank-r² factors stacked as ``(G, in, R)`` and
+        ``(G, R, out)`` (``R`` the largest r², zero-padded; scaling folded into U; adapters absent from this site
+        are zeros). Convolutions and training-time dropouts fall back to one call per adapter."""
+        live = [c for c in comps if c is not None]
+        if any(c.kernel or c._random_in_training() for c in live):
+            return None
+        ref = live[0]
+        R = max(c.r * c.r for c in live)
+
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
+            zero_v, zero_u = ref.hada_w1_b.new_zeros(ref.in_dim, R), ref.hada_w1_a.new_zeros(R, ref.out_dim)
+            V, U = [], []
+            for c in comps:
+                if c is None:
+                    V.append(zero_v)
+                    U.append(zero_u)
+                    continue
+                u, v = c._uv()
+                pad = R - c.r * c.r
+                V.append(F.pad(v, (0, 0, 0, pad)).T)
+                U.append(F.pad(u * c.scaling, (0, pad)).T)
+            return torch.stack(V), torch.stack(U)  # (G, in, R), (G, R, out)
+
+        V, U = plan.stacked(key, build)
+        h = torch.bmm(plan.gather(x.to(V.dtype)), V)  # (G, m * L, R)
+        return plan.scatter_bmm(y, h, U)
+
     def post(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if not self._factored():
             return super().post(x, y)
         if self._skipped():
             return y
         # (W1a W1b) ⊙ (W2a W2b) = U V with U = W1a ⊙ W2a (row-wise Kronecker, (out, r²)), V = W1b ⊙ W2b ((r², in))
-        u = (self.hada_w1_a[:, :, None] * self.hada_w2_a[:, None, :]).reshape(self.out_dim, -1)
-        v = (self.hada_w1_b[:, None, :] * self.hada_w2_b[None, :, :]).reshape(-1, self.in_dim)
+        u, v = self._uv()
         out = F.linear(F.linear(x.to(v.dtype), v), u) * self.scaling
         drop = self._row_drop()
         if drop is not None:

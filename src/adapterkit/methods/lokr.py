@@ -198,6 +198,35 @@ class LoKrLayer(LycorisBase):
             drop = drop / drop.mean()
         return drop.to(next(self.parameters()).device)
 
+    @classmethod
+    def routed(cls, comps: list[Component | None], plan: Any, x: torch.Tensor, y: torch.Tensor, key: Any) -> Any:
+        """Per-row routing with the factors stacked as ``C: (G, a, c)`` (scaling folded in) and ``D: (G, b, d)``
+        (low-rank ones multiplied out; both are small): the gathered rows ``X: (G, m·L, c, d)`` become
+        ``C X Dᵀ`` in two batched matmuls. Adapters absent from this site are zeros. Convolutions, factor
+        sizes that differ between the adapters (``decompose_factor``) and training-time dropouts fall back
+        to one call per adapter."""
+        live = [c for c in comps if c is not None]
+        ref = live[0]
+        if any(c.kernel or c._random_in_training() or c.shape != ref.shape for c in live):
+            return None
+        a, b, c_, d = ref.shape
+
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
+            dtype = ref._dtype()
+            zero_c, zero_d = (
+                torch.zeros(a, c_, dtype=dtype, device=y.device),
+                torch.zeros(b, d, dtype=dtype, device=y.device),
+            )
+            C = [c._w1() * c.scaling if c is not None else zero_c for c in comps]
+            D = [c._w2() if c is not None else zero_d for c in comps]
+            return torch.stack(C)[:, None], torch.stack(D).transpose(1, 2)[:, None]  # (G, 1, a, c), (G, 1, d, b)
+
+        C, Dt = plan.stacked(key, build)
+        xs = plan.gather(x.to(C.dtype))  # (G, m * L, in)
+        G, n = xs.shape[0], xs.shape[1]
+        out = C @ (xs.reshape(G, n, c_, d) @ Dt)  # (G, m * L, a, b)
+        return plan.scatter_add(y, out.reshape(G, n, a * b))
+
     def post(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.kernel:
             return super().post(x, y)
