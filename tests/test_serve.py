@@ -362,13 +362,15 @@ def test_errors_in_openai_schema(server, files):
     assert listed["prompt"].method == "prompt_tuning"
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
         assert r.status == 200
+    client.completions.create(model="lora-b", prompt=PROMPTS[0], max_tokens=3, temperature=0)
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         text = r.read().decode()
-    for metric in ["adapterkit:num_requests_running", "adapterkit:num_requests_waiting",
-                   "adapterkit:time_to_first_token_seconds_count", "adapterkit:e2e_request_latency_seconds_count",
-                   "adapterkit:prompt_tokens_total", "adapterkit:generation_tokens_total",
-                   "adapterkit:adapter_loads_total"]:  # fmt: skip
-        assert metric in text, metric
+    for metric in ["num_requests_running", "num_requests_waiting", "time_to_first_token_seconds_count",
+                   "inter_token_latency_seconds_count", "e2e_request_latency_seconds_count",
+                   "request_queue_time_seconds_count", "prompt_tokens_total", "generation_tokens_total",
+                   "request_success_total", "lora_requests_info", "adapter_loads_total", "adapter_evictions_total",
+                   "adapter_pool_bytes"]:  # fmt: skip
+        assert f"adapterkit:{metric}" in text, metric
     generated = [ln for ln in text.splitlines() if ln.startswith("adapterkit:generation_tokens_total")]
     assert float(generated[0].split()[-1]) > 0
 

@@ -56,7 +56,8 @@ def _method_of(path: Path) -> str:
         cfg = json.loads((path / "adapter_config.json").read_text())
     except (OSError, ValueError):
         return "unknown"
-    return str(cfg.get("method") or cfg.get("peft_type") or "unknown").lower()
+    inner = cfg.get("config") if isinstance(cfg.get("config"), dict) else {}  # native: {"config": {"method"}}
+    return str(inner.get("method") or cfg.get("method") or cfg.get("peft_type") or "unknown").lower()
 
 
 def _digest(path: Path) -> str:
