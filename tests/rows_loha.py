@@ -1,5 +1,5 @@
 """Contract rows for LoHa (``ak.LoHa``): Linear, GPT-2 Conv1D (native only; peft has no Conv1D LoHa) and the
-ViT patch-embedding Conv2d (flattened factors)."""
+ViT patch-embedding Conv2d (flattened factors or the CP core)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ ROWS = [
     ),
     ("t5-loha", "t5", ak.LoHa()),
     ("vit-loha-conv2d", "vit", ak.LoHa(r=2, targets=["embed", "attn.v"])),
+    ("vit-loha-conv2d-cp", "vit", ak.LoHa(r=2, targets=["embed"], use_effective_conv2d=True)),  # CP core
     ("bert-loha-dropouts", "bert", ak.LoHa(r=2, rank_dropout=0.2, module_dropout=0.3)),
 ]
 SECOND = {"loha": {"r": 2, "alpha": 4.0, "rank_pattern": {}}}

@@ -12,6 +12,7 @@ ROWS = [
     ("t5-lokr-factor", "t5", ak.LoKr(r=2, decompose_factor=4, alpha=4)),
     ("vit-lokr-conv2d", "vit", ak.LoKr(r=1, targets=["embed", "attn.v"])),
     ("vit-lokr-conv2d-full", "vit", ak.LoKr(r=8, targets=["embed"])),
+    ("vit-lokr-conv2d-cp", "vit", ak.LoKr(r=1, targets=["embed", "attn.v"], use_effective_conv2d=True)),  # Tucker
     ("bert-lokr-dropouts", "bert", ak.LoKr(r=2, rank_dropout=0.2, module_dropout=0.3, rank_dropout_scale=True)),
     ("llama-lokr-lycoris-init", "llama", ak.LoKr(r=2, init_weights="lycoris")),
 ]

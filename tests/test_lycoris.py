@@ -92,6 +92,14 @@ CASES = [
         ak.LoHa(r=2, targets=["embed", "attn.v"]),
     ),
     (
+        "loha-vit-conv2d-cp",
+        "vit",
+        lambda: LoHaConfig(
+            r=2, target_modules=["projection", "v_proj"], use_effective_conv2d=True, init_weights=False
+        ),
+        ak.LoHa(r=2, targets=["embed", "attn.v"], use_effective_conv2d=True),
+    ),
+    (
         "loha-bert-heads",
         "bert",
         lambda: LoHaConfig(
@@ -136,6 +144,18 @@ CASES = [
         "vit",
         lambda: LoKrConfig(r=1, target_modules=["projection", "v_proj"], init_weights=False),
         ak.LoKr(r=1, targets=["embed", "attn.v"]),
+    ),
+    (
+        "lokr-vit-conv2d-cp",
+        "vit",
+        lambda: LoKrConfig(
+            r=1,
+            decompose_both=True,
+            target_modules=["projection", "v_proj"],
+            use_effective_conv2d=True,
+            init_weights=False,
+        ),  # fmt: skip
+        ak.LoKr(r=1, decompose_both=True, targets=["embed", "attn.v"], use_effective_conv2d=True),
     ),
     (
         "lokr-vit-conv2d-full",
@@ -259,9 +279,19 @@ def test_lokr_factorization_is_peft_s():
 
 
 @pytest.mark.parametrize(
-    "cfg", [ak.LoHa(r=2, alpha=3), ak.LoKr(r=1, alpha=3), ak.LoKr(r=8)], ids=["loha", "lokr", "lokr-full"]
+    "cfg",
+    [
+        ak.LoHa(r=2, alpha=3),
+        ak.LoHa(r=2, alpha=3, use_effective_conv2d=True),
+        ak.LoKr(r=1, alpha=3),
+        ak.LoKr(r=1, alpha=3, use_effective_conv2d=True),
+        ak.LoKr(r=8),
+    ],
+    ids=["loha", "loha-cp", "lokr", "lokr-cp", "lokr-full"],
 )
 def test_conv2d_equation(cfg):
+    """ΔW from the factors (flat, or with the CP/Tucker core: ``einsum('ijkl,jr,ip->prkl')`` as peft), applied
+    as the convolution with ``W + ΔW``."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(4, 6, 3, stride=2, padding=1))
     adapters = ak.attach(model)
@@ -271,8 +301,30 @@ def test_conv2d_equation(cfg):
     with torch.no_grad():
         delta = comp.delta_weight(conv)
         assert tuple(delta.shape) == (6, 4, 3, 3)
+        torch.testing.assert_close(delta, _conv_reference(comp), atol=1e-6, rtol=1e-5)
         expected = F.conv2d(x, conv.weight + delta, conv.bias, stride=2, padding=1)
         torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def _conv_reference(comp) -> torch.Tensor:
+    """ΔW of a Conv2d component from its tensors, written the way LyCORIS/peft write it (4-D Kronecker product)."""
+    out, inp, (kh, kw) = comp.out_dim, comp.in_dim, comp.kernel
+    if isinstance(comp, LoHaLayer):
+        if comp.cp:
+            one = torch.einsum("ijkl,jr,ip->prkl", comp.hada_t1, comp.hada_w1_b, comp.hada_w1_a)
+            two = torch.einsum("ijkl,jr,ip->prkl", comp.hada_t2, comp.hada_w2_b, comp.hada_w2_a)
+            return one * two * comp.scaling
+        flat = (comp.hada_w1_a @ comp.hada_w1_b) * (comp.hada_w2_a @ comp.hada_w2_b)
+        return (flat * comp.scaling).reshape(out, inp, kh, kw)
+    a, b, c, d = comp.shape
+    C = comp.lokr_w1 if comp.use_w1 else comp.lokr_w1_a @ comp.lokr_w1_b
+    if comp.use_w2:
+        D = comp.lokr_w2
+    elif comp.cp:
+        D = torch.einsum("ijkl,ip,jr->prkl", comp.lokr_t2, comp.lokr_w2_a, comp.lokr_w2_b)
+    else:
+        D = (comp.lokr_w2_a @ comp.lokr_w2_b).reshape(b, d, kh, kw)
+    return torch.kron(C[:, :, None, None], D) * comp.scaling
 
 
 def test_init_is_identity_with_peft_s_zero_factor():
@@ -356,20 +408,14 @@ def test_training_dropouts_equal_peft_s(theirs, ours, tmp_path):
 
 
 # --- refusals --------------------------------------------------------------------------------------------
-def test_effective_conv2d_is_refused():
-    with pytest.raises(NotImplementedError, match="use_effective_conv2d"):
-        ak.LoHa(use_effective_conv2d=True)
-    with pytest.raises(NotImplementedError, match="use_effective_conv2d"):
-        ak.LoKr(use_effective_conv2d=True)
-
-
-def test_peft_effective_conv2d_file_is_refused(tmp_path):
-    pm = get_peft_model(
-        make_model("vit"), LoKrConfig(r=1, target_modules=["projection"], use_effective_conv2d=True)
-    )
-    pm.save_pretrained(str(tmp_path))
-    with pytest.raises(AdapterFileError, match="use_effective_conv2d"):
-        ak.attach(make_model("vit")).load(tmp_path)
+def test_effective_conv2d_keeps_1x1_convolutions_flat():
+    model = nn.Sequential(nn.Conv2d(4, 6, 1), nn.Conv2d(6, 6, 3, padding=1))
+    adapters = ak.attach(model)
+    adapters.add("a", ak.LoHa(r=2, targets=["0", "1"], use_effective_conv2d=True))
+    adapters.add("b", ak.LoKr(r=1, targets=["0", "1"], use_effective_conv2d=True))
+    a, b = adapters.components("a"), adapters.components("b")
+    assert not a["0"].cp and a["1"].cp and tuple(a["1"].hada_t1.shape) == (2, 2, 3, 3)
+    assert not b["0"].cp and b["1"].cp and tuple(b["1"].lokr_t2.shape) == (1, 1, 3, 3)
 
 
 def test_conv1d_export_to_peft_is_refused(tmp_path):

@@ -15,9 +15,11 @@ key                                                 shape           adapterkit t
 ``base_model.model.<head>.<param>``                 head            ``HeadCopy``
 ==================================================  ==============  ==========================
 
+With ``use_effective_conv2d: true``, k×k convolutions carry the CP form instead: ``hada_t1``/``hada_t2``
+``(r, r, kh, kw)``, ``hada_w{1,2}_a: (r, out)``, ``hada_w{1,2}_b: (r, in)``.
+
 The tensor names are peft's, so the conversion is a renaming of keys. peft has no LoHa/LoKr for GPT-2
-``Conv1D``: exporting an adapter on one is refused. The CP core (``hada_t1``/``hada_t2``,
-``use_effective_conv2d: true``) is not supported yet and refused with a clear error.
+``Conv1D``: exporting an adapter on one is refused.
 """
 
 from __future__ import annotations
@@ -38,8 +40,7 @@ from .peft import PREFIX, Fields, adapter_task_type, write
 
 PEFT_TYPE = "LOHA"
 METHOD = "loha"
-TENSORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
-UNSUPPORTED = ("hada_t1", "hada_t2")
+TENSORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 
 
 def save_lycoris(ctl: Any, name: str, path: str | os.PathLike, peft_type: str, extra: dict[str, Any]) -> None:
@@ -94,20 +95,12 @@ def load_lycoris(
     activate: bool,
     what: str,
     tensors: tuple[str, ...],
-    unsupported: tuple[str, ...],
     make: Any,
 ) -> str:
     """Load a peft LoHa/LoKr directory: ``make(fields, **common)`` builds the config from the file's fields."""
     directory = Path(path)
     data, raw = read_adapter(directory, "adapter_model", allow_pickle=allow_pickle)
     fields = Fields(data, directory)
-    if fields.flag("use_effective_conv2d", False) or any(
-        k.endswith(tuple("." + u for u in unsupported)) for k in raw
-    ):
-        raise AdapterFileError(
-            f"{directory}: peft {what} adapters with use_effective_conv2d (the CP/Tucker core of k×k convolutions, "
-            f"{', '.join(unsupported)}) are not supported yet"
-        )
     name = name or "default"
     ctl._check_new_name(name)
     modules = base_modules(ctl.model)
@@ -126,6 +119,7 @@ def load_lycoris(
         alpha=fields.number("alpha", 8.0),
         rank_dropout=fields.number("rank_dropout", 0.0),
         module_dropout=fields.number("module_dropout", 0.0),
+        use_effective_conv2d=fields.flag("use_effective_conv2d", False),
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
         targets=tuple(per_site),
@@ -159,6 +153,5 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
         activate=activate,
         what="LoHa",
         tensors=TENSORS,
-        unsupported=UNSUPPORTED,
         make=lambda fields, **kw: LoHa(**kw),
     )

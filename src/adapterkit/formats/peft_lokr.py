@@ -16,8 +16,8 @@ key (``base_model.model.<module path>.`` + )                    shape           
 ==============================================================  ======================  ====================
 
 Which form a module has follows from ``r``, ``decompose_both`` and the factor sizes, in peft as here; a file
-whose tensors do not match the form its config implies is refused. The Tucker core ``lokr_t2``
-(``use_effective_conv2d: true``) is not supported yet.
+whose tensors do not match the form its config implies is refused. With ``use_effective_conv2d: true`` a
+low-rank D of a k×k convolution is ``lokr_t2: (r, r, kh, kw)``, ``lokr_w2_a: (r, b)``, ``lokr_w2_b: (r, d)``.
 """
 
 from __future__ import annotations
@@ -30,8 +30,7 @@ from .peft_loha import load_lycoris, save_lycoris
 
 PEFT_TYPE = "LOKR"
 METHOD = "lokr"
-TENSORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
-UNSUPPORTED = ("lokr_t2",)
+TENSORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 
 
 def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
@@ -66,6 +65,5 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
         activate=activate,
         what="LoKr",
         tensors=TENSORS,
-        unsupported=UNSUPPORTED,
         make=_make,
     )

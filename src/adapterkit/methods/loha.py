@@ -18,7 +18,9 @@ Learning", §3; LyCORIS's ``loha``): the update is the Hadamard (element-wise) p
 
 Works on ``nn.Linear``, GPT-2 ``Conv1D`` (not in peft: such adapters cannot be exported to peft) and
 ``nn.Conv2d`` with the flattened ``(out, in/groups · kh · kw)`` factors (peft's default
-``use_effective_conv2d=False``; the CP/Tucker core ``hada_t1``/``hada_t2`` is not implemented yet).
+``use_effective_conv2d=False``) or, with ``use_effective_conv2d=True`` on k×k kernels (k > 1), peft's CP form:
+each factor pair becomes ``T_i ×₁ W_ia ×₂ W_ib`` with a core ``hada_t{i}: (r, r, kh, kw)``,
+``hada_w{i}_a: (r, out)``, ``hada_w{i}_b: (r, in)`` (FedPara §3.2, LyCORIS ``use_tucker``).
 
 Forward on linear-like modules: the Hadamard product of two rank-``r`` products is one rank-``r²`` product,
 ``(W1a W1b) ⊙ (W2a W2b) = U V`` with ``U[o, (i, j)] = W1a[o, i] W2a[o, j]`` and ``V[(i, j), n] = W1b[i, n] W2b[j, n]``,
@@ -56,7 +58,7 @@ def _finite_real(v: Any) -> bool:
 
 
 def check_lycoris_config(cfg: Any, what: str) -> None:
-    """Validation shared by LoHa and LoKr (rank, alpha, patterns, dropouts, ``use_effective_conv2d``)."""
+    """Validation shared by LoHa and LoKr (rank, alpha, patterns, dropouts)."""
     object.__setattr__(cfg, "rank_pattern", dict(cfg.rank_pattern))
     object.__setattr__(cfg, "alpha_pattern", dict(cfg.alpha_pattern))
     if not _positive_int(cfg.r):
@@ -73,11 +75,6 @@ def check_lycoris_config(cfg: Any, what: str) -> None:
         value = getattr(cfg, field)
         if not _finite_real(value) or not 0.0 <= value < 1.0:
             raise ValueError(f"{what} {field} must be in [0, 1), got {value!r}")
-    if cfg.use_effective_conv2d:
-        raise NotImplementedError(
-            f"{what} with use_effective_conv2d=True (the CP/Tucker core for k×k convolutions) is not implemented "
-            "yet; use the default use_effective_conv2d=False (flattened factors)"
-        )
 
 
 def lycoris_shape(module: nn.Module) -> tuple[int, int, tuple[int, ...]]:
@@ -105,7 +102,7 @@ class LoHa(AdapterConfig):
         alpha: scaling numerator; ``s = alpha / r``.
         rank_dropout: probability of dropping an output row of ΔW in training (rescaled by the kept share).
         module_dropout: probability of skipping the whole update in a training forward.
-        use_effective_conv2d: peft's CP decomposition for k×k convolutions (not implemented: must be False).
+        use_effective_conv2d: peft's CP decomposition of k×k convolutions (k > 1; 1×1 ones stay flat).
         rank_pattern: module-name pattern -> rank, overriding ``r`` (peft's matching rule).
         alpha_pattern: module-name pattern -> alpha, overriding ``alpha``.
         init_weights: False draws ``W2b`` too (not an identity; for tests).
@@ -166,6 +163,7 @@ class LycorisBase(Component):
             "device": weight.device,
             "dtype": weight.dtype if weight.is_floating_point() else torch.float32,
         }
+        self.cp = bool(cfg.use_effective_conv2d) and bool(self.kernel) and self.kernel != (1, 1)
         self.conv = (
             {
                 "stride": module.stride,
@@ -237,15 +235,26 @@ class LoHaLayer(LycorisBase):
 
     def __init__(self, cfg: LoHa, module: nn.Module, name: str) -> None:
         super().__init__(cfg, module, name)
+        r = self.r
+        if self.cp:
+            self.hada_t1 = self._param(r, r, *self.kernel)
+            self.hada_w1_a = self._param(r, self.out_dim)
+            self.hada_w1_b = self._param(r, self.in_dim)
+            self.hada_t2 = self._param(r, r, *self.kernel)
+            self.hada_w2_a = self._param(r, self.out_dim)
+            self.hada_w2_b = self._param(r, self.in_dim)
+            return
         n = self.in_dim * math.prod(self.kernel)
-        self.hada_w1_a = self._param(self.out_dim, self.r)
-        self.hada_w1_b = self._param(self.r, n)
-        self.hada_w2_a = self._param(self.out_dim, self.r)
-        self.hada_w2_b = self._param(self.r, n)
+        self.hada_w1_a = self._param(self.out_dim, r)
+        self.hada_w1_b = self._param(r, n)
+        self.hada_w2_a = self._param(self.out_dim, r)
+        self.hada_w2_b = self._param(r, n)
 
     @torch.no_grad()
     def initialize(self, module: nn.Module) -> None:
-        for p in (self.hada_w1_a, self.hada_w1_b, self.hada_w2_a):
+        for p in (self.hada_w1_a, self.hada_w1_b, self.hada_w2_a) + (
+            (self.hada_t1, self.hada_t2) if self.cp else ()
+        ):
             nn.init.kaiming_uniform_(p, a=math.sqrt(5))
         if self._random:
             nn.init.kaiming_uniform_(self.hada_w2_b, a=math.sqrt(5))
@@ -253,6 +262,10 @@ class LoHaLayer(LycorisBase):
             nn.init.zeros_(self.hada_w2_b)
 
     def _dense(self) -> torch.Tensor:
+        if self.cp:
+            one = torch.einsum("ijkl,jr,ip->prkl", self.hada_t1, self.hada_w1_b, self.hada_w1_a)
+            two = torch.einsum("ijkl,jr,ip->prkl", self.hada_t2, self.hada_w2_b, self.hada_w2_a)
+            return (one * two * self.scaling).reshape(self.out_dim, -1)
         return (self.hada_w1_a @ self.hada_w1_b) * (self.hada_w2_a @ self.hada_w2_b) * self.scaling
 
     def _factored(self) -> bool:

@@ -28,7 +28,8 @@ to Model Evaluation", §3; the KronA idea of Edalati et al. 2022): the update is
 Works on ``nn.Linear``, GPT-2 ``Conv1D`` (not in peft: not exportable to peft) and ``nn.Conv2d`` with
 flattened factors (peft's default ``use_effective_conv2d=False``; for a Conv2d, a full ``W2`` is
 ``(b, d, kh, kw)`` and a low-rank one ``W2a: (b, r)``, ``W2b: (r, d · kh · kw)``). The Tucker core ``lokr_t2``
-is not implemented yet.
+is used with ``use_effective_conv2d=True`` on k×k kernels (k > 1) when D is low-rank:
+``D = T ×₁ W2a ×₂ W2b`` with ``lokr_t2: (r, r, kh, kw)``, ``lokr_w2_a: (r, b)``, ``lokr_w2_b: (r, d)``.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ class LoKr(AdapterConfig):
         decompose_both: also factor ``C`` (``W1``) when the rank is small enough.
         decompose_factor: the factor size to aim at (``-1``: closest to ``√dim``).
         rank_dropout_scale: rescale kept rows by ``1 / mean(kept)``.
-        use_effective_conv2d: peft's Tucker core for k×k convolutions (not implemented: must be False).
+        use_effective_conv2d: peft's Tucker core of a low-rank D on k×k convolutions (k > 1).
         rank_pattern: module-name pattern -> rank, overriding ``r`` (peft's matching rule).
         alpha_pattern: module-name pattern -> alpha, overriding ``alpha``.
         init_weights: True (``W1`` zero), ``"lycoris"`` (``W2`` zero) or False (all random; for tests).
@@ -159,8 +160,13 @@ class LoKrLayer(LycorisBase):
         else:
             self.lokr_w1_a = self._param(a, r)
             self.lokr_w1_b = self._param(r, c)
+        self.cp = self.cp and not self.use_w2
         if self.use_w2:
             self.lokr_w2 = self._param(b, d, *self.kernel)
+        elif self.cp:
+            self.lokr_t2 = self._param(r, r, *self.kernel)
+            self.lokr_w2_a = self._param(r, b)
+            self.lokr_w2_b = self._param(r, d)
         else:
             self.lokr_w2_a = self._param(b, r)
             self.lokr_w2_b = self._param(r, d * math.prod(self.kernel))
@@ -185,6 +191,9 @@ class LoKrLayer(LycorisBase):
 
     def _w2(self) -> torch.Tensor:
         """D flattened to ``(b, d · kh · kw)``."""
+        if self.cp:
+            w2 = torch.einsum("ijkl,ip,jr->prkl", self.lokr_t2, self.lokr_w2_a, self.lokr_w2_b)
+            return w2.reshape(w2.shape[0], -1)
         return self.lokr_w2.reshape(self.lokr_w2.shape[0], -1) if self.use_w2 else self.lokr_w2_a @ self.lokr_w2_b
 
     def _dense(self) -> torch.Tensor:
