@@ -491,3 +491,23 @@ def test_routing_is_batched(family, first, second, monkeypatch):
     with adapters.route(rows):
         mixed = logits(model, x)
     torch.testing.assert_close(mixed, torch.cat(singles), **TOL)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [ak.LoHa(r=2), ak.LoHa(r=8), ak.LoKr(r=1, decompose_both=True), ak.LoKr(r=8)],
+    ids=["loha", "loha-dense", "lokr", "lokr-full"],
+)
+def test_bfloat16_base(cfg):
+    """Adapter tensors are float32 on a bfloat16 base; outputs keep the base dtype; merge matches unmerged."""
+    model = make_model("llama").to(torch.bfloat16)
+    adapters = ak.attach(model)
+    adapters.add("a", cfg.replace(init_weights=False))
+    assert all(p.dtype == torch.float32 for p in adapters.parameters("a"))
+    x = make_inputs("llama")
+    out = output_of(model, x)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    with torch.no_grad():
+        adapters.merge("a")
+        merged = output_of(model, x)
+    torch.testing.assert_close(merged.float(), out.float(), atol=0.1, rtol=0.05)
