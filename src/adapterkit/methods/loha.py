@@ -314,7 +314,7 @@ class LoHaLayer(LycorisBase):
             return y
         # (W1a W1b) ⊙ (W2a W2b) = U V with U = W1a ⊙ W2a (row-wise Kronecker, (out, r²)), V = W1b ⊙ W2b ((r², in))
         u, v = self._uv()
-        out = F.linear(F.linear(x.to(v.dtype), v), u) * self.scaling
+        out = F.linear(F.linear(x.to(v.dtype), v), u * self.scaling)
         drop = self._row_drop()
         if drop is not None:
             out = out * drop

@@ -247,7 +247,7 @@ class LoKrLayer(LycorisBase):
             XD = X @ self.lokr_w2.T  # (..., c, b)
         else:
             XD = (X @ self.lokr_w2_b.T) @ self.lokr_w2_a.T
-        out = (self._w1() @ XD).reshape(*x.shape[:-1], a * b) * self.scaling  # C (X Dᵀ): (..., a, b)
+        out = ((self._w1() * self.scaling) @ XD).reshape(*x.shape[:-1], a * b)  # s C (X Dᵀ): (..., a, b)
         drop = self._row_drop()
         if drop is not None:
             out = out * drop
