@@ -380,8 +380,16 @@ class MLP(nn.Module):
             ),  # fmt: skip
             ak.LoKr(r=1, rank_dropout=0.3, module_dropout=0.4, rank_dropout_scale=True, targets=["up", "down"]),
         ),
+        (
+            lambda: LoHaConfig(r=2, rank_dropout=0.5, target_modules=["up", "down"], init_weights=False),
+            ak.LoHa(r=2, rank_dropout=0.5, targets=["up", "down"]),
+        ),
+        (
+            lambda: LoKrConfig(r=1, rank_dropout=0.5, target_modules=["up", "down"], init_weights=False),
+            ak.LoKr(r=1, rank_dropout=0.5, targets=["up", "down"]),
+        ),
     ],
-    ids=["loha", "lokr"],
+    ids=["loha", "lokr", "loha-rank-only", "lokr-rank-only"],
 )
 def test_training_dropouts_equal_peft_s(theirs, ours, tmp_path):
     torch.manual_seed(0)
@@ -392,7 +400,7 @@ def test_training_dropouts_equal_peft_s(theirs, ours, tmp_path):
     model = MLP()
     adapters = ak.attach(model)
     adapters.load(tmp_path, name="a")
-    assert adapters.config("a").rank_dropout == 0.3 and adapters.config("a").module_dropout == 0.4
+    assert adapters.config("a") == ours.replace(targets=adapters.config("a").targets, init_weights=True)
     pm.train()
     model.train()
     x = torch.randn(5, 24)

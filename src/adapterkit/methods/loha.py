@@ -193,9 +193,11 @@ class LycorisBase(Component):
         return (drop / drop.mean()).to(next(self.parameters()).device)
 
     def _skipped(self) -> bool:
-        """peft's module dropout: in training, one ``torch.rand(1)`` draw per forward (always, as peft, so that
-        the same seed gives the same dropout masks in both libraries)."""
-        return self.training and not bool(torch.rand(1) > self.module_dropout)
+        """peft's module dropout: in training with any dropout configured, one ``torch.rand(1)`` draw per forward
+        (as peft, even when only ``rank_dropout`` is set, so the same seed gives the same masks in both
+        libraries). Without dropouts nothing is drawn (peft draws anyway; the global RNG then advances
+        differently, which only matters to other random layers of a model in training)."""
+        return self._random_in_training() and not bool(torch.rand(1) > self.module_dropout)
 
     def _dense(self) -> torch.Tensor:
         """The flat ``(out, in · kh · kw)`` ΔW including the scaling (no dropout)."""
