@@ -3,9 +3,9 @@ Learning", §3; LyCORIS's ``loha``): the update is the Hadamard (element-wise) p
 
     ΔW = s · (W1a W1b) ⊙ (W2a W2b)      W1a, W2a: (out, r)    W1b, W2b: (r, in)    s = alpha / r
 
-        x ─────────► W ──────────────────┐
-        │                                (+) ──► y = W x + s · U (V x)
-        └─► V = W1b ⊙ W2b ─► U = W1a ⊙ W2a ┘
+        x ─────────► W ─────────────────────┐
+        │                                   (+) ──► y = W x + s · U (V x)
+        └─► V: (r², in) ─► U: (out, r²) ─► ·s ┘      (U, V: row/column-wise products of the factors, below)
 
 * Rank: the Hadamard product of two rank-``r`` matrices has rank up to ``r²`` (FedPara §3, Prop. 1) with
   ``2 r (out + in)`` trained numbers (LoRA needs ``r² (out + in)`` for that rank).
