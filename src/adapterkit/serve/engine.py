@@ -93,6 +93,7 @@ class Engine:
         max_running: int = 32,
         max_queue: int = 256,
         max_active_adapters: int = 8,
+        max_prefill_tokens: int = 2048,
     ) -> None:
         self.model = model
         self.adapters = adapters
@@ -102,6 +103,9 @@ class Engine:
         self.max_running = max_running
         self.max_queue = max_queue
         self.max_active_adapters = max_active_adapters
+        # prompt tokens admitted per step (at least one request): a burst of arrivals is prefilled over several
+        # steps instead of stalling every running request for one long prefill
+        self.max_prefill_tokens = max_prefill_tokens
         self.max_skips = 2 * max_running  # steps a request waits for an adapter slot before it blocks others
         self.stats = {
             "steps": 0,
@@ -300,11 +304,13 @@ class Engine:
         with self.cond:
             active = {r.model for r in self.running if r.model is not None}
             keep: collections.deque[Request] = collections.deque()
+            budget = self.max_prefill_tokens
             while self.waiting:
                 req = self.waiting.popleft()
                 if req.cancelled:
                     continue
-                if len(self.running) + len(out) >= self.max_running:
+                full = len(self.running) + len(out) >= self.max_running
+                if full or (out and budget - len(req.prompt) < 0):  # prompt tokens per step are bounded too
                     keep.append(req)
                     keep.extend(self.waiting)
                     self.waiting.clear()
@@ -324,6 +330,7 @@ class Engine:
                             break
                         continue
                     active.add(req.model)
+                budget -= len(req.prompt)
                 out.append(req)
             self.waiting = keep
         return out
