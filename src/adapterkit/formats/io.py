@@ -4,8 +4,9 @@ An adapter directory holds ``adapter_config.json`` and a tensors file (``adapter
 ``adapter_model.safetensors`` for peft). :func:`write_adapter` makes a save all-or-nothing:
 
 1. The writer holds an exclusive ``flock`` on the directory for the whole save, so saves to one directory
-   from several processes (or threads) run one after another. The lock needs no file of its own and is
-   released by the kernel when a writer dies.
+   from several processes (or threads) run one after another; :func:`read_adapter` holds a shared ``flock``
+   while it reads the config and the tensors, so no save completes between the two reads. The lock needs no
+   file of its own and is released by the kernel when a writer dies.
 2. Both files are first written in full (and fsynced) in a temp directory inside the directory
    (``.adapterkit-tmp-<pid>-<token>/``), then renamed over the old ones: tensors first, config second.
 3. The tensors file's safetensors metadata holds a copy of the config it was saved with
@@ -107,8 +108,8 @@ def write_adapter(
 
 
 @contextlib.contextmanager
-def _locked(directory: Path) -> Iterator[bool]:
-    """Hold an exclusive ``flock`` on ``directory``; yields whether it is held."""
+def _locked(directory: Path, shared: bool = False) -> Iterator[bool]:
+    """Hold an exclusive (writers) or shared (readers) ``flock`` on ``directory``; yields whether it is held."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
@@ -121,7 +122,7 @@ def _locked(directory: Path) -> Iterator[bool]:
         return
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
             locked = True
         except OSError:  # pragma: no cover - file systems without flock
             locked = False
@@ -335,34 +336,51 @@ def read_adapter(
     config_path = directory / CONFIG
     problems: list[str] = []
     for attempt in range(4):
-        try:
-            data: dict[str, Any] | None = read_json(config_path)
-        except AdapterFileError:
-            if config_path.exists():
-                raise
-            data = None
-        if data is not None and check is not None:
-            check(data)
-        tensors, meta = _read_any(directory, stem, allow_pickle)
-        saved = _parse_copy(meta)
-        if data is not None and saved is None:
-            return data, tensors  # no copy: written by peft or an earlier adapterkit
-        if data is not None and saved is not None:
-            problems = _differences(data, saved)
-            if not problems:
-                return data, tensors
-        pending = _pending(directory, saved) if saved is not None else None
-        if pending is not None:
-            return pending, tensors
-        if data is None:
-            raise AdapterFileError(f"{str(directory)!r} has no {CONFIG}: it is not an adapter directory")
-        time.sleep(0.01 * (attempt + 1))  # a save may have completed between the two reads: read again
+        with _locked(directory, shared=True):  # no save runs between reading the config and the tensors
+            found = _read_pair(directory, stem, config_path, allow_pickle, check)
+        if isinstance(found, tuple):
+            return found
+        problems = found
+        time.sleep(0.01 * (attempt + 1))  # unlocked file systems: a save may have completed between the reads
     tensors_path = directory / f"{stem}.safetensors"
     raise AdapterFileError(
         f"{config_path} does not belong to {tensors_path}: {'; '.join(problems[:3])}"
         f"{f' (and {len(problems) - 3} more)' if len(problems) > 3 else ''}. The tensors were saved with another "
         "config (two saves at once without file locking, or a config edited by hand); save the adapter again"
     )
+
+
+def _read_pair(
+    directory: Path,
+    stem: str,
+    config_path: Path,
+    allow_pickle: bool,
+    check: Callable[[dict[str, Any]], None] | None,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | list[str]:
+    """One reading of the config and the tensors: the pair, or the reasons the config does not belong."""
+    problems: list[str] = []
+    try:
+        data: dict[str, Any] | None = read_json(config_path)
+    except AdapterFileError:
+        if config_path.exists():
+            raise
+        data = None
+    if data is not None and check is not None:
+        check(data)
+    tensors, meta = _read_any(directory, stem, allow_pickle)
+    saved = _parse_copy(meta)
+    if data is not None and saved is None:
+        return data, tensors  # no copy: written by peft or an earlier adapterkit
+    if data is not None and saved is not None:
+        problems = _differences(data, saved)
+        if not problems:
+            return data, tensors
+    pending = _pending(directory, saved) if saved is not None else None
+    if pending is not None:
+        return pending, tensors
+    if data is None:
+        raise AdapterFileError(f"{str(directory)!r} has no {CONFIG}: it is not an adapter directory")
+    return problems
 
 
 # --- checking what was read ----------------------------------------------------------------------------
