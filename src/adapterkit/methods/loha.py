@@ -43,34 +43,15 @@ from torch import nn
 from ..backends import backend_for
 from ..component import Component
 from ..config import AdapterConfig, register
-from .lora import pattern_value
+from .lora import _finite_real, check_rank_alpha, pattern_value
 
 PUBLIC = ("LoHa",)
-__all__ = ["LoHa", "LoHaLayer", "LycorisBase", "check_lycoris_config", "lycoris_shape"]
-
-
-def _positive_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
-
-
-def _finite_real(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+__all__ = ["LoHa", "LoHaLayer", "LycorisBase", "LycorisConfig", "check_lycoris_config", "lycoris_shape"]
 
 
 def check_lycoris_config(cfg: Any, what: str) -> None:
-    """Validation shared by LoHa and LoKr (rank, alpha, patterns, dropouts)."""
-    object.__setattr__(cfg, "rank_pattern", dict(cfg.rank_pattern))
-    object.__setattr__(cfg, "alpha_pattern", dict(cfg.alpha_pattern))
-    if not _positive_int(cfg.r):
-        raise ValueError(f"{what} rank r must be a positive integer, got r={cfg.r!r}")
-    for key, r in cfg.rank_pattern.items():
-        if not _positive_int(r):
-            raise ValueError(f"rank_pattern[{key!r}] must be a positive integer, got {r!r}")
-    if not _finite_real(cfg.alpha):
-        raise ValueError(f"{what} alpha must be a finite number, got alpha={cfg.alpha!r}")
-    for key, a in cfg.alpha_pattern.items():
-        if not _finite_real(a):
-            raise ValueError(f"alpha_pattern[{key!r}] must be a finite number, got {a!r}")
+    """Validation shared by LoHa and LoKr: rank, alpha and patterns as LoRA's, and the two dropouts."""
+    check_rank_alpha(cfg, what)
     for field in ("rank_dropout", "module_dropout"):
         value = getattr(cfg, field)
         if not _finite_real(value) or not 0.0 <= value < 1.0:
@@ -91,9 +72,41 @@ def _accepts(module: nn.Module) -> bool:
     return backend is not None and backend.kind in ("linear", "conv2d")
 
 
+class LycorisConfig(AdapterConfig):
+    """What the LoHa and LoKr configs share: validation, default targets, accepted modules (linear-like and
+    Conv2d), per-module rank and scaling ``alpha / r``. Subclasses name their component in :meth:`layer`."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_lycoris_config(self, type(self).__name__)
+
+    def default_targets(self, roles: Mapping[str, Any]) -> tuple[str, ...]:
+        return ("attn.qkv",) if "attn.q" not in roles and "attn.qkv" in roles else ("attn.q", "attn.v")
+
+    def accepts(self, module: nn.Module) -> bool:
+        return _accepts(module)
+
+    def rank_for(self, name: str) -> int:
+        return int(pattern_value(self.rank_pattern, name, self.r))
+
+    def scaling_for(self, name: str) -> float:
+        return float(pattern_value(self.alpha_pattern, name, self.alpha)) / self.rank_for(name)
+
+    def layer(self, module: nn.Module, name: str) -> Component:
+        raise NotImplementedError
+
+    def build(self, module: nn.Module, name: str) -> Component:
+        if not self.accepts(module):
+            raise TypeError(
+                f"{type(self).__name__} cannot act on {name!r} ({type(module).__name__}): it supports nn.Linear, "
+                "Conv1D and nn.Conv2d; pick other targets"
+            )
+        return self.layer(module, name)
+
+
 @register("loha")
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class LoHa(AdapterConfig):
+class LoHa(LycorisConfig):
     """Low-rank Hadamard product adaptation of linear, Conv1D and Conv2d weights (defaults as peft's
     ``LoHaConfig``).
 
@@ -118,28 +131,7 @@ class LoHa(AdapterConfig):
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
     init_weights: bool = True
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_lycoris_config(self, "LoHa")
-
-    def default_targets(self, roles: Mapping[str, Any]) -> tuple[str, ...]:
-        return ("attn.qkv",) if "attn.q" not in roles and "attn.qkv" in roles else ("attn.q", "attn.v")
-
-    def accepts(self, module: nn.Module) -> bool:
-        return _accepts(module)
-
-    def rank_for(self, name: str) -> int:
-        return int(pattern_value(self.rank_pattern, name, self.r))
-
-    def scaling_for(self, name: str) -> float:
-        return float(pattern_value(self.alpha_pattern, name, self.alpha)) / self.rank_for(name)
-
-    def build(self, module: nn.Module, name: str) -> Component:
-        if not self.accepts(module):
-            raise TypeError(
-                f"LoHa cannot act on {name!r} ({type(module).__name__}): it supports nn.Linear, Conv1D and "
-                "nn.Conv2d; pick other targets"
-            )
+    def layer(self, module: nn.Module, name: str) -> Component:
         return LoHaLayer(self, module, name)
 
 
@@ -153,8 +145,7 @@ class LycorisBase(Component):
         super().__init__()
         self.out_dim, self.in_dim, self.kernel = lycoris_shape(module)
         self.r = cfg.rank_for(name)
-        self.alpha = float(pattern_value(cfg.alpha_pattern, name, cfg.alpha))
-        self.scaling = self.alpha / self.r
+        self.scaling = cfg.scaling_for(name)
         self.rank_dropout = float(cfg.rank_dropout)
         self.module_dropout = float(cfg.module_dropout)
         self._random = not cfg.init_weights

@@ -43,9 +43,8 @@ import torch
 from torch import nn
 
 from ..component import Component
-from ..config import AdapterConfig, register
-from .loha import LycorisBase, _accepts, check_lycoris_config
-from .lora import pattern_value
+from ..config import register
+from .loha import LycorisBase, LycorisConfig
 
 PUBLIC = ("LoKr",)
 __all__ = ["LoKr", "LoKrLayer", "factorization"]
@@ -80,7 +79,7 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
 
 @register("lokr")
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class LoKr(AdapterConfig):
+class LoKr(LycorisConfig):
     """Low-rank Kronecker product adaptation of linear, Conv1D and Conv2d weights (defaults as peft's
     ``LoKrConfig``).
 
@@ -113,28 +112,13 @@ class LoKr(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_lycoris_config(self, "LoKr")
         f = self.decompose_factor
         if isinstance(f, bool) or not isinstance(f, int) or (f != -1 and f <= 0):
             raise ValueError(f"LoKr decompose_factor must be -1 or a positive integer, got {f!r}")
         if self.init_weights not in (True, False, "lycoris"):
             raise ValueError(f"LoKr init_weights must be True, False or 'lycoris', got {self.init_weights!r}")
 
-    def default_targets(self, roles: Mapping[str, Any]) -> tuple[str, ...]:
-        return ("attn.qkv",) if "attn.q" not in roles and "attn.qkv" in roles else ("attn.q", "attn.v")
-
-    def accepts(self, module: nn.Module) -> bool:
-        return _accepts(module)
-
-    def rank_for(self, name: str) -> int:
-        return int(pattern_value(self.rank_pattern, name, self.r))
-
-    def build(self, module: nn.Module, name: str) -> Component:
-        if not self.accepts(module):
-            raise TypeError(
-                f"LoKr cannot act on {name!r} ({type(module).__name__}): it supports nn.Linear, Conv1D and "
-                "nn.Conv2d; pick other targets"
-            )
+    def layer(self, module: nn.Module, name: str) -> Component:
         return LoKrLayer(self, module, name)
 
 

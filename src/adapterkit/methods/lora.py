@@ -85,6 +85,27 @@ def _finite_real(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def check_rank_alpha(cfg: Any, what: str) -> None:
+    """Validation shared by the low-rank configs (LoRA, LoHa, LoKr): ``r`` and the ``rank_pattern`` values are
+    positive integers, ``alpha`` and the ``alpha_pattern`` values finite numbers; the patterns become dicts.
+
+    Raises:
+        ValueError: naming ``what`` (the method) and the offending field.
+    """
+    object.__setattr__(cfg, "rank_pattern", dict(cfg.rank_pattern))
+    object.__setattr__(cfg, "alpha_pattern", dict(cfg.alpha_pattern))
+    if not _positive_int(cfg.r):
+        raise ValueError(f"{what} rank r must be a positive integer, got r={cfg.r!r}")
+    for key, r in cfg.rank_pattern.items():
+        if not _positive_int(r):
+            raise ValueError(f"rank_pattern[{key!r}] must be a positive integer, got {r!r}")
+    if not _finite_real(cfg.alpha):
+        raise ValueError(f"{what} alpha must be a finite number, got alpha={cfg.alpha!r}")
+    for key, a in cfg.alpha_pattern.items():
+        if not _finite_real(a):
+            raise ValueError(f"alpha_pattern[{key!r}] must be a finite number, got {a!r}")
+
+
 @register("lora")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LoRA(AdapterConfig):
@@ -120,18 +141,7 @@ class LoRA(AdapterConfig):
         super().__post_init__()
         object.__setattr__(self, "bias", Bias(self.bias))
         object.__setattr__(self, "init", LoRAInit(self.init))
-        object.__setattr__(self, "rank_pattern", dict(self.rank_pattern))
-        object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern))
-        if not _positive_int(self.r):
-            raise ValueError(f"LoRA rank r must be a positive integer, got r={self.r!r}")
-        for key, r in self.rank_pattern.items():
-            if not _positive_int(r):
-                raise ValueError(f"rank_pattern[{key!r}] must be a positive integer, got {r!r}")
-        if not _finite_real(self.alpha):
-            raise ValueError(f"LoRA alpha must be a finite number, got alpha={self.alpha!r}")
-        for key, a in self.alpha_pattern.items():
-            if not _finite_real(a):
-                raise ValueError(f"alpha_pattern[{key!r}] must be a finite number, got {a!r}")
+        check_rank_alpha(self, "LoRA")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
 
