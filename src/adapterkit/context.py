@@ -119,17 +119,14 @@ class ForwardState:
         self._local = _Local()
 
     # --- reads (hot path: every site, every call) --------------------------------------------------
+    def _current(self, field: str, default: Any) -> Any:
+        """The innermost scope override of ``field`` for this thread/task, else ``default``."""
+        value = getattr(self._local, field) if _compiling() else _innermost(_scopes(), self, field)
+        return default if value is _KEEP else value
+
     @property
     def active(self) -> tuple[Any, ...]:
-        if _compiling():
-            value = self._local.active
-            return self.default if value is _KEEP else value
-        scopes = _scopes()
-        if scopes:
-            for f in reversed(scopes):
-                if f.state is self and f.active is not _KEEP:
-                    return f.active
-        return self.default
+        return self._current("active", self.default)
 
     @active.setter
     def active(self, value: tuple[Any, ...]) -> None:
@@ -137,15 +134,7 @@ class ForwardState:
 
     @property
     def routes(self) -> Any:
-        if _compiling():
-            value = self._local.routes
-            return self._routes if value is _KEEP else value
-        scopes = _scopes()
-        if scopes:
-            for f in reversed(scopes):
-                if f.state is self and f.routes is not _KEEP:
-                    return f.routes
-        return self._routes
+        return self._current("routes", self._routes)
 
     @routes.setter
     def routes(self, value: Any) -> None:
@@ -153,11 +142,7 @@ class ForwardState:
 
     @property
     def replicated(self) -> bool:
-        if _compiling():
-            value = self._local.replicated
-            return self._replicated if value is _KEEP else value
-        value = _innermost(_scopes(), self, "replicated")
-        return self._replicated if value is _KEEP else value
+        return self._current("replicated", self._replicated)
 
     @replicated.setter
     def replicated(self, value: bool) -> None:
