@@ -7,12 +7,15 @@ peft keys are ``base_model.model.<module path>.<suffix>``; a head copy (``module
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..plan import Plan
+from ..targeting import base_modules
 from .io import AdapterFileError
 from .peft import PREFIX
 
@@ -71,3 +74,33 @@ def check_sites(sites: list[str], modules: dict[str, nn.Module], path: Any, mode
 def head_state(site: str, comp: Any) -> dict[str, torch.Tensor]:
     """peft keys of an adapter-owned head copy."""
     return {f"{PREFIX}{site}.{k}": v for k, v in comp.head.state_dict().items()}
+
+
+def install_planned(
+    ctl: Any,
+    name: str,
+    cfg: Any,
+    path: Any,
+    load_into: Callable[[str, str, Any, nn.Module], None],
+    *,
+    activate: bool,
+) -> str:
+    """Plan ``cfg`` on the model, fill each planned component from the file (``load_into(site, kind, comp,
+    module)``), then install them all as adapter ``name`` (all-or-nothing: nothing is installed on failure).
+
+    Raises:
+        AdapterFileError: a tensor or config value that does not fit this model (naming ``path``).
+    """
+    modules = base_modules(ctl.model)
+    comps: dict[str, tuple[str, Any]] = {}
+    try:
+        plan = ctl.plan(cfg)
+        for site, (kind, comp) in plan.components.items():
+            load_into(site, kind, comp, modules[site])
+            comps[site] = (kind, comp)
+    except AdapterFileError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise AdapterFileError(f"peft adapter {str(path)!r} does not fit this model: {e}") from None
+    ctl.install(name, Plan(cfg, comps), activate=activate)
+    return name

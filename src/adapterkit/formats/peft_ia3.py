@@ -27,9 +27,8 @@ import torch
 
 from ..component import Component
 from ..methods.ia3 import IA3, IA3InputScale
-from ..plan import Plan
 from ..targeting import base_modules
-from ._peft_sites import check_sites, head_state, split_state
+from ._peft_sites import check_sites, head_state, install_planned, split_state
 from .io import AdapterFileError, import_checked, read_adapter, require_float
 from .peft import PREFIX, Fields, adapter_task_type, write
 
@@ -101,19 +100,14 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
             f"{fields.where}: 'feedforward_modules' is no valid regular expression ({e})"
         ) from None
     cfg = fields.build(IA3, targets=tuple(per_site), feedforward=feedforward, heads=tuple(heads))
-    comps: dict[str, tuple[str, Component]] = {}
-    try:
-        plan = ctl.plan(cfg)
-        for site, (kind, comp) in plan.components.items():
-            if kind == "head":
-                import_checked(comp, heads[site], modules[site])
-            else:
-                comp.import_state({"scale": _vector(site, comp, per_site[site]["scale"])}, modules[site])
-            comps[site] = (kind, comp)
-    except (TypeError, ValueError) as e:
-        raise AdapterFileError(f"peft adapter {str(path)!r} does not fit this model: {e}") from None
-    ctl.install(name, Plan(cfg, comps), activate=activate)
-    return name
+
+    def load_into(site: str, kind: str, comp: Component, module: Any) -> None:
+        if kind == "head":
+            import_checked(comp, heads[site], module)
+        else:
+            comp.import_state({"scale": _vector(site, comp, per_site[site]["scale"])}, module)
+
+    return install_planned(ctl, name, cfg, path, load_into, activate=activate)
 
 
 def _vector(site: str, comp: Component, value: torch.Tensor) -> torch.Tensor:

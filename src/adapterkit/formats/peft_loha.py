@@ -32,9 +32,8 @@ import torch
 
 from ..component import Component
 from ..methods.loha import LoHa
-from ..plan import Plan
 from ..targeting import base_modules
-from ._peft_sites import check_sites, head_state, split_state
+from ._peft_sites import check_sites, head_state, install_planned, split_state
 from .io import AdapterFileError, import_checked, read_adapter, require_float
 from .peft import PREFIX, Fields, adapter_task_type, write
 
@@ -125,18 +124,11 @@ def load_lycoris(
         targets=tuple(per_site),
         heads=tuple(heads),
     )
-    comps: dict[str, tuple[str, Component]] = {}
-    try:
-        plan = ctl.plan(cfg)
-        for site, (kind, comp) in plan.components.items():
-            import_checked(comp, heads[site] if kind == "head" else per_site[site], modules[site])
-            comps[site] = (kind, comp)
-    except AdapterFileError:
-        raise
-    except (TypeError, ValueError) as e:
-        raise AdapterFileError(f"peft adapter {str(path)!r} does not fit this model: {e}") from None
-    ctl.install(name, Plan(cfg, comps), activate=activate)
-    return name
+
+    def load_into(site: str, kind: str, comp: Component, module: Any) -> None:
+        import_checked(comp, heads[site] if kind == "head" else per_site[site], module)
+
+    return install_planned(ctl, name, cfg, path, load_into, activate=activate)
 
 
 def save(ctl: Any, name: str, path: str | os.PathLike) -> None:

@@ -28,9 +28,8 @@ import torch
 
 from ..component import Component
 from ..methods.vera import VeRA, VeRALinear
-from ..plan import Plan
 from ..targeting import base_modules
-from ._peft_sites import check_sites, head_state, split_state
+from ._peft_sites import check_sites, head_state, install_planned, split_state
 from .io import AdapterFileError, import_checked, read_adapter, require_float
 from .peft import PREFIX, Fields, adapter_task_type, write
 
@@ -107,22 +106,15 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
         targets=tuple(per_site),
         heads=tuple(heads),
     )
-    comps: dict[str, tuple[str, Component]] = {}
-    try:
-        plan = ctl.plan(cfg)
-        for site, (kind, comp) in plan.components.items():
-            if kind == "head":
-                import_checked(comp, heads[site], modules[site])
-            else:
-                import_checked(comp, per_site[site], modules[site])
-                _check_projection(comp, raw, directory)
-            comps[site] = (kind, comp)
-    except AdapterFileError:
-        raise
-    except (TypeError, ValueError) as e:
-        raise AdapterFileError(f"peft adapter {str(path)!r} does not fit this model: {e}") from None
-    ctl.install(name, Plan(cfg, comps), activate=activate)
-    return name
+
+    def load_into(site: str, kind: str, comp: Component, module: Any) -> None:
+        if kind == "head":
+            import_checked(comp, heads[site], module)
+        else:
+            import_checked(comp, per_site[site], module)
+            _check_projection(comp, raw, directory)
+
+    return install_planned(ctl, name, cfg, path, load_into, activate=activate)
 
 
 def _check_projection(comp: VeRALinear, raw: dict[str, torch.Tensor], directory: Path) -> None:
