@@ -5,7 +5,7 @@ Commands (``adapterkit COMMAND --help`` documents each)::
     adapterkit train    --model PATH --data PATH --task classify --method lora --out DIR [--config run.yaml]
     adapterkit eval     DIR [--data PATH]
     adapterkit merge    DIR --out MERGED
-    adapterkit export   DIR --format peft --out PEFT_DIR
+    adapterkit export   DIR --format peft [--target vllm --rank 16] --out PEFT_DIR
     adapterkit inspect  --model PATH [--method lora --targets all-linear]
     adapterkit generate DIR --prompt "..."
     adapterkit serve    --model PATH [--adapters DIR] [--adapter NAME=PATH] [--port 8000]
@@ -53,6 +53,11 @@ class Task(str, enum.Enum):
 class ExportFormat(str, enum.Enum):
     peft = "peft"
     native = "native"
+
+
+class ExportTarget(str, enum.Enum):
+    peft = "peft"
+    vllm = "vllm"
 
 
 # --- --config FILE -----------------------------------------------------------------------------------------
@@ -397,17 +402,63 @@ def export(
     fmt: Annotated[
         ExportFormat, typer.Option("--format", "-f", help="peft (PeftModel.from_pretrained) or native.")
     ] = ExportFormat.peft,
+    target: Annotated[
+        ExportTarget,
+        typer.Option(
+            help="peft: what peft loads; vllm: a plain LoRA vLLM's --lora-modules (and LoRAX) accept (ranks padded "
+            "to a --max-lora-rank choice, DoRA/LoHa/LoKr/VeRA/(IA)^3 converted by truncated SVD), or a refusal "
+            "naming each module vLLM cannot take."
+        ),
+    ] = ExportTarget.peft,
+    rank: Annotated[
+        int | None,
+        typer.Option(
+            help="--target vllm: the largest rank of any module; larger LoRA modules and converted methods are "
+            "truncated SVDs at this rank (default: the adapter's r)."
+        ),
+    ] = None,
     model: ModelOpt = None,
     task: TaskOpt = None,
     num_labels: NumLabelsOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Write the adapter in another library's format (peft)."""
-    _configure_logging()
-    _check_numbers(num_labels=(num_labels, ">=1"))
-    from .ops import run_export
+    """Write the adapter in another library's format (peft), or for a server (--target vllm).
 
-    run_export(adapter, out, fmt=fmt.value, model=model, task=task.value if task else None, num_labels=num_labels)
+    Example: adapterkit export out/sql --format peft --target vllm --rank 16 --out out/sql-vllm
+    """
+    _configure_logging()
+    _check_numbers(num_labels=(num_labels, ">=1"), rank=(rank, ">=1"))
+    if target is ExportTarget.peft:
+        if rank is not None:
+            raise typer.BadParameter("--rank applies to --target vllm only", param_hint="--rank")
+        from .ops import run_export
+
+        run_export(adapter, out, fmt=fmt.value, model=model, task=task.value if task else None,
+                   num_labels=num_labels)  # fmt: skip
+        return
+    if fmt is not ExportFormat.peft:
+        raise typer.BadParameter("--target vllm writes peft's format: pass --format peft", param_hint="--format")
+    from ..formats.vllm import REPORT, allowed_rank
+    from ..formats.vllm import export as export_vllm
+    from .models import check_output_directory
+    from .ops import load_adapted
+
+    if rank is not None:
+        try:
+            allowed_rank(rank)
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--rank") from None
+    check_output_directory(out)
+    _, adapters, name, _, _ = load_adapted(adapter, model=model, task=task.value if task else None,
+                                           num_labels=num_labels)  # fmt: skip
+    result = export_vllm(adapters, name, out, rank=rank)
+    typer.echo(result.table())
+    for line in result.warnings:
+        typer.echo(f"note: {line}")
+    typer.echo(
+        f"exported adapter {name!r} for vLLM to {out} (peft LoRA, r={result.rank}, lora_alpha={result.lora_alpha}, "
+        f"max relative error {result.max_error:.3g}; report: {out / REPORT})"
+    )
 
 
 # --- inspect -------------------------------------------------------------------------------------------------------------
