@@ -128,7 +128,7 @@ def test_input_embedding_and_lm_head_lora_use_vllms_names(tmp_path):
     assert {"base_model.model.model.embed_tokens.lora_embedding_A", "base_model.model.model.embed_tokens.lora_embedding_B",
             "base_model.model.lm_head.lora_A.weight"} <= keys  # fmt: skip
     _check_vllm_fields(tmp_path, model, result)
-    assert any("embed_tokens" in w for w in result.warnings) and any("'lm_head'" in w for w in result.warnings)
+    assert any("embed_tokens" in w for w in result.notes) and any("'lm_head'" in w for w in result.notes)
     torch.testing.assert_close(_peft_logits("llama", tmp_path), expected, **TOL)
     torch.testing.assert_close(_ak_logits("llama", tmp_path), expected, **TOL)
 
@@ -148,7 +148,10 @@ def test_dora_becomes_a_truncated_svd_lora_with_the_reported_error(tmp_path):
     modules = dict(model.named_modules())
     deltas = {s: V._weight_change(c, modules[s])[0] for s, c in adapters.components("x").items()}
 
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     full = V.export(adapters, "x", tmp_path / "full", rank=32)  # >= min(out, in) of every module: exact
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before) and not adapters.is_merged("x")
     assert full.rank == 32 and {m.conversion for m in full.modules} == {"svd"}
     assert {m.source for m in full.modules} == {"dora r=4"} and full.max_error < 1e-6
     _check_vllm_fields(tmp_path / "full", model, full)
@@ -181,6 +184,32 @@ def test_mergeable_methods_convert_exactly_at_full_rank(method, opts, true_rank,
     torch.testing.assert_close(_ak_logits("llama", tmp_path), expected, **TOL)
     if true_rank:
         assert V.export(adapters, "x", tmp_path / "low", rank=1).max_error > 1e-3
+
+
+def test_unions_and_dora_on_the_input_embedding_convert(tmp_path):
+    union = ak.Union(ak.LoRA(r=2, targets=["q_proj"], init_weights=False), ak.IA3(init_weights=False))
+    model, adapters = _adapted("llama", union)
+    expected = _logits(model, "llama")
+    result = V.export(adapters, "x", tmp_path / "union", rank=64)
+    assert result.method == "union" and result.max_error < 1e-6
+    _check_vllm_fields(tmp_path / "union", model, result)
+    torch.testing.assert_close(_peft_logits("llama", tmp_path / "union"), expected, **TOL)
+
+    model, adapters = _adapted("llama", ak.LoRA(r=2, dora=True, targets=["embed_tokens"], init_weights=False))
+    with torch.no_grad():
+        for comp in adapters.components("x").values():
+            comp.magnitude.mul_(1 + 0.2 * torch.randn_like(comp.magnitude))
+    expected = _logits(model, "llama")
+    result = V.export(adapters, "x", tmp_path / "emb", rank=32)  # embedding dim 32: exact
+    assert result.max_error < 1e-6
+    keys = set(load_file(tmp_path / "emb" / "adapter_model.safetensors"))
+    assert keys == {
+        "base_model.model.model.embed_tokens.lora_embedding_A",
+        "base_model.model.model.embed_tokens.lora_embedding_B",
+    }
+    _check_vllm_fields(tmp_path / "emb", model, result)
+    torch.testing.assert_close(_peft_logits("llama", tmp_path / "emb"), expected, **TOL)
+    torch.testing.assert_close(_ak_logits("llama", tmp_path / "emb"), expected, **TOL)
 
 
 def test_larger_lora_modules_are_truncated_to_rank(tmp_path):
@@ -222,6 +251,10 @@ def test_refusals_name_each_module_and_the_reason(tmp_path):
     adapters.add("x", "ia3", init_weights=False)
     refusals = _refused(adapters, tmp_path / "d")
     assert all("bias" in why for site, why in refusals.items() if "c_attn" in site)  # output scaling scales b
+
+    _, adapters = _adapted("vit", ak.LoRA(r=4, targets=["projection", "attn.q"]))
+    refusals = _refused(adapters, tmp_path / "vit")
+    assert list(refusals) == ["vit.embeddings.patch_embeddings.projection"] and "Conv2d" in str(refusals)
 
     for method in ("prompt_tuning", "bottleneck"):
         _, adapters = _adapted("llama", method)
@@ -308,4 +341,4 @@ def test_cli_export_target_vllm(tmp_path):
 def _report_of(directory: Path) -> V.VllmExport:
     data = json.loads((directory / V.REPORT).read_text())
     modules = [V.ModuleExport(**m) for m in data["modules"]]
-    return V.VllmExport(data["adapter"], data["method"], data["r"], data["lora_alpha"], modules, data["warnings"])
+    return V.VllmExport(data["adapter"], data["method"], data["r"], data["lora_alpha"], modules, data["notes"])

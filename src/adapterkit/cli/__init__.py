@@ -453,7 +453,7 @@ def export(
                                            num_labels=num_labels)  # fmt: skip
     result = export_vllm(adapters, name, out, rank=rank)
     typer.echo(result.table())
-    for line in result.warnings:
+    for line in result.notes:
         typer.echo(f"note: {line}")
     typer.echo(
         f"exported adapter {name!r} for vLLM to {out} (peft LoRA, r={result.rank}, lora_alpha={result.lora_alpha}, "

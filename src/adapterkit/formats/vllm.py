@@ -127,7 +127,8 @@ class VllmExport:
         rank: ``r`` in the file (one of :data:`MAX_LORA_RANKS`): serve with ``--max-lora-rank >= rank``.
         lora_alpha: ``lora_alpha`` in the file; ``lora_alpha / rank`` is the scaling of every module.
         modules: one entry per exported module.
-        warnings: what vLLM may still refuse that the file cannot settle (architecture, ``lm_head``).
+        notes: how to serve it, and what vLLM may still refuse that the file cannot settle (architecture,
+            LoRA on ``lm_head``/``embed_tokens``, ranks only recent releases offer).
     """
 
     adapter: str
@@ -135,7 +136,7 @@ class VllmExport:
     rank: int
     lora_alpha: float
     modules: list[ModuleExport]
-    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def max_error(self) -> float:
@@ -152,7 +153,7 @@ class VllmExport:
             "max_lora_rank_choices": list(MAX_LORA_RANKS),
             "max_relative_error": self.max_error,
             "modules": [asdict(m) for m in self.modules],
-            "warnings": list(self.warnings),
+            "notes": list(self.notes),
         }
 
     def table(self) -> str:
@@ -230,24 +231,24 @@ def _scratch(module: nn.Module) -> nn.Module:
 
 
 def _weight_change(comp: Component, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(ΔW, Δb)`` of a mergeable component, float64, ΔW in the backend's canonical layout: merged into a
-    scratch copy of the module and compared with the original weight (for PiSSA/OLoRA the weight before attach).
+    """``(ΔW, Δb)`` of a mergeable component, float64, ΔW in the backend's canonical layout: a copy of the
+    component is merged into a scratch copy of the module and the result compared with the original weight (for
+    PiSSA/OLoRA, the weight before attach). Neither the model nor the component changes, so forwards may run
+    meanwhile.
 
     Raises:
         TypeError, ValueError: the component refuses to merge (e.g. (IA)^3 with a zero scale).
     """
     backend = backend_for(module)
     scratch = _scratch(module)
-    comp.check_merge(scratch)
+    work = copy.deepcopy(comp, {id(module): scratch})  # DoRA's reference to its module -> the scratch copy
     original = getattr(comp, "_original", None)
     w0 = (original if original is not None else backend.read(module)).detach().double()
     b0 = scratch.bias.detach().clone() if isinstance(getattr(scratch, "bias", None), torch.Tensor) else None
-    comp.merge(scratch)
-    try:
-        dw = backend.read(scratch).detach().double() - w0
-        db = None if b0 is None else scratch.bias.detach().double() - b0
-    finally:
-        comp.unmerge(scratch)
+    work.check_merge(scratch)
+    work.merge(scratch)
+    dw = backend.read(scratch).detach().double() - w0
+    db = None if b0 is None else scratch.bias.detach().double() - b0
     return dw, db
 
 
@@ -421,7 +422,7 @@ def export(
         rows.append(ModuleExport(p.site, p.source, conversion, k, error))
 
     alpha = _formatted_alpha(scaling * file_rank)
-    result = VllmExport(name, method, file_rank, alpha, rows, _warnings(ctl.model, plans, file_rank))
+    result = VllmExport(name, method, file_rank, alpha, rows, _notes(ctl.model, plans, file_rank))
     config = {
         "peft_type": "LORA",
         "task_type": adapter_task_type(ctl, name),
@@ -450,8 +451,8 @@ def export(
     return result
 
 
-def _warnings(model: nn.Module, plans: list[_Plan], rank: int) -> list[str]:
-    out = [f"serve with --enable-lora --max-lora-rank {rank} or more"]
+def _notes(model: nn.Module, plans: list[_Plan], rank: int) -> list[str]:
+    out = [f"serve with: vllm serve BASE --enable-lora --max-lora-rank {rank} --lora-modules NAME=THIS_DIRECTORY"]
     arch = type(model).__name__
     if arch in _NO_VLLM_LORA:
         out.append(
