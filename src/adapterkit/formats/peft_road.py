@@ -1,0 +1,98 @@
+"""peft interop for RoAd (``peft_type: "ROAD"``); dispatched from ``formats/peft.py``.
+
+Layout (peft 0.21): ``adapter_config.json`` with ``variant`` (``road_1``/``road_2``/``road_4``), ``group_size``,
+``init_weights``, ``target_modules``, ``modules_to_save``; ``adapter_model.safetensors`` with, per adapted module:
+
+==============================================  ===========================  ========================
+key                                             shape                        adapterkit tensor
+==============================================  ===========================  ========================
+``base_model.model.<module path>.road_theta``   ``(out/2,)|(out,)|(2 out,)``  ``RoadLayer.road_theta``
+``base_model.model.<module path>.road_alpha``   same                         ``RoadLayer.road_alpha``
+``base_model.model.<head>.<param>``             head                         ``HeadCopy``
+==============================================  ===========================  ========================
+
+The tensor names are peft's, so the conversion is a renaming of keys. peft's RoAd acts on ``nn.Linear`` only:
+exporting an adapter on a GPT-2 ``Conv1D`` is refused.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..component import Component
+from ..methods.road import RoAd, RoadVariant
+from ..targeting import base_modules
+from ._peft_sites import check_sites, head_state, install_planned, split_state
+from .io import AdapterFileError, import_checked, read_adapter, require_float
+from .peft import PREFIX, Fields, adapter_task_type, write
+
+PEFT_TYPE = "ROAD"
+METHOD = "road"
+TENSORS = ("road_theta", "road_alpha")
+
+
+def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
+    record = ctl._record(name)
+    cfg = record.config
+    assert isinstance(cfg, RoAd)
+    tensors: dict[str, torch.Tensor] = {}
+    targets, heads = [], []
+    for site, comp in ctl.components(name).items():
+        kind, module = record.kinds[site], ctl._sites[site].module
+        if kind == "head":
+            heads.append(site)
+            tensors.update(head_state(site, comp))
+            continue
+        if not isinstance(module, torch.nn.Linear):
+            raise ValueError(
+                f"adapter {name!r} acts on {site!r}, a {type(module).__name__}; peft's RoAd acts on nn.Linear only, "
+                "so it cannot be exported to peft (use format='native')"
+            )
+        targets.append(site)
+        for key in TENSORS:
+            tensors[f"{PREFIX}{site}.{key}"] = getattr(comp, key).detach().contiguous()
+    config = {
+        "peft_type": PEFT_TYPE,
+        "task_type": adapter_task_type(ctl, name),
+        "base_model_name_or_path": getattr(ctl.model, "name_or_path", None) or None,
+        "variant": cfg.variant.value,
+        "group_size": cfg.group_size,
+        "init_weights": cfg.init_weights,
+        "target_modules": sorted(targets),
+        "modules_to_save": heads or None,
+        "inference_mode": True,
+    }
+    write(path, tensors, config)
+
+
+def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: bool, activate: bool) -> str:
+    directory = Path(path)
+    data, raw = read_adapter(directory, "adapter_model", allow_pickle=allow_pickle)
+    fields = Fields(data, directory)
+    name = name or "default"
+    ctl._check_new_name(name)
+    modules = base_modules(ctl.model)
+    per_site, heads = split_state(
+        raw, modules, {t: t for t in TENSORS}, fields.names("modules_to_save"), directory
+    )
+    check_sites(list(per_site) + list(heads), modules, path, ctl.model)
+    if not per_site:
+        raise AdapterFileError(f"{directory} holds no RoAd tensors (keys ending in '.road_theta', '.road_alpha')")
+    require_float({f"{s}.{k}": v for s, state in per_site.items() for k, v in state.items()}, directory)
+    cfg = fields.build(
+        RoAd,
+        variant=fields.choice("variant", "road_1", tuple(v.value for v in RoadVariant)),
+        group_size=fields.integer("group_size", 64),
+        init_weights=fields.flag("init_weights", True),
+        targets=tuple(per_site),
+        heads=tuple(heads),
+    )
+
+    def load_into(site: str, kind: str, comp: Component, module: Any) -> None:
+        import_checked(comp, heads[site] if kind == "head" else per_site[site], module)
+
+    return install_planned(ctl, name, cfg, path, load_into, activate=activate)

@@ -1,0 +1,305 @@
+"""RoAd and HRA (with ETHER/ETHER+): the papers' equations, peft equivalence both ways (float32 logits within 1e-5
+on the same perturbed weights), merge equivalence with peft, the batched routed path, and refusals.
+
+* peft -> adapterkit: ``get_peft_model`` with non-identity init, perturb every trainable tensor,
+  ``save_pretrained``, ``ak.attach(other).load(dir)`` on an identical model, compare logits.
+* adapterkit -> peft: ``init_weights=False``, perturb, ``export(format="peft")``,
+  ``PeftModel.from_pretrained(fresh, dir)``, compare logits.
+* merge: peft's ``merge_and_unload()`` and our ``merge_and_detach()`` give the same plain weights.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import adapterkit as ak
+from adapterkit.formats import AdapterFileError
+from adapterkit.methods.road import RoadLayer, rotate_pairs
+
+from conftest import make_inputs, make_model, output_of
+
+peft = pytest.importorskip("peft")
+from peft import PeftModel, get_peft_model  # noqa: E402
+
+warnings.filterwarnings("ignore", module="peft")
+
+TOL = {"atol": 1e-5, "rtol": 1e-5}
+
+
+@torch.no_grad()
+def logits(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    return output_of(model, inputs).detach().float()
+
+
+@torch.no_grad()
+def perturb(params: Any, seed: int = 123, scale: float = 0.05) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.add_((torch.randn(p.shape, generator=g) * scale).to(p.dtype))
+
+
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def nontrivial(a: torch.Tensor, b: torch.Tensor) -> None:
+    change = ((a - b).abs().max() / b.abs().max()).item()
+    assert change > 1e-3, "the adapter does not change the output; the test is vacuous"
+
+
+def test_peft_has_road_and_hra():
+    assert hasattr(peft, "RoadConfig") and hasattr(peft, "HRAConfig")
+
+
+def _road(**kw: Any) -> Any:
+    return lambda: peft.RoadConfig(init_weights=False, **kw)
+
+
+# (id, family, peft config factory, our equivalent config)
+CASES = [
+    ("road1-bert", "bert", _road(group_size=8, target_modules=["query", "value"]), ak.RoAd(group_size=8)),
+    (
+        "road2-llama",
+        "llama",
+        _road(variant="road_2", group_size=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+        ak.RoAd(variant="road_2", group_size=8, targets=["attn.q", "attn.v", "ffn.down"]),
+    ),
+    (
+        "road4-t5",
+        "t5",
+        _road(variant="road_4", group_size=4, target_modules=["q", "v", "wo"]),
+        ak.RoAd(variant="road_4", group_size=4, targets=["attn.q", "attn.v", "ffn.down"]),
+    ),
+    (
+        "road1-vit",
+        "vit",
+        _road(group_size=32, target_modules=["q_proj", "v_proj", "fc1"]),
+        ak.RoAd(group_size=32, targets=["attn.q", "attn.v", "ffn.up"]),
+    ),
+    (
+        "road2-bert-heads",
+        "bert",
+        _road(variant="road_2", group_size=16, target_modules=["query", "value"], modules_to_save=["classifier"]),
+        ak.RoAd(variant="road_2", group_size=16, heads=["head"]),
+    ),
+]
+IDS = [c[0] for c in CASES]
+
+
+@pytest.mark.parametrize(("cid", "family", "make", "ours"), CASES, ids=IDS)
+def test_peft_to_adapterkit(cid, family, make, ours, tmp_path):
+    x = make_inputs(family)
+    base = logits(make_model(family), x)
+    pm = get_peft_model(make_model(family), make()).eval()
+    perturb(trainable(pm))
+    expected = logits(pm, x)
+    nontrivial(expected, base)
+    pm.save_pretrained(str(tmp_path))
+    model = make_model(family)
+    adapters = ak.attach(model)
+    assert adapters.load(tmp_path) == "default"
+    torch.testing.assert_close(logits(model, x), expected, **TOL)
+    # the component layout peft chose is ours for the equivalent config
+    probe = ak.attach(make_model(family))
+    probe.add("p", ours)
+    assert set(probe.components("p")) == set(adapters.components("default"))
+    for site, comp in probe.components("p").items():
+        got = adapters.components("default")[site]
+        assert {k: tuple(v.shape) for k, v in comp.state_dict().items()} == {
+            k: tuple(v.shape) for k, v in got.state_dict().items()
+        }, site
+    # merge equivalence: peft's merge_and_unload == our merge_and_detach
+    merged_theirs = pm.merge_and_unload()
+    merged_ours = adapters.merge_and_detach()
+    a, b = merged_ours.state_dict(), merged_theirs.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], **TOL, msg=k)
+
+
+@pytest.mark.parametrize(("cid", "family", "make", "ours"), CASES, ids=IDS)
+def test_adapterkit_to_peft(cid, family, make, ours, tmp_path):
+    x = make_inputs(family)
+    model = make_model(family)
+    base = logits(model, x)
+    adapters = ak.attach(model)
+    torch.manual_seed(0)
+    adapters.add("a", ours.replace(init_weights=False))
+    perturb(adapters.parameters("a"))
+    expected = logits(model, x)
+    nontrivial(expected, base)
+    adapters.export("a", tmp_path, format="peft")
+    pm = PeftModel.from_pretrained(make_model(family), str(tmp_path)).eval()
+    torch.testing.assert_close(logits(pm, x), expected, **TOL)
+    adapters.merge("a")
+    torch.testing.assert_close(logits(model, x), expected, **TOL)
+    adapters.unmerge("a")
+    torch.testing.assert_close(logits(model, x), expected, **TOL)
+
+
+# --- RoAd: equations -------------------------------------------------------------------------------------
+def _one_linear(cfg: ak.AdapterConfig, in_dim: int = 12, out_dim: int = 24, seed: int = 0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(in_dim, out_dim))
+    adapters = ak.attach(model)
+    adapters.add("a", cfg.replace(targets=["0"], init_weights=False))
+    return model, adapters, adapters.components("a")["0"]
+
+
+@pytest.mark.parametrize("variant", ["road_1", "road_2", "road_4"])
+def test_road_equation(variant):
+    """§3 Eq. 4: in each group of g outputs, z_j and z_{j+g/2} are rotated by a 2×2 block
+    [[α cos θ, -α sin θ], [α' sin θ', α' cos θ']] (road_1: the same θ, α for both; road_2: per element; road_4:
+    separate parameters for the cosine and sine entries); the bias is rotated with the weight (R (W x + b))."""
+    g, out_dim = 8, 24
+    model, _, comp = _one_linear(ak.RoAd(variant=variant, group_size=g), out_dim=out_dim)
+    lin, h = model[0], g // 2
+    theta, alpha = comp.road_theta.detach(), comp.road_alpha.detach()
+    size = {"road_1": out_dim // 2, "road_2": out_dim, "road_4": 2 * out_dim}[variant]
+    assert theta.shape == alpha.shape == (size,)
+    R = torch.zeros(out_dim, out_dim)
+    for grp in range(out_dim // g):
+        for j in range(h):
+            a, b = grp * g + j, grp * g + j + h
+            if variant == "road_1":
+                t, s = theta[grp * h + j], alpha[grp * h + j]
+                (ta, sa), (tb, sb) = (t, s), (t, s)
+                ca, cb = ta, tb
+            elif variant == "road_2":
+                (ta, sa), (tb, sb) = (theta[a], alpha[a]), (theta[b], alpha[b])
+                ca, cb = ta, tb
+            else:  # per group: 2g parameters, the first g for cosines, the next g for sines
+                base = grp * 2 * g
+                ca, cb = theta[base + j], theta[base + j + h]
+                ta, tb = theta[base + g + j], theta[base + g + j + h]
+                sa_c, sb_c = alpha[base + j], alpha[base + j + h]
+                sa, sb = alpha[base + g + j], alpha[base + g + j + h]
+            cos_a = (sa_c if variant == "road_4" else sa) * torch.cos(ca)
+            cos_b = (sb_c if variant == "road_4" else sb) * torch.cos(cb)
+            R[a, a], R[a, b] = cos_a, -sa * torch.sin(ta)
+            R[b, a], R[b, b] = sb * torch.sin(tb), cos_b
+    torch.testing.assert_close(comp.matrix().detach(), R)
+    x = torch.randn(3, 5, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), (x @ lin.weight.T + lin.bias) @ R.T, atol=1e-5, rtol=1e-5)
+
+
+def test_road_rotation_is_orthogonal_times_scale():
+    """With α = 1 every 2×2 block of road_1 is a rotation: R is orthogonal with det 1 per block."""
+    model, _, comp = _one_linear(ak.RoAd(group_size=8))
+    with torch.no_grad():
+        comp.road_alpha.fill_(1.0)
+        R = comp.matrix()
+    torch.testing.assert_close(R @ R.T, torch.eye(24), atol=1e-6, rtol=0)
+    assert torch.linalg.det(R).item() == pytest.approx(1.0, abs=1e-5)
+    # a rotation keeps the norm of each output pair: ||R z|| == ||z||
+    z = torch.randn(4, 24)
+    torch.testing.assert_close((z @ R.T).norm(dim=-1), z.norm(dim=-1))
+
+
+def test_road_identity_at_init_and_unmerge_inverse():
+    model = nn.Sequential(nn.Linear(12, 24))
+    x = torch.randn(2, 12)
+    base = model(x).detach()
+    adapters = ak.attach(model)
+    adapters.add("a", ak.RoAd(variant="road_4", group_size=8, targets=["0"]))
+    assert torch.equal(model(x).detach(), base)  # θ = 0, α = 1: exactly the identity
+    perturb(adapters.parameters("a"), scale=0.5)
+    w, b = model[0].weight.detach().clone(), model[0].bias.detach().clone()
+    adapters.merge("a")
+    R = adapters.components("a")["0"].matrix().detach()
+    torch.testing.assert_close(model[0].weight.detach(), R @ w)
+    torch.testing.assert_close(model[0].bias.detach(), R @ b)
+    adapters.unmerge("a")
+    torch.testing.assert_close(model[0].weight.detach(), w, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(model[0].bias.detach(), b, atol=1e-6, rtol=1e-6)
+
+
+def test_road_merge_refuses_singular_blocks():
+    model, adapters, comp = _one_linear(ak.RoAd(group_size=8))
+    with torch.no_grad():
+        comp.road_alpha[0] = 0.0  # one pair scaled to zero: R is singular, so unmerging would be impossible
+    before = model[0].weight.detach().clone()
+    with pytest.raises(ValueError, match="could not be unmerged"):
+        adapters.merge("a")
+    assert torch.equal(model[0].weight, before) and not adapters.is_merged("a")
+
+
+def test_road_config_errors():
+    with pytest.raises(ValueError, match="variant must be one of"):
+        ak.RoAd(variant="road_3")
+    with pytest.raises(ValueError, match="positive even integer"):
+        ak.RoAd(group_size=7)
+    adapters = ak.attach(make_model("bert"))
+    with pytest.raises(ValueError, match="group_size=64 does not divide the 32 outputs"):
+        adapters.add("a", ak.RoAd())  # peft's default 64 is too big for the tiny model
+    assert adapters.names == []
+    with pytest.raises((TypeError, ak.TargetError), match="(?i)road cannot act on.*Conv2d"):
+        ak.attach(make_model("vit")).add("a", ak.RoAd(group_size=4, targets=["embed"]))  # a Conv2d
+
+
+def test_road_conv1d_is_not_exported_to_peft(tmp_path):
+    adapters = ak.attach(make_model("gpt2"))
+    adapters.add("a", ak.RoAd(group_size=8))  # GPT-2's fused c_attn is a Conv1D
+    with pytest.raises(ValueError, match="nn.Linear only"):
+        adapters.export("a", tmp_path / "p", format="peft")
+    assert not (tmp_path / "p").exists() or not any((tmp_path / "p").iterdir())
+
+
+def test_road_peft_file_errors(tmp_path):
+    pm = get_peft_model(make_model("bert"), peft.RoadConfig(group_size=8, target_modules=["query"]))
+    pm.save_pretrained(str(tmp_path))
+    cfg_path = tmp_path / "adapter_config.json"
+    data = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**data, "variant": "road_9"}))
+    with pytest.raises(AdapterFileError, match="'variant' must be one of"):
+        ak.attach(make_model("bert")).load(tmp_path)
+    cfg_path.write_text(json.dumps({**data, "group_size": 6}))  # does not divide 32
+    adapters = ak.attach(make_model("bert"))
+    with pytest.raises(AdapterFileError, match="group_size=6"):
+        adapters.load(tmp_path)
+    assert adapters.names == []
+
+
+# --- RoAd: per-row routing ---------------------------------------------------------------------------------
+def test_road_routes_rows_through_gathered_vectors(monkeypatch):
+    """A mixed batch of several RoAd adapters runs the batched path (no per-adapter call) and equals per-row runs."""
+    model = make_model("llama")
+    adapters = ak.attach(model)
+    names = [f"r{i}" for i in range(5)]
+    for i, n in enumerate(names):
+        torch.manual_seed(i)
+        adapters.add(n, ak.RoAd(variant=["road_1", "road_2", "road_4"][i % 3], group_size=8, init_weights=False))
+    rows = ["r0", None, "r3", "r1", "r4", "r0", "r2"]
+    x = make_inputs("llama", batch=len(rows))
+    calls = {"n": 0}
+    real = RoadLayer.routed.__func__
+
+    def counting(cls, *a, **k):
+        calls["n"] += 1
+        return real(cls, *a, **k)
+
+    monkeypatch.setattr(RoadLayer, "routed", classmethod(counting))
+    monkeypatch.setattr(RoadLayer, "post_call", lambda *a, **k: pytest.fail("per-adapter fallback used"))
+    with torch.no_grad(), adapters.route(rows):
+        mixed = output_of(model, x)
+    assert calls["n"] > 0
+    monkeypatch.undo()
+    for i, n in enumerate(rows):
+        with torch.no_grad(), adapters.use(n):
+            single = output_of(model, {k: v[i : i + 1] for k, v in x.items()})
+        torch.testing.assert_close(mixed[i : i + 1], single, **TOL)
+
+
+def test_rotate_pairs_matches_explicit_pairs():
+    z, f, s = torch.randn(2, 3, 16), torch.randn(16), torch.randn(16)
+    out = rotate_pairs(z, f, s, 8)
+    for j in range(16):
+        partner = (j // 8) * 8 + (j % 8 + 4) % 8
+        torch.testing.assert_close(out[..., j], z[..., j] * f[j] + z[..., partner] * s[j])
