@@ -212,6 +212,22 @@ def test_unions_and_dora_on_the_input_embedding_convert(tmp_path):
     torch.testing.assert_close(_ak_logits("llama", tmp_path / "emb"), expected, **TOL)
 
 
+def test_truncated_svd_is_near_optimal_on_large_matrices():
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(600, 8, generator=g, dtype=torch.float64) @ torch.randn(
+        8, 520, generator=g, dtype=torch.float64
+    )
+    M += 0.05 * torch.randn(600, 520, generator=g, dtype=torch.float64)
+    s = torch.linalg.svdvals(M)
+    for k in (4, 16):  # the randomized path (k + 10 <= 260)
+        A, B = V.truncated_svd(M, k)
+        assert A.shape == (k, 520) and B.shape == (600, k)
+        error = (torch.linalg.matrix_norm(M - B @ A) / torch.linalg.matrix_norm(M)).item()
+        best = (s[k:].square().sum().sqrt() / s.square().sum().sqrt()).item()  # Eckart-Young
+        assert best * (1 - 1e-9) <= error <= best * 1.01
+    assert torch.equal(V.truncated_svd(M, 4)[0], V.truncated_svd(M, 4)[0])  # seeded: reproducible
+
+
 def test_larger_lora_modules_are_truncated_to_rank(tmp_path):
     model, adapters = _adapted("llama", ak.LoRA(r=12, targets=LLAMA_QV, init_weights=False))
     result = V.export(adapters, "x", tmp_path, rank=8)
