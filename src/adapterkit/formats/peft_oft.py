@@ -1,0 +1,149 @@
+"""peft interop for OFT (``peft_type: "OFT"``, peft ≥ 0.14's OFT v2 layout); dispatched from ``formats/peft.py``.
+
+Layout (peft 0.21): ``adapter_config.json`` with ``r``, ``oft_block_size``, ``use_cayley_neumann``,
+``num_cayley_neumann_terms``, ``coft``, ``eps``, ``block_share``, ``module_dropout``, ``init_weights``,
+``target_modules``, ``modules_to_save`` (``bias`` must be ``"none"``); ``adapter_model.safetensors`` with, per
+adapted module:
+
+==============================================  ==============================  =====================
+key                                             shape                           adapterkit tensor
+==============================================  ==============================  =====================
+``base_model.model.<module path>.oft_R.weight`` ``(nb, b (b - 1) / 2)``         ``OFTLayer.oft_R``
+                                                (``(1, ...)`` with block_share)
+``base_model.model.<head>.<param>``             head                            ``HeadCopy``
+==============================================  ==============================  =====================
+
+``b`` is the layer's block size (``oft_block_size``, or ``in / r``, moved to the nearest divisor of the input size
+as peft moves it; ``in · kh · kw`` for convolutions). peft has no OFT for GPT-2 ``Conv1D``: exporting an adapter on
+one is refused. Files of peft < 0.14 (no ``oft_block_size``) hold another parametrization and are refused; files
+of peft < 0.18 with ``use_cayley_neumann`` load with a warning (peft 0.18 changed the Neumann series' last term).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from packaging.version import InvalidVersion, Version
+
+from ..component import Component
+from ..methods.oft import OFT
+from ..targeting import base_modules
+from ._peft_sites import check_sites, head_state, install_planned, split_state
+from .io import AdapterFileError, import_checked, read_adapter, require_float
+from .peft import PREFIX, Fields, adapter_task_type, write
+
+PEFT_TYPE = "OFT"
+METHOD = "oft"
+
+
+def refuse_conv1d(ctl: Any, name: str, site: str, what: str) -> None:
+    """Raise when ``site`` is a GPT-2 ``Conv1D`` (peft's ``what`` has no layer for it)."""
+    if type(ctl._sites[site].module).__name__ == "Conv1D":
+        raise ValueError(
+            f"adapter {name!r} acts on {site!r}, a GPT-2 Conv1D; peft's {what} has no Conv1D layer, so it cannot be "
+            "exported to peft (use format='native')"
+        )
+
+
+def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
+    record = ctl._record(name)
+    cfg = record.config
+    assert isinstance(cfg, OFT)
+    tensors = {}
+    targets, heads = [], []
+    for site, comp in ctl.components(name).items():
+        if record.kinds[site] == "head":
+            heads.append(site)
+            tensors.update(head_state(site, comp))
+            continue
+        refuse_conv1d(ctl, name, site, PEFT_TYPE)
+        targets.append(site)
+        tensors[f"{PREFIX}{site}.oft_R.weight"] = comp.oft_R.detach().contiguous()
+    config = {
+        "peft_type": PEFT_TYPE,
+        "task_type": adapter_task_type(ctl, name),
+        "base_model_name_or_path": getattr(ctl.model, "name_or_path", None) or None,
+        "r": cfg.r,
+        "oft_block_size": cfg.oft_block_size,
+        "use_cayley_neumann": cfg.use_cayley_neumann,
+        "num_cayley_neumann_terms": cfg.num_cayley_neumann_terms,
+        "coft": cfg.coft,
+        "eps": cfg.eps,
+        "block_share": cfg.block_share,
+        "module_dropout": cfg.module_dropout,
+        "target_modules": sorted(targets),
+        "exclude_modules": None,
+        "modules_to_save": heads or None,
+        "init_weights": cfg.init_weights,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "inference_mode": True,
+        # peft >= 0.18 reads the Neumann form without a warning only with its version recorded
+        "peft_version": "0.21.2",
+    }
+    write(path, tensors, config)
+
+
+def check_bias(fields: Fields) -> None:
+    bias = fields.data.get("bias", "none")
+    if bias != "none":
+        raise fields.error("bias", bias, "'none' (adapterkit does not load peft's trained biases for this method)")
+
+
+def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: bool, activate: bool) -> str:
+    directory = Path(path)
+    data, raw = read_adapter(directory, "adapter_model", allow_pickle=allow_pickle)
+    fields = Fields(data, directory)
+    if "oft_block_size" not in data:
+        raise AdapterFileError(
+            f"{fields.where} has no 'oft_block_size': it was saved by peft < 0.14, whose OFT parametrization differs "
+            "(retrain the adapter with a newer peft, as peft itself requires)"
+        )
+    check_bias(fields)
+    neumann = fields.flag("use_cayley_neumann", True)
+    if neumann:
+        version = str(data.get("peft_version") or "0.0.0").partition("@")[0]
+        try:
+            old = Version(version) < Version("0.18.0")
+        except InvalidVersion:
+            old = True
+        if old:
+            warnings.warn(
+                f"{directory}: OFT saved by peft {version} (< 0.18) with use_cayley_neumann; peft 0.18 changed the "
+                "Neumann series slightly, so outputs differ a little from the ones it was trained with",
+                stacklevel=3,
+            )
+    name = name or "default"
+    ctl._check_new_name(name)
+    modules = base_modules(ctl.model)
+    head_sel = fields.names("modules_to_save")
+    per_site, heads = split_state(raw, modules, {"oft_R.weight": "oft_R"}, head_sel, directory)
+    check_sites(list(per_site) + list(heads), modules, path, ctl.model)
+    if not per_site:
+        raise AdapterFileError(f"{directory} holds no OFT tensors (keys ending in '.oft_R.weight')")
+    require_float({f"{s}.{k}": v for s, state in per_site.items() for k, v in state.items()}, directory)
+    cfg = fields.build(
+        OFT,
+        r=fields.integer("r", 0, minimum=0),
+        oft_block_size=fields.integer("oft_block_size", 32, minimum=0),
+        use_cayley_neumann=neumann,
+        num_cayley_neumann_terms=fields.integer("num_cayley_neumann_terms", 5),
+        coft=fields.flag("coft", False),
+        eps=fields.number("eps", 6e-5),
+        block_share=fields.flag("block_share", False),
+        module_dropout=fields.number("module_dropout", 0.0),
+        targets=tuple(per_site),
+        heads=tuple(heads),
+    )
+
+    def load_into(site: str, kind: str, comp: Component, module: Any) -> None:
+        import_checked(comp, heads[site] if kind == "head" else per_site[site], module)
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="OFT .* does not divide")  # the file's shapes decide
+        return install_planned(ctl, name, cfg, path, load_into, activate=activate)
