@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 LOCK := requirements/lock.txt
 OLDEST := requirements/oldest.txt
 
-.PHONY: demo demo-script test test-slow test-latest test-oldest lock bench lint format clean
+.PHONY: demo demo-script test test-slow test-latest test-oldest test-ray lock bench lint format clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -79,6 +79,22 @@ test-oldest:
 	.venv-oldest/bin/python -m pip freeze --all --exclude adapterkit > .venv-oldest/versions.txt
 	@grep -iE '^(torch|transformers|peft|accelerate|safetensors|huggingface.hub|bitsandbytes|torchao)==' .venv-oldest/versions.txt
 	.venv-oldest/bin/python -m pytest -q -n 2 --dist loadfile
+
+# `make test-ray`: the Ray Serve deployment (src/adapterkit/serve/ray_deploy.py, docs/serving_ray.md) in its own venv:
+# exactly the lock plus requirements/ray.txt (ray[serve] and the packages it adds, pinned; nothing locked changes),
+# then its slow test (2 replicas on a local Ray instance, 127.0.0.1 only). `make test` never needs ray.
+RAY_VENV ?= .venv-ray
+RAY_STAMP := $(RAY_VENV)/.installed
+
+$(RAY_STAMP): pyproject.toml constraints.txt $(LOCK) requirements/ray.txt
+	$(PY) -m venv $(RAY_VENV)
+	$(RAY_VENV)/bin/python -m pip install -q --no-deps -c constraints.txt -r $(LOCK) -r requirements/ray.txt
+	$(RAY_VENV)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(RAY_VENV)/bin/python -m pip check
+	touch $(RAY_STAMP)
+
+test-ray: $(RAY_STAMP)
+	$(RAY_VENV)/bin/python -m pytest -q -m slow tests/test_serve_ray.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/lora_vs_peft.py
