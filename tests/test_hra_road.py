@@ -20,6 +20,7 @@ from torch import nn
 
 import adapterkit as ak
 from adapterkit.formats import AdapterFileError
+from adapterkit.methods.hra import HRAConv2d, HRALayer
 from adapterkit.methods.road import RoadLayer, rotate_pairs
 
 from conftest import make_inputs, make_model, output_of
@@ -87,6 +88,39 @@ CASES = [
         "bert",
         _road(variant="road_2", group_size=16, target_modules=["query", "value"], modules_to_save=["classifier"]),
         ak.RoAd(variant="road_2", group_size=16, heads=["head"]),
+    ),
+]
+
+
+def _hra(**kw: Any) -> Any:
+    return lambda: peft.HRAConfig(init_weights=False, **kw)
+
+
+CASES += [
+    ("hra-bert", "bert", _hra(target_modules=["query", "value"]), ak.HRA()),
+    (
+        "hra-llama-gs",
+        "llama",
+        _hra(r=4, apply_GS=True, target_modules=["q_proj", "v_proj", "down_proj"]),
+        ak.HRA(r=4, apply_GS=True, targets=["attn.q", "attn.v", "ffn.down"]),
+    ),
+    (
+        "hra-t5",
+        "t5",
+        _hra(r=6, target_modules=["q", "v", "wo"]),
+        ak.HRA(r=6, targets=["attn.q", "attn.v", "ffn.down"]),
+    ),
+    (
+        "hra-vit-conv2d",
+        "vit",
+        _hra(r=4, target_modules=["projection", "v_proj"]),
+        ak.HRA(r=4, targets=["embed", "attn.v"]),
+    ),
+    (
+        "hra-bert-heads",
+        "bert",
+        _hra(r=2, target_modules=["query", "value"], modules_to_save=["classifier"]),
+        ak.HRA(r=2, heads=["head"]),
     ),
 ]
 IDS = [c[0] for c in CASES]
@@ -303,3 +337,242 @@ def test_rotate_pairs_matches_explicit_pairs():
     for j in range(16):
         partner = (j // 8) * 8 + (j % 8 + 4) % 8
         torch.testing.assert_close(out[..., j], z[..., j] * f[j] + z[..., partner] * s[j])
+
+
+# --- HRA / ETHER / ETHER+: equations ---------------------------------------------------------------------
+def _reflection(u: torch.Tensor) -> torch.Tensor:
+    u = u.reshape(-1, 1)
+    return torch.eye(u.shape[0], dtype=u.dtype) - 2 * (u @ u.T) / (u.T @ u)
+
+
+@pytest.mark.parametrize("r", [1, 3, 8])
+def test_hra_is_the_chain_of_reflections(r):
+    """HRA §3.1: W' = W H_1 ··· H_r with H_i = I - 2 u_i u_iᵀ / ||u_i||², each H_i orthogonal (and so H)."""
+    model, _, comp = _one_linear(ak.HRA(r=r), in_dim=12, out_dim=10)
+    lin = model[0]
+    u = comp.hra_u.detach().double()
+    H = torch.eye(12, dtype=torch.float64)
+    for i in range(r):
+        Hi = _reflection(u[:, i])
+        torch.testing.assert_close(Hi @ Hi.T, torch.eye(12, dtype=torch.float64))  # a reflection is orthogonal
+        H = H @ Hi
+    torch.testing.assert_close(comp.matrices()[0].detach().double(), H, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(H @ H.T, torch.eye(12, dtype=torch.float64))
+    x = torch.randn(3, 4, 12)
+    with torch.no_grad():
+        expected = x @ (lin.weight.double() @ H).float().T + lin.bias
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_hra_symmetric_init_is_the_identity_and_odd_r_warns():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10))
+    x = torch.randn(2, 12)
+    base = model(x).detach()
+    adapters = ak.attach(model)
+    adapters.add("a", ak.HRA(r=4, targets=["0"]))
+    u = adapters.components("a")["0"].hra_u.detach()
+    assert torch.equal(u[:, 0], u[:, 1]) and torch.equal(u[:, 2], u[:, 3])  # pairs cancel: H_1 H_1 = I
+    torch.testing.assert_close(model(x).detach(), base, atol=1e-6, rtol=0)
+    with pytest.warns(UserWarning, match="odd r=3"):
+        ak.attach(nn.Sequential(nn.Linear(12, 10))).add("b", ak.HRA(r=3, targets=["0"]))
+
+
+def test_hra_gram_schmidt():
+    """apply_GS (HRA §3.2): H = I - 2 Q Qᵀ with Q the Gram-Schmidt basis of the u_i (peft's loop)."""
+    model, _, comp = _one_linear(ak.HRA(r=3, apply_GS=True), in_dim=12, out_dim=10)
+    u = comp.hra_u.detach().double()
+    q = [u[:, 0] / u[:, 0].norm()]
+    for i in range(1, 3):
+        v = u[:, i] - sum((qj @ u[:, i]) * qj for qj in q)
+        q.append(v / v.norm())
+    Q = torch.stack(q, dim=1)
+    H = torch.eye(12, dtype=torch.float64) - 2 * Q @ Q.T
+    torch.testing.assert_close(comp.matrices()[0].detach().double(), H, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(H @ H.T, torch.eye(12, dtype=torch.float64))
+
+
+def test_ether_is_one_reflection_per_block():
+    """ETHER §3.1: H = blockdiag(I - 2 u_b u_bᵀ / ||u_b||²): orthogonal, symmetric, an involution (H² = I), and at
+    distance ||H_b - I||_F = 2 from the identity in every block (never the identity, even at init)."""
+    model, _, comp = _one_linear(ak.HRA(variant="ether", n_blocks=3), in_dim=12, out_dim=10)
+    lin = model[0]
+    R = comp.ether_R.detach().double()
+    assert R.shape == (3, 4)
+    H = torch.block_diag(*[_reflection(R[b]) for b in range(3)])
+    got, out_side = comp.matrices()
+    assert out_side is None
+    torch.testing.assert_close(got.detach().double(), H, atol=1e-6, rtol=1e-6)
+    eye = torch.eye(12, dtype=torch.float64)
+    torch.testing.assert_close(H @ H.T, eye)
+    torch.testing.assert_close(H, H.T)
+    torch.testing.assert_close(H @ H, eye)
+    for b in range(3):
+        assert (H[4 * b : 4 * b + 4, 4 * b : 4 * b + 4] - torch.eye(4)).norm().item() == pytest.approx(2.0)
+    x = torch.randn(5, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(x), x @ (lin.weight.double() @ H).float().T + lin.bias, atol=1e-5, rtol=1e-5
+        )
+    fresh = nn.Sequential(nn.Linear(12, 10))
+    before = fresh(x).detach()
+    ak.attach(fresh).add("a", ak.HRA(variant="ether", n_blocks=3, targets=["0"]))  # default init
+    assert (fresh(x).detach() - before).abs().max() > 1e-3
+
+
+def test_ether_plus_is_two_sided_and_relaxed():
+    """ETHER+ §3.2: W' = H⁺_out W H⁺_in with H⁺ = I - ûûᵀ + v̂v̂ᵀ per block; bias unchanged; identity at init
+    (v = -u); H⁺ is not orthogonal in general."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 8))
+    x = torch.randn(5, 12)
+    base = model(x).detach()
+    adapters = ak.attach(model)
+    adapters.add("init", ak.HRA(variant="ether_plus", n_blocks=2, targets=["0"]))
+    torch.testing.assert_close(model(x).detach(), base, atol=1e-6, rtol=0)
+    adapters.delete("init")
+    adapters.add("a", ak.HRA(variant="ether_plus", n_blocks=2, targets=["0"], init_weights=False))
+    comp = adapters.components("a")["0"]
+    lin = model[0]
+
+    def plus(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        u, v = u.double(), v.double()
+        blocks = []
+        for b in range(u.shape[0]):
+            uu, vv = u[b : b + 1].T, v[b : b + 1].T
+            blocks.append(
+                torch.eye(uu.shape[0], dtype=torch.float64) - uu @ uu.T / (uu.T @ uu) + vv @ vv.T / (vv.T @ vv)
+            )
+        return torch.block_diag(*blocks)
+
+    h_in = plus(comp.ether_R.detach(), comp.ether_R2.detach())
+    h_out = plus(comp.ether_R3.detach(), comp.ether_R4.detach())
+    got_in, got_out = comp.matrices()
+    torch.testing.assert_close(got_in.detach().double(), h_in, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got_out.detach().double(), h_out, atol=1e-6, rtol=1e-6)
+    assert (h_in @ h_in.T - torch.eye(12, dtype=torch.float64)).abs().max() > 1e-2  # relaxed: not orthogonal
+    w = (h_out @ lin.weight.double() @ h_in).float()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), x @ w.T + lin.bias, atol=1e-5, rtol=1e-5)
+    weight, bias = lin.weight.detach().clone(), lin.bias.detach().clone()
+    adapters.merge("a")
+    torch.testing.assert_close(lin.weight.detach(), w, atol=1e-6, rtol=1e-6)
+    assert torch.equal(lin.bias, bias)
+    adapters.unmerge("a")
+    assert torch.equal(lin.weight, weight)  # the weight before merging is restored exactly
+
+
+def test_ether_plus_singular_merge_is_refused():
+    model, adapters, comp = _one_linear(ak.HRA(variant="ether_plus", n_blocks=1), in_dim=4, out_dim=4)
+    with torch.no_grad():  # u ⟂ v: H⁺ = I - e1 e1ᵀ + e2 e2ᵀ maps e1 to 0
+        comp.ether_R.copy_(torch.tensor([[1.0, 0, 0, 0]]))
+        comp.ether_R2.copy_(torch.tensor([[0.0, 1, 0, 0]]))
+    before = model[0].weight.detach().clone()
+    with pytest.raises(ValueError, match="could not be unmerged"):
+        adapters.merge("a")
+    assert torch.equal(model[0].weight, before)
+
+
+def test_hra_unmerge_restores_the_weight():
+    model, adapters, comp = _one_linear(ak.HRA(r=5), in_dim=12, out_dim=10)
+    w = model[0].weight.detach().clone()
+    adapters.merge("a")
+    H = comp.matrices()[0].detach()
+    torch.testing.assert_close(model[0].weight.detach(), w @ H, atol=1e-6, rtol=1e-6)
+    adapters.unmerge("a")
+    torch.testing.assert_close(model[0].weight.detach(), w, atol=1e-6, rtol=1e-6)
+
+
+def test_hra_orthogonality_loss():
+    """HRA §3.2 Eq. 6: Σ_layers ||I - ÛᵀÛ||²_F, differentiable; a gradient step on it makes the vectors more
+    orthogonal; zero for ETHER and for apply_GS."""
+    model = make_model("llama")
+    adapters = ak.attach(model)
+    adapters.add("a", ak.HRA(r=4, init_weights=False))
+    expected = 0.0
+    for comp in adapters.components("a").values():
+        unit = comp.hra_u / comp.hra_u.norm(dim=0)
+        expected = expected + ((unit.T @ unit - torch.eye(4)) ** 2).sum()
+    loss = ak.hra_orthogonality_loss(adapters, "a")
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    with torch.no_grad():
+        for p in adapters.parameters("a"):
+            p.sub_(0.01 * p.grad)
+    assert ak.hra_orthogonality_loss(adapters, "a").item() < loss.item()
+    adapters.add("e", ak.HRA(variant="ether", n_blocks=2))
+    assert ak.hra_orthogonality_loss(adapters, "e").item() == 0.0
+    adapters.add("l", ak.LoRA())
+    with pytest.raises(ValueError, match="no HRA layers"):
+        ak.hra_orthogonality_loss(adapters, "l")
+
+
+def test_hra_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="variant must be one of"):
+        ak.HRA(variant="householder")
+    with pytest.raises(ValueError, match="apply_GS is an option of variant='hra'"):
+        ak.HRA(variant="ether", apply_GS=True)
+    with pytest.raises(ValueError, match="n_blocks is an option of the ETHER variants"):
+        ak.HRA(n_blocks=4)
+    with pytest.raises(ValueError, match="r must be a positive integer"):
+        ak.HRA(r=0)
+    adapters = ak.attach(make_model("llama"))
+    with pytest.raises(ValueError, match="r=40 exceeds the 32 inputs"):
+        adapters.add("a", ak.HRA(r=40))
+    with pytest.raises(ValueError, match="n_blocks=3 does not divide the 32 inputs"):
+        adapters.add("a", ak.HRA(variant="ether", n_blocks=3))
+    assert adapters.names == []
+    with pytest.raises((TypeError, ak.TargetError), match="hra cannot act on.*Conv2d"):
+        ak.attach(make_model("vit")).add("a", ak.HRA(variant="ether", targets=["embed"]))
+    # peft has no ETHER and no Conv1D HRA
+    adapters.add("e", ak.HRA(variant="ether_plus", n_blocks=2))
+    with pytest.raises(ValueError, match="peft has no ETHER"):
+        adapters.export("e", tmp_path / "e", format="peft")
+    gpt2 = ak.attach(make_model("gpt2"))
+    gpt2.add("h", ak.HRA(r=2))
+    with pytest.raises(ValueError, match="nn.Linear and nn.Conv2d only"):
+        gpt2.export("h", tmp_path / "h", format="peft")
+
+
+def test_hra_peft_bias_is_refused(tmp_path):
+    pm = get_peft_model(make_model("bert"), peft.HRAConfig(r=2, target_modules=["query"], bias="hra_only"))
+    pm.save_pretrained(str(tmp_path))
+    adapters = ak.attach(make_model("bert"))
+    with pytest.raises(AdapterFileError, match="bias='hra_only'"):
+        adapters.load(tmp_path)
+    assert adapters.names == []
+
+
+# --- HRA: per-row routing -------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("family", "configs"),
+    [
+        ("llama", [ak.HRA(r=4), ak.HRA(r=2, apply_GS=True), ak.HRA(variant="ether", n_blocks=4),
+                   ak.HRA(variant="ether_plus", n_blocks=2)]),
+        ("vit", [ak.HRA(r=4, targets=["embed", "attn.v"]), ak.HRA(r=2, targets=["embed", "attn.v"])]),
+    ],
+    ids=["llama-mixed-variants", "vit-conv2d"],
+)  # fmt: skip
+def test_hra_routes_rows_through_the_batched_path(family, configs, monkeypatch):
+    """A mixed batch of HRA/ETHER/ETHER+ adapters (and Conv2d HRA) runs the batched paths and equals per-row runs."""
+    model = make_model(family)
+    adapters = ak.attach(model)
+    names = []
+    for i, cfg in enumerate(configs):
+        torch.manual_seed(i)
+        adapters.add(f"h{i}", cfg.replace(init_weights=False))
+        perturb(adapters.parameters(f"h{i}"), seed=i)
+        names.append(f"h{i}")
+    rows = [names[0], None, names[-1], *names, names[0]]
+    x = make_inputs(family, batch=len(rows))
+    fail = lambda *a, **k: pytest.fail("per-adapter fallback used")  # noqa: E731
+    for cls in (HRALayer, HRAConv2d):
+        monkeypatch.setattr(cls, "pre", fail)
+        monkeypatch.setattr(cls, "post_call", fail)
+    with torch.no_grad(), adapters.route(rows):
+        mixed = output_of(model, x)
+    monkeypatch.undo()
+    for i, n in enumerate(rows):
+        with torch.no_grad(), adapters.use(n):
+            single = output_of(model, {k: v[i : i + 1] for k, v in x.items()})
+        torch.testing.assert_close(mixed[i : i + 1], single, **TOL)
