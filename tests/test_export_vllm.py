@@ -171,7 +171,8 @@ def test_dora_becomes_a_truncated_svd_lora_with_the_reported_error(tmp_path):
 @pytest.mark.parametrize(
     "method,opts,true_rank",
     [("loha", dict(r=2, targets=["q_proj"]), 4), ("lokr", dict(r=2, targets=["q_proj"]), None),
-     ("vera", dict(r=4, targets=["q_proj"]), 4), ("ia3", dict(), None)],
+     ("vera", dict(r=4, targets=["q_proj"]), 4), ("ia3", dict(), None), ("oft", dict(), None),
+     ("road", dict(group_size=16), None)],
 )  # fmt: skip
 def test_mergeable_methods_convert_exactly_at_full_rank(method, opts, true_rank, tmp_path):
     model, adapters = _adapted("llama", method, init_weights=False, **opts)

@@ -11,7 +11,7 @@ constraint                     what this module does
 ``--max-lora-rank`` is one of  every module is exported at one rank ``r`` from :data:`MAX_LORA_RANKS`: factors are
 ``1 8 16 32 64 128 256 320``   zero-padded (``A' = [A; 0]``, ``B' = [B, 0]``, so ``B' A' = B A``: outputs unchanged)
 ``512``; ``r <= max``          and ``lora_alpha`` is set so that ``lora_alpha / r`` is the adapter's scaling
-``use_dora`` must be false     DoRA and every other mergeable method (LoHa, LoKr, VeRA, (IA)^3, unions of them):
+``use_dora`` must be false     DoRA and every other mergeable method (LoHa, LoKr, VeRA, (IA)^3, OFT, RoAd, unions):
                                truncated SVD of the module's weight change ``ΔW`` at ``rank`` (Eckart-Young: the
                                best rank-``rank`` approximation), with ``||ΔW - s B A||_F / ||ΔW||_F`` reported
 ``modules_to_save`` null       adapter-owned head copies are refused
