@@ -1,0 +1,119 @@
+"""peft interop for BOFT (``peft_type: "BOFT"``); dispatched from ``formats/peft.py``.
+
+Layout (peft 0.21): ``adapter_config.json`` with ``boft_block_size``, ``boft_block_num``,
+``boft_n_butterfly_factor``, ``boft_dropout``, ``init_weights``, ``target_modules``, ``modules_to_save``
+(``bias`` must be ``"none"``); ``adapter_model.safetensors`` with, per adapted module:
+
+=========================================  ==========================  =====================
+key                                        shape                       adapterkit tensor
+=========================================  ==========================  =====================
+``base_model.model.<module path>.boft_R``  ``(m, D, b, b)``            ``BOFTLayer.boft_R``
+``base_model.model.<module path>.boft_s``  ``(out, 1)``; conv ``(1, out)``  ``BOFTLayer.boft_s``
+``base_model.model.<head>.<param>``        head                        ``HeadCopy``
+=========================================  ==========================  =====================
+
+peft 0.21 without its CUDA extension (every CPU machine) trains and saves ``m = 1`` butterfly factor whatever its
+config's ``boft_n_butterfly_factor`` says; such files load here as that one-factor model (what peft computed), with
+a warning. Conversely, our exports with ``m > 1`` load only in a peft that has the extension (a CPU peft refuses
+their ``boft_R`` shape). peft has no BOFT for GPT-2 ``Conv1D``: exporting an adapter on one is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from ..component import Component
+from ..methods.boft import BOFT
+from ..targeting import base_modules
+from ._peft_sites import check_sites, head_state, install_planned, split_state
+from .io import AdapterFileError, import_checked, read_adapter, require_float
+from .peft import PREFIX, Fields, adapter_task_type, write
+from .peft_oft import check_bias, refuse_conv1d
+
+PEFT_TYPE = "BOFT"
+METHOD = "boft"
+
+
+def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
+    record = ctl._record(name)
+    cfg = record.config
+    assert isinstance(cfg, BOFT)
+    tensors = {}
+    targets, heads = [], []
+    for site, comp in ctl.components(name).items():
+        if record.kinds[site] == "head":
+            heads.append(site)
+            tensors.update(head_state(site, comp))
+            continue
+        refuse_conv1d(ctl, name, site, PEFT_TYPE)
+        targets.append(site)
+        tensors[f"{PREFIX}{site}.boft_R"] = comp.boft_R.detach().contiguous()
+        tensors[f"{PREFIX}{site}.boft_s"] = comp.boft_s.detach().contiguous()
+    config = {
+        "peft_type": PEFT_TYPE,
+        "task_type": adapter_task_type(ctl, name),
+        "base_model_name_or_path": getattr(ctl.model, "name_or_path", None) or None,
+        "boft_block_size": cfg.boft_block_size,
+        "boft_block_num": cfg.boft_block_num,
+        "boft_n_butterfly_factor": cfg.boft_n_butterfly_factor,
+        "boft_dropout": cfg.boft_dropout,
+        "target_modules": sorted(targets),
+        "exclude_modules": None,
+        "modules_to_save": heads or None,
+        "init_weights": cfg.init_weights,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "inference_mode": True,
+    }
+    write(path, tensors, config)
+
+
+def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: bool, activate: bool) -> str:
+    directory = Path(path)
+    data, raw = read_adapter(directory, "adapter_model", allow_pickle=allow_pickle)
+    fields = Fields(data, directory)
+    check_bias(fields)
+    name = name or "default"
+    ctl._check_new_name(name)
+    modules = base_modules(ctl.model)
+    head_sel = fields.names("modules_to_save")
+    per_site, heads = split_state(raw, modules, {"boft_R": "boft_R", "boft_s": "boft_s"}, head_sel, directory)
+    check_sites(list(per_site) + list(heads), modules, path, ctl.model)
+    if not per_site:
+        raise AdapterFileError(f"{directory} holds no BOFT tensors (keys ending in '.boft_R' and '.boft_s')")
+    require_float({f"{s}.{k}": v for s, state in per_site.items() for k, v in state.items()}, directory)
+    factors = fields.integer("boft_n_butterfly_factor", 1)
+    stored = {
+        state["boft_R"].shape[0] for state in per_site.values() if "boft_R" in state and state["boft_R"].dim() == 4
+    }
+    if len(stored) == 1 and (held := stored.pop()) != factors:
+        if held != 1:
+            raise AdapterFileError(
+                f"{directory}: boft_R holds {held} butterfly factors but the config says boft_n_butterfly_factor="
+                f"{factors}"
+            )
+        warnings.warn(
+            f"{directory}: boft_n_butterfly_factor={factors} in the config, but boft_R holds 1 factor (peft without "
+            "its CUDA extension trains one); loading the one-factor model peft computed",
+            stacklevel=3,
+        )
+        factors = 1
+    cfg = fields.build(
+        BOFT,
+        boft_block_size=fields.integer("boft_block_size", 4, minimum=0),
+        boft_block_num=fields.integer("boft_block_num", 0, minimum=0),
+        boft_n_butterfly_factor=factors,
+        boft_dropout=fields.number("boft_dropout", 0.0),
+        targets=tuple(per_site),
+        heads=tuple(heads),
+    )
+
+    def load_into(site: str, kind: str, comp: Component, module: Any) -> None:
+        import_checked(comp, heads[site] if kind == "head" else per_site[site], module)
+
+    return install_planned(ctl, name, cfg, path, load_into, activate=activate)
