@@ -157,6 +157,25 @@ def test_replica_answers_as_the_server_and_detaches_what_ray_evicts(files):
         srv.stop()
 
 
+def test_bad_arguments_are_refused_before_ray_starts():
+    from adapterkit.serve.ray_deploy import app_builder, build_app
+
+    with pytest.raises(ValueError, match="model=PATH is required"):
+        app_builder({"adapters": "x"})
+    with pytest.raises(ValueError, match="unknown argument 'replicas'"):
+        app_builder({"model": "m", "replicas": "2"})
+    with pytest.raises(ValueError, match="num_replicas must be at least 1"):
+        build_app("m", num_replicas=0)
+    with pytest.raises(ValueError, match="max_adapters_per_replica must be at least 1"):
+        build_app("m", max_adapters_per_replica=0)
+    with pytest.raises(ValueError, match="allow_runtime_adapter_updates is not supported"):
+        build_app("m", allow_runtime_adapter_updates=True)
+    with pytest.raises(ValueError, match="port is Ray's to set"):
+        build_app("m", port=8000)
+    with pytest.raises(ValueError, match="drain_timeout must be at least 0"):
+        build_app("m", drain_timeout=-1)
+
+
 # --- two replicas on Ray Serve -------------------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
@@ -206,7 +225,7 @@ def test_two_ray_replicas_equal_the_single_server(files, monkeypatch):
     import ray
     from ray import serve
 
-    from adapterkit.serve.ray_deploy import build_app
+    from adapterkit.serve.ray_deploy import app_builder
 
     base = str(files["model"])
     jobs = _requests(base)
@@ -223,8 +242,9 @@ def test_two_ray_replicas_equal_the_single_server(files, monkeypatch):
     ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": http})
-        app = build_app(files["model"], adapters_dir=files["adapters"], api_key=KEY, num_replicas=2,
-                        max_adapters_per_replica=2, cpus_per_replica=1)  # fmt: skip
+        # the arguments of `serve run adapterkit.serve.ray_deploy:app_builder key=value ...`
+        app = app_builder({"model": base, "adapters": str(files["adapters"]), "api_key": KEY, "num_replicas": "2",
+                           "max_adapters_per_replica": "2", "cpus_per_replica": "1", "drain_timeout": "5"})  # fmt: skip
         serve.run(app, name="adapterkit", route_prefix="/")
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{http}/v1", api_key=KEY, max_retries=0, timeout=60)
 

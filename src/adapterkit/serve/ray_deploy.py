@@ -213,7 +213,7 @@ class ReplicaServer:
 
 
 def _replica_deployment(
-    max_adapters: int, max_running: int, max_queue: int, num_replicas: int, cpus: float
+    max_adapters: int, max_running: int, max_queue: int, num_replicas: int, cpus: float, drain_timeout: float
 ) -> Any:
     from ray import serve
 
@@ -265,6 +265,7 @@ def _replica_deployment(
         ray_actor_options={"num_cpus": cpus},
         max_ongoing_requests=max_running,  # more wait in Ray's queue and go to whichever replica frees first
         max_queued_requests=max_queue,  # waiting at the ingress; past it the ingress answers 429
+        graceful_shutdown_timeout_s=drain_timeout,  # in-flight requests finish before a replica stops
     )
 
 
@@ -334,12 +335,15 @@ def build_app(
     max_adapters_per_replica: int = 8,
     cpus_per_replica: float = 1.0,
     threads: int | None = None,
+    drain_timeout: float = 30.0,
     **server_kwargs: Any,
 ) -> Any:
     """The Ray Serve application (``serve.run(build_app(...))``): ``num_replicas`` replicas of ``adapterkit
     serve`` for base ``model`` (a path every node can read), each holding at most ``max_adapters_per_replica``
     adapters in Ray's multiplexing LRU, behind one ingress. ``cpus_per_replica``: Ray CPUs reserved per replica;
-    ``threads``: torch threads per replica (default: ``cpus_per_replica`` rounded, at least 1).
+    ``threads``: torch threads per replica (default: ``cpus_per_replica`` rounded, at least 1);
+    ``drain_timeout``: seconds in-flight requests get to finish when a replica stops (Ray's
+    ``graceful_shutdown_timeout_s``).
     ``server_kwargs``: :class:`~adapterkit.serve.Server`'s (``adapters_dir``, ``adapters``, ``api_key``,
     ``dtype``, ``max_running``, ``max_queue``, ``max_active_adapters``, ``adapter_pool_mb``)."""
     if num_replicas < 1:
@@ -350,7 +354,9 @@ def build_app(
         raise ValueError(
             "allow_runtime_adapter_updates is not supported behind Ray Serve (see docs/serving_ray.md)"
         )
-    for key in ("host", "port", "drain_timeout"):
+    if drain_timeout < 0:
+        raise ValueError(f"drain_timeout must be at least 0, got {drain_timeout}")
+    for key in ("host", "port"):
         if key in server_kwargs:
             raise ValueError(f"{key} is Ray's to set behind Ray Serve (serve.start(http_options=...)); drop it")
     for key in ("adapters_dir",):
@@ -366,19 +372,22 @@ def build_app(
     max_queue = int(server_kwargs.get("max_queue", 256))
     threads = threads if threads is not None else max(1, round(cpus_per_replica))
     kwargs = {**server_kwargs, "threads": threads, "base_name": base_name}
-    replica = _replica_deployment(max_adapters_per_replica, max_running, max_queue, num_replicas, cpus_per_replica)
+    replica = _replica_deployment(
+        max_adapters_per_replica, max_running, max_queue, num_replicas, cpus_per_replica, drain_timeout
+    )
     ingress = _ingress_deployment(num_replicas * (max_running + max_queue))
     return ingress.bind(replica.bind(path, kwargs), base_name)
 
 
 _INT = ("num_replicas", "max_adapters_per_replica", "threads", "max_running", "max_queue", "max_active_adapters")
-_FLOAT = ("cpus_per_replica", "adapter_pool_mb")
+_FLOAT = ("cpus_per_replica", "adapter_pool_mb", "drain_timeout")
 _STR = ("adapters", "api_key", "dtype")
 
 
 def app_builder(args: dict[str, str]) -> Any:
     """For ``serve run adapterkit.serve.ray_deploy:app_builder model=PATH [adapters=DIR] [num_replicas=2]
-    [max_adapters_per_replica=8] [cpus_per_replica=1] [threads=N] [api_key=KEY] [dtype=auto] [max_running=32]
+    [max_adapters_per_replica=8] [cpus_per_replica=1] [threads=N] [drain_timeout=30] [api_key=KEY] [dtype=auto]
+    [max_running=32]
     [max_queue=256] [max_active_adapters=8] [adapter_pool_mb=MB] [adapter.NAME=PATH ...]`` (or a config
     file's ``args``)."""
     args = dict(args)
