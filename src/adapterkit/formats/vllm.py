@@ -232,10 +232,11 @@ def _scratch(module: nn.Module) -> nn.Module:
 
 
 def _weight_change(comp: Component, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(ΔW, Δb)`` of a mergeable component, float64, ΔW in the backend's canonical layout: a copy of the
-    component is merged into a scratch copy of the module and the result compared with the original weight (for
-    PiSSA/OLoRA, the weight before attach). Neither the model nor the component changes, so forwards may run
-    meanwhile.
+    """``(ΔW, Δb)`` of a mergeable component, float64, ΔW in the backend's canonical layout.
+
+    A copy of the component is merged into (or, when the adapter is merged, unmerged from) a scratch copy of the
+    module, and the merged weight compared with the unmerged one; for PiSSA/OLoRA the reference is the weight
+    before attach (``_original``). Neither the model nor the component changes, so forwards may run meanwhile.
 
     Raises:
         TypeError, ValueError: the component refuses to merge (e.g. (IA)^3 with a zero scale).
@@ -243,14 +244,25 @@ def _weight_change(comp: Component, module: nn.Module) -> tuple[torch.Tensor, to
     backend = backend_for(module)
     scratch = _scratch(module)
     work = copy.deepcopy(comp, {id(module): scratch})  # DoRA's reference to its module -> the scratch copy
+
+    def state(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        bias = getattr(m, "bias", None)
+        w = backend.read(m).detach().double().clone()
+        return w, bias.detach().double().clone() if isinstance(bias, torch.Tensor) else None
+
+    if comp.merged:
+        w1, b1 = state(module)
+        work.unmerge(scratch)
+        w0, b0 = state(scratch)
+    else:
+        w0, b0 = state(module)
+        work.check_merge(scratch)
+        work.merge(scratch)
+        w1, b1 = state(scratch)
     original = getattr(comp, "_original", None)
-    w0 = (original if original is not None else backend.read(module)).detach().double()
-    b0 = scratch.bias.detach().clone() if isinstance(getattr(scratch, "bias", None), torch.Tensor) else None
-    work.check_merge(scratch)
-    work.merge(scratch)
-    dw = backend.read(scratch).detach().double() - w0
-    db = None if b0 is None else scratch.bias.detach().double() - b0
-    return dw, db
+    if original is not None:
+        w0 = original.detach().double()
+    return w1 - w0, None if b0 is None else b1 - b0
 
 
 def _source(comp: Component, method: str) -> str:
@@ -274,8 +286,6 @@ def _plan_site(
             f"{method} puts a {type(comp).__name__} here, which is not a weight change (not mergeable), so it has "
             "no LoRA form; vLLM serves LoRA weight deltas only (serve this adapter with `adapterkit serve`)"
         )
-    if comp.merged:
-        return "the adapter is merged into the base weights: unmerge it first (adapters.unmerge(name))"
     backend = backend_for(module)
     if backend is None or backend.kind == "conv2d":
         return f"a {type(module).__name__}: vLLM has LoRA layers for linear layers and the input embedding only"
