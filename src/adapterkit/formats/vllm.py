@@ -8,7 +8,7 @@ vLLM serves LoRA only (``--enable-lora``). What it reads from a peft directory, 
 =============================  ===================================================================================
 constraint                     what this module does
 =============================  ===================================================================================
-``--max-lora-rank`` is one of  every module is exported at one rank ``r`` from :data:`MAX_LORA_RANKS`: factors are
+``--max-lora-rank`` is one of  one rank ``r >= 8`` of :data:`MAX_LORA_RANKS` for every module: factors are
 ``1 8 16 32 64 128 256 320``   zero-padded (``A' = [A; 0]``, ``B' = [B, 0]``, so ``B' A' = B A``: outputs unchanged)
 ``512``; ``r <= max``          and ``lora_alpha`` is set so that ``lora_alpha / r`` is the adapter's scaling
 ``use_dora`` must be false     DoRA and every other mergeable method (LoHa, LoKr, VeRA, (IA)^3, OFT, RoAd, unions):
@@ -73,8 +73,9 @@ __all__ = [
 ]
 
 MAX_LORA_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-"""The values vLLM's ``--max-lora-rank`` accepts (``MaxLoRARanks`` in ``vllm/config/lora.py``; releases before
-2025 accepted 8-256 only, so ranks 1, 320 and 512 need a recent vLLM)."""
+"""The values vLLM's ``--max-lora-rank`` accepts (``MaxLoRARanks`` in ``vllm/config/lora.py``). Older releases
+offered fewer (``possible_max_ranks``: 8-64, then 8-256, then also 320 and 512; 1 came last), so 320 and 512 need a
+recent vLLM, and :func:`allowed_rank` never picks 1."""
 REPORT = "vllm_export.json"
 """The report written next to the adapter: export rank, scaling and, per module, the rank and relative error."""
 DEFAULT_RANK = 16  # vLLM's default --max-lora-rank: the SVD rank of methods whose config has no ``r``
@@ -170,7 +171,9 @@ class VllmExport:
 
 
 def allowed_rank(rank: int) -> int:
-    """The smallest ``--max-lora-rank`` choice of vLLM that is ``>= rank``.
+    """The smallest ``--max-lora-rank`` choice of vLLM that is ``>= rank``, but at least 8: rank 1 is the newest
+    choice, and padding a rank-1 adapter to 8 (free: vLLM sizes its LoRA slots by ``--max-lora-rank`` anyway)
+    keeps the file loadable by every release.
 
     Raises:
         ValueError: ``rank`` is not a positive integer or exceeds vLLM's largest choice (512).
@@ -178,7 +181,7 @@ def allowed_rank(rank: int) -> int:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"the LoRA rank must be a positive integer, got {rank!r}")
     for choice in MAX_LORA_RANKS:
-        if choice >= rank:
+        if choice >= max(rank, 8):
             return choice
     raise ValueError(
         f"rank {rank} exceeds vLLM's largest --max-lora-rank ({MAX_LORA_RANKS[-1]}): pass --rank "
@@ -505,8 +508,10 @@ def _notes(model: nn.Module, plans: list[_Plan], rank: int, module: str) -> list
             "LoRA on the input embedding: vLLM applies it only for model classes that declare embed_tokens in "
             "embedding_modules (LLaMA, Mistral, Qwen2, ... do)"
         )
-    if rank in (1, 320, 512):
-        out.append(f"--max-lora-rank {rank} needs a vLLM release of 2025 or later (earlier ones offered 8-256)")
+    if rank > 256:
+        out.append(f"--max-lora-rank {rank} needs a recent vLLM (older releases offered 8-64, later 8-256)")
+    elif rank > 64:
+        out.append(f"--max-lora-rank {rank} needs a vLLM that offers ranks above 64 (the first releases did not)")
     return out
 
 
@@ -551,7 +556,9 @@ def vllm_check(
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         problems.append(f"lora_alpha must be a finite number, got {alpha!r}")
     if data.get("rank_pattern") or data.get("alpha_pattern"):
-        problems.append("rank_pattern/alpha_pattern are set: vLLM releases before their support ignore them")
+        problems.append(
+            "rank_pattern/alpha_pattern are set: older vLLM releases ignore them (one rank, one scaling)"
+        )
     if data.get("modules_to_save"):
         problems.append(f"modules_to_save is {data['modules_to_save']!r}: vLLM only supports modules_to_save None")
     if data.get("use_dora"):
