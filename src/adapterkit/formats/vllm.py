@@ -81,7 +81,8 @@ REPORT = "vllm_export.json"
 DEFAULT_RANK = 16  # vLLM's default --max-lora-rank: the SVD rank of methods whose config has no ``r``
 _INITS_VLLM_TAKES = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")  # PEFTHelper._init_is_supported
 _LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B")
-# architectures whose vLLM implementation has no LoRA support (vLLM's supported-models table: no LoRA mark)
+# architectures whose vLLM implementation has no LoRA support (no LoRA mark in vLLM's supported-models table of
+# v0.4-v0.7, no SupportsLoRA in its gpt2.py)
 _NO_VLLM_LORA = {"GPT2LMHeadModel": "GPT-2"}
 
 
