@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -239,7 +241,9 @@ def test_two_ray_replicas_equal_the_single_server(files, monkeypatch):
 
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     http = _free_port()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
+    env = {"ADAPTERKIT_SERVE_STEP_DELAY": "0.02"}  # the replicas' engines: a stream is still running when left
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False,
+             runtime_env={"env_vars": env})  # fmt: skip
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": http})
         # the arguments of `serve run adapterkit.serve.ray_deploy:app_builder key=value ...`
@@ -286,21 +290,40 @@ def test_two_ray_replicas_equal_the_single_server(files, monkeypatch):
         with pytest.raises(openai.BadRequestError):
             client.completions.create(model="bn", prompt="w1", max_tokens=2, n=2)
 
+        # a client that leaves a stream cancels its request on that replica (finished_reason "abort"; steps take
+        # 20 ms there, so the 55 tokens would take over a second)
+        raw = client.completions.with_raw_response.create(model="lora-a", prompt=PROMPTS[0], max_tokens=55,
+                                                          temperature=0, stream=True)  # fmt: skip
+        stream = raw.parse()
+        assert next(iter(stream)).choices
+        stream.close()
+
+        def aborted() -> bool:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http}/metrics", timeout=30) as r:
+                if r.headers[REPLICA_HEADER] != raw.headers[REPLICA_HEADER]:
+                    return False  # another replica answered
+                m = re.search(
+                    r'request_success_total\{[^}]*finished_reason="abort"[^}]*\} (\S+)', r.read().decode()
+                )
+            return m is not None and float(m.group(1)) >= 1
+
+        assert _wait(aborted, 30)
+
         # Ray's LRU: at most 2 adapters per replica, and only those stay attached to the replica's model
         handle = serve.get_deployment_handle("AdapterReplica", app_name="adapterkit")
         seen: dict[str, dict] = {}
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            info = handle.resident.remote().result(timeout_s=30)
+
+        def settled() -> bool:
+            info = handle.status.remote().result(timeout_s=30)
             seen[info["replica"]] = info
-            if len(seen) == 2 and all(set(i["attached"]) <= set(i["resident"]) for i in seen.values()):
-                break
-            time.sleep(0.1)
-        assert len(seen) == 2, seen
+            return len(seen) == 2 and all(
+                i["busy"] == 0 and set(i["attached"]) <= set(i["resident"]) for i in seen.values()
+            )
+
+        assert _wait(settled, 30), seen
         for info in seen.values():
-            assert 1 <= len(info["resident"]) <= 2 and set(info["attached"]) <= set(info["resident"]), info
-        held = set().union(*(i["resident"] for i in seen.values()))
-        assert held <= set(ADAPTERS)
+            assert 1 <= len(info["resident"]) <= 2, info
+        assert set().union(*(i["resident"] for i in seen.values())) <= set(ADAPTERS)
     finally:
         try:
             serve.shutdown()

@@ -243,11 +243,14 @@ def _replica_deployment(
                     first = False
                 yield item
 
-        def resident(self) -> dict[str, Any]:
-            """This replica's id, the adapters Ray counts on it, and those attached to its model."""
-            pool = self.impl.pool
+        def status(self) -> dict[str, Any]:
+            """This replica's id, the adapters Ray counts on it, those attached to its model, and its requests
+            in the engine (running + waiting)."""
+            pool, engine = self.impl.pool, self.impl.server.engine
             attached = sorted(e.name for e in pool.listing() if e.attached)
-            return {"replica": self.replica_id, "resident": pool.resident(), "attached": attached}
+            with engine.cond:
+                busy = len(engine.running) + len(engine.waiting)
+            return {"replica": self.replica_id, "resident": pool.resident(), "attached": attached, "busy": busy}
 
         def check_health(self) -> None:
             dead = self.impl.server.engine.dead
@@ -273,6 +276,9 @@ def _ingress_deployment(max_ongoing: int) -> Any:
     from ray import serve
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response, StreamingResponse
+
+    def error(status: int, message: str, kind: str) -> dict[str, Any]:
+        return {"error": {"message": message, "type": kind, "param": None, "code": None}}
 
     class AdapterIngress:
         """Reads the OpenAI ``model`` field and forwards the request to a replica holding that adapter."""
@@ -300,10 +306,12 @@ def _ingress_deployment(max_ongoing: int) -> Any:
             try:
                 status, raw = await gen.__anext__()
             except BackPressureError:
-                return JSONResponse(
-                    {"error": {"message": "too many waiting requests; retry later", "type": "rate_limit_error",
-                               "param": None, "code": None}}, status_code=429, headers={"Retry-After": "1"},
-                )  # fmt: skip
+                body = error(429, "too many waiting requests; retry later", "rate_limit_error")
+                return JSONResponse(body, status_code=429, headers={"Retry-After": "1"})
+            except Exception as e:  # the replica failed (Ray restarts it): OpenAI's schema, not Ray's text
+                log.exception("replica call failed")
+                body = error(503, f"the replica failed: {type(e).__name__}", "service_unavailable_error")
+                return JSONResponse(body, status_code=503)
             headers = {
                 k.decode("latin-1"): v.decode("latin-1")
                 for k, v in raw
@@ -316,6 +324,11 @@ def _ingress_deployment(max_ongoing: int) -> Any:
                     try:
                         async for chunk in gen:
                             yield chunk
+                        done = True
+                    except Exception as e:  # the replica failed mid-stream: an error event, as the server's
+                        log.exception("replica stream failed")
+                        failed = error(503, f"the replica failed: {type(e).__name__}", "service_unavailable_error")
+                        yield f"data: {json.dumps(failed)}\n\ndata: [DONE]\n\n".encode()
                         done = True
                     finally:
                         if not done:  # the client went away: cancel the replica's request (frees its row)
