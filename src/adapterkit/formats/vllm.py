@@ -295,7 +295,13 @@ def _plan_site(
         return f"a {type(module).__name__}: vLLM has LoRA layers for linear layers and the input embedding only"
     embedding = backend.kind == "embedding"
     if embedding:
-        if module is not model.get_input_embeddings():
+        token_embedding = _embeddings(model, input=True)
+        if token_embedding is None:
+            return (
+                f"an embedding of a {type(model).__name__}, which does not name its token embedding "
+                "(get_input_embeddings); vLLM puts LoRA on the token embedding (embed_tokens) only"
+            )
+        if module is not token_embedding:
             return (
                 f"an embedding other than the input embedding ({type(module).__name__}); vLLM puts LoRA on the "
                 "token embedding (embed_tokens) only"
@@ -351,6 +357,15 @@ def truncated_svd(M: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         torch.manual_seed(0)
         U, S, V = torch.svd_lowrank(M, q=q, niter=6)
     return V[:, :k].t().contiguous(), U[:, :k] * S[:k]
+
+
+def _embeddings(model: nn.Module, *, input: bool) -> nn.Module | None:
+    """The model's input (or output) embedding module, None for models that do not say (not transformers)."""
+    get = getattr(model, "get_input_embeddings" if input else "get_output_embeddings", None)
+    try:
+        return get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        return None
 
 
 def _default_rank(cfg: Any) -> int:
@@ -497,8 +512,8 @@ def _notes(model: nn.Module, plans: list[_Plan], rank: int, module: str) -> list
             f"vLLM's {_NO_VLLM_LORA[arch]} implementation ({arch}) is not marked as supporting LoRA in vLLM's "
             "supported-models table: vLLM may refuse --enable-lora for this base (peft and LoRAX load the file)"
         )
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    heads = [p.site for p in plans if output is not None and base_modules(model).get(p.site) is output]
+    output, modules = _embeddings(model, input=False), base_modules(model)
+    heads = [p.site for p in plans if output is not None and modules.get(p.site) is output]
     if heads:
         out.append(
             f"LoRA on the output projection {heads[0]!r}: vLLM applies it only for model classes that declare it "
@@ -637,7 +652,7 @@ def _check_module(
     backend = backend_for(module)
     kind = backend.kind if backend is not None else None
     if embedding:
-        if kind != "embedding" or module is not model.get_input_embeddings():
+        if kind != "embedding" or module is not _embeddings(model, input=True):
             return [f"{name}: lora_embedding_* on a module that is not the input embedding"]
         vocab = getattr(getattr(model, "config", None), "vocab_size", module.num_embeddings)
         if A.shape[1] != vocab:
