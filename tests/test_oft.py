@@ -25,12 +25,13 @@ from torch import nn
 
 import adapterkit as ak
 from adapterkit.formats import AdapterFileError
+from adapterkit.methods.boft import BOFTLayer, butterfly_perm
 from adapterkit.methods.oft import OFTLayer, adjust_block, cayley_exact, cayley_neumann, skew
 
 from conftest import make_inputs, make_model, output_of
 
 peft = pytest.importorskip("peft")
-from peft import OFTConfig, PeftModel, get_peft_model  # noqa: E402
+from peft import BOFTConfig, OFTConfig, PeftModel, get_peft_model  # noqa: E402
 
 warnings.filterwarnings("ignore", module="peft")
 warnings.filterwarnings("ignore", message="OFT .* does not divide")
@@ -169,7 +170,11 @@ CASES = [
         False,
     ),
 ]
-IDS = [c[0] for c in CASES]
+SLOW = {"t5-share-terms", "t5-three-factors"}  # the slowest cases (T5 encoder-decoder): `make test-slow`
+
+
+def _params(cases: list) -> list:
+    return [pytest.param(*c, id=c[0], marks=pytest.mark.slow if c[0] in SLOW else ()) for c in cases]
 
 
 def peft_reference(pm: nn.Module, x: dict[str, torch.Tensor], unmerged_is_ours: bool) -> torch.Tensor:
@@ -179,7 +184,7 @@ def peft_reference(pm: nn.Module, x: dict[str, torch.Tensor], unmerged_is_ours: 
     return logits(copy.deepcopy(pm).merge_and_unload(), x)
 
 
-@pytest.mark.parametrize(("cid", "family", "make", "ours", "same"), CASES, ids=IDS)
+@pytest.mark.parametrize(("cid", "family", "make", "ours", "same"), _params(CASES))
 def test_oft_peft_to_adapterkit(cid, family, make, ours, same, tmp_path):
     x = inputs_of(family)
     base = logits(model_of(family), x)
@@ -203,7 +208,7 @@ def test_oft_peft_to_adapterkit(cid, family, make, ours, same, tmp_path):
         torch.testing.assert_close(a[k], b[k], **TOL, msg=k)
 
 
-@pytest.mark.parametrize(("cid", "family", "make", "ours", "same"), CASES, ids=IDS)
+@pytest.mark.parametrize(("cid", "family", "make", "ours", "same"), _params(CASES))
 def test_oft_adapterkit_to_peft(cid, family, make, ours, same, tmp_path):
     x = inputs_of(family)
     model = model_of(family)
@@ -478,3 +483,290 @@ def test_oft_peft_files_refused(change, match, tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(AdapterFileError, match=match):
         ak.attach(make_model("llama")).load(tmp_path)
+
+
+# === BOFT ========================================================================================================
+
+
+class _FakeFBD:
+    """peft's CUDA block-diagonal kernel (``fbd_cuda``) in plain torch: without it, peft forces one butterfly factor.
+    ``forward((N, D, H, H)) -> [(N, D·H, D·H)]``, ``backward`` returns the diagonal blocks of the gradient."""
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> list[torch.Tensor]:
+        return [torch.stack([torch.block_diag(*blocks) for blocks in x])]
+
+    @staticmethod
+    def backward(grad: torch.Tensor, x: torch.Tensor) -> list[torch.Tensor]:
+        N, D, H, _ = x.shape
+        return [
+            torch.stack(
+                [
+                    torch.stack([grad[n, d * H : (d + 1) * H, d * H : (d + 1) * H] for d in range(D)])
+                    for n in range(N)
+                ]
+            )
+        ]
+
+
+@pytest.fixture
+def butterfly(monkeypatch):
+    """Let peft run several butterfly factors on CPU (its CUDA kernel replaced by :class:`_FakeFBD`)."""
+    import peft.tuners.boft.layer as boft_layer
+
+    monkeypatch.setattr(boft_layer, "_FBD_CUDA", _FakeFBD())
+
+
+# (id, family, peft config factory, ours, needs peft's butterfly kernel)
+BOFT_CASES = [
+    (
+        "llama-butterfly",
+        "llama",
+        lambda: BOFTConfig(
+            boft_block_size=4,
+            boft_n_butterfly_factor=2,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            init_weights=False,
+        ),
+        ak.BOFT(boft_block_size=4, boft_n_butterfly_factor=2, targets=["attn.q", "attn.v", "ffn.down"]),
+        True,
+    ),
+    (
+        "bert-blocknum",
+        "bert",
+        lambda: BOFTConfig(
+            boft_block_num=4,
+            boft_block_size=0,
+            target_modules=["query", "value", "intermediate.dense"],
+            init_weights=False,
+        ),
+        ak.BOFT(boft_block_num=4, boft_block_size=0, targets=["attn.q", "attn.v", "ffn.up"]),
+        False,
+    ),
+    (
+        "t5-three-factors",
+        "t5",
+        lambda: BOFTConfig(
+            boft_block_size=4, boft_n_butterfly_factor=3, target_modules=["q", "v"], init_weights=False
+        ),
+        ak.BOFT(boft_block_size=4, boft_n_butterfly_factor=3),
+        True,
+    ),
+    (
+        "vit-conv2d",
+        "vit",
+        lambda: BOFTConfig(
+            boft_block_size=4,
+            boft_n_butterfly_factor=2,
+            target_modules=["projection", "v_proj"],
+            init_weights=False,
+        ),
+        ak.BOFT(boft_block_size=4, boft_n_butterfly_factor=2, targets=["embed", "attn.v"]),
+        True,
+    ),
+    (
+        "cnn",
+        "cnn",
+        lambda: BOFTConfig(boft_block_size=4, target_modules=["conv1", "conv2", "fc"], init_weights=False),
+        ak.BOFT(boft_block_size=4, targets=["conv1", "conv2", "fc"]),
+        False,
+    ),
+    (
+        "bert-heads",
+        "bert",
+        lambda: BOFTConfig(target_modules=["query", "value"], modules_to_save=["classifier"], init_weights=False),
+        ak.BOFT(heads=["head"]),
+        False,
+    ),
+]
+
+
+@pytest.mark.parametrize(("cid", "family", "make", "ours", "kernel"), _params(BOFT_CASES))
+def test_boft_peft_to_adapterkit(cid, family, make, ours, kernel, tmp_path, request):
+    if kernel:
+        request.getfixturevalue("butterfly")
+    x = inputs_of(family)
+    base = logits(model_of(family), x)
+    pm = get_peft_model(model_of(family), make()).eval()
+    perturb(trainable(pm))
+    expected = logits(pm, x)
+    nontrivial(expected, base)
+    pm.save_pretrained(str(tmp_path))
+    model = model_of(family)
+    adapters = ak.attach(model)
+    assert adapters.load(tmp_path) == "default"
+    torch.testing.assert_close(logits(model, x), expected, **TOL)
+    assert adapters.config("default").replace(targets=None, heads=()) == ours.replace(targets=None, heads=())
+    merged_theirs = pm.merge_and_unload()
+    merged_ours = adapters.merge_and_detach()
+    a, b = merged_ours.state_dict(), merged_theirs.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], **TOL, msg=k)
+
+
+@pytest.mark.parametrize(("cid", "family", "make", "ours", "kernel"), _params(BOFT_CASES))
+def test_boft_adapterkit_to_peft(cid, family, make, ours, kernel, tmp_path, request):
+    if kernel:
+        request.getfixturevalue("butterfly")
+    x = inputs_of(family)
+    model = model_of(family)
+    base = logits(model, x)
+    adapters = ak.attach(model)
+    torch.manual_seed(0)
+    adapters.add("a", ours.replace(init_weights=False))
+    perturb(adapters.parameters("a"))
+    expected = logits(model, x)
+    nontrivial(expected, base)
+    adapters.export("a", tmp_path, format="peft")
+    pm = PeftModel.from_pretrained(model_of(family), str(tmp_path)).eval()
+    torch.testing.assert_close(logits(pm, x), expected, **TOL)
+    adapters.merge("a")
+    torch.testing.assert_close(logits(model, x), expected, **TOL)
+    adapters.unmerge("a")
+    torch.testing.assert_close(logits(model, x), expected, **TOL)
+
+
+def test_cpu_peft_one_factor_file_loads_as_one_factor(tmp_path):
+    """peft without its CUDA kernel trains one factor whatever the config says; we load what it computed."""
+    x = make_inputs("llama")
+    pm = get_peft_model(
+        make_model("llama"),
+        BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2, target_modules=["q_proj"], init_weights=False),
+    ).eval()
+    expected = logits(pm, x)
+    pm.save_pretrained(str(tmp_path))
+    adapters = ak.attach(model := make_model("llama"))
+    with pytest.warns(UserWarning, match="holds 1 factor"):
+        adapters.load(tmp_path)
+    assert adapters.config("default").boft_n_butterfly_factor == 1
+    torch.testing.assert_close(logits(model, x), expected, **TOL)
+
+
+def _perm_matrix(perm: list[int]) -> torch.Tensor:
+    p = torch.zeros(len(perm), len(perm))
+    p[torch.arange(len(perm)), torch.tensor(perm)] = 1.0
+    return p
+
+
+def test_boft_equation():
+    """BOFT §4: ``B = M_{m-1} ··· M_0`` with ``M_i = P_i blockdiag(R_i) P_iᵀ``, ``R = (I - S)(I + S)⁻¹`` for the skew
+    part ``S``; ``y = s ⊙ ((x B) Wᵀ) + b`` for row vectors, ``B`` orthogonal; merged ``W ← s ⊙ (W Bᵀ)``."""
+    model, adapters, comp = _one(ak.BOFT(boft_block_size=2, boft_n_butterfly_factor=3), nn.Linear(24, 20))
+    lin = model[0]
+    assert isinstance(comp, BOFTLayer) and tuple(comp.boft_R.shape) == (3, 12, 2, 2)
+    with torch.no_grad():
+        perturb([comp.boft_R], scale=0.5)
+        eye = torch.eye(2)
+        factors = []
+        for i in range(3):
+            a = comp.boft_R[i]
+            s = 0.5 * (a - a.transpose(-2, -1))
+            blocks = (eye - s) @ torch.linalg.inv(eye + s)
+            P = _perm_matrix(butterfly_perm(24, 12 // 2**i, 1, 2))
+            factors.append(P @ torch.block_diag(*blocks) @ P.T)
+        B = factors[2] @ factors[1] @ factors[0]
+        torch.testing.assert_close(B.T @ B, torch.eye(24), atol=1e-5, rtol=0)
+        assert (B.abs() > 1e-6).sum() > 3 * 24  # the butterfly mixes more than one block's features
+        x = torch.randn(3, 24)
+        s = comp.boft_s.reshape(-1)
+        torch.testing.assert_close(model(x), (x @ B @ lin.weight.T) * s + lin.bias, atol=1e-5, rtol=1e-5)
+        W = lin.weight.clone()
+        adapters.merge("a")
+        torch.testing.assert_close(lin.weight, (W @ B.T) * s[:, None], atol=1e-5, rtol=1e-5)
+        adapters.unmerge("a")
+        torch.testing.assert_close(lin.weight, W, atol=1e-6, rtol=1e-5)
+
+
+def test_butterfly_perm_is_peft_s():
+    from peft.tuners.boft.layer import BOFTLayer as PeftBOFTLayer
+
+    for n, blocks, r, extra in [
+        (24, 12, 1, 2),
+        (24, 6, 1, 2),
+        (32, 8, 2, 1),
+        (32, 4, 2, 1),
+        (64, 4, 4, 2),
+        (48, 6, 2, 1),
+    ]:
+        assert (
+            butterfly_perm(n, blocks, r, extra)
+            == PeftBOFTLayer.block_butterfly_perm(None, n, blocks, r, extra).tolist()
+        )
+
+
+def test_boft_routing_is_batched(monkeypatch):
+    model = make_model("llama")
+    adapters = ak.attach(model)
+    cfg = ak.BOFT(boft_block_size=4, boft_n_butterfly_factor=2, targets=["attn.q", "ffn.down"], init_weights=False)
+    torch.manual_seed(0)
+    adapters.add("a", cfg)
+    adapters.add("b", cfg.replace(targets=["attn.q"]))
+    rows = ["a", None, "b", "a", "b"]
+    x = make_inputs("llama", batch=len(rows))
+    singles = []
+    for i, name in enumerate(rows):
+        with adapters.use(name):
+            singles.append(logits(model, {k: v[i : i + 1] for k, v in x.items()}))
+
+    def no_fallback(self, *args):
+        raise AssertionError("per-adapter fallback used")
+
+    monkeypatch.setattr(BOFTLayer, "pre", no_fallback)
+    monkeypatch.setattr(BOFTLayer, "post", no_fallback)
+    with adapters.route(rows):
+        mixed = logits(model, x)
+    torch.testing.assert_close(mixed, torch.cat(singles), **TOL)
+
+
+def test_boft_training_dropout_equals_peft_s(tmp_path):
+    """Same seed, same blocks dropped (peft's draws: ``randint`` for the factor, then ``randperm``)."""
+
+    class MLP(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up = nn.Linear(24, 36)
+            self.down = nn.Linear(36, 24)
+
+        def forward(self, x):
+            return self.down(torch.relu(self.up(x)))
+
+    torch.manual_seed(0)
+    pm = get_peft_model(
+        MLP(), BOFTConfig(boft_block_size=4, boft_dropout=0.5, target_modules=["up", "down"], init_weights=False)
+    )
+    perturb(trainable(pm), scale=0.3)
+    pm.save_pretrained(str(tmp_path))
+    torch.manual_seed(0)
+    model = MLP()
+    adapters = ak.attach(model)
+    adapters.load(tmp_path, name="a")
+    pm.train()
+    model.train()
+    x = torch.randn(5, 24)
+    outs = set()
+    for step in range(6):
+        torch.manual_seed(step)
+        expected = pm(x)
+        torch.manual_seed(step)
+        got = model(x)
+        torch.testing.assert_close(got, expected, **TOL)
+        outs.add(round(got.sum().item(), 4))
+    assert len(outs) > 1
+
+
+def test_bad_boft_configs_and_sizes():
+    for bad in (
+        lambda: ak.BOFT(boft_block_num=4),  # both
+        lambda: ak.BOFT(boft_block_size=0),
+        lambda: ak.BOFT(boft_n_butterfly_factor=0),
+        lambda: ak.BOFT(boft_dropout=1.0),
+    ):
+        with pytest.raises(ValueError):
+            bad()
+    with pytest.raises(ValueError, match="not divisible by boft_block_size=5"):
+        _one(ak.BOFT(boft_block_size=5), nn.Linear(24, 8))
+    with pytest.raises(ValueError, match="multiple of boft_block_size"):
+        _one(ak.BOFT(boft_block_size=4, boft_n_butterfly_factor=4), nn.Linear(24, 8))
+    with pytest.raises(ValueError, match="groups=2"):
+        _one(ak.BOFT(), nn.Conv2d(4, 4, 3, groups=2))
