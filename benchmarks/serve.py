@@ -1,63 +1,324 @@
 #!/usr/bin/env python
-"""``adapterkit serve`` under open-loop load (first step of issue 15's benchmark; systems still to add: a naive peft
-server and a merge-swap server behind the same front end).
+"""``adapterkit serve`` against a naive peft server and a merge-swap server under open-loop load (issue 15).
 
-A LLaMA-style model (random init) and ``--adapters`` LoRA adapters (ranks cycling through 8, 16, 32) are saved to
-a temporary directory and served in-process on 127.0.0.1. Requests arrive as a Poisson process (``--rate`` per
-second, open loop: one client thread per request, the real ``openai`` client, streamed so TTFT and inter-token
-latency are seen by the client); request ``i`` names adapter ``k`` with probability ∝ ``k^-s`` (Zipf, ``--zipf``).
-Prompts have ``--prompt`` tokens, outputs ``--output`` tokens (no EOS in the random model's config).
+Every system runs behind the **same** HTTP front end (``adapterkit.serve.api.create_app``: validation,
+tokenization, SSE streaming) and is driven by the same client (``openai.AsyncOpenAI``, streamed, so TTFT and
+inter-token latency are seen by the client). Each system serves from its **own subprocess** (its peak RSS is its
+own: ``VmHWM``), the load generator is this process.
 
 Systems:
 
-* ``ours``: continuous batching, rows of different adapters in one routed forward;
-* ``base``: the same requests sent to the base model (the ceiling);
-* ``fifo``: ours with ``--max-running 1`` (one request at a time: what a server without batching does).
+* ``ours``: adapterkit's engine: continuous batching, rows of different adapters in one routed forward;
+* ``base``: the same arrival process sent to the base model through our engine (the ceiling; it does not depend
+  on the adapters, so it runs once and serves as the reference of every configuration);
+* ``peft``: a naive peft server (``benchmarks/serve_baselines.py``: ``PeftModel`` with every LoRA adapter,
+  FIFO, one request at a time, ``set_adapter`` per request, greedy decode with a KV cache);
+* ``merge``: a merge-swap server (same-adapter static batches on merged weights, unmerged on a switch).
 
-Reports per system: throughput (requests/s, output tokens/s), TTFT, inter-token and end-to-end latency p50/p99.
+Workload: a LLaMA-style model (random init, ``--hidden``, ``--layers``); configurations ``N`` LoRA adapters
+(``--adapters``, ranks cycling through 8, 16, 32, all linear layers) with Zipf popularity ``p_i ∝ i^-s``
+(``--zipf``); plus ``--mixed`` adapters cycling through LoRA, a bottleneck (``seq_bn``) and (IA)^3 (ours and base
+only: the baselines serve LoRA through peft). Requests arrive as a Poisson process; prompts of ``--prompt`` tokens
+(random words, one per token), ``--output`` generated tokens (the random model has no EOS). The rate starts at
+``--rate-start`` and doubles until throughput stops rising (< ``--rise`` times the best so far) or the p99
+end-to-end latency exceeds ``--explode`` times the first point's p50 while the offered rate is not kept up with;
+each point sends ``--duration`` seconds of arrivals (``--min-requests``..``--max-requests``). After ``ours``'
+sweep, one more point at half its saturated throughput (the TTFT target's rate) runs for ``ours`` and ``base``.
 
-Quick run::
+Outputs ``--out`` + ``.md`` (tables, targets, command, versions, load averages), ``.json`` (every point) and
+``.png`` (latency against request rate).
 
-    .venv/bin/python benchmarks/serve.py --hidden 128 --layers 2 --adapters 8 --requests 16 --rate 8 --output 8
+Full run (about 20 minutes on 2 cores)::
+
+    .venv/bin/python benchmarks/serve.py --out benchmarks/results/serve
+
+Smoke run (tests/test_serve_bench.py)::
+
+    .venv/bin/python benchmarks/serve.py --hidden 64 --layers 2 --adapters 2 --zipf 1 --mixed 3 --prompt 8 \\
+        --output 4 --rate-start 4 --max-points 1 --duration 1 --min-requests 4 --out /tmp/serve_smoke
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import platform
 import random
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+SYSTEMS = ("ours", "base", "peft", "merge")
+RANKS = (8, 16, 32)
 
 
-def build(root: Path, args: argparse.Namespace) -> tuple[Path, Path]:
+# --- files ---------------------------------------------------------------------------------------------------
+def build(root: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Model + tokenizer, ``max(--adapters)`` LoRA adapters natively and in peft's format (same weights), the
+    mixed adapters natively; one directory per configuration holding links to its adapters."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     import adapterkit as ak
 
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     vocab = ["[PAD]", "[UNK]", *[f"w{i}" for i in range(args.vocab - 2)]]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     heads = max(1, args.hidden // 64)
     cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
                       num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=heads,
-                      max_position_embeddings=args.prompt + args.output + 8, eos_token_id=None)  # fmt: skip
+                      max_position_embeddings=args.prompt + args.output + 8, eos_token_id=None,
+                      pad_token_id=0)  # fmt: skip
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(root / "model")
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(
         root / "model"
     )
     adapters = ak.attach(model)
-    for i in range(args.adapters):
+    gen = torch.Generator().manual_seed(args.seed)
+    n_lora = max(args.adapters, default=0)
+    for i in range(n_lora):
         name = f"a{i}"
-        adapters.add(name, ak.LoRA(r=(8, 16, 32)[i % 3], targets="all-linear", init_weights=False))
-        adapters.save(name, root / "adapters" / name)
+        adapters.add(
+            name, ak.LoRA(r=RANKS[i % 3], alpha=2 * RANKS[i % 3], targets="all-linear", init_weights=False)
+        )
+        adapters.save(name, root / "native" / name)
+        adapters.export(name, root / "peft" / name, format="peft")
         adapters.delete(name)
-    return root / "model", root / "adapters"
+    for i in range(args.mixed):
+        name, kind = f"m{i}", i % 3
+        spec: Any = (ak.LoRA(r=RANKS[(i // 3) % 3], targets="all-linear", init_weights=False), "seq_bn",
+                     ak.IA3(init_weights=False))[kind]  # fmt: skip
+        adapters.add(name, spec)
+        if kind == 1:  # the preset starts as an identity (up projection zero): make it act
+            with torch.no_grad():
+                for p in adapters.parameters(name):
+                    p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+        adapters.save(name, root / "native" / name)
+        adapters.delete(name)
+    configs: dict[str, Any] = {}
+    for n in args.adapters:
+        for s in args.zipf if n > 1 else args.zipf[:1]:
+            key = f"lora N={n} s={s:g}" if n > 1 else "lora N=1"
+            configs[key] = {"names": [f"a{i}" for i in range(n)], "zipf": s, "lora_only": True}
+    if args.mixed:
+        configs[f"mixed N={args.mixed} s={args.mixed_zipf:g}"] = {
+            "names": [f"m{i}" for i in range(args.mixed)], "zipf": args.mixed_zipf, "lora_only": False,
+        }  # fmt: skip
+    for key, c in configs.items():
+        for fmt in ("native", "peft") if c["lora_only"] else ("native",):
+            d = root / "dirs" / fmt / key.replace(" ", "_").replace("=", "")
+            d.mkdir(parents=True)
+            for name in c["names"]:
+                (d / name).symlink_to(root / fmt / name, target_is_directory=True)
+            c[fmt] = d
+    return {"model": root / "model", "configs": configs}
+
+
+# --- the server subprocesses ---------------------------------------------------------------------------------
+# Servers (and the file builder) run in processes forked from one multiprocessing fork server that imported torch,
+# transformers, peft and adapterkit once (8 s of CPU each time otherwise) and ran no torch op (OpenMP is not
+# fork-safe after use). Each server is a process of its own: its VmHWM is its own peak RSS.
+PRELOAD = ["torch", "transformers", "peft", "fastapi", "uvicorn", "adapterkit", "adapterkit.serve",
+           "adapterkit.serve.api", "adapterkit.serve.engine", "serve_baselines"]  # fmt: skip
+
+
+def _context() -> Any:
+    import multiprocessing
+
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))  # serve_baselines, for the fork server and its children
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
+def _build_entry(root: Path, args: argparse.Namespace, conn: Any) -> None:
+    try:
+        conn.send(("ok", build(root, args)))
+    except BaseException as e:
+        import traceback
+
+        conn.send(("error", traceback.format_exc()))
+        raise SystemExit(1) from e
+
+
+def build_in_child(root: Path, args: argparse.Namespace) -> dict[str, Any]:
+    ctx = _context()
+    here, there = ctx.Pipe()
+    proc = ctx.Process(target=_build_entry, args=(root, args, there), daemon=True)
+    proc.start()
+    status, value = here.recv()
+    proc.join()
+    if status != "ok":
+        raise RuntimeError(f"building the model and adapters failed:\n{value}")
+    return value
+
+
+def _serve_entry(system: str, model_dir: Path, adapters_dir: Path, args: argparse.Namespace, conn: Any,
+                 log: Path) -> None:  # fmt: skip
+    """Serve ``system`` on 127.0.0.1 (sends the port through ``conn``) until ``conn`` receives anything."""
+    import logging
+
+    import torch
+
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)  # this server's warnings and tracebacks
+    os.dup2(fd, 2)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        torch.set_num_threads(args.threads)
+        if system in ("ours", "base"):
+            from adapterkit.serve import Server
+
+            server: Any = Server(model_dir, adapters_dir=adapters_dir, port=0, max_running=args.max_running,
+                                 max_queue=10**6, max_active_adapters=args.max_active_adapters,
+                                 adapter_pool_mb=args.adapter_pool_mb)  # fmt: skip
+            engine, app = server.engine, server.app
+            port = server.start_in_thread(timeout=120)
+            stop = server.stop
+        else:
+            engine, app = _baseline(system, model_dir, adapters_dir, args)
+            port, stop = _uvicorn_in_thread(app, engine)
+
+        @app.get("/bench/stats")
+        async def _stats() -> dict[str, Any]:
+            return dict(engine.stats)
+
+    except BaseException:
+        import traceback
+
+        conn.send(("error", traceback.format_exc()))
+        raise
+    conn.send(("ok", port))
+    conn.recv()
+    stop()
+
+
+def _baseline(system: str, model_dir: Path, adapters_dir: Path, args: argparse.Namespace) -> tuple[Any, Any]:
+    """A baseline engine (serve_baselines.py) behind adapterkit's front end: ``ServerState`` + ``create_app``
+    built here (``Server`` would load a second copy of the model for its own engine)."""
+    from serve_baselines import MergeSwapEngine, NaivePeftEngine, load_peft_model
+    from transformers import AutoTokenizer
+
+    from adapterkit.serve.api import ServerState, create_app
+    from adapterkit.serve.metrics import Metrics
+    from adapterkit.serve.pool import AdapterPool
+
+    dirs = {p.name: p for p in sorted(adapters_dir.iterdir()) if (p / "adapter_config.json").is_file()}
+    model = load_peft_model(model_dir, dirs)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    metrics = Metrics(str(model_dir))
+    pool = AdapterPool(None, root=adapters_dir, metrics=metrics)  # the registry only: the engine loaded them all
+    kw: dict[str, Any] = {"metrics": metrics, "max_queue": 10**6, "loaded": len(dirs), "eos_ids": set()}
+    if system == "peft":
+        engine: Any = NaivePeftEngine(model, **kw)
+    else:
+        engine = MergeSwapEngine(model, max_batch=args.max_running, pad_id=tokenizer.pad_token_id or 0, **kw)
+    state = ServerState(engine=engine, pool=pool, tokenizer=tokenizer, base_name=str(model_dir),
+                        base_path=str(model_dir), context_len=model.config.max_position_embeddings,
+                        metrics=metrics)  # fmt: skip
+    return engine, create_app(state)
+
+
+def _uvicorn_in_thread(app: Any, engine: Any) -> tuple[int, Any]:
+    import socket
+
+    import uvicorn
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    engine.start()
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the server did not start")
+        time.sleep(0.02)
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(timeout=15)
+        engine.stop()
+        sock.close()
+
+    return sock.getsockname()[1], stop
+
+
+class Child:
+    """One system's server process."""
+
+    def __init__(self, system: str, model: Path, adapters_dir: Path, args: argparse.Namespace, log: Path) -> None:
+        ctx = _context()
+        self.conn, there = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve_entry, args=(system, model, adapters_dir, args, there, log),
+                                daemon=True)  # fmt: skip
+        self.proc.start()
+        if not self.conn.poll(300):
+            self.proc.kill()
+            raise RuntimeError(f"the {system} server did not start in 300 s:\n{log.read_text()[-3000:]}")
+        status, value = self.conn.recv()
+        if status != "ok":
+            self.proc.join(timeout=10)
+            raise RuntimeError(f"the {system} server did not start:\n{value}")
+        self.port = int(value)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def get(self, path: str) -> str:
+        import urllib.request
+
+        with urllib.request.urlopen(self.url + path, timeout=60) as r:
+            return r.read().decode()
+
+    def counters(self) -> dict[str, float]:
+        out = {}
+        for line in self.get("/metrics").splitlines():
+            for key in ("adapter_loads_total", "adapter_evictions_total"):
+                if line.startswith("adapterkit:" + key):
+                    out[key.removesuffix("_total")] = float(line.split()[-1])
+        return out
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.conn.send("stop")
+        self.proc.join(timeout=60)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+
+
+# --- load ------------------------------------------------------------------------------------------------------
+def arrivals(names: list[str], zipf: float, rate: float, n: int, args: argparse.Namespace,
+             seed: int) -> list[tuple[float, str, str]]:  # fmt: skip
+    """``n`` requests ``(arrival offset s, model, prompt)``: Poisson at ``rate``/s, adapter ``i`` (1-based rank)
+    with probability ∝ ``i^-zipf``; the same for every system at this rate and seed."""
+    rng = random.Random(seed)
+    weights = [(k + 1) ** -zipf for k in range(len(names))]
+    t, out = 0.0, []
+    for _ in range(n):
+        prompt = " ".join(f"w{rng.randrange(args.vocab - 2)}" for _ in range(args.prompt))
+        out.append((t, rng.choices(names, weights)[0], prompt))
+        t += rng.expovariate(rate)
+    return out
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -65,87 +326,468 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
 
-def run(system: str, model: Path, adapters: Path, args: argparse.Namespace) -> dict[str, float]:
+async def _drive(url: str, reqs: list[tuple[float, str, str]], output: int, timeout: float) -> dict[str, Any]:
     import openai
 
-    from adapterkit.serve import Server
+    # one client for all requests (its pool allows 1000 connections; a point sends at most --max-requests)
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=timeout)
+    loop = asyncio.get_running_loop()
+    results: list[dict[str, Any]] = []
+    errors: list[str] = []
 
-    srv = Server(model, adapters_dir=adapters, port=0, max_running=1 if system == "fifo" else args.max_running,
-                 max_queue=10**6, max_active_adapters=args.adapters)  # fmt: skip
-    port = srv.start_in_thread()
-    rng = random.Random(args.seed)
-    weights = [(k + 1) ** -args.zipf for k in range(args.adapters)]
-    names = [str(model) if system == "base" else f"a{rng.choices(range(args.adapters), weights)[0]}"
-             for _ in range(args.requests)]  # fmt: skip
-    prompt = " ".join(f"w{rng.randrange(args.vocab - 2)}" for _ in range(args.prompt))
-    results: list[tuple[float, list[float], float]] = []
-    lock = threading.Lock()
-
-    def one(name: str) -> None:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=600)
+    async def one(at: float, model: str, prompt: str) -> None:
+        await asyncio.sleep(max(0.0, t0 + at - loop.time()))
         start = time.perf_counter()
-        stamps = []
-        for chunk in client.completions.create(model=name, prompt=prompt, max_tokens=args.output, temperature=0,
-                                               stream=True):  # fmt: skip
-            if chunk.choices and chunk.choices[0].text:
-                stamps.append(time.perf_counter())
+        stamps: list[float] = []
+        usage = None
+        try:
+            stream = await client.completions.create(model=model, prompt=prompt, max_tokens=output, temperature=0,
+                                                     stream=True, stream_options={"include_usage": True})  # fmt: skip
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].text:
+                    stamps.append(time.perf_counter())
+                if chunk.usage is not None:
+                    usage = chunk.usage
+        except Exception as e:  # counted, reported
+            errors.append(f"{type(e).__name__}: {e}"[:200])
+            return
         end = time.perf_counter()
-        with lock:
-            results.append((start, stamps, end))
+        results.append({"start": start, "stamps": stamps, "end": end,
+                        "tokens": usage.completion_tokens if usage else len(stamps),
+                        "prompt_tokens": usage.prompt_tokens if usage else None})  # fmt: skip
 
-    # warm: load every adapter, then one concurrent burst (first batched/routed forwards pay one-time costs)
-    for name in sorted(set(names)):
-        one(name)
-    burst = [threading.Thread(target=one, args=(n,)) for n in names[: args.max_running]]
-    for t in burst:
-        t.start()
-    for t in burst:
-        t.join()
-    results.clear()
-    threads = []
-    t0 = time.perf_counter()
+    t0 = loop.time() + 0.05
+    wall0 = time.perf_counter() + 0.05
+    tasks = [asyncio.create_task(one(*r)) for r in reqs]
+    done, pending = await asyncio.wait(tasks, timeout=timeout)
+    for t in pending:
+        t.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    wall = (
+        (max((r["end"] for r in results), default=wall0) - wall0) if not pending else time.perf_counter() - wall0
+    )
+    await client.close()
+    return {"results": results, "errors": errors, "timed_out": len(pending), "wall": wall}
+
+
+def run_point(child: Child, reqs: list[tuple[float, str, str]], rate: float, args: argparse.Namespace) -> dict:
+    before = json.loads(child.get("/bench/stats"))
+    got = asyncio.run(_drive(child.url, reqs, args.output, args.point_timeout))
+    after = json.loads(child.get("/bench/stats"))
+    res, wall = got["results"], max(got["wall"], 1e-9)
+    ttft = [r["stamps"][0] - r["start"] for r in res if r["stamps"]]
+    itl = [b - a for r in res for a, b in zip(r["stamps"], r["stamps"][1:])]
+    e2e = [r["end"] - r["start"] for r in res]
+    rows = after.get("batched_rows", 0) - before.get("batched_rows", 0)
+    steps = (after.get("steps", 0) - before.get("steps", 0)) or (
+        after.get("forwards", 0) - before.get("forwards", 0)
+    )
+    point = {
+        "rate": rate, "requests": len(reqs), "completed": len(res), "errors": len(got["errors"]),
+        "timed_out": got["timed_out"], "wall_s": wall, "req_s": len(res) / wall,
+        "tok_s": sum(r["tokens"] for r in res) / wall, "ttft_p50": pct(ttft, 0.5), "ttft_p99": pct(ttft, 0.99),
+        "itl_p50": pct(itl, 0.5), "itl_p99": pct(itl, 0.99), "e2e_p50": pct(e2e, 0.5), "e2e_p99": pct(e2e, 0.99),
+        "mean_batch": rows / steps if steps else float("nan"),
+        "tokens_ok": all(r["tokens"] == args.output for r in res),
+        "prompt_ok": all(r["prompt_tokens"] in (None, args.prompt) for r in res),
+        "engine": {k: after[k] - before.get(k, 0) for k in after if isinstance(after[k], (int, float))},
+    }  # fmt: skip
+    if got["errors"]:
+        point["first_error"] = got["errors"][0]
+    log(f"    rate {rate:7.2f}/s: {len(res)}/{len(reqs)} done, {point['req_s']:.2f} req/s, "
+        f"{point['tok_s']:.0f} tok/s, ttft p50/p99 {point['ttft_p50']:.3f}/{point['ttft_p99']:.3f} s, "
+        f"e2e p50/p99 {point['e2e_p50']:.2f}/{point['e2e_p99']:.2f} s, batch {point['mean_batch']:.1f}"
+        + (f", {len(got['errors'])} errors ({got['errors'][0]})" if got["errors"] else ""))  # fmt: skip
+    return point
+
+
+def n_requests(rate: float, args: argparse.Namespace) -> int:
+    return int(min(args.max_requests, max(args.min_requests, round(rate * args.duration))))
+
+
+def warm(child: Child, names: list[str], args: argparse.Namespace) -> None:
+    """Every adapter once (loads them), then one burst of ``max_running`` requests (the batched paths' first
+    calls pay one-time costs); short outputs."""
+    reqs = [(0.0, n, " ".join(["w1"] * args.prompt)) for n in names]
+    burst = [(0.0, names[i % len(names)], " ".join(["w2"] * args.prompt)) for i in range(args.max_running)]
+    for batch in (reqs, burst):
+        got = asyncio.run(_drive(child.url, batch, 2, args.point_timeout * 4))
+        if got["errors"] or got["timed_out"]:
+            raise RuntimeError(f"warm-up failed: {got['errors'][:3]} ({got['timed_out']} timed out)")
+
+
+def outputs(child: Child, names: list[str], args: argparse.Namespace) -> dict[str, str]:
+    """Greedy output text per adapter for one fixed prompt, one request at a time (compared across systems)."""
+    got = asyncio.run(_texts(child.url, names, " ".join(f"w{3 + i}" for i in range(args.prompt)), args.output))
+    return dict(zip(names, got))
+
+
+async def _texts(url: str, names: list[str], prompt: str, output: int) -> list[str]:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
+    out = []
     for name in names:
-        t = threading.Thread(target=one, args=(name,))
-        t.start()
-        threads.append(t)
-        time.sleep(rng.expovariate(args.rate))
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    srv.stop()
-    ttft = [s[0] - a for a, s, _ in results if s]
-    itl = [b - a for _, s, _ in results for a, b in zip(s, s[1:])]
-    e2e = [e - a for a, _, e in results]
-    return {"req/s": len(results) / wall, "tok/s": len(results) * args.output / wall,
-            "ttft p50": pct(ttft, 0.5), "ttft p99": pct(ttft, 0.99), "itl p50": pct(itl, 0.5),
-            "itl p99": pct(itl, 0.99), "e2e p50": pct(e2e, 0.5), "e2e p99": pct(e2e, 0.99)}  # fmt: skip
+        r = await client.completions.create(model=name, prompt=prompt, max_tokens=output, temperature=0)
+        out.append(r.choices[0].text)
+    await client.close()
+    return out
 
 
-def main() -> None:
+def agreement(report: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """Per configuration and baseline: how many of the checked adapters' greedy outputs equal ours."""
+    out: dict[str, dict[str, str]] = {}
+    for key, entry in report["configs"].items():
+        ours = entry["systems"].get("ours", {}).get("check")
+        for system, res in entry["systems"].items():
+            if system == "ours" or not ours or "check" not in res:
+                continue
+            same = sum(res["check"].get(n) == t for n, t in ours.items())
+            out.setdefault(key, {})[system] = f"{same}/{len(ours)}"
+    return out
+
+
+def sweep(
+    child: Child, names: list[str], zipf: float, args: argparse.Namespace, deadline: float
+) -> dict[str, Any]:
+    points: list[dict[str, Any]] = []
+    best = 0.0
+    rate = args.rate_start
+    stop_reason = "max points"
+    for _ in range(args.max_points):
+        if time.monotonic() > deadline:
+            stop_reason = "time budget"
+            break
+        reqs = arrivals(names, zipf, rate, n_requests(rate, args), args, seed=args.seed + int(rate * 1000))
+        p = run_point(child, reqs, rate, args)
+        points.append(p)
+        if p["req_s"] < args.rise * best:
+            stop_reason = "throughput stopped rising"
+            break
+        kept_up = p["req_s"] >= 0.9 * rate
+        if not kept_up and p["e2e_p99"] > args.explode * points[0]["e2e_p50"]:
+            stop_reason = "latency exploded"
+            break
+        best = max(best, p["req_s"])
+        rate *= 2
+    return {"points": points, "stop": stop_reason}
+
+
+def summarize(sw: dict[str, Any], slo: float) -> dict[str, Any]:
+    """Saturated throughput (the best point) and the *sustained* point: the highest rate whose p99 TTFT stays
+    within ``slo`` seconds with every request answered (else the lowest rate, marked)."""
+    pts = sw["points"]
+    if not pts:
+        return {}
+    sat = max(pts, key=lambda p: p["req_s"])
+    kept = [p for p in pts if p["ttft_p99"] <= slo and p["completed"] == p["requests"]]
+    sustained = (
+        max(kept, key=lambda p: p["rate"]) if kept else {**min(pts, key=lambda p: p["rate"]), "slo_missed": True}
+    )
+    return {"sat_req_s": sat["req_s"], "sat_tok_s": sat["tok_s"], "sat_rate": sat["rate"],
+            "sustained": sustained}  # fmt: skip
+
+
+# --- driver ----------------------------------------------------------------------------------------------------
+_T0 = time.monotonic()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.monotonic() - _T0:7.1f}s] {msg}", flush=True)
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "machine": platform.machine(), "cpus": str(os.cpu_count())}
+    for pkg in ("adapterkit", "torch", "transformers", "peft", "fastapi", "uvicorn", "openai"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "?"
+    with contextlib.suppress(OSError):
+        out["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+                                       text=True, timeout=10).stdout.strip()  # fmt: skip
+    return out
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    floats = lambda s: [float(x) for x in s.split(",") if x]  # noqa: E731
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=1000)
-    p.add_argument("--adapters", type=int, default=64)
-    p.add_argument("--zipf", type=float, default=1.0)
-    p.add_argument("--requests", type=int, default=128)
-    p.add_argument("--rate", type=float, default=4.0, help="arrivals per second (Poisson)")
+    p.add_argument("--adapters", type=ints, default=[1, 8, 64], help="N of the LoRA configurations")
+    p.add_argument("--zipf", type=floats, default=[0.0, 1.0], help="s of the LoRA configurations")
+    p.add_argument(
+        "--mixed", type=int, default=64, help="adapters of the mixed LoRA/bottleneck/(IA)^3 run (0: none)"
+    )
+    p.add_argument("--mixed-zipf", type=float, default=1.0)
+    p.add_argument("--target", default="lora N=64 s=1", help="configuration the targets are computed on")
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--output", type=int, default=32)
+    p.add_argument("--systems", default=",".join(SYSTEMS))
+    p.add_argument("--rate-start", type=float, default=1.0, help="first offered rate (requests/s); doubles")
+    p.add_argument("--max-points", type=int, default=8, help="rates per sweep at most")
+    p.add_argument("--duration", type=float, default=6.0, help="seconds of arrivals per rate point")
+    p.add_argument("--min-requests", type=int, default=16)
+    p.add_argument("--max-requests", type=int, default=256)
+    p.add_argument("--point-timeout", type=float, default=90.0, help="seconds a rate point may take")
+    p.add_argument("--rise", type=float, default=1.1, help="a point must beat the best throughput by this factor")
+    p.add_argument("--explode", type=float, default=20.0)
+    p.add_argument("--ttft-slo", type=float, default=1.0, help="p99 TTFT (s) of the table's sustained point")
+    p.add_argument("--time-budget", type=float, default=1500.0, help="seconds; later points are skipped")
     p.add_argument("--max-running", type=int, default=64)
-    p.add_argument("--systems", default="ours,base,fifo")
+    p.add_argument("--max-active-adapters", type=int, default=64)
+    p.add_argument("--adapter-pool-mb", type=float, default=None)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of each server (more than the free cores: OpenMP spin-waits)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        model, adapters = build(Path(tmp), args)
-        rows = {s: run(s, model, adapters, args) for s in args.systems.split(",")}
-    keys = list(next(iter(rows.values())))
-    print("| system | " + " | ".join(keys) + " |")
-    print("|---" * (len(keys) + 1) + "|")
-    for s, r in rows.items():
-        print(f"| {s} | " + " | ".join(f"{r[k]:.3g}" for k in keys) + " |")
-    print(f"\nN={args.adapters} adapters, zipf s={args.zipf}, {args.requests} requests at {args.rate}/s, "
-          f"prompt {args.prompt}, output {args.output}, hidden {args.hidden}, {args.layers} layers")  # fmt: skip
+    p.add_argument("--out", default=None, help="writes OUT.md, OUT.json, OUT.png")
+    p.add_argument("--logs", default=None, help="directory for the servers' stderr (default: a temporary one)")
+    args = p.parse_args(argv)
+    systems = [s for s in args.systems.split(",") if s]
+    bad = set(systems) - set(SYSTEMS)
+    if bad:
+        p.error(f"--systems: unknown {sorted(bad)}; choose from {','.join(SYSTEMS)}")
+    deadline = time.monotonic() + args.time_budget
+    meta = {"versions": versions(), "loadavg_start": loadavg(), "argv": sys.argv[1:] if argv is None else argv,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}  # fmt: skip
+    log(f"load average at start: {meta['loadavg_start']}")
+    report: dict[str, Any] = {"meta": meta, "configs": {}, "base": None}
+    with tempfile.TemporaryDirectory(prefix="serve_bench_") as tmp:
+        files = build_in_child(Path(tmp), args)
+        logs = Path(args.logs) if args.logs else Path(tmp) / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        # the target configuration first, then base (its reference), then the rest: a time budget that runs out
+        # skips the least important runs
+        order = sorted(files["configs"], key=lambda k: k != args.target)
+        for i, key in enumerate(order):
+            cfg = files["configs"][key]
+            entry: dict[str, Any] = {"zipf": cfg["zipf"], "n": len(cfg["names"]), "systems": {}}
+            report["configs"][key] = entry
+            for system in systems:
+                if system == "base" or (system in ("peft", "merge") and not cfg["lora_only"]):
+                    continue
+                if time.monotonic() > deadline:
+                    entry["systems"][system] = {"skipped": "time budget"}
+                    log(f"{key}: {system} skipped (time budget)")
+                    continue
+                log(f"{key}: {system}")
+                res = serve_system(system, files["model"], cfg, args, logs, deadline, half=key == args.target)
+                entry["systems"][system] = res
+            if "base" in systems and i == 0:
+                log("base (the same arrivals to the base model; one run for every configuration)")
+                ours = entry["systems"].get("ours", {})
+                half = ours["half_rate"]["rate"] if key == args.target and "half_rate" in ours else None
+                report["base"] = serve_system("base", files["model"], cfg, args, logs, deadline + 120, half=half)
+        report["configs"] = {k: report["configs"][k] for k in files["configs"] if k in report["configs"]}
+    meta["loadavg_end"] = loadavg()
+    meta["seconds"] = round(time.monotonic() - _T0)
+    report["targets"] = targets(report, args.target)
+    report["agreement"] = agreement(report)
+    if args.out:
+        write(report, Path(args.out), args)
+    print(markdown(report, args))
+    return report
+
+
+def serve_system(system: str, model: Path, cfg: dict[str, Any], args: argparse.Namespace, logs: Path,
+                 deadline: float, half: bool | float | None = None) -> dict[str, Any]:  # fmt: skip
+    """Start ``system``'s server, warm it, check its greedy outputs, sweep the rates; ``half``: True for ours on
+    the target configuration (one more point at half its saturated throughput), a rate for base (that point)."""
+    fmt = "peft" if system in ("peft", "merge") else "native"
+    child = Child(system, model, cfg[fmt], args, logs / f"{system}-{cfg[fmt].name}.log")
+    try:
+        names = [str(model)] if system == "base" else cfg["names"]
+        zipf = 0.0 if system == "base" else cfg["zipf"]
+        warm(child, names, args)
+        check = outputs(child, names[:4], args)
+        out: dict[str, Any] = sweep(child, names, zipf, args, deadline)
+        out["check"] = check
+        out.update(summarize(out, args.ttft_slo))
+        rate = out.get("sat_req_s", 0) / 2 if half is True else half
+        if rate:
+            log(f"  at half of ours' saturated throughput: {rate:.2f}/s")
+            reqs = arrivals(names, zipf, rate, n_requests(rate, args), args, seed=args.seed + 7)
+            out["half_rate"] = run_point(child, reqs, rate, args)
+        out["peak_rss_mb"] = child.peak_rss_mb()
+        out["counters"] = child.counters()
+        out["engine_total"] = json.loads(child.get("/bench/stats"))
+    finally:
+        child.close()
+    return out
+
+
+def targets(report: dict[str, Any], key: str) -> dict[str, Any]:
+    """The issue's targets at configuration ``key``, as ratios (reported, never asserted)."""
+    cfg = report["configs"].get(key)
+    base = report.get("base") or {}
+    if not cfg or "ours" not in cfg["systems"] or not cfg["systems"]["ours"].get("sat_req_s"):
+        return {"config": key, "note": "not run"}
+    ours = cfg["systems"]["ours"]["sat_req_s"]
+    out: dict[str, Any] = {"config": key}
+
+    def ratio(name: str, other: float | None, goal: float, better: str = "higher") -> None:
+        if not other or not math.isfinite(other):
+            out[name] = {"goal": goal, "value": None, "met": None}
+            return
+        v = ours / other if better == "higher" else other
+        out[name] = {"goal": goal, "value": v, "met": v >= goal if better == "higher" else v <= goal}
+
+    ratio("ours / peft (saturated req/s)", cfg["systems"].get("peft", {}).get("sat_req_s"), 5.0)
+    ratio("ours / merge (saturated req/s)", cfg["systems"].get("merge", {}).get("sat_req_s"), 2.0)
+    ratio("ours / base (saturated req/s)", base.get("sat_req_s"), 0.7)
+    o = cfg["systems"]["ours"].get("half_rate", {})
+    b = base.get("half_rate") or {}
+    if o.get("ttft_p99") and b.get("ttft_p99"):
+        v = o["ttft_p99"] / b["ttft_p99"]
+        out["p99 TTFT ours / base at half our saturation rate"] = {"goal": 2.0, "value": v, "met": v <= 2.0,
+                                                                   "rate": o["rate"]}  # fmt: skip
+    return out
+
+
+# --- report ------------------------------------------------------------------------------------------------------
+def _f(x: Any, nd: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    return f"{x:.{nd}g}" if isinstance(x, float) else str(x)
+
+
+def _ms(x: Any) -> str:
+    return "-" if x is None or not math.isfinite(x) else f"{x * 1000:.0f}"
+
+
+def _rows(report: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    rows = []
+    for key, entry in report["configs"].items():
+        for system, res in entry["systems"].items():
+            rows.append((key, system, res))
+    if report.get("base"):
+        rows.append(("any (base requests)", "base", report["base"]))
+    return rows
+
+
+def markdown(report: dict[str, Any], args: argparse.Namespace) -> str:
+    meta = report["meta"]
+    out = ["# `benchmarks/serve.py`: adapterkit serve against a naive peft server and a merge-swap server", ""]
+    out.append(f"LLaMA-style, hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, float32; prompts "
+               f"{args.prompt} tokens, outputs {args.output} tokens (no EOS); open-loop Poisson arrivals from "
+               f"`openai.AsyncOpenAI` (streamed) against one server subprocess per system, all behind adapterkit's "
+               f"HTTP front end; `--max-running {args.max_running}`, `--max-active-adapters {args.max_active_adapters}`, {args.threads} torch threads per server. "
+               f"Rates from {args.rate_start:g}/s doubling until throughput stops rising (or latency explodes), "
+               f"{args.duration:g} s of arrivals per point ({args.min_requests}..{args.max_requests} requests).")  # fmt: skip
+    out += ["", "## Saturation", ""]
+    out.append("| configuration | system | saturated req/s | output tok/s | sustained rate | TTFT p50 / p99 ms | "
+               "ITL p50 / p99 ms | e2e p50 / p99 ms | peak RSS MB | loads / evictions | swaps |")  # fmt: skip
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    for key, system, res in _rows(report):
+        if "skipped" in res or not res.get("points"):
+            out.append(f"| {key} | {system} | skipped ({res.get('skipped', 'no points')}) |" + " |" * 8)
+            continue
+        s, c, eng = res["sustained"], res.get("counters", {}), res.get("engine_total", {})
+        swaps = eng.get("merges", eng.get("adapter_switches", "-"))
+        out.append(f"| {key} | {system} | {_f(res['sat_req_s'])} | {_f(res['sat_tok_s'])} | {_f(s['rate'])}/s"
+                   f"{' (SLO missed)' if s.get('slo_missed') else ''} | "
+                   f"{_ms(s['ttft_p50'])} / {_ms(s['ttft_p99'])} | {_ms(s['itl_p50'])} / {_ms(s['itl_p99'])} | "
+                   f"{_ms(s['e2e_p50'])} / {_ms(s['e2e_p99'])} | {res.get('peak_rss_mb', 0):.0f} | "
+                   f"{_f(c.get('adapter_loads'))} / {_f(c.get('adapter_evictions'))} | {swaps} |")  # fmt: skip
+    out += ["", f"Saturated: the best throughput of the sweep (completed requests / time from the first arrival "
+            f"to the last completion, as vLLM's benchmark_serving). Latencies are at the *sustained* rate: the "
+            f"highest offered rate whose p99 TTFT stayed within {args.ttft_slo:g} s (else the lowest rate, marked "
+            f"SLO missed). Percentiles over few requests are the extreme ones (p99 of 16 = the maximum). Swaps: `merge` counts merges, `peft` "
+            "`set_adapter` switches. Loads/evictions are the server's `adapter_loads_total` / "
+            "`adapter_evictions_total` (the baselines load every adapter at start and never evict)."]  # fmt: skip
+    t = report.get("targets", {})
+    out += ["", f"## Targets ({t.get('config')})", "", "| target | goal | value | met |", "|---|---|---|---|"]
+    for name, v in t.items():
+        if isinstance(v, dict):
+            goal = f"≤ {v['goal']:g}×" if "TTFT" in name else f"≥ {v['goal']:g}×"
+            extra = f" (at {v['rate']:.2f}/s)" if "rate" in v else ""
+            met = "-" if v["met"] is None else "yes" if v["met"] else "**no**"
+            out.append(f"| {name}{extra} | {goal} | {_f(v['value'])} | {met} |")
+    out += ["", "## Every point", "",
+            "| configuration | system | offered /s | done | req/s | tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms "
+            "| e2e p50 / p99 ms | mean batch | errors |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for key, system, res in _rows(report):
+        pts = list(res.get("points", []))
+        if res.get("half_rate"):
+            pts.append({**res["half_rate"], "half": True})
+        for pt in pts:
+            tag = " (½ of ours' sat.)" if pt.get("half") else ""
+            out.append(f"| {key} | {system} | {pt['rate']:.2f}{tag} | {pt['completed']}/{pt['requests']} | "
+                       f"{_f(pt['req_s'])} | {_f(pt['tok_s'])} | {_ms(pt['ttft_p50'])} / {_ms(pt['ttft_p99'])} | "
+                       f"{_ms(pt['itl_p50'])} / {_ms(pt['itl_p99'])} | {_ms(pt['e2e_p50'])} / {_ms(pt['e2e_p99'])} "
+                       f"| {_f(pt['mean_batch'])} | {pt['errors'] + pt['timed_out']} |")  # fmt: skip
+    if report.get("agreement"):
+        out += ["", "Greedy outputs equal to ours (one fixed prompt, first adapters of each configuration, float32): "
+                + "; ".join(f"{k}: " + ", ".join(f"{s} {v}" for s, v in d.items())
+                            for k, d in report["agreement"].items()) + "."]  # fmt: skip
+    v = meta["versions"]
+    out += ["", "## Run", "", "```bash", ".venv/bin/python benchmarks/serve.py " + " ".join(meta["argv"]), "```", "",
+            f"Started {meta['started']}, {meta.get('seconds', '?')} s; load average (1/5/15 min) at start "
+            f"{meta['loadavg_start']}, at end {meta.get('loadavg_end', '?')}; {v['cpus']} CPUs ({v['machine']}); "
+            + ", ".join(f"{k} {v[k]}" for k in ("python", "adapterkit", "torch", "transformers", "peft", "fastapi",
+                                                 "uvicorn", "openai", "commit") if k in v) + "."]  # fmt: skip
+    return "\n".join(out) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(report["configs"])
+    cols = min(3, len(keys)) or 1
+    nrows = math.ceil(len(keys) / cols) or 1
+    fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.8 * nrows), squeeze=False)
+    colors = {"ours": "tab:blue", "base": "tab:gray", "peft": "tab:red", "merge": "tab:orange"}
+    for ax, key in zip(axes.flat, keys):
+        systems = dict(report["configs"][key]["systems"])
+        if report.get("base"):
+            systems["base"] = report["base"]
+        for system, res in systems.items():
+            pts = sorted(res.get("points", []), key=lambda p: p["rate"])
+            if not pts:
+                continue
+            x = [p["rate"] for p in pts]
+            ax.plot(x, [p["e2e_p50"] for p in pts], "-o", color=colors[system], label=f"{system} e2e p50", ms=3)
+            ax.plot(x, [p["ttft_p99"] for p in pts], "--", color=colors[system], label=f"{system} TTFT p99", lw=1)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(key)
+        ax.set_xlabel("offered request rate (req/s)")
+        ax.set_ylabel("latency (s)")
+        ax.grid(True, which="both", alpha=0.3)
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(report: dict[str, Any], out: Path, args: argparse.Namespace) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    out.with_suffix(".md").write_text(
+        markdown(report, args) + f"\n![latency against request rate]({out.name}.png)\n"
+    )
+    plot(report, out.with_suffix(".png"))
 
 
 if __name__ == "__main__":
