@@ -9,8 +9,9 @@ HRA multiplies the frozen weight by a chain of ``r`` Householder reflections (§
         x ──► H_r ··· H_1 ──► W ──► y = W H x + b         (the reflections act on the layer's input)
 
 * The product of ``r`` reflections has the compact "WY" form ``H = I - Û T Ûᵀ`` (Û the unit columns, ``T`` upper
-  triangular with ``T⁻¹ = triu(ÛᵀÛ, 1) + I/2``), so the forward applies ``x ↦ x - Û Tᵀ... `` as two ``(in, r)``
-  matmuls per token (``O(r · in)``) instead of building the ``(in, in)`` H and ``W H`` every step as peft does.
+  triangular with ``T⁻¹ = triu(ÛᵀÛ, 1) + I/2``), so the forward applies ``H x = x - Û (T (Ûᵀ x))`` as two
+  ``(in, r)`` matmuls per token (``O(r · in)``) instead of building the ``(in, in)`` H and ``W H`` every step as peft
+  does.
 * ``apply_GS`` (§3.2): orthogonalize the ``u_i`` by Gram-Schmidt first; the reflections then commute and
   ``H = I - 2 Q Qᵀ``. Not an identity at init (it reflects an r-dimensional subspace), as in peft.
 * Init as peft's ``HRAConfig`` (§3.3, "symmetric initialization"): ``u_{2i} = u_{2i+1}`` Kaiming-uniform, so each
