@@ -18,6 +18,7 @@ import re
 import socket
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -308,6 +309,34 @@ def test_two_ray_replicas_equal_the_single_server(files, monkeypatch):
             return m is not None and float(m.group(1)) >= 1
 
         assert _wait(aborted, 30)
+
+        # backpressure: a second app under a route prefix, 1 replica taking 1 request at a time with 1 waiting
+        # in Ray's queue (0 CPUs: the first app holds both); of 6 requests at once some get 429 + Retry-After
+        small = app_builder({"model": base, "adapters": str(files["adapters"]), "num_replicas": "1",
+                             "cpus_per_replica": "0", "threads": "1", "max_running": "1", "max_queue": "1",
+                             "drain_timeout": "5"})  # fmt: skip
+        serve.run(small, name="small", route_prefix="/small")
+        url = f"http://127.0.0.1:{http}/small/v1/completions"
+        statuses: list[tuple[int, str | None, str | None]] = []
+
+        def post(_: int) -> None:
+            body = {"model": "bn", "prompt": PROMPTS[1], "max_tokens": 40, "temperature": 0}
+            req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                         headers={"content-type": "application/json"})  # fmt: skip
+            try:
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    statuses.append((r.status, None, None))
+            except urllib.error.HTTPError as e:
+                statuses.append((e.code, e.headers.get("retry-after"), json.loads(e.read())["error"]["type"]))
+
+        posts = [threading.Thread(target=post, args=(k,)) for k in range(6)]
+        for t in posts:
+            t.start()
+        for t in posts:
+            t.join(timeout=120)
+        assert len(statuses) == 6 and (200, None, None) in statuses, statuses
+        assert set(statuses) == {(200, None, None), (429, "1", "rate_limit_error")}, statuses
+        serve.delete("small")
 
         # Ray's LRU: at most 2 adapters per replica, and only those stay attached to the replica's model
         handle = serve.get_deployment_handle("AdapterReplica", app_name="adapterkit")

@@ -299,11 +299,14 @@ def _ingress_deployment(max_ongoing: int) -> Any:
 
             body = await request.body()
             model = self._model_of(body) if request.method == "POST" else ""
+            path, root = request.url.path, request.scope.get("root_path", "")
+            if root and path.startswith(root):  # deployed under a route prefix: the app's paths start at /v1
+                path = path[len(root) :] or "/"
             handle = self.replica.options(stream=True, multiplexed_model_id=model)
-            gen = handle.handle.remote(
-                request.method, request.url.path, request.url.query.encode(), list(request.headers.raw), body
-            )
             try:
+                gen = handle.handle.remote(
+                    request.method, path, request.url.query.encode(), list(request.headers.raw), body
+                )
                 status, raw = await gen.__anext__()
             except BackPressureError:
                 body = error(429, "too many waiting requests; retry later", "rate_limit_error")
