@@ -152,6 +152,7 @@ def test_replica_answers_as_the_server_and_detaches_what_ray_evicts(files):
             assert first.startswith(b"data: {")
             await gen.aclose()
             assert await asyncio.to_thread(_wait, impl.server.engine.idle)
+            assert impl.server.metrics.requests_success.labels("abort")._value.get() == 1
 
         impl.server.engine.step_delay = 0.01  # the 40-token stream is still running when the client leaves
         asyncio.run(scenario())
