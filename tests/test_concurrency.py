@@ -12,7 +12,7 @@ import torch
 
 import adapterkit as ak
 
-from conftest import make_inputs, make_model
+from conftest import make_inputs, make_model, output_of
 
 BATCH = 3
 # (kind, items): "use" -> adapters.use(*items), "route" -> adapters.route(items), "default" -> no scope
@@ -297,3 +297,35 @@ def test_routed_generate_with_beams_raises():
         adapters.route(["a", "b"]),
     ):
         model.generate(**x, max_new_tokens=2, num_beams=2, do_sample=False)
+
+
+@pytest.mark.parametrize("fmt", ["native", "peft"])
+def test_read_on_another_thread_then_install_equals_load(fmt, tmp_path):
+    """``read`` (the slow half of ``load``) runs on another thread while this one runs forwards, touches nothing
+    (same modules, outputs unchanged), and ``install`` of its result gives exactly what ``load`` gives."""
+    model, adapters, inputs = setup()
+    saver = ak.attach(make_model("bert"))
+    torch.manual_seed(5)
+    saver.add("n", ak.LoRA(r=4, targets="all-linear", init_weights=False))
+    (saver.save if fmt == "native" else saver.export)("n", tmp_path / "n")
+    with adapters.use("a"), torch.no_grad():
+        before = output_of(model, inputs)
+    modules = [n for n, _ in model.named_modules()]
+    result: dict[str, object] = {}
+    reader = threading.Thread(target=lambda: result.update(r=adapters.read(tmp_path / "n", name="a")))
+    reader.start()  # "a" is in use: read() does not mind, install() refuses the name
+    with adapters.use("a"), torch.no_grad():
+        for _ in range(5):
+            assert torch.equal(output_of(model, inputs), before)
+    reader.join(timeout=60)
+    read = result["r"]
+    assert [n for n, _ in model.named_modules()] == modules and adapters.names == ["a", "b", "c"]
+    assert read.name == "a" and read.nbytes == read.plan.num_params * 4
+    with pytest.raises(ValueError, match="already exists"):
+        adapters.install(read.name, read.plan)
+    adapters.delete("a")
+    adapters.install(read.name, read.plan)
+    other = ak.attach(make_model("bert"))
+    other.load(tmp_path / "n", name="a")
+    with adapters.use("a"), other.use("a"), torch.no_grad():
+        assert torch.equal(output_of(model, inputs), output_of(other.model, inputs))

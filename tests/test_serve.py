@@ -432,9 +432,10 @@ def test_unload_while_in_use_waits_for_its_requests(server, files):
 
 
 def test_eviction_under_tiny_pool_then_reload(files):
+    # a file holds its tensors plus a header: the larger file's size fits either adapter alone, never both
     sizes = {n: (files["adapters"] / n / "adapter.safetensors").stat().st_size for n in ["lora-a", "bn"]}
     srv = Server(
-        files["model"], adapters_dir=files["adapters"], port=0, adapter_pool_mb=(max(sizes.values()) * 1.5) / 2**20
+        files["model"], adapters_dir=files["adapters"], port=0, adapter_pool_mb=max(sizes.values()) / 2**20
     )
     port = srv.start_in_thread()
     try:
@@ -521,6 +522,69 @@ def test_a_failed_load_fails_only_its_requests(files, tmp_path):
         assert {m.id: m.state for m in client.models.list()}["broken"] == "on disk"
     finally:
         srv.stop()
+
+
+def test_adapter_reads_run_off_the_engine_thread(files):
+    """While one adapter's files are being read (held here by an event), requests of an attached adapter keep
+    decoding; the held adapter's requests then complete, equal to their reference, and its state goes from
+    "on disk" through "in memory" (read, not installed yet) to "attached"."""
+    srv = Server(files["model"], adapters_dir=files["adapters"], port=0)
+    release, reading = threading.Event(), threading.Event()
+    read = srv.adapters.read
+    readers: list[str] = []
+
+    def held_read(path, name=None, **kw):
+        readers.append(threading.current_thread().name)
+        if name == "bn":
+            reading.set()
+            assert release.wait(30)
+        return read(path, name, **kw)
+
+    srv.adapters.read = held_read
+    port = srv.start_in_thread()
+    try:
+        client = _client(port)
+        client.completions.create(model="lora-a", prompt=PROMPTS[0], max_tokens=1)  # attached from now on
+        result: dict[str, object] = {}
+        waiter = threading.Thread(target=lambda: result.update(
+            bn=client.completions.create(model="bn", prompt=PROMPTS[1], max_tokens=4, temperature=0)))  # fmt: skip
+        waiter.start()
+        assert reading.wait(30)
+        steps = srv.engine.stats["steps"]
+        other = client.completions.create(model="lora-a", prompt=PROMPTS[2], max_tokens=6, temperature=0)
+        assert other.usage.completion_tokens == 6 and srv.engine.stats["steps"] >= steps + 5  # decoded meanwhile
+        assert "bn" not in result and {m.id: m.state for m in client.models.list()}["bn"] == "on disk"
+        release.set()
+        waiter.join(timeout=60)
+        bn = result["bn"]
+        assert bn.choices[0].text == srv.tokenizer.decode(_reference(files, "bn", PROMPTS[1], 4))  # type: ignore[attr-defined]
+        assert {m.id: m.state for m in client.models.list()}["bn"] == "attached"
+        assert readers and all(n.startswith("adapterkit-load") for n in readers), readers
+    finally:
+        release.set()
+        srv.stop()
+
+
+def test_pool_states_on_disk_in_memory_attached(files):
+    """The pool's tiers through its own API: prepare() reads on a loader thread, acquire() installs."""
+    from transformers import AutoModelForCausalLM
+
+    from adapterkit.serve.pool import AdapterPool
+
+    model = AutoModelForCausalLM.from_pretrained(files["model"]).eval()
+    pool = AdapterPool(ak.attach(model), root=files["adapters"])
+    try:
+        assert pool.get("ia3").state == "on disk" and pool.prepare("nope") == "unknown"
+        deadline = time.monotonic() + 30
+        while pool.prepare("ia3") == "loading" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert pool.get("ia3").state == "in memory" and "ia3" not in pool.adapters
+        entry = pool.acquire("ia3")
+        assert entry.state == "attached" and entry.pins == 1 and "ia3" in pool.adapters and entry.digest
+        assert entry.nbytes == sum(p.numel() * p.element_size() for p in pool.adapters.parameters("ia3"))
+        assert pool.acquire("vera").state == "attached"  # never prepared: acquire reads it itself
+    finally:
+        pool.close()
 
 
 def test_429_when_queue_is_full(files):

@@ -31,7 +31,7 @@ from .quant.common import dequantize_for_merge
 from .sites import Site
 from .targeting import TargetError, base_modules, select
 
-__all__ = ["Adapters", "attach", "Plan"]  # Plan: re-exported from adapterkit.plan
+__all__ = ["Adapters", "attach", "Plan", "ReadAdapter"]  # Plan: re-exported from adapterkit.plan
 
 _ATTR = "_adapterkit_controller"
 
@@ -45,6 +45,52 @@ def attach(model: nn.Module) -> Adapters:
         ctl = Adapters(model)
         model.__dict__[_ATTR] = ctl
     return ctl
+
+
+@dataclasses.dataclass
+class ReadAdapter:
+    """An adapter read from files by :meth:`Adapters.read`, not attached yet.
+
+    Attributes:
+        name: the name it will be installed under.
+        plan: its filled components per module.
+        path: the directory it was read from.
+    """
+
+    name: str
+    plan: Plan
+    path: str
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of its parameters and buffers (what installing it adds to memory)."""
+        seen: set[int] = set()
+        total = 0
+        for _, comp in self.plan.components.values():
+            for t in [*comp.parameters(), *comp.buffers()]:
+                if id(t) not in seen:
+                    seen.add(id(t))
+                    total += t.numel() * t.element_size()
+        return total
+
+
+class _Reading:
+    """The controller as a format reader sees it during :meth:`Adapters.read`: every question is answered by the
+    real controller, but ``install`` keeps the plan instead of attaching it (readers end in ``ctl.install``)."""
+
+    def __init__(self, ctl: Adapters) -> None:
+        self._ctl = ctl
+        self.read: Plan | None = None  # not ``plan``: readers call ``ctl.plan(config)``
+
+    def __getattr__(self, key: str) -> Any:
+        return getattr(self._ctl, key)
+
+    def _check_new_name(self, name: str) -> None:
+        self._ctl._check_new_name(name, exists=False)  # install checks the name is free when it attaches
+
+    def install(self, name: str, plan: Plan, *, activate: bool = False) -> None:
+        self._ctl._check_new_name(name, exists=False)
+        self.read = plan
 
 
 @dataclasses.dataclass
@@ -201,10 +247,11 @@ class Adapters:
         self._install(name, plan, modules)
         return plan
 
-    def _check_new_name(self, name: str) -> None:
+    def _check_new_name(self, name: str, *, exists: bool = True) -> None:
+        """Refuse names that cannot name an adapter (and, with ``exists``, names already in use)."""
         if not isinstance(name, str) or not name or "." in name or not name.isprintable():
             raise ValueError(f"adapter names must be non-empty strings without '.', got {name!r}")
-        if name in self._records:
+        if exists and name in self._records:
             raise ValueError(f"an adapter named {name!r} already exists; delete it first or pick another name")
         if hasattr(nn.ModuleDict(), name):  # components live in a ModuleDict keyed by adapter name
             raise ValueError(
@@ -615,7 +662,24 @@ class Adapters:
         (files, shapes, base-model fingerprint) before the model is touched. Pickle files (``.bin``) are
         refused unless ``allow_pickle=True``, and are then read with ``weights_only=True``.
         """
-        return detect(path).load(self, path, name=name, allow_pickle=allow_pickle, activate=activate)
+        read = self.read(path, name, allow_pickle=allow_pickle)
+        self.install(read.name, read.plan, activate=activate)
+        return read.name
+
+    def read(self, path: str | os.PathLike, name: str | None = None, *, allow_pickle: bool = False) -> ReadAdapter:
+        """Read and check an adapter directory into components, without touching the model: the first half of
+        :meth:`load` (``load`` = ``read`` + :meth:`install`).
+
+        Everything slow happens here (file reads, parsing, planning, filling the components), so a server can
+        read on another thread while forwards run, then attach the result with
+        ``adapters.install(read.name, read.plan)`` between two forwards. The name is checked for syntax only
+        here; ``install`` refuses it if an adapter of that name exists by then. Errors are those of ``load``.
+        """
+        reading = _Reading(self)
+        name = detect(path).load(reading, path, name=name, allow_pickle=allow_pickle, activate=False)
+        if reading.read is None:  # every reader ends in ``ctl.install``; one that did not is a bug
+            raise RuntimeError(f"the reader of {str(path)!r} installed nothing")
+        return ReadAdapter(name, reading.read, str(path))
 
     def export(self, name: str, path: str | os.PathLike, format: str = "peft") -> None:
         """Write adapter ``name`` in another library's format (``"peft"``) or natively (``"native"``)."""

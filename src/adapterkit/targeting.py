@@ -43,7 +43,8 @@ def base_modules(model: nn.Module) -> dict[str, nn.Module]:
 
     def walk(module: nn.Module, prefix: str) -> None:
         out[prefix] = module
-        for child_name, child in module._modules.items():
+        # a snapshot: another thread (a server's engine) may add or drop a site's container meanwhile
+        for child_name, child in list(module._modules.items()):
             if child is None or child_name == CONTAINER:
                 continue
             walk(child, f"{prefix}.{child_name}" if prefix else child_name)

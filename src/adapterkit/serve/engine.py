@@ -138,6 +138,7 @@ class Engine:
         self._stop = False
         self._seeds = itertools.count(int(time.time() * 1000) % (2**31))
         self.thread = threading.Thread(target=self._loop, name="adapterkit-engine", daemon=True)
+        pool.on_read = self._wake
         # testing aid: seconds slept after each step, so a test can act while a tiny model is mid-generation
         self.step_delay = float(os.environ.get("ADAPTERKIT_SERVE_STEP_DELAY", "0") or 0)
 
@@ -154,6 +155,10 @@ class Engine:
             if len(self.waiting) >= self.max_queue:
                 raise EngineError(f"too many waiting requests ({self.max_queue}); retry later", 429)
             self.waiting.append(req)
+            self.cond.notify_all()
+
+    def _wake(self) -> None:
+        with self.cond:
             self.cond.notify_all()
 
     def cancel(self, req: Request) -> None:
@@ -182,6 +187,7 @@ class Engine:
             self.cond.notify_all()
         if self.thread.is_alive() and threading.current_thread() is not self.thread:
             self.thread.join(timeout=30)
+        self.pool.close()
 
     # --- engine thread ----------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -195,8 +201,11 @@ class Engine:
                         if self._stop:
                             break
                     ran = self.step()
-                    if self.step_delay or not ran:
-                        time.sleep(self.step_delay or 0.005)  # nothing admissible yet: do not spin
+                    if self.step_delay:
+                        time.sleep(self.step_delay)
+                    elif not ran:  # nothing admissible yet (adapters loading): wait for a read or a request
+                        with self.cond:
+                            self.cond.wait(0.02)
             reason = "the server is shutting down"
         except BaseException as e:  # the engine died: fail everything, /health reports it
             log.exception("engine failed")
@@ -301,6 +310,7 @@ class Engine:
 
     def _admit(self) -> list[Request]:
         out: list[Request] = []
+        failed: dict[str, tuple[list[Request], PoolError]] = {}
         with self.cond:
             active = {r.model for r in self.running if r.model is not None}
             keep: collections.deque[Request] = collections.deque()
@@ -316,6 +326,17 @@ class Engine:
                     self.waiting.clear()
                     break
                 if req.model is not None and req.model not in active:
+                    if req.model in failed:
+                        failed[req.model][0].append(req)
+                        continue
+                    try:
+                        where = self.pool.prepare(req.model)  # starts reading its files on a loader thread
+                    except PoolError as e:  # the read failed: its waiting requests fail, nobody else
+                        failed[req.model] = ([req], e)
+                        continue
+                    if where == "loading":  # steps go on; later requests may pass it meanwhile
+                        keep.append(req)
+                        continue
                     entry = self.pool.get(req.model)
                     if entry is not None and (
                         len(active) >= self.max_active_adapters or not self.pool.can_acquire(req.model)
@@ -333,6 +354,9 @@ class Engine:
                 budget -= len(req.prompt)
                 out.append(req)
             self.waiting = keep
+        for reqs, error in failed.values():
+            for req in reqs:
+                req.emit(("error", str(error), error.status))
         return out
 
     def _scope(self, names: list[str | None]) -> Any:

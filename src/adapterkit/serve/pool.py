@@ -1,18 +1,20 @@
 """Adapter pool of ``adapterkit serve``: which adapters the server knows, which are in memory, and eviction.
 
-Tiers: *on disk* (registered: a name and a directory) -> *attached* (loaded into the model with
-``adapters.load(path, name=...)``). Loading happens on first use, on the engine thread between two steps (the
-only thread that runs the model, so no forward ever sees a half-installed adapter). Attached adapters that no
-running request uses (unpinned) are evicted least-recently-used when loading another would exceed the byte
-budget (``--adapter-pool-mb``). Each load records a content hash of the adapter's files, so an adapter reloaded
-under the same name after its files changed is a new version, never the stale one.
+Tiers: *on disk* (registered: a name and a directory) -> *read* (files parsed into components by
+``adapters.read`` on a loader thread, off the engine thread, so steps go on meanwhile) -> *attached* (installed into
+the model with ``adapters.install`` by the engine thread between two steps: the only thread that changes the model,
+so no forward ever sees a half-installed adapter). Attached adapters that no running request uses (unpinned) are
+evicted least-recently-used when installing another would exceed the byte budget (``--adapter-pool-mb``). Each read
+records a content hash of the adapter's files, so an adapter reloaded under the same name after its files changed
+is a new version, never the stale one.
 
 Registry changes from the HTTP side (runtime load/unload) only touch the registry under a lock; the model is
-changed by the engine thread alone (:meth:`AdapterPool.collect`).
+changed by the engine thread alone (:meth:`AdapterPool.acquire`, :meth:`AdapterPool.collect`).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import threading
@@ -45,10 +47,16 @@ class AdapterEntry:
     model_level: bool = False
     removed: bool = False  # unregistered while in use: deleted from the model once unpinned
     created: int = field(default_factory=lambda: int(time.time()))
+    # a read in progress on a loader thread, its result (``adapters.read``'s, waiting to be installed) or error
+    reading: concurrent.futures.Future | None = None
+    read: Any = None
+    error: str | None = None
 
     @property
     def state(self) -> str:
-        return "attached" if self.attached else "on disk"
+        if self.attached:
+            return "attached"
+        return "in memory" if self.read is not None else "on disk"
 
 
 def _method_of(path: Path) -> str:
@@ -95,6 +103,7 @@ class AdapterPool:
         extra: dict[str, Path] | None = None,
         budget_bytes: int | None = None,
         metrics: Any = None,
+        loader_threads: int = 2,
     ) -> None:
         self.adapters = adapters
         self.root = root.resolve() if root is not None else None
@@ -103,6 +112,9 @@ class AdapterPool:
         self.lock = threading.RLock()
         self.entries: dict[str, AdapterEntry] = {}
         self.generation = 0  # bumped whenever the model's adapters change (loads, deletions)
+        self.loader_threads = loader_threads
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self.on_read: Any = None  # called on a loader thread after each read (the engine wakes up)
         if self.root is not None:
             if not self.root.is_dir():
                 raise PoolError(f"--adapters {self.root} is not a directory")
@@ -179,35 +191,92 @@ class AdapterPool:
             self.metrics.pool_bytes.set(self.used_bytes())
 
     def can_acquire(self, name: str) -> bool:
-        """``name`` is attached, or loading it fits the budget after evicting unpinned adapters."""
+        """``name`` is attached, or installing it fits the budget after evicting unpinned adapters."""
         with self.lock:
             entry = self.entries[name]
             if entry.attached or self.budget is None:
                 return True
-            need = _file_bytes(entry.path)
+            need = entry.read.nbytes if entry.read is not None else _file_bytes(entry.path)
             if need > self.budget:
                 return True  # never fits: acquire() fails its requests with a clear error
             free = self.budget - sum(e.nbytes for e in self.entries.values() if e.attached and e.pins > 0)
             return need <= free
 
+    def prepare(self, name: str) -> str:
+        """Where ``name`` stands, starting a read on a loader thread if it is only on disk (never blocks):
+        ``"ready"`` (attached, or read and waiting to be installed: :meth:`acquire` is quick), ``"loading"``
+        (a read is in progress: ask again later), or ``"unknown"`` (not registered: :meth:`acquire` says so).
+
+        Raises:
+            PoolError: the read failed (the error is reported once; the next request reads again).
+        """
+        with self.lock:
+            entry = self.entries.get(name)
+            if entry is None or entry.removed:
+                return "unknown"
+            if entry.error is not None:
+                error, entry.error = entry.error, None
+                raise PoolError(error, 400)
+            if entry.attached or entry.read is not None:
+                return "ready"
+            if entry.reading is None:
+                entry.reading = self._loader().submit(self._read, entry)
+            return "loading"
+
+    def _loader(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(self.loader_threads, "adapterkit-load")
+        return self._executor
+
+    def _read(self, entry: AdapterEntry) -> None:
+        """Loader thread: hash and read ``entry``'s files into components (the model is not touched)."""
+        try:
+            digest = _digest(entry.path)
+            read = self.adapters.read(entry.path, name=entry.name)
+        except Exception as e:  # a failed read fails only the requests for this adapter
+            with self.lock:
+                entry.reading, entry.error = None, f"adapter {entry.name!r} failed to load from {entry.path}: {e}"
+        else:
+            with self.lock:
+                entry.reading, entry.read, entry.digest = None, read, digest
+        if self.on_read is not None:
+            self.on_read()
+
+    def close(self) -> None:
+        """Stop the loader threads (reads in progress finish; their results are dropped with the pool)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
     def acquire(self, name: str) -> AdapterEntry:
-        """Attach ``name`` if needed (evicting LRU unpinned adapters to fit) and pin it. The files are read and
-        installed outside the registry lock, so the HTTP side (which reads the registry) never waits on a load."""
+        """Engine thread: pin ``name``, installing it first if needed (evicting LRU unpinned adapters to fit).
+        Reads the files here if no loader thread did (:meth:`prepare`), so a direct call always works."""
         with self.lock:
             entry = self.entries.get(name)
             if entry is None or entry.removed:
                 raise PoolError(f"no adapter named {name!r}", 404)
-            entry.pins += 1
-            entry.last_used = time.monotonic()
             if entry.attached:
+                entry.pins += 1
+                entry.last_used = time.monotonic()
                 return entry
+            future = entry.reading
+        if future is not None:
+            future.result()  # a read already under way: wait for it rather than read twice
+        with self.lock:
+            if entry.error is not None:
+                error, entry.error = entry.error, None
+                raise PoolError(error, 400)
+            read = entry.read
+        if read is None:
+            self._read(entry)
+            return self.acquire(name)
+        with self.lock:
+            entry.read = None  # installed below, or failed: either way read again next time
             if name in self.adapters:  # an older version of this name is still in the model (unloaded, reloaded)
                 self.adapters.delete(name)
                 self.generation += 1
-            need = _file_bytes(entry.path)
+            need = read.nbytes
             if self.budget is not None:
                 if need > self.budget:
-                    entry.pins -= 1
                     raise PoolError(
                         f"adapter {name!r} needs {need} bytes, more than --adapter-pool-mb allows "
                         f"({self.budget} bytes)", 400
@@ -221,21 +290,16 @@ class AdapterPool:
                     if self.metrics is not None:
                         self.metrics.adapter_evictions.inc()
             self.generation += 1
-        try:  # the engine thread is the only one that changes the model: no lock needed for the load itself
-            digest = _digest(entry.path)
-            self.adapters.load(entry.path, name=name)
-            method = self.adapters.config(name).method
-            nbytes = sum(p.numel() * p.element_size() for p in self.adapters.parameters(name)) or need
-            model_level = is_model_level(self.adapters, name)
-        except Exception as e:  # a failed load fails only the requests for this adapter
-            if name in self.adapters:
-                self.adapters.delete(name)
-            with self.lock:
-                entry.pins -= 1
-            raise PoolError(f"adapter {name!r} failed to load from {entry.path}: {e}", 400) from e
-        with self.lock:
-            entry.attached, entry.digest, entry.method = True, digest, method
-            entry.nbytes, entry.model_level = nbytes, model_level
+            try:
+                self.adapters.install(name, read.plan)
+                entry.method = self.adapters.config(name).method
+                entry.model_level = is_model_level(self.adapters, name)
+            except Exception as e:
+                if name in self.adapters:
+                    self.adapters.delete(name)
+                raise PoolError(f"adapter {name!r} failed to load from {entry.path}: {e}", 400) from e
+            entry.attached, entry.nbytes, entry.pins = True, need, entry.pins + 1
+            entry.last_used = time.monotonic()
             if self.metrics is not None:
                 self.metrics.adapter_loads.inc()
                 self.metrics.pool_bytes.set(self.used_bytes())
