@@ -403,11 +403,11 @@ def test_pickle_with_code_is_refused_even_when_allowed(tmp_path):
 
 
 def test_peft_dir_with_unsupported_type(tmp_path):
-    d = tmp_path / "hra"
+    d = tmp_path / "fourierft"
     d.mkdir()
-    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "HRA", "num_virtual_tokens": 4}))
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "FOURIERFT", "num_virtual_tokens": 4}))
     model, adapters, snap = fresh("llama")
-    with pytest.raises(ak.AdapterFileError, match="HRA"):
+    with pytest.raises(ak.AdapterFileError, match="FOURIERFT"):
         adapters.load(d)
     assert adapters.names == []
     snap.assert_unchanged()
