@@ -387,3 +387,17 @@ def _report_of(directory: Path) -> V.VllmExport:
     data = json.loads((directory / V.REPORT).read_text())
     modules = [V.ModuleExport(**m) for m in data["modules"]]
     return V.VllmExport(data["adapter"], data["method"], data["r"], data["lora_alpha"], modules, data["notes"])
+
+
+def test_adapters_export_with_target_vllm(tmp_path):
+    """The public verb: ``adapters.export(name, path, target="vllm", rank=...)`` is the same export."""
+    model, adapters = _adapted("llama", ak.LoRA(r=4, dora=True, targets=LLAMA_QV, init_weights=False))
+    report = adapters.export("x", tmp_path / "api", target="vllm", rank=8)
+    V.export(adapters, "x", tmp_path / "direct", rank=8)
+    assert report.rank == 8 and (tmp_path / "api" / V.REPORT).is_file()
+    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("api", "direct"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="only applies to target='vllm'"):
+        adapters.export("x", tmp_path / "bad", rank=8)
+    with pytest.raises(ValueError, match="the only target is 'vllm'"):
+        adapters.export("x", tmp_path / "bad", format="native", target="vllm")

@@ -681,9 +681,37 @@ class Adapters:
             raise RuntimeError(f"the reader of {str(path)!r} installed nothing")
         return ReadAdapter(name, reading.read, str(path))
 
-    def export(self, name: str, path: str | os.PathLike, format: str = "peft") -> None:
-        """Write adapter ``name`` in another library's format (``"peft"``) or natively (``"native"``)."""
-        writer(format).save(self, name, path)
+    def export(
+        self,
+        name: str,
+        path: str | os.PathLike,
+        format: str = "peft",
+        *,
+        target: str | None = None,
+        rank: int | None = None,
+    ) -> Any:
+        """Write adapter ``name`` in another library's format (``"peft"``) or natively (``"native"``).
+
+        ``target="vllm"`` (peft format only) writes a plain LoRA that vLLM's ``--lora-modules`` (and LoRAX)
+        accept: ranks zero-padded to a ``--max-lora-rank`` choice, other mergeable methods converted by truncated
+        SVD of their weight change at ``rank`` (default: the adapter's ``r``); returns the per-module report
+        (:class:`adapterkit.formats.vllm.VllmExport`) and raises ``VllmExportError`` naming every module vLLM
+        cannot take, writing nothing. See docs/export_vllm.md.
+        """
+        if target is None:
+            if rank is not None:
+                raise ValueError(
+                    "rank= only applies to target='vllm' (conversion to LoRA); drop it or add the target"
+                )
+            writer(format).save(self, name, path)
+            return None
+        if target != "vllm" or format != "peft":
+            raise ValueError(
+                f"export target {target!r} with format {format!r}: the only target is 'vllm' (format 'peft')"
+            )
+        from .formats import vllm
+
+        return vllm.export(self, name, path, rank=rank)
 
     def install(self, name: str, plan: Plan, *, activate: bool = False) -> None:
         """Attach a plan whose components already hold their values (used by the format readers). Their
