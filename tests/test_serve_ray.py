@@ -143,7 +143,7 @@ def test_replica_answers_as_the_server_and_detaches_what_ray_evicts(files):
             assert bad[0][0] == 401
 
             # a stream, event by event; closing it early cancels the engine's request
-            stream = {**body, "model": "bn", "stream": True, "max_tokens": 40}
+            stream = {**body, "model": "bn", "stream": True, "max_tokens": 55}
             gen = asgi_call(impl.app, "POST", "/v1/completions", b"", [
                 (b"authorization", f"Bearer {KEY}".encode())], json.dumps(stream).encode())  # fmt: skip
             status, raw_headers = await gen.__anext__()
@@ -154,7 +154,7 @@ def test_replica_answers_as_the_server_and_detaches_what_ray_evicts(files):
             assert await asyncio.to_thread(_wait, impl.server.engine.idle)
             assert impl.server.metrics.requests_success.labels("abort")._value.get() == 1
 
-        impl.server.engine.step_delay = 0.01  # the 40-token stream is still running when the client leaves
+        impl.server.engine.step_delay = 0.02  # the 55-token stream (over 1 s) still runs when the client leaves
         asyncio.run(scenario())
     finally:
         impl.stop()
