@@ -231,6 +231,23 @@ def test_oft_adapterkit_to_peft(cid, family, make, ours, same, tmp_path):
         torch.testing.assert_close(logits(model, x), base, **TOL)
 
 
+def test_peft_kxk_conv_forward_is_not_identity_at_init():
+    """Why k×k convolutions are compared with peft's merged model: peft 0.21's unmerged OFT forward unfolds the input
+    with stride 1 and folds the rotated patches back with ``F.fold``, which sums overlapping patches, so even at init
+    (R = I) it changes the output; ours is the identity at init and equals peft's merge (tests above)."""
+    x = inputs_of("cnn")
+    base = logits(model_of("cnn"), x)
+    pm = get_peft_model(model_of("cnn"), OFTConfig(oft_block_size=12, target_modules=["conv1"])).eval()
+    theirs = logits(pm, x)
+    assert (theirs - base).abs().max().item() > 1e-2, (
+        "peft fixed its k×k OFT forward: compare unmerged outputs too"
+    )
+    adapters = ak.attach(model := model_of("cnn"))
+    adapters.add("a", ak.OFT(oft_block_size=12, targets=["conv1"]))
+    torch.testing.assert_close(logits(model, x), base, atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits(pm.merge_and_unload(), x), base, atol=1e-6, rtol=0)
+
+
 # --- the equations ----------------------------------------------------------------------------------------------
 def _one(cfg: ak.AdapterConfig, module: nn.Module | None = None):
     torch.manual_seed(0)

@@ -2,9 +2,11 @@
 "Orthogonal Finetuning Made Scalable"): the frozen weight is rotated by a learned block-diagonal orthogonal
 matrix, and OFT v2 applies the rotation to the *input* instead of building the rotated weight::
 
-    y = W (R x) + b          R = diag(R_1, ..., R_nb)       R_j = Cayley(Q_j): (b, b)     Q_j = -Q_jᵀ
+    y = W (R x) + b          R = diag(R_1, ..., R_nb)ᵀ      R_j = Cayley(Q_j): (b, b)     Q_j = -Q_jᵀ
 
-        x ──► split into nb blocks of b ──► x_j Rᵀ... (block-wise x_j ↦ x_j R_j) ──► W ──► + b ──► y
+    (peft's convention: row vectors x ↦ x · diag(R_j), hence the transpose in column form)
+
+        x ──► nb blocks x_j of b features ──► x_j ↦ x_j R_j (row vectors) ──► W ──► + b ──► y
 
 * Parameters: one skew-symmetric ``Q_j`` per block, stored as its strict upper triangle (``oft_R``:
   ``(nb, b (b - 1) / 2)``, peft's ``oft_R.weight``); ``block_share`` keeps one block for the whole layer
