@@ -519,3 +519,87 @@ def test_bfloat16_base(cfg):
         adapters.merge("a")
         merged = output_of(model, x)
     torch.testing.assert_close(merged.float(), out.float(), atol=0.1, rtol=0.05)
+
+
+# --- ABBA (LoHa with independently ranked pairs and the SVD init) ------------------------------------------
+@pytest.mark.parametrize(("r1", "r2"), [(2, 3), (3, 3), (5, 6)])
+def test_abba_equation(r1, r2):
+    """ABBA §3: ΔW = s · (B1 A1) ⊙ (B2 A2), s = alpha / √(r1 r2), rank up to r1 · r2; (2, 3) through the row-wise
+    Khatri–Rao factors, (5, 6) through the dense ΔW (30 · (24 + 36) > 24 · 36)."""
+    model, _, comp = _one_linear(ak.LoHa(r=r1, r2=r2, alpha=5))
+    assert comp._factored() == (r1 * r2 <= 14)
+    lin = model[0]
+    B1, A1, B2, A2 = comp.hada_w1_a, comp.hada_w1_b, comp.hada_w2_a, comp.hada_w2_b
+    assert [tuple(t.shape) for t in (B1, A1, B2, A2)] == [(36, r1), (r1, 24), (36, r2), (r2, 24)]
+    x = torch.randn(2, 4, 24)
+    with torch.no_grad():
+        delta = (5 / (r1 * r2) ** 0.5) * (B1 @ A1) * (B2 @ A2)
+        torch.testing.assert_close(comp.delta_weight(lin), delta)
+        torch.testing.assert_close(model(x), x @ (lin.weight + delta).T + lin.bias, atol=1e-5, rtol=1e-5)
+        exact = (B1.double() @ A1.double()) * (B2.double() @ A2.double())
+        assert int(torch.linalg.matrix_rank(exact)) == min(r1 * r2, 24)  # the Hadamard product's rank (§3.1)
+        # the Khatri–Rao form: (B1 A1) ⊙ (B2 A2) = (B1 ⊙_row B2)(A1 ⊙_col A2)
+        u, v = comp._uv()
+        torch.testing.assert_close(u @ v, (B1 @ A1) * (B2 @ A2), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "vit"])
+def test_abba_init_is_the_truncated_svd_of_the_frozen_weight(family):
+    """ABBA §3.3: B1 A1 is the best rank-r1 approximation of W0 (B1 = U√Σ, A1 = √ΣVᵀ), B2 = 0, A2 random: ΔW = 0,
+    outputs unchanged at init; on a Conv2d the flattened (out, in·kh·kw) weight."""
+    from adapterkit.backends import backend_for
+
+    model = make_model(family)
+    x = make_inputs(family)
+    base = logits(model, x)
+    adapters = ak.attach(model)
+    target = "embed" if family == "vit" else "attn.q"
+    adapters.add("a", ak.LoHa(r=3, r2=2, init_weights="abba", targets=[target]))
+    torch.testing.assert_close(logits(model, x), base, atol=0, rtol=0)
+    for site, comp in adapters.components("a").items():
+        module = adapters._sites[site].module
+        W = backend_for(module).read(module).reshape(comp.out_dim, -1).double()
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        best = U[:, :3] @ torch.diag(S[:3]) @ Vh[:3]
+        torch.testing.assert_close((comp.hada_w1_a @ comp.hada_w1_b).double(), best, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            comp.hada_w1_a.double().norm(dim=0) ** 2, S[:3], atol=1e-5, rtol=1e-5
+        )  # √Σ each
+        assert torch.count_nonzero(comp.hada_w2_a) == 0 and torch.count_nonzero(comp.hada_w2_b) > 0
+
+
+def test_abba_exports_to_peft_only_with_equal_ranks(tmp_path):
+    """peft's LoHa has one rank for both pairs: r2 == r exports (ABBA's init is only an init: peft's logits equal
+    ours); r2 != r is refused naming the module, and the native format holds it."""
+    family = "llama"
+    x = make_inputs(family)
+    model = make_model(family)
+    adapters = ak.attach(model)
+    adapters.add("a", ak.LoHa(r=2, r2=2, alpha=3, init_weights="abba"))
+    perturb(adapters.parameters("a"))
+    adapters.export("a", tmp_path / "peft", format="peft")
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["init_weights"] is True
+    pm = PeftModel.from_pretrained(make_model(family), str(tmp_path / "peft")).eval()
+    torch.testing.assert_close(logits(pm, x), logits(model, x), **TOL)
+    adapters.add("b", ak.LoHa(r=2, r2=3, init_weights="abba"))
+    with pytest.raises(ValueError, match="different ranks.*r2=3"):
+        adapters.export("b", tmp_path / "refused", format="peft")
+    assert not (tmp_path / "refused").exists()
+    adapters.save("b", tmp_path / "native")
+    other = ak.attach(make_model(family))
+    other.load(tmp_path / "native")
+    with adapters.use("b"):
+        expected = logits(model, x)
+    with other.use("b"):
+        torch.testing.assert_close(logits(other.model, x), expected, atol=0, rtol=0)
+
+
+def test_abba_bad_configs():
+    for bad, match in (
+        (lambda: ak.LoHa(r2=0), "r2"),
+        (lambda: ak.LoHa(r2=2.5), "r2"),
+        (lambda: ak.LoHa(init_weights="svd"), "init_weights"),
+        (lambda: ak.LoHa(init_weights="abba", use_effective_conv2d=True), "use_effective_conv2d"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            bad()

@@ -59,6 +59,11 @@ def save_lycoris(ctl: Any, name: str, path: str | os.PathLike, peft_type: str, e
                 f"adapter {name!r} acts on {site!r}, a GPT-2 Conv1D; peft's {peft_type} has no Conv1D layer, so it "
                 "cannot be exported to peft (use format='native')"
             )
+        if getattr(comp, "r2", comp.r) != comp.r:
+            raise ValueError(
+                f"adapter {name!r} has pairs of different ranks at {site!r} (ABBA r={comp.r}, r2={comp.r2}); peft's "
+                f"{peft_type} has one rank for both pairs, so it cannot be exported to peft (use format='native')"
+            )
         targets.append(site)
         for key, value in comp.state_dict().items():
             tensors[f"{PREFIX}{site}.{key}"] = value.detach().contiguous()
@@ -76,7 +81,7 @@ def save_lycoris(ctl: Any, name: str, path: str | os.PathLike, peft_type: str, e
         "rank_pattern": dict(cfg.rank_pattern),
         "alpha_pattern": dict(cfg.alpha_pattern),
         "modules_to_save": heads or None,
-        "init_weights": cfg.init_weights,
+        "init_weights": True if cfg.init_weights == "abba" else cfg.init_weights,  # peft has no ABBA init
         "layers_to_transform": None,
         "layers_pattern": None,
         "inference_mode": True,

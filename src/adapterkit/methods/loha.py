@@ -22,6 +22,21 @@ Works on ``nn.Linear``, GPT-2 ``Conv1D`` (not in peft: such adapters cannot be e
 each factor pair becomes ``T_i ×₁ W_ia ×₂ W_ib`` with a core ``hada_t{i}: (r, r, kh, kw)``,
 ``hada_w{i}_a: (r, out)``, ``hada_w{i}_b: (r, in)`` (FedPara §3.2, LyCORIS ``use_tucker``).
 
+**ABBA** (Singhal et al. 2025, "ABBA: Highly Expressive Hadamard Product Adaptation for Large Language Models",
+§3) is the same update with independently ranked pairs and another init, so it is an option of this component:
+``ak.LoHa(r=r1, r2=r2, init_weights="abba")``::
+
+    ΔW = s · (B1 A1) ⊙ (B2 A2)     B1: (out, r1)  A1: (r1, in)  B2: (out, r2)  A2: (r2, in)  (= W1a, W1b, W2a, W2b)
+
+* ``r2`` (default ``r``): rank of the second pair; the update has rank up to ``r1 · r2`` (ABBA §3.1) and the
+  scaling is ``s = alpha / √(r1 · r2)`` (``alpha / r`` when the ranks are equal, as LoHa's).
+* ``init_weights="abba"`` (ABBA §3.3; the authors' ``init_weights_svd_mixed``): the first pair is the top-``r1``
+  truncated SVD of the frozen weight split evenly, ``B1 = U √Σ``, ``A1 = √Σ Vᵀ`` (flattened ``(out, in·kh·kw)``
+  for convolutions), ``A2`` Kaiming-uniform and ``B2 = 0``, so ΔW = 0 at init. The authors scale each pair by
+  ``√alpha_i`` (``s = √(alpha1 · alpha2)``): their ``alpha1 = alpha2 = a`` with ``r1 = r2 = r`` is ``alpha = a · r``
+  here.
+* Forward: the row-wise Khatri–Rao factors below (ABBA §3.2) with ``r1 · r2`` columns.
+
 Forward on linear-like modules: the Hadamard product of two rank-``r`` products is one rank-``r²`` product,
 ``(W1a W1b) ⊙ (W2a W2b) = U V`` with ``U[o, (i, j)] = W1a[o, i] W2a[o, j]`` and ``V[(i, j), n] = W1b[i, n] W2b[j, n]``,
 so ``ΔW x = s · U (V x)`` costs ``O(r² (in + out))`` per token and never builds the ``(out, in)`` ΔW (nor keeps
@@ -129,7 +144,27 @@ class LoHa(LycorisConfig):
     use_effective_conv2d: bool = False
     rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
-    init_weights: bool = True
+    init_weights: bool | str = True
+    r2: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.r2 is not None and (isinstance(self.r2, bool) or not isinstance(self.r2, int) or self.r2 <= 0):
+            raise ValueError(f"LoHa r2 (the second pair's rank, ABBA) must be a positive integer, got {self.r2!r}")
+        if not isinstance(self.init_weights, bool) and self.init_weights != "abba":
+            raise ValueError(
+                f"LoHa init_weights must be True, False or 'abba' (SVD init of the first pair), got {self.init_weights!r}"
+            )
+        if self.init_weights == "abba" and self.use_effective_conv2d:
+            raise ValueError("LoHa init_weights='abba' needs flat factors: drop use_effective_conv2d=True")
+
+    def rank2_for(self, name: str) -> int:
+        """Rank of the second pair at ``name``: ``r2``, else the module's ``r`` (LoHa)."""
+        return self.r2 if self.r2 is not None else self.rank_for(name)
+
+    def scaling_for(self, name: str) -> float:
+        alpha = float(pattern_value(self.alpha_pattern, name, self.alpha))
+        return alpha / math.sqrt(self.rank_for(name) * self.rank2_for(name))
 
     def layer(self, module: nn.Module, name: str) -> Component:
         return LoHaLayer(self, module, name)
@@ -148,7 +183,7 @@ class LycorisBase(Component):
         self.scaling = cfg.scaling_for(name)
         self.rank_dropout = float(cfg.rank_dropout)
         self.module_dropout = float(cfg.module_dropout)
-        self._random = not cfg.init_weights
+        self._random = cfg.init_weights is False
         weight = module.weight
         self._factory = {
             "device": weight.device,
@@ -223,28 +258,44 @@ class LycorisBase(Component):
 class LoHaLayer(LycorisBase):
     """LoHa on a linear-like module or a Conv2d: ``y + x ΔWᵀ`` (or the convolution with ΔW).
 
-    Shapes (``n = in · kh · kw``): ``hada_w1_a, hada_w2_a: (out, r)``, ``hada_w1_b, hada_w2_b: (r, n)``.
+    Shapes (``n = in · kh · kw``): ``hada_w1_a: (out, r)``, ``hada_w1_b: (r, n)``, ``hada_w2_a: (out, r2)``,
+    ``hada_w2_b: (r2, n)`` (``r2 = r`` unless ABBA's ``r2`` is set).
     """
 
     def __init__(self, cfg: LoHa, module: nn.Module, name: str) -> None:
         super().__init__(cfg, module, name)
-        r = self.r
+        r, r2 = self.r, cfg.rank2_for(name)
+        self.r2 = r2
+        self.abba = cfg.init_weights == "abba"
         if self.cp:
             self.hada_t1 = self._param(r, r, *self.kernel)
             self.hada_w1_a = self._param(r, self.out_dim)
             self.hada_w1_b = self._param(r, self.in_dim)
-            self.hada_t2 = self._param(r, r, *self.kernel)
-            self.hada_w2_a = self._param(r, self.out_dim)
-            self.hada_w2_b = self._param(r, self.in_dim)
+            self.hada_t2 = self._param(r2, r2, *self.kernel)
+            self.hada_w2_a = self._param(r2, self.out_dim)
+            self.hada_w2_b = self._param(r2, self.in_dim)
             return
         n = self.in_dim * math.prod(self.kernel)
         self.hada_w1_a = self._param(self.out_dim, r)
         self.hada_w1_b = self._param(r, n)
-        self.hada_w2_a = self._param(self.out_dim, r)
-        self.hada_w2_b = self._param(r, n)
+        self.hada_w2_a = self._param(self.out_dim, r2)
+        self.hada_w2_b = self._param(r2, n)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", r2={self.r2}" if self.r2 != self.r else "")
 
     @torch.no_grad()
     def initialize(self, module: nn.Module) -> None:
+        if self.abba:  # ABBA §3.3: first pair = truncated SVD of W0 (split as U√Σ, √ΣVᵀ); A2 Kaiming, B2 = 0
+            weight = backend_for(module).read(module).float().reshape(self.out_dim, -1)  # (out, in · kh · kw)
+            U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
+            k = min(self.r, S.numel())
+            root = S[:k].sqrt()
+            self.hada_w1_a.zero_()[:, :k].copy_((U[:, :k] * root).to(self.hada_w1_a.dtype))
+            self.hada_w1_b.zero_()[:k].copy_((root[:, None] * Vh[:k]).to(self.hada_w1_b.dtype))
+            nn.init.kaiming_uniform_(self.hada_w2_b)  # A2: (r2, n), Kaiming-uniform with a = 0 as the authors'
+            nn.init.zeros_(self.hada_w2_a)  # B2: (out, r2) = 0, so ΔW = 0 at init
+            return
         for p in (self.hada_w1_a, self.hada_w1_b, self.hada_w2_a) + (
             (self.hada_t1, self.hada_t2) if self.cp else ()
         ):
@@ -263,10 +314,11 @@ class LoHaLayer(LycorisBase):
 
     def _factored(self) -> bool:
         """Apply the rank-r² factors (linear-like modules) when that is cheaper per token than ΔW."""
-        return not self.kernel and self.r * self.r * (self.in_dim + self.out_dim) <= self.in_dim * self.out_dim
+        return not self.kernel and self.r * self.r2 * (self.in_dim + self.out_dim) <= self.in_dim * self.out_dim
 
     def _uv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``U: (out, r²)`` (scaling not included) and ``V: (r², in)`` with ``(W1a W1b) ⊙ (W2a W2b) = U V``."""
+        """``U: (out, r·r2)`` (scaling not included) and ``V: (r·r2, in)`` with ``(W1a W1b) ⊙ (W2a W2b) = U V``
+        (the row-wise Khatri–Rao products of ABBA §3.2)."""
         u = (self.hada_w1_a[:, :, None] * self.hada_w2_a[:, None, :]).reshape(self.out_dim, -1)
         v = (self.hada_w1_b[:, None, :] * self.hada_w2_b[None, :, :]).reshape(-1, self.in_dim)
         return u, v
@@ -280,7 +332,7 @@ class LoHaLayer(LycorisBase):
         if any(c.kernel or c._random_in_training() for c in live):
             return None
         ref = live[0]
-        R = max(c.r * c.r for c in live)
+        R = max(c.r * c.r2 for c in live)
 
         def build() -> tuple[torch.Tensor, torch.Tensor]:
             zero_v, zero_u = ref.hada_w1_b.new_zeros(ref.in_dim, R), ref.hada_w1_a.new_zeros(R, ref.out_dim)
@@ -291,7 +343,7 @@ class LoHaLayer(LycorisBase):
                     U.append(zero_u)
                     continue
                 u, v = c._uv()
-                pad = R - c.r * c.r
+                pad = R - c.r * c.r2
                 V.append(F.pad(v, (0, 0, 0, pad)).T)
                 U.append(F.pad(u * c.scaling, (0, pad)).T)
             return torch.stack(V), torch.stack(U)  # (G, in, R), (G, R, out)
