@@ -111,19 +111,23 @@ def build(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     for n in args.adapters:
         for s in args.zipf if n > 1 else args.zipf[:1]:
             key = f"lora N={n} s={s:g}" if n > 1 else "lora N=1"
-            configs[key] = {"names": [f"a{i}" for i in range(n)], "zipf": s, "lora_only": True}
+            configs[key] = {"names": [f"a{i}" for i in range(n)], "zipf": s, "group": "lora"}
     if args.mixed:
         configs[f"mixed N={args.mixed} s={args.mixed_zipf:g}"] = {
-            "names": [f"m{i}" for i in range(args.mixed)], "zipf": args.mixed_zipf, "lora_only": False,
+            "names": [f"m{i}" for i in range(args.mixed)], "zipf": args.mixed_zipf, "group": "mixed",
         }  # fmt: skip
-    for key, c in configs.items():
-        for fmt in ("native", "peft") if c["lora_only"] else ("native",):
-            d = root / "dirs" / fmt / key.replace(" ", "_").replace("=", "")
-            d.mkdir(parents=True)
-            for name in c["names"]:
-                (d / name).symlink_to(root / fmt / name, target_is_directory=True)
-            c[fmt] = d
-    return {"model": root / "model", "configs": configs}
+    # what each server registers: every LoRA adapter (natively for ours, in peft's format for the baselines), or
+    # every mixed adapter (ours only); a configuration's N only decides which of them its requests name
+    dirs = {}
+    for group, fmt, names in (("lora", "native", [f"a{i}" for i in range(n_lora)]),
+                              ("lora", "peft", [f"a{i}" for i in range(n_lora)]),
+                              ("mixed", "native", [f"m{i}" for i in range(args.mixed)])):  # fmt: skip
+        d = root / "dirs" / f"{group}-{fmt}"
+        d.mkdir(parents=True)
+        for name in names:
+            (d / name).symlink_to(root / fmt / name, target_is_directory=True)
+        dirs[group, fmt] = d
+    return {"model": root / "model", "configs": configs, "dirs": dirs}
 
 
 # --- the server subprocesses ---------------------------------------------------------------------------------
@@ -434,16 +438,15 @@ async def _texts(url: str, names: list[str], prompt: str, output: int) -> list[s
     return out
 
 
-def agreement(report: dict[str, Any]) -> dict[str, dict[str, str]]:
-    """Per configuration and baseline: how many of the checked adapters' greedy outputs equal ours."""
-    out: dict[str, dict[str, str]] = {}
-    for key, entry in report["configs"].items():
-        ours = entry["systems"].get("ours", {}).get("check")
-        for system, res in entry["systems"].items():
-            if system == "ours" or not ours or "check" not in res:
-                continue
-            same = sum(res["check"].get(n) == t for n, t in ours.items())
-            out.setdefault(key, {})[system] = f"{same}/{len(ours)}"
+def agreement(report: dict[str, Any]) -> dict[str, str]:
+    """Per baseline: how many of the checked adapters' greedy outputs equal ours."""
+    servers = report["servers"]
+    ours = servers.get("ours", {}).get("check")
+    out: dict[str, str] = {}
+    for system in ("peft", "merge"):
+        if ours and servers.get(system, {}).get("check"):
+            same = sum(servers[system]["check"].get(n) == t for n, t in ours.items())
+            out[system] = f"{same}/{len(ours)}"
     return out
 
 
@@ -571,28 +574,42 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         files = build_in_child(Path(tmp), args)
         logs = Path(args.logs) if args.logs else Path(tmp) / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        # the target configuration first, then base (its reference), then the rest: a time budget that runs out
-        # skips the least important runs
-        order = sorted(files["configs"], key=lambda k: k != args.target)
-        for i, key in enumerate(order):
-            cfg = files["configs"][key]
-            entry: dict[str, Any] = {"zipf": cfg["zipf"], "n": len(cfg["names"]), "systems": {}}
-            report["configs"][key] = entry
-            for system in systems:
-                if system == "base" or (system in ("peft", "merge") and not cfg["lora_only"]):
-                    continue
-                if time.monotonic() > deadline:
-                    entry["systems"][system] = {"skipped": "time budget"}
-                    log(f"{key}: {system} skipped (time budget)")
-                    continue
-                log(f"{key}: {system}")
-                res = serve_system(system, files["model"], cfg, args, logs, deadline, half=key == args.target)
-                entry["systems"][system] = res
-            if "base" in systems and i == 0:
-                log("base (the same arrivals to the base model; one run for every configuration)")
-                ours = entry["systems"].get("ours", {})
-                half = ours["half_rate"]["rate"] if key == args.target and "half_rate" in ours else None
-                report["base"] = serve_system("base", files["model"], cfg, args, logs, deadline + 120, half=half)
+        servers = Servers(files, args, logs)
+        report["servers"] = servers.info
+        try:
+            # the target configuration first, then base (its reference), then the rest: a time budget that runs
+            # out skips the least important runs; the systems take turns within a configuration
+            order = sorted(files["configs"], key=lambda k: k != args.target)
+            for i, key in enumerate(order):
+                cfg = files["configs"][key]
+                entry: dict[str, Any] = {"zipf": cfg["zipf"], "n": len(cfg["names"]), "systems": {}}
+                report["configs"][key] = entry
+                for system in systems:
+                    if system == "base" or (system in ("peft", "merge") and cfg["group"] != "lora"):
+                        continue
+                    if time.monotonic() > deadline:
+                        entry["systems"][system] = {"skipped": "time budget"}
+                        log(f"{key}: {system} skipped (time budget)")
+                        continue
+                    log(f"{key}: {system}")
+                    child = servers.get(system, cfg["group"])
+                    res = sweep(child, cfg["names"], cfg["zipf"], args, deadline)
+                    res.update(summarize(res, args.ttft_slo))
+                    if system == "ours" and key == args.target and res.get("sat_req_s"):
+                        res["half_rate"] = half_point(child, cfg["names"], cfg["zipf"], res["sat_req_s"] / 2, args)
+                    entry["systems"][system] = res
+                if "base" in systems and i == 0:
+                    log("base (the same arrival process, every request to the base model; one run for all)")
+                    child = servers.get("base", "lora")
+                    names = [str(files["model"])]
+                    base = sweep(child, names, 0.0, args, deadline + 120)
+                    base.update(summarize(base, args.ttft_slo))
+                    ours = entry["systems"].get("ours", {})
+                    if key == args.target and "half_rate" in ours:
+                        base["half_rate"] = half_point(child, names, 0.0, ours["half_rate"]["rate"], args)
+                    report["base"] = base
+        finally:
+            servers.close()
         report["configs"] = {k: report["configs"][k] for k in files["configs"] if k in report["configs"]}
     meta["loadavg_end"] = loadavg()
     meta["seconds"] = round(time.monotonic() - _T0)
@@ -604,31 +621,57 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return report
 
 
-def serve_system(system: str, model: Path, cfg: dict[str, Any], args: argparse.Namespace, logs: Path,
-                 deadline: float, half: bool | float | None = None) -> dict[str, Any]:  # fmt: skip
-    """Start ``system``'s server, warm it, check its greedy outputs, sweep the rates; ``half``: True for ours on
-    the target configuration (one more point at half its saturated throughput), a rate for base (that point)."""
-    fmt = "peft" if system in ("peft", "merge") else "native"
-    child = Child(system, model, cfg[fmt], args, logs / f"{system}-{cfg[fmt].name}.log")
-    try:
-        names = [str(model)] if system == "base" else cfg["names"]
-        zipf = 0.0 if system == "base" else cfg["zipf"]
-        warm(child, names, args)
-        check = outputs(child, names[:4], args)
-        out: dict[str, Any] = sweep(child, names, zipf, args, deadline)
-        out["check"] = check
-        out.update(summarize(out, args.ttft_slo))
-        rate = out.get("sat_req_s", 0) / 2 if half is True else half
-        if rate:
-            log(f"  at half of ours' saturated throughput: {rate:.2f}/s")
-            reqs = arrivals(names, zipf, rate, n_requests(rate, args), args, seed=args.seed + 7)
-            out["half_rate"] = run_point(child, reqs, rate, args)
-        out["peak_rss_mb"] = child.peak_rss_mb()
-        out["counters"] = child.counters()
-        out["engine_total"] = json.loads(child.get("/bench/stats"))
-    finally:
-        child.close()
-    return out
+def half_point(child: Child, names: list[str], zipf: float, rate: float, args: argparse.Namespace) -> dict:
+    """The TTFT target's point: ``rate`` (half of ours' saturated throughput), the same arrivals for ours and base."""
+    log(f"  at half of ours' saturated throughput: {rate:.2f}/s")
+    return run_point(
+        child, arrivals(names, zipf, rate, n_requests(rate, args), args, seed=args.seed + 7), rate, args
+    )
+
+
+class Servers:
+    """One server process per system, started on first use (warmed with every adapter it registers, its greedy
+    outputs recorded) and kept until :meth:`close`, which records its peak RSS, counters and engine totals."""
+
+    def __init__(self, files: dict[str, Any], args: argparse.Namespace, logs: Path) -> None:
+        self.files, self.args, self.logs = files, args, logs
+        self.children: dict[str, Child] = {}
+        self.info: dict[str, dict[str, Any]] = {}
+
+    @staticmethod
+    def label(system: str, group: str) -> str:
+        return system if group == "lora" else f"{system} ({group})"
+
+    def get(self, system: str, group: str) -> Child:
+        label = self.label(system, group)
+        if label in self.children:
+            return self.children[label]
+        fmt = "peft" if system in ("peft", "merge") else "native"
+        adapters_dir = self.files["dirs"][group, fmt]
+        t0, load = time.monotonic(), loadavg()
+        log(f"  starting the {label} server")
+        child = Child(system, self.files["model"], adapters_dir, self.args, self.logs / f"{system}-{group}.log")
+        self.children[label] = child
+        if system == "base":
+            names = [str(self.files["model"])]
+        else:
+            names = sorted((p.name for p in adapters_dir.iterdir()), key=lambda n: int(n[1:]))
+        warm(child, names, self.args)
+        self.info[label] = {"system": system, "adapters": 0 if system == "base" else len(names),
+                            "startup_s": round(time.monotonic() - t0, 1), "loadavg_start": load,
+                            "check": outputs(child, names[:4], self.args)}  # fmt: skip
+        return child
+
+    def close(self) -> None:
+        for label, child in self.children.items():
+            info = self.info.setdefault(label, {})
+            try:
+                info["peak_rss_mb"] = child.peak_rss_mb()
+                info["counters"] = child.counters()
+                info["engine_total"] = json.loads(child.get("/bench/stats"))
+                info["loadavg_end"] = loadavg()
+            finally:
+                child.close()
 
 
 def targets(report: dict[str, Any], key: str) -> dict[str, Any]:
@@ -674,7 +717,7 @@ def _rows(report: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
     rows = []
     for key, entry in report["configs"].items():
         for system, res in entry["systems"].items():
-            rows.append((key, system, res))
+            rows.append((key, system if key.startswith("lora") else Servers.label(system, "mixed"), res))
     if report.get("base"):
         rows.append(("any (base requests)", "base", report["base"]))
     return rows
@@ -685,39 +728,60 @@ def markdown(report: dict[str, Any], args: argparse.Namespace) -> str:
     out = ["# `benchmarks/serve.py`: adapterkit serve against a naive peft server and a merge-swap server", ""]
     out.append(f"LLaMA-style, hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, float32; prompts "
                f"{args.prompt} tokens, outputs {args.output} tokens (no EOS); open-loop Poisson arrivals from "
-               f"`openai.AsyncOpenAI` (streamed) against one server subprocess per system, all behind adapterkit's "
-               f"HTTP front end; `--max-running {args.max_running}`, `--max-active-adapters {args.max_active_adapters}`, {args.threads} torch threads per server. "
-               f"Rates from {args.rate_start:g}/s doubling until throughput stops rising (or latency explodes), "
-               f"{args.duration:g} s of arrivals per point ({args.min_requests}..{args.max_requests} requests).")  # fmt: skip
-    out += ["", "## Saturation", ""]
+               f"`openai.AsyncOpenAI` (streamed), every system behind adapterkit's HTTP front end in a server process "
+               f"of its own; ours and base: `--max-running {args.max_running} --max-active-adapters "
+               f"{args.max_active_adapters}`, merge-swap batches up to {args.max_running}; {args.threads} torch "
+               f"thread(s) per server. Rates from {args.rate_start:g}/s, doubling until throughput stops rising "
+               f"(< {args.rise:g}× the best so far) or latency explodes; {args.duration:g} s of arrivals per point "
+               f"({args.min_requests}..{args.max_requests} requests).")  # fmt: skip
+    out += ["", "## Throughput and latency", ""]
     out.append("| configuration | system | saturated req/s | output tok/s | sustained rate | TTFT p50 / p99 ms | "
-               "ITL p50 / p99 ms | e2e p50 / p99 ms | peak RSS MB | loads / evictions | swaps |")  # fmt: skip
-    out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+               "ITL p50 / p99 ms | e2e p50 / p99 ms |")  # fmt: skip
+    out.append("|---|---|---|---|---|---|---|---|")
     for key, system, res in _rows(report):
         if "skipped" in res or not res.get("points"):
-            out.append(f"| {key} | {system} | skipped ({res.get('skipped', 'no points')}) |" + " |" * 8)
+            out.append(f"| {key} | {system} | skipped ({res.get('skipped', 'no points')}) |" + " |" * 5)
             continue
-        s, c, eng = res["sustained"], res.get("counters", {}), res.get("engine_total", {})
-        swaps = eng.get("merges", eng.get("adapter_switches", "-"))
+        s = res["sustained"]
         out.append(f"| {key} | {system} | {_f(res['sat_req_s'])} | {_f(res['sat_tok_s'])} | {_f(s['rate'])}/s"
                    f"{' (SLO missed)' if s.get('slo_missed') else ''} | "
                    f"{_ms(s['ttft_p50'])} / {_ms(s['ttft_p99'])} | {_ms(s['itl_p50'])} / {_ms(s['itl_p99'])} | "
-                   f"{_ms(s['e2e_p50'])} / {_ms(s['e2e_p99'])} | {res.get('peak_rss_mb', 0):.0f} | "
-                   f"{_f(c.get('adapter_loads'))} / {_f(c.get('adapter_evictions'))} | {swaps} |")  # fmt: skip
+                   f"{_ms(s['e2e_p50'])} / {_ms(s['e2e_p99'])} |")  # fmt: skip
     out += ["", f"Saturated: the best throughput of the sweep (completed requests / time from the first arrival "
-            f"to the last completion, as vLLM's benchmark_serving). Latencies are at the *sustained* rate: the "
-            f"highest offered rate whose p99 TTFT stayed within {args.ttft_slo:g} s (else the lowest rate, marked "
-            f"SLO missed). Percentiles over few requests are the extreme ones (p99 of 16 = the maximum). Swaps: `merge` counts merges, `peft` "
-            "`set_adapter` switches. Loads/evictions are the server's `adapter_loads_total` / "
-            "`adapter_evictions_total` (the baselines load every adapter at start and never evict)."]  # fmt: skip
+            f"to the last completion, as vLLM's `benchmark_serving`). Latencies are at the *sustained* rate: the "
+            f"highest offered rate whose p99 TTFT stayed within {args.ttft_slo:g} s with every request answered "
+            f"(else the lowest rate, marked SLO missed). Percentiles over few requests are the extreme ones (p99 of "
+            f"16 requests is the maximum). Base requests do not depend on the adapters: base runs once."]  # fmt: skip
     t = report.get("targets", {})
-    out += ["", f"## Targets ({t.get('config')})", "", "| target | goal | value | met |", "|---|---|---|---|"]
+    out += ["", f"## Targets ({t.get('config')}; reported, not asserted)", "", "| target | goal | value | met |",
+            "|---|---|---|---|"]  # fmt: skip
     for name, v in t.items():
         if isinstance(v, dict):
             goal = f"≤ {v['goal']:g}×" if "TTFT" in name else f"≥ {v['goal']:g}×"
             extra = f" (at {v['rate']:.2f}/s)" if "rate" in v else ""
             met = "-" if v["met"] is None else "yes" if v["met"] else "**no**"
             out.append(f"| {name}{extra} | {goal} | {_f(v['value'])} | {met} |")
+    out += ["", "## Servers", "", "| server | adapters registered | start + warm-up s | peak RSS MB | "
+            "loads / evictions | adapter switches | decode forwards | mean rows per forward | load avg start → end |",
+            "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for label, info in report.get("servers", {}).items():
+        c, eng = info.get("counters", {}), info.get("engine_total", {})
+        forwards = eng.get("steps", eng.get("forwards"))
+        rows = eng.get("batched_rows")
+        switches = eng.get("merges", eng.get("adapter_switches", "-"))
+        out.append(f"| {label} | {info.get('adapters', '-')} | {info.get('startup_s', '-')} | "
+                   f"{_f(info.get('peak_rss_mb'), 4)} | {_f(c.get('adapter_loads'))} / "
+                   f"{_f(c.get('adapter_evictions'))} | {switches} | {forwards} | "
+                   f"{_f(rows / forwards if rows and forwards else None)} | {info.get('loadavg_start', '?')} → "
+                   f"{info.get('loadavg_end', '?')} |")  # fmt: skip
+    out += ["", "Peak RSS: the server process's `VmHWM` (each system is a process of its own, forked from one "
+            "process that imported torch, transformers, peft and adapterkit). Loads/evictions: the server's "
+            "`adapter_loads_total` / `adapter_evictions_total` (the baselines load every adapter at start and never "
+            "evict). Adapter switches: merges (merge-swap), `set_adapter` changes (naive peft). Forwards and rows "
+            "over the whole run, warm-up included (ours: decode steps only; baselines: every forward)."]  # fmt: skip
+    if report.get("agreement"):
+        out += ["", "Greedy outputs equal to ours (one fixed prompt, the first 4 adapters, float32): "
+                + ", ".join(f"{s} {v}" for s, v in report["agreement"].items()) + "."]  # fmt: skip
     out += ["", "## Every point", "",
             "| configuration | system | offered /s | done | req/s | tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms "
             "| e2e p50 / p99 ms | mean batch | errors |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -731,10 +795,6 @@ def markdown(report: dict[str, Any], args: argparse.Namespace) -> str:
                        f"{_f(pt['req_s'])} | {_f(pt['tok_s'])} | {_ms(pt['ttft_p50'])} / {_ms(pt['ttft_p99'])} | "
                        f"{_ms(pt['itl_p50'])} / {_ms(pt['itl_p99'])} | {_ms(pt['e2e_p50'])} / {_ms(pt['e2e_p99'])} "
                        f"| {_f(pt['mean_batch'])} | {pt['errors'] + pt['timed_out']} |")  # fmt: skip
-    if report.get("agreement"):
-        out += ["", "Greedy outputs equal to ours (one fixed prompt, first adapters of each configuration, float32): "
-                + "; ".join(f"{k}: " + ", ".join(f"{s} {v}" for s, v in d.items())
-                            for k, d in report["agreement"].items()) + "."]  # fmt: skip
     v = meta["versions"]
     out += ["", "## Run", "", "```bash", ".venv/bin/python benchmarks/serve.py " + " ".join(meta["argv"]), "```", "",
             f"Started {meta['started']}, {meta.get('seconds', '?')} s; load average (1/5/15 min) at start "
@@ -749,6 +809,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     keys = list(report["configs"])
     cols = min(3, len(keys)) or 1
@@ -767,6 +828,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
             ax.plot(x, [p["e2e_p50"] for p in pts], "-o", color=colors[system], label=f"{system} e2e p50", ms=3)
             ax.plot(x, [p["ttft_p99"] for p in pts], "--", color=colors[system], label=f"{system} TTFT p99", lw=1)
         ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_yscale("log")
         ax.set_title(key)
         ax.set_xlabel("offered request rate (req/s)")
@@ -775,7 +837,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels) // 2)), fontsize=8)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)

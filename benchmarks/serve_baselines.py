@@ -25,6 +25,7 @@ naive engine, but the benchmark's mixed run keeps the baselines LoRA-only). Gree
 from __future__ import annotations
 
 import collections
+import inspect
 import logging
 import threading
 import time
@@ -74,6 +75,11 @@ class _BaselineEngine:
         self.dead: str | None = None
         self._stop = False
         self.stats: dict[str, int] = {"requests": 0, "forwards": 0, "batched_rows": 0, "max_batch": 0}
+        # transformers 5.24 renamed the forward's KV-cache argument past_key_values -> cache (old name deprecated)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.cache_arg = (
+            "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+        )
         self.thread = threading.Thread(target=self._loop, name=f"{type(self).__name__}", daemon=True)
         if metrics is not None and loaded:
             metrics.adapter_loads.inc(loaded)  # every adapter is loaded at start (no pool, no eviction)
@@ -164,6 +170,12 @@ class _BaselineEngine:
             return True
         return False
 
+    def _forward(self, cache: Any, **kw: Any) -> tuple[torch.Tensor, Any]:
+        """``model(**kw)`` with the KV cache ``cache``: the last position's logits ``(B, vocab)`` and the cache."""
+        out = self.model(use_cache=True, **kw, **{self.cache_arg: cache})
+        new = out.get("cache", None)
+        return out.logits[:, -1], out.get("past_key_values", None) if new is None else new
+
     def _count(self, rows: int) -> None:
         self.stats["forwards"] += 1
         self.stats["batched_rows"] += rows
@@ -219,10 +231,9 @@ class NaivePeftEngine(_BaselineEngine):
         cache = DynamicCache()
         with scope:
             while True:
-                out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+                logits, cache = self._forward(cache, input_ids=ids)
                 self._count(1)
-                cache = out.past_key_values
-                tok = int(out.logits[0, -1].argmax())
+                tok = int(logits[0].argmax())
                 if self._emit_token(req, tok):
                     return
                 ids = torch.tensor([[tok]], dtype=torch.long, device=device)
@@ -317,11 +328,9 @@ class MergeSwapEngine(_BaselineEngine):
         done = [False] * len(rows)
         cache = DynamicCache()
         while True:
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                             use_cache=True)  # fmt: skip
+            logits, cache = self._forward(cache, input_ids=ids, attention_mask=mask, position_ids=pos)
             self._count(len(rows))
-            cache = out.past_key_values
-            toks = out.logits[:, -1].argmax(-1).tolist()
+            toks = logits.argmax(-1).tolist()
             for i, r in enumerate(rows):
                 if not done[i]:
                     done[i] = self._emit_token(r, toks[i])
