@@ -384,16 +384,35 @@ class HRALayer(_Reflections):
         """``v - (v U) Tᵀ Uᵀ`` for row vectors ``v: (..., n)`` (that is ``H v`` for ``H = I - U T Uᵀ``)."""
         return v - F.linear(F.linear(v, u.T), u @ t)
 
+    @staticmethod
+    def _blockwise(v: torch.Tensor, minus: torch.Tensor, plus: torch.Tensor | None) -> torch.Tensor:
+        """ETHER's ``v - 2 (v·û) û`` / ETHER+'s ``v - (v·û) û + (v·v̂) v̂`` in each block of ``v: (..., nb · k)``
+        (``minus, plus: (nb, k)``): element-wise, ``O(n)`` per row whatever the number of blocks."""
+        nb, k = minus.shape
+        vb = v.reshape(*v.shape[:-1], nb, k)
+        unit = minus / minus.norm(dim=1, keepdim=True)
+        coef = 2.0 if plus is None else 1.0
+        out = vb - (coef * (vb * unit).sum(-1, keepdim=True)) * unit
+        if plus is not None:
+            unit_v = plus / plus.norm(dim=1, keepdim=True)
+            out = out + (vb * unit_v).sum(-1, keepdim=True) * unit_v
+        return out.reshape(v.shape)
+
     def pre(self, x: torch.Tensor) -> torch.Tensor:
+        if self.variant is not HRAVariant.HRA:
+            xx = x.to(self.ether_R.dtype)
+            return self._blockwise(xx, self.ether_R, getattr(self, "ether_R2", None)).to(x.dtype)
         u, t = self.input_factors()
         return self._reflect(x.to(u.dtype), u, t).to(x.dtype)
 
     def post(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        u, t = self.output_factors()
-        z = y.to(u.dtype)
+        """ETHER+'s output side: ``H⁺_out (y - b) + b``."""
+        z = y.to(self.ether_R3.dtype)
         bias = self._bias()
-        shift = z if bias is None else z - bias.to(z.dtype)
-        return (z - F.linear(F.linear(shift, u.T), u @ t)).to(y.dtype)
+        if bias is None:
+            return self._blockwise(z, self.ether_R3, self.ether_R4).to(y.dtype)
+        b = bias.to(z.dtype)
+        return (self._blockwise(z - b, self.ether_R3, self.ether_R4) + b).to(y.dtype)
 
     # --- per-row routing: U and U T stacked over adapters, two batched matmuls over gathered rows ----------------
     @staticmethod
