@@ -3,39 +3,45 @@
 
 Every system runs behind the **same** HTTP front end (``adapterkit.serve.api.create_app``: validation,
 tokenization, SSE streaming) and is driven by the same client (``openai.AsyncOpenAI``, streamed, so TTFT and
-inter-token latency are seen by the client). Each system serves from its **own subprocess** (its peak RSS is its
-own: ``VmHWM``), the load generator is this process.
+inter-token latency are seen by the client; the load generator is this process). Each system serves from a
+**process of its own** (its peak RSS, ``VmHWM``, is its own), forked from one multiprocessing fork server that
+imported torch/transformers/peft/adapterkit once; a server lives for the whole run and the systems take turns
+within each configuration (so a change of machine load hits them alike).
 
 Systems:
 
 * ``ours``: adapterkit's engine: continuous batching, rows of different adapters in one routed forward;
 * ``base``: the same arrival process sent to the base model through our engine (the ceiling; it does not depend
-  on the adapters, so it runs once and serves as the reference of every configuration);
+  on the adapters, so it runs once and is the reference of every configuration);
 * ``peft``: a naive peft server (``benchmarks/serve_baselines.py``: ``PeftModel`` with every LoRA adapter,
   FIFO, one request at a time, ``set_adapter`` per request, greedy decode with a KV cache);
 * ``merge``: a merge-swap server (same-adapter static batches on merged weights, unmerged on a switch).
 
 Workload: a LLaMA-style model (random init, ``--hidden``, ``--layers``); configurations ``N`` LoRA adapters
 (``--adapters``, ranks cycling through 8, 16, 32, all linear layers) with Zipf popularity ``p_i ∝ i^-s``
-(``--zipf``); plus ``--mixed`` adapters cycling through LoRA, a bottleneck (``seq_bn``) and (IA)^3 (ours and base
-only: the baselines serve LoRA through peft). Requests arrive as a Poisson process; prompts of ``--prompt`` tokens
-(random words, one per token), ``--output`` generated tokens (the random model has no EOS). The rate starts at
-``--rate-start`` and doubles until throughput stops rising (< ``--rise`` times the best so far) or the p99
-end-to-end latency exceeds ``--explode`` times the first point's p50 while the offered rate is not kept up with;
-each point sends ``--duration`` seconds of arrivals (``--min-requests``..``--max-requests``). After ``ours``'
-sweep, one more point at half its saturated throughput (the TTFT target's rate) runs for ``ours`` and ``base``.
+(``--zipf``); plus ``--mixed`` adapters cycling through LoRA, a bottleneck (``seq_bn``) and (IA)^3 (ours only:
+the baselines serve LoRA through peft, which has no bottleneck adapters). The LoRA servers register
+``max(--adapters)`` adapters; a configuration's ``N`` decides which of them its requests name. Requests arrive as
+a Poisson process; prompts of ``--prompt`` tokens (random words, one per token), ``--output`` generated tokens
+(the random model has no EOS). The rate starts at ``--rate-start`` and doubles until throughput stops rising
+(< ``--rise`` times the best so far) or the p99 end-to-end latency exceeds ``--explode`` times the first point's
+p50 while the offered rate is not kept up with; each point sends ``--duration`` seconds of arrivals
+(``--min-requests``..``--max-requests``). On the ``--target`` configuration one more point at half of ours'
+saturated throughput runs for ``ours`` and ``base`` (same arrivals): the TTFT target. ``--time-budget`` bounds
+the run: the target configuration and base run first, configurations past the budget are reported as skipped.
 
 Outputs ``--out`` + ``.md`` (tables, targets, command, versions, load averages), ``.json`` (every point) and
 ``.png`` (latency against request rate).
 
-Full run (about 20 minutes on 2 cores)::
+Full run (about 20 minutes on 2 busy cores)::
 
     .venv/bin/python benchmarks/serve.py --out benchmarks/results/serve
 
-Smoke run (tests/test_serve_bench.py)::
+Smoke run (tests/test_serve_bench.py, slow)::
 
-    .venv/bin/python benchmarks/serve.py --hidden 64 --layers 2 --adapters 2 --zipf 1 --mixed 3 --prompt 8 \\
-        --output 4 --rate-start 4 --max-points 1 --duration 1 --min-requests 4 --out /tmp/serve_smoke
+    .venv/bin/python benchmarks/serve.py --hidden 64 --layers 2 --vocab 64 --adapters 3 --zipf 1 --mixed 3 \\
+        --target "lora N=3 s=1" --prompt 6 --output 3 --rate-start 8 --max-points 1 --duration 0.5 \\
+        --min-requests 3 --max-running 4 --out /tmp/serve_smoke
 """
 
 from __future__ import annotations
@@ -509,8 +515,12 @@ def versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             out[pkg] = "?"
     with contextlib.suppress(OSError):
-        out["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
-                                       text=True, timeout=10).stdout.strip()  # fmt: skip
+        git = lambda *a: subprocess.run(["git", *a], cwd=HERE, capture_output=True, text=True, timeout=10).stdout  # noqa: E731
+        out["commit"] = git("rev-parse", "--short", "HEAD").strip()
+        if os.environ.get("PYTHONPATH"):  # the library may come from elsewhere than this checkout
+            out["commit"] += f" (PYTHONPATH={os.environ['PYTHONPATH']})"
+        elif git("status", "--porcelain", "--", str(HERE.parent / "src")).strip():
+            out["commit"] += " + uncommitted changes under src/"
     return out
 
 
@@ -538,16 +548,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--output", type=int, default=32)
     p.add_argument("--systems", default=",".join(SYSTEMS))
-    p.add_argument("--rate-start", type=float, default=1.0, help="first offered rate (requests/s); doubles")
-    p.add_argument("--max-points", type=int, default=8, help="rates per sweep at most")
-    p.add_argument("--duration", type=float, default=6.0, help="seconds of arrivals per rate point")
-    p.add_argument("--min-requests", type=int, default=16)
-    p.add_argument("--max-requests", type=int, default=256)
+    p.add_argument("--rate-start", type=float, default=2.0, help="first offered rate (requests/s); doubles")
+    p.add_argument("--max-points", type=int, default=7, help="rates per sweep at most")
+    p.add_argument("--duration", type=float, default=3.0, help="seconds of arrivals per rate point")
+    p.add_argument("--min-requests", type=int, default=8)
+    p.add_argument("--max-requests", type=int, default=128)
     p.add_argument("--point-timeout", type=float, default=90.0, help="seconds a rate point may take")
     p.add_argument("--rise", type=float, default=1.1, help="a point must beat the best throughput by this factor")
     p.add_argument("--explode", type=float, default=20.0)
     p.add_argument("--ttft-slo", type=float, default=1.0, help="p99 TTFT (s) of the table's sustained point")
-    p.add_argument("--time-budget", type=float, default=1500.0, help="seconds; later points are skipped")
+    p.add_argument("--time-budget", type=float, default=1100.0, help="seconds; later points are skipped")
     p.add_argument("--max-running", type=int, default=64)
     p.add_argument("--max-active-adapters", type=int, default=64)
     p.add_argument("--adapter-pool-mb", type=float, default=None)
@@ -577,9 +587,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         servers = Servers(files, args, logs)
         report["servers"] = servers.info
         try:
-            # the target configuration first, then base (its reference), then the rest: a time budget that runs
-            # out skips the least important runs; the systems take turns within a configuration
-            order = sorted(files["configs"], key=lambda k: k != args.target)
+            # the target configuration first, then base (its reference), then the rest from the last defined (the
+            # mixed run, then the largest N) to the first: a time budget that runs out skips the least telling
+            # runs; the systems take turns within a configuration
+            order = [k for k in files["configs"] if k == args.target] + [
+                k for k in reversed(files["configs"]) if k != args.target
+            ]
             for i, key in enumerate(order):
                 cfg = files["configs"][key]
                 entry: dict[str, Any] = {"zipf": cfg["zipf"], "n": len(cfg["names"]), "systems": {}}
