@@ -108,4 +108,4 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix src tests benchmarks examples
 
 clean:
-	rm -rf $(VENV) .venv-lock .venv-latest .venv-oldest .pytest_cache .ruff_cache build dist src/*.egg-info
+	rm -rf $(VENV) .venv-lock .venv-latest .venv-oldest .venv-ray .pytest_cache .ruff_cache build dist src/*.egg-info
