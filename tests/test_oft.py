@@ -149,6 +149,13 @@ CASES = [
         True,
     ),
     (
+        "llama-embed",
+        "llama",
+        lambda: OFTConfig(oft_block_size=8, target_modules=["embed_tokens", "q_proj"], init_weights=False),
+        ak.OFT(oft_block_size=8, targets=["embed", "attn.q"]),
+        True,
+    ),
+    (
         "vit-conv2d",
         "vit",
         lambda: OFTConfig(oft_block_size=8, target_modules=["projection", "v_proj"], init_weights=False),
@@ -439,6 +446,22 @@ def test_training_step_equals_peft():
     for site, comp in ours.items():
         theirs = pm.get_submodule(f"base_model.model.{site}").oft_R["default"].weight
         torch.testing.assert_close(comp.oft_R.detach(), theirs.detach(), **TOL)
+
+
+def test_oft_embedding_equation():
+    """On an embedding the looked-up vectors are rotated, ``e ↦ e blockdiag(R_j)``; merged ``W ← W blockdiag(R_j)``."""
+    emb = nn.Embedding(10, 12)
+    model, adapters, comp = _one(ak.OFT(oft_block_size=4), emb)
+    assert comp.embedding and comp.has_post and not comp.has_pre
+    ids = torch.tensor([[1, 5, 9]])
+    with torch.no_grad():
+        R = _block_diag(comp)
+        W = emb.weight.clone()
+        torch.testing.assert_close(model(ids), W[ids] @ R, atol=1e-6, rtol=1e-5)
+        adapters.merge("a")
+        torch.testing.assert_close(emb.weight, W @ R, atol=1e-6, rtol=1e-5)
+        adapters.unmerge("a")
+        torch.testing.assert_close(emb.weight, W, atol=1e-6, rtol=1e-6)
 
 
 def test_bfloat16_base():

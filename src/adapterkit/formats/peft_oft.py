@@ -10,6 +10,7 @@ key                                             shape                           
 ==============================================  ==============================  =====================
 ``base_model.model.<module path>.oft_R.weight`` ``(nb, b (b - 1) / 2)``         ``OFTLayer.oft_R``
                                                 (``(1, ...)`` with block_share)
+``base_model.model.<embedding>.oft_embedding_R.weight``  (an ``nn.Embedding``)  ``OFTLayer.oft_R``
 ``base_model.model.<head>.<param>``             head                            ``HeadCopy``
 ==============================================  ==============================  =====================
 
@@ -26,6 +27,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
 from packaging.version import InvalidVersion, Version
 
 from ..component import Component
@@ -61,7 +63,8 @@ def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
             continue
         refuse_conv1d(ctl, name, site, PEFT_TYPE)
         targets.append(site)
-        tensors[f"{PREFIX}{site}.oft_R.weight"] = comp.oft_R.detach().contiguous()
+        key = "oft_embedding_R" if comp.embedding else "oft_R"  # peft keeps embeddings' rotations apart
+        tensors[f"{PREFIX}{site}.{key}.weight"] = comp.oft_R.detach().contiguous()
     config = {
         "peft_type": PEFT_TYPE,
         "task_type": adapter_task_type(ctl, name),
@@ -95,6 +98,26 @@ def check_bias(fields: Fields) -> None:
         raise fields.error("bias", bias, "'none' (adapterkit does not load peft's trained biases for this method)")
 
 
+def base_copies(raw: dict[str, Any], modules: dict[str, Any], directory: Path) -> tuple[str, ...]:
+    """Keys of base weights peft saved beside the adapter (``<embedding>.base_layer.weight``: peft's
+    ``save_embedding_layers`` when an embedding is adapted); they must equal this model's weights.
+
+    Raises:
+        AdapterFileError: a saved base weight that differs from the model's (resized or retrained embeddings).
+    """
+    keys = []
+    for key, value in raw.items():
+        rest = key[len(PREFIX) :] if key.startswith(PREFIX) else ""
+        site = rest[: -len(".base_layer.weight")] if rest.endswith(".base_layer.weight") else None
+        if site is None or site not in modules:
+            continue
+        base = modules[site].weight
+        if base.shape != value.shape or not torch.equal(base.detach().cpu(), value.to(base.dtype)):
+            raise AdapterFileError(f"{directory} carries a changed base weight {rest!r}; not supported")
+        keys.append(key)
+    return tuple(keys)
+
+
 def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: bool, activate: bool) -> str:
     directory = Path(path)
     data, raw = read_adapter(directory, "adapter_model", allow_pickle=allow_pickle)
@@ -122,7 +145,10 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
     ctl._check_new_name(name)
     modules = base_modules(ctl.model)
     head_sel = fields.names("modules_to_save")
-    per_site, heads = split_state(raw, modules, {"oft_R.weight": "oft_R"}, head_sel, directory)
+    suffixes = {"oft_R.weight": "oft_R", "oft_embedding_R.weight": "oft_R"}
+    per_site, heads = split_state(
+        raw, modules, suffixes, head_sel, directory, skip=base_copies(raw, modules, directory)
+    )
     check_sites(list(per_site) + list(heads), modules, path, ctl.model)
     if not per_site:
         raise AdapterFileError(f"{directory} holds no OFT tensors (keys ending in '.oft_R.weight')")

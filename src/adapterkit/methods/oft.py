@@ -29,7 +29,8 @@ matrix, and OFT v2 applies the rotation to the *input* instead of building the r
   unmerged forward); unmerge multiplies by the inverse (block-wise, float64), exact to float rounding.
 
 Module kinds: ``nn.Linear`` and GPT-2 ``Conv1D`` (rotation of the input features; peft has no Conv1D OFT, so such
-adapters cannot be exported to peft), ``nn.Conv2d`` with ``groups=1``: the rotation acts on the flattened
+adapters cannot be exported to peft), ``nn.Embedding`` (the looked-up vectors are rotated, ``e ↦ e R``; merged
+``W ← W R``, as peft's OFT ``Embedding``), ``nn.Conv2d`` with ``groups=1``: the rotation acts on the flattened
 ``in · kh · kw`` patch. 1×1 convolutions rotate the input channels (peft's forward); k×k convolutions run
 ``conv(x, W Rᵀ)`` (as ``y + conv(x, W Rᵀ - W)``), which is what peft's merged model computes. peft 0.21's unmerged
 forward on k×k kernels folds overlapping patches back into the input (``F.fold`` sums them), so it is not even
@@ -172,16 +173,22 @@ class RotationLayer(Component):
 
     mergeable = True
     scaled = False  # the subclass has an output scale (BOFT)
+    kinds: tuple[str, ...] = ("linear", "conv2d")  # the module kinds (backends.py) the subclass supports
 
     def __init__(self, module: nn.Module, name: str, what: str) -> None:
         super().__init__()
         backend = backend_for(module)
-        if backend is None or backend.kind not in ("linear", "conv2d"):
+        if backend is None or backend.kind not in self.kinds:
+            supported = "nn.Linear, Conv1D, nn.Conv2d" + (" and nn.Embedding" if "embedding" in self.kinds else "")
             raise TypeError(
-                f"{what} cannot act on {name!r} ({type(module).__name__}): it supports nn.Linear, Conv1D and "
-                "nn.Conv2d; pick other targets"
+                f"{what} cannot act on {name!r} ({type(module).__name__}): it supports {supported}; pick other targets"
             )
-        if backend.kind == "conv2d":
+        # embeddings: the looked-up vectors are rotated (a post-hook), as peft's OFT Embedding layer does
+        self.embedding = backend.kind == "embedding"
+        if self.embedding:
+            self.kernel = ()
+            self.out_dim, self.in_dim = backend.dims(module)  # (num_embeddings, embedding_dim)
+        elif backend.kind == "conv2d":
             if module.groups != 1:
                 raise ValueError(
                     f"{what} cannot act on {name!r}: a grouped convolution (groups={module.groups}) cannot be "
@@ -193,10 +200,10 @@ class RotationLayer(Component):
         else:
             self.kernel = ()
             self.in_dim, self.out_dim = backend.dims(module)
-        # k×k convolutions: the rotated weight (post); everything else: the rotated input (pre)
+        # k×k convolutions: the rotated weight (post); embeddings: the rotated output (post); else the rotated input
         self.fused = bool(self.kernel) and self.kernel != (1, 1)
-        self.has_pre = not self.fused
-        self.has_post = self.fused or self.scaled
+        self.has_pre = not (self.fused or self.embedding)
+        self.has_post = self.fused or self.embedding or self.scaled
         weight = module.weight
         self._factory = {
             "device": weight.device,
@@ -272,6 +279,8 @@ class RotationLayer(Component):
         return s.view(-1, *([1] * len(self.kernel)))
 
     def post(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.embedding:
+            return self._rotate(y, self._stages())
         if self.fused:
             stages = self._stages()
             delta = self._conv_delta_weight(stages)
@@ -310,6 +319,12 @@ class RotationLayer(Component):
     @classmethod
     def routed_pre(cls, comps: list[Component | None], plan: Any, x: torch.Tensor, key: Any) -> Any:
         """Each row rotated by its adapter's blocks in one batched matmul per factor (blocks stacked per row)."""
+        return cls._rotate_rows(comps, plan, x, key)
+
+    @classmethod
+    def _rotate_rows(cls, comps: list[Component | None], plan: Any, x: torch.Tensor, key: Any) -> Any:
+        """``x Rot`` with each row's adapter's ``Rot`` (feature axis: dim 1 for convolutions, else the last), or None
+        when the components cannot be batched."""
         live = [c for c in comps if c is not None]
         if any(c.training and c._random_in_training() for c in live):
             return None
@@ -337,6 +352,8 @@ class RotationLayer(Component):
         if any(c.training and c._random_in_training() for c in live):
             return None
         ref = live[0]
+        if ref.embedding:
+            return cls._rotate_rows(comps, plan, y, key)
         if ref.fused:
 
             def build() -> torch.Tensor:
@@ -395,13 +412,20 @@ class RotationLayer(Component):
             return
         self.check_merge(module)
         backend, weight, flat = self._weight64(module)
-        stages = [(b.to(torch.float64), p) for b, p in self._stages(dropout=False)]
-        new = self._rotated_weight(flat, stages)
-        s = self._scale()
-        if s is not None:
-            new = new * s.to(torch.float64)[:, None]
+        new = self._merged64(flat)
         backend.copy_(module, new.reshape(weight.shape).to(weight.dtype))
         self.merged = True
+
+    def _merged64(self, flat: torch.Tensor) -> torch.Tensor:
+        """The merged float64 weight: ``s ⊙ (W Rotᵀ)``; for embeddings (rows are outputs) ``W Rot``."""
+        stages = [(b.to(torch.float64), p) for b, p in self._stages(dropout=False)]
+        if self.embedding:
+            for blocks, perm in stages:
+                flat = apply_stage(flat, blocks, perm)
+            return flat
+        new = self._rotated_weight(flat, stages)
+        s = self._scale()
+        return new if s is None else new * s.to(torch.float64)[:, None]
 
     @torch.no_grad()
     def unmerge(self, module: nn.Module) -> None:
@@ -409,6 +433,12 @@ class RotationLayer(Component):
         if not self.merged:
             return
         backend, weight, flat = self._weight64(module)
+        if self.embedding:  # W Rot⁻¹: the inverse factors in reverse order
+            for blocks, perm in reversed(self._stages(dropout=False)):
+                flat = apply_stage(flat, torch.linalg.inv(blocks.to(torch.float64)), perm)
+            backend.copy_(module, flat.reshape(weight.shape).to(weight.dtype))
+            self.merged = False
+            return
         s = self._scale()
         if s is not None:
             flat = flat / s.to(torch.float64)[:, None]
@@ -423,12 +453,7 @@ class RotationLayer(Component):
         delta; merging itself multiplies (see :meth:`merge`)."""
         with torch.no_grad():
             _, weight, flat = self._weight64(module)
-            stages = [(b.to(torch.float64), p) for b, p in self._stages(dropout=False)]
-            new = self._rotated_weight(flat, stages)
-            s = self._scale()
-            if s is not None:
-                new = new * s.to(torch.float64)[:, None]
-            return (new - flat).reshape(weight.shape).to(weight.dtype)
+            return (self._merged64(flat) - flat).reshape(weight.shape).to(weight.dtype)
 
 
 # --- OFT ----------------------------------------------------------------------------------------------------------
@@ -492,7 +517,7 @@ class OFT(AdapterConfig):
 
     def accepts(self, module: nn.Module) -> bool:
         backend = backend_for(module)
-        return backend is not None and backend.kind in ("linear", "conv2d")
+        return backend is not None and backend.kind in OFTLayer.kinds
 
     def build(self, module: nn.Module, name: str) -> Component:
         return OFTLayer(self, module, name)
@@ -500,7 +525,10 @@ class OFT(AdapterConfig):
 
 class OFTLayer(RotationLayer):
     """OFT at one module. ``oft_R: (nb, b (b - 1) / 2)`` (``(1, ...)`` with ``block_share``): the strict upper
-    triangles of the skew blocks ``Q_j``; ``R_j = Cayley(Q_j)`` acts on the input block ``j`` as ``x_j ↦ x_j R_j``."""
+    triangles of the skew blocks ``Q_j``; ``R_j = Cayley(Q_j)`` acts on the input block ``j`` as ``x_j ↦ x_j R_j``
+    (on an embedding: on the looked-up vectors, as peft's OFT ``Embedding``)."""
+
+    kinds = ("linear", "conv2d", "embedding")
 
     def __init__(self, cfg: OFT, module: nn.Module, name: str) -> None:
         super().__init__(module, name, "OFT")
