@@ -110,15 +110,15 @@ def test_replica_answers_as_the_server_and_detaches_what_ray_evicts(files):
         want = client.completions.create(**body).choices[0].text
 
         async def scenario() -> None:
-            held = _Resident(impl.pool, "lora-a")  # what @serve.multiplexed caches when Ray loads it here
+            held = _Resident(impl.residency, "lora-a")  # what @serve.multiplexed caches when Ray loads it here
             status, headers, raw = await _call(impl, body)
             assert status == 200 and headers["content-type"] == "application/json"
             assert json.loads(raw)["choices"][0]["text"] == want
-            assert impl.pool.get("lora-a").attached and impl.pool.resident() == ["lora-a"]
+            assert impl.pool.get("lora-a").attached and impl.residency.resident() == ["lora-a"]
 
             held.__del__()  # Ray's LRU unloads it: detached by the engine thread, still registered
             assert await asyncio.to_thread(_wait, lambda: not impl.pool.get("lora-a").attached)
-            assert impl.pool.resident() == []
+            assert impl.residency.resident() == []
             status, _, raw = await _call(impl, {"model": "x"}, "/v1/models")  # POST: 405 in OpenAI's schema
             assert status == 405 and "error" in json.loads(raw)
             listing = [x async for x in asgi_call(impl.app, "GET", "/v1/models", b"", [
@@ -126,12 +126,12 @@ def test_replica_answers_as_the_server_and_detaches_what_ray_evicts(files):
             states = {m["id"]: m.get("state") for m in json.loads(b"".join(listing[1:]))["data"]}
             assert states["lora-a"] == "on disk" and set(ADAPTERS) <= set(states)
 
-            again = _Resident(impl.pool, "lora-a")  # loaded again (a new claim) ...
+            again = _Resident(impl.residency, "lora-a")  # loaded again (a new claim) ...
             held.__del__()  # ... a late second call of the old claim's __del__ (garbage collection) changes nothing
             status, _, raw = await _call(impl, body)
             assert status == 200 and json.loads(raw)["choices"][0]["text"] == want
             await asyncio.sleep(0.5)  # several idle collect() rounds of the engine
-            assert impl.pool.get("lora-a").attached and impl.pool.resident() == ["lora-a"]
+            assert impl.pool.get("lora-a").attached and impl.residency.resident() == ["lora-a"]
             del again
 
             # errors are the server's: unknown model 404, bad key 401

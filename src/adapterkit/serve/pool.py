@@ -115,6 +115,7 @@ class AdapterPool:
         self.loader_threads = loader_threads
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self.on_read: Any = None  # called on a loader thread after each read (the engine wakes up)
+        self._unwanted: set[str] = set()  # detach once unused, stay registered (detach_when_unused)
         if self.root is not None:
             if not self.root.is_dir():
                 raise PoolError(f"--adapters {self.root} is not a directory")
@@ -172,14 +173,35 @@ class AdapterPool:
         with self.lock:
             return sum(e.nbytes for e in self.entries.values() if e.attached)
 
+    def detach_when_unused(self, name: str) -> None:
+        """Detach ``name`` from the model once no request uses it; it stays registered (its next request loads it
+        again). For a placement layer above the server (Ray Serve's per-replica LRU); any thread."""
+        with self.lock:
+            self._unwanted.add(name)
+
+    def keep_attached(self, name: str) -> None:
+        """Withdraw :meth:`detach_when_unused` for ``name`` (it is wanted here again)."""
+        with self.lock:
+            self._unwanted.discard(name)
+
     # --- model changes (engine thread only) -------------------------------------------------------------
     def collect(self) -> None:
-        """Delete adapters unregistered while in use, once nothing uses them."""
+        """Delete adapters unregistered while in use, and detach those marked :meth:`detach_when_unused`, once
+        nothing uses them."""
         with self.lock:
             for name, entry in list(self.entries.items()):
                 if entry.removed and entry.attached and entry.pins == 0:
                     self._detach(entry)
                     del self.entries[name]
+            for name in sorted(self._unwanted):
+                entry = self.entries.get(name)
+                if entry is None or not entry.attached:
+                    self._unwanted.discard(name)
+                elif entry.pins == 0:
+                    self._detach(entry)
+                    self._unwanted.discard(name)
+                    if self.metrics is not None:
+                        self.metrics.adapter_evictions.inc()
 
     def _detach(self, entry: AdapterEntry) -> None:
         if entry.name in self.adapters:

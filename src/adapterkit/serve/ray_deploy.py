@@ -39,69 +39,53 @@ REPLICA_HEADER = "x-adapterkit-replica"
 
 
 # --- per-replica adapter residency (no Ray needed: tested in the default suite) --------------------------------
-class _ResidentPool(AdapterPool):
-    """The server's :class:`AdapterPool` plus Ray's residency: adapters Ray's multiplexing LRU evicted are
-    detached from the model on the engine thread (in :meth:`collect`, called at every engine step and while
-    idle) once unpinned, and stay registered (on disk), so ``/v1/models`` and 404s are the single server's.
+class _Residency:
+    """Ray's residency on one replica's :class:`AdapterPool`: adapters Ray's multiplexing LRU evicted are detached
+    from the model by the engine thread once unpinned (:meth:`AdapterPool.detach_when_unused`) and stay registered
+    (on disk), so ``/v1/models`` and 404s are the single server's.
 
     Residency is counted per *claim*: :meth:`claim` (Ray loaded the adapter on this replica) returns a token;
     :meth:`evict` with that token (Ray unloaded it) marks the adapter for detaching unless a newer claim exists.
     """
 
-    def _residency(self) -> dict[str, Any]:
-        state = self.__dict__.get("_ray_residency")
-        if state is None:
-            state = self.__dict__.setdefault("_ray_residency", {"claims": {}, "evict": set(), "next": 0})
-        return state
+    def __init__(self, pool: AdapterPool) -> None:
+        self.pool = pool
+        self.lock = threading.Lock()
+        self.claims: dict[str, int] = {}
+        self.next = 0
 
     def claim(self, name: str) -> int:
         with self.lock:
-            res = self._residency()
-            res["next"] += 1
-            res["claims"][name] = res["next"]
-            res["evict"].discard(name)
-            return res["next"]
+            self.next += 1
+            self.claims[name] = self.next
+            self.pool.keep_attached(name)
+            return self.next
 
     def evict(self, name: str, token: int) -> None:
         with self.lock:
-            res = self._residency()
-            if res["claims"].get(name) == token:
-                del res["claims"][name]
-                res["evict"].add(name)
+            if self.claims.get(name) == token:
+                del self.claims[name]
+                self.pool.detach_when_unused(name)
 
     def resident(self) -> list[str]:
         """Adapters Ray currently counts on this replica (claimed, not evicted)."""
         with self.lock:
-            return sorted(self._residency()["claims"])
-
-    def collect(self) -> None:  # engine thread only
-        super().collect()
-        with self.lock:
-            evict = self._residency()["evict"]
-            for name in sorted(evict):
-                entry = self.entries.get(name)
-                if entry is None or not entry.attached:
-                    evict.discard(name)
-                elif entry.pins == 0:
-                    self._detach(entry)
-                    evict.discard(name)
-                    if self.metrics is not None:
-                        self.metrics.adapter_evictions.inc()
+            return sorted(self.claims)
 
 
 class _Resident:
     """What ``@serve.multiplexed`` caches for one adapter on one replica. Ray calls ``__del__`` when its LRU
     unloads the adapter (and Python may call it again at garbage collection: only the first call counts)."""
 
-    def __init__(self, pool: _ResidentPool, name: str) -> None:
-        self.pool, self.name = pool, name
-        self.token = pool.claim(name)
+    def __init__(self, residency: _Residency, name: str) -> None:
+        self.residency, self.name = residency, name
+        self.token = residency.claim(name)
         self._gone = False
 
     def __del__(self) -> None:
         if not self._gone:
             self._gone = True
-            self.pool.evict(self.name, self.token)
+            self.residency.evict(self.name, self.token)
 
 
 # --- in-process ASGI -------------------------------------------------------------------------------------------
@@ -192,9 +176,8 @@ class ReplicaServer:
             torch.set_num_threads(int(threads))
         server_kwargs = {**server_kwargs, "host": "127.0.0.1", "port": 0}
         self.server = Server(model, **server_kwargs)
-        # the pool's class gains Ray's residency (claim/evict/collect); no state of the pool changes
-        self.server.pool.__class__ = _ResidentPool
-        self.pool: _ResidentPool = self.server.pool  # type: ignore[assignment]
+        self.pool = self.server.pool
+        self.residency = _Residency(self.pool)  # Ray's per-replica LRU, on top of the pool
         if base_name is not None:  # the name requests use for the base model (the path as the user wrote it)
             self.server.state.base_name = base_name
         self.app = self.server.app
@@ -227,7 +210,7 @@ def _replica_deployment(
         @serve.multiplexed(max_num_models_per_replica=max_adapters)
         async def adapter(self, name: str) -> _Resident:
             # the weights are attached on the engine thread when the first request of this adapter is admitted
-            return _Resident(self.impl.pool, name)
+            return _Resident(self.impl.residency, name)
 
         async def handle(
             self, method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]], body: bytes
@@ -250,7 +233,8 @@ def _replica_deployment(
             attached = sorted(e.name for e in pool.listing() if e.attached)
             with engine.cond:
                 busy = len(engine.running) + len(engine.waiting)
-            return {"replica": self.replica_id, "resident": pool.resident(), "attached": attached, "busy": busy}
+            resident = self.impl.residency.resident()
+            return {"replica": self.replica_id, "resident": resident, "attached": attached, "busy": busy}
 
         def check_health(self) -> None:
             dead = self.impl.server.engine.dead
