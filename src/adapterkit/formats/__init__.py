@@ -1,4 +1,4 @@
-"""Adapter file formats: native (``adapter_config.json`` + ``adapter.safetensors``) and peft."""
+"""Adapter file formats: native (``adapter_config.json`` + ``adapter.safetensors``), peft, and AdapterHub (read)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from types import ModuleType
 
-from . import native, peft
+from . import adapterhub, native, peft
 from .io import AdapterFileError, pending_config, read_json
 
 __all__ = ["detect", "writer", "AdapterFileError"]
@@ -30,7 +30,9 @@ def detect(path: str | os.PathLike) -> ModuleType:
         return peft
     if isinstance(data, dict) and data.get("format") == native.FORMAT:
         return native
-    raise AdapterFileError(f"{cfg_path} is neither an adapterkit nor a peft adapter config")
+    if adapterhub.is_adapterhub(data):
+        return adapterhub
+    raise AdapterFileError(f"{cfg_path} is neither an adapterkit nor a peft adapter config (nor AdapterHub's)")
 
 
 def writer(name: str) -> ModuleType:
