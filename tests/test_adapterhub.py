@@ -24,7 +24,7 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures" / "adapterhub"
 CASES: dict[str, dict] = json.loads((FIXTURES / "cases.json").read_text())["cases"]
 TOL = 1e-4
 
-SUPPORTED = {"lora", "lora_all", "lora_k", "ia3", "ia3_all"}
+SUPPORTED = {"lora", "lora_all", "lora_k", "ia3", "ia3_all", "loreft"}
 _BOTTLENECK = "needs hooks on the module that holds the residual and the LayerNorm, issue 16 item 2"
 MISSING = {
     "seq_bn": f"AdapterHub SeqBn {_BOTTLENECK}",
@@ -38,7 +38,6 @@ MISSING = {
     "prefix_tuning_ejected": "AdapterHub ejected prefix (flat tensors, config says flat: false) not read yet, "
     "issue 16 items 1 and 5",
     "prompt_tuning": "AdapterHub prompt tuning not read yet, issue 16 item 1",
-    "loreft": "AdapterHub LoReFT (orthogonal parametrization, prefix/suffix units) not read yet, issue 16 item 1",
     "mam": "AdapterHub MAM (union of prefix tuning and ParBn) not read yet, issue 16 item 1",
     "unipelt": "AdapterHub UniPELT (gated prefix + SeqBn + LoRA) not read yet, issue 16 item 1",
 }
@@ -222,3 +221,17 @@ def test_bottleneck_refusal_names_the_kind():
     adapters = ak.attach(fresh("bert"))
     with pytest.raises(ak.AdapterFileError, match="DoubleSeqBn needs hooks"):
         adapters.load(FIXTURES / "bert_double_seq_bn" / "adapter")
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"orthogonality": False}, "NoReft/DiReft"),
+        ({"non_linearity": "relu"}, "non_linearity"),
+    ],
+)
+def test_unsupported_reft_options_are_refused(tmp_path, changes, match):
+    adapters = ak.attach(fresh("bert"))
+    with pytest.raises(ak.AdapterFileError, match=match):
+        adapters.load(_edited(tmp_path, "bert_loreft", **changes))
+    assert adapters.names == []

@@ -27,7 +27,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from . import adapterhub_lora
+from . import adapterhub_lora, adapterhub_reft
 from .adapterhub_files import bottleneck_kind, is_adapterhub, read
 from .io import AdapterFileError, read_json
 
@@ -41,15 +41,13 @@ _MISSING = {
     "prefix_tuning": "AdapterHub prefix tuning (MLP, flat and ejected forms of the shared PrefixTuningPool) is not "
     "read yet, issue 16 item 1",
     "prompt_tuning": "AdapterHub prompt tuning is not read yet, issue 16 item 1",
-    "reft": "AdapterHub ReFT (LoReft/NoReft/DiReft units with torch's orthogonal parametrization) is not read yet, "
-    "issue 16 item 1",
     "union": "AdapterHub unions (MAM, UniPELT: prefix tuning + bottleneck [+ gated LoRA]) are not read yet, "
     "issue 16 item 1",
 }
 
 
 # ``config.architecture`` -> reader module (``load(ctl, path, info, *, name, activate)``)
-READERS: dict[str, ModuleType] = {arch: adapterhub_lora for arch in adapterhub_lora.ARCHITECTURES}
+READERS: dict[str, ModuleType] = {arch: m for m in (adapterhub_lora, adapterhub_reft) for arch in m.ARCHITECTURES}
 
 
 def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: bool, activate: bool) -> str:
