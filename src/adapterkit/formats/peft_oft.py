@@ -170,6 +170,4 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
     def load_into(site: str, kind: str, comp: Component, module: Any) -> None:
         import_checked(comp, heads[site] if kind == "head" else per_site[site], module)
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="OFT .* does not divide")  # the file's shapes decide
-        return install_planned(ctl, name, cfg, path, load_into, activate=activate)
+    return install_planned(ctl, name, cfg, path, load_into, activate=activate)
