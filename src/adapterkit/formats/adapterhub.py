@@ -27,8 +27,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from . import adapterhub_lora, adapterhub_reft
-from .adapterhub_files import bottleneck_kind, is_adapterhub, read
+from . import adapterhub_bottleneck, adapterhub_lora, adapterhub_reft
+from .adapterhub_files import is_adapterhub, read
 from .io import AdapterFileError, read_json
 
 __all__ = ["is_adapterhub", "load", "save", "READERS"]
@@ -36,8 +36,6 @@ __all__ = ["is_adapterhub", "load", "save", "READERS"]
 ISSUE = "issue 16"
 
 _MISSING = {
-    "bottleneck": "AdapterHub {kind} needs hooks on the module that holds the residual and the LayerNorm "
-    "(original_ln_before/after, residual_before_ln, ...), issue 16 item 2",
     "prefix_tuning": "AdapterHub prefix tuning (MLP, flat and ejected forms of the shared PrefixTuningPool) is not "
     "read yet, issue 16 item 1",
     "prompt_tuning": "AdapterHub prompt tuning is not read yet, issue 16 item 1",
@@ -47,7 +45,9 @@ _MISSING = {
 
 
 # ``config.architecture`` -> reader module (``load(ctl, path, info, *, name, activate)``)
-READERS: dict[str, ModuleType] = {arch: m for m in (adapterhub_lora, adapterhub_reft) for arch in m.ARCHITECTURES}
+# (optionally ``refusal(config) -> str | None``: why a config cannot be read, checked before the weights are read)
+_MODULES = (adapterhub_lora, adapterhub_reft, adapterhub_bottleneck)
+READERS: dict[str, ModuleType] = {arch: m for m in _MODULES for arch in m.ARCHITECTURES}
 
 
 def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: bool, activate: bool) -> str:
@@ -63,12 +63,15 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
         )
     if arch not in table:
         if arch in _MISSING:
-            kind = bottleneck_kind(config) if isinstance(config, dict) else "bottleneck"
-            raise AdapterFileError(f"{path}: {_MISSING[arch].format(kind=kind)}")
+            raise AdapterFileError(f"{path}: {_MISSING[arch]}")
         raise AdapterFileError(
             f"{Path(path) / 'adapter_config.json'}: AdapterHub architecture {arch!r:.60} is unknown; "
             f"supported: {', '.join(sorted(table))}"
         )
+    refusal = getattr(table[arch], "refusal", None)
+    why = refusal(config) if refusal is not None else None
+    if why is not None:
+        raise AdapterFileError(f"{path}: {why}")
     info = read(path, allow_pickle=allow_pickle)
     return table[arch].load(ctl, path, info, name=name, activate=activate)
 

@@ -1,0 +1,201 @@
+"""AdapterHub bottleneck adapters (no ``config.architecture`` key); dispatched from ``formats/adapterhub.py``.
+
+What is read here is the part of AdapterHub's bottleneck family whose semantics our
+:class:`~adapterkit.methods.bottleneck.Bottleneck` already has exactly:
+
+- **Sequential adapters that leave the model's residual and LayerNorm where they are**: ``original_ln_before``
+  false, ``original_ln_after`` true, ``residual_before_ln`` true (AdapterHub's ``DoubleSeqBn``/Houlsby defaults).
+  AdapterHub then computes, on the sub-layer output ``f`` (after the projection and its dropout),
+  ``out = f + s · up(act(down(f)))`` and hands ``out`` to the model's own residual (+ LayerNorm on BERT):
+  our sequential adapter on the projection output (``placement="houlsby"`` on the roles ``attn.out`` and
+  ``ffn.down``; ``mh_adapter`` is the attention one, ``output_adapter`` the FFN one).
+- **ParBn on BERT-like models** (``is_parallel``): AdapterHub's adapter reads the sub-layer's ``input_tensor``,
+  which in ``BertOutput`` is the FFN input, and adds ``s · up(act(down(x)))`` to the FFN output before the
+  residual and LayerNorm: our ``placement="parallel"`` on ``ffn.down`` with the input tapped at ``ffn.in``.
+
+Keys: ``<location>.adapters.<name>.adapter_down.0.{weight,bias}`` (``Sequential(Linear, act)``) and
+``adapter_up.{weight,bias}``; the location is BERT ``encoder.layer.{i}.output`` / ``.attention.output``, GPT-2
+``h.{i}.output_adapters`` / ``.attention_adapters``, LLaMA ``layers.{i}.output_adapters`` / ``.attention_adapters``
+(base-model prefix or not). Each location's layer is mapped onto this model, then onto our module of role
+``ffn.down`` (FFN) or ``attn.out`` (attention) in that layer, through the model's profile.
+
+Everything else is refused with the missing piece named: AdapterHub's default ``SeqBn`` (``original_ln_before``:
+the block's LayerNorm applied before the adapter and again after it, and the adapter input ``f + residual``),
+ParBn on GPT-2/LLaMA-style blocks (the adapter reads the block residual before the MLP's LayerNorm), Compacter
+(PHM layers), SeqBnInv (the invertible adapter), ``ln_before``/``ln_after``, gating and learned scaling. They need
+hooks on the module that holds the residual and the LayerNorm (issue 16 item 2).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..methods.bottleneck import Bottleneck, FFNInputTap, ParallelBottleneck, SequentialBottleneck
+from ..plan import Plan
+from ..profiles import profile_for
+from ..targeting import TargetError, base_modules, select
+from .adapterhub_files import AdapterHubFile, bottleneck_kind, resolve_sites
+from .io import AdapterFileError, require_float
+from .peft import Fields
+
+ARCHITECTURES = ("bottleneck",)
+NEEDS_HOOKS = (
+    "needs hooks on the module that holds the residual and the LayerNorm (original_ln_before/after, "
+    "residual_before_ln, ...), issue 16 item 2"
+)
+# location suffix -> (which adapter, our role)
+_LOCATIONS = (
+    (".attention_adapters", "mh", "attn.out"),
+    (".attention.output", "mh", "attn.out"),
+    (".output_adapters", "output", "ffn.down"),
+    (".output", "output", "ffn.down"),
+)
+_LEAVES = {
+    "adapter_down.0.weight": "down.weight",
+    "adapter_down.0.bias": "down.bias",
+    "adapter_up.weight": "up.weight",
+    "adapter_up.bias": "up.bias",
+}
+
+
+def refusal(config: dict[str, Any]) -> str | None:
+    """Why this bottleneck config cannot be read exactly yet (None: it can)."""
+    kind = bottleneck_kind(config)
+    if kind in ("Compacter", "SeqBnInv"):
+        extra = " (PHM layers)" if kind == "Compacter" else " (and the invertible NICE adapter)"
+        return f"AdapterHub {kind} {NEEDS_HOOKS}{extra}"
+    if config.get("ln_before") or config.get("ln_after"):
+        return f"AdapterHub {kind} with ln_before/ln_after is not read yet ({NEEDS_HOOKS})"
+    if config.get("use_gating"):
+        return f"AdapterHub {kind} with use_gating (UniPELT) is not read yet"
+    if not isinstance(config.get("scaling", 1.0), (int, float)) or isinstance(config.get("scaling"), bool):
+        return f"AdapterHub {kind} with scaling {config.get('scaling')!r} (a trained scale) is not read yet"
+    if kind == "ParBn":
+        return None  # placement checked against the model in load()
+    sequential = (
+        config.get("original_ln_before") is False
+        and config.get("original_ln_after", True) is True
+        and config.get("residual_before_ln", True) is True
+    )
+    return None if sequential else f"AdapterHub {kind} {NEEDS_HOOKS}"
+
+
+def _split(info: AdapterHubFile, where: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Stored location -> {our tensor name: tensor}, from ``<location>.adapters.<name>.<leaf>``."""
+    marker = f".adapters.{info.saved_name}."
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in info.tensors.items():
+        location, sep, leaf = key.partition(marker)
+        if not sep or leaf not in _LEAVES:
+            raise AdapterFileError(
+                f"key {key!r} in {where} is not a bottleneck tensor of adapter {info.saved_name!r} read here "
+                f"(expected '<location>{marker}adapter_down.0.weight' and so on)"
+            )
+        out.setdefault(location, {})[_LEAVES[leaf]] = value
+    if not out:
+        raise AdapterFileError(f"{where} holds no bottleneck tensors (keys '<location>{marker}...')")
+    return out
+
+
+def _layer_of(location: str, where: Path) -> tuple[str, str, str]:
+    """``(layer path, "mh"/"output", our role)`` of a stored adapter location."""
+    for suffix, which, role in _LOCATIONS:
+        if location.endswith(suffix):
+            return location[: -len(suffix)], which, role
+    raise AdapterFileError(f"{where}: unknown bottleneck adapter location {location!r}")
+
+
+def load(ctl: Any, path: str | os.PathLike, info: AdapterHubFile, *, name: str | None, activate: bool) -> str:
+    where = Path(path)
+    why = refusal(info.config)
+    if why is not None:
+        raise AdapterFileError(f"{path}: {why}")
+    fields = Fields(info.config, where)
+    kind = bottleneck_kind(info.config)
+    name = name or info.saved_name
+    ctl._check_new_name(name)
+    stored = _split(info, where)
+    require_float({f"{s}.{k}": v for s, state in stored.items() for k, v in state.items()}, where)
+    located = {loc: _layer_of(loc, where) for loc in stored}
+    layers = resolve_sites(sorted({layer for layer, _, _ in located.values()}), ctl.model, where)
+    family, roles = profile_for(ctl.model)
+    modules = base_modules(ctl.model)
+    per_site: dict[str, dict[str, torch.Tensor]] = {}
+    try:
+        by_role: dict[str, list[str]] = {}
+        for loc, (layer, _, role) in located.items():
+            ours = layers[layer]
+            if role not in by_role:
+                by_role[role] = select(ctl.model, [role], family=family, roles=roles, modules=modules)
+            inside = [n for n in by_role[role] if n.startswith(ours + ".")]
+            if len(inside) != 1:
+                raise TargetError(f"{len(inside)} modules of role {role!r} in layer {ours!r}")
+            per_site[inside[0]] = stored[loc]
+    except TargetError as e:
+        raise AdapterFileError(
+            f"AdapterHub {kind} adapter {str(path)!r}: cannot place its adapters on this "
+            f"{type(ctl.model).__name__} ({e})"
+        ) from None
+    if kind == "ParBn":
+        if "ffn" in roles or any(w == "mh" for _, w, _ in located.values()):
+            raise AdapterFileError(
+                f"{path}: AdapterHub ParBn on this {type(ctl.model).__name__} reads the block residual before the "
+                f"MLP's LayerNorm; it {NEEDS_HOOKS}"
+            )
+        placement = "parallel"
+    else:
+        placement = "houlsby"
+    sizes = {tuple(state["down.weight"].shape) for state in per_site.values() if "down.weight" in state}
+    if len(sizes) != 1:
+        raise AdapterFileError(f"{where}: bottleneck down projections of several shapes {sorted(sizes)}")
+    ((size, _),) = sizes
+    cfg = fields.build(
+        Bottleneck,
+        placement=placement,
+        bottleneck_size=size,
+        non_linearity=_activation(fields, info),
+        scaling=fields.number("scaling", 1.0),
+        dropout=fields.number("dropout", 0.0),
+        targets=tuple(per_site),
+    )
+    comps: dict[str, tuple[str, Any]] = {}
+    try:
+        plan = ctl.plan(cfg)
+        for site, (k, comp) in plan.components.items():
+            if isinstance(comp, (SequentialBottleneck, ParallelBottleneck)):
+                own = comp.state_dict()
+                state = per_site[site]
+                missing = sorted(set(own) - set(state))
+                if missing:
+                    raise ValueError(f"{site!r} lacks {missing}")
+                comp.import_state({key: state[key].to(own[key].dtype) for key in own}, modules[site])
+            elif not isinstance(comp, FFNInputTap):
+                raise ValueError(f"unexpected component {type(comp).__name__} at {site!r}")
+            comps[site] = (k, comp)
+    except AdapterFileError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise AdapterFileError(f"AdapterHub adapter {str(path)!r} does not fit this model: {e}") from None
+    ctl.install(name, Plan(cfg, comps), activate=activate)
+    return name
+
+
+# AdapterHub's activation names (transformers' ``get_activation``, lower-cased) that ours mean the same by
+_ACTIVATIONS = ("relu", "swish", "silu", "tanh", "sigmoid", "gelu", "gelu_new", "leakyrelu", "linear")
+
+
+def _activation(fields: Fields, info: AdapterHubFile) -> str:
+    """Our name for the config's ``non_linearity``; files without ``version`` (adapter-transformers) meant
+    ``gelu_new`` by ``"gelu"`` and ``gelu`` by ``"gelu_orig"`` (the library renames them on load)."""
+    value = fields.data.get("non_linearity", "relu")
+    if isinstance(value, str):
+        value = value.lower()
+        if not info.data.get("version"):
+            value = {"gelu": "gelu_new", "gelu_orig": "gelu"}.get(value, value)
+    if value not in _ACTIVATIONS:
+        raise fields.error("non_linearity", value, "one of " + ", ".join(_ACTIVATIONS))
+    return value
