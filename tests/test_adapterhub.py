@@ -25,14 +25,17 @@ CASES: dict[str, dict] = json.loads((FIXTURES / "cases.json").read_text())["case
 TOL = 1e-4
 
 SUPPORTED = {"lora", "lora_all", "lora_k", "ia3", "ia3_all", "loreft", "double_seq_bn"}
-SUPPORTED_CASES = {"bert_par_bn"}  # ParBn where its adapter reads what ours reads (the FFN input)
+SUPPORTED_CASES = {
+    "bert_par_bn",
+    "bertcls_compacter",
+    "gpt2_compacter",
+    "llama_compacter",
+}  # ParBn where its adapter reads what ours reads (the FFN input)
 _BOTTLENECK = "needs hooks on the module that holds the residual and the LayerNorm, issue 16 item 2"
 MISSING = {
     "seq_bn": f"AdapterHub SeqBn {_BOTTLENECK}",
     "par_bn": f"AdapterHub ParBn on GPT-2/LLaMA reads the block residual before the MLP's LayerNorm: {_BOTTLENECK}",
     "seq_bn_inv": f"AdapterHub SeqBnInv {_BOTTLENECK} (and the invertible NICE adapter)",
-    "compacter": f"AdapterHub Compacter {_BOTTLENECK} (and PHM layers)",
-    "compacter_bare": "a Compacter saved from a bare model lacks phm_rule: to be refused clearly, issue 16 item 5",
     "prefix_tuning": "AdapterHub prefix tuning (shared PrefixTuningPool, MLP form) not read yet, issue 16 item 1",
     "prefix_tuning_flat": "AdapterHub prefix tuning (flat form) not read yet, issue 16 item 1",
     "prefix_tuning_ejected": "AdapterHub ejected prefix (flat tensors, config says flat: false) not read yet, "
@@ -86,7 +89,13 @@ def _marks(case: str) -> list:
     return [pytest.mark.xfail(strict=True, raises=ak.AdapterFileError, reason=MISSING[method])]
 
 
-ALL = [pytest.param(case, marks=_marks(case), id=case) for case in sorted(CASES)]
+# refused on purpose (test_unsupported_methods_are_refused_with_the_missing_piece): the library lost a tensor
+REFUSED = {"compacter_bare"}
+ALL = [
+    pytest.param(case, marks=_marks(case), id=case)
+    for case in sorted(CASES)
+    if CASES[case]["method"] not in REFUSED
+]
 
 
 def test_base_models_match_the_fixture_writer():
@@ -222,7 +231,7 @@ def test_wrong_base_model_is_refused():
     [
         ("bert_seq_bn", "AdapterHub SeqBn needs hooks"),
         ("gpt2_par_bn", "ParBn on this GPT2LMHeadModel reads the block residual"),
-        ("bert_compacter_bare", "Compacter needs hooks"),
+        ("bert_compacter_bare", "shared phm_rule is missing from the file"),  # issue 16 item 5
         ("bert_seq_bn_inv", "SeqBnInv needs hooks"),
         ("bert_prefix_tuning", "prefix tuning"),  # refused before the pickle is read: no allow_pickle needed
     ],

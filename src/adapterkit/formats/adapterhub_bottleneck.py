@@ -60,14 +60,31 @@ _LEAVES = {
     "adapter_up.weight": "up.weight",
     "adapter_up.bias": "up.bias",
 }
+# Compacter's PHM layers: AdapterHub computes y = x @ H + b with H = sum_k kron(rule_k, W_k): (in, out) and
+# W_k = W_left_k @ W_right_k: (in/n, out/n). Our PHMLinear computes y = x W^T + b with W = sum_k kron(A_k, B_k):
+# (out, in) and B_k = B_left_k @ B_right_k: (out/n, in/n). H^T = sum_k kron(rule_k^T, W_k^T), so A_k = rule_k^T,
+# B_left = W_right^T, B_right = W_left^T (each transposed in its last two axes) and B = W^T unfactorized.
+_PHM_LEAVES = {"W_left": "B_right", "W_right": "B_left", "W": "B", "phm_rule": "rule.A", "b": "bias"}
+for _proj, _stored in (("down", "adapter_down.0"), ("up", "adapter_up")):
+    for _theirs, _ours in _PHM_LEAVES.items():
+        _LEAVES[f"{_stored}.{_theirs}"] = f"{_proj}.{_ours}"
+
+
+def _ours(key: str, value: torch.Tensor) -> torch.Tensor:
+    """A stored tensor in our layout (PHM tensors transposed in their last two axes, see ``_PHM_LEAVES``)."""
+    leaf = key.rpartition(".")[2]
+    return value.transpose(-2, -1) if leaf in ("B_left", "B_right", "B", "A") else value
 
 
 def refusal(config: dict[str, Any]) -> str | None:
     """Why this bottleneck config cannot be read exactly yet (None: it can)."""
     kind = bottleneck_kind(config)
-    if kind in ("Compacter", "SeqBnInv"):
-        extra = " (PHM layers)" if kind == "Compacter" else " (and the invertible NICE adapter)"
-        return f"AdapterHub {kind} {NEEDS_HOOKS}{extra}"
+    if kind == "SeqBnInv":
+        return f"AdapterHub {kind} {NEEDS_HOOKS} (and the invertible NICE adapter)"
+    if kind == "Compacter" and (
+        config.get("shared_W_phm") or config.get("factorized_phm_rule") or config.get("phm_bias") is False
+    ):
+        return "AdapterHub Compacter with shared_W_phm, factorized_phm_rule or phm_bias false is not read yet"
     if config.get("ln_before") or config.get("ln_after"):
         return f"AdapterHub {kind} with ln_before/ln_after is not read yet ({NEEDS_HOOKS})"
     if config.get("use_gating"):
@@ -84,21 +101,27 @@ def refusal(config: dict[str, Any]) -> str | None:
     return None if sequential else f"AdapterHub {kind} {NEEDS_HOOKS}"
 
 
-def _split(info: AdapterHubFile, where: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """Stored location -> {our tensor name: tensor}, from ``<location>.adapters.<name>.<leaf>``."""
+def _split(info: AdapterHubFile, where: Path) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor | None]:
+    """``(per location, shared rule)``: stored location -> {our tensor name: tensor in our layout}, from
+    ``<location>.adapters.<name>.<leaf>``, and Compacter's shared ``<p>shared_parameters.<name>.phm_rule``."""
     marker = f".adapters.{info.saved_name}."
+    shared = f"shared_parameters.{info.saved_name}.phm_rule"
     out: dict[str, dict[str, torch.Tensor]] = {}
+    rule = None
     for key, value in info.tensors.items():
+        if key == shared or key.endswith("." + shared):
+            rule = value.transpose(-2, -1)
+            continue
         location, sep, leaf = key.partition(marker)
         if not sep or leaf not in _LEAVES:
             raise AdapterFileError(
                 f"key {key!r} in {where} is not a bottleneck tensor of adapter {info.saved_name!r} read here "
                 f"(expected '<location>{marker}adapter_down.0.weight' and so on)"
             )
-        out.setdefault(location, {})[_LEAVES[leaf]] = value
+        out.setdefault(location, {})[_LEAVES[leaf]] = _ours(_LEAVES[leaf], value)
     if not out:
         raise AdapterFileError(f"{where} holds no bottleneck tensors (keys '<location>{marker}...')")
-    return out
+    return out, rule
 
 
 def _layer_of(location: str, where: Path) -> tuple[str, str, str]:
@@ -118,7 +141,17 @@ def load(ctl: Any, path: str | os.PathLike, info: AdapterHubFile, *, name: str |
     kind = bottleneck_kind(info.config)
     name = name or info.saved_name
     ctl._check_new_name(name)
-    stored = _split(info, where)
+    stored, rule = _split(info, where)
+    phm = fields.flag("phm_layer", False)
+    shared_rule = phm and fields.flag("shared_phm_rule", True)
+    if shared_rule and rule is None:
+        raise AdapterFileError(
+            f"{where}: this Compacter's shared phm_rule is missing from the file. adapters <= 1.3.0 drops it when "
+            "saving from a bare base model (adapters.init(BertModel(...)): its save filter looks for "
+            "'.shared_parameters.'), and its own load_adapter then quietly keeps a random rule. The adapter cannot be "
+            "reproduced without it: save it again from a model with a prefix (e.g. BertAdapterModel or "
+            "BertForSequenceClassification) where the rule is saved"
+        )
     require_float({f"{s}.{k}": v for s, state in stored.items() for k, v in state.items()}, where)
     located = {loc: _layer_of(loc, where) for loc in stored}
     layers = resolve_sites(sorted({layer for layer, _, _ in located.values()}), ctl.model, where)
@@ -149,12 +182,22 @@ def load(ctl: Any, path: str | os.PathLike, info: AdapterHubFile, *, name: str |
         placement = "parallel"
     else:
         placement = "houlsby"
-    sizes = {tuple(state["down.weight"].shape) for state in per_site.values() if "down.weight" in state}
+    sizes = {state["down.bias"].shape[0] for state in per_site.values() if "down.bias" in state}
     if len(sizes) != 1:
-        raise AdapterFileError(f"{where}: bottleneck down projections of several shapes {sorted(sizes)}")
-    ((size, _),) = sizes
+        raise AdapterFileError(f"{where}: bottleneck down projections of several sizes {sorted(sizes)} (or none)")
+    (size,) = sizes
+    extra: dict[str, Any] = {}
+    if phm:
+        factorized = fields.flag("factorized_phm_W", True)
+        extra = {
+            "phm_dim": fields.integer("phm_dim", 4),
+            "shared_phm_rule": shared_rule,
+            "factorized_phm_W": factorized,
+            "phm_rank": fields.integer("phm_rank", 1),
+        }
     cfg = fields.build(
         Bottleneck,
+        **extra,
         placement=placement,
         bottleneck_size=size,
         non_linearity=_activation(fields, info),
@@ -168,7 +211,9 @@ def load(ctl: Any, path: str | os.PathLike, info: AdapterHubFile, *, name: str |
         for site, (k, comp) in plan.components.items():
             if isinstance(comp, (SequentialBottleneck, ParallelBottleneck)):
                 own = comp.state_dict()
-                state = per_site[site]
+                state = dict(per_site[site])
+                if shared_rule and "down.rule.A" in own:  # the first PHM layer in model order owns the rule
+                    state["down.rule.A"] = rule
                 missing = sorted(set(own) - set(state))
                 if missing:
                     raise ValueError(f"{site!r} lacks {missing}")
