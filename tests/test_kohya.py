@@ -453,3 +453,41 @@ def test_refuses_ambiguous_names(tmp_path):
         "lora_unet_a_b_c.lora_up.weight": torch.ones(4, 1),
     }
     _refused(model, tensors, tmp_path, r"ambiguous.*\['a.b_c', 'a_b.c'\]")
+
+
+def test_refuses_ldm_names(unet, tmp_path):
+    tensors = {"lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.ones(1, 32)}
+    _refused(unet, tensors, tmp_path, "original Stable Diffusion")
+
+
+# --- LycorisOFT beyond loading -----------------------------------------------------------------------------------------
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList([nn.Linear(32, 48), nn.Conv2d(16, 32, 3, padding=1)])
+
+
+def test_diag_oft_native_round_trip_and_no_peft(tmp_path):
+    """A loaded Diag-OFT saves natively and loads back bit-identically; peft's format cannot hold it."""
+    g = torch.Generator().manual_seed(5)
+    tensors = {
+        "lora_unet_blocks_0.oft_blocks": _rand(12, 4, 4, g=g),
+        "lora_unet_blocks_0.alpha": torch.tensor(0),  # LyCORIS saves an integer constraint as int64
+        "lora_unet_blocks_0.rescale": 1 + _rand(48, 1, g=g, std=0.1),
+        "lora_unet_blocks_1.oft_blocks": _rand(4, 8, 8, g=g),
+        "lora_unet_blocks_1.alpha": torch.tensor(1e-3),
+        "lora_unet_blocks_1.rescale": 1 + _rand(32, 1, 1, 1, g=g, std=0.1),
+    }
+    a, b = _Net(), _Net()
+    ad = _load(a, tensors, tmp_path)
+    assert isinstance(ad.config("k"), kohya.LycorisOFT)
+    ad.save("k", tmp_path / "native")
+    bd = ak.attach(b)
+    bd.load(tmp_path / "native", activate=True)
+    x, xc = torch.randn(3, 32), torch.randn(2, 16, 5, 5)
+    with torch.no_grad():
+        assert torch.equal(a.blocks[0](x), b.blocks[0](x)) and torch.equal(a.blocks[1](xc), b.blocks[1](xc))
+        assert not torch.allclose(a.blocks[0](x), _Net().blocks[0](x), atol=1e-3)
+    with pytest.raises(ValueError, match="lycoris_oft"):
+        ad.export("k", tmp_path / "peft")

@@ -341,6 +341,12 @@ def _split(
                 raise AdapterFileError(f"key {key!r} in {where} has no tensor name ('<module>.<tensor>')")
             short = stem[len(used[0]) :]
             paths = table.get(short, [])
+            if not paths and short.startswith(("input_blocks_", "middle_block_", "output_blocks_")):
+                raise AdapterFileError(
+                    f"key {key!r} in {where} uses the original Stable Diffusion (LDM/SGM) module names (SDXL kohya "
+                    "files do); this reader takes diffusers module paths: convert the file with diffusers' "
+                    "_convert_kohya_lora_to_diffusers / pipeline.load_lora_weights first"
+                )
             if not paths:
                 raise AdapterFileError(
                     f"key {key!r} in {where} names module {short!r}, which this {type(model).__name__} does not have "
@@ -718,7 +724,14 @@ def load(
     model = ctl.model
     modules = base_modules(model)
     per_site, labels = _split(raw, model, component, where)
-    require_float({f"{labels[s]}.{k}": v for s, st in per_site.items() for k, v in st.items()}, where)
+    # alpha may be an integer (LyCORIS saves torch.tensor(int) for integral constraints); it must be real
+    require_float(
+        {f"{labels[s]}.{k}": v for s, st in per_site.items() for k, v in st.items() if k != "alpha"}, where
+    )
+    for site, state in per_site.items():
+        a = state.get("alpha")
+        if a is not None and (a.is_complex() or a.dtype == torch.bool):
+            raise AdapterFileError(f"{labels[site]}.alpha in {where} is {a.dtype}; it must be a real number")
     methods: dict[str, list[str]] = {}
     for site, state in per_site.items():
         _require(site in modules, labels[site], where, f"{type(modules.get(site)).__name__} is not adaptable here")
