@@ -14,7 +14,8 @@ identical weights for every variant; each adapts every linear layer of the decod
 Measured, as in ``benchmarks/lycoris_vs_peft.py``: a training step (forward + causal-LM loss + backward + AdamW step,
 ``zero_grad(set_to_none=True)``); the variants alternate in ONE process (the order rotates every rep) after
 warmup; medians over reps. Saved activations: bytes of distinct non-parameter storages the autograd graph saves
-for backward in one step.
+for backward in one step. 1-token forward: an unmerged eval forward of one token under ``inference_mode`` (a decode
+step's adapter overhead; adapterkit reuses the rotation blocks while the weights are unchanged, peft rebuilds them).
 
 Quick smoke run::
 
@@ -45,9 +46,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--block", type=int, default=32, help="OFT block size")
     p.add_argument("--boft-block", type=int, default=8, help="BOFT block size")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
+    p.add_argument(
+        "--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS)
+    )
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--infer-reps", type=int, default=30, help="one-token forwards per variant (0: skip)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--out", default=None, help="also write the markdown table here")
@@ -72,14 +76,18 @@ def build(variant: str, base, args: argparse.Namespace):
         if variant == "peft-oft":
             cfg = OFTConfig(oft_block_size=args.block, target_modules="all-linear")
         else:
-            cfg = BOFTConfig(boft_block_size=args.boft_block, boft_n_butterfly_factor=1, target_modules="all-linear")
+            cfg = BOFTConfig(
+                boft_block_size=args.boft_block, boft_n_butterfly_factor=1, target_modules="all-linear"
+            )
         model = get_peft_model(model, cfg)
         params = [p for p in model.parameters() if p.requires_grad]
     else:
         cfg = {
             "lora16": lambda: ak.LoRA(r=16, alpha=32, targets="all-linear"),
             "oft": lambda: ak.OFT(oft_block_size=args.block, targets="all-linear"),
-            "boft": lambda: ak.BOFT(boft_block_size=args.boft_block, boft_n_butterfly_factor=1, targets="all-linear"),
+            "boft": lambda: ak.BOFT(
+                boft_block_size=args.boft_block, boft_n_butterfly_factor=1, targets="all-linear"
+            ),
         }[variant]()
         adapters = ak.attach(model)
         adapters.add("bench", cfg)
@@ -118,6 +126,28 @@ def saved_activation_bytes(model, ids) -> int:
     return sum(seen.values())
 
 
+def one_token_ms(built: dict, variants: tuple[str, ...], ids, reps: int, sync) -> dict[str, float]:
+    """Median time of an unmerged eval forward of one token (``inference_mode``, no KV cache), the variants
+    alternating: the per-token cost of a decode step, where peft rebuilds its rotation on every call."""
+    import torch
+
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for v in variants:
+        built[v][0].eval()
+    with torch.inference_mode():
+        for rep in range(reps + 2):
+            for v in variants:
+                sync()
+                t = time.perf_counter()
+                built[v][0](input_ids=ids, use_cache=False)
+                sync()
+                if rep >= 2:  # the first two are warmup
+                    times[v].append(time.perf_counter() - t)
+    for v in variants:
+        built[v][0].train()
+    return {v: statistics.median(ts) * 1000 for v, ts in times.items()}
+
+
 def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -154,20 +184,22 @@ def main(argv: list[str] | None = None) -> str:
             times[v].append(time.perf_counter() - t)
     med = {v: statistics.median(ts) * 1000 for v, ts in times.items()}
     saved = {v: saved_activation_bytes(built[v][0], ids) / 2**20 for v in variants}
+    one = one_token_ms(built, variants, ids[:1, :1], args.infer_reps, sync) if args.infer_reps else {}
     lines = [
         f"LLaMA-style h={args.hidden} layers={args.layers} ffn={args.intermediate} seq={args.seq} "
         f"batch={args.batch}, all-linear, OFT block {args.block}, BOFT block {args.boft_block} (1 butterfly "
         f"factor), LoRA r=16, {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"medians of {args.reps}",
         "",
-        "| variant | trainable | step (ms) | vs peft | vs LoRA r=16 | saved activations (MiB) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| variant | trainable | step (ms) | vs peft | vs LoRA r=16 | saved activations (MiB) | 1-token forward (ms) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for v in variants:
         peer = f"peft-{v}" if f"peft-{v}" in med else None
         vs_peft = f"{med[v] / med[peer]:.2f}×" if peer else ""
         vs_lora = f"{med[v] / med['lora16']:.2f}×" if "lora16" in med else ""
-        lines.append(f"| {v} | {built[v][2]:,} | {med[v]:.1f} | {vs_peft} | {vs_lora} | {saved[v]:.1f} |")
+        tok = f"{one[v]:.2f}" if v in one else ""
+        lines.append(f"| {v} | {built[v][2]:,} | {med[v]:.1f} | {vs_peft} | {vs_lora} | {saved[v]:.1f} | {tok} |")
     table = "\n".join(lines)
     print(table)
     if args.out:

@@ -464,6 +464,37 @@ def test_oft_embedding_equation():
         torch.testing.assert_close(emb.weight, W, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("cfg", [ak.OFT(oft_block_size=8, coft=True, eps=0.5), ak.BOFT(boft_n_butterfly_factor=2)])
+def test_rotation_is_rebuilt_only_when_needed_without_grad(cfg, monkeypatch):
+    """Without grad (decode steps) the blocks are built once while the parameters are unchanged; a parameter
+    update, or any forward that records a gradient, rebuilds them; outputs equal the uncached ones."""
+    model = make_model("llama")
+    adapters = ak.attach(model)
+    adapters.add("a", cfg.replace(init_weights=False))
+    x = make_inputs("llama")
+    cls = type(next(iter(adapters.components("a").values())))
+    calls = []
+    original = cls._stages
+    monkeypatch.setattr(cls, "_stages", lambda self, dropout=True: calls.append(1) or original(self, dropout))
+    sites = len(adapters.components("a"))
+    with torch.inference_mode():
+        first = output_of(model, x)
+        assert torch.equal(output_of(model, x), first)
+    assert len(calls) == sites
+    out = output_of(model, x)  # with grad: rebuilt, and backward works after an inference-mode forward
+    out.sum().backward()
+    assert len(calls) == 2 * sites
+    torch.testing.assert_close(out.detach(), first, atol=1e-6, rtol=0)
+    perturb(adapters.parameters("a"))
+    with torch.no_grad():
+        changed = output_of(model, x)
+    assert len(calls) == 3 * sites and not torch.allclose(changed, first)
+    calls.clear()
+    monkeypatch.setattr(cls, "_stages", original)
+    with torch.enable_grad():
+        torch.testing.assert_close(output_of(model, x).detach(), changed, atol=1e-6, rtol=0)
+
+
 def test_bfloat16_base():
     model = make_model("llama").to(torch.bfloat16)
     adapters = ak.attach(model)

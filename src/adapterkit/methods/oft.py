@@ -233,6 +233,23 @@ class RotationLayer(Component):
     def _dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
+    def _current_stages(self) -> list[Stage]:
+        """:meth:`_stages`, reused while no gradient is recorded and the parameters are unchanged (same storage and
+        version): a decode step then rotates its token without rebuilding the blocks, which costs ``O(nb · b³)``
+        (more than the layer's own matmul for one token); training forwards always rebuild them."""
+        if torch.is_grad_enabled() or (self.training and self._random_in_training()):
+            return self._stages()
+
+        def key() -> tuple:
+            return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters())
+
+        cached = self.__dict__.get("_stage_cache")
+        if cached is not None and cached[0] == key():
+            return cached[1]
+        stages = self._stages()  # may project COFT blocks in place: the key is taken after
+        object.__setattr__(self, "_stage_cache", (key(), stages))
+        return stages
+
     # --- forward ------------------------------------------------------------------------------------------------
     def _rotate(self, x: torch.Tensor, stages: list[Stage]) -> torch.Tensor:
         """``x Rot`` on the feature axis (dim 1 for 1×1 convolutions), in the adapter's dtype, returned in ``x``'s."""
@@ -245,7 +262,7 @@ class RotationLayer(Component):
         return v.movedim(-1, 1) if self.kernel else v
 
     def pre(self, x: torch.Tensor) -> torch.Tensor:
-        return self._rotate(x, self._stages())
+        return self._rotate(x, self._current_stages())
 
     def _rotated_weight(self, weight: torch.Tensor, stages: list[Stage]) -> torch.Tensor:
         """``W Rotᵀ`` for the flat ``weight: (out, n)``: the transposed factors in reverse order."""
@@ -280,9 +297,9 @@ class RotationLayer(Component):
 
     def post(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.embedding:
-            return self._rotate(y, self._stages())
+            return self._rotate(y, self._current_stages())
         if self.fused:
-            stages = self._stages()
+            stages = self._current_stages()
             delta = self._conv_delta_weight(stages)
             y = y + self._conv(x.to(delta.dtype), delta).to(y.dtype)
         s = self._scale()
