@@ -272,20 +272,29 @@ class Child:
     """One system's server process."""
 
     def __init__(self, system: str, model: Path, adapters_dir: Path, args: argparse.Namespace, log: Path) -> None:
+        """Starts the process; :meth:`ready` waits until it serves."""
         ctx = _context()
+        self.system, self.log, self.port = system, log, 0
         self.conn, there = ctx.Pipe()
         self.proc = ctx.Process(target=_serve_entry, args=(system, model, adapters_dir, args, there, log),
                                 daemon=True)  # fmt: skip
         self.proc.start()
-        if not self.conn.poll(300):
+
+    def ready(self, timeout: float = 900) -> Child:
+        if self.port:
+            return self
+        if not self.conn.poll(timeout):
             self.proc.kill()
-            raise RuntimeError(f"the {system} server did not start in 300 s:\n{log.read_text()[-3000:]}")
+            raise RuntimeError(
+                f"the {self.system} server did not start in {timeout:g} s:\n{self.log.read_text()[-3000:]}"
+            )
         status, value = self.conn.recv()
         if status != "ok":
             self.proc.join(timeout=10)
-            raise RuntimeError(f"the {system} server did not start:\n{value}")
+            raise RuntimeError(f"the {self.system} server did not start:\n{value}")
         self.port = int(value)
         self.url = f"http://127.0.0.1:{self.port}"
+        return self
 
     def peak_rss_mb(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -380,7 +389,9 @@ async def _drive(url: str, reqs: list[tuple[float, str, str]], output: int, time
     return {"results": results, "errors": errors, "timed_out": len(pending), "wall": wall}
 
 
-def run_point(child: Child, reqs: list[tuple[float, str, str]], rate: float, args: argparse.Namespace) -> dict:
+def run_point(
+    child: Child, reqs: list[tuple[float, str, str]], rate: float, args: argparse.Namespace, label: str = ""
+) -> dict:
     before = json.loads(child.get("/bench/stats"))
     got = asyncio.run(_drive(child.url, reqs, args.output, args.point_timeout))
     after = json.loads(child.get("/bench/stats"))
@@ -404,7 +415,7 @@ def run_point(child: Child, reqs: list[tuple[float, str, str]], rate: float, arg
     }  # fmt: skip
     if got["errors"]:
         point["first_error"] = got["errors"][0]
-    log(f"    rate {rate:7.2f}/s: {len(res)}/{len(reqs)} done, {point['req_s']:.2f} req/s, "
+    log(f"    {label:5} rate {rate:7.2f}/s: {len(res)}/{len(reqs)} done, {point['req_s']:.2f} req/s, "
         f"{point['tok_s']:.0f} tok/s, ttft p50/p99 {point['ttft_p50']:.3f}/{point['ttft_p99']:.3f} s, "
         f"e2e p50/p99 {point['e2e_p50']:.2f}/{point['e2e_p99']:.2f} s, batch {point['mean_batch']:.1f}"
         + (f", {len(got['errors'])} errors ({got['errors'][0]})" if got["errors"] else ""))  # fmt: skip
@@ -456,30 +467,39 @@ def agreement(report: dict[str, Any]) -> dict[str, str]:
     return out
 
 
-def sweep(
-    child: Child, names: list[str], zipf: float, args: argparse.Namespace, deadline: float
-) -> dict[str, Any]:
-    points: list[dict[str, Any]] = []
-    best = 0.0
+def sweep(children: dict[str, tuple[Child, list[str], float]], args: argparse.Namespace,
+          deadline: float) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """Rate sweep of several systems at once: at each rate every system still rising gets the same arrivals in
+    turn (so a change of machine load hits them alike); a system drops out when its throughput stops rising
+    (< ``--rise`` × its best) or its latency explodes. ``children``: system -> (server, model names, zipf s)."""
+    out = {s: {"points": [], "stop": "max points"} for s in children}
+    best = dict.fromkeys(children, 0.0)
+    active = list(children)
     rate = args.rate_start
-    stop_reason = "max points"
     for _ in range(args.max_points):
+        if not active:
+            break
         if time.monotonic() > deadline:
-            stop_reason = "time budget"
+            for s in active:
+                out[s]["stop"] = "time budget"
             break
-        reqs = arrivals(names, zipf, rate, n_requests(rate, args), args, seed=args.seed + int(rate * 1000))
-        p = run_point(child, reqs, rate, args)
-        points.append(p)
-        if p["req_s"] < args.rise * best:
-            stop_reason = "throughput stopped rising"
-            break
-        kept_up = p["req_s"] >= 0.9 * rate
-        if not kept_up and p["e2e_p99"] > args.explode * points[0]["e2e_p50"]:
-            stop_reason = "latency exploded"
-            break
-        best = max(best, p["req_s"])
+        for system in list(active):
+            child, names, zipf = children[system]
+            reqs = arrivals(names, zipf, rate, n_requests(rate, args), args, seed=args.seed + int(rate * 1000))
+            p = run_point(child, reqs, rate, args, system)
+            points = out[system]["points"]
+            points.append(p)
+            if p["req_s"] < args.rise * best[system]:
+                out[system]["stop"] = "throughput stopped rising"
+                active.remove(system)
+            elif p["req_s"] < 0.9 * rate and p["e2e_p99"] > args.explode * points[0]["e2e_p50"]:
+                out[system]["stop"] = "latency exploded"
+                active.remove(system)
+            best[system] = max(best[system], p["req_s"])
         rate *= 2
-    return {"points": points, "stop": stop_reason}
+    for res in out.values():
+        res.update(summarize(res, args.ttft_slo))
+    return out
 
 
 def summarize(sw: dict[str, Any], slo: float) -> dict[str, Any]:
@@ -587,6 +607,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         servers = Servers(files, args, logs)
         report["servers"] = servers.info
         try:
+            groups = {c["group"] for c in files["configs"].values()}
+            servers.start([(s, g) for g in ("lora", "mixed") if g in groups for s in systems
+                           if (s == "ours" or g == "lora") and not (s == "base" and g != "lora")])  # fmt: skip
             # the target configuration first, then base (its reference), then the rest from the last defined (the
             # mixed run, then the largest N) to the first: a time budget that runs out skips the least telling
             # runs; the systems take turns within a configuration
@@ -597,30 +620,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 cfg = files["configs"][key]
                 entry: dict[str, Any] = {"zipf": cfg["zipf"], "n": len(cfg["names"]), "systems": {}}
                 report["configs"][key] = entry
-                for system in systems:
-                    if system == "base" or (system in ("peft", "merge") and cfg["group"] != "lora"):
-                        continue
-                    if time.monotonic() > deadline:
+                here = [s for s in systems if s != "base" and (s == "ours" or cfg["group"] == "lora")]
+                with_base = "base" in systems and i == 0  # base runs once, beside the first configuration
+                if time.monotonic() > deadline:
+                    for system in here:
                         entry["systems"][system] = {"skipped": "time budget"}
-                        log(f"{key}: {system} skipped (time budget)")
-                        continue
-                    log(f"{key}: {system}")
-                    child = servers.get(system, cfg["group"])
-                    res = sweep(child, cfg["names"], cfg["zipf"], args, deadline)
-                    res.update(summarize(res, args.ttft_slo))
-                    if system == "ours" and key == args.target and res.get("sat_req_s"):
-                        res["half_rate"] = half_point(child, cfg["names"], cfg["zipf"], res["sat_req_s"] / 2, args)
-                    entry["systems"][system] = res
-                if "base" in systems and i == 0:
-                    log("base (the same arrival process, every request to the base model; one run for all)")
-                    child = servers.get("base", "lora")
-                    names = [str(files["model"])]
-                    base = sweep(child, names, 0.0, args, deadline + 120)
-                    base.update(summarize(base, args.ttft_slo))
-                    ours = entry["systems"].get("ours", {})
-                    if key == args.target and "half_rate" in ours:
-                        base["half_rate"] = half_point(child, names, 0.0, ours["half_rate"]["rate"], args)
-                    report["base"] = base
+                    log(f"{key}: skipped (time budget)")
+                    continue
+                log(f"{key}: {', '.join(here + ['base'] * with_base)}")
+                children = {s: (servers.get(s, cfg["group"]), cfg["names"], cfg["zipf"]) for s in here}
+                if with_base:
+                    children["base"] = (servers.get("base", "lora"), [str(files["model"])], 0.0)
+                res = sweep(children, args, deadline + (120 if i == 0 else 0))
+                if key == args.target and res.get("ours", {}).get("sat_req_s"):
+                    rate = res["ours"]["sat_req_s"] / 2
+                    for system in ("ours", "base") if with_base else ("ours",):
+                        child, names, zipf = children[system]
+                        res[system]["half_rate"] = half_point(child, names, zipf, rate, args, system)
+                if with_base:
+                    report["base"] = res.pop("base")
+                entry["systems"].update(res)
         finally:
             servers.close()
         report["configs"] = {k: report["configs"][k] for k in files["configs"] if k in report["configs"]}
@@ -634,12 +653,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return report
 
 
-def half_point(child: Child, names: list[str], zipf: float, rate: float, args: argparse.Namespace) -> dict:
+def half_point(child: Child, names: list[str], zipf: float, rate: float, args: argparse.Namespace,
+               label: str) -> dict[str, Any]:  # fmt: skip
     """The TTFT target's point: ``rate`` (half of ours' saturated throughput), the same arrivals for ours and base."""
-    log(f"  at half of ours' saturated throughput: {rate:.2f}/s")
-    return run_point(
-        child, arrivals(names, zipf, rate, n_requests(rate, args), args, seed=args.seed + 7), rate, args
-    )
+    reqs = arrivals(names, zipf, rate, n_requests(rate, args), args, seed=args.seed + 7)
+    return run_point(child, reqs, rate, args, label + " at ½ of ours' saturation")
 
 
 class Servers:
@@ -655,24 +673,43 @@ class Servers:
     def label(system: str, group: str) -> str:
         return system if group == "lora" else f"{system} ({group})"
 
+    def start(self, wanted: list[tuple[str, str]]) -> None:
+        """Start the processes of ``wanted`` ``(system, group)`` together and wait until all serve: the baselines
+        load every adapter at start (peft's ``load_adapter`` walks every module, so N loads cost O(N^2)); loading
+        them side by side before any measurement keeps that off the sweeps."""
+        t0 = time.monotonic()
+        for system, group in wanted:
+            label = self.label(system, group)
+            if label not in self.children:
+                fmt = "peft" if system in ("peft", "merge") else "native"
+                log(f"  starting the {label} server")
+                self.children[label] = Child(system, self.files["model"], self.files["dirs"][group, fmt], self.args,
+                                             self.logs / f"{system}-{group}.log")  # fmt: skip
+                self.info[label] = {"system": system}
+        for label in list(self.children):
+            self.children[label].ready()
+            self.info[label].setdefault("start_s", round(time.monotonic() - t0, 1))
+        log(f"  {len(self.children)} servers up")
+
     def get(self, system: str, group: str) -> Child:
+        """The server of ``system`` for ``group``, warmed (every adapter once) on first use."""
         label = self.label(system, group)
-        if label in self.children:
-            return self.children[label]
-        fmt = "peft" if system in ("peft", "merge") else "native"
-        adapters_dir = self.files["dirs"][group, fmt]
-        t0, load = time.monotonic(), loadavg()
-        log(f"  starting the {label} server")
-        child = Child(system, self.files["model"], adapters_dir, self.args, self.logs / f"{system}-{group}.log")
-        self.children[label] = child
-        if system == "base":
-            names = [str(self.files["model"])]
-        else:
-            names = sorted((p.name for p in adapters_dir.iterdir()), key=lambda n: int(n[1:]))
-        warm(child, names, self.args)
-        self.info[label] = {"system": system, "adapters": 0 if system == "base" else len(names),
-                            "startup_s": round(time.monotonic() - t0, 1), "loadavg_start": load,
-                            "check": outputs(child, names[:4], self.args)}  # fmt: skip
+        if label not in self.children:
+            self.start([(system, group)])
+        child, info = self.children[label], self.info[label]
+        if "check" not in info:
+            fmt = "peft" if system in ("peft", "merge") else "native"
+            adapters_dir = self.files["dirs"][group, fmt]
+            t0 = time.monotonic()
+            info["loadavg_start"] = loadavg()
+            if system == "base":
+                names = [str(self.files["model"])]
+            else:
+                names = sorted((p.name for p in adapters_dir.iterdir()), key=lambda n: int(n[1:]))
+            warm(child, names, self.args)
+            info["adapters"] = 0 if system == "base" else len(names)
+            info["warm_s"] = round(time.monotonic() - t0, 1)
+            info["check"] = outputs(child, names[:4], self.args)
         return child
 
     def close(self) -> None:
@@ -774,7 +811,7 @@ def markdown(report: dict[str, Any], args: argparse.Namespace) -> str:
             extra = f" (at {v['rate']:.2f}/s)" if "rate" in v else ""
             met = "-" if v["met"] is None else "yes" if v["met"] else "**no**"
             out.append(f"| {name}{extra} | {goal} | {_f(v['value'])} | {met} |")
-    out += ["", "## Servers", "", "| server | adapters registered | start + warm-up s | peak RSS MB | "
+    out += ["", "## Servers", "", "| server | adapters registered | start / warm-up s | peak RSS MB | "
             "loads / evictions | adapter switches | decode forwards | mean rows per forward | load avg start → end |",
             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for label, info in report.get("servers", {}).items():
@@ -782,12 +819,16 @@ def markdown(report: dict[str, Any], args: argparse.Namespace) -> str:
         forwards = eng.get("steps", eng.get("forwards"))
         rows = eng.get("batched_rows")
         switches = eng.get("merges", eng.get("adapter_switches", "-"))
-        out.append(f"| {label} | {info.get('adapters', '-')} | {info.get('startup_s', '-')} | "
+        if "merge_ms" in eng:
+            switches = f"{switches} ({eng['merge_ms'] / 1000:.1f} s merging)"
+        out.append(f"| {label} | {info.get('adapters', '-')} | {info.get('start_s', '-')} / {info.get('warm_s', '-')} | "
                    f"{_f(info.get('peak_rss_mb'), 4)} | {_f(c.get('adapter_loads'))} / "
                    f"{_f(c.get('adapter_evictions'))} | {switches} | {forwards} | "
                    f"{_f(rows / forwards if rows and forwards else None)} | {info.get('loadavg_start', '?')} → "
                    f"{info.get('loadavg_end', '?')} |")  # fmt: skip
-    out += ["", "Peak RSS: the server process's `VmHWM` (each system is a process of its own, forked from one "
+    out += ["", "Start: every server process starts at once, before any measurement (seconds until each serves: "
+            "model and, for the baselines, every adapter loaded); warm-up: every adapter once, then one burst. "
+            "Peak RSS: the server process's `VmHWM` (each system is a process of its own, forked from one "
             "process that imported torch, transformers, peft and adapterkit). Loads/evictions: the server's "
             "`adapter_loads_total` / `adapter_evictions_total` (the baselines load every adapter at start and never "
             "evict). Adapter switches: merges (merge-swap), `set_adapter` changes (naive peft). Forwards and rows "
