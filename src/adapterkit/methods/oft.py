@@ -165,8 +165,9 @@ class RotationLayer(Component):
     (:meth:`_scale`: ``y = s ⊙ (W (x Rot)) + b``, BOFT's magnitude).
 
     Linear-like modules and 1×1 convolutions rotate their input (a pre-hook, ``O(n · b)`` per token); k×k
-    convolutions add ``conv(x, W Rotᵀ - W)`` after the module (a post-hook). Merging rewrites the weight as
-    ``s ⊙ (W Rotᵀ)``; unmerging applies the inverse factors (float64), so merge → unmerge is exact to rounding.
+    convolutions add ``conv(x, W Rotᵀ - W)`` after the module (a post-hook); embeddings (OFT only) rotate the
+    looked-up vectors (a post-hook). Merging rewrites the weight as ``s ⊙ (W Rotᵀ)`` (embeddings: ``W Rot``);
+    unmerging applies the inverse factors (float64), so merge → unmerge is exact to rounding.
 
     Subclasses set the parameters and implement :meth:`_stages` (and :meth:`_scale` where there is one).
     """
