@@ -5,8 +5,9 @@ Every system runs behind the **same** HTTP front end (``adapterkit.serve.api.cre
 tokenization, SSE streaming) and is driven by the same client (``openai.AsyncOpenAI``, streamed, so TTFT and
 inter-token latency are seen by the client; the load generator is this process). Each system serves from a
 **process of its own** (its peak RSS, ``VmHWM``, is its own), forked from one multiprocessing fork server that
-imported torch/transformers/peft/adapterkit once; a server lives for the whole run and the systems take turns
-within each configuration (so a change of machine load hits them alike).
+imported torch/transformers/peft/adapterkit once. All servers start together before any measurement and live for
+the whole run; at every rate the systems take turns with the same arrivals, back to back (so a swing of machine
+load hits them alike).
 
 Systems:
 
@@ -27,8 +28,10 @@ a Poisson process; prompts of ``--prompt`` tokens (random words, one per token),
 (< ``--rise`` times the best so far) or the p99 end-to-end latency exceeds ``--explode`` times the first point's
 p50 while the offered rate is not kept up with; each point sends ``--duration`` seconds of arrivals
 (``--min-requests``..``--max-requests``). On the ``--target`` configuration one more point at half of ours'
-saturated throughput runs for ``ours`` and ``base`` (same arrivals): the TTFT target. ``--time-budget`` bounds
-the run: the target configuration and base run first, configurations past the budget are reported as skipped.
+saturated throughput runs for ``ours`` and ``base`` (same arrivals): the TTFT target. ``--time-budget`` (counted
+from the start, building and server start-up included) bounds the run: the target configuration and base run
+first, then the mixed run, then the others from the largest N; configurations past the budget are reported as
+skipped.
 
 Outputs ``--out`` + ``.md`` (tables, targets, command, versions, load averages), ``.json`` (every point) and
 ``.png`` (latency against request rate).
