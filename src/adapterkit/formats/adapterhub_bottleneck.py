@@ -9,6 +9,10 @@ What is read here is the part of AdapterHub's bottleneck family whose semantics 
   ``out = f + s · up(act(down(f)))`` and hands ``out`` to the model's own residual (+ LayerNorm on BERT):
   our sequential adapter on the projection output (``placement="houlsby"`` on the roles ``attn.out`` and
   ``ffn.down``; ``mh_adapter`` is the attention one, ``output_adapter`` the FFN one).
+- **SeqBn on GPT-2 and LLaMA** (``original_ln_before``, ``original_ln_after``, ``residual_before_ln`` all true,
+  AdapterHub's default): these blocks have no LayerNorm where AdapterHub calls the output adapter, so it computes
+  ``r + f + s · up(act(down(f + r)))`` with ``r`` the block residual and ``f`` the MLP output: ``y + s·g(y)`` on
+  the block's output ``y``, i.e. our sequential adapter on the block module (explicit block targets).
 - **ParBn on BERT-like models** (``is_parallel``): AdapterHub's adapter reads the sub-layer's ``input_tensor``,
   which in ``BertOutput`` is the FFN input, and adds ``s · up(act(down(x)))`` to the FFN output before the
   residual and LayerNorm: our ``placement="parallel"`` on ``ffn.down`` with the input tapped at ``ffn.in``.
@@ -19,7 +23,7 @@ Keys: ``<location>.adapters.<name>.adapter_down.0.{weight,bias}`` (``Sequential(
 (base-model prefix or not). Each location's layer is mapped onto this model, then onto our module of role
 ``ffn.down`` (FFN) or ``attn.out`` (attention) in that layer, through the model's profile.
 
-Everything else is refused with the missing piece named: AdapterHub's default ``SeqBn`` (``original_ln_before``:
+Everything else is refused with the missing piece named: ``SeqBn`` on BERT-like models (``original_ln_before``:
 the block's LayerNorm applied before the adapter and again after it, and the adapter input ``f + residual``),
 ParBn on GPT-2/LLaMA-style blocks (the adapter reads the block residual before the MLP's LayerNorm), Compacter
 (PHM layers), SeqBnInv (the invertible adapter), ``ln_before``/``ln_after``, gating and learned scaling. They need
@@ -91,14 +95,29 @@ def refusal(config: dict[str, Any]) -> str | None:
         return f"AdapterHub {kind} with use_gating (UniPELT) is not read yet"
     if not isinstance(config.get("scaling", 1.0), (int, float)) or isinstance(config.get("scaling"), bool):
         return f"AdapterHub {kind} with scaling {config.get('scaling')!r} (a trained scale) is not read yet"
-    if kind == "ParBn":
-        return None  # placement checked against the model in load()
-    sequential = (
-        config.get("original_ln_before") is False
-        and config.get("original_ln_after", True) is True
-        and config.get("residual_before_ln", True) is True
-    )
-    return None if sequential else f"AdapterHub {kind} {NEEDS_HOOKS}"
+    if kind == "ParBn" or _arrangement(config) is not None:
+        return None  # the placement is checked against the model in load()
+    return f"AdapterHub {kind} {NEEDS_HOOKS}"
+
+
+def _arrangement(config: dict[str, Any]) -> str | None:
+    """How a sequential adapter sits relative to the model's residual and LayerNorm, when we can place it:
+
+    - ``"projection"``: ``original_ln_before`` false, ``original_ln_after`` true, ``residual_before_ln`` true
+      (DoubleSeqBn): ``f + s·g(f)`` on the sub-layer output ``f``, then the model's own residual (+ LayerNorm).
+    - ``"block"``: ``original_ln_before``, ``original_ln_after``, ``residual_before_ln`` all true (SeqBn): on
+      blocks without a LayerNorm at that point (GPT-2, LLaMA), ``r + f + s·g(f + r)``, i.e. ``y + s·g(y)`` on
+      the block's output ``y = r + f``.
+    """
+    after = config.get("original_ln_after", True) is True and config.get("residual_before_ln", True) is True
+    if not after:
+        return None
+    return "projection" if config.get("original_ln_before") is False else "block"
+
+
+# model types whose AdapterHub blocks call their output adapters without a LayerNorm, as the last step of the block
+# (checked against the fixtures: GPT-2, LLaMA)
+_BLOCK_END = ("gpt2", "llama")
 
 
 def _split(info: AdapterHubFile, where: Path) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor | None]:
@@ -158,9 +177,20 @@ def load(ctl: Any, path: str | os.PathLike, info: AdapterHubFile, *, name: str |
     family, roles = profile_for(ctl.model)
     modules = base_modules(ctl.model)
     per_site: dict[str, dict[str, torch.Tensor]] = {}
+    on_blocks = kind != "ParBn" and _arrangement(info.config) == "block"
+    if on_blocks:
+        model_type = getattr(getattr(ctl.model, "config", None), "model_type", None)
+        if model_type not in _BLOCK_END or not all(loc.endswith(".output_adapters") for loc in located):
+            raise AdapterFileError(
+                f"{path}: AdapterHub {kind} (original_ln_before) on this {type(ctl.model).__name__} applies the "
+                f"block's LayerNorm before the adapter and again after it, or sits mid-block; it {NEEDS_HOOKS}"
+            )
+        per_site = {layers[layer]: stored[loc] for loc, (layer, _, _) in located.items()}
     try:
         by_role: dict[str, list[str]] = {}
         for loc, (layer, _, role) in located.items():
+            if on_blocks:
+                break
             ours = layers[layer]
             if role not in by_role:
                 by_role[role] = select(ctl.model, [role], family=family, roles=roles, modules=modules)
@@ -181,7 +211,7 @@ def load(ctl: Any, path: str | os.PathLike, info: AdapterHubFile, *, name: str |
             )
         placement = "parallel"
     else:
-        placement = "houlsby"
+        placement = "pfeiffer" if on_blocks else "houlsby"
     sizes = {state["down.bias"].shape[0] for state in per_site.values() if "down.bias" in state}
     if len(sizes) != 1:
         raise AdapterFileError(f"{where}: bottleneck down projections of several sizes {sorted(sizes)} (or none)")
