@@ -148,9 +148,14 @@ def road_vectors(
 def rotate_pairs(z: torch.Tensor, f: torch.Tensor, s: torch.Tensor, group_size: int) -> torch.Tensor:
     """``z ⊙ f + flip(z) ⊙ s`` along the last dim of ``z: (..., out)``, where ``flip`` swaps the two halves of
     every group of ``group_size`` elements. ``f, s`` broadcast against ``z`` (``(out,)`` or ``(batch, 1.., out)``)."""
-    shape = z.shape
-    flipped = z.reshape(*shape[:-1], -1, 2, group_size // 2).flip(-2).reshape(shape)
-    return torch.addcmul(z * f, flipped, s)
+    h = group_size // 2
+    out = z * f
+    zv = z.unflatten(-1, (-1, 2, h))
+    sv = s.unflatten(-1, (-1, 2, h))
+    halves = out.unflatten(-1, (-1, 2, h))  # a view of out: the two in-place updates below write into it
+    halves[..., 0, :].addcmul_(zv[..., 1, :], sv[..., 0, :])
+    halves[..., 1, :].addcmul_(zv[..., 0, :], sv[..., 1, :])
+    return out
 
 
 class RoadLayer(Component):
@@ -267,7 +272,9 @@ class RoadLayer(Component):
             fs.append((ones, torch.zeros_like(ones)))  # rows of the base model
             return torch.stack([torch.stack([f for f, _ in fs]), torch.stack([s for _, s in fs])])
 
-        table = plan.stacked(key, build)  # (2, G + 1, out)
-        rows = table.index_select(1, plan.row_group)  # (2, batch, out)
-        rows = rows.view(2, rows.shape[1], *([1] * (y.dim() - 2)), rows.shape[2])
+        def gather() -> torch.Tensor:  # (2, batch, 1.., out): this plan's rows, kept across its decode steps
+            rows = plan.stacked(key, build).index_select(1, plan.row_group)
+            return rows.view(2, rows.shape[1], *([1] * (y.dim() - 2)), rows.shape[2])
+
+        rows = plan.stacked((key, "rows", y.dim()), gather, per_plan=True)
         return rotate_pairs(y.to(rows.dtype), rows[0], rows[1], group).to(y.dtype)
