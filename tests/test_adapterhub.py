@@ -270,3 +270,30 @@ def test_unsupported_reft_options_are_refused(tmp_path, changes, match):
     with pytest.raises(ak.AdapterFileError, match=match):
         adapters.load(_edited(tmp_path, "bert_loreft", **changes))
     assert adapters.names == []
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "gpt2_lora",
+        "gpt2_ia3_all",
+        "bert_loreft",
+        "bert_par_bn",
+        "bertcls_compacter",
+        "gpt2_seq_bn",
+        "llama_double_seq_bn",
+    ],
+)
+def test_native_save_of_a_loaded_adapter_reloads_the_same(tmp_path, case):
+    """What a loaded AdapterHub adapter becomes is an ordinary adapter: its config plans the same components, so a
+    native save loads back to the library's outputs."""
+    info = CASES[case]
+    model = fresh(info["family"])
+    adapters = ak.attach(model)
+    adapters.load(FIXTURES / case / "adapter")
+    adapters.save("task", tmp_path / "native")
+    again = fresh(info["family"])
+    reloaded = ak.attach(again)
+    reloaded.load(tmp_path / "native", activate=True)
+    exp = expected(case)
+    assert (run(again, exp)[0] - exp["output"]).abs().max().item() <= TOL
