@@ -24,7 +24,18 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures" / "adapterhub"
 CASES: dict[str, dict] = json.loads((FIXTURES / "cases.json").read_text())["cases"]
 TOL = 1e-4
 
-SUPPORTED = {"lora", "lora_all", "lora_k", "ia3", "ia3_all", "loreft", "double_seq_bn"}
+SUPPORTED = {
+    "lora",
+    "lora_all",
+    "lora_k",
+    "lora_leave_out",
+    "ia3",
+    "ia3_all",
+    "loreft",
+    "double_seq_bn",
+    "double_seq_bn_leave_out",
+    "compacter_own_rule",
+}
 SUPPORTED_CASES = {
     "bert_par_bn",
     "bertcls_compacter",
