@@ -368,11 +368,12 @@ def _te_reference(model: nn.Module, new: dict[str, torch.Tensor]) -> torch.Tenso
 def test_clip_text_encoder_lora(clip_text, tmp_path, prefix):
     paths, rename = _te_paths(clip_text)
     tensors, new = _lora_file(clip_text, paths, prefix=prefix, rename=rename)
-    unet_part, _ = _lora_file(clip_text, paths[:1], prefix="lora_unet_")  # another component's keys: skipped
+    unet_part = {"lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight": torch.ones(1, 4, 3, 3)}  # skipped
     assert any("lora_te" in k and "text_model_encoder_layers_0" in k for k in tensors)
     want = _te_reference(clip_text, new)
     base = _run_te(clip_text)
-    ad = _load(clip_text, {**tensors, **unet_part}, tmp_path, component="text_encoder")
+    kw = {"component": "text_encoder"} if prefix == "lora_te_" else {}  # lora_te1_: the component is guessed
+    ad = _load(clip_text, {**tensors, **unet_part}, tmp_path, **kw)
     assert sorted(ad.sites("k")) == sorted(paths)
     got = _run_te(clip_text)
     assert not torch.allclose(got, base, atol=1e-3)
@@ -437,8 +438,9 @@ def test_refuses_unsupported_and_foreign(unet, tmp_path):
     tensors, _ = _lora_file(unet, LINEAR[:1])
     _refused(unet, {**tensors, _key(LINEAR[0], "dora_scale"): torch.ones(32, 1)}, tmp_path, "DoRA")
     _refused(unet, {**tensors, "model.diffusion_model.foo": torch.ones(1)}, tmp_path, "not a kohya/LyCORIS key")
-    te = {k.replace("lora_unet_", "lora_te_"): v for k, v in tensors.items()}
-    _refused(unet, te, tmp_path, "no tensors for component='unet'")
+    te = {"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.ones(1, 32)}
+    _refused(unet, te, tmp_path, "no tensors for component='unet'", component="unet")
+    _refused(unet, te, tmp_path, "no component of .* fits this UNet2DConditionModel")
     _refused(unet, {_key(LINEAR[0], "oft_blocks"): torch.ones(2, 2, 4, 4)}, tmp_path, "BOFT")
 
 
@@ -491,3 +493,15 @@ def test_diag_oft_native_round_trip_and_no_peft(tmp_path):
         assert not torch.allclose(a.blocks[0](x), _Net().blocks[0](x), atol=1e-3)
     with pytest.raises(ValueError, match="lycoris_oft"):
         ad.export("k", tmp_path / "peft")
+
+
+def test_component_guess_ambiguous(tmp_path):
+    """Names of two components that both exist on the model (SDXL's two text encoders): component= is needed."""
+    tensors = {
+        f"{p}blocks_0.{t}": v
+        for p in ("lora_te1_", "lora_te2_")
+        for t, v in (("lora_down.weight", torch.ones(1, 32)), ("lora_up.weight", torch.ones(48, 1)))
+    }
+    _refused(_Net(), tensors, tmp_path, "pass component=")
+    ad = _load(_Net(), tensors, tmp_path, component="text_encoder_2")
+    assert list(ad.sites("k")) == ["blocks.0"]

@@ -398,6 +398,33 @@ def _split(
     return per_site, names
 
 
+def _guess(
+    raw: dict[str, torch.Tensor], model: nn.Module, where: str
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
+    """:func:`_split` for the one component of the file whose names all resolve on ``model``."""
+    present = [
+        c
+        for c, prefixes in COMPONENTS.items()
+        if any(k.startswith(prefixes) or k.startswith(c + ".") for k in raw)
+    ]
+    if not present:
+        return _split(raw, model, "unet", where)  # raises: no kohya keys
+    fits, why = [], []
+    for c in present:
+        try:
+            fits.append((c, _split(raw, model, c, where)))
+        except AdapterFileError as e:
+            why.append(f"component={c!r}: {e}")
+    if len(fits) == 1:
+        return fits[0][1]
+    if not fits:
+        raise AdapterFileError(f"no component of {where} fits this {type(model).__name__}: {'; '.join(why)}")
+    raise AdapterFileError(
+        f"{where} holds tensors for {', '.join(repr(c) for c, _ in fits)}, and the module names of each exist on this "
+        f"{type(model).__name__}: pass component= to say which one it is"
+    )
+
+
 def _method(site: str, state: dict[str, torch.Tensor], label: str, where: str) -> str:
     """The one method whose tensors module ``site`` has."""
     tensors = set(state) - {"alpha"}
@@ -691,7 +718,7 @@ def load(
     name: str | None = None,
     allow_pickle: bool = False,
     activate: bool = False,
-    component: str = "unet",
+    component: str | None = None,
 ) -> str:
     """Load a kohya-ss/sd-scripts or LyCORIS single ``.safetensors`` file onto ``ctl``'s model as adapter ``name``
     (default ``"default"``); returns the name.
@@ -704,7 +731,8 @@ def load(
         activate: make it the active adapter.
         component: which part of a Stable Diffusion network the model is: ``"unet"`` (``lora_unet_`` keys),
             ``"text_encoder"`` (``lora_te_`` or SDXL's ``lora_te1_``) or ``"text_encoder_2"`` (``lora_te2_``).
-            Keys of the other components are skipped.
+            Keys of the other components are skipped. None (default): the one component of the file whose module
+            names all exist on this model (refused when several do, e.g. SDXL's two text encoders: pass it then).
 
     Raises:
         AdapterFileError: an unreadable file, keys naming no module (or an ambiguous name), a module with the
@@ -723,7 +751,7 @@ def load(
     ctl._check_new_name(name)
     model = ctl.model
     modules = base_modules(model)
-    per_site, labels = _split(raw, model, component, where)
+    per_site, labels = _split(raw, model, component, where) if component else _guess(raw, model, where)
     # alpha may be an integer (LyCORIS saves torch.tensor(int) for integral constraints); it must be real
     require_float(
         {f"{labels[s]}.{k}": v for s, st in per_site.items() for k, v in st.items() if k != "alpha"}, where
