@@ -15,16 +15,15 @@ prefix            component
 
 Per module (``n = in · kh · kw``; ``alpha`` a 0-d tensor, missing or 0 meaning ``alpha = r``):
 
-=======================================================  ======================================  ===========
-tensors                                                  shapes                                  method
-=======================================================  ======================================  ===========
-``lora_down.weight``, ``lora_up.weight``, ``alpha``      ``(r, in[, kh, kw])``, ``(out, r[, 1, 1])``  LoRA/LoCon
-``hada_w1_a``, ``hada_w1_b``, ``hada_w2_a``,             ``(out, r)``, ``(r, n)`` (flat), or      LoHa
-``hada_w2_b``, [``hada_t1``, ``hada_t2``], ``alpha``     ``(r, out)``, ``(r, in)``, ``t: (r, r, kh, kw)``
-``lokr_w1`` | ``lokr_w1_a``/``_b``, ``lokr_w2`` |        ``(a, c)`` | ``(a, r)``/``(r, c)``;          LoKr
-``lokr_w2_a``/``_b``, [``lokr_t2``], ``alpha``           ``(b, d[, kh, kw])`` | ``(b, r)``/``(r, d·k²)``
-``oft_blocks``, [``rescale``], ``alpha``                 ``(nb, b, b)``, ``(out, 1[, 1, 1])``      Diag-OFT
-=======================================================  ======================================  ===========
+* LoRA / LoCon: ``lora_down.weight: (r, in[, kh, kw])``, ``lora_up.weight: (out, r[, 1, 1])``, ``alpha``.
+* LoHa: ``hada_w1_a, hada_w2_a: (out, r)``, ``hada_w1_b, hada_w2_b: (r, n)``, ``alpha``; with Tucker cores (k×k
+  convolutions, LyCORIS ``use_tucker``): ``hada_t1, hada_t2: (r, r, kh, kw)``, ``hada_w{1,2}_a: (r, out)``,
+  ``hada_w{1,2}_b: (r, in)``.
+* LoKr (``out = a · b``, ``in = c · d``): ``lokr_w1: (a, c)`` or ``lokr_w1_a: (a, r)``, ``lokr_w1_b: (r, c)``;
+  ``lokr_w2: (b, d[, kh, kw])`` or ``lokr_w2_a: (b, r)``, ``lokr_w2_b: (r, d · kh · kw)``, or with a Tucker core
+  ``lokr_t2: (r, r, kh, kw)``, ``lokr_w2_a: (r, b)``, ``lokr_w2_b: (r, d)``; ``alpha``.
+* Diag-OFT: ``oft_blocks: (nb, b, b)`` (``nb · b = out``), optional ``rescale: (out, 1[, 1, 1])``, ``alpha`` (the
+  norm constraint, not a scale).
 
 The updates, as LyCORIS computes them (``lycoris/modules/{locon,loha,lokr,diag_oft}.py``):
 
@@ -50,8 +49,13 @@ a module with tensors of two methods, several methods in one file, forms adapter
 ``oft_blocks``) and shapes that do not fit. Keys of the other components (e.g. ``lora_te_`` when loading the
 UNet) are skipped.
 
-Not read: the original Stable Diffusion (LDM) layout names (``lora_unet_input_blocks_1_1_...``) that some older
-A1111 tools write; convert them with diffusers' ``_convert_kohya_lora_to_diffusers`` first.
+Text encoders: kohya names them by transformers 4's ``CLIPTextModel`` paths (``text_model.encoder...``); on models
+without the ``text_model`` level (transformers 5's ``CLIPTextModel``) those names resolve too.
+
+Not read (refused with a hint): the original Stable Diffusion (LDM/SGM) layout names
+(``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``) that sd-scripts writes for SDXL and some older
+tools for SD 1.x; convert such files with diffusers (``pipeline.load_lora_weights`` /
+``_convert_kohya_lora_to_diffusers``) first.
 """
 
 from __future__ import annotations
@@ -109,6 +113,10 @@ _UNSUPPORTED = {
     "oft_diag": "the pre-0.2 LyCORIS OFT layout; re-save the network with a current LyCORIS",
 }
 _NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "oft": "Diag-OFT"}
+
+State = dict[str, torch.Tensor]  # tensor name -> tensor, for one module
+# (config, per-module states to import, per-module rank (block size for OFT), per-module alpha)
+Built = tuple[AdapterConfig, dict[str, State], dict[str, int], dict[str, float]]
 
 
 # --- LyCORIS Diag-OFT -----------------------------------------------------------------------------------------
@@ -483,9 +491,7 @@ def _patterns(values: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
 
 
 # --- per-method configs -------------------------------------------------------------------------------------------
-def _lora(
-    per_site: dict[str, dict[str, torch.Tensor]], modules: dict[str, nn.Module], labels: dict[str, str], where: str
-):
+def _lora(per_site: dict[str, State], modules: dict[str, nn.Module], labels: dict[str, str], where: str) -> Built:
     ranks, alphas = {}, {}
     for site, state in per_site.items():
         label = labels[site]
@@ -519,7 +525,7 @@ def _lora(
     return cfg, {s: {"lora_A": st["lora_A"], "lora_B": st["lora_B"]} for s, st in per_site.items()}, ranks, alphas
 
 
-def _loha(per_site, modules, labels, where):
+def _loha(per_site: dict[str, State], modules: dict[str, nn.Module], labels: dict[str, str], where: str) -> Built:
     ranks, alphas, cp = {}, {}, {}
     for site, state in per_site.items():
         label = labels[site]
@@ -584,7 +590,7 @@ def _lokr_shape(state: dict[str, torch.Tensor], kernel: tuple[int, ...]) -> tupl
     return a, b, c, d, r2
 
 
-def _lokr(per_site, modules, labels, where):
+def _lokr(per_site: dict[str, State], modules: dict[str, nn.Module], labels: dict[str, str], where: str) -> Built:
     ranks, alphas, shapes = {}, {}, {}
     both, tucker = False, False
     for site, state in per_site.items():
@@ -655,7 +661,7 @@ def _lokr(per_site, modules, labels, where):
     return cfg, states, ranks, alphas
 
 
-def _oft(per_site, modules, labels, where):
+def _oft(per_site: dict[str, State], modules: dict[str, nn.Module], labels: dict[str, str], where: str) -> Built:
     sizes, alphas, rescaled = {}, {}, {}
     for site, state in per_site.items():
         label = labels[site]
@@ -707,6 +713,7 @@ def _oft(per_site, modules, labels, where):
     return cfg, states, sizes, alphas
 
 
+# each builder: the config and the states to import, after checking every module's tensors (AdapterFileError)
 _BUILDERS = {"lora": _lora, "loha": _loha, "lokr": _lokr, "oft": _oft}
 
 
