@@ -42,13 +42,15 @@ SUPPORTED_CASES = {
     "gpt2_compacter",
     "gpt2_seq_bn",
     "llama_seq_bn",
+    "llama_seq_bn_inv",
     "llama_compacter",
 }  # ParBn where its adapter reads what ours reads (the FFN input)
 _BOTTLENECK = "needs hooks on the module that holds the residual and the LayerNorm, issue 16 item 2"
 MISSING = {
     "seq_bn": f"AdapterHub SeqBn on BERT (LayerNorm before and after the adapter) {_BOTTLENECK}",
     "par_bn": f"AdapterHub ParBn on GPT-2/LLaMA reads the block residual before the MLP's LayerNorm: {_BOTTLENECK}",
-    "seq_bn_inv": f"AdapterHub SeqBnInv {_BOTTLENECK} (and the invertible NICE adapter)",
+    "seq_bn_inv": "AdapterHub SeqBnInv on BERT/GPT-2 (coupling after the position embeddings / LayerNorm) "
+    f"{_BOTTLENECK}",
     "prefix_tuning": "AdapterHub prefix tuning (shared PrefixTuningPool, MLP form) not read yet, issue 16 item 1",
     "prefix_tuning_flat": "AdapterHub prefix tuning (flat form) not read yet, issue 16 item 1",
     "prefix_tuning_ejected": "AdapterHub ejected prefix (flat tensors, config says flat: false) not read yet, "
@@ -245,7 +247,8 @@ def test_wrong_base_model_is_refused():
         ("bert_seq_bn", r"SeqBn \(original_ln_before\) on this BertModel applies the block's LayerNorm"),
         ("gpt2_par_bn", "ParBn on this GPT2LMHeadModel reads the block residual"),
         ("bert_compacter_bare", "shared phm_rule is missing from the file"),  # issue 16 item 5
-        ("bert_seq_bn_inv", "SeqBnInv needs hooks"),
+        ("bert_seq_bn_inv", r"SeqBnInv \(original_ln_before\) on this BertModel"),
+        ("gpt2_seq_bn_inv", "invertible adapter of a 'gpt2' model after the position embeddings"),
         ("bert_prefix_tuning", "prefix tuning"),  # refused before the pickle is read: no allow_pickle needed
     ],
 )

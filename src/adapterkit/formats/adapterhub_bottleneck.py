@@ -13,6 +13,11 @@ What is read here is the part of AdapterHub's bottleneck family whose semantics 
   AdapterHub's default): these blocks have no LayerNorm where AdapterHub calls the output adapter, so it computes
   ``r + f + s · up(act(down(f + r)))`` with ``r`` the block residual and ``f`` the MLP output: ``y + s·g(y)`` on
   the block's output ``y``, i.e. our sequential adapter on the block module (explicit block targets).
+- **SeqBnInv on LLaMA**: the SeqBn above plus the NICE coupling (``<p>invertible_adapters.<name>.{F,G}.{0,2}``)
+  on the token embedding's output (LLaMA's ``embed_tokens``), as our :class:`~adapterkit.methods.invertible.
+  Invertible` with ``inverse_at_output=False`` (a union): AdapterHub applies the inverse only inside its flex LM
+  heads, not on a plain transformers model's ``lm_head`` under ``adapters.init``. GPT-2 (after the position
+  embeddings) and BERT (after the embeddings' LayerNorm) are refused.
 - **ParBn on BERT-like models** (``is_parallel``): AdapterHub's adapter reads the sub-layer's ``input_tensor``,
   which in ``BertOutput`` is the FFN input, and adds ``s · up(act(down(x)))`` to the FFN output before the
   residual and LayerNorm: our ``placement="parallel"`` on ``ffn.down`` with the input tapped at ``ffn.in``.
@@ -25,8 +30,8 @@ Keys: ``<location>.adapters.<name>.adapter_down.0.{weight,bias}`` (``Sequential(
 
 Everything else is refused with the missing piece named: ``SeqBn`` on BERT-like models (``original_ln_before``:
 the block's LayerNorm applied before the adapter and again after it, and the adapter input ``f + residual``),
-ParBn on GPT-2/LLaMA-style blocks (the adapter reads the block residual before the MLP's LayerNorm), Compacter
-(PHM layers), SeqBnInv (the invertible adapter), ``ln_before``/``ln_after``, gating and learned scaling. They need
+ParBn on GPT-2/LLaMA-style blocks (the adapter reads the block residual before the MLP's LayerNorm), SeqBnInv
+on GPT-2 and BERT, ``ln_before``/``ln_after``, gating and learned scaling. They need
 hooks on the module that holds the residual and the LayerNorm (issue 16 item 2).
 """
 
@@ -39,6 +44,8 @@ from typing import Any
 import torch
 
 from ..methods.bottleneck import Bottleneck, FFNInputTap, ParallelBottleneck, SequentialBottleneck
+from ..methods.invertible import Invertible, InvertibleEmbedding
+from ..methods.union import Union
 from ..plan import Plan
 from ..profiles import profile_for
 from ..targeting import TargetError, base_modules, select
@@ -83,8 +90,8 @@ def _ours(key: str, value: torch.Tensor) -> torch.Tensor:
 def refusal(config: dict[str, Any]) -> str | None:
     """Why this bottleneck config cannot be read exactly yet (None: it can)."""
     kind = bottleneck_kind(config)
-    if kind == "SeqBnInv":
-        return f"AdapterHub {kind} {NEEDS_HOOKS} (and the invertible NICE adapter)"
+    if kind == "SeqBnInv" and config.get("inv_adapter") != "nice":
+        return f"AdapterHub invertible adapters of type {config.get('inv_adapter')!r} are not read (only 'nice')"
     if kind == "Compacter" and (
         config.get("shared_W_phm") or config.get("factorized_phm_rule") or config.get("phm_bias") is False
     ):
@@ -125,11 +132,15 @@ def _split(info: AdapterHubFile, where: Path) -> tuple[dict[str, dict[str, torch
     ``<location>.adapters.<name>.<leaf>``, and Compacter's shared ``<p>shared_parameters.<name>.phm_rule``."""
     marker = f".adapters.{info.saved_name}."
     shared = f"shared_parameters.{info.saved_name}.phm_rule"
+    inv = f"invertible_adapters.{info.saved_name}."
     out: dict[str, dict[str, torch.Tensor]] = {}
     rule = None
     for key, value in info.tensors.items():
         if key == shared or key.endswith("." + shared):
             rule = value.transpose(-2, -1)
+            continue
+        if key.startswith(inv) or f".{inv}" in key:
+            out.setdefault(_INVERTIBLE, {})["coupling." + key.partition(inv)[2]] = value
             continue
         location, sep, leaf = key.partition(marker)
         if not sep or leaf not in _LEAVES:
@@ -141,6 +152,9 @@ def _split(info: AdapterHubFile, where: Path) -> tuple[dict[str, dict[str, torch
     if not out:
         raise AdapterFileError(f"{where} holds no bottleneck tensors (keys '<location>{marker}...')")
     return out, rule
+
+
+_INVERTIBLE = "<invertible>"  # the per-model invertible adapter's entry in _split's result
 
 
 def _layer_of(location: str, where: Path) -> tuple[str, str, str]:
@@ -172,6 +186,12 @@ def load(ctl: Any, path: str | os.PathLike, info: AdapterHubFile, *, name: str |
             "BertForSequenceClassification) where the rule is saved"
         )
     require_float({f"{s}.{k}": v for s, state in stored.items() for k, v in state.items()}, where)
+    coupling = stored.pop(_INVERTIBLE, None)
+    if (coupling is not None) != (kind == "SeqBnInv"):
+        raise AdapterFileError(
+            f"{where}: the config {'asks for' if kind == 'SeqBnInv' else 'has no'} an invertible adapter but the file "
+            f"{'holds none' if coupling is None else 'holds one'}"
+        )
     located = {loc: _layer_of(loc, where) for loc in stored}
     layers = resolve_sites(sorted({layer for layer, _, _ in located.values()}), ctl.model, where)
     family, roles = profile_for(ctl.model)
@@ -225,7 +245,7 @@ def load(ctl: Any, path: str | os.PathLike, info: AdapterHubFile, *, name: str |
             "factorized_phm_W": factorized,
             "phm_rank": fields.integer("phm_rank", 1),
         }
-    cfg = fields.build(
+    cfg: Any = fields.build(
         Bottleneck,
         **extra,
         placement=placement,
@@ -235,6 +255,8 @@ def load(ctl: Any, path: str | os.PathLike, info: AdapterHubFile, *, name: str |
         dropout=fields.number("dropout", 0.0),
         targets=tuple(per_site),
     )
+    if coupling is not None:
+        cfg = Union(configs=[cfg, _invertible(ctl, fields, info, path)])
     comps: dict[str, tuple[str, Any]] = {}
     try:
         plan = ctl.plan(cfg)
@@ -248,6 +270,12 @@ def load(ctl: Any, path: str | os.PathLike, info: AdapterHubFile, *, name: str |
                 if missing:
                     raise ValueError(f"{site!r} lacks {missing}")
                 comp.import_state({key: state[key].to(own[key].dtype) for key in own}, modules[site])
+            elif isinstance(comp, InvertibleEmbedding) and coupling is not None:
+                own = comp.state_dict()
+                missing = sorted(set(own) - set(coupling))
+                if missing:
+                    raise ValueError(f"the invertible adapter lacks {missing}")
+                comp.import_state({key: coupling[key].to(own[key].dtype) for key in own}, modules[site])
             elif not isinstance(comp, FFNInputTap):
                 raise ValueError(f"unexpected component {type(comp).__name__} at {site!r}")
             comps[site] = (k, comp)
@@ -257,6 +285,37 @@ def load(ctl: Any, path: str | os.PathLike, info: AdapterHubFile, *, name: str |
         raise AdapterFileError(f"AdapterHub adapter {str(path)!r} does not fit this model: {e}") from None
     ctl.install(name, Plan(cfg, comps), activate=activate)
     return name
+
+
+# model types where AdapterHub applies the invertible adapter to the token embedding's output (LLaMA hooks
+# embed_tokens); GPT-2 applies it after the position embeddings (on `drop`), BERT after the embeddings' LayerNorm
+_INVERTIBLE_ON_TOKENS = ("llama",)
+
+
+def _invertible(ctl: Any, fields: Fields, info: AdapterHubFile, path: Any) -> Invertible:
+    """Our invertible adapter for a SeqBnInv: on the token embedding, without the inverse at the output embeddings
+    (AdapterHub registers that inverse only on its flex language-modelling heads; a plain transformers model under
+    ``adapters.init`` runs its LM head on the un-inverted hidden states)."""
+    model_type = getattr(getattr(ctl.model, "config", None), "model_type", None)
+    if model_type not in _INVERTIBLE_ON_TOKENS:
+        raise AdapterFileError(
+            f"{path}: AdapterHub applies the invertible adapter of a {model_type!r} model after the position "
+            "embeddings (GPT-2) or the embeddings' LayerNorm (BERT), where ours cannot act yet: it needs an "
+            "'after the embeddings' site, issue 16 item 2"
+        )
+    family, roles = profile_for(ctl.model)
+    try:
+        embed = select(ctl.model, ["embed"], family=family, roles=roles)
+    except TargetError as e:
+        raise AdapterFileError(f"{path}: no token embedding for the invertible adapter ({e})") from None
+    factor = info.config.get("inv_adapter_reduction_factor") or 2
+    return fields.build(
+        Invertible,
+        reduction_factor=factor,
+        non_linearity=_activation(fields, info),
+        inverse_at_output=False,
+        targets=tuple(embed),
+    )
 
 
 # AdapterHub's activation names (transformers' ``get_activation``, lower-cased) that ours mean the same by
