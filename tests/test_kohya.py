@@ -505,3 +505,43 @@ def test_component_guess_ambiguous(tmp_path):
     _refused(_Net(), tensors, tmp_path, "pass component=")
     ad = _load(_Net(), tensors, tmp_path, component="text_encoder_2")
     assert list(ad.sites("k")) == ["blocks.0"]
+
+
+def test_reader_interface_for_adapters_load(tmp_path, monkeypatch):
+    """``kohya.load`` has the format-reader signature ``Adapters.read``/``load`` call (once ``formats.detect``
+    returns this module for a single .safetensors file, the wiring docs/kohya.md describes)."""
+    import adapterkit.controller as controller
+
+    real = controller.detect
+    monkeypatch.setattr(controller, "detect", lambda p: kohya if kohya.is_kohya_file(p) else real(p))
+    g = torch.Generator().manual_seed(6)
+    path = tmp_path / "net.safetensors"
+    save_file({"lora_unet_blocks_0.oft_blocks": _rand(12, 4, 4, g=g)}, str(path))
+    assert kohya.is_kohya_file(path) and not kohya.is_kohya_file(tmp_path)
+    model = _Net()
+    ad = ak.attach(model)
+    read = ad.read(path, "r")  # read: nothing attached yet
+    assert ad.names == [] and read.name == "r"
+    assert ad.load(path, "k", activate=True) == "k" and ad.names == ["k"]
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        assert not torch.allclose(model.blocks[0](x), _Net().blocks[0](x), atol=1e-3)
+
+
+def test_half_precision_file(tmp_path):
+    """kohya saves float16 tensors (and a float16 alpha): they load into the float32 model's components."""
+    g = torch.Generator().manual_seed(7)
+    down, up, alpha = _rand(3, 16, 3, 3, g=g).half(), _rand(32, 3, 1, 1, g=g).half(), torch.tensor(1.5).half()
+    tensors = {
+        "lora_unet_blocks_1.lora_down.weight": down,
+        "lora_unet_blocks_1.lora_up.weight": up,
+        "lora_unet_blocks_1.alpha": alpha,
+    }
+    model, ref = _Net(), _Net()
+    with torch.no_grad():
+        delta = (up.float().flatten(1) @ down.float().flatten(1)).reshape(ref.blocks[1].weight.shape)
+        ref.blocks[1].weight += delta * (1.5 / 3)
+    _load(model, tensors, tmp_path)
+    xc = torch.randn(2, 16, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(model.blocks[1](xc), ref.blocks[1](xc), atol=1e-5, rtol=1e-4)
