@@ -311,3 +311,16 @@ def test_native_save_of_a_loaded_adapter_reloads_the_same(tmp_path, case):
     reloaded.load(tmp_path / "native", activate=True)
     exp = expected(case)
     assert (run(again, exp)[0] - exp["output"]).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("case", ["llama_lora", "gpt2_seq_bn", "bert_loreft", "llama_seq_bn_inv"])
+def test_read_then_install(case):
+    """``read`` (the server's loader-thread half of ``load``) works for AdapterHub directories too."""
+    info = CASES[case]
+    model = fresh(info["family"])
+    adapters = ak.attach(model)
+    read = adapters.read(FIXTURES / case / "adapter")
+    assert adapters.names == []
+    adapters.install(read.name, read.plan, activate=True)
+    exp = expected(case)
+    assert (run(model, exp)[0] - exp["output"]).abs().max().item() <= TOL
