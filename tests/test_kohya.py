@@ -437,6 +437,8 @@ def test_refuses_bad_shapes(unet, tmp_path):
 def test_refuses_unsupported_and_foreign(unet, tmp_path):
     tensors, _ = _lora_file(unet, LINEAR[:1])
     _refused(unet, {**tensors, _key(LINEAR[0], "dora_scale"): torch.ones(32, 1)}, tmp_path, "DoRA")
+    _refused(unet, {_key(LINEAR[1], "diff"): torch.ones(32, 32)}, tmp_path, "algo=full")
+    _refused(unet, {**tensors, _key(LINEAR[0], "foo"): torch.ones(1)}, tmp_path, "to_q.foo .* is not a tensor of")
     _refused(unet, {**tensors, "model.diffusion_model.foo": torch.ones(1)}, tmp_path, "not a kohya/LyCORIS key")
     te = {"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.ones(1, 32)}
     _refused(unet, te, tmp_path, "no tensors for component='unet'", component="unet")

@@ -111,6 +111,10 @@ _UNSUPPORTED = {
     "lokr_t1": "a Tucker core on LoKr's first factor, which LyCORIS itself never builds",
     "scalar": "LyCORIS's use_scalar gain, which adapterkit does not implement",
     "oft_diag": "the pre-0.2 LyCORIS OFT layout; re-save the network with a current LyCORIS",
+    "diff": "a LyCORIS full-weight difference (algo=full), which is not an adapter method here",
+    "diff_b": "a LyCORIS full bias difference (algo=full), which is not an adapter method here",
+    "w_norm": "a LyCORIS norm-layer weight (train_norm), which this reader does not load",
+    "b_norm": "a LyCORIS norm-layer bias (train_norm), which this reader does not load",
 }
 _NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "oft": "Diag-OFT"}
 
