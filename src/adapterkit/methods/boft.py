@@ -21,7 +21,8 @@ output scale::
 * Cost: peft builds the dense ``(in, in)`` product (dense permutation matrices and ``m`` dense matmuls,
   ``O(m · in³)``) every forward and multiplies the activations by it (``O(in²)`` per token). Here each factor acts on
   the activations (``O(m · in · b)`` per token; permutations are index selects), as OFT v2 does.
-* Merge: ``W ← s ⊙ (W Bᵀ)`` (peft's); unmerge with the inverse factors (float64), exact to rounding.
+* Merge: ``W ← s ⊙ (W B)`` (peft's ``s ⊙ (B_peft Wᵀ)ᵀ``, ``B_peft = Bᵀ`` acting on row vectors); unmerge with the
+  inverse factors (float64), exact to rounding.
 
 Module kinds, forward forms and routing as OFT's (``methods/oft.py``, :class:`RotationLayer`): ``nn.Linear`` and
 GPT-2 ``Conv1D`` (not exportable to peft) rotate the input; ``nn.Conv2d`` (``groups=1``) rotates the flattened
@@ -225,7 +226,7 @@ class BOFTLayer(RotationLayer):
             full = full.to(device=blocks.device, dtype=blocks.dtype)
             eye = torch.eye(b, dtype=blocks.dtype, device=blocks.device)
             blocks = (1 - full) * blocks + full * eye
-        # x Bᵀ... as row vectors peft computes x B with B = M_{m-1} ··· M_0: factor m-1 acts first
+        # on row vectors peft computes x B_peft with B_peft = M_{m-1} ··· M_0: factor m-1 acts first
         return [(blocks[i], self._perm(i)) for i in reversed(range(self.factors))]
 
     def _scale(self) -> torch.Tensor:
