@@ -281,8 +281,7 @@ class MergeSwapEngine(_BaselineEngine):
             self.model.unmerge_adapter()
             self.stats["unmerges"] += 1
             self.merged = None
-        if name is not None:
-            self.model.set_adapter(name, inference_mode=True)
+        if name is not None:  # merged layers compute base_layer(x) only, whatever adapter is active
             self.model.merge_adapter(adapter_names=[name])
             self.stats["merges"] += 1
             self.merged = name
