@@ -565,6 +565,21 @@ def test_adapter_reads_run_off_the_engine_thread(files):
         srv.stop()
 
 
+def test_engine_refuses_a_paged_attention_implementation(files):
+    """transformers' continuous batching leaves a paged attention implementation on the model; our per-request
+    DynamicCaches would then decode wrong tokens silently, so the engine refuses it and names the fix."""
+    from transformers import AutoModelForCausalLM
+
+    from adapterkit.serve.engine import Engine
+    from adapterkit.serve.pool import AdapterPool
+
+    model = AutoModelForCausalLM.from_pretrained(files["model"]).eval()
+    model.config._attn_implementation = "paged|sdpa"
+    pool = AdapterPool(ak.attach(model))
+    with pytest.raises(ValueError, match="set_attn_implementation"):
+        Engine(model, pool.adapters, pool, eos_ids=set())
+
+
 def test_pool_states_on_disk_in_memory_attached(files):
     """The pool's tiers through its own API: prepare() reads on a loader thread, acquire() installs."""
     from transformers import AutoModelForCausalLM

@@ -716,7 +716,8 @@ class Adapters:
     def install(self, name: str, plan: Plan, *, activate: bool = False) -> None:
         """Attach a plan whose components already hold their values (used by the format readers). Their
         float16/bfloat16 tensors become float32 unless ``autocast_adapter_dtype`` is False (plans made by
-        :meth:`plan` already are; readers that build components themselves should upcast before importing)."""
+        :meth:`plan` already are; readers that build components themselves should upcast before importing).
+        As with :meth:`add`, the first adapter of a model without a default becomes the default."""
         self._check_new_name(name)
         if self.autocast_adapter_dtype:
             for _, comp in plan.components.values():

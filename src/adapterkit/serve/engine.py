@@ -95,6 +95,12 @@ class Engine:
         max_active_adapters: int = 8,
         max_prefill_tokens: int = 2048,
     ) -> None:
+        attn = str(getattr(model.config, "_attn_implementation", None) or "")
+        if "paged" in attn:  # left by transformers' continuous batching: our per-request caches are not paged
+            raise ValueError(
+                f"the model's attention implementation is {attn!r} (transformers' continuous batching); this engine "
+                "keeps a DynamicCache per request: set model.set_attn_implementation('sdpa') (or 'eager') first"
+            )
         self.model = model
         self.adapters = adapters
         self.pool = pool
