@@ -324,3 +324,13 @@ def test_read_then_install(case):
     adapters.install(read.name, read.plan, activate=True)
     exp = expected(case)
     assert (run(model, exp)[0] - exp["output"]).abs().max().item() <= TOL
+
+
+def test_a_saved_head_is_not_loaded_silently(tmp_path):
+    d = tmp_path / "with_head"
+    shutil.copytree(FIXTURES / "bert_lora" / "adapter", d)
+    (d / "head_config.json").write_text(json.dumps({"config": None, "name": None, "model_class": "BertModel"}))
+    adapters = ak.attach(fresh("bert"))
+    with pytest.warns(UserWarning, match="heads from AdapterHub files are not loaded yet"):
+        adapters.load(d)
+    assert adapters.names == ["task"]

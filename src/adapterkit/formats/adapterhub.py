@@ -23,6 +23,7 @@ in :data:`READERS`; shared helpers are in ``formats/adapterhub_files.py``.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -73,6 +74,12 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
     if why is not None:
         raise AdapterFileError(f"{path}: {why}")
     info = read(path, allow_pickle=allow_pickle)
+    if (Path(path) / "head_config.json").is_file():
+        warnings.warn(
+            f"{path} also holds a prediction head (head_config.json); heads from AdapterHub files are not loaded "
+            "yet (issue 16 item 3): the model keeps its own head",
+            stacklevel=4,
+        )
     return table[arch].load(ctl, path, info, name=name, activate=activate)
 
 

@@ -129,6 +129,8 @@ def resolve_sites(paths: list[str], model: nn.Module, where: str | os.PathLike) 
     Raises:
         AdapterFileError: no such mapping (naming the first module that does not exist: wrong base model?).
     """
+    if not paths:
+        return {}
     modules = base_modules(model)
     ours = getattr(model, "base_model_prefix", "") or ""
     firsts = {p.split(".", 1)[0] for p in paths}
