@@ -124,9 +124,12 @@ CASES += [
     ),
 ]
 IDS = [c[0] for c in CASES]
+# the same code paths as a default case (another family or heads): run with `make test-slow`
+SLOW = {"road1-vit", "road2-bert-heads", "hra-t5", "hra-bert-heads"}
+PARAMS = [pytest.param(*c, id=c[0], marks=pytest.mark.slow if c[0] in SLOW else ()) for c in CASES]
 
 
-@pytest.mark.parametrize(("cid", "family", "make", "ours"), CASES, ids=IDS)
+@pytest.mark.parametrize(("cid", "family", "make", "ours"), PARAMS)
 def test_peft_to_adapterkit(cid, family, make, ours, tmp_path):
     x = make_inputs(family)
     base = logits(make_model(family), x)
@@ -157,7 +160,7 @@ def test_peft_to_adapterkit(cid, family, make, ours, tmp_path):
         torch.testing.assert_close(a[k], b[k], **TOL, msg=k)
 
 
-@pytest.mark.parametrize(("cid", "family", "make", "ours"), CASES, ids=IDS)
+@pytest.mark.parametrize(("cid", "family", "make", "ours"), PARAMS)
 def test_adapterkit_to_peft(cid, family, make, ours, tmp_path):
     x = make_inputs(family)
     model = make_model(family)
