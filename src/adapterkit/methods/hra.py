@@ -93,7 +93,7 @@ class HRA(AdapterConfig):
 
     r: int = 8
     apply_GS: bool = False
-    variant: HRAVariant | str = HRAVariant.HRA
+    variant: HRAVariant = HRAVariant.HRA
     n_blocks: int = 1
     init_weights: bool = True
 

@@ -78,7 +78,7 @@ class RoAd(AdapterConfig):
         targets: default ``["attn.q", "attn.v"]``, or ``"attn.qkv"`` on models with a fused projection (GPT-2).
     """
 
-    variant: RoadVariant | str = RoadVariant.ROAD_1
+    variant: RoadVariant = RoadVariant.ROAD_1
     group_size: int = 64
     init_weights: bool = True
 
