@@ -122,7 +122,7 @@ def _lora_file(model: nn.Module, sites: list[str], prefix: str = "lora_unet_", s
     return tensors, new
 
 
-def test_lora_unet_linear_and_conv(unet, tmp_path):
+def test_lora_unet_linear_and_conv(unet, base_unet, tmp_path):
     tensors, new = _lora_file(unet, SITES)
     want = _reference(unet, new)
     base = _run(unet)
@@ -136,6 +136,11 @@ def test_lora_unet_linear_and_conv(unet, tmp_path):
     assert cfg.rank_for(SITES[1]) == 3 and cfg.scaling_for(SITES[1]) == pytest.approx(4.0 / 3)
     with ad.disabled():
         torch.testing.assert_close(_run(unet), base)
+    # the recorded config (patterns for the modules outside the largest rank/alpha group) reloads the same adapter
+    ad.save("k", tmp_path / "native")
+    other = copy.deepcopy(base_unet)
+    ak.attach(other).load(tmp_path / "native", activate=True)
+    torch.testing.assert_close(_run(other), got)
 
 
 def test_lora_diffusers_names(unet, tmp_path):
@@ -547,3 +552,33 @@ def test_half_precision_file(tmp_path):
     xc = torch.randn(2, 16, 5, 5)
     with torch.no_grad():
         torch.testing.assert_close(model.blocks[1](xc), ref.blocks[1](xc), atol=1e-5, rtol=1e-4)
+
+
+def test_per_module_ranks_with_suffix_paths(tmp_path):
+    """Module paths that are '.'-suffixes of others (``a.b`` and ``x.a.b``) with different ranks: the recorded
+    patterns are anchored, so a native save reloads each module's own rank."""
+
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        model = nn.Module()
+        model.a = nn.Module()
+        model.a.b = nn.Linear(8, 8)
+        model.x = nn.Module()
+        model.x.a = nn.Module()
+        model.x.a.b = nn.Linear(8, 8)
+        model.y = nn.Linear(8, 8)
+        return model
+
+    model = make()
+    g = torch.Generator().manual_seed(8)
+    tensors = {}
+    for path, r in (("a.b", 3), ("x.a.b", 2), ("y", 2)):
+        tensors[_key(path, "lora_down.weight")] = _rand(r, 8, g=g)
+        tensors[_key(path, "lora_up.weight")] = _rand(8, r, g=g)
+    ad = _load(model, tensors, tmp_path)
+    cfg = ad.config("k")
+    assert {p: cfg.rank_for(p) for p in ("a.b", "x.a.b", "y")} == {"a.b": 3, "x.a.b": 2, "y": 2}
+    ad.save("k", tmp_path / "native")
+    again = ak.attach(make())
+    again.load(tmp_path / "native", "k")
+    assert {p: c.r for p, c in again.components("k").items()} == {"a.b": 3, "x.a.b": 2, "y": 2}

@@ -63,6 +63,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -792,16 +793,16 @@ def load(
             raise
         raise AdapterFileError(f"{where} does not fit this model: {e}") from None
     try:
-        plan = ctl.plan(cfg)
+        cfg, planned = _plan_grouped(ctl, cfg, method, list(per_site), ranks, alphas)
     except (TypeError, ValueError) as e:
         raise AdapterFileError(f"{where} does not fit this model: {e}") from None
-    if set(plan.components) != set(per_site):
-        extra = sorted(set(plan.components) ^ set(per_site))
+    if set(planned) != set(per_site):
+        extra = sorted(set(planned) ^ set(per_site))
         raise AdapterFileError(
             f"{where}: the module paths did not select exactly the file's modules ({extra[:3]})"
         )
     comps: dict[str, tuple[str, Component]] = {}
-    for site, (kind, comp) in plan.components.items():
+    for site, (kind, comp) in planned.items():
         label = labels[site]
         if method in ("lora", "loha", "lokr"):
             scale = alphas[site] / ranks[site]
@@ -821,6 +822,52 @@ def load(
         comps[site] = (kind, comp)
     ctl.install(name, Plan(cfg, comps), activate=activate)
     return name
+
+
+def _plan_grouped(
+    ctl: Any, cfg: AdapterConfig, method: str, sites: list[str], ranks: dict[str, int], alphas: dict[str, float]
+) -> tuple[AdapterConfig, dict[str, tuple[str, Component]]]:
+    """Plan ``cfg`` one (rank, alpha) group at a time, without patterns (a pattern per module would be matched
+    against every module name by ``re.fullmatch``: quadratic, and beyond ``re``'s cache of 512 patterns a
+    1000-module network would take minutes). Returns the config to record, whose ``rank_pattern`` /
+    ``alpha_pattern`` name only the modules outside the largest group (so a native save reloads the same
+    components), and the components by module path.
+
+    Raises:
+        TypeError, ValueError: from planning (a module the method cannot act on, a bad value).
+    """
+    if method == "oft":  # LycorisOFT looks its per-module values up by exact path
+        return cfg, {s: kc for s, kc in ctl.plan(cfg).components.items()}
+    groups: dict[tuple[int, float], list[str]] = {}
+    for site in sites:
+        groups.setdefault((ranks[site], alphas[site]), []).append(site)
+    main = max(groups, key=lambda k: len(groups[k]))
+    comps: dict[str, tuple[str, Component]] = {}
+    for (r, alpha), members in groups.items():
+        part = dataclasses.replace(
+            cfg, r=r, alpha=alpha, rank_pattern={}, alpha_pattern={}, targets=tuple(members)
+        )
+        comps.update(ctl.plan(part).components)
+    others = sorted((s for s in sites if (ranks[s], alphas[s]) != main), key=len, reverse=True)
+
+    def record(key: Any) -> AdapterConfig:
+        return dataclasses.replace(
+            cfg,
+            r=main[0],
+            alpha=main[1],
+            rank_pattern={key(s): ranks[s] for s in others},
+            alpha_pattern={key(s): alphas[s] for s in others},
+            targets=tuple(sites),
+        )
+
+    recorded = record(lambda s: s)
+    if len(others) > 256 or any(
+        recorded.rank_for(s) != ranks[s] or recorded.scaling_for(s) != comps[s][1].scaling for s in sites
+    ):
+        # a path that is also the '.'-suffix of another, or matches it with '.' read as a regex wildcard: anchored,
+        # escaped keys match their own path only ("(.*\.)?" cannot precede "^")
+        recorded = record(lambda s: "^" + re.escape(s))
+    return recorded, {s: comps[s] for s in sites}
 
 
 def _fmt(shapes: dict[str, tuple[int, ...]]) -> str:
