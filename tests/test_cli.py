@@ -310,6 +310,7 @@ METHOD_OPTS = {
     "union": ["--opt", 'configs=["lora", "seq_bn"]'],
     "compacter": ["--opt", "reduction_factor=8"],  # phm_dim 4 must divide the bottleneck (32 / 8)
     "compacter++": ["--opt", "reduction_factor=8"],
+    "road": ["--opt", "group_size=8"],  # peft's default 64 does not divide the tiny model's 32 outputs
 }
 
 
