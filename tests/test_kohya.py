@@ -514,13 +514,9 @@ def test_component_guess_ambiguous(tmp_path):
     assert list(ad.sites("k")) == ["blocks.0"]
 
 
-def test_reader_interface_for_adapters_load(tmp_path, monkeypatch):
-    """``kohya.load`` has the format-reader signature ``Adapters.read``/``load`` call (once ``formats.detect``
-    returns this module for a single .safetensors file, the wiring docs/kohya.md describes)."""
-    import adapterkit.controller as controller
-
-    real = controller.detect
-    monkeypatch.setattr(controller, "detect", lambda p: kohya if kohya.is_kohya_file(p) else real(p))
+def test_adapters_load_and_read_take_a_single_file(tmp_path):
+    """``adapters.load(file)`` / ``adapters.read(file)``: ``formats.detect`` returns this reader for a single
+    .safetensors file."""
     g = torch.Generator().manual_seed(6)
     path = tmp_path / "net.safetensors"
     save_file({"lora_unet_blocks_0.oft_blocks": _rand(12, 4, 4, g=g)}, str(path))

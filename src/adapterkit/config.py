@@ -44,6 +44,8 @@ class AdapterConfig:
     method: ClassVar[str] = ""
     schema_version: ClassVar[int] = 1
     standalone: ClassVar[bool] = True  # False: only created by another verb (e.g. fusion by add_fusion)
+    # why a non-standalone method is not trained on its own, and what to do instead (shown by the CLI)
+    standalone_note: ClassVar[str] = ""
 
     targets: Sequence[Any] | None = None
     exclude: Sequence[Any] = ()

@@ -656,7 +656,8 @@ class Adapters:
         allow_pickle: bool = False,
         activate: bool = False,
     ) -> str:
-        """Load an adapter directory written by :meth:`save` or by peft's ``save_pretrained``.
+        """Load an adapter directory written by :meth:`save`, by peft's ``save_pretrained`` or by AdapterHub's
+        ``save_adapter``, or a kohya-ss / LyCORIS single ``.safetensors`` file (docs/kohya.md).
 
         Returns the adapter's name (``name``, else the saved name, else ``"default"``). Checks everything
         (files, shapes, base-model fingerprint) before the model is touched. Pickle files (``.bin``) are

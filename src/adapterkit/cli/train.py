@@ -457,8 +457,8 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
     cfg = ak.get_config(o["method"], **overrides)  # a bad method or option fails now, before anything is loaded
     if not getattr(cfg, "standalone", True):
         raise ValueError(
-            f"method {o['method']!r} is not trained on its own: it combines adapters that are already trained "
-            "(Adapters.add_fusion in Python); the CLI trains one adapter: pick another --method"
+            f"method {o['method']!r} is not trained on its own: {type(cfg).standalone_note}; the CLI trains one "
+            "adapter: pick another --method"
         )
     check_output_directory(out)
 

@@ -1,4 +1,5 @@
-"""Adapter file formats: native (``adapter_config.json`` + ``adapter.safetensors``), peft, and AdapterHub (read)."""
+"""Adapter file formats: native (``adapter_config.json`` + ``adapter.safetensors``), peft, AdapterHub (read) and
+kohya/LyCORIS single ``.safetensors`` files (read)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import os
 from pathlib import Path
 from types import ModuleType
 
-from . import adapterhub, native, peft
+from . import adapterhub, kohya, native, peft
 from .io import AdapterFileError, pending_config, read_json
 
 __all__ = ["detect", "writer", "AdapterFileError"]
@@ -18,6 +19,8 @@ def detect(path: str | os.PathLike) -> ModuleType:
     Raises:
         AdapterFileError: missing directory/config, or a config that is not valid JSON.
     """
+    if kohya.is_kohya_file(path):  # one .safetensors file keyed by module (kohya-ss / LyCORIS / diffusers)
+        return kohya
     cfg_path = Path(path) / "adapter_config.json"
     if not Path(path).is_dir():
         raise AdapterFileError(f"adapter directory {str(path)!r} does not exist")

@@ -42,6 +42,9 @@ class Fusion(AdapterConfig):
     """
 
     standalone: ClassVar[bool] = False
+    standalone_note: ClassVar[str] = (
+        "it combines adapters that are already trained (Adapters.add_fusion in Python)"
+    )
 
     adapters: Sequence[str] = ()
     temperature: float = 1.0
