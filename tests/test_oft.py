@@ -177,11 +177,10 @@ CASES = [
         False,
     ),
 ]
-SLOW = {"t5-share-terms", "t5-three-factors"}  # the slowest cases (T5 encoder-decoder): `make test-slow`
 
 
 def _params(cases: list) -> list:
-    return [pytest.param(*c, id=c[0], marks=pytest.mark.slow if c[0] in SLOW else ()) for c in cases]
+    return [pytest.param(*c, id=c[0]) for c in cases]
 
 
 def peft_reference(pm: nn.Module, x: dict[str, torch.Tensor], unmerged_is_ours: bool) -> torch.Tensor:
