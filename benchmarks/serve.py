@@ -36,7 +36,7 @@ skipped.
 Outputs ``--out`` + ``.md`` (tables, targets, command, versions, load averages), ``.json`` (every point) and
 ``.png`` (latency against request rate).
 
-Full run (about 20 minutes on 2 busy cores)::
+Full run (12 minutes on 2 quiet cores, load average 1.5; the time budget cuts it short on a busy machine)::
 
     .venv/bin/python benchmarks/serve.py --out benchmarks/results/serve
 
