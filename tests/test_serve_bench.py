@@ -5,8 +5,8 @@ does not rot.
   reference per adapter and for the base model, prompts of different lengths (merge-swap's left padding), the
   front end's error statuses;
 * slow: the benchmark script end to end in a smoke configuration (every system behind the real HTTP front end,
-  one rate point each, the mixed LoRA/bottleneck/(IA)^3 run, the report files). It starts five server processes
-  (about 90 s on 2 busy cores), past the default suite's budget.
+  one rate point each, the mixed LoRA/bottleneck/(IA)^3 run, the report files). It starts five server processes:
+  25 s on 2 quiet cores, 50-100 s when other suites share them, past the default suite's budget.
 """
 
 from __future__ import annotations
