@@ -565,6 +565,50 @@ def test_adapter_reads_run_off_the_engine_thread(files):
         srv.stop()
 
 
+def test_adapterhub_directories_are_served(tmp_path):
+    """A directory written by AdapterHub's ``adapters`` library (committed fixture: LoRA on a tiny LLaMA) is
+    registered from ``--adapters`` like ours and served; greedy tokens equal the adapter loaded in-process."""
+    import shutil
+
+    hub = Path(__file__).parent / "fixtures" / "adapterhub"
+    if not (hub / "llama_lora" / "adapter").is_dir():
+        pytest.skip("the AdapterHub fixtures are missing (tests/fixtures/adapterhub)")
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tmp_path / "llama"
+    shutil.copytree(hub / "base" / "llama", model_dir)
+    (model_dir / "expected.safetensors").unlink(missing_ok=True)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg["eos_token_id"] = None  # run to max_tokens
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    _tokenizer(["[PAD]", "[UNK]", "[BOS]", *[f"t{i}" for i in range(cfg["vocab_size"] - 3)]]).save_pretrained(
+        model_dir
+    )
+    (tmp_path / "adapters").mkdir()
+    shutil.copytree(hub / "llama_lora" / "adapter", tmp_path / "adapters" / "hub-lora")
+    prompt = [2, 17, 43, 5, 88, 9]
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    adapters = ak.attach(model)
+    adapters.load(tmp_path / "adapters" / "hub-lora", name="hub-lora")
+    ref: list[int] = []
+    with torch.no_grad(), adapters.use("hub-lora"):
+        for _ in range(6):
+            ref.append(int(model(input_ids=torch.tensor([prompt + ref])).logits[0, -1].argmax()))
+    with torch.no_grad(), adapters.use(None):
+        base = [int(model(input_ids=torch.tensor([prompt])).logits[0, -1].argmax())]
+    srv = Server(model_dir, adapters_dir=tmp_path / "adapters", port=0)
+    port = srv.start_in_thread()
+    try:
+        client = _client(port)
+        out = client.completions.create(model="hub-lora", prompt=prompt, max_tokens=6, temperature=0)
+        assert out.choices[0].text == srv.tokenizer.decode(ref)
+        assert {m.id: m.method for m in client.models.list() if m.id == "hub-lora"} == {"hub-lora": "lora"}
+        first = client.completions.create(model=str(model_dir), prompt=prompt, max_tokens=1, temperature=0)
+        assert first.choices[0].text == srv.tokenizer.decode(base)
+    finally:
+        srv.stop()
+
+
 def test_engine_refuses_a_paged_attention_implementation(files):
     """transformers' continuous batching leaves a paged attention implementation on the model; our per-request
     DynamicCaches would then decode wrong tokens silently, so the engine refuses it and names the fix."""
