@@ -1,5 +1,6 @@
-"""Helpers shared by the peft converters of the vector methods ((IA)^3, VeRA): splitting a peft state dict
-into per-site tensors and ``modules_to_save`` heads, and writing heads back.
+"""Helpers shared by the peft converters other than LoRA's ((IA)^3, VeRA, LoHa/LoKr, OFT/BOFT, HRA, RoAd): splitting
+a peft state dict into per-site tensors and ``modules_to_save`` heads, installing what they fill, and the writing
+side (:func:`export_state`, :func:`peft_config`, :func:`refuse_conv1d`).
 
 peft keys are ``base_model.model.<module path>.<suffix>``; a head copy (``modules_to_save``) is stored as
 ``base_model.model.<head path>.<parameter>``.
@@ -17,9 +18,17 @@ from torch import nn
 from ..plan import Plan
 from ..targeting import base_modules
 from .io import AdapterFileError
-from .peft import PREFIX
+from .peft import PREFIX, adapter_task_type
 
-__all__ = ["split_state", "head_state", "check_sites"]
+__all__ = [
+    "split_state",
+    "head_state",
+    "check_sites",
+    "export_state",
+    "peft_config",
+    "install_planned",
+    "refuse_conv1d",
+]
 
 
 def _matches(name: str, selectors: list[str]) -> bool:
@@ -104,3 +113,49 @@ def install_planned(
         raise AdapterFileError(f"peft adapter {str(path)!r} does not fit this model: {e}") from None
     ctl.install(name, Plan(cfg, comps), activate=activate)
     return name
+
+
+def export_state(
+    ctl: Any, name: str, site_tensors: Callable[[str, Any, nn.Module], dict[str, torch.Tensor]]
+) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """Adapter ``name``'s tensors under peft's keys: head copies (``modules_to_save``) as :func:`head_state`, every
+    other site's ``site_tensors(site, component, module) -> {suffix: tensor}`` (it raises ValueError to refuse a
+    site peft cannot hold). Returns ``(tensors, targets, heads)``."""
+    record = ctl._record(name)
+    tensors: dict[str, torch.Tensor] = {}
+    targets: list[str] = []
+    heads: list[str] = []
+    for site, comp in ctl.components(name).items():
+        if record.kinds[site] == "head":
+            heads.append(site)
+            tensors.update(head_state(site, comp))
+            continue
+        for suffix, value in site_tensors(site, comp, ctl._sites[site].module).items():
+            tensors[f"{PREFIX}{site}.{suffix}"] = value.detach().contiguous()
+        targets.append(site)
+    return tensors, targets, heads
+
+
+def peft_config(
+    ctl: Any, name: str, peft_type: str, targets: list[str], heads: list[str], **fields: Any
+) -> dict[str, Any]:
+    """peft's ``adapter_config.json`` for adapter ``name``: what every converter writes (type, task, base model,
+    targets, ``modules_to_save``, inference mode), then the method's own ``fields``."""
+    return {
+        "peft_type": peft_type,
+        "task_type": adapter_task_type(ctl, name),
+        "base_model_name_or_path": getattr(ctl.model, "name_or_path", None) or None,
+        "target_modules": sorted(targets),
+        "modules_to_save": heads or None,
+        "inference_mode": True,
+        **fields,
+    }
+
+
+def refuse_conv1d(ctl: Any, name: str, site: str, what: str) -> None:
+    """Raise when ``site`` is a GPT-2 ``Conv1D`` (peft's ``what`` has no layer for it)."""
+    if type(ctl._sites[site].module).__name__ == "Conv1D":
+        raise ValueError(
+            f"adapter {name!r} acts on {site!r}, a GPT-2 Conv1D; peft's {what} has no Conv1D layer, so it cannot be "
+            "exported to peft (use format='native')"
+        )

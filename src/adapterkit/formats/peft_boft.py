@@ -28,48 +28,29 @@ from typing import Any
 from ..component import Component
 from ..methods.boft import BOFT
 from ..targeting import base_modules
-from ._peft_sites import check_sites, head_state, install_planned, split_state
+from ._peft_sites import check_sites, export_state, install_planned, peft_config, refuse_conv1d, split_state
 from .io import AdapterFileError, import_checked, read_adapter, require_float
-from .peft import PREFIX, Fields, adapter_task_type, write
-from .peft_oft import check_bias, refuse_conv1d
+from .peft import Fields, write
+from .peft_oft import check_bias
 
 PEFT_TYPE = "BOFT"
 METHOD = "boft"
 
 
 def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
-    record = ctl._record(name)
-    cfg = record.config
+    cfg = ctl._record(name).config
     assert isinstance(cfg, BOFT)
-    tensors = {}
-    targets, heads = [], []
-    for site, comp in ctl.components(name).items():
-        if record.kinds[site] == "head":
-            heads.append(site)
-            tensors.update(head_state(site, comp))
-            continue
+
+    def site_tensors(site: str, comp: Any, module: Any) -> dict[str, Any]:
         refuse_conv1d(ctl, name, site, PEFT_TYPE)
-        targets.append(site)
-        tensors[f"{PREFIX}{site}.boft_R"] = comp.boft_R.detach().contiguous()
-        tensors[f"{PREFIX}{site}.boft_s"] = comp.boft_s.detach().contiguous()
-    config = {
-        "peft_type": PEFT_TYPE,
-        "task_type": adapter_task_type(ctl, name),
-        "base_model_name_or_path": getattr(ctl.model, "name_or_path", None) or None,
-        "boft_block_size": cfg.boft_block_size,
-        "boft_block_num": cfg.boft_block_num,
-        "boft_n_butterfly_factor": cfg.boft_n_butterfly_factor,
-        "boft_dropout": cfg.boft_dropout,
-        "target_modules": sorted(targets),
-        "exclude_modules": None,
-        "modules_to_save": heads or None,
-        "init_weights": cfg.init_weights,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "inference_mode": True,
-    }
+        return {"boft_R": comp.boft_R, "boft_s": comp.boft_s}
+
+    tensors, targets, heads = export_state(ctl, name, site_tensors)
+    config = peft_config(
+        ctl, name, PEFT_TYPE, targets, heads, boft_block_size=cfg.boft_block_size, boft_block_num=cfg.boft_block_num,
+        boft_n_butterfly_factor=cfg.boft_n_butterfly_factor, boft_dropout=cfg.boft_dropout, exclude_modules=None,
+        init_weights=cfg.init_weights, bias="none", fan_in_fan_out=False, layers_to_transform=None, layers_pattern=None,
+    )  # fmt: skip
     write(path, tensors, config)
 
 

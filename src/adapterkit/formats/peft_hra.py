@@ -27,31 +27,24 @@ import torch
 from ..component import Component
 from ..methods.hra import HRA, HRAVariant
 from ..targeting import base_modules
-from ._peft_sites import check_sites, head_state, install_planned, split_state
+from ._peft_sites import check_sites, export_state, install_planned, peft_config, split_state
 from .io import AdapterFileError, import_checked, read_adapter, require_float
-from .peft import PREFIX, Fields, adapter_task_type, write
+from .peft import Fields, write
 
 PEFT_TYPE = "HRA"
 METHOD = "hra"
 
 
 def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
-    record = ctl._record(name)
-    cfg = record.config
+    cfg = ctl._record(name).config
     assert isinstance(cfg, HRA)
     if cfg.variant is not HRAVariant.HRA:
         raise ValueError(
             f"adapter {name!r} is HRA variant {cfg.variant.value!r}; peft has no ETHER/ETHER+, so it cannot be "
             "exported to peft (use format='native')"
         )
-    tensors: dict[str, torch.Tensor] = {}
-    targets, heads = [], []
-    for site, comp in ctl.components(name).items():
-        kind, module = record.kinds[site], ctl._sites[site].module
-        if kind == "head":
-            heads.append(site)
-            tensors.update(head_state(site, comp))
-            continue
+
+    def site_tensors(site: str, comp: Any, module: torch.nn.Module) -> dict[str, torch.Tensor]:
         if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
             raise ValueError(
                 f"adapter {name!r} acts on {site!r}, a {type(module).__name__}; peft's HRA acts on nn.Linear and "
@@ -62,23 +55,13 @@ def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
                 f"adapter {name!r} acts on {site!r}, a Conv2d with a {tuple(module.kernel_size)} kernel; peft's HRA "
                 "assumes square kernels, so it cannot be exported to peft (use format='native')"
             )
-        targets.append(site)
-        tensors[f"{PREFIX}{site}.hra_u"] = comp.hra_u.detach().contiguous()
-    config = {
-        "peft_type": PEFT_TYPE,
-        "task_type": adapter_task_type(ctl, name),
-        "base_model_name_or_path": getattr(ctl.model, "name_or_path", None) or None,
-        "r": cfg.r,
-        "apply_GS": cfg.apply_GS,
-        "init_weights": cfg.init_weights,
-        "bias": "none",
-        "target_modules": sorted(targets),
-        "exclude_modules": None,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "modules_to_save": heads or None,
-        "inference_mode": True,
-    }
+        return {"hra_u": comp.hra_u}
+
+    tensors, targets, heads = export_state(ctl, name, site_tensors)
+    config = peft_config(
+        ctl, name, PEFT_TYPE, targets, heads, r=cfg.r, apply_GS=cfg.apply_GS, init_weights=cfg.init_weights,
+        bias="none", exclude_modules=None, layers_to_transform=None, layers_pattern=None,
+    )  # fmt: skip
     write(path, tensors, config)
 
 

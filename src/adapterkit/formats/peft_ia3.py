@@ -28,45 +28,31 @@ import torch
 from ..component import Component
 from ..methods.ia3 import IA3, IA3InputScale
 from ..targeting import base_modules
-from ._peft_sites import check_sites, head_state, install_planned, split_state
+from ._peft_sites import check_sites, export_state, install_planned, peft_config, split_state
 from .io import AdapterFileError, import_checked, read_adapter, require_float
-from .peft import PREFIX, Fields, adapter_task_type, write
+from .peft import Fields, write
 
 PEFT_TYPE = "IA3"
 METHOD = "ia3"
 
 
 def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
-    record = ctl._record(name)
-    assert isinstance(record.config, IA3)
-    tensors: dict[str, torch.Tensor] = {}
-    targets, feedforward, heads, fan_in_fan_out = [], [], [], False
-    for site, comp in ctl.components(name).items():
-        kind, module = record.kinds[site], ctl._sites[site].module
-        if kind == "head":
-            heads.append(site)
-            tensors.update(head_state(site, comp))
-            continue
-        targets.append(site)
-        fan_in_fan_out |= type(module).__name__ == "Conv1D"
-        scale = comp.scale.detach()
+    assert isinstance(ctl._record(name).config, IA3)
+    feedforward: list[str] = []
+    conv1d: list[bool] = []
+
+    def site_tensors(site: str, comp: Any, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        conv1d.append(type(module).__name__ == "Conv1D")
         if isinstance(comp, IA3InputScale):
             feedforward.append(site)
-            tensors[f"{PREFIX}{site}.ia3_l"] = scale.reshape(1, -1)
-        else:
-            tensors[f"{PREFIX}{site}.ia3_l"] = scale.reshape(-1, 1)
-    config = {
-        "peft_type": PEFT_TYPE,
-        "task_type": adapter_task_type(ctl, name),
-        "base_model_name_or_path": getattr(ctl.model, "name_or_path", None) or None,
-        "target_modules": sorted(targets),
-        "feedforward_modules": sorted(feedforward),
-        "exclude_modules": None,
-        "fan_in_fan_out": fan_in_fan_out,
-        "modules_to_save": heads or None,
-        "init_ia3_weights": True,
-        "inference_mode": True,
-    }
+            return {"ia3_l": comp.scale.reshape(1, -1)}
+        return {"ia3_l": comp.scale.reshape(-1, 1)}
+
+    tensors, targets, heads = export_state(ctl, name, site_tensors)
+    config = peft_config(
+        ctl, name, PEFT_TYPE, targets, heads, feedforward_modules=sorted(feedforward), exclude_modules=None,
+        fan_in_fan_out=any(conv1d), init_ia3_weights=True,
+    )  # fmt: skip
     write(path, tensors, config)
 
 

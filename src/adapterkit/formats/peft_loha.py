@@ -33,9 +33,9 @@ import torch
 from ..component import Component
 from ..methods.loha import LoHa
 from ..targeting import base_modules
-from ._peft_sites import check_sites, head_state, install_planned, split_state
+from ._peft_sites import check_sites, export_state, install_planned, peft_config, refuse_conv1d, split_state
 from .io import AdapterFileError, import_checked, read_adapter, require_float
-from .peft import PREFIX, Fields, adapter_task_type, write
+from .peft import Fields, write
 
 PEFT_TYPE = "LOHA"
 METHOD = "loha"
@@ -44,49 +44,25 @@ TENSORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_
 
 def save_lycoris(ctl: Any, name: str, path: str | os.PathLike, peft_type: str, extra: dict[str, Any]) -> None:
     """Write adapter ``name`` (LoHa or LoKr: components whose tensors carry peft's names) as a peft directory."""
-    record = ctl._record(name)
-    cfg = record.config
-    tensors: dict[str, torch.Tensor] = {}
-    targets, heads = [], []
-    for site, comp in ctl.components(name).items():
-        kind, module = record.kinds[site], ctl._sites[site].module
-        if kind == "head":
-            heads.append(site)
-            tensors.update(head_state(site, comp))
-            continue
-        if type(module).__name__ == "Conv1D":
-            raise ValueError(
-                f"adapter {name!r} acts on {site!r}, a GPT-2 Conv1D; peft's {peft_type} has no Conv1D layer, so it "
-                "cannot be exported to peft (use format='native')"
-            )
+    cfg = ctl._record(name).config
+
+    def site_tensors(site: str, comp: Any, module: Any) -> dict[str, torch.Tensor]:
+        refuse_conv1d(ctl, name, site, peft_type)
         if getattr(comp, "r2", comp.r) != comp.r:
             raise ValueError(
                 f"adapter {name!r} has pairs of different ranks at {site!r} (ABBA r={comp.r}, r2={comp.r2}); peft's "
                 f"{peft_type} has one rank for both pairs, so it cannot be exported to peft (use format='native')"
             )
-        targets.append(site)
-        for key, value in comp.state_dict().items():
-            tensors[f"{PREFIX}{site}.{key}"] = value.detach().contiguous()
-    config = {
-        "peft_type": peft_type,
-        "task_type": adapter_task_type(ctl, name),
-        "base_model_name_or_path": getattr(ctl.model, "name_or_path", None) or None,
-        "r": cfg.r,
-        "alpha": cfg.alpha,
-        "rank_dropout": cfg.rank_dropout,
-        "module_dropout": cfg.module_dropout,
-        "use_effective_conv2d": cfg.use_effective_conv2d,
-        "target_modules": sorted(targets),
-        "exclude_modules": None,
-        "rank_pattern": dict(cfg.rank_pattern),
-        "alpha_pattern": dict(cfg.alpha_pattern),
-        "modules_to_save": heads or None,
-        "init_weights": True if cfg.init_weights == "abba" else cfg.init_weights,  # peft has no ABBA init
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "inference_mode": True,
-        **extra,
-    }
+        return comp.state_dict()
+
+    tensors, targets, heads = export_state(ctl, name, site_tensors)
+    config = peft_config(
+        ctl, name, peft_type, targets, heads, r=cfg.r, alpha=cfg.alpha, rank_dropout=cfg.rank_dropout,
+        module_dropout=cfg.module_dropout, use_effective_conv2d=cfg.use_effective_conv2d, exclude_modules=None,
+        rank_pattern=dict(cfg.rank_pattern), alpha_pattern=dict(cfg.alpha_pattern),
+        init_weights=True if cfg.init_weights == "abba" else cfg.init_weights,  # peft has no ABBA init
+        layers_to_transform=None, layers_pattern=None, **extra,
+    )  # fmt: skip
     write(path, tensors, config)
 
 

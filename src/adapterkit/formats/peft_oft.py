@@ -33,62 +33,33 @@ from packaging.version import InvalidVersion, Version
 from ..component import Component
 from ..methods.oft import OFT
 from ..targeting import base_modules
-from ._peft_sites import check_sites, head_state, install_planned, split_state
+from ._peft_sites import check_sites, export_state, install_planned, peft_config, refuse_conv1d, split_state
 from .io import AdapterFileError, import_checked, read_adapter, require_float
-from .peft import PREFIX, Fields, adapter_task_type, write
+from .peft import PREFIX, Fields, write
 
 PEFT_TYPE = "OFT"
 METHOD = "oft"
 
 
-def refuse_conv1d(ctl: Any, name: str, site: str, what: str) -> None:
-    """Raise when ``site`` is a GPT-2 ``Conv1D`` (peft's ``what`` has no layer for it)."""
-    if type(ctl._sites[site].module).__name__ == "Conv1D":
-        raise ValueError(
-            f"adapter {name!r} acts on {site!r}, a GPT-2 Conv1D; peft's {what} has no Conv1D layer, so it cannot be "
-            "exported to peft (use format='native')"
-        )
-
-
 def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
-    record = ctl._record(name)
-    cfg = record.config
+    cfg = ctl._record(name).config
     assert isinstance(cfg, OFT)
-    tensors = {}
-    targets, heads = [], []
-    for site, comp in ctl.components(name).items():
-        if record.kinds[site] == "head":
-            heads.append(site)
-            tensors.update(head_state(site, comp))
-            continue
+
+    def site_tensors(site: str, comp: Any, module: Any) -> dict[str, torch.Tensor]:
         refuse_conv1d(ctl, name, site, PEFT_TYPE)
-        targets.append(site)
         key = "oft_embedding_R" if comp.embedding else "oft_R"  # peft keeps embeddings' rotations apart
-        tensors[f"{PREFIX}{site}.{key}.weight"] = comp.oft_R.detach().contiguous()
-    config = {
-        "peft_type": PEFT_TYPE,
-        "task_type": adapter_task_type(ctl, name),
-        "base_model_name_or_path": getattr(ctl.model, "name_or_path", None) or None,
-        "r": cfg.r,
-        "oft_block_size": cfg.oft_block_size,
-        "use_cayley_neumann": cfg.use_cayley_neumann,
-        "num_cayley_neumann_terms": cfg.num_cayley_neumann_terms,
-        "coft": cfg.coft,
-        "eps": cfg.eps,
-        "block_share": cfg.block_share,
-        "module_dropout": cfg.module_dropout,
-        "target_modules": sorted(targets),
-        "exclude_modules": None,
-        "modules_to_save": heads or None,
-        "init_weights": cfg.init_weights,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "inference_mode": True,
+        return {f"{key}.weight": comp.oft_R}
+
+    tensors, targets, heads = export_state(ctl, name, site_tensors)
+    config = peft_config(
+        ctl, name, PEFT_TYPE, targets, heads, r=cfg.r, oft_block_size=cfg.oft_block_size,
+        use_cayley_neumann=cfg.use_cayley_neumann, num_cayley_neumann_terms=cfg.num_cayley_neumann_terms,
+        coft=cfg.coft, eps=cfg.eps, block_share=cfg.block_share, module_dropout=cfg.module_dropout,
+        exclude_modules=None, init_weights=cfg.init_weights, bias="none", fan_in_fan_out=False,
+        layers_to_transform=None, layers_pattern=None,
         # peft >= 0.18 reads the Neumann form without a warning only with its version recorded
-        "peft_version": "0.21.2",
-    }
+        peft_version="0.21.2",
+    )  # fmt: skip
     write(path, tensors, config)
 
 

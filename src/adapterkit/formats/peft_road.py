@@ -26,9 +26,9 @@ import torch
 from ..component import Component
 from ..methods.road import RoAd, RoadVariant
 from ..targeting import base_modules
-from ._peft_sites import check_sites, head_state, install_planned, split_state
+from ._peft_sites import check_sites, export_state, install_planned, peft_config, split_state
 from .io import AdapterFileError, import_checked, read_adapter, require_float
-from .peft import PREFIX, Fields, adapter_task_type, write
+from .peft import Fields, write
 
 PEFT_TYPE = "ROAD"
 METHOD = "road"
@@ -36,36 +36,22 @@ TENSORS = ("road_theta", "road_alpha")
 
 
 def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
-    record = ctl._record(name)
-    cfg = record.config
+    cfg = ctl._record(name).config
     assert isinstance(cfg, RoAd)
-    tensors: dict[str, torch.Tensor] = {}
-    targets, heads = [], []
-    for site, comp in ctl.components(name).items():
-        kind, module = record.kinds[site], ctl._sites[site].module
-        if kind == "head":
-            heads.append(site)
-            tensors.update(head_state(site, comp))
-            continue
+
+    def site_tensors(site: str, comp: Any, module: torch.nn.Module) -> dict[str, torch.Tensor]:
         if not isinstance(module, torch.nn.Linear):
             raise ValueError(
                 f"adapter {name!r} acts on {site!r}, a {type(module).__name__}; peft's RoAd acts on nn.Linear only, "
                 "so it cannot be exported to peft (use format='native')"
             )
-        targets.append(site)
-        for key in TENSORS:
-            tensors[f"{PREFIX}{site}.{key}"] = getattr(comp, key).detach().contiguous()
-    config = {
-        "peft_type": PEFT_TYPE,
-        "task_type": adapter_task_type(ctl, name),
-        "base_model_name_or_path": getattr(ctl.model, "name_or_path", None) or None,
-        "variant": cfg.variant.value,
-        "group_size": cfg.group_size,
-        "init_weights": cfg.init_weights,
-        "target_modules": sorted(targets),
-        "modules_to_save": heads or None,
-        "inference_mode": True,
-    }
+        return {key: getattr(comp, key) for key in TENSORS}
+
+    tensors, targets, heads = export_state(ctl, name, site_tensors)
+    config = peft_config(
+        ctl, name, PEFT_TYPE, targets, heads, variant=cfg.variant.value, group_size=cfg.group_size,
+        init_weights=cfg.init_weights,
+    )  # fmt: skip
     write(path, tensors, config)
 
 

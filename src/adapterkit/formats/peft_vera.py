@@ -29,9 +29,9 @@ import torch
 from ..component import Component
 from ..methods.vera import VeRA, VeRALinear
 from ..targeting import base_modules
-from ._peft_sites import check_sites, head_state, install_planned, split_state
+from ._peft_sites import check_sites, export_state, install_planned, peft_config, split_state
 from .io import AdapterFileError, import_checked, read_adapter, require_float
-from .peft import PREFIX, Fields, adapter_task_type, write
+from .peft import Fields, write
 
 PEFT_TYPE = "VERA"
 METHOD = "vera"
@@ -39,42 +39,24 @@ _A, _B = "base_model.vera_A", "base_model.vera_B"
 
 
 def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
-    record = ctl._record(name)
-    cfg = record.config
+    cfg = ctl._record(name).config
     assert isinstance(cfg, VeRA)
-    tensors: dict[str, torch.Tensor] = {}
-    targets, heads, fan_in_fan_out = [], [], False
-    projection = None
-    for site, comp in ctl.components(name).items():
-        kind, module = record.kinds[site], ctl._sites[site].module
-        if kind == "head":
-            heads.append(site)
-            tensors.update(head_state(site, comp))
-            continue
-        targets.append(site)
-        fan_in_fan_out |= type(module).__name__ == "Conv1D"
-        tensors[f"{PREFIX}{site}.vera_lambda_b"] = comp.lambda_b.detach()
-        tensors[f"{PREFIX}{site}.vera_lambda_d"] = comp.lambda_d.detach()
-        projection = comp.projection
+    conv1d: list[bool] = []
+    projections: list[Any] = []
+
+    def site_tensors(site: str, comp: Any, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        conv1d.append(type(module).__name__ == "Conv1D")
+        projections.append(comp.projection)
+        return {"vera_lambda_b": comp.lambda_b, "vera_lambda_d": comp.lambda_d}
+
+    tensors, targets, heads = export_state(ctl, name, site_tensors)
+    projection = projections[-1]  # one bank shared by every site
     tensors[_A], tensors[_B] = projection.A.contiguous(), projection.B.contiguous()
-    config = {
-        "peft_type": PEFT_TYPE,
-        "task_type": adapter_task_type(ctl, name),
-        "base_model_name_or_path": getattr(ctl.model, "name_or_path", None) or None,
-        "r": cfg.r,
-        "target_modules": sorted(targets),
-        "projection_prng_key": cfg.projection_prng_key,
-        "save_projection": True,
-        "vera_dropout": cfg.dropout,
-        "d_initial": cfg.d_initial,
-        "fan_in_fan_out": fan_in_fan_out,
-        "bias": "none",
-        "modules_to_save": heads or None,
-        "init_weights": True,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "inference_mode": True,
-    }
+    config = peft_config(
+        ctl, name, PEFT_TYPE, targets, heads, r=cfg.r, projection_prng_key=cfg.projection_prng_key,
+        save_projection=True, vera_dropout=cfg.dropout, d_initial=cfg.d_initial, fan_in_fan_out=any(conv1d),
+        bias="none", init_weights=True, layers_to_transform=None, layers_pattern=None,
+    )  # fmt: skip
     write(path, tensors, config)
 
 
