@@ -4,10 +4,21 @@ One :class:`Site` per adapted module, whatever the number of adapters on it. Com
 ``module.ak_adapters`` (a ``ModuleDict`` keyed by adapter name); the site registers one forward
 hook (and a pre-hook only when some component transforms the module's input). Removing the last
 component removes the hooks and the container, leaving the module exactly as it was.
+
+Parameter overrides (LoRA on parameters, ``methods/lora_params.py``): a component with ``overrides_parameters``
+changes some of the module's parameters for one call (``W + ΔW`` of MoE experts stored as 3-D tensors, which
+no hook on the output can express). Its ``pre_call`` asks for it (:func:`request_override`); the site wraps the
+module's ``forward`` (an instance attribute, :class:`ParameterCall`) to put the computed tensors in place of the
+parameters for exactly that call, under a lock, and to put the parameters back in a ``finally`` (so errors and
+interrupts cannot leave them swapped). The lock serializes calls of that module across threads (another thread's
+forward would otherwise see the swapped tensors); requests are per thread, so ``use()`` scopes of concurrent
+threads stay separate.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,7 +29,7 @@ from .compose import apply_post, apply_pre
 from .context import ForwardState
 from .targeting import CONTAINER
 
-__all__ = ["Site"]
+__all__ = ["Site", "ParameterCall", "request_override"]
 
 
 class Site:
@@ -40,6 +51,7 @@ class Site:
         module.add_module(CONTAINER, self.components)
         self._post = module.register_forward_hook(self._post_hook, with_kwargs=True)
         self._pre: Any = None
+        self._call: ParameterCall | None = None
 
     def __repr__(self) -> str:
         return f"Site({self.name!r}, {list(self.components)})"
@@ -48,6 +60,8 @@ class Site:
         self.components[adapter] = component
         if component.has_pre and self._pre is None:
             self._pre = self.module.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+        if self._call is None and _overrides(component):
+            self._call = ParameterCall(self.module)
 
     def remove(self, adapter: str) -> Component:
         component = self.components[adapter]
@@ -55,6 +69,9 @@ class Site:
         if self._pre is not None and not any(c.has_pre for c in self.components.values()):
             self._pre.remove()
             self._pre = None
+        if self._call is not None and not any(_overrides(c) for c in self.components.values()):
+            self._call.uninstall()
+            self._call = None
         return component
 
     def close(self) -> None:
@@ -63,6 +80,9 @@ class Site:
         if self._pre is not None:
             self._pre.remove()
             self._pre = None
+        if self._call is not None:
+            self._call.uninstall()
+            self._call = None
         del self.module._modules[CONTAINER]
 
     # hot path ------------------------------------------------------------------------------
@@ -70,6 +90,8 @@ class Site:
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         comps = self.components._modules
+        if self._call is not None:
+            self._call.discard()  # a request left by a call that failed before its forward ran
         if self.state.routes is not None:
             return self._routed_pre(args, kwargs)
         changed = False
@@ -173,6 +195,87 @@ class Site:
             return (new, *args[1:]), kwargs
         key = next(iter(kwargs))
         return args, {**kwargs, key: new}
+
+
+def _overrides(component: Component) -> bool:
+    """Whether ``component`` (or a part of a union's chain) overrides the module's parameters for a call."""
+    parts = getattr(component, "parts", None)
+    if parts is not None:
+        return any(_overrides(p) for p in parts)
+    return bool(getattr(component, "overrides_parameters", False))
+
+
+_REQUESTS = threading.local()  # .pending: id(module) -> [update functions] for the module's next forward
+
+
+def _pending() -> dict[int, list[Callable[[dict[str, torch.Tensor]], None]]]:
+    pending = getattr(_REQUESTS, "pending", None)
+    if pending is None:
+        pending = _REQUESTS.pending = {}
+    return pending
+
+
+def request_override(module: nn.Module, update: Callable[[dict[str, torch.Tensor]], None]) -> None:
+    """Ask that ``module``'s next forward in this thread runs with some parameters replaced (from a component's
+    ``pre_call``). ``update(values)`` is called inside that forward with ``values``, parameter name -> the tensor
+    the forward will use, holding what earlier requests of the same call put there; it sets its own entries
+    (reading the current tensor as ``values.get(name, module.<name>)``), so active adapters stack in order."""
+    _pending().setdefault(id(module), []).append(update)
+
+
+class ParameterCall:
+    """The wrapper of one module's ``forward`` that applies :func:`request_override` requests for one call.
+
+    Installed as the instance attribute ``module.forward`` (the class's forward, and any instance ``forward``
+    present before, is called inside); :meth:`uninstall` restores exactly what was there. The replacement tensors
+    go into ``module._parameters`` for the duration of the call (as ``torch.func.functional_call`` does), under a
+    per-module lock held for every call while installed, and the original parameters are put back in ``finally``.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self._had = "forward" in module.__dict__
+        self._previous = module.__dict__.get("forward")
+        self._inner = module.forward
+        self.lock = threading.RLock()
+        module.__dict__["forward"] = self
+
+    def __getstate__(self) -> dict[str, Any]:  # copies and pickles get a lock of their own
+        return {k: v for k, v in self.__dict__.items() if k != "lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.lock = threading.RLock()
+
+    def uninstall(self) -> None:
+        if self.module.__dict__.get("forward") is self:
+            if self._had:
+                self.module.__dict__["forward"] = self._previous
+            else:
+                del self.module.__dict__["forward"]
+        self.discard()
+
+    def discard(self) -> None:
+        """Drop this thread's requests for the module (left by a call that never reached its forward)."""
+        pending = getattr(_REQUESTS, "pending", None)
+        if pending:
+            pending.pop(id(self.module), None)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        updates = _pending().pop(id(self.module), None)
+        with self.lock:
+            if not updates:
+                return self._inner(*args, **kwargs)
+            values: dict[str, torch.Tensor] = {}
+            for update in updates:
+                update(values)
+            params = self.module._parameters
+            saved = {name: params[name] for name in values}
+            try:
+                params.update(values)
+                return self._inner(*args, **kwargs)
+            finally:
+                params.update(saved)
 
 
 def _check_rows(plan: Any, value: Any, where: str, min_dim: int) -> None:

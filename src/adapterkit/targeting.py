@@ -4,7 +4,10 @@ A selector is one of (tried in this order for strings):
 
 * a module type (``nn.Linear``): every module that is an instance of it;
 * ``"all-linear"``: every linear-like module (``nn.Linear``, GPT-2 ``Conv1D``, registered linear
-  backends) except output heads (the model's output embeddings and the profile's ``head`` role);
+  backends) except output heads (the model's output embeddings and the profile's ``head`` role). MoE experts
+  stored as 3-D parameters (transformers 5: ``experts.gate_up_proj (E, 2I, H)``, ``experts.down_proj``) and the
+  routers beside them are no linear modules: ``all-linear`` leaves them out and says so with an
+  :class:`UntargetedParametersWarning` naming them (LoRA reaches them with ``target_parameters``);
 * a role (``"attn.q"``): the model family's profile patterns (``profiles.py``);
 * an exact module name (``"model.layers.0.self_attn.q_proj"``);
 * a name suffix (``"q_proj"`` matches ``...self_attn.q_proj``), as peft's list form;
@@ -17,7 +20,8 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -25,7 +29,15 @@ from torch import nn
 from .backends import backend_for
 from .profiles import ROLES
 
-__all__ = ["CONTAINER", "base_modules", "select", "layer_index", "TargetError"]
+__all__ = [
+    "CONTAINER",
+    "base_modules",
+    "select",
+    "layer_index",
+    "TargetError",
+    "UntargetedParametersWarning",
+    "unreached_parameters",
+]
 
 CONTAINER = "ak_adapters"
 """Attribute name of the ModuleDict that holds components on a target module."""
@@ -35,6 +47,62 @@ _LAYER = re.compile(r"\.(\d+)(\.|$)")
 
 class TargetError(ValueError):
     """A selector matched nothing or matched something the method cannot act on."""
+
+
+class UntargetedParametersWarning(UserWarning):
+    """``"all-linear"`` left out weights that are not linear modules (MoE expert stacks, routers)."""
+
+
+def _layered(module: nn.Module) -> bool:
+    """Modules with a layer type of their own (a backend) or from torch itself (a Conv1d's 3-D weight is no stack)."""
+    return backend_for(module) is not None or type(module).__module__.startswith("torch.")
+
+
+def unreached_parameters(modules: Mapping[str, nn.Module]) -> dict[str, tuple[int, ...]]:
+    """Weights no linear-module selector reaches: ``<module>.<parameter>`` -> shape, in model order.
+
+    These are the 3-D floating parameters of modules without a layer type (MoE expert stacks, ``(E, out, in)``) and
+    the 2-D floating parameters of such modules beside them (their routers, ``(E, hidden)``)."""
+    stacks = {
+        n: [p for p, t in m._parameters.items() if t is not None and t.is_floating_point() and t.dim() == 3]
+        for n, m in modules.items()
+        if n and not _layered(m)
+    }
+    stacks = {n: ps for n, ps in stacks.items() if ps}
+    parents = {n.rpartition(".")[0] for n in stacks}
+    out: dict[str, tuple[int, ...]] = {}
+    for n, m in modules.items():
+        if n in stacks:
+            out.update({f"{n}.{p}": tuple(m._parameters[p].shape) for p in stacks[n]})
+        elif n and n.rpartition(".")[0] in parents and not _layered(m):
+            out.update(
+                {
+                    f"{n}.{p}": tuple(t.shape)
+                    for p, t in m._parameters.items()
+                    if t is not None and t.is_floating_point() and t.dim() == 2
+                }
+            )
+    return out
+
+
+def _warn_unreached(model: nn.Module, modules: dict[str, nn.Module]) -> None:
+    """The :class:`UntargetedParametersWarning` of ``"all-linear"``, when the model has MoE stacks/routers."""
+    unreached = unreached_parameters(modules)
+    if not unreached:
+        return
+    total = sum(p.numel() for p in model.parameters())
+    count = sum(modules[k.rpartition(".")[0]]._parameters[k.rpartition(".")[2]].numel() for k in unreached)
+    suffixes = list(dict.fromkeys(".".join(k.split(".")[-2:]) for k in unreached))
+    shown = ", ".join(f"{k} {tuple(s)}" for k, s in list(unreached.items())[:4])
+    more = f" and {len(unreached) - 4} more" if len(unreached) > 4 else ""
+    warnings.warn(
+        f"'all-linear' adapts linear modules only: it leaves out {len(unreached)} MoE expert/router parameters "
+        f"({100.0 * count / max(total, 1):.0f}% of the model's parameters) that are not nn.Linear: {shown}{more}. "
+        f"LoRA adapts them with target_parameters={suffixes!r} (or targets naming their modules); no other "
+        "method reaches them",
+        UntargetedParametersWarning,
+        stacklevel=4,
+    )
 
 
 def base_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -153,6 +221,8 @@ def select(
     chosen: set[str] = set()
     for sel in selectors:
         found = _resolve_one(sel, model, modules, family, roles)
+        if isinstance(sel, str) and sel == "all-linear":
+            _warn_unreached(model, modules)
         if not found and isinstance(sel, str) and sel in roles:
             raise TargetError(
                 f"role {sel!r} matches no module of this {type(model).__name__}; "

@@ -17,6 +17,9 @@ suffix                             meaning                                     a
 PiSSA/OLoRA adapters are exported the way peft converts them
 (``path_initial_model_for_weight_conversion``): ``A' = [A; A0]``, ``B' = [B, -B0]``, rank and alpha
 doubled (alpha ×√2 with rsLoRA), a plain LoRA on the *original* weights.
+
+Parameter targets (``target_parameters``: MoE experts, routers; peft's ``ParamWrapper``) are stored under the
+owning module, nested by ``base_layer.`` per later targeted parameter; ``methods/lora_params.py`` converts them.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any
 import torch
 
 from ..component import Component
+from ..methods import lora_params
 from ..methods.bitfit import BiasDelta
 from ..methods.heads import HeadCopy
 from ..methods.lora import LoRA, LoRAEmbedding, LoRAInit
@@ -56,9 +60,14 @@ def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
     converted = cfg.init in (LoRAInit.PISSA, LoRAInit.OLORA)
     tensors: dict[str, torch.Tensor] = {}
     targets, heads, fan_in_fan_out = [], [], False
+    parameters: list[str] = []
     for site, comp in comps.items():
         kind, module = record.kinds[site], ctl._sites[site].module
         key = PREFIX + site
+        if isinstance(comp, lora_params.LoRAParameters):  # target_parameters: peft's nested ParamWrapper keys
+            tensors.update({f"{key}.{k}": v for k, v in lora_params.peft_tensors(comp, module).items()})
+            parameters += lora_params.peft_parameter_names(site, comp)
+            continue
         if kind == "head":
             heads.append(site)
             for k, v in comp.head.state_dict().items():
@@ -104,6 +113,8 @@ def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
         "layers_pattern": None,
         "exclude_modules": None,
     }
+    if parameters:
+        config["target_parameters"] = sorted(parameters)
     write(path, tensors, config)
 
 
@@ -138,6 +149,11 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
 
     modules = base_modules(ctl.model)
     head_sel = fields.names("modules_to_save")
+    target_parameters = fields.names("target_parameters")
+    try:  # tensors of parameter targets (MoE experts, routers), nested under their module by peft
+        param_state, raw = lora_params.split_peft_state(raw, modules, target_parameters, PREFIX)
+    except (TypeError, ValueError) as e:
+        raise AdapterFileError(f"peft adapter {str(path)!r} does not fit this model: {e}") from None
     per_site: dict[str, dict[str, torch.Tensor]] = {}
     heads: dict[str, dict[str, torch.Tensor]] = {}
     extra: dict[str, torch.Tensor] = {}
@@ -167,7 +183,7 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
                     f"key {key!r} in {directory} does not belong to this {type(ctl.model).__name__}"
                 )
 
-    if not per_site and not heads and not extra:
+    if not per_site and not heads and not extra and not param_state:
         raise AdapterFileError(f"{directory} holds no LoRA tensors (keys ending in '.lora_A.weight' and so on)")
     require_float({f"{s}.{k}": v for s, state in per_site.items() for k, v in state.items()}, directory)
     require_float(extra, directory)
@@ -189,12 +205,20 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
         alpha_pattern=fields.numbers("alpha_pattern"),
         targets=tuple(per_site),
         heads=tuple(heads),
+        target_parameters=tuple(target_parameters),
     )
     comps: dict[str, tuple[str, Component]] = {}
     try:
+        built = lora_params.build_parameter_sites(cfg, modules, (), {}) if target_parameters else {}
         for site in modules:
             module = modules[site]
-            if site in per_site:
+            if site in built:
+                comp = built[site]
+                if ctl.autocast_adapter_dtype:
+                    comp.upcast_()
+                import_checked(comp, lora_params.from_peft(comp, param_state.get(site, {})), module)
+                comps[site] = ("target", comp)
+            elif site in per_site:
                 comp = cfg.build(module, site)
                 if ctl.autocast_adapter_dtype:  # float32 before the import, so the file's values stay exact
                     comp.upcast_()

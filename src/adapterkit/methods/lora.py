@@ -32,7 +32,7 @@ import dataclasses
 import enum
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -43,6 +43,7 @@ from ..backends import backend_for
 from ..component import Component
 from ..config import AdapterConfig, register
 from ..targeting import CONTAINER
+from . import lora_params
 from .bitfit import BiasDelta
 
 PUBLIC = ("LoRA",)
@@ -124,6 +125,10 @@ class LoRA(AdapterConfig):
         init_weights: False starts B random too (the adapter is not an identity; for tests).
         targets: default ``["attn.q", "attn.v"]`` (as in the LoRA paper's GPT-3 experiments, §7.1), or the
             fused ``"attn.qkv"`` on models that have no separate projections (GPT-2).
+        target_parameters: parameters adapted in place of modules (peft's field), e.g.
+            ``["experts.gate_up_proj", "experts.down_proj"]`` for MoE experts stored as 3-D tensors, or a router's
+            ``"mlp.gate.weight"``; names or dotted suffixes. Added to ``targets`` (``targets=[]``: parameters only).
+            See ``methods/lora_params.py``.
     """
 
     r: int = 8
@@ -136,6 +141,7 @@ class LoRA(AdapterConfig):
     bias: Bias = Bias.NONE
     init: LoRAInit = LoRAInit.DEFAULT
     init_weights: bool = True
+    target_parameters: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -144,12 +150,13 @@ class LoRA(AdapterConfig):
         check_rank_alpha(self, "LoRA")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        lora_params.check_config(self)  # parameter targets (MoE experts, routers): methods/lora_params.py
 
     def default_targets(self, roles: Mapping[str, Any]) -> tuple[str, ...]:
         return ("attn.qkv",) if "attn.q" not in roles and "attn.qkv" in roles else ("attn.q", "attn.v")
 
     def accepts(self, module: nn.Module) -> bool:
-        return backend_for(module) is not None
+        return backend_for(module) is not None or bool(lora_params.module_parameters(module))
 
     def rank_for(self, name: str) -> int:
         return int(pattern_value(self.rank_pattern, name, self.r))
@@ -168,6 +175,14 @@ class LoRA(AdapterConfig):
             )
         cls = {"linear": LoRALinear, "embedding": LoRAEmbedding, "conv2d": LoRAConv2d}[backend.kind]
         return cls(self, module, name)
+
+    def build_all(
+        self, modules: Mapping[str, nn.Module], targets: list[str], select: Callable[[Sequence[Any]], list[str]]
+    ) -> dict[str, Component]:
+        """:meth:`build` for modules with a layer type; parameters (``target_parameters``, and module targets that
+        are MoE expert stacks or routers) by ``lora_params.build_parameter_sites``."""
+        built = {n: self.build(modules[n], n) for n in targets if backend_for(modules[n]) is not None}
+        return lora_params.build_parameter_sites(self, modules, targets, built)
 
     def extra_sites(self, modules: Mapping[str, nn.Module], targets: list[str]) -> dict[str, Component]:
         """With ``bias="all"``: a bias delta on every non-target module that has a bias."""
