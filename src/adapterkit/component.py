@@ -11,6 +11,13 @@ parameters where they are used. The site hook calls it around the module's forwa
 Mergeable components also implement :meth:`merge` / :meth:`unmerge` (usually through
 :meth:`delta_weight` and the module's backend). All parameters a component owns are adapter
 parameters: trainability and saving find them structurally, never by name.
+
+Training-time hooks (docs: "Training-time hooks" in DESIGN.md): components whose state changes during training
+set ``scheduled = True`` and implement :meth:`on_step` (called by ``adapters.step()`` after every optimizer
+step; the controller refuses a training forward after an optimizer step that ``step()`` did not follow) and
+may add a regularizer through :meth:`aux_loss` (summed by ``adapters.aux_loss()``). Components initialized
+from activations implement :meth:`observe` and :meth:`finish_calibration` (``adapters.calibrate()``).
+State shared by every site of one adapter lives in a :class:`Bank` (:meth:`Component.share`), saved once.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from torch import nn
 
 from .backends import backend_for
 
-__all__ = ["Component", "first_input"]
+__all__ = ["Bank", "Component", "first_input"]
 
 
 def first_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -30,6 +37,27 @@ def first_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     if args:
         return args[0]
     return next(iter(kwargs.values()))
+
+
+class Bank(nn.Module):
+    """Adapter-level state shared by every site of one adapter (a shared vector bank, shared projections, a rank
+    allocator that needs every site's scores).
+
+    Build one in the config's ``build_all`` and hand it to each component, which calls
+    ``self.share(bank)``: the bank becomes a child module of every component (so ``.to()``, optimizers and
+    ``state_dict()`` see it where it is used; ``adapters.parameters()`` lists its parameters once), and only its
+    first sharer (its *owner*, the first component built) saves it: natively its tensors are stored once, under
+    ``<owner's module>.<attribute>.<tensor>``. Loading re-plans the adapter, so the same component owns it again and
+    filling the owner fills every sharer. ``members`` lists the sharers in build order (not registered as modules).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        object.__setattr__(self, "members", [])
+
+    @property
+    def owner(self) -> Component | None:
+        return self.members[0] if self.members else None
 
 
 class Component(nn.Module):
@@ -44,6 +72,8 @@ class Component(nn.Module):
         observer: the component only records values for other components of its adapter (its post returns
             the output unchanged); fusion layers are not placed at modules where adapters only observe.
         merged: the component's effect currently lives in the base weights; the site skips it.
+        scheduled: the component changes during training (:meth:`on_step`): ``adapters.step()`` must follow every
+            optimizer step while it trains, and a training forward after an optimizer step without it raises.
     """
 
     has_pre: ClassVar[bool] = False
@@ -51,10 +81,53 @@ class Component(nn.Module):
     mergeable: ClassVar[bool] = False
     additive: ClassVar[bool] = False
     observer: ClassVar[bool] = False  # only records something (e.g. an FFN input tap); never changes the output
+    scheduled: ClassVar[bool] = False  # needs adapters.step() after every optimizer step (on_step)
 
     def __init__(self) -> None:
         super().__init__()
         self.merged = False
+        self._bank_attrs: list[str] = []
+
+    # --- adapter-level shared state -------------------------------------------------------
+    def share(self, bank: Bank, attr: str = "bank") -> None:
+        """Use ``bank`` (shared by the adapter's components) as child ``attr``; the first sharer saves it."""
+        setattr(self, attr, bank)
+        self._bank_attrs.append(attr)
+        if not any(m is self for m in bank.members):
+            bank.members.append(self)
+
+    def _foreign_bank_keys(self) -> set[str]:
+        """``state_dict`` keys of banks another component owns (saved there, not here)."""
+        prefixes = tuple(f"{a}." for a in self._bank_attrs if getattr(self, a).owner is not self)
+        if not prefixes:
+            return set()
+        return {k for k in self.state_dict() if k.startswith(prefixes)}
+
+    # --- training-time hooks ----------------------------------------------------------------
+    def on_train_begin(self, total_steps: int | None, step: int = 0) -> None:
+        """Training starts, or resumes, at optimizer step ``step`` of ``total_steps`` (None: unknown)
+        (``adapters.begin_training``; the Trainer callback passes its ``max_steps`` and ``global_step``)."""
+
+    def on_step(self, step: int) -> None:
+        """An optimizer step was taken (``adapters.step()``); ``step`` is its index, counting from 0. Gradients of
+        that step are still there when the caller follows the documented order (after ``optimizer.step()``, before
+        ``zero_grad()``; the Trainer callback does). In-place changes here do not trip the missing-step check."""
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """A term added to the training loss (a 0-dim tensor with grad), or None. ``adapters.aux_loss()`` sums them."""
+        return None
+
+    def set_rank(self, r: int) -> None:
+        """Use rank ``r`` from now on (methods trained for several ranks, e.g. DyLoRA); ``adapters.set_rank``."""
+        raise TypeError(f"{type(self).__name__} has no rank that can be chosen after training")
+
+    # --- calibration (initialization from activations) -------------------------------------
+    def observe(self, x: Any, y: Any) -> None:
+        """During ``adapters.calibrate()``: the base module was called with first input ``x`` and returned ``y``
+        (no adapter active, no grad). Components that calibrate override this and :meth:`finish_calibration`."""
+
+    def finish_calibration(self, module: nn.Module) -> None:
+        """After the calibration batches: set the component's values from what :meth:`observe` saw."""
 
     # --- forward ------------------------------------------------------------------------
     def pre(self, x: torch.Tensor) -> torch.Tensor:
@@ -174,22 +247,25 @@ class Component(nn.Module):
 
     # --- saving -------------------------------------------------------------------------
     def export_state(self) -> dict[str, torch.Tensor]:
-        """Tensors to save for this component (default: its state_dict)."""
-        return {k: v for k, v in self.state_dict().items()}
+        """Tensors to save for this component (default: its state_dict, without banks another component owns)."""
+        foreign = self._foreign_bank_keys()
+        return {k: v for k, v in self.state_dict().items() if k not in foreign}
 
     def import_state(self, state: dict[str, torch.Tensor], module: nn.Module) -> None:
-        """Inverse of :meth:`export_state`; raises ValueError on missing keys or shape mismatch."""
+        """Inverse of :meth:`export_state` (the state_dict of banks owned elsewhere may be given or left out);
+        raises ValueError on missing keys or shape mismatch."""
         own = self.state_dict()
-        missing = sorted(set(own) - set(state))
+        foreign = self._foreign_bank_keys()
+        missing = sorted(set(own) - set(state) - foreign)
         extra = sorted(set(state) - set(own))
         if missing or extra:
             raise ValueError(f"tensors do not match the component: missing {missing}, unexpected {extra}")
         for k, v in own.items():
-            if tuple(state[k].shape) != tuple(v.shape):
+            if k in state and tuple(state[k].shape) != tuple(v.shape):
                 raise ValueError(
                     f"shape mismatch for {k!r}: file has {tuple(state[k].shape)}, expected {tuple(v.shape)}"
                 )
-        self.load_state_dict(state)
+        self.load_state_dict(state, strict=not foreign)
 
 
 class Chain(Component):

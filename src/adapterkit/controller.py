@@ -10,14 +10,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+import weakref
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
-from .component import Component
+from .component import Component, first_input
 from .compose import Block, Fuse, Parallel, RoutePlan, names_in, replicate, validate
 from .config import AdapterConfig, get_config
 from .context import ForwardState
@@ -34,6 +35,26 @@ from .targeting import TargetError, base_modules, select
 __all__ = ["Adapters", "attach", "Plan", "ReadAdapter"]  # Plan: re-exported from adapterkit.plan
 
 _ATTR = "_adapterkit_controller"
+
+
+# controllers with scheduled parameters, told about every optimizer step (see Adapters._sync_step_check)
+_STEPPING: weakref.WeakSet[Adapters] = weakref.WeakSet()
+_OPTIMIZER_HOOK: list[Any] = []
+
+
+def _optimizer_stepped(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    for ctl in list(_STEPPING):
+        ids = ctl._watched_ids
+        if ids and any(id(p) in ids for group in optimizer.param_groups for p in group["params"]):
+            ctl._pending_step = True
+
+
+def _watch_optimizers(ctl: Adapters) -> None:
+    _STEPPING.add(ctl)
+    if not _OPTIMIZER_HOOK:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _OPTIMIZER_HOOK.append(register_optimizer_step_post_hook(_optimizer_stepped))
 
 
 def attach(model: nn.Module) -> Adapters:
@@ -113,6 +134,12 @@ class Adapters:
         self._route_caches: dict[Any, dict[Any, Any]] = {}
         # adapter tensors on float16/bfloat16 bases are stored in float32 (peft's autocast_adapter_dtype)
         self.autocast_adapter_dtype = True
+        # training-time hooks: optimizer steps told to scheduled components, and what they looked like then
+        self.global_step = 0
+        self._step_hook: Any = None
+        self._stepped: list[tuple[str, nn.Parameter, int]] = []
+        self._watched_ids: set[int] = set()
+        self._pending_step = False
 
     # --- introspection ---------------------------------------------------------------------
     def __repr__(self) -> str:
@@ -144,10 +171,15 @@ class Adapters:
         return {m: self._sites[m].components[name] for m in self._record(name).kinds}
 
     def parameters(self, name: str | None = None) -> Iterator[nn.Parameter]:
-        """Parameters of one adapter, or of all adapters."""
+        """Parameters of one adapter, or of all adapters (each once, also those of a :class:`Bank` every site
+        shares)."""
+        seen: set[int] = set()
         for n in [name] if name is not None else list(self._records):
             for comp in self.components(n).values():
-                yield from comp.parameters()
+                for p in comp.parameters():
+                    if id(p) not in seen:
+                        seen.add(id(p))
+                        yield p
 
     def _record(self, name: str) -> _Record:
         if name not in self._records:
@@ -265,6 +297,7 @@ class Adapters:
         self._records[name] = _Record(plan.config, {n: k for n, (k, _) in plan.components.items()})
         if not self.state.default:
             self.state.default = (name,)
+        self._sync_step_check()
 
     def _place(self, name: str, components: dict[str, Component], modules: dict[str, nn.Module]) -> None:
         """Put components on their modules' sites; all-or-nothing (rolled back on any failure)."""
@@ -305,6 +338,7 @@ class Adapters:
         del self._records[name]
         self.state.default = tuple(i for i in self.state.default if name not in set(names_in(i)))
         self._sync_parallel()
+        self._sync_step_check()
 
     # --- training and activation -----------------------------------------------------------
     def train(self, name: str, heads: Sequence[str] | None = None) -> None:
@@ -322,6 +356,7 @@ class Adapters:
             p.requires_grad_(True)
         if name not in self.state.default:
             self.state.default = (name,)
+        self._sync_step_check()
 
     def _add_heads(self, name: str, record: _Record, heads: Sequence[str]) -> None:
         modules = base_modules(self.model)
@@ -493,6 +528,192 @@ class Adapters:
     def disabled(self) -> Any:
         """Context manager running the base model (same as ``use()``)."""
         return self.use()
+
+    # --- training-time hooks (docs: DESIGN.md "Training-time hooks") -----------------------
+    def _parts(self, name: str) -> list[tuple[str, Component]]:
+        """``(module name, component)`` for every component of adapter ``name``, nested ones (the parts of a
+        union's :class:`~adapterkit.component.Chain`) included, each once."""
+        out: list[tuple[str, Component]] = []
+        seen: set[int] = set()
+        for m, top in self.components(name).items():
+            for c in top.modules():
+                if isinstance(c, Component) and id(c) not in seen:
+                    seen.add(id(c))
+                    out.append((m, c))
+        return out
+
+    def trained(self) -> list[str]:
+        """Adapters that have a parameter requiring grad: those :meth:`step` and :meth:`aux_loss` act on by default."""
+        return [n for n in self._records if any(p.requires_grad for p in self.parameters(n))]
+
+    def begin_training(self, total_steps: int | None = None, *, step: int = 0) -> None:
+        """Training (re)starts at optimizer step ``step`` of ``total_steps``: sets :attr:`global_step`, tells the
+        trained adapters' components (``Component.on_train_begin``; AdaLoRA takes its ``total_step`` from it when its
+        config has none) and accepts the adapters' current values as the reference of the missing-step check (call
+        it, or :meth:`sync_steps`, after changing scheduled parameters yourself, e.g. loading a checkpoint). The
+        Trainer callback calls it in ``on_train_begin`` with the Trainer's ``max_steps`` and ``global_step``."""
+        self.global_step = step
+        for n in self.trained():
+            for _, c in self._parts(n):
+                c.on_train_begin(total_steps, step)
+        self._sync_step_check()
+
+    def step(self, names: Sequence[str] | None = None) -> int:
+        """Tell the components of ``names`` (default: :meth:`trained`) that an optimizer step was taken: calls
+        ``on_step(i)`` on every scheduled component (``i`` = :attr:`global_step`, the step's index from 0), then
+        increments :attr:`global_step`. Returns ``i``.
+
+        Call it after every ``optimizer.step()`` and before ``optimizer.zero_grad()`` (methods that score
+        parameters by their gradients, AdaLoRA, read them here), as peft's ``update_and_allocate``. With
+        ``transformers.Trainer`` add :class:`adapterkit.trainer.AdapterCallback` instead. A forward with grad enabled
+        after an optimizer step changed a scheduled component's parameters without this call raises RuntimeError.
+        """
+        names = self.trained() if names is None else list(names)
+        index = self.global_step
+        for n in names:
+            for _, c in self._parts(n):
+                if c.scheduled:
+                    c.on_step(index)
+        self.global_step = index + 1
+        self._sync_step_check()
+        return index
+
+    def aux_loss(self, names: Sequence[str] | None = None) -> torch.Tensor:
+        """The sum of the components' auxiliary losses (``Component.aux_loss``, e.g. AdaLoRA's orthogonality
+        regularizer) over ``names`` (default: :meth:`trained`): add it to the training loss
+        (``loss = out.loss + adapters.aux_loss()``). A 0-dim zero tensor when no component has one, so the line is
+        the same for every method."""
+        names = self.trained() if names is None else list(names)
+        total: torch.Tensor | None = None
+        for n in names:
+            for _, c in self._parts(n):
+                term = c.aux_loss()
+                if term is not None:
+                    total = term if total is None else total + term
+        if total is None:
+            device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+            return torch.zeros((), device=device)
+        return total
+
+    def sync_steps(self) -> None:
+        """Accept the scheduled parameters' current values as stepped (after changing them other than by an
+        optimizer step followed by :meth:`step`)."""
+        self._sync_step_check()
+
+    def _sync_step_check(self) -> None:
+        """Record the scheduled components' trainable parameters (and their versions); keep the model-level
+        pre-hook that refuses a training forward after an unannounced optimizer step while any exists.
+
+        Missing-step check, two detectors: (1) every ``torch.optim.Optimizer.step()`` runs a global post-hook
+        (``register_optimizer_step_post_hook``) that marks this controller pending when the optimizer holds one of
+        the watched parameters (fused optimizers, the Trainer's default, update parameters without bumping their
+        ``_version``); (2) the parameters' ``_version`` counters, which in-place updates outside an optimizer bump.
+        :meth:`step` (and :meth:`train`, :meth:`begin_training`, :meth:`sync_steps`) clears both. Cost: a set
+        lookup per optimizer parameter per optimizer step, an integer comparison per watched parameter per
+        forward."""
+        watched = [
+            (n, p, p._version)
+            for n in self._records
+            for _, c in self._parts(n)
+            if c.scheduled
+            for p in c.parameters()
+            if p.requires_grad
+        ]
+        self._stepped = watched
+        self._watched_ids = {id(p) for _, p, _ in watched}
+        self._pending_step = False
+        if watched and self._step_hook is None:
+            self._step_hook = self.model.register_forward_pre_hook(self._check_stepped)
+            _watch_optimizers(self)
+        elif not watched and self._step_hook is not None:
+            self._step_hook.remove()
+            self._step_hook = None
+            _STEPPING.discard(self)
+
+    def _check_stepped(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if not torch.is_grad_enabled():
+            return
+        changed = [n for n, p, version in self._stepped if p._version != version and p.requires_grad]
+        if self._pending_step or changed:
+            n = changed[0] if changed else self._stepped[0][0]
+            method = self._records[n].config.method if n in self._records else "?"
+            raise RuntimeError(
+                f"adapter {n!r} ({method}) changed since the last adapters.step(): an optimizer step was taken "
+                f"without calling adapters.step(), so {method}'s schedule did not run and training would silently "
+                "train something else. Call adapters.step() after every optimizer.step() (before zero_grad()), or "
+                "add the Trainer callback: trainer.add_callback(adapterkit.trainer.AdapterCallback(adapters)). "
+                "If you changed its parameters yourself, call adapters.sync_steps() first."
+            )
+
+    def set_rank(self, name: str, r: int) -> None:
+        """Run adapter ``name`` at rank ``r`` from now on (methods trained for many ranks, e.g. DyLoRA: any
+        ``1 <= r <= r_max``). Merging then merges that rank; the saved config records it when the method's config
+        has ``with_rank(r)``.
+
+        Raises:
+            TypeError: the adapter's method has no rank to choose.
+            ValueError: ``r`` out of range, or the adapter is merged (unmerge first).
+        """
+        record = self._record(name)
+        if self.is_merged(name):
+            raise ValueError(
+                f"adapter {name!r} is merged into the base weights: unmerge it before changing its rank"
+            )
+        comps = [c for _, c in self._parts(name) if type(c).set_rank is not Component.set_rank]
+        if not comps:
+            raise TypeError(
+                f"adapter {name!r} ({record.config.method}) has no rank to choose after training; methods trained "
+                "for many ranks (DyLoRA) do"
+            )
+        with_rank = getattr(record.config, "with_rank", None)
+        config = with_rank(r) if callable(with_rank) else record.config  # validates r before anything changes
+        for c in comps:
+            c.set_rank(r)
+        record.config = config
+
+    @torch.no_grad()
+    def calibrate(self, name: str, batches: Iterable[Any]) -> int:
+        """Initialize adapter ``name`` from activations: run ``batches`` (dicts are passed as keyword arguments,
+        tuples/lists as positional ones, anything else as the one argument) through the base model (no adapter
+        active, no grad) while every component that calibrates (``Component.observe``) sees its module's first
+        input and output; then each sets its values (``Component.finish_calibration``). Returns the number of
+        batches.
+
+        Raises:
+            TypeError: no component of the adapter calibrates.
+            ValueError: ``batches`` is empty.
+        """
+        parts = [(m, c) for m, c in self._parts(name) if type(c).observe is not Component.observe]
+        if not parts:
+            raise TypeError(f"adapter {name!r} ({self._record(name).config.method}) has nothing to calibrate")
+        handles = []
+        count = 0
+        try:
+            for m, c in parts:
+                handles.append(
+                    self._sites[m].module.register_forward_hook(
+                        lambda mod, args, kwargs, out, c=c: c.observe(first_input(args, kwargs), out),
+                        with_kwargs=True,
+                    )
+                )
+            with self.use():
+                for batch in batches:
+                    if isinstance(batch, Mapping):
+                        self.model(**batch)
+                    elif isinstance(batch, (tuple, list)):
+                        self.model(*batch)
+                    else:
+                        self.model(batch)
+                    count += 1
+        finally:
+            for h in handles:
+                h.remove()
+        if not count:
+            raise ValueError("calibrate() got no batches: pass an iterable of model inputs")
+        for m, c in parts:
+            c.finish_calibration(self._sites[m].module)
+        self._sync_step_check()
+        return count
 
     # --- merging ---------------------------------------------------------------------------
     def merge(self, name: str) -> None:

@@ -11,6 +11,8 @@ The loop is ``transformers.Trainer``'s (progress bar, evaluation and checkpoint 
   reloads restore them from it (the optimizer state refers to them);
 * distributed data parallel on CPU uses gloo (``use_cpu`` + ``ddp_backend="gloo"``): without them each
   process would train alone;
+* ``adapterkit.trainer.AdapterCallback`` is installed: ``adapters.step()`` after every optimizer step and the
+  adapters' auxiliary losses added to the training loss (methods that act during training: AdaLoRA, DyLoRA);
 * ``--fsdp`` shards every transformer block and then the root with FSDP2 (``fully_shard``) before training.
   accelerate only enables FSDP on accelerators, so the model is sharded here and the Trainer is told the
   model handles its own gradient reduction (``is_distributed_loading_by_transformers``, the flag transformers
@@ -521,6 +523,10 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
         preprocess_logits_for_metrics=None if task == "classify" else argmax_logits,
         adapters=adapters, adapter_name=name, fsdp=o["fsdp"],
     )  # fmt: skip
+    from ..trainer import AdapterCallback
+
+    # adapters.step() after every optimizer step and aux losses in the training loss (methods like AdaLoRA, DyLoRA)
+    trainer.add_callback(AdapterCallback(adapters))
     if o["fsdp"]:
         if world_size() < 2:
             raise ValueError(
