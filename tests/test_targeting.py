@@ -285,3 +285,18 @@ def test_summary_rows_and_text():
     adapters.merge("sst2")
     assert {r["adapter"]: r["merged"] for r in adapters.summary().rows} == {"sst2": True, "nli": False}
     adapters.detach()
+
+
+def test_all_linear_warns_only_where_weights_are_left_out(family):
+    """Dense models have nothing all-linear leaves out: no UntargetedParametersWarning (the MoE case is in
+    tests/test_moe_experts.py); torch's own layers (Conv2d/Conv1d weights of 3+ dims) are not expert stacks."""
+    import warnings
+
+    from adapterkit.targeting import UntargetedParametersWarning, unreached_parameters
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sites(family, targets="all-linear")
+    assert not [w for w in caught if issubclass(w.category, UntargetedParametersWarning)]
+    conv = nn.Sequential(nn.Conv1d(3, 4, 3), nn.Conv2d(4, 4, 3))
+    assert unreached_parameters(dict(conv.named_modules())) == {}

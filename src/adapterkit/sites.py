@@ -153,6 +153,18 @@ class Site:
         """Row-wise input transforms under routing: each group of rows gets its adapter's ``pre``."""
         plan = self.state.routes
         table = self.components._modules
+        if plan.uniform is None and self._call is not None:  # parameter overrides act on the whole call
+            live = [c for a in plan.adapters if (c := table.get(a)) is not None and c.has_pre and not c.merged]
+            kinds = {type(c) for c in live if _overrides(c)}
+            if kinds:
+                kind = kinds.pop()
+                routed = kind.routed_call([c if type(c) is kind else None for c in live], plan, args, kwargs)
+                if routed is None:
+                    raise NotImplementedError(
+                        f"per-row routing is not available for {kind.__name__} at {self.name!r}: it changes the "
+                        "module's parameters for the whole call; run each adapter's rows in their own batch"
+                    )
+                return routed
         _check_rows(
             plan,
             first_input(args, kwargs) if args or kwargs else None,

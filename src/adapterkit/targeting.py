@@ -24,6 +24,7 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from .backends import backend_for
@@ -37,6 +38,7 @@ __all__ = [
     "TargetError",
     "UntargetedParametersWarning",
     "unreached_parameters",
+    "is_expert_stack",
 ]
 
 CONTAINER = "ak_adapters"
@@ -58,13 +60,19 @@ def _layered(module: nn.Module) -> bool:
     return backend_for(module) is not None or type(module).__module__.startswith("torch.")
 
 
+def is_expert_stack(t: Any) -> bool:
+    """A floating ``(E, out, in)`` tensor with ``E ≥ 2`` experts of ``≥ 2 × 2`` matrices (not a ``(1, L, d)``
+    position table or a ``(1, 1, d)`` class token)."""
+    return isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() == 3 and min(t.shape) >= 2
+
+
 def unreached_parameters(modules: Mapping[str, nn.Module]) -> dict[str, tuple[int, ...]]:
     """Weights no linear-module selector reaches: ``<module>.<parameter>`` -> shape, in model order.
 
     These are the 3-D floating parameters of modules without a layer type (MoE expert stacks, ``(E, out, in)``) and
     the 2-D floating parameters of such modules beside them (their routers, ``(E, hidden)``)."""
     stacks = {
-        n: [p for p, t in m._parameters.items() if t is not None and t.is_floating_point() and t.dim() == 3]
+        n: [p for p, t in m._parameters.items() if is_expert_stack(t)]
         for n, m in modules.items()
         if n and not _layered(m)
     }

@@ -48,7 +48,7 @@ from torch import nn
 from ..backends import backend_for
 from ..component import Component
 from ..sites import request_override
-from ..targeting import TargetError, layer_index
+from ..targeting import TargetError, is_expert_stack, layer_index
 
 __all__ = [
     "LoRAParameters",
@@ -99,21 +99,16 @@ def _refusal(cfg: Any) -> str | None:
 
 
 def module_parameters(module: nn.Module) -> list[str]:
-    """Parameters LoRA adapts when a module without a layer type of its own is a *module* target: its 3-D floating
-    parameters (an expert stack), else its 2-D ones (a router's ``weight``); ``[]`` for modules that have a
-    backend, torch's own layers (a ``Conv1d``'s 3-D weight is no expert stack) and anything else."""
+    """Parameters LoRA adapts when a module without a layer type of its own is a *module* target: its expert
+    stacks (:func:`~adapterkit.targeting.is_expert_stack`), else its floating 2-D parameters (a router's ``weight``);
+    ``[]`` for modules that have a backend, torch's own layers (a ``Conv1d``'s 3-D weight is no expert stack) and
+    anything else."""
     if backend_for(module) is not None or type(module).__module__.startswith("torch."):
         return []
-    own = [(n, p) for n, p in module._parameters.items() if p is not None and p.is_floating_point()]
-    for ndim in (3, 2):
-        found = [n for n, p in own if p.dim() == ndim]
-        if found:
-            return found
-    return []
-
-
-def _match(key: str, patterns: Sequence[str]) -> bool:
-    return any(key == p or key.endswith("." + p) for p in patterns)
+    stacks = [n for n, p in module._parameters.items() if is_expert_stack(p)]
+    if stacks:
+        return stacks
+    return [n for n, p in module._parameters.items() if p is not None and p.is_floating_point() and p.dim() == 2]
 
 
 def parameter_targets(
