@@ -179,9 +179,9 @@ class LoRA(AdapterConfig):
     def build_all(
         self, modules: Mapping[str, nn.Module], targets: list[str], select: Callable[[Sequence[Any]], list[str]]
     ) -> dict[str, Component]:
-        """:meth:`build` for modules with a layer type; parameters (``target_parameters``, and module targets that
-        are MoE expert stacks or routers) by ``lora_params.build_parameter_sites``."""
-        built = {n: self.build(modules[n], n) for n in targets if backend_for(modules[n]) is not None}
+        """:meth:`build` for each target, except parameters (``target_parameters``, and module targets that are MoE
+        expert stacks or routers): ``lora_params.build_parameter_sites``."""
+        built = {n: self.build(modules[n], n) for n in targets if not lora_params.module_parameters(modules[n])}
         return lora_params.build_parameter_sites(self, modules, targets, built)
 
     def extra_sites(self, modules: Mapping[str, nn.Module], targets: list[str]) -> dict[str, Component]:
