@@ -368,3 +368,27 @@ def test_native_save_load_keeps_per_expert_layout(tmp_path):
     assert keys["model.layers.0.mlp.experts.lora_A.gate_up_proj"] == (4, 2, 32)  # (E, r, in)
     assert keys["model.layers.0.mlp.experts.lora_B.gate_up_proj"] == (4, 48, 2)  # (E, out, r)
     assert keys["model.layers.0.mlp.experts.lora_A.down_proj"] == (4, 2, 24)
+
+
+def test_exclude_and_layers_apply_to_parameter_targets():
+    adapters = ak.attach(make("mixtral"))
+    sites = adapters.plan(ak.LoRA(targets=[], target_parameters=EXPERTS, exclude=["layers.0.mlp.experts"])).sites
+    assert sites == ["model.layers.1.mlp.experts"]
+    assert adapters.plan(ak.LoRA(targets=[], target_parameters=EXPERTS, layers=[0])).sites == [
+        "model.layers.0.mlp.experts"
+    ]
+
+
+def test_all_linear_warning_leaves_out_what_target_parameters_names():
+    import warnings
+
+    from adapterkit.targeting import base_modules, select
+
+    model = make("mixtral")
+    kw = {"family": None, "roles": {}, "modules": base_modules(model)}
+    with pytest.warns(UntargetedParametersWarning, match=r"leaves out 2 .*mlp\.gate\.weight") as record:
+        select(model, ["all-linear"], parameters=EXPERTS, **kw)
+    assert "experts" not in str(record[0].message).split(":", 1)[1].split(". LoRA")[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        select(model, ["all-linear"], parameters=[*EXPERTS, "gate.weight"], **kw)

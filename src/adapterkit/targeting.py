@@ -93,9 +93,14 @@ def unreached_parameters(modules: Mapping[str, nn.Module]) -> dict[str, tuple[in
     return out
 
 
-def _warn_unreached(model: nn.Module, modules: dict[str, nn.Module]) -> None:
-    """The :class:`UntargetedParametersWarning` of ``"all-linear"``, when the model has MoE stacks/routers."""
-    unreached = unreached_parameters(modules)
+def _warn_unreached(model: nn.Module, modules: dict[str, nn.Module], covered: Sequence[str]) -> None:
+    """The :class:`UntargetedParametersWarning` of ``"all-linear"``, when the model has MoE stacks/routers that
+    ``covered`` (``target_parameters`` entries: names or dotted suffixes) does not name."""
+    unreached = {
+        k: v
+        for k, v in unreached_parameters(modules).items()
+        if not any(k == c or k.endswith("." + c) for c in covered)
+    }
     if not unreached:
         return
     total = sum(p.numel() for p in model.parameters())
@@ -219,8 +224,12 @@ def select(
     exclude: Sequence[Any] = (),
     layers: Sequence[int] | None = None,
     modules: dict[str, nn.Module] | None = None,
+    parameters: Sequence[str] = (),
 ) -> list[str]:
     """Resolve selectors to module names, in model order.
+
+    ``parameters``: the config's ``target_parameters`` (LoRA), left out of ``"all-linear"``'s warning about the
+    MoE expert/router weights it does not reach.
 
     Raises:
         TargetError: a selector matched nothing, or nothing is left after ``exclude``/``layers``.
@@ -230,7 +239,7 @@ def select(
     for sel in selectors:
         found = _resolve_one(sel, model, modules, family, roles)
         if isinstance(sel, str) and sel == "all-linear":
-            _warn_unreached(model, modules)
+            _warn_unreached(model, modules, parameters)
         if not found and isinstance(sel, str) and sel in roles:
             raise TargetError(
                 f"role {sel!r} matches no module of this {type(model).__name__}; "

@@ -182,7 +182,7 @@ class LoRA(AdapterConfig):
         """:meth:`build` for each target, except parameters (``target_parameters``, and module targets that are MoE
         expert stacks or routers): ``lora_params.build_parameter_sites``."""
         built = {n: self.build(modules[n], n) for n in targets if not lora_params.module_parameters(modules[n])}
-        return lora_params.build_parameter_sites(self, modules, targets, built)
+        return lora_params.build_parameter_sites(self, modules, targets, built, select)
 
     def extra_sites(self, modules: Mapping[str, nn.Module], targets: list[str]) -> dict[str, Component]:
         """With ``bias="all"``: a bias delta on every non-target module that has a bias."""

@@ -37,9 +37,10 @@ of a mixed batch.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -166,16 +167,29 @@ def _ndim(modules: Mapping[str, nn.Module], leaf_key: str) -> int:
 
 
 def build_parameter_sites(
-    cfg: Any, modules: Mapping[str, nn.Module], targets: Sequence[str], built: dict[str, Component]
+    cfg: Any,
+    modules: Mapping[str, nn.Module],
+    targets: Sequence[str],
+    built: dict[str, Component],
+    select: Callable[[Sequence[Any]], list[str]] | None = None,
 ) -> dict[str, Component]:
     """LoRA's ``build_all`` for parameter targets: ``built`` (the module targets' components) plus one
-    :class:`LoRAParameters` per module holding targeted parameters (``cfg.target_parameters``), and per module
-    target that :func:`module_parameters` accepts; keyed by module name, in model order.
+    :class:`LoRAParameters` per module holding targeted parameters (``cfg.target_parameters``, minus modules that
+    ``cfg.exclude`` names through ``select``), and per module target that :func:`module_parameters` accepts; keyed
+    by module name, in model order.
 
     Raises:
         TargetError: a module is both a module target (with a layer type) and holds targeted parameters.
     """
     per_module = parameter_targets(modules, cfg.target_parameters, cfg.layers) if cfg.target_parameters else {}
+    if per_module and cfg.exclude and select is not None:
+        excluded: set[str] = set()
+        for sel in cfg.exclude:
+            with contextlib.suppress(
+                TargetError
+            ):  # a selector that names nothing excludes nothing (as for modules)
+                excluded.update(select([sel]))
+        per_module = {m: ps for m, ps in per_module.items() if m not in excluded}
     both = sorted(set(per_module) & set(built))
     if both:
         raise TargetError(
