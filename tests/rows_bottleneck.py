@@ -1,5 +1,6 @@
 """Contract rows for bottleneck adapters (``ak.Bottleneck``: Houlsby, Pfeiffer, parallel, Compacter/PHM,
-AdapterDrop) and MAD-X invertible adapters (``ak.Invertible``).
+AdapterDrop; on the block's sub-layers (``hook="sublayer"``, the default) and on projections) and MAD-X invertible
+adapters (``ak.Invertible``).
 
 Tiny models have hidden size 32: Compacter rows use ``reduction_factor=8`` (bottleneck 4, divisible by
 ``phm_dim=4``); AdapterHub's 32 would give a bottleneck of 1."""
@@ -31,7 +32,28 @@ ROWS = [
     ("llama-bn-parallel", "llama", ak.Bottleneck(placement="parallel", scaling="learned")),
     ("t5-bn-parallel", "t5", ak.Bottleneck(placement="parallel", ln_before=True)),
     ("vit-bn-parallel", "vit", ak.Bottleneck(placement="parallel", reduction_factor=4)),
-    ("llama-bn-parallel-down", "llama", ak.Bottleneck(placement="parallel", targets=["ffn.down"])),  # tapped
+    (
+        "llama-bn-parallel-down",
+        "llama",
+        ak.Bottleneck(placement="parallel", hook="projection", targets=["ffn.down"]),
+    ),
+    # hook="sublayer" (the default) arrangements of the block's residual and LayerNorm (AdapterHub's options)
+    ("bert-bn-seq-res-after-ln", "bert", ak.Bottleneck(placement="pfeiffer", residual_before_ln=False)),
+    (
+        "bart-bn-seq-post-add",
+        "bart",
+        ak.Bottleneck(placement="houlsby", original_ln_before=True, residual_before_ln="post_add"),
+    ),
+    (
+        "gpt2-bn-seq-no-ln-after",
+        "gpt2",
+        ak.Bottleneck(placement="pfeiffer", original_ln_after=False, residual_before_ln=False),
+    ),
+    ("t5-bn-cross", "t5", ak.Bottleneck(placement="parallel", cross_adapter=True)),
+    # hook="projection": the adapter on one module's output (the FFN input tapped for BERT's parallel adapter)
+    ("bert-bn-houlsby-projection", "bert", ak.Bottleneck(placement="houlsby", hook="projection")),
+    ("bert-bn-parallel-projection", "bert", ak.Bottleneck(placement="parallel", hook="projection", scaling=4.0)),
+    ("gpt2-bn-pfeiffer-projection", "gpt2", ak.Bottleneck(placement="pfeiffer", hook="projection")),
     # Compacter (Houlsby placement) and Compacter++ (Pfeiffer placement), PHM layers with a shared rule
     ("bert-compacter", "bert", _COMPACTER),
     ("t5-compacter", "t5", _COMPACTER),
@@ -50,3 +72,10 @@ ROWS = [
 ]
 
 SECOND = {"bottleneck": {"reduction_factor": 4}, "invertible": {"reduction_factor": 1}}
+
+# AdapterHub's residual_before_ln=False / "post_add" add the normalized (or un-normalized) sum again after the
+# adapter: LN(LN(f + r) + r) / LN(f + 2r) at init, as in AdapterHub itself
+SKIP = {
+    ("bert-bn-seq-res-after-ln", "identity"): "residual_before_ln=False is not an identity at init (AdapterHub)",
+    ("bart-bn-seq-post-add", "identity"): "residual_before_ln='post_add' is not an identity at init (AdapterHub)",
+}

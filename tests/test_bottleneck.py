@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import adapterkit as ak
-from adapterkit.methods.bottleneck import FFNInputTap, ParallelBottleneck, PHMLinear, SequentialBottleneck
+from adapterkit.methods.bottleneck import FFNInputTap, Hook, ParallelBottleneck, PHMLinear, SequentialBottleneck
+from adapterkit.methods.bottleneck_sublayer import ResidualTap, SublayerBottleneck
 from adapterkit.methods.invertible import InverseHead, InvertibleEmbedding, NICECoupling
 from adapterkit.targeting import TargetError, layer_index
 
@@ -34,7 +35,7 @@ def _branch(comp, h: torch.Tensor, act=F.relu) -> torch.Tensor:
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_sequential_adapter_equals_manual_computation(family):
     model, adapters, _ = _setup(family)
-    adapters.add("a", ak.Bottleneck(placement="houlsby", init_weights=False, scaling=2.0))
+    adapters.add("a", ak.Bottleneck(placement="houlsby", hook="projection", init_weights=False, scaling=2.0))
     comps = adapters.components("a")
     assert all(isinstance(c, SequentialBottleneck) for c in comps.values())
     name, comp = next(iter(comps.items()))  # attention output projection of layer 0
@@ -50,7 +51,9 @@ def test_sequential_adapter_equals_manual_computation(family):
 @pytest.mark.parametrize("residual_before_ln", [False, True])
 def test_sequential_ln_after_arrangements(residual_before_ln):
     model, adapters, _ = _setup("llama")
-    cfg = ak.Bottleneck(ln_after=True, adapter_residual_before_ln=residual_before_ln, init_weights=False)
+    cfg = ak.Bottleneck(
+        hook="projection", ln_after=True, adapter_residual_before_ln=residual_before_ln, init_weights=False
+    )
     adapters.add("a", cfg)
     name, comp = next(iter(adapters.components("a").items()))
     module = dict(model.named_modules())[name]
@@ -65,7 +68,7 @@ def test_sequential_ln_after_arrangements(residual_before_ln):
 
 def test_parallel_adapter_on_ffn_module():
     model, adapters, _ = _setup("llama")
-    adapters.add("a", ak.Bottleneck(placement="parallel", scaling=4.0, init_weights=False))
+    adapters.add("a", ak.Bottleneck(placement="parallel", hook="projection", scaling=4.0, init_weights=False))
     name, comp = next(iter(adapters.components("a").items()))
     assert name == "model.layers.0.mlp" and isinstance(comp, ParallelBottleneck)
     mlp = model.model.layers[0].mlp
@@ -86,7 +89,7 @@ def test_parallel_adapter_on_bert_taps_the_ffn_input():
     layer.intermediate.dense.register_forward_hook(
         lambda m, i, o: seen.__setitem__("ffn_in", i[0].detach().clone())
     )
-    adapters.add("a", "par_bn", init_weights=False)
+    adapters.add("a", "par_bn", hook="projection", init_weights=False)
     assert adapters.sites("a") == {
         f"bert.encoder.layer.{i}.{part}": "target"
         for i in (0, 1)
@@ -107,10 +110,11 @@ def test_parallel_adapter_on_bert_taps_the_ffn_input():
         layer.output.dense(torch.randn(2, 7, 64))
 
 
-def test_parallel_tap_follows_compositions_and_routing():
+@pytest.mark.parametrize("hook", ["sublayer", "projection"])
+def test_parallel_tap_follows_compositions_and_routing(hook):
     model, adapters, x = _setup("bert")
-    adapters.add("a", "par_bn", init_weights=False)
-    adapters.add("b", "par_bn", init_weights=False)
+    adapters.add("a", "par_bn", hook=hook, init_weights=False)
+    adapters.add("b", "par_bn", hook=hook, init_weights=False)
     with torch.no_grad():
         adapters.activate("a", "b")
         stacked = output_of(model, x)
@@ -123,10 +127,11 @@ def test_parallel_tap_follows_compositions_and_routing():
             torch.testing.assert_close(routed[row], output_of(model, x)[row], atol=1e-5, rtol=0)
 
 
-def test_parallel_tap_under_gradient_checkpointing():
+@pytest.mark.parametrize("preset", ["par_bn", "seq_bn"])
+def test_taps_under_gradient_checkpointing(preset):
     def grads(checkpointing: bool) -> list[torch.Tensor]:
         model, adapters, x = _setup("bert")
-        adapters.add("a", "par_bn", init_weights=False)
+        adapters.add("a", preset, init_weights=False)
         adapters.train("a")
         model.train()
         for m in model.modules():  # no dropout: both runs must be comparable
@@ -144,13 +149,15 @@ def test_parallel_tap_under_gradient_checkpointing():
 def test_parallel_needs_an_ffn_output_projection():
     model, adapters, _ = _setup("bert")
     with pytest.raises(TargetError, match="ffn.down"):
-        adapters.add("a", ak.Bottleneck(placement="parallel", targets=["attn.out"]))
+        adapters.add("a", ak.Bottleneck(placement="parallel", hook="projection", targets=["attn.out"]))
     assert adapters.names == []
 
 
 def test_parallel_on_llama_down_proj_taps_the_mlp_input():
     model, adapters, _ = _setup("llama")
-    adapters.add("a", ak.Bottleneck(placement="parallel", targets=["ffn.down"], init_weights=False))
+    adapters.add(
+        "a", ak.Bottleneck(placement="parallel", hook="projection", targets=["ffn.down"], init_weights=False)
+    )
     assert "model.layers.0.mlp.gate_proj" in adapters.sites("a")
     comp = adapters.components("a")["model.layers.0.mlp.down_proj"]
     mlp = model.model.layers[0].mlp
@@ -189,7 +196,7 @@ def test_shared_phm_rule_is_one_parameter(tmp_path):
     model, adapters, x = _setup("t5")
     adapters.add("a", "compacter", reduction_factor=8, init_weights=False)
     layers = [m for c in adapters.components("a").values() for m in c.modules() if isinstance(m, PHMLinear)]
-    assert len(layers) == 2 * 10  # down and up at 10 sites (self/cross attention and FFN outputs)
+    assert len(layers) == 2 * 8  # down and up at 8 sub-layers (self-attention and FFN; no cross_adapter)
     rule = layers[0].rule_module
     assert all(lay.rule_module is rule for lay in layers) and sum(lay.owns_rule for lay in layers) == 1
     params = list(adapters.parameters("a"))
@@ -258,7 +265,7 @@ def test_drop_prob_only_in_training():
         adapted = output_of(model, x)
         assert torch.equal(output_of(model, x), adapted)  # eval: never dropped
         model.train()
-        comps = adapters.components("a")
+        comps = {n: c for n, c in adapters.components("a").items() if isinstance(c, SublayerBottleneck)}
         calls: dict[str, int] = {n: 0 for n in comps}
         for n, c in comps.items():
             c.down.register_forward_hook(lambda m, i, o, n=n: calls.__setitem__(n, calls[n] + 1))
@@ -362,3 +369,195 @@ def test_invertible_on_a_classifier_has_no_inverse():
     assert adapters.sites("a") == {"bert.embeddings.word_embeddings": "target"}
     with pytest.raises(TypeError, match="cannot be merged"):
         adapters.merge("a")
+
+
+# --- hook="sublayer": AdapterHub's arrangement of the block's residual and LayerNorm ---------------------------
+def _adapterhub(comp, f, r, norm, *, olnb, olna, rbl, arbl, parallel=False):
+    """AdapterHub 1.3.0's ``Adapter``/``ParallelAdapter`` ``pre_forward``, ``forward`` and ``post_forward``,
+    transcribed (methods/modeling.py), with our component's weights."""
+    if parallel:
+        x, residual = r, r
+    else:
+        residual = f if rbl is True else None
+        x = f
+        if olnb:
+            x = f + r
+            if rbl == "post_add":
+                residual = x
+            if norm is not None:
+                x = norm(x)
+        if rbl is False:
+            residual = x
+    if comp.ln_before is not None:
+        x = comp.ln_before(x)
+    up = F.linear(comp.act(F.linear(x, comp.down.weight, comp.down.bias)), comp.up.weight, comp.up.bias)
+    out = up * (comp.scale if comp.scale is not None else comp.scaling)
+    if parallel:
+        if comp.ln_after is not None:
+            out = comp.ln_after(out)
+        out = out + f
+    else:
+        if arbl:
+            out = out + residual
+        if comp.ln_after is not None:
+            out = comp.ln_after(out)
+        if not arbl:
+            out = out + residual
+    if olna:
+        out = norm(out + r) if norm is not None else out + r
+    return out
+
+
+_ARRANGEMENTS = [
+    dict(olnb=True, olna=True, rbl=True, arbl=False),  # SeqBn
+    dict(olnb=False, olna=True, rbl=True, arbl=False),  # DoubleSeqBn
+    dict(olnb=True, olna=True, rbl=False, arbl=False),
+    dict(olnb=True, olna=True, rbl="post_add", arbl=False),
+    dict(olnb=True, olna=True, rbl=True, arbl=True, ln=True),
+    dict(olnb=False, olna=True, rbl=True, arbl=False, ln=True),
+    dict(olnb=True, olna=False, rbl=False, arbl=False),  # AdapterPlus (pre-LN blocks only)
+    dict(olnb=False, olna=True, rbl=True, arbl=False, parallel=True),
+    dict(olnb=False, olna=True, rbl=True, arbl=False, parallel=True, ln=True),
+]
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+@pytest.mark.parametrize("arr", _ARRANGEMENTS, ids=lambda a: "-".join(f"{k}={v}" for k, v in a.items()))
+def test_sublayer_arrangements_equal_adapterhubs(family, arr):
+    arr = dict(arr)
+    ln, parallel = arr.pop("ln", False), arr.pop("parallel", False)
+    if family == "bert" and not arr["olna"]:
+        pytest.skip("original_ln_after=False is refused on post-LN blocks (test_sublayer_refusals)")
+    model, adapters, _ = _setup(family)
+    extra = {} if parallel else {"original_ln_before": arr["olnb"], "residual_before_ln": arr["rbl"]}
+    if not parallel:
+        extra["adapter_residual_before_ln"] = arr["arbl"] and ln
+    cfg = ak.Bottleneck(
+        placement="parallel" if parallel else "pfeiffer",
+        original_ln_after=arr["olna"],
+        ln_before=ln,
+        ln_after=ln,
+        scaling=2.0,
+        init_weights=False,
+        **extra,
+    )
+    adapters.add("a", cfg)
+    comps = {n: c for n, c in adapters.components("a").items() if isinstance(c, SublayerBottleneck)}
+    name, comp = next(iter(comps.items()))
+    with torch.no_grad():
+        for p in comp.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    norm = comp.norm
+    assert (norm is not None) == (family == "bert")
+    f, r = torch.randn(2, 5, 32), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        ours = comp._adapt(f, r) + r
+        ours = norm(ours) if norm is not None else ours
+        theirs = _adapterhub(comp, f, r, norm, parallel=parallel, **arr)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_seq_bn_on_bert_applies_the_block_layernorm_twice():
+    """The whole model: BertOutput's result is LN(f + r + g(LN(f + r))) with the block's own LayerNorm."""
+    model, adapters, x = _setup("bert")
+    out_mod = model.bert.encoder.layer[1].output
+    seen: dict[str, torch.Tensor] = {}
+    out_mod.dropout.register_forward_hook(lambda m, i, o: seen.__setitem__("f", o.detach().clone()))
+    out_mod.register_forward_pre_hook(lambda m, a: seen.__setitem__("r", a[1].detach().clone()))
+    out_mod.register_forward_hook(lambda m, i, o: seen.__setitem__("out", o.detach().clone()))
+    adapters.add("a", "seq_bn", init_weights=False)
+    comp = adapters.components("a")["bert.encoder.layer.1.output.dropout"]
+    assert isinstance(comp, SublayerBottleneck) and comp.norm is out_mod.LayerNorm
+    assert isinstance(adapters.components("a")["bert.encoder.layer.1.intermediate"], ResidualTap)
+    with torch.no_grad():
+        output_of(model, x)
+        s = seen["f"] + seen["r"]
+        expected = out_mod.LayerNorm(seen["f"] + _branch(comp, out_mod.LayerNorm(s)) + seen["r"])
+    torch.testing.assert_close(seen["out"], expected, atol=1e-5, rtol=0)
+    assert comp.holder.value is None  # consumed
+    with pytest.raises(RuntimeError, match="found no residual"):
+        out_mod.dropout(torch.randn(2, 7, 32))
+
+
+def test_par_bn_on_gpt2_reads_the_residual_before_ln_2():
+    model, adapters, x = _setup("gpt2")
+    block = model.transformer.h[1]
+    seen: dict[str, torch.Tensor] = {}
+    block.mlp.register_forward_hook(lambda m, i, o: seen.__setitem__("f", o.detach().clone()))
+    block.ln_2.register_forward_pre_hook(lambda m, a: seen.__setitem__("r", a[0].detach().clone()))
+    block.register_forward_hook(lambda m, i, o: seen.__setitem__("out", _first(o).detach().clone()))
+    adapters.add("a", "par_bn", init_weights=False)
+    comp = adapters.components("a")["transformer.h.1.mlp"]
+    with torch.no_grad():
+        output_of(model, x)
+        expected = seen["r"] + seen["f"] + _branch(comp, seen["r"])
+    torch.testing.assert_close(seen["out"], expected, atol=1e-5, rtol=0)
+
+
+def _first(o):
+    return o[0] if isinstance(o, tuple) else o
+
+
+@pytest.mark.parametrize(
+    ("family", "preset"), [("bert", "seq_bn"), ("llama", "double_seq_bn"), ("gpt2", "par_bn")]
+)
+def test_sublayer_routing_is_batched(family, preset, monkeypatch):
+    """A mixed batch of plain adapters runs as one gathered call per site, not one call per adapter."""
+    model, adapters, _ = _setup(family)
+    adapters.add("a", preset, init_weights=False)
+    adapters.add("b", preset, init_weights=False, reduction_factor=4)
+    rows = ["a", None, "b", "a"]
+    x = make_inputs(family, batch=len(rows))
+    singles = []
+    with torch.no_grad():
+        for i, n in enumerate(rows):
+            with adapters.use(n):
+                singles.append(output_of(model, {k: v[i : i + 1] for k, v in x.items()}))
+
+        def per_adapter(*a, **k):
+            raise AssertionError("per-adapter fallback taken")
+
+        monkeypatch.setattr(SublayerBottleneck, "_adapt", per_adapter)
+        with adapters.route(rows):
+            mixed = output_of(model, x)
+    torch.testing.assert_close(mixed, torch.cat(singles), atol=1e-5, rtol=1e-5)
+
+
+def test_sublayer_refusals():
+    model, adapters, _ = _setup("bert")
+    with pytest.raises(ValueError, match="original_ln_after=False"):
+        adapters.add("a", ak.Bottleneck(original_ln_after=False))
+    with pytest.raises(TargetError, match="not one; target those roles"):
+        adapters.add("a", ak.Bottleneck(targets=["attn.out"]))
+    with pytest.raises(ValueError, match="needs hook='sublayer'"):
+        ak.Bottleneck(hook="projection", original_ln_before=True)
+    with pytest.raises(ValueError, match="sequential adapters only"):
+        ak.Bottleneck(placement="parallel", original_ln_before=True)
+    with pytest.raises(ValueError, match="residual_before_ln"):
+        ak.Bottleneck(residual_before_ln="before")
+    assert adapters.names == []
+    for family in ("mbart", "whisper"):
+        model, adapters, _ = _setup(family)
+        with pytest.raises(TargetError, match="hook='projection'"):
+            adapters.add("a", "seq_bn")
+        if family == "mbart":  # the adapter on the FFN output projection still works
+            adapters.add("a", "seq_bn", hook="projection")
+
+
+def test_presets_mean_adapterhubs_configs():
+    seq, double, par = (ak.get_config(n) for n in ("seq_bn", "double_seq_bn", "par_bn"))
+    assert seq.hook is Hook.SUBLAYER and seq.original_ln_before_resolved and seq.residual_before_ln is True
+    assert not double.original_ln_before_resolved and double.original_ln_after
+    assert par.placement.value == "parallel" and par.hook is Hook.SUBLAYER
+    assert ak.get_config("compacter++").original_ln_before_resolved  # AdapterHub: SeqBn-based
+    assert not ak.get_config("compacter").original_ln_before_resolved  # DoubleSeqBn-based
+
+
+def test_schema_1_configs_meant_the_projection_hook():
+    data = ak.Bottleneck(placement="pfeiffer").to_dict()
+    assert data["schema_version"] == 2 and data["hook"] == "sublayer"
+    old = {k: v for k, v in data.items() if k not in ("hook", "original_ln_before", "original_ln_after",
+                                                      "residual_before_ln", "cross_adapter", "method",
+                                                      "schema_version")}  # fmt: skip
+    assert ak.Bottleneck.migrate(old, 1)["hook"] == "projection"
+    assert "hook" not in ak.Bottleneck.migrate(old, 2)

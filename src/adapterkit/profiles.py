@@ -8,6 +8,17 @@ Roles: ``attn.q``, ``attn.k``, ``attn.v``, ``attn.qkv`` (fused), ``attn.out``, `
 FFN's input projection(s)), ``ffn.up``, ``ffn.gate``, ``ffn.down``, ``ffn`` (the whole MLP module),
 ``block`` (a layer), ``embed`` (input token embedding), ``attention`` (the attention module),
 ``head`` (task/LM output heads).
+
+Sub-layer roles (where AdapterHub's ``BottleneckLayer`` sits: bottleneck adapters with ``hook="sublayer"``), for
+each residual sub-layer ``out = norm?(f + r)`` of a block, ``<kind>`` one of ``attn`` (self-attention), ``cross``
+(cross-attention of encoder-decoder models) and ``ffn``:
+
+* ``<kind>.sublayer``: the module whose output (first element when it returns a tuple) is the sub-layer output
+  ``f``, just before the model adds the residual (after the sub-layer's own dropout where that is a module);
+* ``<kind>.residual``: the module whose first input is the residual ``r`` the model adds to ``f`` (the sub-layer
+  module itself when ``r`` is its input; the pre-norm on pre-LN blocks, whose *input* is ``r``);
+* ``<kind>.norm``: post-LN blocks only (BERT, DistilBERT, BART): the LayerNorm applied to ``f + r``. Pre-LN blocks
+  (GPT-2, LLaMA, T5, ViT) have none: their sub-layer output is ``f + r``.
 """
 
 from __future__ import annotations
@@ -19,6 +30,8 @@ __all__ = ["PROFILES", "ROLES", "profile_for", "model_type_of"]
 ROLES = (
     "attn.q", "attn.k", "attn.v", "attn.qkv", "attn.out", "ffn.in", "ffn.up", "ffn.gate", "ffn.down",
     "ffn", "block", "embed", "attention", "head",
+    "attn.sublayer", "attn.residual", "attn.norm", "cross.sublayer", "cross.residual", "cross.norm",
+    "ffn.sublayer", "ffn.residual", "ffn.norm",
 )  # fmt: skip
 
 _BERT = {
@@ -33,6 +46,12 @@ _BERT = {
     "embed": [r"embeddings\.word_embeddings"],
     "attention": [r"attention\.self"],
     "head": [r"classifier(\..*)?", r"cls(\..*)?", r"qa_outputs", r"lm_head(\..*)?"],
+    "attn.sublayer": [r"attention\.output\.dropout"],
+    "attn.residual": [r"attention\.self"],
+    "attn.norm": [r"attention\.output\.LayerNorm"],
+    "ffn.sublayer": [r"layer\.\d+\.output\.dropout"],
+    "ffn.residual": [r"layer\.\d+\.intermediate"],
+    "ffn.norm": [r"layer\.\d+\.output\.LayerNorm"],
 }
 
 _DISTILBERT = {
@@ -48,6 +67,12 @@ _DISTILBERT = {
     "embed": [r"embeddings\.word_embeddings"],
     "attention": [r"layer\.\d+\.attention"],
     "head": [r"pre_classifier", r"classifier", r"qa_outputs", r"vocab_projector", r"vocab_transform"],
+    "attn.sublayer": [r"layer\.\d+\.attention"],
+    "attn.residual": [r"layer\.\d+\.attention"],
+    "attn.norm": [r"layer\.\d+\.sa_layer_norm"],
+    "ffn.sublayer": [r"layer\.\d+\.ffn"],
+    "ffn.residual": [r"layer\.\d+\.ffn"],
+    "ffn.norm": [r"layer\.\d+\.output_layer_norm"],
 }
 
 _GPT2 = {
@@ -61,6 +86,12 @@ _GPT2 = {
     "embed": [r"wte"],
     "attention": [r"h\.\d+\.attn"],
     "head": [r"lm_head", r"score"],
+    "attn.sublayer": [r"h\.\d+\.attn"],
+    "attn.residual": [r"h\.\d+\.ln_1"],
+    "cross.sublayer": [r"h\.\d+\.crossattention"],
+    "cross.residual": [r"h\.\d+\.ln_cross_attn"],
+    "ffn.sublayer": [r"h\.\d+\.mlp"],
+    "ffn.residual": [r"h\.\d+\.ln_2"],
 }
 
 _LLAMA = {
@@ -78,6 +109,10 @@ _LLAMA = {
     "embed": [r"embed_tokens"],
     "attention": [r"layers\.\d+\.self_attn"],
     "head": [r"lm_head", r"score"],
+    "attn.sublayer": [r"layers\.\d+\.self_attn"],
+    "attn.residual": [r"layers\.\d+\.input_layernorm"],
+    "ffn.sublayer": [r"layers\.\d+\.mlp"],
+    "ffn.residual": [r"layers\.\d+\.post_attention_layernorm"],
 }
 
 _T5 = {
@@ -94,6 +129,12 @@ _T5 = {
     "embed": [r"(encoder|decoder)\.embed_tokens"],  # they share `shared`'s weight; `shared` itself never runs
     "attention": [r"SelfAttention", r"EncDecAttention"],
     "head": [r"lm_head", r"classification_head(\..*)?"],
+    "attn.sublayer": [r"encoder\.block\.\d+\.layer\.0\.dropout", r"decoder\.block\.\d+\.layer\.0\.dropout"],
+    "attn.residual": [r"encoder\.block\.\d+\.layer\.0\.layer_norm", r"decoder\.block\.\d+\.layer\.0\.layer_norm"],
+    "cross.sublayer": [r"decoder\.block\.\d+\.layer\.1\.dropout"],
+    "cross.residual": [r"decoder\.block\.\d+\.layer\.1\.layer_norm"],
+    "ffn.sublayer": [r"encoder\.block\.\d+\.layer\.1\.dropout", r"decoder\.block\.\d+\.layer\.2\.dropout"],
+    "ffn.residual": [r"encoder\.block\.\d+\.layer\.1\.layer_norm", r"decoder\.block\.\d+\.layer\.2\.layer_norm"],
 }
 
 _BART = {
@@ -108,6 +149,15 @@ _BART = {
     "embed": [r"(encoder|decoder)\.embed_tokens"],
     "attention": [r"self_attn", r"encoder_attn"],
     "head": [r"lm_head", r"classification_head(\..*)?"],
+    "attn.sublayer": [r"layers\.\d+\.self_attn"],
+    "attn.residual": [r"layers\.\d+\.self_attn"],
+    "attn.norm": [r"layers\.\d+\.self_attn_layer_norm"],
+    "cross.sublayer": [r"layers\.\d+\.encoder_attn"],
+    "cross.residual": [r"layers\.\d+\.encoder_attn"],
+    "cross.norm": [r"layers\.\d+\.encoder_attn_layer_norm"],
+    "ffn.sublayer": [r"layers\.\d+\.fc2"],
+    "ffn.residual": [r"layers\.\d+\.fc1"],
+    "ffn.norm": [r"layers\.\d+\.final_layer_norm"],
 }
 
 _VIT = {  # transformers 5 names (q_proj, fc1, ...) and the 4.x names (attention.attention.query, ...)
@@ -123,6 +173,10 @@ _VIT = {  # transformers 5 names (q_proj, fc1, ...) and the 4.x names (attention
     "embed": [r"embeddings\.patch_embeddings\.projection"],
     "attention": [r"layers\.\d+\.attention", r"attention\.attention"],
     "head": [r"classifier"],
+    "attn.sublayer": [r"layers\.\d+\.attention", r"layer\.\d+\.attention\.output"],
+    "attn.residual": [r"layers\.\d+\.layernorm_before", r"layer\.\d+\.layernorm_before"],
+    "ffn.sublayer": [r"layers\.\d+\.mlp", r"layer\.\d+\.output\.dropout"],
+    "ffn.residual": [r"layers\.\d+\.layernorm_after", r"layer\.\d+\.layernorm_after"],
 }
 
 PROFILES: dict[str, dict[str, list[str]]] = {

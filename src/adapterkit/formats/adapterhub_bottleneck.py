@@ -1,38 +1,32 @@
 """AdapterHub bottleneck adapters (no ``config.architecture`` key); dispatched from ``formats/adapterhub.py``.
 
-What is read here is the part of AdapterHub's bottleneck family whose semantics our
-:class:`~adapterkit.methods.bottleneck.Bottleneck` already has exactly:
+AdapterHub's ``BottleneckLayer`` replaces each residual sub-layer ``out = norm?(f + r)`` of a block (``f`` the
+sub-layer output, ``r`` its residual, ``norm`` the block's LayerNorm on post-LN models) by the adapter's
+arrangement of the two (``original_ln_before``, ``original_ln_after``, ``residual_before_ln``, ``ln_before``,
+``ln_after``, ``adapter_residual_before_ln``, ``is_parallel``, ``scaling``). Our
+:class:`~adapterkit.methods.bottleneck.Bottleneck` with ``hook="sublayer"`` computes the same arrangement
+(:mod:`~adapterkit.methods.bottleneck_sublayer`), so every SeqBn (Pfeiffer), DoubleSeqBn (Houlsby), ParBn and
+Compacter/Compacter++ config loads as that, on the ``attn.sublayer`` (``mh_adapter``) and ``ffn.sublayer``
+(``output_adapter``) module of each stored layer.
 
-- **Sequential adapters that leave the model's residual and LayerNorm where they are**: ``original_ln_before``
-  false, ``original_ln_after`` true, ``residual_before_ln`` true (AdapterHub's ``DoubleSeqBn``/Houlsby defaults).
-  AdapterHub then computes, on the sub-layer output ``f`` (after the projection and its dropout),
-  ``out = f + s · up(act(down(f)))`` and hands ``out`` to the model's own residual (+ LayerNorm on BERT):
-  our sequential adapter on the projection output (``placement="houlsby"`` on the roles ``attn.out`` and
-  ``ffn.down``; ``mh_adapter`` is the attention one, ``output_adapter`` the FFN one).
-- **SeqBn on GPT-2 and LLaMA** (``original_ln_before``, ``original_ln_after``, ``residual_before_ln`` all true,
-  AdapterHub's default): these blocks have no LayerNorm where AdapterHub calls the output adapter, so it computes
-  ``r + f + s · up(act(down(f + r)))`` with ``r`` the block residual and ``f`` the MLP output: ``y + s·g(y)`` on
-  the block's output ``y``, i.e. our sequential adapter on the block module (explicit block targets).
-- **SeqBnInv on LLaMA**: the SeqBn above plus the NICE coupling (``<p>invertible_adapters.<name>.{F,G}.{0,2}``)
-  on the token embedding's output (LLaMA's ``embed_tokens``), as our :class:`~adapterkit.methods.invertible.
-  Invertible` with ``inverse_at_output=False`` (a union): AdapterHub applies the inverse only inside its flex LM
-  heads, not on a plain transformers model's ``lm_head`` under ``adapters.init``. GPT-2 (after the position
-  embeddings) and BERT (after the embeddings' LayerNorm) are refused.
-- **ParBn on BERT-like models** (``is_parallel``): AdapterHub's adapter reads the sub-layer's ``input_tensor``,
-  which in ``BertOutput`` is the FFN input, and adds ``s · up(act(down(x)))`` to the FFN output before the
-  residual and LayerNorm: our ``placement="parallel"`` on ``ffn.down`` with the input tapped at ``ffn.in``.
+- **SeqBnInv**: the SeqBn plus the NICE coupling (``<p>invertible_adapters.<name>.{F,G}.{0,2}``) on the token
+  embedding's output (LLaMA's ``embed_tokens``), as our :class:`~adapterkit.methods.invertible.Invertible` with
+  ``inverse_at_output=False`` (a union): AdapterHub applies the inverse only inside its flex LM heads, not on a plain
+  transformers model's ``lm_head`` under ``adapters.init``. GPT-2 (coupling after the position embeddings) and BERT
+  (after the embeddings' LayerNorm) are refused: ours acts on the token embedding's output only.
 
-Keys: ``<location>.adapters.<name>.adapter_down.0.{weight,bias}`` (``Sequential(Linear, act)``) and
-``adapter_up.{weight,bias}``; the location is BERT ``encoder.layer.{i}.output`` / ``.attention.output``, GPT-2
-``h.{i}.output_adapters`` / ``.attention_adapters``, LLaMA ``layers.{i}.output_adapters`` / ``.attention_adapters``
-(base-model prefix or not). Each location's layer is mapped onto this model, then onto our module of role
-``ffn.down`` (FFN) or ``attn.out`` (attention) in that layer, through the model's profile.
+Keys: ``<location>.adapters.<name>.adapter_down.0.{weight,bias}`` (``Sequential(Linear, act)``; with ``ln_before``
+``Sequential(LayerNorm, Linear, act)``, the LayerNorm also stored as ``adapter_norm_before``), ``adapter_up.*``,
+``adapter_norm_after.*`` (``ln_after``) and ``scaling`` (learned scaling); the location is BERT
+``encoder.layer.{i}.output`` / ``.attention.output``, GPT-2 ``h.{i}.output_adapters`` / ``.attention_adapters``,
+LLaMA ``layers.{i}.output_adapters`` / ``.attention_adapters`` (base-model prefix or not). Each location's layer is
+mapped onto this model, then onto our module of role ``ffn.sublayer`` (output adapter) or ``attn.sublayer``
+(attention adapter) in that layer, through the model's profile.
 
-Everything else is refused with the missing piece named: ``SeqBn`` on BERT-like models (``original_ln_before``:
-the block's LayerNorm applied before the adapter and again after it, and the adapter input ``f + residual``),
-ParBn on GPT-2/LLaMA-style blocks (the adapter reads the block residual before the MLP's LayerNorm), SeqBnInv
-on GPT-2 and BERT, ``ln_before``/``ln_after``, gating and learned scaling. They need
-hooks on the module that holds the residual and the LayerNorm (issue 16 item 2).
+Refused with the reason: gating (UniPELT), Compacter with ``shared_W_phm``/``factorized_phm_rule``/no bias,
+invertible adapters other than NICE, and ``original_ln_after`` false on a post-LN block (AdapterHub then drops the
+block's LayerNorm, which a hook on the sub-layer output cannot undo). ``stochastic_depth`` acts only in training
+and is not reproduced there (the loaded adapter's eval outputs are the library's).
 """
 
 from __future__ import annotations
@@ -44,6 +38,7 @@ from typing import Any
 import torch
 
 from ..methods.bottleneck import Bottleneck, FFNInputTap, ParallelBottleneck, SequentialBottleneck
+from ..methods.bottleneck_sublayer import ResidualTap, SublayerBottleneck
 from ..methods.invertible import Invertible, InvertibleEmbedding
 from ..methods.union import Union
 from ..plan import Plan
@@ -54,31 +49,45 @@ from .io import AdapterFileError, require_float
 from .peft import Fields
 
 ARCHITECTURES = ("bottleneck",)
-NEEDS_HOOKS = (
-    "needs hooks on the module that holds the residual and the LayerNorm (original_ln_before/after, "
-    "residual_before_ln, ...), issue 16 item 2"
-)
 # location suffix -> (which adapter, our role)
 _LOCATIONS = (
-    (".attention_adapters", "mh", "attn.out"),
-    (".attention.output", "mh", "attn.out"),
-    (".output_adapters", "output", "ffn.down"),
-    (".output", "output", "ffn.down"),
+    (".cross_attention_adapters", "cross", "cross.sublayer"),
+    (".attention_adapters", "mh", "attn.sublayer"),
+    (".attention.output", "mh", "attn.sublayer"),
+    (".output_adapters", "output", "ffn.sublayer"),
+    (".output", "output", "ffn.sublayer"),
 )
 _LEAVES = {
     "adapter_down.0.weight": "down.weight",
     "adapter_down.0.bias": "down.bias",
     "adapter_up.weight": "up.weight",
     "adapter_up.bias": "up.bias",
+    "adapter_norm_before.weight": "ln_before.weight",
+    "adapter_norm_before.bias": "ln_before.bias",
+    "adapter_norm_after.weight": "ln_after.weight",
+    "adapter_norm_after.bias": "ln_after.bias",
+    "scaling": "scale",
+}
+# with ln_before, adapter_down is Sequential(LayerNorm, Linear, act): the LayerNorm again under index 0
+_LEAVES_LN_BEFORE = {
+    **{k: v for k, v in _LEAVES.items() if not k.startswith("adapter_down.")},
+    "adapter_down.0.weight": "ln_before.weight",
+    "adapter_down.0.bias": "ln_before.bias",
+    "adapter_down.1.weight": "down.weight",
+    "adapter_down.1.bias": "down.bias",
 }
 # Compacter's PHM layers: AdapterHub computes y = x @ H + b with H = sum_k kron(rule_k, W_k): (in, out) and
 # W_k = W_left_k @ W_right_k: (in/n, out/n). Our PHMLinear computes y = x W^T + b with W = sum_k kron(A_k, B_k):
 # (out, in) and B_k = B_left_k @ B_right_k: (out/n, in/n). H^T = sum_k kron(rule_k^T, W_k^T), so A_k = rule_k^T,
 # B_left = W_right^T, B_right = W_left^T (each transposed in its last two axes) and B = W^T unfactorized.
 _PHM_LEAVES = {"W_left": "B_right", "W_right": "B_left", "W": "B", "phm_rule": "rule.A", "b": "bias"}
-for _proj, _stored in (("down", "adapter_down.0"), ("up", "adapter_up")):
+for _proj, _stored, _stored_ln in (
+    ("down", "adapter_down.0", "adapter_down.1"),
+    ("up", "adapter_up", "adapter_up"),
+):
     for _theirs, _ours in _PHM_LEAVES.items():
         _LEAVES[f"{_stored}.{_theirs}"] = f"{_proj}.{_ours}"
+        _LEAVES_LN_BEFORE[f"{_stored_ln}.{_theirs}"] = f"{_proj}.{_ours}"
 
 
 def _ours(key: str, value: torch.Tensor) -> torch.Tensor:
@@ -88,7 +97,7 @@ def _ours(key: str, value: torch.Tensor) -> torch.Tensor:
 
 
 def refusal(config: dict[str, Any]) -> str | None:
-    """Why this bottleneck config cannot be read exactly yet (None: it can)."""
+    """Why this bottleneck config cannot be read exactly yet (None: it can; the model is checked in load())."""
     kind = bottleneck_kind(config)
     if kind == "SeqBnInv" and config.get("inv_adapter") != "nice":
         return f"AdapterHub invertible adapters of type {config.get('inv_adapter')!r} are not read (only 'nice')"
@@ -96,41 +105,21 @@ def refusal(config: dict[str, Any]) -> str | None:
         config.get("shared_W_phm") or config.get("factorized_phm_rule") or config.get("phm_bias") is False
     ):
         return "AdapterHub Compacter with shared_W_phm, factorized_phm_rule or phm_bias false is not read yet"
-    if config.get("ln_before") or config.get("ln_after"):
-        return f"AdapterHub {kind} with ln_before/ln_after is not read yet ({NEEDS_HOOKS})"
     if config.get("use_gating"):
         return f"AdapterHub {kind} with use_gating (UniPELT) is not read yet"
-    if not isinstance(config.get("scaling", 1.0), (int, float)) or isinstance(config.get("scaling"), bool):
-        return f"AdapterHub {kind} with scaling {config.get('scaling')!r} (a trained scale) is not read yet"
-    if kind == "ParBn" or _arrangement(config) is not None:
-        return None  # the placement is checked against the model in load()
-    return f"AdapterHub {kind} {NEEDS_HOOKS}"
-
-
-def _arrangement(config: dict[str, Any]) -> str | None:
-    """How a sequential adapter sits relative to the model's residual and LayerNorm, when we can place it:
-
-    - ``"projection"``: ``original_ln_before`` false, ``original_ln_after`` true, ``residual_before_ln`` true
-      (DoubleSeqBn): ``f + s·g(f)`` on the sub-layer output ``f``, then the model's own residual (+ LayerNorm).
-    - ``"block"``: ``original_ln_before``, ``original_ln_after``, ``residual_before_ln`` all true (SeqBn): on
-      blocks without a LayerNorm at that point (GPT-2, LLaMA), ``r + f + s·g(f + r)``, i.e. ``y + s·g(y)`` on
-      the block's output ``y = r + f``.
-    """
-    after = config.get("original_ln_after", True) is True and config.get("residual_before_ln", True) is True
-    if not after:
-        return None
-    return "projection" if config.get("original_ln_before") is False else "block"
-
-
-# model types whose AdapterHub blocks call their output adapters without a LayerNorm, as the last step of the block
-# (checked against the fixtures: GPT-2, LLaMA)
-_BLOCK_END = ("gpt2", "llama")
+    scaling = config.get("scaling", 1.0)
+    if isinstance(scaling, bool) or not (isinstance(scaling, (int, float)) or scaling in ("learned", "channel")):
+        return f"AdapterHub {kind} with scaling {scaling!r} is not read (a number, 'learned' or 'channel')"
+    if config.get("residual_before_ln", True) not in (True, False, "post_add"):
+        return f"AdapterHub {kind} with residual_before_ln {config.get('residual_before_ln')!r} is not read"
+    return None
 
 
 def _split(info: AdapterHubFile, where: Path) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor | None]:
     """``(per location, shared rule)``: stored location -> {our tensor name: tensor in our layout}, from
     ``<location>.adapters.<name>.<leaf>``, and Compacter's shared ``<p>shared_parameters.<name>.phm_rule``."""
     marker = f".adapters.{info.saved_name}."
+    leaves = _LEAVES_LN_BEFORE if info.config.get("ln_before") else _LEAVES
     shared = f"shared_parameters.{info.saved_name}.phm_rule"
     inv = f"invertible_adapters.{info.saved_name}."
     out: dict[str, dict[str, torch.Tensor]] = {}
@@ -143,12 +132,12 @@ def _split(info: AdapterHubFile, where: Path) -> tuple[dict[str, dict[str, torch
             out.setdefault(_INVERTIBLE, {})["coupling." + key.partition(inv)[2]] = value
             continue
         location, sep, leaf = key.partition(marker)
-        if not sep or leaf not in _LEAVES:
+        if not sep or leaf not in leaves:
             raise AdapterFileError(
                 f"key {key!r} in {where} is not a bottleneck tensor of adapter {info.saved_name!r} read here "
                 f"(expected '<location>{marker}adapter_down.0.weight' and so on)"
             )
-        out.setdefault(location, {})[_LEAVES[leaf]] = _ours(_LEAVES[leaf], value)
+        out.setdefault(location, {})[leaves[leaf]] = _ours(leaves[leaf], value)
     if not out:
         raise AdapterFileError(f"{where} holds no bottleneck tensors (keys '<location>{marker}...')")
     return out, rule
@@ -157,11 +146,16 @@ def _split(info: AdapterHubFile, where: Path) -> tuple[dict[str, dict[str, torch
 _INVERTIBLE = "<invertible>"  # the per-model invertible adapter's entry in _split's result
 
 
-def _layer_of(location: str, where: Path) -> tuple[str, str, str]:
-    """``(layer path, "mh"/"output", our role)`` of a stored adapter location."""
+def _layer_of(location: str, where: Path) -> tuple[str, str, str | None]:
+    """``(layer path, "mh"/"cross"/"output", our role)`` of a stored adapter location. A location that is the
+    sub-layer module itself (T5's ``block.{i}.layer.{j}``: ``T5LayerSelfAttention``/``T5LayerCrossAttention``/
+    ``T5LayerFF`` are AdapterHub's bottleneck layers) gives ``(location, "", None)``: the one sub-layer role module
+    inside it decides."""
     for suffix, which, role in _LOCATIONS:
         if location.endswith(suffix):
             return location[: -len(suffix)], which, role
+    if location.split(".")[-1].isdigit():
+        return location, "", None
     raise AdapterFileError(f"{where}: unknown bottleneck adapter location {location!r}")
 
 
@@ -197,41 +191,34 @@ def load(ctl: Any, path: str | os.PathLike, info: AdapterHubFile, *, name: str |
     family, roles = profile_for(ctl.model)
     modules = base_modules(ctl.model)
     per_site: dict[str, dict[str, torch.Tensor]] = {}
-    on_blocks = kind != "ParBn" and _arrangement(info.config) == "block"
-    if on_blocks:
-        model_type = getattr(getattr(ctl.model, "config", None), "model_type", None)
-        if model_type not in _BLOCK_END or not all(loc.endswith(".output_adapters") for loc in located):
-            raise AdapterFileError(
-                f"{path}: AdapterHub {kind} (original_ln_before) on this {type(ctl.model).__name__} applies the "
-                f"block's LayerNorm before the adapter and again after it, or sits mid-block; it {NEEDS_HOOKS}"
-            )
-        per_site = {layers[layer]: stored[loc] for loc, (layer, _, _) in located.items()}
     try:
         by_role: dict[str, list[str]] = {}
-        for loc, (layer, _, role) in located.items():
-            if on_blocks:
-                break
-            ours = layers[layer]
+
+        def of_role(role: str) -> list[str]:
             if role not in by_role:
-                by_role[role] = select(ctl.model, [role], family=family, roles=roles, modules=modules)
-            inside = [n for n in by_role[role] if n.startswith(ours + ".")]
+                try:
+                    by_role[role] = select(ctl.model, [role], family=family, roles=roles, modules=modules)
+                except TargetError:
+                    if role == "ffn.sublayer":
+                        raise
+                    by_role[role] = []
+            return by_role[role]
+
+        for loc, (layer, _, role) in located.items():
+            ours = layers[layer]
+            wanted = [role] if role is not None else [f"{k}.sublayer" for k in ("attn", "cross", "ffn")]
+            inside = [n for r in wanted for n in of_role(r) if n.startswith(ours + ".")]
             if len(inside) != 1:
-                raise TargetError(f"{len(inside)} modules of role {role!r} in layer {ours!r}")
+                raise TargetError(f"{len(inside)} modules of role(s) {wanted} in {ours!r}")
             per_site[inside[0]] = stored[loc]
     except TargetError as e:
         raise AdapterFileError(
             f"AdapterHub {kind} adapter {str(path)!r}: cannot place its adapters on this "
             f"{type(ctl.model).__name__} ({e})"
         ) from None
-    if kind == "ParBn":
-        if "ffn" in roles or any(w == "mh" for _, w, _ in located.values()):
-            raise AdapterFileError(
-                f"{path}: AdapterHub ParBn on this {type(ctl.model).__name__} reads the block residual before the "
-                f"MLP's LayerNorm; it {NEEDS_HOOKS}"
-            )
-        placement = "parallel"
-    else:
-        placement = "pfeiffer" if on_blocks else "houlsby"
+    parallel = fields.flag("is_parallel", False)
+    mh = any(w == "mh" for _, w, _ in located.values()) or fields.flag("mh_adapter", False)
+    placement = "parallel" if parallel else ("houlsby" if mh else "pfeiffer")
     sizes = {state["down.bias"].shape[0] for state in per_site.values() if "down.bias" in state}
     if len(sizes) != 1:
         raise AdapterFileError(f"{where}: bottleneck down projections of several sizes {sorted(sizes)} (or none)")
@@ -245,13 +232,28 @@ def load(ctl: Any, path: str | os.PathLike, info: AdapterHubFile, *, name: str |
             "factorized_phm_W": factorized,
             "phm_rank": fields.integer("phm_rank", 1),
         }
+    scaling = info.config.get("scaling", 1.0)
+    if not isinstance(scaling, str):
+        scaling = fields.number("scaling", 1.0)
+    arrangement: dict[str, Any] = {
+        "original_ln_after": fields.flag("original_ln_after", True),
+        "ln_before": fields.flag("ln_before", False),
+        "ln_after": fields.flag("ln_after", False),
+    }
+    if not parallel:
+        arrangement["original_ln_before"] = fields.flag("original_ln_before", False)
+        arrangement["residual_before_ln"] = info.config.get("residual_before_ln", True)
+        arrangement["adapter_residual_before_ln"] = fields.flag("adapter_residual_before_ln", False)
     cfg: Any = fields.build(
         Bottleneck,
         **extra,
+        **arrangement,
         placement=placement,
+        hook="sublayer",
+        cross_adapter=fields.flag("cross_adapter", False),
         bottleneck_size=size,
         non_linearity=_activation(fields, info),
-        scaling=fields.number("scaling", 1.0),
+        scaling=scaling,
         dropout=fields.number("dropout", 0.0),
         targets=tuple(per_site),
     )
@@ -261,7 +263,7 @@ def load(ctl: Any, path: str | os.PathLike, info: AdapterHubFile, *, name: str |
     try:
         plan = ctl.plan(cfg)
         for site, (k, comp) in plan.components.items():
-            if isinstance(comp, (SequentialBottleneck, ParallelBottleneck)):
+            if isinstance(comp, (SequentialBottleneck, ParallelBottleneck, SublayerBottleneck)):
                 own = comp.state_dict()
                 state = dict(per_site[site])
                 if shared_rule and "down.rule.A" in own:  # the first PHM layer in model order owns the rule
@@ -276,7 +278,7 @@ def load(ctl: Any, path: str | os.PathLike, info: AdapterHubFile, *, name: str |
                 if missing:
                     raise ValueError(f"the invertible adapter lacks {missing}")
                 comp.import_state({key: coupling[key].to(own[key].dtype) for key in own}, modules[site])
-            elif not isinstance(comp, FFNInputTap):
+            elif not isinstance(comp, (FFNInputTap, ResidualTap)):
                 raise ValueError(f"unexpected component {type(comp).__name__} at {site!r}")
             comps[site] = (k, comp)
     except AdapterFileError:

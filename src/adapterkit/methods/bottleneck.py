@@ -70,7 +70,7 @@ import dataclasses
 import enum
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +84,7 @@ from ..targeting import TargetError, base_modules, layer_index
 PUBLIC = ("Bottleneck",)
 __all__ = [
     "Bottleneck",
+    "Hook",
     "Placement",
     "Scaling",
     "PHMLinear",
@@ -122,6 +123,13 @@ class Placement(str, enum.Enum):
     PARALLEL = "parallel"
 
 
+class Hook(str, enum.Enum):
+    """What the adapter's hooks see: the block's residual sub-layer (AdapterHub's placement) or one module's output."""
+
+    SUBLAYER = "sublayer"
+    PROJECTION = "projection"
+
+
 class Scaling(str, enum.Enum):
     """Whether the output scaling ``s`` is a constant or trained (AdapterHub ``scaling="learned"|"channel"``)."""
 
@@ -157,10 +165,28 @@ class Bottleneck(AdapterConfig):
         factorized_phm_W: ``B_i = s_i t_i^T`` of rank ``phm_rank``.
         phm_rank: rank of the factorized ``B_i``.
         init_weights: True: exact identity at init (zero up projection); False: random (for tests).
-        targets: default by placement: houlsby ``["attn.out", "ffn.down"]``, pfeiffer ``["ffn.down"]``, parallel
+        hook: ``"sublayer"`` (default; AdapterHub's ``BottleneckLayer``): the adapter sits on a block's residual
+            sub-layer and sees its output ``f``, its residual ``r`` and, on post-LN blocks, its LayerNorm (module
+            :mod:`~adapterkit.methods.bottleneck_sublayer`). ``"projection"`` (adapterkit < 0.x behaviour): the
+            adapter acts on one module's output (the projection; a parallel adapter reads the FFN's input), where
+            the ``original_ln_*`` options below do not exist.
+        original_ln_before: sublayer hook, sequential: the adapter reads ``norm?(f + r)`` (the block's own residual
+            and LayerNorm, applied again after the adapter) instead of ``f``. None: True for ``pfeiffer``
+            (AdapterHub ``SeqBn``), False for ``houlsby`` (``DoubleSeqBn``).
+        original_ln_after: sublayer hook: the block adds ``r`` (and normalizes) after the adapter (AdapterHub's
+            default). False on pre-LN blocks only: the sub-layer's output is then the adapter's output alone.
+        residual_before_ln: sublayer hook, sequential: the adapter's skip connection adds ``f`` (True), ``f + r``
+            (``"post_add"``) or the adapter's input (False).
+        cross_adapter: sublayer hook: also adapt the cross-attention sub-layers of encoder-decoder models.
+        targets: default by placement: with ``hook="sublayer"`` houlsby ``["attn.sublayer", "ffn.sublayer"]``,
+            pfeiffer and parallel ``["ffn.sublayer"]`` (plus ``"cross.sublayer"`` with ``cross_adapter``); with
+            ``hook="projection"`` houlsby ``["attn.out", "ffn.down"]``, pfeiffer ``["ffn.down"]``, parallel
             ``["ffn"]`` (or ``["ffn.down"]`` with the input tapped at ``ffn.in`` where the profile has no ``ffn``).
             With ``placement="parallel"`` a target that is a linear layer is taken as the FFN's output projection.
     """
+
+    # 2: ``hook`` added; version-1 files meant ``hook="projection"`` (see :meth:`migrate`)
+    schema_version: ClassVar[int] = 2
 
     placement: Placement = Placement.PFEIFFER
     reduction_factor: float = 16
@@ -179,9 +205,55 @@ class Bottleneck(AdapterConfig):
     factorized_phm_W: bool = True
     phm_rank: int = 1
     init_weights: bool = True
+    hook: Hook = Hook.SUBLAYER
+    original_ln_before: bool | None = None
+    original_ln_after: bool = True
+    residual_before_ln: bool | str = True
+    cross_adapter: bool = False
+
+    @staticmethod
+    def migrate(data: dict[str, Any], version: int) -> dict[str, Any]:
+        """Fields of a config saved under schema ``version`` as this version reads them: version 1 had no ``hook``
+        and always meant ``hook="projection"``."""
+        if version < 2 and "hook" not in data:
+            data = {**data, "hook": Hook.PROJECTION.value}
+        return data
+
+    @property
+    def original_ln_before_resolved(self) -> bool:
+        """``original_ln_before`` with None resolved by placement (True for pfeiffer, False otherwise)."""
+        if self.original_ln_before is None:
+            return self.placement is Placement.PFEIFFER and self.hook is Hook.SUBLAYER
+        return self.original_ln_before
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        try:
+            object.__setattr__(self, "hook", Hook(self.hook))
+        except ValueError:
+            raise ValueError(f"unknown hook {self.hook!r}; choose one of {[h.value for h in Hook]}") from None
+        if self.residual_before_ln not in (True, False, "post_add") or not isinstance(
+            self.residual_before_ln, (bool, str)
+        ):
+            raise ValueError(
+                f"residual_before_ln must be True, False or 'post_add', got {self.residual_before_ln!r}"
+            )
+        if self.hook is Hook.PROJECTION:
+            changed = [
+                f
+                for f, v in (
+                    ("original_ln_before", self.original_ln_before not in (None, False)),
+                    ("original_ln_after", self.original_ln_after is not True),
+                    ("residual_before_ln", self.residual_before_ln is not True),
+                    ("cross_adapter", self.cross_adapter),
+                )
+                if v
+            ]
+            if changed:
+                raise ValueError(
+                    f"{', '.join(changed)} re-arrange the block's residual and LayerNorm around the adapter, which "
+                    "needs hook='sublayer'; with hook='projection' leave them at their defaults"
+                )
         try:
             object.__setattr__(self, "placement", Placement(self.placement))
         except ValueError:
@@ -221,9 +293,22 @@ class Bottleneck(AdapterConfig):
             raise ValueError(
                 "adapter_residual_before_ln applies to sequential adapters only; drop it for 'parallel'"
             )
+        if self.original_ln_before and self.placement is Placement.PARALLEL:
+            raise ValueError("original_ln_before applies to sequential adapters only; drop it for 'parallel'")
 
     # --- the method interface -------------------------------------------------------------
     def default_targets(self, roles: Mapping[str, Any]) -> tuple[str, ...]:
+        if self.hook is Hook.SUBLAYER:
+            if "ffn.sublayer" not in roles:
+                raise TargetError(
+                    "hook='sublayer' places the adapter by the model profile's sub-layer roles ('attn.sublayer', "
+                    "'ffn.sublayer', ...), which this model does not have; pass targets=[...] naming the sub-layer "
+                    "modules, or hook='projection' to put the adapter on linear layers' outputs"
+                )
+            kinds = ("attn", "ffn") if self.placement is Placement.HOULSBY else ("ffn",)
+            if self.cross_adapter:
+                kinds = (*kinds, "cross")
+            return tuple(f"{k}.sublayer" for k in kinds)
         if self.placement is Placement.HOULSBY:
             return ("attn.out", "ffn.down")
         if self.placement is Placement.PFEIFFER:
@@ -231,7 +316,7 @@ class Bottleneck(AdapterConfig):
         return ("ffn",) if "ffn" in roles else ("ffn.down",)
 
     def accepts(self, module: nn.Module) -> bool:
-        return _io_dims(module) is not None
+        return self.hook is Hook.SUBLAYER or _io_dims(module) is not None
 
     def size_for(self, dim: int) -> int:
         """Bottleneck size ``m`` for hidden size ``dim``."""
@@ -264,8 +349,13 @@ class Bottleneck(AdapterConfig):
             raise TargetError(
                 f"skip_layers={self.skip_layers} leaves none of the {len(targets)} targets; lower it"
             )
-        comps: dict[str, Component] = {n: self.build(modules[n], n) for n in kept}
-        if self.placement is Placement.PARALLEL:
+        if self.hook is Hook.SUBLAYER:
+            from .bottleneck_sublayer import build_sublayer
+
+            comps: dict[str, Component] = build_sublayer(self, modules, kept, select)
+        else:
+            comps = {n: self.build(modules[n], n) for n in kept}
+        if self.placement is Placement.PARALLEL and self.hook is Hook.PROJECTION:
             comps.update(self._taps(modules, comps, select))
         if self.phm_dim is not None and self.shared_phm_rule:
             layers = [lay for c in comps.values() for lay in c.modules() if isinstance(lay, PHMLinear)]
