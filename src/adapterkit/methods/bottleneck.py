@@ -91,6 +91,8 @@ __all__ = [
     "SequentialBottleneck",
     "ParallelBottleneck",
     "FFNInputTap",
+    "SublayerBottleneck",
+    "ResidualTap",
     "activation",
 ]
 
@@ -350,7 +352,7 @@ class Bottleneck(AdapterConfig):
                 f"skip_layers={self.skip_layers} leaves none of the {len(targets)} targets; lower it"
             )
         if self.hook is Hook.SUBLAYER:
-            from .bottleneck_sublayer import build_sublayer
+            from .bottleneck_sublayer import build_sublayer  # the module imports this one
 
             comps: dict[str, Component] = build_sublayer(self, modules, kept, select)
         else:
@@ -830,3 +832,6 @@ for _name, _cfg in _PRESETS.items():
     register_preset(_name, _cfg)
 for _alias, _name in _ALIASES.items():
     register_preset(_alias, _PRESETS[_name])
+
+# the sub-layer components (hook="sublayer") live in their own module, which builds on the classes above
+from .bottleneck_sublayer import ResidualTap, SublayerBottleneck  # noqa: E402
