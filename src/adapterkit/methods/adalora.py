@@ -1,0 +1,342 @@
+"""AdaLoRA (Zhang et al. 2023, "Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning", ICLR).
+
+The update of each weight is an SVD-shaped product whose singular values are pruned during training, so the rank
+budget moves to the weights that matter (§3.1, Eq. 3)::
+
+    y = W x + s · P Λ Q x          Q = lora_A: (r, in),  Λ = diag(lora_E): (r, 1),  P = lora_B: (out, r)
+
+        x ───────────────► W ─────────────────┐
+        │                                     (+) ──► y
+        └─► dropout ─► Q ─► ·Λ ─► P ─► ·s
+
+* ``s = alpha / (init_r + 1e-5)`` (peft: ``scaling / (ranknum + 1e-5)``, ``scaling = lora_alpha``, or ``init_r``
+  when ``alpha <= 0``). Init as peft: ``Λ = 0`` (identity at init), ``P, Q ~ N(0, 0.02²)``.
+* Importance (§3.2, Eq. 8-10): for every entry of P, Λ, Q, the sensitivity ``I = |w · ∂L/∂w|`` is smoothed
+  ``Ī ← β₁ Ī + (1 − β₁) I`` and its uncertainty ``Ū ← β₂ Ū + (1 − β₂) |I − Ī|``; an entry scores ``Ī · Ū``; the
+  triplet ``i`` of a weight scores ``S(Λᵢ) + mean_j S(Qᵢⱼ) + mean_j S(Pⱼᵢ)``.
+* Budget (§3.3, Eq. 11): ``init_r · n`` triplets until step ``tinit``, then cubically down to ``target_r · n`` at
+  step ``total_step − tfinal``, fixed afterwards; every ``delta_t`` steps the lowest-scoring triplets over *all*
+  weights (a global ``kthvalue``) get ``Λᵢ = 0``. After the final allocation the mask is re-applied every step.
+* Orthogonality regularizer (§3.1, Eq. 4): ``R = mean over P and Q of ‖PᵀP − I‖_F, ‖QQᵀ − I‖_F``, added to the
+  loss with weight ``orth_reg_weight`` through ``Component.aux_loss`` (``adapters.aux_loss()``, the Trainer
+  callback).
+
+Rank allocation is adapter-wide: the scores of every site meet in the adapter's :class:`RankAllocator` (a
+:class:`~adapterkit.component.Bank`), which acts once per ``adapters.step()``. It follows peft 0.21's
+``AdaLoraModel.update_and_allocate`` step for step (same schedule, scores, threshold and masking, called with the
+same step index), and needs the step's gradients: call ``adapters.step()`` after ``optimizer.step()`` and before
+``zero_grad()`` (the Trainer callback does). ``total_step`` may be left None when training with the callback (it
+takes the Trainer's ``max_steps``) or ``adapters.begin_training(total_steps)``. The importance averages are training
+state and are not saved (nor does peft save them): a resumed run restarts them, as peft would.
+
+The kept triplets are a persistent buffer ``rank_mask`` (saved natively; peft files carry them as
+``rank_pattern`` and hold only the kept rows). Works on ``nn.Linear`` and GPT-2 ``Conv1D``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backends import backend_for
+from ..component import Bank, Component
+from ..config import AdapterConfig, register
+
+PUBLIC = ("AdaLoRA",)
+__all__ = ["AdaLoRA", "AdaLoRALinear", "RankAllocator"]
+
+
+def _int(v: Any, minimum: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+
+
+@register("adalora")
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AdaLoRA(AdapterConfig):
+    """Adaptive-budget SVD adaptation of linear-like modules (peft's ``AdaLoraConfig`` fields and defaults).
+
+    Args:
+        init_r: initial rank of every weight's update (peft ``init_r``).
+        target_r: average rank left at the end (``target_r · n`` triplets over the ``n`` adapted weights).
+        alpha: scaling numerator, ``s = alpha / (init_r + 1e-5)`` (peft ``lora_alpha``; ``<= 0`` means ``init_r``).
+        dropout: dropout probability on the branch input.
+        tinit: warm-up steps without pruning.
+        tfinal: final steps at the target budget (no more reallocation).
+        delta_t: steps between two allocations (peft ``deltaT``).
+        beta1: EMA coefficient of the sensitivity (0 < β₁ < 1).
+        beta2: EMA coefficient of the uncertainty (0 < β₂ < 1).
+        orth_reg_weight: weight of the orthogonality regularizer (>= 0; 0 turns it off).
+        total_step: number of training steps (None: taken from ``adapters.begin_training``/the Trainer).
+        init_weights: False starts Λ ~ N(0, 1) and P, Q ~ N(0, 0.1²) (not an identity; for tests).
+        targets: default ``["attn.q", "attn.v"]`` (``"attn.qkv"`` on GPT-2).
+    """
+
+    init_r: int = 12
+    target_r: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    tinit: int = 0
+    tfinal: int = 0
+    delta_t: int = 1
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
+    total_step: int | None = None
+    init_weights: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not _int(self.init_r, 1):
+            raise ValueError(f"AdaLoRA init_r must be a positive integer, got init_r={self.init_r!r}")
+        if not _int(self.target_r, 1) or self.target_r > self.init_r:
+            raise ValueError(
+                f"AdaLoRA target_r must be an integer in [1, init_r={self.init_r}], got target_r={self.target_r!r}"
+            )
+        for name in ("tinit", "tfinal"):
+            if not _int(getattr(self, name), 0):
+                raise ValueError(f"AdaLoRA {name} must be a non-negative integer, got {getattr(self, name)!r}")
+        if not _int(self.delta_t, 1):
+            raise ValueError(f"AdaLoRA delta_t must be a positive integer, got delta_t={self.delta_t!r}")
+        for name in ("beta1", "beta2"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+                raise ValueError(f"AdaLoRA {name} must be in (0, 1), got {v!r}")
+        if (
+            isinstance(self.orth_reg_weight, bool)
+            or not isinstance(self.orth_reg_weight, (int, float))
+            or (self.orth_reg_weight < 0)
+        ):
+            raise ValueError(f"AdaLoRA orth_reg_weight must be a number >= 0, got {self.orth_reg_weight!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
+            raise ValueError(f"AdaLoRA alpha must be a number, got alpha={self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"AdaLoRA dropout must be in [0, 1), got {self.dropout!r}")
+        if self.total_step is not None:
+            if not _int(self.total_step, 1):
+                raise ValueError(f"AdaLoRA total_step must be a positive integer or None, got {self.total_step!r}")
+            self.check_schedule(self.total_step)
+
+    def check_schedule(self, total_step: int) -> None:
+        """Raise ValueError unless the schedule leaves a budgeting phase (``tinit < total_step − tfinal``)."""
+        if self.tinit >= total_step - self.tfinal:
+            raise ValueError(
+                f"AdaLoRA's schedule leaves no budgeting phase: tinit={self.tinit} must be < total_step - tfinal = "
+                f"{total_step} - {self.tfinal}; decrease tinit/tfinal or train for more steps"
+            )
+
+    def default_targets(self, roles: Mapping[str, Any]) -> tuple[str, ...]:
+        return ("attn.qkv",) if "attn.q" not in roles and "attn.qkv" in roles else ("attn.q", "attn.v")
+
+    def accepts(self, module: nn.Module) -> bool:
+        backend = backend_for(module)
+        return backend is not None and backend.kind == "linear"
+
+    @property
+    def scaling(self) -> float:
+        """``alpha / (init_r + 1e-5)`` (peft's ``scaling / (ranknum + 1e-5)``)."""
+        return (self.alpha if self.alpha > 0 else float(self.init_r)) / (self.init_r + 1e-5)
+
+    def build(self, module: nn.Module, name: str, allocator: RankAllocator | None = None) -> Component:
+        if not self.accepts(module):
+            raise TypeError(
+                f"AdaLoRA cannot act on {name!r} ({type(module).__name__}): it supports nn.Linear and Conv1D"
+            )
+        return AdaLoRALinear(self, module, allocator if allocator is not None else RankAllocator(self))
+
+    def build_all(
+        self, modules: Mapping[str, nn.Module], targets: list[str], select: Callable[[Sequence[Any]], list[str]]
+    ) -> dict[str, Component]:
+        allocator = RankAllocator(self)  # the budget is shared by every adapted weight
+        return {n: self.build(modules[n], n, allocator) for n in targets}
+
+
+class RankAllocator(Bank):
+    """The adapter-wide budget: importance averages of every site and the allocation (peft's ``RankAllocator``).
+
+    Holds no saved tensors: the kept triplets live in each component's ``rank_mask``."""
+
+    def __init__(self, cfg: AdaLoRA) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.total_step = cfg.total_step
+        self.last_step: int | None = None
+        self.reset_ipt()
+
+    def reset_ipt(self) -> None:
+        self.ipt: dict[tuple[int, str], torch.Tensor] = {}
+        self.exp_avg_ipt: dict[tuple[int, str], torch.Tensor] = {}
+        self.exp_avg_unc: dict[tuple[int, str], torch.Tensor] = {}
+
+    def extra_repr(self) -> str:
+        return f"{len(self.members)} weights, total_step={self.total_step}"
+
+    def begin(self, total_steps: int | None) -> None:
+        if self.cfg.total_step is None and total_steps is not None:
+            self.cfg.check_schedule(total_steps)
+            self.total_step = total_steps
+
+    # --- the schedule (peft's budget_schedule) ----------------------------------------------------------------
+    @property
+    def init_bgt(self) -> int:
+        return sum(c.lora_A.shape[0] for c in self.members)
+
+    @property
+    def target_bgt(self) -> int:
+        return self.cfg.target_r * len(self.members)
+
+    def budget(self, step: int) -> tuple[int, bool]:
+        """``(budget, allocate now)`` at ``step`` (Eq. 11: cubic decrease between ``tinit`` and ``T − tfinal``)."""
+        tinit, tfinal, total = self.cfg.tinit, self.cfg.tfinal, self.total_step
+        if step <= tinit:
+            return self.init_bgt, False
+        if step > total - tfinal:
+            return self.target_bgt, True
+        mul = 1 - (step - tinit) / (total - tfinal - tinit)
+        return int((self.init_bgt - self.target_bgt) * (mul**3) + self.target_bgt), step % self.cfg.delta_t == 0
+
+    # --- one optimizer step (peft's update_and_allocate) -------------------------------------------------------
+    def on_step(self, step: int) -> None:
+        if step == self.last_step:  # every site calls it; the adapter acts once
+            return
+        if self.total_step is None:
+            raise ValueError(
+                "AdaLoRA needs total_step to schedule its budget: set AdaLoRA(total_step=...), or call "
+                "adapters.begin_training(total_steps) before training (the Trainer callback passes max_steps)"
+            )
+        final = self.total_step - self.cfg.tfinal
+        with torch.no_grad():
+            if step < final:
+                self.update_ipt()
+                budget, allocate = self.budget(step)
+                if allocate:
+                    self.mask_to_budget(budget)
+            elif step == final:
+                self.mask_to_budget(self.budget(step)[0])
+                self.reset_ipt()
+            else:
+                for c in self.members:
+                    c.lora_E.masked_fill_(~c.rank_mask.view(-1, 1), 0.0)
+        self.last_step = step
+
+    def _params(self, c: AdaLoRALinear) -> tuple[tuple[str, nn.Parameter], ...]:
+        return (("A", c.lora_A), ("B", c.lora_B), ("E", c.lora_E))
+
+    def update_ipt(self) -> None:
+        """Sensitivity ``|w ∂L/∂w|`` and its smoothed mean and uncertainty for every entry (Eq. 8-9)."""
+        b1, b2 = self.cfg.beta1, self.cfg.beta2
+        for i, c in enumerate(self.members):
+            for key, p in self._params(c):
+                if p.grad is None:
+                    raise RuntimeError(
+                        "AdaLoRA scores its weights by their gradients, but they are gone at adapters.step(): call it "
+                        "after optimizer.step() and before optimizer.zero_grad() (the Trainer callback does)"
+                    )
+                k = (i, key)
+                if k not in self.ipt:
+                    self.ipt[k] = torch.zeros_like(p)
+                    self.exp_avg_ipt[k] = torch.zeros_like(p)
+                    self.exp_avg_unc[k] = torch.zeros_like(p)
+                self.ipt[k] = (p * p.grad).abs().detach()
+                self.exp_avg_ipt[k] = b1 * self.exp_avg_ipt[k] + (1 - b1) * self.ipt[k]
+                self.exp_avg_unc[k] = (
+                    b2 * self.exp_avg_unc[k] + (1 - b2) * (self.ipt[k] - self.exp_avg_ipt[k]).abs()
+                )
+
+    def _score(self, k: tuple[int, str]) -> torch.Tensor:
+        return self.exp_avg_ipt[k] * self.exp_avg_unc[k]
+
+    def mask_to_budget(self, budget: int) -> None:
+        """Zero Λ of the lowest-scoring triplets over all weights so that ``budget`` remain (Eq. 10)."""
+        if not self.exp_avg_ipt:
+            return  # nothing scored yet (a run resumed right at the final allocation)
+        triplets = []
+        for i in range(len(self.members)):
+            s_A = self._score((i, "A")).mean(dim=1, keepdim=True)  # (r, 1)
+            s_B = self._score((i, "B")).mean(dim=0, keepdim=False).view(-1, 1)  # (r, 1)
+            s_AB = torch.cat([s_A, s_B], dim=1).sum(dim=1)
+            triplets.append(self._score((i, "E")).view(-1) + s_AB.view(-1))
+        k = self.init_bgt - budget
+        threshold = torch.kthvalue(torch.cat(triplets), k=k)[0].item() if k > 0 else float("-inf")
+        for c, s in zip(self.members, triplets, strict=True):
+            drop = s <= threshold
+            c.lora_E.masked_fill_(drop.view(-1, 1), 0.0)
+            c.rank_mask.copy_(~drop)
+
+    def pattern(self) -> dict[int, list[bool]]:
+        """Index of each member -> kept triplets."""
+        return {i: c.rank_mask.tolist() for i, c in enumerate(self.members)}
+
+
+class AdaLoRALinear(Component):
+    """AdaLoRA on a linear-like module: ``y + s · ((dropout(x) Qᵀ ⊙ Λᵀ) Pᵀ)``.
+
+    Shapes: ``x: (..., in)``, ``y: (..., out)``, ``lora_A (Q): (init_r, in)``, ``lora_E (Λ): (init_r, 1)``,
+    ``lora_B (P): (out, init_r)``, ``rank_mask: (init_r,)`` bool (the triplets the allocation kept).
+    """
+
+    mergeable = True
+    additive = True
+    scheduled = True
+
+    def __init__(self, cfg: AdaLoRA, module: nn.Module, allocator: RankAllocator) -> None:
+        super().__init__()
+        in_dim, out_dim = backend_for(module).dims(module)
+        weight = module.weight
+        factory = {"device": weight.device, "dtype": weight.dtype if weight.is_floating_point() else torch.float32}
+        r = cfg.init_r
+        self.lora_A = nn.Parameter(torch.empty(r, in_dim, **factory))
+        self.lora_E = nn.Parameter(torch.empty(r, 1, **factory))
+        self.lora_B = nn.Parameter(torch.empty(out_dim, r, **factory))
+        self.register_buffer("rank_mask", torch.ones(r, dtype=torch.bool, device=weight.device))
+        self.scaling = cfg.scaling
+        self.orth_reg_weight = float(cfg.orth_reg_weight)
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else None
+        self._random = not cfg.init_weights
+        self.share(allocator, "allocator")
+
+    def extra_repr(self) -> str:
+        kept = int(self.rank_mask.sum())
+        return f"init_r={self.lora_A.shape[0]}, kept={kept}, scaling={self.scaling:g}"
+
+    @torch.no_grad()
+    def initialize(self, module: nn.Module) -> None:
+        if self._random:
+            self.lora_E.normal_()
+            self.lora_A.normal_(std=0.1)
+            self.lora_B.normal_(std=0.1)
+            return
+        nn.init.zeros_(self.lora_E)
+        nn.init.normal_(self.lora_A, mean=0.0, std=0.02)
+        nn.init.normal_(self.lora_B, mean=0.0, std=0.02)
+
+    # --- training-time hooks -----------------------------------------------------------------------------------
+    def on_train_begin(self, total_steps: int | None, step: int = 0) -> None:
+        self.allocator.begin(total_steps)
+
+    def on_step(self, step: int) -> None:
+        self.allocator.on_step(step)
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """This site's share of the orthogonality regularizer: ``w (‖QQᵀ − I‖_F + ‖PᵀP − I‖_F) / (2 n)`` (the
+        adapter's sum is peft's mean over its ``2 n`` factors)."""
+        if self.orth_reg_weight == 0:
+            return None
+        A, B = self.lora_A, self.lora_B
+        eye = torch.eye(A.shape[0], device=A.device, dtype=A.dtype)
+        reg = torch.norm(A @ A.T - eye, p="fro") + torch.norm(B.T @ B - eye, p="fro")
+        return reg * (self.orth_reg_weight / (2 * len(self.allocator.members)))
+
+    # --- forward / merge ---------------------------------------------------------------------------------------
+    def post(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x = x if self.dropout is None else self.dropout(x)
+        h = F.linear(x.to(self.lora_A.dtype), self.lora_A * self.lora_E)  # (..., r)
+        return y + (F.linear(h, self.lora_B) * self.scaling).to(y.dtype)
+
+    def delta_weight(self, module: nn.Module) -> torch.Tensor:
+        """``s · P (Λ ⊙ Q)``: ``(out, in)``."""
+        return (self.lora_B.detach() @ (self.lora_A.detach() * self.lora_E.detach())) * self.scaling
