@@ -516,12 +516,22 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
     use_cpu = o["cpu"] or not torch.cuda.is_available()
     args = _training_args(o, out, task, metric, greater, use_cpu)
     num_labels = len(splits.labels or [None])
+    optimizers: tuple[Any, Any] = (None, None)
+    if o.get("loraplus_ratio"):  # LoRA+ (Hayou et al. 2024): B's learning rate = ratio x --lr
+        if o["fsdp"]:
+            raise ValueError("--loraplus-ratio cannot be combined with --fsdp yet: drop one of them")
+        optimizers = (
+            ak.loraplus_optimizer(
+                adapters, torch.optim.AdamW, lr=o["lr"], ratio=o["loraplus_ratio"], weight_decay=o["weight_decay"]
+            ),
+            None,
+        )
     trainer = AdapterTrainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=dev_set,
         data_collator=D.collator(tokenizer, task),
         compute_metrics=compute_metrics_for(task, splits.regression, num_labels),
         preprocess_logits_for_metrics=None if task == "classify" else argmax_logits,
-        adapters=adapters, adapter_name=name, fsdp=o["fsdp"],
+        adapters=adapters, adapter_name=name, fsdp=o["fsdp"], optimizers=optimizers,
     )  # fmt: skip
     from ..trainer import AdapterCallback
 
