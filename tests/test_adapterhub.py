@@ -69,6 +69,7 @@ def _model_class(family: str):
         "distilbert": transformers.DistilBertModel,
         "t5": transformers.T5EncoderModel,
         "bart": transformers.BartModel,
+        "vit": transformers.ViTModel,  # saved with transformers 4.57's module names, loaded with 5's
     }[family]
 
 
@@ -77,7 +78,7 @@ def _base(family: str) -> torch.nn.Module:
     from transformers.utils import logging
 
     logging.set_verbosity_error()  # the load report of a bare BertModel saved without its pooler
-    kwargs = {"add_pooling_layer": False} if family == "bert" else {}
+    kwargs = {"add_pooling_layer": False} if family in ("bert", "vit") else {}
     return _model_class(family).from_pretrained(str(FIXTURES / "base" / family), **kwargs).eval()
 
 
@@ -91,8 +92,13 @@ def expected(case: str) -> dict[str, torch.Tensor]:
 
 def run(model: torch.nn.Module, exp: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """``(output, hidden)`` as the fixture script records them (logits or last hidden state; last hidden state)."""
+    inputs = (
+        {"pixel_values": exp["pixel_values"]}
+        if "pixel_values" in exp
+        else {"input_ids": exp["input_ids"], "attention_mask": exp["attention_mask"]}
+    )
     with torch.no_grad():
-        out = model(input_ids=exp["input_ids"], attention_mask=exp["attention_mask"], output_hidden_states=True)
+        out = model(**inputs, output_hidden_states=True)
     states = out.hidden_states if getattr(out, "hidden_states", None) is not None else out.decoder_hidden_states
     hidden = states[-1]  # BartModel: the decoder's
     return (out.logits if hasattr(out, "logits") else hidden), hidden
@@ -116,7 +122,7 @@ ALL = [
 
 def test_base_models_match_the_fixture_writer():
     """The base models alone give transformers 4.57's outputs: any difference below is the adapter's."""
-    for family in ("bert", "bertcls", "gpt2", "llama", "distilbert", "t5", "bart"):
+    for family in ("bert", "bertcls", "gpt2", "llama", "distilbert", "t5", "bart", "vit"):
         exp = load_file(str(FIXTURES / "base" / family / "expected.safetensors"))
         out, hidden = run(fresh(family), exp)
         assert (out - exp["output"]).abs().max() <= TOL
