@@ -392,3 +392,21 @@ def test_all_linear_warning_leaves_out_what_target_parameters_names():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         select(model, ["all-linear"], parameters=[*EXPERTS, "gate.weight"], **kw)
+
+
+def test_gradient_checkpointing_recomputes_with_the_adapter():
+    """Recomputation in backward calls the experts again: the same request/override path, the same gradients."""
+
+    def grads(checkpointing: bool) -> list[torch.Tensor]:
+        model, adapters = ours("mixtral", ak.LoRA(targets=[], target_parameters=EXPERTS))
+        adapters.train("a")
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        x = inputs()
+        model(**x, labels=x["input_ids"]).loss.backward()
+        _assert_parameters_in_place(model)
+        return [p.grad for p in adapters.parameters("a")]
+
+    for a, b in zip(grads(False), grads(True), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6)
