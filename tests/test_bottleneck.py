@@ -561,3 +561,28 @@ def test_schema_1_configs_meant_the_projection_hook():
                                                       "schema_version")}  # fmt: skip
     assert ak.Bottleneck.migrate(old, 1)["hook"] == "projection"
     assert "hook" not in ak.Bottleneck.migrate(old, 2)
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "t5", "vit", "bart"])
+def test_sublayer_roles_pair_up_in_every_family(family):
+    """Every sub-layer gets the residual source and (post-LN only) the norm of its own layer and sub-layer."""
+    model, adapters, x = _setup(family)
+    adapters.add(
+        "a", ak.Bottleneck(placement="houlsby", cross_adapter=family in ("t5", "bart"), init_weights=False)
+    )
+    comps = adapters.components("a")
+    subs = {n: c for n, c in comps.items() if isinstance(c, SublayerBottleneck)}
+    taps = {n: c for n, c in comps.items() if isinstance(c, ResidualTap)}
+    # attention and FFN per layer (2 layers); T5/BART: 2 encoder + 2 decoder layers, the decoder's with cross-attention
+    assert len(subs) == (2 * 2 + 2 * 3 if family in ("t5", "bart") else 2 * 2)
+    post_ln = family in ("bert", "bart")
+    for name, comp in subs.items():
+        assert (comp.norm is not None) == post_ln, name
+        source = name if comp.own_input else comp.holder.source
+        assert layer_index(source) == layer_index(name)
+        assert source.split(".")[0] == name.split(".")[0]  # encoder with encoder, decoder with decoder
+        if not comp.own_input:
+            assert comp.holder in taps[source].holders
+    with torch.no_grad():
+        output_of(model, x)
+    assert all(c.holder.value is None for c in subs.values())  # every tapped residual was used

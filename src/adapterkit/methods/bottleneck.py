@@ -7,7 +7,18 @@ two-layer network with a skip connection, inserted into a frozen model::
     │                                                               (+) ──► h' = h + s · up(act(down(h)))
     └───────────────────────────────────────────────────────────────┘
 
-``m = d // reduction_factor`` (or ``bottleneck_size``). Where it sits (``placement``):
+``m = d // reduction_factor`` (or ``bottleneck_size``).
+
+What the hooks see (``hook``). ``"sublayer"`` (the default, AdapterHub's ``BottleneckLayer``): the adapter sits on a
+block's residual sub-layer ``out = norm?(f + r)`` and sees the sub-layer output ``f``, its residual ``r`` and, on
+post-LN blocks, the block's LayerNorm, so AdapterHub's ``original_ln_before``/``original_ln_after``/
+``residual_before_ln`` arrangements are available and the presets mean exactly AdapterHub's configs (equations and
+hooks in :mod:`~adapterkit.methods.bottleneck_sublayer`; the profile roles ``attn.sublayer``, ``ffn.sublayer``,
+``cross.sublayer`` with their ``.residual`` and ``.norm``). ``"projection"`` (adapterkit's placement before schema
+2): the adapter acts on one module's output, as described below; the block's residual and norm stay where they are.
+
+Where it sits (``placement``; the roles named are ``hook="projection"``'s, with ``hook="sublayer"`` the same
+sub-layers' ``*.sublayer`` modules):
 
 * ``"houlsby"`` (Houlsby §2.1, Fig. 2; AdapterHub ``double_seq_bn``): sequentially on the output of the
   attention output projection *and* of the FFN output projection (roles ``attn.out``, ``ffn.down``), before the
@@ -29,8 +40,7 @@ Options (AdapterHub ``BnConfig`` names where they exist):
   ``adapter_residual_before_ln`` the adapter's own skip connection is added before ``ln_after``
   (``h' = LN(h + s·f(h))``, not an identity at init) instead of after it (``h' = h + LN(s·f(h))``).
   AdapterHub's ``original_ln_before``/``original_ln_after``/``residual_before_ln`` re-arrange the *model's* residual
-  and layer norm around the adapter; a hook on the projection output does not see those, so adapterkit always
-  uses Houlsby's arrangement (adapter on the projection output, model residual + LN after it).
+  and layer norm around the adapter: ``hook="sublayer"`` only (a hook on the projection output does not see them).
 * ``scaling`` (He et al. §3.3 "scaled parallel adapter", s = 4): a constant, or trainable with
   ``scaling_mode="learned"`` (one scalar starting at ``scaling``) or ``"channel"`` (one per output feature).
 * Compacter (Karimi Mahabadi et al. 2021, "Compacter: Efficient Low-Rank Hypercomplex Adapter Layers", §3): with
@@ -51,11 +61,14 @@ sequential placements and Kaiming-uniform for the parallel one (He et al.'s MAM 
 ``init_weights="mam_adapter"``). AdapterHub's default ``"bert"`` init (N(0, 0.02) for both) is not an identity.
 ``init_weights=False`` starts every weight random (for tests).
 
-Presets (AdapterHub's names and defaults): ``seq_bn`` (alias ``pfeiffer``: Pfeiffer placement, reduction 16,
-ReLU), ``double_seq_bn`` (alias ``houlsby``: reduction 16, swish), ``par_bn`` (parallel, reduction 2, ReLU,
-scaling 4, as AdapterHub's ``ParBnConfig`` and He et al.'s scaled parallel adapter), ``compacter`` (Houlsby
-placement) and ``compacter++`` (Pfeiffer placement), both reduction 32, GELU, ``phm_dim=4``, shared rule,
-factorized ``B_i`` of rank 1.
+Presets (AdapterHub's names, defaults and placement, ``hook="sublayer"``): ``seq_bn`` (alias ``pfeiffer``:
+``SeqBnConfig``: FFN sub-layer, ``original_ln_before``, reduction 16, ReLU: on post-LN blocks the block's LayerNorm
+runs before the adapter and again after it), ``double_seq_bn`` (alias ``houlsby``: ``DoubleSeqBnConfig``: attention
+and FFN sub-layers on ``f``, reduction 16, swish), ``par_bn`` (``ParBnConfig``: parallel to the FFN sub-layer,
+reading its residual ``r``, i.e. the input of the pre-norm on pre-LN blocks; reduction 2, ReLU, scaling 4, He et
+al.'s scaled parallel adapter), ``compacter`` (``CompacterConfig``: DoubleSeqBn-based) and ``compacter++``
+(``CompacterPlusPlusConfig``: SeqBn-based), both reduction 32, GELU, ``phm_dim=4``, shared rule, factorized ``B_i``
+of rank 1. ``hook="projection"`` on any preset gives the placement these presets had before.
 
 Bottleneck adapters are not mergeable (the non-linearity sits between the projections). The FFN-input tap of a
 parallel adapter on a split FFN reads its module's input in the post hook (not a pre hook), so it works under every
@@ -169,8 +182,8 @@ class Bottleneck(AdapterConfig):
         init_weights: True: exact identity at init (zero up projection); False: random (for tests).
         hook: ``"sublayer"`` (default; AdapterHub's ``BottleneckLayer``): the adapter sits on a block's residual
             sub-layer and sees its output ``f``, its residual ``r`` and, on post-LN blocks, its LayerNorm (module
-            :mod:`~adapterkit.methods.bottleneck_sublayer`). ``"projection"`` (adapterkit < 0.x behaviour): the
-            adapter acts on one module's output (the projection; a parallel adapter reads the FFN's input), where
+            :mod:`~adapterkit.methods.bottleneck_sublayer`). ``"projection"`` (the placement of config schema 1):
+            the adapter acts on one module's output (the projection; a parallel adapter reads the FFN's input), where
             the ``original_ln_*`` options below do not exist.
         original_ln_before: sublayer hook, sequential: the adapter reads ``norm?(f + r)`` (the block's own residual
             and LayerNorm, applied again after the adapter) instead of ``f``. None: True for ``pfeiffer``
