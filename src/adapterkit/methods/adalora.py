@@ -335,7 +335,14 @@ class AdaLoRALinear(Component):
     def post(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x = x if self.dropout is None else self.dropout(x)
         h = F.linear(x.to(self.lora_A.dtype), self.lora_A * self.lora_E)  # (..., r)
-        return y + (F.linear(h, self.lora_B) * self.scaling).to(y.dtype)
+        B = self.lora_B
+        if y.dtype != B.dtype:
+            return y + (F.linear(h, B) * self.scaling).to(y.dtype)
+        # one fused GEMM, y + s · h Bᵀ (as LoRA; in place on the base output under no_grad)
+        y2, h2 = y.reshape(-1, B.shape[0]), h.reshape(-1, B.shape[1])
+        if torch.is_grad_enabled():
+            return torch.addmm(y2, h2, B.t(), alpha=self.scaling).view(y.shape)
+        return y2.addmm_(h2, B.t(), alpha=self.scaling).view(y.shape)
 
     def delta_weight(self, module: nn.Module) -> torch.Tensor:
         """``s · P (Λ ⊙ Q)``: ``(out, in)``."""
