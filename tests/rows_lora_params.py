@@ -43,9 +43,9 @@ MODEL_FACTORIES.setdefault("qwen2_moe", tiny_qwen2_moe)
 EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
 
 ROWS = [
-    # experts only (peft: target_modules=[], target_parameters=[...])
-    ("mixtral-experts", "mixtral", ak.LoRA(r=2, targets=[], target_parameters=EXPERTS)),
-    # experts + router + the default attention targets, rsLoRA, a per-parameter rank
+    # experts only (as peft, no module target when only target_parameters is given)
+    ("mixtral-experts", "mixtral", ak.LoRA(r=2, target_parameters=EXPERTS)),
+    # experts + router + attention modules, rsLoRA, a per-parameter rank
     (
         "mixtral-experts-router-attn",
         "mixtral",
@@ -53,6 +53,7 @@ ROWS = [
             r=4,
             alpha=8,
             rslora=True,
+            targets=["q_proj", "v_proj"],
             target_parameters=[*EXPERTS, "mlp.gate.weight"],
             rank_pattern={"down_proj": 2},
         ),

@@ -410,3 +410,19 @@ def test_gradient_checkpointing_recomputes_with_the_adapter():
 
     for a, b in zip(grads(False), grads(True), strict=True):
         torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6)
+
+
+def test_target_parameters_alone_adapt_no_module_as_peft():
+    from peft import LoraConfig, get_peft_model
+
+    reference = get_peft_model(make("mixtral"), LoraConfig(r=2, target_parameters=["experts.gate_up_proj"]))
+    wrapped = sorted(
+        {
+            n.split(".lora_A")[0][len("base_model.model.") :]
+            for n, _ in reference.named_parameters()
+            if ".lora_A" in n
+        }
+    )
+    assert (
+        ak.attach(make("mixtral")).plan(ak.LoRA(r=2, target_parameters=["experts.gate_up_proj"])).sites == wrapped
+    )

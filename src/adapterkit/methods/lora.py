@@ -127,8 +127,8 @@ class LoRA(AdapterConfig):
             fused ``"attn.qkv"`` on models that have no separate projections (GPT-2).
         target_parameters: parameters adapted in place of modules (peft's field), e.g.
             ``["experts.gate_up_proj", "experts.down_proj"]`` for MoE experts stored as 3-D tensors, or a router's
-            ``"mlp.gate.weight"``; names or dotted suffixes. Added to ``targets`` (``targets=[]``: parameters only).
-            See ``methods/lora_params.py``.
+            ``"mlp.gate.weight"``; names or dotted suffixes, adapted besides ``targets`` (which then default to
+            none, as in peft). See ``methods/lora_params.py``.
     """
 
     r: int = 8
@@ -153,6 +153,8 @@ class LoRA(AdapterConfig):
         lora_params.check_config(self)  # parameter targets (MoE experts, routers): methods/lora_params.py
 
     def default_targets(self, roles: Mapping[str, Any]) -> tuple[str, ...]:
+        if self.target_parameters:  # as peft: target_parameters without targets adapts no module
+            return ()
         return ("attn.qkv",) if "attn.q" not in roles and "attn.qkv" in roles else ("attn.q", "attn.v")
 
     def accepts(self, module: nn.Module) -> bool:
@@ -417,7 +419,8 @@ class LoRALinear(_LoRABase):
 
     @classmethod
     def routed(cls, comps: list[Component | None], plan: Any, x: torch.Tensor, y: torch.Tensor, key: Any) -> Any:
-        """Per-row routing as two batched matmuls over factors stacked as ``(G + 1, in, r_max)`` and
+        """Per-row routing. Without gradients (serving), :meth:`_routed_buckets`. With gradients (training on a
+        mixed batch), two batched matmuls over factors stacked as ``(G + 1, in, r_max)`` and
         ``(G + 1, r_max, out)`` (ranks zero-padded to ``r_max``, scaling folded into B; the last entry, and
         adapters absent from this site, are zeros for rows of the base model).
 
@@ -432,6 +435,8 @@ class LoRALinear(_LoRABase):
             return None
         ref = live[0]
         r_max = max(c.r for c in live)
+        if not torch.is_grad_enabled() and y.is_contiguous():
+            return cls._routed_buckets(comps, plan, x.to(ref.lora_A.dtype), y, key)
 
         def build() -> tuple[torch.Tensor, torch.Tensor]:
             in_dim, out_dim = ref.lora_A.shape[1], ref.out_dim
@@ -456,6 +461,38 @@ class LoRALinear(_LoRABase):
         G = len(plan.adapters)
         h = torch.bmm(plan.gather(x), A[:G])  # (G, m * L, r_max)
         return plan.scatter_bmm(y, h, B[:G])
+
+    @staticmethod
+    def _routed_buckets(
+        comps: list[Component | None], plan: Any, x: torch.Tensor, y: torch.Tensor, key: Any
+    ) -> Any:
+        """Routing without gradients (serving: prefill and decode): rows bucketed by rank (no zero-padded
+        ranks), each bucket one ``bmm`` pair over slots of a few rows (``RoutePlan.buckets``) against the
+        slots' own factors, stacked once per plan (the engine keeps a plan while its rows stay), never per set
+        of adapters (which changes at almost every step of continuous batching).
+        ``x: (batch, *rest, in)``, ``y: (batch, *rest, out)``, updated in place."""
+        batch, length = y.shape[0], y[0].numel() // y.shape[-1]
+        x3, y3 = x.reshape(batch, length, -1), y.view(batch, length, -1)
+        for bucket in plan.buckets(tuple(c.r if c is not None else None for c in comps)):
+            slot = [comps[g] for g in bucket.slots]
+
+            def build(slot: list[Any] = slot) -> tuple[torch.Tensor, torch.Tensor, Any]:
+                A = torch.stack([c.lora_A for c in slot]).mT  # (T, in, r)
+                B = torch.stack([c.lora_B for c in slot]).mT  # (T, r, out)
+                scales = {c.scaling for c in slot}
+                s = scales.pop() if len(scales) == 1 else torch.tensor([c.scaling for c in slot]).view(-1, 1, 1)
+                return A, B, s
+
+            A, B, s = plan.stacked((key, bucket.key), build, per_plan=True)
+            h = torch.bmm(x3.index_select(0, bucket.index).view(len(slot), -1, x3.shape[-1]), A)
+            if isinstance(s, torch.Tensor):
+                h.mul_(s.to(h.dtype))
+                s = 1.0
+            d = torch.bmm(h, B).view(-1, length, y3.shape[-1])
+            if bucket.real is not None:
+                d = d.index_select(0, bucket.real)
+            y3.index_add_(0, bucket.rows, d.to(y3.dtype), alpha=s)
+        return y
 
 
 class LoRAEmbedding(_LoRABase):
