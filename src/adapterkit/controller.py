@@ -118,6 +118,7 @@ class _Reading:
 class _Record:
     config: AdapterConfig
     kinds: dict[str, str]  # module name -> kind
+    scheduled: bool = False  # some component (or part of one) has ``Component.scheduled``
 
 
 class Adapters:
@@ -294,7 +295,10 @@ class Adapters:
     def _install(self, name: str, plan: Plan, modules: dict[str, nn.Module]) -> None:
         """Attach a plan's (initialized) components as adapter ``name`` and record it."""
         self._place(name, {m: c for m, (_, c) in plan.components.items()}, modules)
-        self._records[name] = _Record(plan.config, {n: k for n, (k, _) in plan.components.items()})
+        scheduled = any(
+            isinstance(m, Component) and m.scheduled for _, c in plan.components.values() for m in c.modules()
+        )
+        self._records[name] = _Record(plan.config, {n: k for n, (k, _) in plan.components.items()}, scheduled)
         if not self.state.default:
             self.state.default = (name,)
         self._sync_step_check()
@@ -613,7 +617,8 @@ class Adapters:
         forward."""
         watched = [
             (n, p, p._version)
-            for n in self._records
+            for n, record in self._records.items()
+            if record.scheduled
             for _, c in self._parts(n)
             if c.scheduled
             for p in c.parameters()
