@@ -426,3 +426,14 @@ def test_target_parameters_alone_adapt_no_module_as_peft():
     assert (
         ak.attach(make("mixtral")).plan(ak.LoRA(r=2, target_parameters=["experts.gate_up_proj"])).sites == wrapped
     )
+
+
+def test_module_selectors_that_name_parameters_say_how_to_reach_them():
+    adapters = ak.attach(make("mixtral"))
+    with pytest.raises(
+        ak.TargetError, match=r"names the parameter .*gate_up_proj.*target_parameters=\['experts\.gate_up_proj'\]"
+    ):
+        adapters.plan(ak.LoRA(targets=["gate_up_proj"]))
+    # transformers 4 names of Mixtral's experts (w1/w2/w3) match no module here
+    with pytest.raises(ak.TargetError, match=r"MoE experts are 3-D parameters.*target_parameters=\["):
+        adapters.plan(ak.LoRA(targets=["w1", "w2"]))

@@ -212,6 +212,31 @@ def _no_match_error(sel: Any, modules: dict[str, nn.Module], family: str | None,
     role_text = f" roles for {family}: {', '.join(roles)}." if family else " (this model has no role profile)."
     return TargetError(
         f"unknown target {sel!r}{hint}{role_text} module names end in e.g.: {', '.join(leaves[:12])}"
+        f"{_parameter_hint(sel, modules)}"
+    )
+
+
+def _parameter_hint(sel: Any, modules: dict[str, nn.Module]) -> str:
+    """For a selector that names a parameter rather than a module (``"gate_up_proj"``), or on models whose MoE
+    experts are 3-D parameters (transformers 4 targets such as ``"w1"`` name nothing there): how to reach them."""
+    if not isinstance(sel, str):
+        return ""
+    for m, module in modules.items():
+        for p in module._parameters:
+            key = f"{m}.{p}" if m else p
+            if key == sel or key.endswith("." + sel):
+                leaf = ".".join(key.split(".")[-2:])
+                return (
+                    f". {sel!r} names the parameter {key!r} of a {type(module).__name__}, not a module: LoRA adapts "
+                    f"parameters with target_parameters=[{leaf!r}] (or targets=[{m.rpartition('.')[2]!r}])"
+                )
+    unreached = unreached_parameters(modules)
+    if not unreached:
+        return ""
+    suffixes = list(dict.fromkeys(".".join(k.split(".")[-2:]) for k in unreached))
+    return (
+        f". This model's MoE experts are 3-D parameters, not modules (e.g. {next(iter(unreached))}): LoRA adapts "
+        f"them with target_parameters={suffixes!r}"
     )
 
 
