@@ -120,9 +120,8 @@ class SublayerBottleneck(_BottleneckBase):
         residual: str,
     ) -> None:
         super().__init__(cfg, dim, dim, like, name)
-        self.parallel = (
-            parallel  # read by _BottleneckBase.initialize (Kaiming init of the parallel down projection)
-        )
+        # read by _BottleneckBase.initialize (Kaiming init of the parallel down projection)
+        self.parallel = parallel
         self.site = name
         self.additive = parallel  # f' - f = LN_after?(g(r)): independent of f
         self.__dict__["norm"] = norm  # the block's LayerNorm, by reference: not a submodule of the adapter
@@ -135,7 +134,7 @@ class SublayerBottleneck(_BottleneckBase):
     def extra_repr(self) -> str:
         kind = "parallel" if self.parallel else "sequential"
         where = "own input" if self.own_input else self.holder.source
-        return f"{super().extra_repr()}, {kind}, residual from {where}, norm={'yes' if self.norm else 'no'}"
+        return f"{super().extra_repr()}, {kind}, residual from {where}, norm={'yes' if self.norm is not None else 'no'}"
 
     def _residual(self, args: tuple[Any, ...], kwargs: dict[str, Any], batch: int) -> torch.Tensor:
         if self.own_input:
