@@ -43,6 +43,7 @@ SUPPORTED = {
     "seq_bn_post_add",
     "adapter_plus",
     "par_bn_mh",
+    "double_seq_bn_cross",
 }
 SUPPORTED_CASES = {"llama_seq_bn_inv"}  # the coupling on the token embedding's output
 MISSING = {
