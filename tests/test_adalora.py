@@ -229,3 +229,23 @@ def test_a_wrong_training_loop_gets_clear_errors():
         ak.AdaLoRA(init_r=4, target_r=2, tinit=3, total_step=3)
     with pytest.raises(ValueError, match="target_r"):
         ak.AdaLoRA(init_r=4, target_r=5)
+
+
+def test_trainer_with_the_callback_takes_total_step_and_allocates(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from adapterkit.trainer import AdapterCallback
+
+    model = make_model("llama")
+    adapters = ak.attach(model)
+    adapters.add("a", ak.AdaLoRA(init_r=4, target_r=2))  # total_step from the Trainer's max_steps
+    adapters.train("a")
+    data = [_batch(i) for i in range(4)]
+    data = [{k: v[0] for k, v in b.items()} for b in data]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=1, learning_rate=1e-2,
+                             report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no", disable_tqdm=True,
+                             remove_unused_columns=False)  # fmt: skip
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[AdapterCallback(adapters)]).train()
+    comps = list(adapters.components("a").values())
+    assert comps[0].allocator.total_step == 4 and adapters.global_step == 4
+    assert sum(int(c.rank_mask.sum()) for c in comps) == 2 * len(comps)  # the budget reached target_r per weight
