@@ -35,8 +35,8 @@ Components that transform a module's *input* (``has_pre``) apply in stacking ord
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import torch
 
@@ -194,6 +194,19 @@ def validate(items: Sequence[str | Block]) -> None:
 
 
 # --- per-row routing ---------------------------------------------------------------------------------
+class Bucket(NamedTuple):
+    """One bucket of :meth:`RoutePlan.buckets`: ``slots[t]`` is the adapter (index into ``adapters``) of slot
+    ``t``; ``index`` (``len(slots) * c``) the batch row of each slot position (short slots repeat their last
+    row); ``real`` the positions that count (``None``: all); ``rows`` their batch rows."""
+
+    key: Hashable
+    slots: tuple[int, ...]
+    c: int
+    index: torch.Tensor
+    real: torch.Tensor | None
+    rows: torch.Tensor
+
+
 class RoutePlan:
     """Which rows of a batch run which adapter, laid out for gathered batched matmuls.
 
@@ -211,6 +224,7 @@ class RoutePlan:
         uniform: the adapter name when every row runs that one adapter (sites then run it unrouted), else None.
         cache: per-site stacked weights, reused while no gradient is recorded (e.g. decode steps); the
             controller passes a cache shared by plans over the same adapters with unchanged weights.
+        carry: values kept from plan to plan while what they were built from is unchanged (:meth:`carried`).
     """
 
     def __init__(
@@ -218,7 +232,8 @@ class RoutePlan:
         names: Sequence[str | None],
         device: torch.device,
         order: Sequence[str] | None = None,
-        cache: dict[Any, Any] | None = None,
+        cache: dict[Any, Any] | Callable[[], dict[Any, Any]] | None = None,
+        carry: dict[Any, Any] | None = None,
     ) -> None:
         groups: dict[str, list[int]] = {}
         for row, n in enumerate(names):
@@ -249,8 +264,20 @@ class RoutePlan:
         self.uniform: str | None = self.adapters[0] if len(groups) == 1 and self.m == self.batch else None
         # gathering is a no-op when slots are the batch rows in order
         self.identity = not self.padded and len(slots) == self.batch and slots == list(range(self.batch))
-        self.cache: dict[Any, Any] = {} if cache is None else cache
+        self._cache = cache
+        self.carry: dict[Any, Any] = {} if carry is None else carry
         self.local: dict[Any, Any] = {}
+
+    @property
+    def cache(self) -> dict[Any, Any]:
+        """The shared stacked-weight cache; a callable given as ``cache`` is called on first use (finding the
+        controller's cache for a set of adapters reads every parameter's version: plans whose components
+        never ask for it skip that)."""
+        if self._cache is None:
+            self._cache = {}
+        elif callable(self._cache):
+            self._cache = self._cache()
+        return self._cache
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """``x: (batch, *rest, d)`` -> ``(G, m * prod(rest), d)``."""
@@ -276,6 +303,70 @@ class RoutePlan:
             y.view(len(self.adapters), -1, y.shape[-1]).baddbmm_(h, w)
             return y
         return self.scatter_add(y, torch.bmm(h, w))
+
+    def buckets(self, keys: tuple[Hashable, ...]) -> list[Bucket]:
+        """Rows grouped for batched matmuls without padding the rank or the row count to the batch's largest.
+
+        ``keys[g]`` is adapter ``g``'s shape key at a site (e.g. its LoRA rank), ``None`` where it has nothing
+        there. Adapters with equal keys share a bucket; in a bucket, each adapter's rows are cut into slots of
+        ``c`` rows, ``c`` = the bucket's rows per adapter rounded up, so a popular adapter takes several slots
+        and a rare one pads its slot by at most ``c - 1`` rows (Punica's SGMV does this without padding on
+        GPUs; on CPUs one ``bmm`` over slots is cheaper than a matmul per adapter). Computed once per plan and
+        key tuple (sites with the same keys share it)."""
+        cache_key = ("buckets", keys)
+        found = self.local.get(cache_key)
+        if found is not None:
+            return found
+        rows: list[list[int]] = [[] for _ in keys]
+        for i, g in enumerate(self.row_group.tolist()):
+            if g < len(keys) and keys[g] is not None:
+                rows[g].append(i)
+        by_key: dict[Hashable, list[int]] = {}
+        for g, k in enumerate(keys):
+            if rows[g]:
+                by_key.setdefault(k, []).append(g)
+        device = self.row_group.device
+        out = []
+        for k, gs in by_key.items():
+            c = -(-sum(len(rows[g]) for g in gs) // len(gs))
+            slots: list[int] = []
+            index: list[int] = []
+            real: list[int] = []
+            for g in gs:
+                for start in range(0, len(rows[g]), c):
+                    chunk = rows[g][start : start + c]
+                    slots.append(g)
+                    real += range(len(index), len(index) + len(chunk))
+                    index += chunk + chunk[-1:] * (c - len(chunk))
+            index_t = torch.tensor(index, dtype=torch.long, device=device)
+            padded = len(real) < len(index)
+            real_t = torch.tensor(real, dtype=torch.long, device=device) if padded else None
+            rows_t = index_t.index_select(0, real_t) if real_t is not None else index_t
+            out.append(Bucket(k, tuple(slots), c, index_t, real_t, rows_t))
+        self.local[cache_key] = out
+        return out
+
+    def carried(
+        self, key: Hashable, signature: tuple[Hashable, ...], build: Callable[[], Any], keep: tuple[Any, ...] = ()
+    ) -> Any:
+        """``build()`` for this plan, kept across plans while ``signature`` (ids and versions of what it is built
+        from) stays equal: continuous batching makes a new plan at almost every step, but most sites see the
+        same adapters in the same slots as the step before. One entry per ``key`` in the controller's carry;
+        the entry holds ``keep`` (the objects whose ids the signature names), so no id can be reused while it
+        is kept."""
+        if torch.is_grad_enabled():
+            return build()
+        found = self.local.get(("carried", key))
+        if found is not None:
+            return found
+        entry = self.carry.get(key)
+        if entry is not None and entry[0] == signature:
+            value = entry[1]
+        else:
+            value = build()
+            self.carry[key] = (signature, value, keep)
+        self.local[("carried", key)] = value
+        return value
 
     def stacked(self, key: Any, build: Any, per_plan: bool = False) -> Any:
         """``build()`` once per key while no gradient is recorded (weights cannot change then). ``per_plan``:

@@ -133,6 +133,7 @@ class Adapters:
         self._root_hook: Any = None
         self._sync_lock = threading.Lock()
         self._route_caches: dict[Any, dict[Any, Any]] = {}
+        self._route_carry: dict[Any, Any] = {}  # RoutePlan.carried: stacked weights kept from plan to plan
         # adapter tensors on float16/bfloat16 bases are stored in float32 (peft's autocast_adapter_dtype)
         self.autocast_adapter_dtype = True
         # training-time hooks: optimizer steps told to scheduled components, and what they looked like then
@@ -340,6 +341,8 @@ class Adapters:
             comp.on_detach(site.module, keep_merged=keep_merged)
             self._drop_site_if_empty(mod_name)
         del self._records[name]
+        self._route_caches.clear()  # stacked copies of its weights go with it
+        self._route_carry.clear()
         self.state.default = tuple(i for i in self.state.default if name not in set(names_in(i)))
         self._sync_parallel()
         self._sync_step_check()
@@ -443,7 +446,9 @@ class Adapters:
                 raise ValueError(f"adapter {n!r} is merged into the base weights; unmerge it before routing")
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         used = [n for n in self._records if n in set(names)]
-        with self.state.routed(RoutePlan(names, device, order=used, cache=self._route_cache(used))):
+        with self.state.routed(
+            RoutePlan(names, device, order=used, cache=lambda: self._route_cache(used), carry=self._route_carry)
+        ):
             yield
 
     def _route_cache(self, used: list[str]) -> dict[Any, Any]:

@@ -483,7 +483,9 @@ class LoRALinear(_LoRABase):
                 s = scales.pop() if len(scales) == 1 else torch.tensor([c.scaling for c in slot]).view(-1, 1, 1)
                 return A, B, s
 
-            A, B, s = plan.stacked((key, bucket.key), build, per_plan=True)
+            keep = tuple(p for c in slot for p in (c.lora_A, c.lora_B))
+            sig = tuple((id(p), p._version) for p in keep) + tuple(c.scaling for c in slot)
+            A, B, s = plan.carried(("lora", key, bucket.key), sig, build, keep)
             h = torch.bmm(x3.index_select(0, bucket.index).view(len(slot), -1, x3.shape[-1]), A)
             if isinstance(s, torch.Tensor):
                 h.mul_(s.to(h.dtype))
