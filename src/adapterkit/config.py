@@ -195,6 +195,9 @@ def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
             f"adapter config has schema version {version} but this adapterkit reads up to "
             f"{cls.schema_version} for {method!r}: upgrade adapterkit"
         )
+    migrate = getattr(cls, "migrate", None)
+    if migrate is not None:  # older schema versions in this version's terms
+        data = migrate(data, version)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:

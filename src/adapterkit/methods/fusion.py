@@ -25,6 +25,7 @@ from torch import nn
 from ..backends import backend_for
 from ..component import Component
 from ..config import AdapterConfig, register
+from ..targeting import CONTAINER
 
 PUBLIC = ("Fusion",)
 __all__ = ["Fusion", "FusionLayer"]
@@ -57,13 +58,31 @@ class Fusion(AdapterConfig):
             raise ValueError(f"fusion temperature must be positive, got {self.temperature}")
 
     def accepts(self, module: nn.Module) -> bool:
-        return backend_for(module) is not None
+        return _site_width(module, self.adapters) is not None
 
     def build(self, module: nn.Module, name: str) -> Component:
-        backend = backend_for(module)
-        if backend is None:
-            raise TypeError(f"AdapterFusion needs a linear-like module at {name!r}, got {type(module).__name__}")
-        return FusionLayer(backend.dims(module)[1], self, module.weight)
+        found = _site_width(module, self.adapters)
+        if found is None:
+            raise TypeError(
+                f"AdapterFusion needs a linear-like module or a fused adapter's component with an out_dim at {name!r}, "
+                f"got {type(module).__name__}"
+            )
+        return FusionLayer(found[0], self, found[1])
+
+
+def _site_width(module: nn.Module, adapters: Sequence[str]) -> tuple[int, torch.Tensor] | None:
+    """``(d, a tensor for device/dtype)`` of a fusion site: a linear-like module's output width, else the ``out_dim``
+    of a fused adapter's component there (sub-layer bottleneck adapters sit on dropout/attention/MLP modules)."""
+    backend = backend_for(module)
+    if backend is not None:
+        return backend.dims(module)[1], module.weight
+    comps = getattr(module, CONTAINER, None)
+    for n in adapters:
+        c = comps[n] if comps is not None and n in comps else None
+        dim = getattr(c, "out_dim", None)
+        if dim is not None:
+            return int(dim), next(c.parameters())
+    return None
 
 
 class FusionLayer(Component):
