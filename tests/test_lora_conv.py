@@ -4,8 +4,7 @@ peft), errors. Models: a small CNN with every kind, Wav2Vec2's feature encoder, 
 Mamba's depthwise ``conv1d`` is left out: transformers 5 never calls it as a module (``causal_conv1d_fn`` gets
 ``conv1d.weight``), so no hook-based adapter acts there, and peft refuses it for Mamba models.
 
-Until ``methods/lora.py`` routes these modules to ``lora_conv`` (two lines, see that module's docstring), the
-``hooked`` fixture applies exactly that routing with ``monkeypatch``.
+``LoRA.accepts``/``LoRA.build`` hand these modules to ``lora_conv``; the ``hooked`` fixture asserts it.
 """
 
 from __future__ import annotations
@@ -22,16 +21,8 @@ peft = pytest.importorskip("peft")
 
 
 @pytest.fixture
-def hooked(monkeypatch):
-    if LoRA(targets=["x"]).accepts(nn.Conv1d(2, 2, 1)):  # lora.py routes convolutions itself
-        return
-    build, accepts = LoRA.build, LoRA.accepts
-    monkeypatch.setattr(LoRA, "accepts", lambda self, m: lora_conv.handles(m) or accepts(self, m))
-    monkeypatch.setattr(
-        LoRA,
-        "build",
-        lambda self, m, n: lora_conv.LoRAConv(self, m, n) if lora_conv.handles(m) else build(self, m, n),
-    )
+def hooked():
+    assert LoRA(targets=["x"]).accepts(nn.Conv1d(2, 2, 1)), "lora.py must hand convolutions to lora_conv"
 
 
 class Net(nn.Module):

@@ -241,6 +241,18 @@ def test_all_linear_names_what_it_leaves_out():
     assert "mlp.gate.weight" in message and "(4, 96, 32)" in message and "% of the model's parameters" in message
 
 
+def test_all_linear_with_target_parameters_warns_only_about_the_rest():
+    import warnings
+
+    model = make("mixtral")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UntargetedParametersWarning)
+        ak.attach(model).plan(ak.LoRA(targets="all-linear", target_parameters=[*EXPERTS, "mlp.gate.weight"]))
+    with pytest.warns(UntargetedParametersWarning, match=r"mlp\.gate\.weight") as record:
+        ak.attach(make("mixtral")).plan(ak.LoRA(targets="all-linear", target_parameters=EXPERTS))
+    assert "experts.gate_up_proj" not in str(record[0].message)
+
+
 def test_errors_name_what_to_change():
     model = make("mixtral")
     adapters = ak.attach(model)

@@ -228,7 +228,12 @@ class Adapters:
         """Components of one (non-union) config, keyed by module name."""
         kw = {"family": self.family, "roles": self.roles, "modules": modules}
         targets = cfg.targets if cfg.targets is not None else cfg.default_targets(self.roles)
-        names = select(self.model, targets, exclude=cfg.exclude, layers=cfg.layers, **kw) if targets else []
+        params = getattr(cfg, "target_parameters", ())  # all-linear's warning leaves these out
+        names = (
+            select(self.model, targets, exclude=cfg.exclude, layers=cfg.layers, parameters=params, **kw)
+            if targets
+            else []
+        )
         heads = select(self.model, cfg.heads, **kw) if cfg.heads else []
         bad = [n for n in names if not cfg.accepts(modules[n])]
         if bad:

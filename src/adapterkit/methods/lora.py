@@ -43,7 +43,7 @@ from ..backends import backend_for
 from ..component import Component
 from ..config import AdapterConfig, register
 from ..targeting import CONTAINER
-from . import lora_params
+from . import lora_conv, lora_params
 from .bitfit import BiasDelta
 
 PUBLIC = ("LoRA",)
@@ -158,7 +158,11 @@ class LoRA(AdapterConfig):
         return ("attn.qkv",) if "attn.q" not in roles and "attn.qkv" in roles else ("attn.q", "attn.v")
 
     def accepts(self, module: nn.Module) -> bool:
-        return backend_for(module) is not None or bool(lora_params.module_parameters(module))
+        return (
+            backend_for(module) is not None
+            or lora_conv.handles(module)
+            or bool(lora_params.module_parameters(module))
+        )
 
     def rank_for(self, name: str) -> int:
         return int(pattern_value(self.rank_pattern, name, self.r))
@@ -169,11 +173,13 @@ class LoRA(AdapterConfig):
         return alpha / math.sqrt(r) if self.rslora else alpha / r
 
     def build(self, module: nn.Module, name: str) -> Component:
+        if lora_conv.handles(module):  # Conv1d, Conv3d, grouped/depthwise Conv2d: methods/lora_conv.py
+            return lora_conv.LoRAConv(self, module, name)
         backend = backend_for(module)
         if backend is None:
             raise TypeError(
                 f"LoRA cannot act on {name!r} ({type(module).__name__}): it supports nn.Linear, Conv1D, "
-                "nn.Conv2d and nn.Embedding; pick other targets"
+                "nn.Conv1d/2d/3d (grouped too) and nn.Embedding; pick other targets"
             )
         cls = {"linear": LoRALinear, "embedding": LoRAEmbedding, "conv2d": LoRAConv2d}[backend.kind]
         return cls(self, module, name)
