@@ -283,18 +283,31 @@ BATCHED = {
         "llama",
         _bottleneck("seq_bn", 4),
         _bottleneck("seq_bn", 8),
-        ["SequentialBottleneck.post_call"],
+        ["SublayerBottleneck._adapt"],
     ),
     "double_seq_bn-gpt2": (
         "gpt2",
         _bottleneck("double_seq_bn", 4),
         _bottleneck("double_seq_bn", 8),
-        ["SequentialBottleneck.post_call"],
+        ["SublayerBottleneck._adapt"],
     ),
     "par_bn-llama": (
         "llama",
         _bottleneck("par_bn", 4),
         _bottleneck("par_bn", 8),
+        ["SublayerBottleneck._adapt"],
+    ),
+    "seq_bn-bert": ("bert", _bottleneck("seq_bn", 4), _bottleneck("seq_bn", 8), ["SublayerBottleneck._adapt"]),
+    "seq_bn-projection-llama": (
+        "llama",
+        ak.get_config("seq_bn", init_weights=False, reduction_factor=4, hook="projection"),
+        ak.get_config("seq_bn", init_weights=False, reduction_factor=8, hook="projection"),
+        ["SequentialBottleneck.post_call"],
+    ),
+    "par_bn-projection-llama": (
+        "llama",
+        ak.get_config("par_bn", init_weights=False, reduction_factor=4, hook="projection"),
+        ak.get_config("par_bn", init_weights=False, reduction_factor=8, hook="projection"),
         ["ParallelBottleneck.post_call"],
     ),
 }
