@@ -1,5 +1,5 @@
-"""Adapter file formats: native (``adapter_config.json`` + ``adapter.safetensors``), peft, AdapterHub (read) and
-kohya/LyCORIS single ``.safetensors`` files (read)."""
+"""Adapter file formats: native (``adapter_config.json`` + ``adapter.safetensors``), peft, AdapterHub (read; export
+in ``adapterhub_export``) and kohya/LyCORIS single ``.safetensors`` files (read)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from types import ModuleType
 
-from . import adapterhub, kohya, native, peft
+from . import adapterhub, adapterhub_export, kohya, native, peft
 from .io import AdapterFileError, pending_config, read_json
 
 __all__ = ["detect", "writer", "AdapterFileError"]
@@ -39,7 +39,7 @@ def detect(path: str | os.PathLike) -> ModuleType:
 
 
 def writer(name: str) -> ModuleType:
-    table = {"peft": peft, "native": native, "adapterkit": native}
+    table = {"peft": peft, "native": native, "adapterkit": native, "adapterhub": adapterhub_export}
     if name not in table:
-        raise ValueError(f"unknown export format {name!r}; choose one of: peft, native")
+        raise ValueError(f"unknown export format {name!r}; choose one of: peft, native, adapterhub")
     return table[name]
