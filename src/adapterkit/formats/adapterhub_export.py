@@ -652,8 +652,8 @@ def _loreft(ctl: Any, name: str, cfg: LoReFT) -> tuple[dict[str, Any], dict[str,
             key = f"{_hub_path(mtype, site)}.reft_layer.refts.{name}.units.{u}"
             R = iv.rotation_matrix().detach().float()
             original, base = _orthogonal_form(R, seed=blocks.index(site) * 2 + u)
-            tensors[f"{key}.learned_source.weight"] = iv.weight.detach().float().contiguous()
-            tensors[f"{key}.learned_source.bias"] = iv.bias.detach().float().contiguous()
+            tensors[f"{key}.learned_source.weight"] = iv.weight.detach().float().clone()  # units may be copies
+            tensors[f"{key}.learned_source.bias"] = iv.bias.detach().float().clone()
             tensors[f"{key}.projection.parametrizations.weight.original"] = original
             tensors[f"{key}.projection.parametrizations.weight.0.base"] = base
     config = {

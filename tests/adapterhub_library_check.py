@@ -1,0 +1,77 @@
+"""Load adapterkit's AdapterHub exports into the real ``adapters`` library and record its outputs.
+
+Runs in the separate venv with ``adapters`` 1.3.0 and transformers 4.57.6 (never the project's .venv), called by
+tests/test_adapterhub_export.py::test_the_library_loads_our_exports_with_our_outputs::
+
+    .venv-adapterhub/bin/python tests/adapterhub_library_check.py MANIFEST.json OUT.safetensors
+
+``MANIFEST.json`` maps a case name to ``{"family", "adapter" (an exported directory), "name"}``; the base model of a
+family is ``tests/fixtures/adapterhub/base/<family>`` (the weights our side used too), its inputs that directory's
+``expected.safetensors``. For each case the script builds the plain transformers model, ``adapters.init``s it,
+``load_adapter(dir, use_safetensors=True)``, activates the adapter and writes ``<case>.output`` (logits or last
+hidden state) and ``<case>.hidden`` (last hidden state), plus ``<case>.missing`` (the number of adapter weights the
+library reported missing: it fills those with fresh initial values, so it must be 0).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import adapters
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+from transformers.utils import logging
+
+BASE = Path(__file__).resolve().parent / "fixtures" / "adapterhub" / "base"
+CLASSES = {
+    "bert": "BertModel",
+    "bertcls": "BertForSequenceClassification",
+    "gpt2": "GPT2LMHeadModel",
+    "llama": "LlamaForCausalLM",
+    "distilbert": "DistilBertModel",
+    "t5": "T5EncoderModel",
+    "bart": "BartModel",
+    "vit": "ViTModel",
+}
+
+
+def main(manifest: Path, out: Path) -> None:
+    logging.set_verbosity_error()
+    cases = json.loads(manifest.read_text())
+    results: dict[str, torch.Tensor] = {}
+    for case, info in cases.items():
+        family = info["family"]
+        kwargs = {"add_pooling_layer": False} if family in ("bert", "vit") else {}
+        model = getattr(transformers, CLASSES[family]).from_pretrained(str(BASE / family), **kwargs).eval()
+        adapters.init(model)
+        loading: dict = {}
+        name = model.load_adapter(info["adapter"], use_safetensors=True, loading_info=loading)
+        if name != info["name"]:
+            raise SystemExit(f"{case}: loaded as {name!r}, expected {info['name']!r}")
+        model.set_active_adapters(name)
+        model.eval()
+        exp = load_file(str(BASE / family / "expected.safetensors"))
+        inputs = (
+            {"pixel_values": exp["pixel_values"]}
+            if "pixel_values" in exp
+            else {"input_ids": exp["input_ids"], "attention_mask": exp["attention_mask"]}
+        )
+        with torch.no_grad():
+            o = model(**inputs, output_hidden_states=True)
+        states = o.hidden_states if getattr(o, "hidden_states", None) is not None else o.decoder_hidden_states
+        hidden = states[-1].detach().contiguous().clone()
+        results[f"{case}.output"] = (o.logits if hasattr(o, "logits") else hidden).detach().contiguous().clone()
+        results[f"{case}.hidden"] = hidden
+        missing = [k for k in loading.get("missing_keys", [])]
+        results[f"{case}.missing"] = torch.tensor(len(missing))
+        if missing:
+            print(f"{case}: missing {missing[:4]}", file=sys.stderr)
+        print(f"{case}: loaded ({adapters.__version__}, transformers {transformers.__version__})", file=sys.stderr)
+    save_file(results, str(out))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]))
