@@ -244,7 +244,7 @@ def test_fixture_tokenizer_knows_every_word(files):
 @pytest.mark.parametrize(
     ("flag", "value"),
     [("--epochs", "-1"), ("--epochs", "nan"), ("--max-length", "0"), ("--grad-accum", "0"), ("--batch-size", "0"),
-     ("--lr", "0"), ("--max-steps", "0"), ("--eval-steps", "0"), ("--warmup", "-1")],
+     ("--lr", "0"), ("--max-steps", "0"), ("--eval-steps", "0"), ("--warmup", "-1"), ("--loraplus-ratio", "0")],
 )  # fmt: skip
 def test_out_of_range_numbers_are_refused(files, tmp_path, flag, value):
     out = tmp_path / "o"
@@ -325,6 +325,34 @@ def _quick(files, out: Path, method: str) -> list:
     return ["--model", files["bert"], "--data", files["sst"], "--task", "classify", "--method", method,
             *METHOD_OPTS.get(method, []), "--train-size", "8", "--dev-size", "4", "--batch-size", "4",
             "--eval-steps", "1", "--logging-steps", "1", "--no-progress", "--threads", "1", "--out", out]  # fmt: skip
+
+
+def test_loraplus_ratio_builds_loraplus_groups(files, tmp_path, monkeypatch):
+    """--loraplus-ratio hands the Trainer LoRA+'s optimizer: B matrices at ratio x --lr, A at --lr."""
+    import adapterkit as ak
+
+    built = []
+    original = ak.loraplus_optimizer
+
+    def record(*args, **kwargs):
+        opt = original(*args, **kwargs)
+        built.append(opt)
+        return opt
+
+    monkeypatch.setattr(ak, "loraplus_optimizer", record)
+    _ok(
+        "train",
+        *_quick(files, tmp_path / "o", "lora"),
+        "--lr",
+        "1e-3",
+        "--loraplus-ratio",
+        "16",
+        "--max-steps",
+        "1",
+    )
+    assert len(built) == 1
+    lrs = sorted({g["initial_lr"] if "initial_lr" in g else g["lr"] for g in built[0].param_groups if g["params"]})
+    assert lrs == [pytest.approx(1e-3), pytest.approx(16e-3)], lrs
 
 
 def test_the_method_list_covers_the_unipelt_and_mam_presets():

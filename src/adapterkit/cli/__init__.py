@@ -279,6 +279,10 @@ def train(
     grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 1,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 5e-4,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
+    loraplus_ratio: Annotated[
+        float | None,
+        typer.Option(help="LoRA+ (Hayou et al. 2024): LoRA B matrices learn at this many times --lr (e.g. 16)."),
+    ] = None,
     warmup: Annotated[
         float, typer.Option(help="Warmup: a share of the steps if < 1, else a number of steps.")
     ] = 0.0,
@@ -323,7 +327,7 @@ def train(
         epochs=(epochs, ">0"), max_steps=(max_steps, ">=1"), batch_size=(batch_size, ">=1"),
         eval_batch_size=(eval_batch_size, ">=1"), grad_accum=(grad_accum, ">=1"), lr=(lr, ">0"),
         weight_decay=(weight_decay, ">=0"), warmup=(warmup, ">=0"), max_grad_norm=(max_grad_norm, ">=0"),
-        eval_steps=(eval_steps, ">=1"), logging_steps=(logging_steps, ">=1"),
+        loraplus_ratio=(loraplus_ratio, ">0"), eval_steps=(eval_steps, ">=1"), logging_steps=(logging_steps, ">=1"),
         save_total_limit=(save_total_limit, ">=1"), max_length=(max_length, ">=1"), train_size=(train_size, ">=1"),
         dev_size=(dev_size, ">=1"), dev_fraction=(dev_fraction, ">0"), threads=(threads, ">=1"), seed=(seed, ">=0"),
     )  # fmt: skip
