@@ -26,14 +26,16 @@ from adapterkit.formats import adapterhub, adapterhub_export, detect
 from adapterkit.formats.adapterhub_export import AdapterHubExportError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_adapterhub import CASES, FIXTURES, SUPPORTED, expected, fresh, run  # noqa: E402
+from test_adapterhub import CASES, FIXTURES, SUPPORTED, SUPPORTED_CASES, expected, fresh, run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HUB_PYTHON = ROOT / ".venv-adapterhub" / "bin" / "python"
 TOL = 1e-4
 
 # fixture cases our reader loads (the *_pt pickles hold the same adapters as their safetensors twins)
-FIXTURE_CASES = sorted(c for c, i in CASES.items() if i["method"] in SUPPORTED and not c.endswith("_pt"))
+FIXTURE_CASES = sorted(
+    c for c, i in CASES.items() if (i["method"] in SUPPORTED or c in SUPPORTED_CASES) and not c.endswith("_pt")
+)
 
 
 def _base_inputs(family: str) -> dict[str, torch.Tensor]:
@@ -118,6 +120,18 @@ NATIVE: dict[str, tuple[str, Callable[[ak.Adapters], None]]] = {
         lambda a: a.add("task", ak.LoRA(r=2, init_weights=False, targets=["attn.q", "attn.v", "ffn.up"])),
     ),  # fmt: skip
     "vit_seq_bn": ("vit", lambda a: a.add("task", ak.Bottleneck(placement="pfeiffer", init_weights=False))),
+    "llama_seq_bn_inv": (
+        "llama",
+        lambda a: a.add(
+            "task",
+            ak.Union(
+                ak.Bottleneck(placement="pfeiffer", non_linearity="swish", init_weights=False),
+                ak.Invertible(
+                    targets=["embed"], non_linearity="swish", inverse_at_output=False, init_weights=False
+                ),
+            ),
+        ),
+    ),  # fmt: skip
 }
 # our LoRA reader has no transformers-4.57 -> 5 ViT renames (the bottleneck reader has): checked against the library
 NOT_READ_BACK = {"vit_lora": "formats/adapterhub_lora.py does not map ViT's 4.57 names (attention.attention.query) "
@@ -257,10 +271,19 @@ def test_what_adapterhub_cannot_hold_is_refused(family, add, match, tmp_path):
     _refused(family, add, match, tmp_path)
 
 
-def test_union_and_bad_names_are_refused(tmp_path):
-    _, adapters = _fixture("llama_seq_bn_inv")  # loads as Union(Bottleneck, Invertible)
+def test_unions_and_bad_names_are_refused(tmp_path):
+    adapters = ak.attach(fresh("llama"))
+    adapters.add("task", ak.Union(ak.LoRA(targets=["attn.q"]), ak.LoRA(r=2, targets=["ffn.down"])))
     with pytest.raises(AdapterHubExportError, match="does not write"):
-        adapters.export("task", tmp_path / "inv", format="adapterhub")
+        adapters.export("task", tmp_path / "union", format="adapterhub")
+    adapters.add("inv", ak.Union(ak.Bottleneck(), ak.Invertible(targets=["embed"])))  # the LM head inverse too
+    with pytest.raises(AdapterHubExportError, match="inverse_at_output"):
+        adapters.export("inv", tmp_path / "inv", format="adapterhub")
+    adapters = ak.attach(fresh("gpt2"))
+    adapters.add("inv", ak.Union(ak.Bottleneck(), ak.Invertible(targets=["embed"], inverse_at_output=False)))
+    with pytest.raises(AdapterHubExportError, match="position"):
+        adapters.export("inv", tmp_path / "gpt2_inv", format="adapterhub")
+    assert not (tmp_path / "inv").exists() and not (tmp_path / "gpt2_inv").exists()
     adapters = ak.attach(fresh("bert"))
     adapters.add("a,b", ak.LoRA(targets=["attn.q"]))
     with pytest.raises(AdapterHubExportError, match="cannot contain"):

@@ -59,8 +59,10 @@ from ..backends import backend_for
 from ..methods.bottleneck import Bottleneck, Hook, Placement, Scaling
 from ..methods.bottleneck_sublayer import ResidualTap, SublayerBottleneck
 from ..methods.ia3 import IA3, IA3InputScale, IA3OutputScale
+from ..methods.invertible import Invertible, InvertibleEmbedding
 from ..methods.lora import LoRA, LoRAInit, LoRALinear
 from ..methods.reft import LoReFT, LoReFTBlock, PositionRecorder
+from ..methods.union import Union
 from ..profiles import profile_for
 from ..targeting import TargetError, base_modules, select
 from .io import write_adapter
@@ -183,12 +185,14 @@ def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
         LoReFT: _loreft,
     }
     write = writers.get(type(cfg))
+    if type(cfg) is Union and _is_seq_bn_inv(cfg):
+        write = _seq_bn_inv
     if write is None:
         raise AdapterHubExportError(
             f"adapter {name!r} is {type(cfg).__name__}, which AdapterHub export does not write; it writes LoRA, "
             "(IA)^3, Bottleneck (hook='sublayer': SeqBn/DoubleSeqBn/ParBn/Compacter) and LoReFT, the methods both "
             "libraries have (AdapterHub's prefix/prompt tuning keep the real tokens' positions / prompt placement, "
-            "which ours differ in; unions such as SeqBnInv, MAM, UniPELT are not written either)"
+            "which ours differ in; unions other than SeqBnInv's Bottleneck + Invertible, such as MAM and UniPELT, are not written either)"
         )
     _model_type(ctl)
     _check_sites(ctl, name, type(cfg).__name__)
@@ -481,7 +485,9 @@ def _reduction_factor(hidden: int, size: int) -> int | float:
 _ACTIVATIONS = ("relu", "swish", "silu", "tanh", "sigmoid", "gelu", "gelu_new", "leakyrelu", "linear")
 
 
-def _bottleneck(ctl: Any, name: str, cfg: Bottleneck) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _bottleneck(
+    ctl: Any, name: str, cfg: Bottleneck, invertible: Invertible | None = None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     if cfg.hook is not Hook.SUBLAYER:
         raise AdapterHubExportError(
             f"adapter {name!r} is a Bottleneck with hook='projection' (the adapter on a projection's output), a "
@@ -496,11 +502,10 @@ def _bottleneck(ctl: Any, name: str, cfg: Bottleneck) -> tuple[dict[str, Any], d
     role_of = {s: role for role in _KINDS for s in _role(ctl, role, modules)}
     comps = ctl.components(name)
     adapters = {s: c for s, c in comps.items() if isinstance(c, SublayerBottleneck)}
-    other = [
-        f"{type(c).__name__} at {s!r}"
-        for s, c in comps.items()
-        if not isinstance(c, (SublayerBottleneck, ResidualTap))
-    ]
+    allowed = (
+        (SublayerBottleneck, ResidualTap, InvertibleEmbedding) if invertible else (SublayerBottleneck, ResidualTap)
+    )
+    other = [f"{type(c).__name__} at {s!r}" for s, c in comps.items() if not isinstance(c, allowed)]
     if other:
         raise AdapterHubExportError(f"adapter {name!r}: {other[:3]} have no AdapterHub form")
     placed: dict[str, tuple[int, str]] = {}
@@ -564,6 +569,20 @@ def _bottleneck(ctl: Any, name: str, cfg: Bottleneck) -> tuple[dict[str, Any], d
         prefix = getattr(ctl.model, "base_model_prefix", "") or ""
         owner = f"{prefix}." if prefix and hasattr(ctl.model, prefix) else ""
         tensors[f"{owner}shared_parameters.{name}.phm_rule"] = rule.contiguous()
+    if invertible is not None:
+        couplings = [c for c in comps.values() if isinstance(c, InvertibleEmbedding)]
+        if len(couplings) != 1:
+            raise AdapterHubExportError(
+                f"adapter {name!r}: {len(couplings)} invertible adapters; AdapterHub has one"
+            )
+        prefix = getattr(ctl.model, "base_model_prefix", "") or ""
+        owner = f"{prefix}." if prefix and hasattr(ctl.model, prefix) else ""
+        for key, value in couplings[0].state_dict().items():
+            if not key.startswith("coupling."):
+                raise AdapterHubExportError(
+                    f"adapter {name!r}: invertible adapter tensor {key!r} has no AdapterHub name"
+                )
+            tensors[f"{owner}invertible_adapters.{name}.{key[len('coupling.') :]}"] = value.detach().contiguous()
     parallel = cfg.placement is Placement.PARALLEL
     scaling: Any = cfg.scaling if cfg.scaling_mode is Scaling.FIXED else cfg.scaling_mode.value
     phm = cfg.phm_dim is not None
@@ -576,8 +595,8 @@ def _bottleneck(ctl: Any, name: str, cfg: Bottleneck) -> tuple[dict[str, Any], d
         "hypercomplex_nonlinearity": "glorot-uniform",
         "init_weights": "mam_adapter" if parallel else "bert",
         "init_weights_seed": None,
-        "inv_adapter": None,
-        "inv_adapter_reduction_factor": None,
+        "inv_adapter": "nice" if invertible is not None else None,
+        "inv_adapter_reduction_factor": _number(invertible.reduction_factor) if invertible is not None else None,
         "is_parallel": parallel,
         "learn_phm": True,
         "leave_out": leave_out,
@@ -603,6 +622,45 @@ def _bottleneck(ctl: Any, name: str, cfg: Bottleneck) -> tuple[dict[str, Any], d
         "use_gating": False,
     }
     return config, tensors
+
+
+def _number(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _is_seq_bn_inv(cfg: Union) -> bool:
+    kinds = sorted(type(c).__name__ for c in cfg.configs)
+    return not cfg.gated and kinds == ["Bottleneck", "Invertible"]
+
+
+# model types where AdapterHub's invertible adapter acts on the token embedding's output, as ours does (GPT-2 applies
+# it after the position embeddings, BERT after the embeddings' LayerNorm; formats/adapterhub_bottleneck.py)
+_INVERTIBLE_ON_TOKENS = ("llama",)
+
+
+def _seq_bn_inv(ctl: Any, name: str, cfg: Union) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """SeqBnInv (or any bottleneck + NICE invertible adapter): the bottleneck config with ``inv_adapter: "nice"``
+    and the coupling under ``<p>invertible_adapters.<name>.{F,G}.{0,2}``."""
+    bn = next(c for c in cfg.configs if isinstance(c, Bottleneck))
+    inv = next(c for c in cfg.configs if isinstance(c, Invertible))
+    mtype = _model_type(ctl)
+    if mtype not in _INVERTIBLE_ON_TOKENS:
+        raise AdapterHubExportError(
+            f"adapter {name!r}: AdapterHub applies a {mtype!r} model's invertible adapter after the position "
+            "embeddings (GPT-2) or the embeddings' LayerNorm (BERT), not on the token embedding where ours acts"
+        )
+    if inv.inverse_at_output:
+        raise AdapterHubExportError(
+            f"adapter {name!r}: its invertible adapter also runs inverted before the LM head (inverse_at_output), "
+            "which AdapterHub does only in its own flex heads, not on a transformers model under adapters.init; "
+            "use Invertible(inverse_at_output=False) to export"
+        )
+    if inv.non_linearity.lower() != bn.non_linearity.lower():
+        raise AdapterHubExportError(
+            f"adapter {name!r}: the invertible adapter's activation {inv.non_linearity!r} differs from the "
+            f"bottleneck's {bn.non_linearity!r}; AdapterHub's config has one non_linearity for both"
+        )
+    return _bottleneck(ctl, name, bn, invertible=inv)
 
 
 # --- LoReFT ----------------------------------------------------------------------------------------------------
