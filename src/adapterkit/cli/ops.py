@@ -209,7 +209,8 @@ def run_merge(adapter: Path, out: Path, *, model: str | None, task: str | None, 
 
 def run_export(adapter: Path, out: Path, *, fmt: str, model: str | None, task: str | None,
                num_labels: int | None) -> None:  # fmt: skip
-    """Write the adapter in another format (``peft``: loads with ``PeftModel.from_pretrained``)."""
+    """Write the adapter in another format (``peft``: loads with ``PeftModel.from_pretrained``; ``adapterhub``: with
+    ``adapters``' ``load_adapter``, see docs/from_adapterhub.md)."""
     check_output_directory(out)
     net, adapters, name, run, _ = load_adapted(adapter, model=model, task=task, num_labels=num_labels)
     adapters.export(name, out, format=fmt)
