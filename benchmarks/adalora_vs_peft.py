@@ -158,11 +158,15 @@ def main(argv: list[str] | None = None) -> dict:
         f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
         f"Python {platform.python_version()}, {platform.machine()}",
         "",
-        "| variant | step (s) | / peft |",
-        "| --- | ---: | ---: |",
+        "| variant | median step (s) | / peft | fastest step (s) | / peft | every rep (s) |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
     ]
+    low = {k: min(v) for k, v in times.items()}
     for k in VARIANTS:
-        lines.append(f"| {k} | {med[k]:.3f} | {med[k] / med['peft']:.2f}x |")
+        reps = ", ".join(f"{t:.2f}" for t in times[k])
+        lines.append(
+            f"| {k} | {med[k]:.3f} | {med[k] / med['peft']:.2f}x | {low[k]:.3f} | {low[k] / low['peft']:.2f}x | {reps} |"
+        )
     report = "\n".join(lines) + "\n"
     print(report)
     if args.out:
