@@ -21,7 +21,7 @@ from torch import nn
 from .component import Component, first_input
 from .compose import Block, Fuse, Parallel, RoutePlan, names_in, replicate, validate
 from .config import AdapterConfig, get_config
-from .context import ForwardState
+from .context import ForwardState, as_task_ids, sync_task_hooks
 from .formats import detect, native, writer
 from .merging import combine_adapters
 from .methods.fusion import Fusion
@@ -486,6 +486,19 @@ class Adapters:
                 self._root_hook.remove()
                 self._root_hook = None
                 self.model.__dict__.pop("generate", None)
+        self._sync_tasks(recount=False)
+
+    # per-example conditioning (task ids): see tasks.py
+    @contextmanager
+    def tasks(self, ids: Any) -> Iterator[None]:
+        """Run the block with one task id per row of the batch (ints, a list or a 1-D integer tensor), read by
+        task-conditioned adapters (Polytropon/MHR). Scoped per thread and per asyncio task, like :meth:`use`.
+        ``model(**batch, task_ids=ids)`` and ``model.generate(..., task_ids=ids)`` do the same for one call."""
+        with self.state.scope(task_ids=as_task_ids(ids)):
+            yield
+
+    def _sync_tasks(self, recount: bool = True) -> None:
+        sync_task_hooks(self, recount=recount)
 
     def _replicate_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         block = self._parallel()
@@ -644,6 +657,7 @@ class Adapters:
             self._step_hook.remove()
             self._step_hook = None
             _STEPPING.discard(self)
+        self._sync_tasks()
 
     def _check_stepped(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if not torch.is_grad_enabled():
