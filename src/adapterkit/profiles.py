@@ -2,7 +2,10 @@
 
 A pattern is matched with ``re.fullmatch(r"(.*\\.)?" + pattern, module_name)``, i.e. against a suffix
 of the dotted module path. Adding a model family is adding one entry to ``PROFILES`` (and its
-``model_type`` aliases to ``ALIASES``); there is no per-family code path anywhere else.
+``model_type`` aliases to ``ALIASES``); there is no per-family code path anywhere else. A model whose
+``config.model_type`` has no entry gets roles derived from its module tree (``infer_roles.py``: attention blocks and
+their q/k/v/out projections, FFN up/gate/down, embeddings, heads); the hand-written entries stay where inference is
+wrong or cannot see something (the sub-layer roles below, which need to know whether a block is pre- or post-LN).
 
 Roles: ``attn.q``, ``attn.k``, ``attn.v``, ``attn.qkv`` (fused), ``attn.out``, ``ffn.in`` (the
 FFN's input projection(s)), ``ffn.up``, ``ffn.gate``, ``ffn.down``, ``ffn`` (the whole MLP module),
@@ -25,7 +28,9 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["PROFILES", "ROLES", "profile_for", "model_type_of"]
+from .infer_roles import InferredRoles, infer_roles
+
+__all__ = ["PROFILES", "ROLES", "profile_for", "model_type_of", "is_inferred"]
 
 ROLES = (
     "attn.q", "attn.k", "attn.v", "attn.qkv", "attn.out", "ffn.in", "ffn.up", "ffn.gate", "ffn.down",
@@ -52,6 +57,23 @@ _BERT = {
     "ffn.sublayer": [r"layer\.\d+\.output\.dropout"],
     "ffn.residual": [r"layer\.\d+\.intermediate"],
     "ffn.norm": [r"layer\.\d+\.output\.LayerNorm"],
+}
+
+# DeBERTa (v1): BERT's layout with a fused q/k/v projection (``in_proj``, peft's default target for "deberta");
+# the relative-position projections (``pos_proj``, ``pos_q_proj``) get no role
+_DEBERTA = {
+    **{k: v for k, v in _BERT.items() if k not in ("attn.q", "attn.k", "attn.v")},
+    "attn.qkv": [r"attention\.self\.in_proj"],
+    "head": [*_BERT["head"], r"pooler(\..*)?", r"lm_predictions(\..*)?"],
+}
+
+# DeBERTa-v2/v3: BERT's layout with query_proj/key_proj/value_proj (pos_key_proj/pos_query_proj get no role)
+_DEBERTA_V2 = {
+    **_BERT,
+    "attn.q": [r"attention\.self\.query_proj"],
+    "attn.k": [r"attention\.self\.key_proj"],
+    "attn.v": [r"attention\.self\.value_proj"],
+    "head": [*_BERT["head"], r"pooler(\..*)?", r"lm_predictions(\..*)?"],
 }
 
 _DISTILBERT = {
@@ -181,6 +203,8 @@ _VIT = {  # transformers 5 names (q_proj, fc1, ...) and the 4.x names (attention
 
 PROFILES: dict[str, dict[str, list[str]]] = {
     "bert": _BERT,
+    "deberta": _DEBERTA,
+    "deberta-v2": _DEBERTA_V2,
     "distilbert": _DISTILBERT,
     "gpt2": _GPT2,
     "llama": _LLAMA,
@@ -190,9 +214,9 @@ PROFILES: dict[str, dict[str, list[str]]] = {
 }
 
 ALIASES = {
-    "roberta": "bert", "xlm-roberta": "bert", "electra": "bert", "camembert": "bert", "deberta": "bert",
-    "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma": "llama", "gemma2": "llama",
-    "phi3": "llama", "mixtral": "llama", "olmo": "llama",
+    "roberta": "bert", "xlm-roberta": "bert", "electra": "bert", "camembert": "bert",
+    "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma": "llama",
+    "mixtral": "llama", "olmo": "llama",
     "mt5": "t5", "umt5": "t5", "mbart": "bart",
 }  # fmt: skip
 
@@ -203,9 +227,23 @@ def model_type_of(model: nn.Module) -> str | None:
 
 
 def profile_for(model: nn.Module) -> tuple[str | None, dict[str, list[str]]]:
-    """``(family, role map)`` for ``model``; ``(None, {})`` for models without a profile."""
+    """``(family, role map)`` for ``model``.
+
+    The hand-written profile of its ``config.model_type`` (through ``ALIASES``) when there is one; else, for models
+    with a ``config.model_type``, the roles :func:`~adapterkit.infer_roles.infer_roles` derives from the module tree
+    (family: the model type; the map is an :class:`~adapterkit.infer_roles.InferredRoles`, see
+    :func:`is_inferred`); ``(None, {})`` for models without a config or where nothing could be inferred (plain
+    ``nn.Module`` trees: target them by name, type or ``"all-linear"``)."""
     mtype = model_type_of(model)
     if mtype is None:
         return None, {}
     family = ALIASES.get(mtype, mtype)
-    return family if family in PROFILES else None, PROFILES.get(family, {})
+    if family in PROFILES:
+        return family, PROFILES[family]
+    roles = infer_roles(model)
+    return (mtype, roles) if roles else (None, {})
+
+
+def is_inferred(roles: dict[str, list[str]]) -> bool:
+    """Whether ``roles`` (from :func:`profile_for`) were derived from the module tree rather than written by hand."""
+    return isinstance(roles, InferredRoles)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import adapterkit as ak
+from adapterkit.profiles import is_inferred
 from adapterkit.targeting import base_modules
 
 from .models import guess_task, model_class, model_config
@@ -145,19 +146,33 @@ def inspect_model(path: str | os.PathLike, *, task: str | None, method: str | No
         dtype = getattr(torch, dtype, torch.float32)
     base_bytes = torch.empty((), dtype=dtype).element_size()
 
+    inferred = is_inferred(adapters.roles)
+    profile = (
+        f"{adapters.family} (roles inferred from the module tree)"
+        if inferred
+        else adapters.family or "none (targets by name, type or all-linear)"
+    )
     print(f"{type(model).__name__} from {path}: {base_params:,} parameters ({str(dtype).replace('torch.', '')}), "
-          f"task {task or 'none (base model)'}, profile {adapters.family or 'none (targets by name, type or all-linear)'}")  # fmt: skip
+          f"task {task or 'none (base model)'}, profile {profile}")  # fmt: skip
     if tree:
         print()
         for line in tree_lines(model, adapters.roles, sites, plan.config.method if plan else "", depth):
             print(line)
     modules = base_modules(model)
-    print("\nroles (targets=...):")
+    how = " inferred from the module tree (no hand-written profile; check them)" if inferred else ""
+    print(f"\nroles (targets=...){how}:")
     for role in adapters.roles:
         names = [n for n in modules if role in _roles_of(n, {role: adapters.roles[role]})]
         if names:
-            print(f"  {role:<10} {len(names):>4} modules, e.g. {names[0]}")
-    report: dict[str, Any] = {"base_params": base_params, "task": task, "family": adapters.family}
+            print(f"  {role:<10} {len(names):>4} modules, e.g. {names[0]}{'  (inferred)' if inferred else ''}")
+    if not adapters.roles:
+        print("  none: no profile and no attention/FFN blocks found; target modules by name, type or 'all-linear'")
+    report: dict[str, Any] = {
+        "base_params": base_params,
+        "task": task,
+        "family": adapters.family,
+        "roles_inferred": inferred,
+    }
     if plan is not None:
         n = plan.num_params
         kinds: dict[str, int] = {}
