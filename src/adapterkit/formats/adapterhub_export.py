@@ -40,16 +40,25 @@ What is written, per method (the inverse of the readers):
   householder map then gives the first ``r`` columns of the identity, so the weight is exactly ``R``). Position
   semantics differ on padded or short inputs (see formats/adapterhub_reft.py).
 
-Everything else (other methods, unions such as SeqBnInv, heads and trained biases, model types AdapterHub does not
-support) raises :class:`AdapterHubExportError` naming why, before anything is written.
+- SeqBnInv on LLaMA (our ``Union`` of a sub-layer ``Bottleneck`` and an ``Invertible`` on the token embedding with
+  ``inverse_at_output=False``, what the reader makes of it) -> the bottleneck config with ``inv_adapter: "nice"``.
+- Head copies (``heads=[...]``) -> AdapterHub's static head of a transformers model with a head
+  (``head_config.json`` with ``"config": null`` + ``model_head.safetensors``), which ``load_adapter`` loads into the
+  model's own head when the model class matches. Heads inside the base model or tied to the input embeddings
+  are refused.
+
+Everything else (other methods and unions, trained biases, model types AdapterHub does not support) raises
+:class:`AdapterHubExportError` naming why, before anything is written.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -58,6 +67,7 @@ from torch import nn
 from ..backends import backend_for
 from ..methods.bottleneck import Bottleneck, Hook, Placement, Scaling
 from ..methods.bottleneck_sublayer import ResidualTap, SublayerBottleneck
+from ..methods.heads import HeadCopy
 from ..methods.ia3 import IA3, IA3InputScale, IA3OutputScale
 from ..methods.invertible import Invertible, InvertibleEmbedding
 from ..methods.lora import LoRA, LoRAInit, LoRALinear
@@ -71,6 +81,7 @@ __all__ = ["save", "AdapterHubExportError", "VERSION", "MODEL_TYPES"]
 
 VERSION = "adapters.1.3.0"  # the library version whose load_adapter this format is written for
 WEIGHTS = "adapter.safetensors"
+HEAD_WEIGHTS, HEAD_CONFIG = "model_head.safetensors", "head_config.json"
 
 # model types both libraries support (adapters 1.3.0's models/ that have a profile here with the same module names)
 _BERT_LIKE = ("bert", "roberta", "xlm-roberta", "electra")
@@ -157,12 +168,80 @@ def _metadata(ctl: Any, name: str, config: dict[str, Any]) -> dict[str, Any]:
 
 def _check_sites(ctl: Any, name: str, method: str) -> None:
     kinds = ctl.sites(name)
-    extra = sorted(s for s, k in kinds.items() if k != "target")
+    extra = sorted(s for s, k in kinds.items() if k not in ("target", "head"))
     if extra:
         raise AdapterHubExportError(
-            f"adapter {name!r} ({method}) also trains {extra[:3]} (heads / biases: modules_to_save, bias=...), which "
-            "an AdapterHub adapter file cannot hold (AdapterHub saves heads separately, issue 16 item 3)"
+            f"adapter {name!r} ({method}) also trains the biases of {extra[:3]} (bias='all' / 'lora_only'), which "
+            "an AdapterHub adapter file cannot hold"
         )
+
+
+def _targets(ctl: Any, name: str) -> dict[str, Any]:
+    """The adapter's components except its head copies (written by :func:`_head`)."""
+    kinds = ctl.sites(name)
+    return {s: c for s, c in ctl.components(name).items() if kinds[s] != "head"}
+
+
+def _head(ctl: Any, name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+    """The adapter's head copies (``heads=[...]``) as AdapterHub's *static* head of a transformers model with a head
+    (``head_config.json`` with ``"config": null`` + ``model_head.safetensors``, what ``save_adapter`` writes from
+    ``adapters.init(BertForSequenceClassification(...))``): ``load_adapter`` puts those weights into the model's own
+    head when the model class matches. None when the adapter has no head.
+
+    Raises:
+        AdapterHubExportError: a head inside the base model (AdapterHub's head files hold only what lies outside
+            ``base_model_prefix``) or tied to the input embeddings (loading it would change them too).
+    """
+    heads = {s: c for s, c in ctl.components(name).items() if ctl.sites(name)[s] == "head"}
+    if not heads:
+        return None
+    prefix = getattr(ctl.model, "base_model_prefix", "") or ""
+    modules = base_modules(ctl.model)
+    embeddings = ctl.model.get_input_embeddings() if hasattr(ctl.model, "get_input_embeddings") else None
+    tensors: dict[str, torch.Tensor] = {}
+    for site, comp in heads.items():
+        if not isinstance(comp, HeadCopy):
+            raise AdapterHubExportError(f"adapter {name!r}: head {site!r} is a {type(comp).__name__}")
+        if prefix and (site == prefix or site.startswith(prefix + ".")):
+            raise AdapterHubExportError(
+                f"adapter {name!r}: its head copy {site!r} lies inside the base model ({prefix!r}); AdapterHub's head "
+                "files hold only the modules outside it"
+            )
+        weight = getattr(modules[site], "weight", None)
+        if embeddings is not None and weight is not None and weight is getattr(embeddings, "weight", None):
+            raise AdapterHubExportError(
+                f"adapter {name!r}: its head {site!r} is tied to the input embeddings; AdapterHub would load the "
+                "trained copy into both"
+            )
+        for key, value in comp.head.state_dict().items():
+            tensors[f"{site}.{key}"] = value.detach().contiguous()
+    mcfg = ctl.model.config
+    config = {
+        "config": None,
+        "hidden_size": int(mcfg.hidden_size),
+        "label2id": {str(k): int(v) for k, v in (getattr(mcfg, "label2id", None) or {}).items()},
+        "model_class": type(ctl.model).__name__,
+        "model_name": getattr(mcfg, "name_or_path", None) or None,
+        "model_type": mcfg.model_type,
+        "name": None,
+        "num_labels": int(getattr(mcfg, "num_labels", 0) or 0),
+        "version": VERSION,
+    }
+    return config, tensors
+
+
+def _write_head(path: str | os.PathLike, head: tuple[dict[str, Any], dict[str, torch.Tensor]]) -> None:
+    """``head_config.json`` + ``model_head.safetensors`` beside the adapter, each replaced in one rename."""
+    from safetensors.torch import save_file
+
+    directory = Path(path)
+    config, tensors = head
+    tmp = directory / f".{HEAD_WEIGHTS}.tmp"
+    save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, directory / HEAD_WEIGHTS)
+    tmp = directory / f".{HEAD_CONFIG}.tmp"
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, directory / HEAD_CONFIG)
 
 
 def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
@@ -196,8 +275,11 @@ def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
         )
     _model_type(ctl)
     _check_sites(ctl, name, type(cfg).__name__)
+    head = _head(ctl, name)
     config, tensors = write(ctl, name, cfg)
     write_adapter(path, WEIGHTS, tensors, _metadata(ctl, name, config))
+    if head is not None:
+        _write_head(path, head)
 
 
 # --- LoRA and (IA)^3 ---------------------------------------------------------------------------------------------
@@ -286,7 +368,7 @@ def _fused_rows(module: nn.Module, m: str) -> slice:
 
 
 def _lora(ctl: Any, name: str, cfg: LoRA) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    comps = ctl.components(name)
+    comps = _targets(ctl, name)
     for site, comp in comps.items():
         why = None
         if not isinstance(comp, LoRALinear):
@@ -382,7 +464,7 @@ def _lora(ctl: Any, name: str, cfg: LoRA) -> tuple[dict[str, Any], dict[str, tor
 
 
 def _ia3(ctl: Any, name: str, cfg: IA3) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    comps = ctl.components(name)
+    comps = _targets(ctl, name)
     for site, comp in comps.items():
         if isinstance(comp, IA3InputScale):
             raise AdapterHubExportError(
@@ -500,7 +582,7 @@ def _bottleneck(
     modules = base_modules(ctl.model)
     blocks = _blocks(ctl, modules)
     role_of = {s: role for role in _KINDS for s in _role(ctl, role, modules)}
-    comps = ctl.components(name)
+    comps = _targets(ctl, name)
     adapters = {s: c for s, c in comps.items() if isinstance(c, SublayerBottleneck)}
     allowed = (
         (SublayerBottleneck, ResidualTap, InvertibleEmbedding) if invertible else (SublayerBottleneck, ResidualTap)
@@ -687,7 +769,7 @@ def _loreft(ctl: Any, name: str, cfg: LoReFT) -> tuple[dict[str, Any], dict[str,
     mtype = _model_type(ctl)
     modules = base_modules(ctl.model)
     blocks = _blocks(ctl, modules)
-    comps = ctl.components(name)
+    comps = _targets(ctl, name)
     units: dict[str, LoReFTBlock] = {}
     for site, comp in comps.items():
         if isinstance(comp, PositionRecorder):
