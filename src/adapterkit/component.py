@@ -92,13 +92,14 @@ class Component(nn.Module):
     def share(self, bank: Bank, attr: str = "bank") -> None:
         """Use ``bank`` (shared by the adapter's components) as child ``attr``; the first sharer saves it."""
         setattr(self, attr, bank)
-        self._bank_attrs.append(attr)
+        self.__dict__.setdefault("_bank_attrs", []).append(attr)
         if not any(m is self for m in bank.members):
             bank.members.append(self)
 
     def _foreign_bank_keys(self) -> set[str]:
         """``state_dict`` keys of banks another component owns (saved there, not here)."""
-        prefixes = tuple(f"{a}." for a in self._bank_attrs if getattr(self, a).owner is not self)
+        attrs = self.__dict__.get("_bank_attrs", ())  # components whose __init__ skipped Component's have none
+        prefixes = tuple(f"{a}." for a in attrs if getattr(self, a).owner is not self)
         if not prefixes:
             return set()
         return {k for k in self.state_dict() if k.startswith(prefixes)}
