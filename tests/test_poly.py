@@ -250,3 +250,13 @@ def test_config_errors(tmp_path):
     (bad / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(AdapterFileError):
         ak.attach(make_model("llama")).load(bad)
+
+
+def test_one_task_needs_no_ids():
+    x = make_inputs("llama")
+    model = make_model("llama")
+    adapters = ak.attach(model)
+    adapters.add("p", ak.Poly(n_tasks=1, init_weights=False))
+    model.eval()
+    perturb(adapters.parameters("p"))
+    torch.testing.assert_close(output_of(model, x), ours(model, x, torch.tensor([0, 0])), atol=0, rtol=0)

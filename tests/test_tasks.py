@@ -210,3 +210,29 @@ def test_encoder_decoder_generate_expands_for_the_decoder():
     enc = {"input_ids": x["input_ids"], "attention_mask": x["attention_mask"]}
     out = model.generate(**enc, task_ids=[2, 0, 1], num_beams=2, **gen)
     assert out.shape[0] == BATCH
+
+
+def test_trainer_passes_a_task_ids_column(tmp_path):
+    """transformers.Trainer calls model(**batch): a ``task_ids`` column reaches the components (keep it with
+    ``remove_unused_columns=False``: the Trainer drops columns the forward signature does not name)."""
+    from transformers import Trainer, TrainingArguments
+
+    from adapterkit.trainer import AdapterCallback
+
+    model, adapters, _ = setup()
+    x = make_inputs("llama", batch=8)
+    data = [{"input_ids": x["input_ids"][i], "attention_mask": x["attention_mask"][i], "labels": x["input_ids"][i],
+             "task_ids": torch.tensor(i % 3)} for i in range(8)]  # fmt: skip
+    seen: list[list[int]] = []
+    comp = next(iter(adapters.components("p").values()))
+    original = comp.factors
+    comp.factors = lambda ids: (seen.append(ids.tolist()), original(ids))[1]
+    before = [p.detach().clone() for p in adapters.parameters("p")]
+    adapters.train("p")
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4,
+                             learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no",
+                             logging_strategy="no", disable_tqdm=True, remove_unused_columns=False)  # fmt: skip
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[AdapterCallback(adapters)]).train()
+    assert seen and all(len(ids) == 4 for ids in seen)
+    assert sorted({i for ids in seen for i in ids}) == [0, 1, 2]
+    assert any(not torch.equal(a, b) for a, b in zip(before, adapters.parameters("p")))

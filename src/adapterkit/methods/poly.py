@@ -73,7 +73,8 @@ class Poly(AdapterConfig):
         n_splits: heads of Multi-Head Routing (1: Polytropon); must divide the input and output sizes.
         shared_allocation: one task-skill allocation for every site (an adapter-level bank) instead of one per
             site (peft's layout). Either exports to peft.
-        default_task: task id of rows when no ids are given (None: ids are required, as in peft).
+        default_task: task id of rows when no ids are given (None: ids are required, as in peft, except with
+            ``n_tasks=1``, where every row is task 0).
         init_weights: False starts ``B`` Kaiming-uniform too (not an identity; for tests), as peft.
         targets: default ``["attn.q", "attn.v"]``, or ``"attn.qkv"`` on models with a fused projection.
     """
@@ -211,8 +212,10 @@ class PolyLinear(Component):
             self.poly_router.reset()
 
     def _ids(self, rows: int, device: torch.device) -> torch.Tensor:
-        if task_ids() is None and self.cfg.default_task is not None:
-            return torch.full((rows,), self.cfg.default_task, dtype=torch.long, device=device)
+        if task_ids() is None and (self.cfg.default_task is not None or self.cfg.n_tasks == 1):
+            # one task: its id is implied (peft requires it even then); else the configured default
+            task = self.cfg.default_task or 0
+            return torch.full((rows,), task, dtype=torch.long, device=device)
         ids = rows_task_ids(rows, device, f"{self._who} (adapter with n_tasks={self.cfg.n_tasks})")
         if ids.device.type == "cpu" and rows and int(ids.max()) >= self.cfg.n_tasks:
             raise ValueError(
