@@ -532,6 +532,15 @@ def test_export_peft_loads_in_peft(files, trained):
     torch.testing.assert_close(_logits(peft_model, files["bert"]), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_export_adapterhub_writes_the_adapter_and_its_head(files, trained):
+    from adapterkit.formats import adapterhub, detect
+
+    dest = files["root"] / "adapterhub"
+    _ok("export", trained, "--format", "adapterhub", "--out", dest)
+    assert detect(dest) is adapterhub
+    assert (dest / "adapter.safetensors").is_file() and (dest / "head_config.json").is_file()
+
+
 def test_merge_writes_a_plain_model_with_the_same_logits(files, trained):
     from transformers import AutoModelForSequenceClassification
 

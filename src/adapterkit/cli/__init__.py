@@ -53,6 +53,7 @@ class Task(str, enum.Enum):
 class ExportFormat(str, enum.Enum):
     peft = "peft"
     native = "native"
+    adapterhub = "adapterhub"
 
 
 class ExportTarget(str, enum.Enum):
@@ -404,7 +405,12 @@ def export(
     adapter: AdapterArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the exported adapter.")],
     fmt: Annotated[
-        ExportFormat, typer.Option("--format", "-f", help="peft (PeftModel.from_pretrained) or native.")
+        ExportFormat,
+        typer.Option(
+            "--format",
+            "-f",
+            help="peft (PeftModel.from_pretrained), native, or adapterhub (adapters' load_adapter).",
+        ),
     ] = ExportFormat.peft,
     target: Annotated[
         ExportTarget,
