@@ -236,3 +236,16 @@ def test_trainer_passes_a_task_ids_column(tmp_path):
     assert seen and all(len(ids) == 4 for ids in seen)
     assert sorted({i for ids in seen for i in ids}) == [0, 1, 2]
     assert any(not torch.equal(a, b) for a, b in zip(before, adapters.parameters("p")))
+
+
+@pytest.mark.slow
+def test_compiled_model_reads_task_ids():
+    torch._dynamo.reset()
+    model, adapters, x = setup()
+    refs = {t: run(model, x, task_ids=[t] * BATCH) for t in range(3)}
+    compiled = torch.compile(model, backend="eager")
+    for t in (0, 1, 2, 0):
+        with adapters.tasks([t] * BATCH), torch.no_grad():
+            torch.testing.assert_close(compiled(**x).logits, refs[t], atol=1e-6, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**x, task_ids=[2] * BATCH).logits, refs[2], atol=1e-6, rtol=0)
