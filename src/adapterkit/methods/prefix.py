@@ -34,6 +34,7 @@ see :func:`kv_layout`). Not with gradient checkpointing of layers that drop the 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,6 +45,7 @@ from ..component import Component
 from ..config import AdapterConfig, register, register_preset
 from ..targeting import TargetError
 from .prompt import (
+    CACHE_KEYS,
     RowLayout,
     VirtualCache,
     as_kwargs,
@@ -53,6 +55,7 @@ from .prompt import (
     extend_mask,
     output_cache,
     take_cache,
+    takes,
 )
 
 PUBLIC = ("PrefixTuning",)
@@ -207,7 +210,41 @@ class PrefixTuning(AdapterConfig):
             raise TargetError(
                 f"prefix tuning acts on the whole model, not on {name!r}: leave `targets` unset (or pass [''])"
             )
+        _check_fits(module)
         return PrefixKV(self, module)
+
+
+_ALTERNATIVES = "LoRA (ak.LoRA()), (IA)^3 (ak.IA3()) or a bottleneck adapter"
+
+
+def _check_fits(model: nn.Module) -> None:
+    """Refuse, before anything is built, models prefix tuning cannot act on: no token input (vision and audio
+    encoders: the batch and the attention mask come from the tokens), or no attention layout in the config.
+
+    Raises:
+        TargetError: why, and what to use instead.
+    """
+    cls = type(model)
+    enc_dec = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    tokens = (
+        ("decoder_input_ids", "decoder_inputs_embeds", "labels") if enc_dec else ("input_ids", "inputs_embeds")
+    )
+    if not any(takes(cls, t) for t in tokens):
+        params = [n for n in inspect.signature(cls.forward).parameters if n.endswith(("_values", "_features"))]
+        raise TargetError(
+            f"prefix tuning cannot act on {cls.__name__}: it takes no {'decoder ' if enc_dec else ''}token ids "
+            f"({'/'.join(tokens[:2])}; its inputs: {', '.join(params) or 'other tensors'}). Prefix tuning (Li & Liang "
+            "2021) puts trained keys/values into the self-attention of text models through their KV cache; adapt "
+            f"this model's layers instead: {_ALTERNATIVES}"
+        )
+    try:
+        kv_layout(model)
+    except TargetError as e:
+        raise TargetError(
+            f"prefix tuning cannot act on {cls.__name__}: {e}. Prefix tuning (Li & Liang 2021) needs self-attention "
+            f"layers with keys and values (models without attention, e.g. Mamba or CNNs, have none); use "
+            f"{_ALTERNATIVES}, or prompt tuning on text models"
+        ) from None
 
 
 register_preset("ptuning_v2", PrefixTuning(num_virtual_tokens=20, prefix_projection=False))
@@ -430,10 +467,18 @@ class PrefixKV(Component):
         if cache is None:
             return y
         if VirtualCache.fresh(cache):
+            why = (
+                f"its forward takes no KV cache ({'/'.join(CACHE_KEYS)}), so its attention has no place for the "
+                "prefix; use prompt tuning (on text inputs), LoRA (ak.LoRA()), (IA)^3 or a bottleneck adapter for "
+                "this model"
+                if not any(takes(type(model), k) for k in CACHE_KEYS)
+                else "layers under gradient checkpointing drop the cache in training (turn gradient checkpointing "
+                "off), and some models never read it: then use prompt tuning, LoRA (ak.LoRA()) or a bottleneck "
+                "adapter"
+            )
             raise TypeError(
                 f"{type(model).__name__} did not read past_key_values (its KV cache), so the prefix had no "
-                "effect: some models never read it, and layers under gradient checkpointing drop it in training; "
-                "turn gradient checkpointing off, or use prompt tuning or LoRA for this model"
+                f"effect: {why}"
             )
         field, returned = output_cache(y)
         if getattr(cache, _OWN, False) and returned is cache:

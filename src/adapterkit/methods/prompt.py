@@ -396,7 +396,11 @@ class PromptTuning(AdapterConfig):
             raise TargetError(
                 f"prompt tuning acts on the whole model, not on {name!r}: leave `targets` unset (or pass [''])"
             )
-        if encoder_of(module) is not None:
+        encoder = encoder_of(module)
+        if encoder is not None:
+            _input_embeddings(
+                encoder, model=module
+            )  # refuse encoders without token inputs before building anything
             return EncoderMask(self, module)
         return SoftPrompt(self, module, _input_embeddings(module), token_level=True)
 
@@ -409,19 +413,56 @@ class PromptTuning(AdapterConfig):
         name = next((n for n, m in modules.items() if m is encoder), None)
         if name is None:
             raise TargetError(f"the encoder of this {type(root).__name__} is not one of its submodules")
-        return {name: SoftPrompt(self, encoder, _input_embeddings(encoder), token_level=False)}
+        return {name: SoftPrompt(self, encoder, _input_embeddings(encoder, model=root), token_level=False)}
 
 
-def _input_embeddings(module: nn.Module) -> nn.Module:
+_TOKEN_INPUTS = ("input_ids", "inputs_embeds")
+
+
+def _inputs_of(cls: type) -> list[str]:
+    """The named tensor inputs of ``cls.forward`` (for messages)."""
+    names = [n for n in inspect.signature(cls.forward).parameters if n != "self"]
+    return [n for n in names if n.endswith(("_ids", "_values", "_features", "_embeds", "pixel_values"))][:4]
+
+
+def _input_embeddings(module: nn.Module, model: nn.Module | None = None) -> nn.Module:
+    """The token embedding table that prompt tuning prepends to (``module``: the model, or the encoder stack of
+    the encoder-decoder ``model``).
+
+    Raises:
+        TargetError: ``module`` takes no token ids or has no ``(vocab, dim)`` token embedding (vision and audio
+            models, Whisper's encoder, two-tower models such as CLIP): one message saying why and what to use.
+    """
+    owner = type(model if model is not None else module).__name__
+    where = f"the encoder of {owner} ({type(module).__name__})" if model is not None else owner
+
+    def refuse(why: str) -> TargetError:
+        return TargetError(
+            f"prompt tuning cannot act on {where}: it {why}. Prompt tuning (Lester et al. 2021) prepends trained "
+            "vectors to the input token embeddings, so it needs a text input; adapt this model's layers instead: "
+            "LoRA (ak.LoRA()), (IA)^3 (ak.IA3()) or a bottleneck adapter"
+            + ("; on encoder-decoder models prefix tuning acts on the decoder" if model is not None else "")
+        )
+
+    if not any(takes(type(module), n) for n in _TOKEN_INPUTS):
+        inputs = ", ".join(_inputs_of(type(module))) or "no token ids"
+        raise refuse(f"takes no input_ids/inputs_embeds (its inputs: {inputs})")
     emb = getattr(module, "embed_tokens", None)
     if isinstance(emb, nn.Module):
         return emb
     get = getattr(module, "get_input_embeddings", None)
-    emb = get() if callable(get) else None
-    if not isinstance(emb, nn.Module) or not isinstance(getattr(emb, "weight", None), torch.Tensor):
-        raise TargetError(
-            f"prompt tuning needs the input token embeddings of {type(module).__name__} "
-            "(get_input_embeddings()), which it does not expose"
+    try:
+        emb = get() if callable(get) else None
+    except NotImplementedError:  # transformers: two-tower models (CLIP) and models without token inputs
+        raise refuse(
+            "exposes no single input token embedding (get_input_embeddings() is not implemented)"
+        ) from None
+    weight = getattr(emb, "weight", None) if isinstance(emb, nn.Module) else None
+    if not isinstance(weight, torch.Tensor):
+        raise refuse("exposes no input token embedding (get_input_embeddings())")
+    if weight.dim() != 2:
+        raise refuse(
+            f"embeds its input with a {type(emb).__name__} (weight {tuple(weight.shape)}), not a token table"
         )
     return emb
 
