@@ -313,52 +313,35 @@ def test_every_architecture_slow():
     assert set(failures) <= SLOW_KNOWN, sorted(set(failures) - SLOW_KNOWN)
 
 
-# architectures whose default LoRA/(IA)^3/bottleneck cannot apply, by reason (the slow sweep checks no others fail)
+# architectures whose default LoRA/(IA)^3/bottleneck cannot apply, by reason (the slow sweep checks no others fail;
+# measured on transformers 5.24: 548 of 622 model types build tiny offline, 486 of them take all three defaults)
 SLOW_LEFT_OUT = {
-    "no attention or linear FFN (convolutions or other layers only)": [],
-    "FFN is MoE 3-D expert parameters only: (IA)^3 and projection bottlenecks have no ffn.down": [],
-}
-SLOW_KNOWN = {t for ts in SLOW_LEFT_OUT.values() for t in ts}
-
-
-# --- issue 19 item 5: prompt and prefix tuning on models that do not fit them ------------------------------------
-@pytest.mark.parametrize(
-    ("model_type", "method", "why"),
-    [
-        (
-            "whisper",
-            "prompt_tuning",
-            "encoder of WhisperForConditionalGeneration .*takes no input_ids.*input_features",
-        ),
-        ("clip", "prompt_tuning", "CLIPModel: it exposes no single input token embedding"),
-        ("wav2vec2", "prompt_tuning", "takes no input_ids/inputs_embeds .*input_values"),
-        ("vit", "prompt_tuning", "takes no input_ids/inputs_embeds .*pixel_values"),
-        ("vit", "prefix_tuning", "takes no token ids .*pixel_values"),
-        ("wav2vec2", "prefix_tuning", "takes no token ids .*input_values"),
-        ("resnet", "prefix_tuning", "takes no token ids"),
-        ("mamba", "prefix_tuning", "needs self-attention layers with keys and values"),
+    "the FFN is MoE experts stored as 3-D parameters (no linear ffn.down): (IA)^3 and projection bottlenecks have "
+    "nothing to act on; default LoRA works, LoRA reaches the experts with target_parameters, bottlenecks with "
+    "hook='sublayer' where the layout's sub-layer roles are inferred": [
+        "cohere2_moe", "deepseek_v4", "flex_olmo", "gpt_oss", "granitemoe", "granitemoe_swa", "granitemoeshared",
+        "inkling_mm_model", "inkling_text", "inkling2_text", "inkling2_loop_text", "jetmoe", "mellum", "minimax",
+        "minimax_m2", "mixtral", "olmoe", "openai_privacy_filter", "phimoe", "qwen3_moe", "qwen3_vl_moe_text",
+        "zaya",
     ],
-)
-def test_prompt_and_prefix_refuse_models_that_do_not_fit_them(model_type, method, why):
-    """One clear error at ``add`` (not a shape error in the forward), naming why and what to use instead."""
-    model = make_model(model_type) if model_type in ("whisper", "vit") else _model(model_type)
-    adapters = ak.attach(model)
-    with pytest.raises(ak.TargetError, match=why) as err:
-        adapters.add("p", method, num_virtual_tokens=3)
-    assert "LoRA (ak.LoRA())" in str(err.value)
-    assert "p" not in adapters
-
-
-@pytest.mark.parametrize("model_type", ["deberta-v2", "clip"])
-def test_prefix_on_a_model_without_a_kv_cache_says_why(model_type):
-    """DeBERTa-v2 and CLIP take no KV cache: the first call says so (the prefix would have had no effect) and names
-    the alternatives; prompt tuning works on DeBERTa-v2."""
-    model = tiny(model_type)
-    adapters = ak.attach(model)
-    adapters.add("p", ak.PrefixTuning(num_virtual_tokens=3))
-    with pytest.raises(TypeError, match="did not read past_key_values.*takes no KV cache.*LoRA"):
-        model(**_inputs(model_type))
-    if model_type == "deberta-v2":
-        adapters.delete("p")
-        adapters.add("q", ak.PromptTuning(num_virtual_tokens=3))
-        assert _first_float(model(**_inputs(model_type))).shape[:2] == (2, 3 + 6)  # a base model: P + L states
+    "convolutional blocks (FFN or whole network): default LoRA acts on the k x k convolutions; (IA)^3 and "
+    "bottleneck adapters act on linear layers only": [
+        "bit", "resnet", "hgnet_v2", "textnet", "uvdoc", "pp_ocrv5_server_rec", "efficientloftr", "vits",
+        "fastspeech2_conformer", "fastspeech2_conformer_with_hifigan",
+    ],
+    "no attention projections LoRA's default can take (depthwise-conv, Fourier, focal-modulation or xLSTM token "
+    "mixers; XLNet keeps q/k/v as raw parameters): target ffn.up/ffn.down or names": [
+        "convnext", "convnextv2", "dinov3_convnext", "focalnet", "fnet", "xlnet", "xlstm", "muse_spark_audio",
+        "vibevoice_acoustic_tokenizer", "vibevoice_acoustic_tokenizer_decoder", "vibevoice_acoustic_tokenizer_encoder",
+    ],
+    "no blocks with attention or linear FFN layers (CNNs without residual-block stacks, codecs, quantized "
+    "I-BERT's QuantLinear): no roles, target by name, type or all-linear": [
+        "dac", "efficientnet", "encodec", "glm_image_vqmodel", "ibert", "mobilenet_v1", "mobilenet_v2", "mobilevitv2",
+        "poolformer", "pp_ocrv5_mobile_rec", "pp_ocrv6_small_det", "pp_ocrv6_small_rec", "pp_ocrv6_tiny_rec",
+        "regnet", "sam3_lite_text_text_model", "swiftformer", "univnet", "wavtokenizer_encoder",
+    ],
+    "not analysed: Perceiver's cross-attention MLPs map between latent and input widths (no ffn.down found)": [
+        "perceiver",
+    ],
+}  # fmt: skip
+SLOW_KNOWN = {t for ts in SLOW_LEFT_OUT.values() for t in ts}

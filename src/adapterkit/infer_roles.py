@@ -101,8 +101,11 @@ def _inside(name: str, parent: str) -> bool:
 
 
 def _leaf(name: str) -> str:
-    """The last name component that is not an index (``attn.to_out.0`` -> ``to_out``), lower-cased."""
+    """The last name component that is not an index or a generic wrapper's layer (``attn.to_out.0`` -> ``to_out``,
+    ``self_attn.q_proj.linear`` -> ``q_proj``), lower-cased."""
     parts = [p for p in name.split(".") if not p.isdigit()]
+    while len(parts) > 1 and parts[-1].lower() in ("linear", "layer", "fc"):
+        parts.pop()
     return parts[-1].lower() if parts else ""
 
 
