@@ -181,3 +181,20 @@ def test_config_errors():
     adapters = ak.attach(make_model("vit"))
     with pytest.raises(ak.TargetError if hasattr(ak, "TargetError") else Exception, match="cannot act"):
         adapters.add("m", ak.MoLoRA(targets=["embed"]))
+
+
+@pytest.mark.parametrize(
+    "cfg", [ak.MoV(n_experts=3, top_k=2), ak.MoLoRA(n_experts=3, top_k=2)], ids=["mov", "molora"]
+)
+def test_bfloat16_base_trains_float32_experts(cfg):
+    x = make_inputs("llama")
+    model = make_model("llama").to(torch.bfloat16)
+    adapters = ak.attach(model)
+    adapters.add("m", cfg.replace(init_weights=False))
+    adapters.train("m")
+    out = output_of(model, x)
+    assert out.dtype == torch.bfloat16
+    (out.float().sum() + adapters.aux_loss()).backward()
+    params = list(adapters.parameters("m"))
+    assert {p.dtype for p in params} == {torch.float32}
+    assert all(p.grad is not None for p in params)
