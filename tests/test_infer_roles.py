@@ -345,3 +345,46 @@ SLOW_LEFT_OUT = {
     ],
 }  # fmt: skip
 SLOW_KNOWN = {t for ts in SLOW_LEFT_OUT.values() for t in ts}
+
+
+# --- issue 19 item 5: prompt and prefix tuning on models that do not fit them ------------------------------------
+@pytest.mark.parametrize(
+    ("model_type", "method", "why"),
+    [
+        (
+            "whisper",
+            "prompt_tuning",
+            "encoder of WhisperForConditionalGeneration .*takes no input_ids.*input_features",
+        ),
+        ("clip", "prompt_tuning", "CLIPModel: it exposes no single input token embedding"),
+        ("wav2vec2", "prompt_tuning", "takes no input_ids/inputs_embeds .*input_values"),
+        ("vit", "prompt_tuning", "takes no input_ids/inputs_embeds .*pixel_values"),
+        ("vit", "prefix_tuning", "takes no token ids .*pixel_values"),
+        ("wav2vec2", "prefix_tuning", "takes no token ids .*input_values"),
+        ("resnet", "prefix_tuning", "takes no token ids"),
+        ("mamba", "prefix_tuning", "needs self-attention layers with keys and values"),
+    ],
+)
+def test_prompt_and_prefix_refuse_models_that_do_not_fit_them(model_type, method, why):
+    """One clear error at ``add`` (not a shape error in the forward), naming why and what to use instead."""
+    model = make_model(model_type) if model_type in ("whisper", "vit") else _model(model_type)
+    adapters = ak.attach(model)
+    with pytest.raises(ak.TargetError, match=why) as err:
+        adapters.add("p", method, num_virtual_tokens=3)
+    assert "LoRA (ak.LoRA())" in str(err.value)
+    assert "p" not in adapters
+
+
+@pytest.mark.parametrize("model_type", ["deberta-v2", "clip"])
+def test_prefix_on_a_model_without_a_kv_cache_says_why(model_type):
+    """DeBERTa-v2 and CLIP take no KV cache: the first call says so (the prefix would have had no effect) and names
+    the alternatives; prompt tuning works on DeBERTa-v2."""
+    model = tiny(model_type)
+    adapters = ak.attach(model)
+    adapters.add("p", ak.PrefixTuning(num_virtual_tokens=3))
+    with pytest.raises(TypeError, match="did not read past_key_values.*takes no KV cache.*LoRA"):
+        model(**_inputs(model_type))
+    if model_type == "deberta-v2":
+        adapters.delete("p")
+        adapters.add("q", ak.PromptTuning(num_virtual_tokens=3))
+        assert _first_float(model(**_inputs(model_type))).shape[:2] == (2, 3 + 6)  # a base model: P + L states
