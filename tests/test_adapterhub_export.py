@@ -141,9 +141,7 @@ NATIVE: dict[str, tuple[str, Callable[[ak.Adapters], None]]] = {
         ),
     ),  # fmt: skip
 }
-# our LoRA reader has no transformers-4.57 -> 5 ViT renames (the bottleneck reader has): checked against the library
-NOT_READ_BACK = {"vit_lora": "formats/adapterhub_lora.py does not map ViT's 4.57 names (attention.attention.query) "
-                 "onto transformers 5's (attention.q_proj) yet"}  # fmt: skip
+NOT_READ_BACK: dict[str, str] = {}  # cases whose export our reader cannot read back (none now)
 
 
 def _native(case: str) -> tuple[torch.nn.Module, ak.Adapters]:

@@ -44,7 +44,7 @@ from ..methods.union import Union
 from ..plan import Plan
 from ..profiles import profile_for
 from ..targeting import TargetError, base_modules, select
-from .adapterhub_files import AdapterHubFile, bottleneck_kind, resolve_sites
+from .adapterhub_files import AdapterHubFile, bottleneck_kind, renamed, resolve_sites
 from .io import AdapterFileError, require_float
 from .peft import Fields
 
@@ -161,21 +161,6 @@ def _layer_of(location: str, where: Path) -> tuple[str, str, str | None]:
 
 
 # transformers 5 renamed ViT's ``encoder.layer.{i}`` (4.x, what AdapterHub saved) to ``layers.{i}``
-_RENAMES = {"vit": (".encoder.layer.", ".layers.")}
-
-
-def _renamed(layer: str, model: Any) -> str:
-    """A stored layer path in this transformers version's module names (the 4.x name when it still exists)."""
-    rename = _RENAMES.get(getattr(getattr(model, "config", None), "model_type", None))
-    if rename is None:
-        return layer
-    old, new = rename
-    dotted = "." + layer
-    if old not in dotted or any(n.endswith(dotted) for n, _ in model.named_modules()):
-        return layer
-    return dotted.replace(old, new, 1)[1:]
-
-
 def load(ctl: Any, path: str | os.PathLike, info: AdapterHubFile, *, name: str | None, activate: bool) -> str:
     where = Path(path)
     why = refusal(info.config)
@@ -204,7 +189,7 @@ def load(ctl: Any, path: str | os.PathLike, info: AdapterHubFile, *, name: str |
             f"{'holds none' if coupling is None else 'holds one'}"
         )
     located = {loc: _layer_of(loc, where) for loc in stored}
-    located = {loc: (_renamed(layer, ctl.model), w, r) for loc, (layer, w, r) in located.items()}
+    located = {loc: (renamed(layer, ctl.model), w, r) for loc, (layer, w, r) in located.items()}
     layers = resolve_sites(sorted({layer for layer, _, _ in located.values()}), ctl.model, where)
     family, roles = profile_for(ctl.model)
     modules = base_modules(ctl.model)

@@ -118,6 +118,40 @@ def _legacy_key(key: str) -> str:
     return key
 
 
+# transformers 4.x module paths the library saved under -> transformers 5's (by model type): the layer list, then
+# module names at the end of a path (in order: the attention output before the FFN output)
+_RENAMES = {
+    "vit": (
+        (".encoder.layer.", ".layers."),
+        (
+            (".attention.attention.query", ".attention.q_proj"),
+            (".attention.attention.key", ".attention.k_proj"),
+            (".attention.attention.value", ".attention.v_proj"),
+            (".attention.output.dense", ".attention.o_proj"),
+            (".intermediate.dense", ".mlp.fc1"),
+            (".output.dense", ".mlp.fc2"),
+        ),
+    )
+}
+
+
+def renamed(path: str, model: nn.Module) -> str:
+    """A stored module path in this transformers version's module names (the 4.x name when it still exists)."""
+    rename = _RENAMES.get(getattr(getattr(model, "config", None), "model_type", None))
+    if rename is None:
+        return path
+    (old, new), ends = rename
+    dotted = "." + path
+    if old not in dotted or any(n.endswith(dotted) for n, _ in model.named_modules()):
+        return path
+    dotted = dotted.replace(old, new, 1)
+    for end_old, end_new in ends:
+        if dotted.endswith(end_old):
+            dotted = dotted[: -len(end_old)] + end_new
+            break
+    return dotted[1:]
+
+
 def resolve_sites(paths: list[str], model: nn.Module, where: str | os.PathLike) -> dict[str, str]:
     """Map module paths of the saving model onto this model's module names.
 

@@ -44,7 +44,7 @@ from ..methods.ia3 import IA3
 from ..methods.lora import LoRA
 from ..plan import Plan
 from ..targeting import base_modules
-from .adapterhub_files import AdapterHubFile, resolve_sites
+from .adapterhub_files import AdapterHubFile, renamed, resolve_sites
 from .io import AdapterFileError, import_checked, require_float
 from .peft import Fields
 
@@ -113,7 +113,7 @@ def load(ctl: Any, path: str | os.PathLike, info: AdapterHubFile, *, name: str |
         raise AdapterFileError(f"{fields.where}: AdapterHub VeRA (vera_b/vera_d) is not read yet")
     name = name or info.saved_name
     ctl._check_new_name(name)
-    stored = _split(info, where)
+    stored = {renamed(s, ctl.model): state for s, state in _split(info, where).items()}
     require_float({f"{s}.{k}": v for s, state in stored.items() for k, v in state.items()}, where)
     mapping = resolve_sites(sorted(stored), ctl.model, where)
     per_site = {mapping[s]: state for s, state in stored.items()}
