@@ -2,7 +2,7 @@
 
 ``profiles.profile_for`` uses :func:`infer_roles` when no entry of ``profiles.PROFILES`` matches the model's
 ``config.model_type``. The result is a role map like the hand-written ones (role -> module-name patterns, each
-pattern a module path with layer indices generalized to ``\\d+``), marked as :class:`InferredRoles` so that
+pattern a module path from the model's root, anchored there, with layer indices generalized to ``\\d+``), marked as :class:`InferredRoles` so that
 ``adapterkit inspect`` can say the roles were inferred.
 
 How the structure is read (no forward pass, works on the ``meta`` device):
@@ -430,8 +430,9 @@ def infer_roles(model: nn.Module) -> InferredRoles:
         add("head", heads)
     out = InferredRoles()
     for role, names in found.items():
-        tail = r"(\..*)?" if role == "head" else ""  # a head's own layers are heads too (as the BERT profile)
-        pats = list(dict.fromkeys(_pattern(n, stacks) + tail for n in names if n))
+        # anchored at the model's root ("(?<!.)": nothing before it), since they are full paths: a head pattern
+        # `classifier` must not also match a router's `mlp.router.classifier`
+        pats = list(dict.fromkeys("(?<!.)" + _pattern(n, stacks) for n in names if n))
         if pats:
             out[role] = pats
     return out
@@ -470,6 +471,12 @@ def _heads(model: nn.Module, modules: dict[str, nn.Module]) -> list[str]:
         for child_name, child in model._modules.items():
             if child is None or child is base or child_name == _CONTAINER:
                 continue
-            if any(True for _ in child.parameters()) and not isinstance(child, nn.LayerNorm):
-                out.append(child_name)
+            if isinstance(child, nn.LayerNorm):
+                continue
+            # a head container (a pooler, RoBERTa's classification head): its layers with weights of their own
+            out += [
+                f"{child_name}.{n}" if n else child_name
+                for n, m in child.named_modules()
+                if any(True for _ in m.parameters(recurse=False))
+            ]
     return list(dict.fromkeys(out))

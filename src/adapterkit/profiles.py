@@ -64,7 +64,7 @@ _BERT = {
 _DEBERTA = {
     **{k: v for k, v in _BERT.items() if k not in ("attn.q", "attn.k", "attn.v")},
     "attn.qkv": [r"attention\.self\.in_proj"],
-    "head": [*_BERT["head"], r"pooler(\..*)?", r"lm_predictions(\..*)?"],
+    "head": [*_BERT["head"], r"pooler\.dense", r"lm_predictions\.lm_head\.(dense|LayerNorm)"],
 }
 
 # DeBERTa-v2/v3: BERT's layout with query_proj/key_proj/value_proj (pos_key_proj/pos_query_proj get no role)
@@ -73,7 +73,7 @@ _DEBERTA_V2 = {
     "attn.q": [r"attention\.self\.query_proj"],
     "attn.k": [r"attention\.self\.key_proj"],
     "attn.v": [r"attention\.self\.value_proj"],
-    "head": [*_BERT["head"], r"pooler(\..*)?", r"lm_predictions(\..*)?"],
+    "head": [*_BERT["head"], r"pooler\.dense", r"lm_predictions\.lm_head\.(dense|LayerNorm)"],
 }
 
 _DISTILBERT = {
