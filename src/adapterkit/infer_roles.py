@@ -211,7 +211,7 @@ def _classify_attention(names: list[str], modules: dict[str, nn.Module]) -> dict
             roles.setdefault("attn.k", []).append(n)
         elif leaf in _V or tokens[0] == "v":
             roles.setdefault("attn.v", []).append(n)
-        elif tokens[0] == "kv":  # MLA's joint key/value projections (kv_a_proj_with_mqa, kv_b_proj)
+        elif tokens[0] == "kv" or leaf in ("keys_values", "key_value"):  # joint key/value (MLA, LeViT)
             roles.setdefault("attn.k", []).append(n)
             roles.setdefault("attn.v", []).append(n)
         elif leaf in _OUT or tokens[0] == "o":
@@ -280,6 +280,8 @@ def _sublayer_roles(
     config = getattr(model, "config", None)
     if any(getattr(config, a, False) for a in ("use_parallel_residual", "parallel_attn", "parallel_block")):
         return {}
+    if any(True for _ in modules[block].parameters(recurse=False)):
+        return {}  # gated residuals (IDEFICS' tanh-gated cross-attention layers): not h = x + f
     own = [a for a in attns if a.rpartition(".")[0] == block]
     norms = {k for k, c in kids.items() if _NORM.search(k) or _NORM.search(type(c).__name__)}
     rest = [
@@ -296,7 +298,8 @@ def _sublayer_roles(
             }
         sandwich = {"input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                     "post_feedforward_layernorm"}  # fmt: skip
-        if norms == sandwich:  # Gemma 2/3: h = x + post_norm(f(pre_norm(x)))
+        weighted = all(any(True for _ in kids[k].parameters()) for k in sandwich if k in kids)
+        if norms == sandwich and weighted:  # Gemma 2/3: h = x + post_norm(f(pre_norm(x)))
             return {
                 "attn.sublayer": [full["post_attention_layernorm"]],
                 "attn.residual": [full["input_layernorm"]],
@@ -428,6 +431,10 @@ def infer_roles(model: nn.Module) -> InferredRoles:
     heads = _heads(model, modules)
     if heads:
         add("head", heads)
+    if "attn.qkv" in found and ("attn.q" in found) != ("attn.v" in found):
+        # a lone q (or v) beside fused projections (LeViT's subsampling queries): the defaults' q+v pair would
+        # fail, the fused projections serve them
+        found.pop("attn.q", None), found.pop("attn.v", None), found.pop("attn.k", None)
     out = InferredRoles()
     for role, names in found.items():
         # anchored at the model's root ("(?<!.)": nothing before it), since they are full paths: a head pattern
