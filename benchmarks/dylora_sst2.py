@@ -44,6 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--unfrozen", action="store_true", help="DyLoRA frozen=False (train every rank <= b each step)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--dev-size", type=int, default=None)
     p.add_argument("--threads", type=int, default=2)
@@ -57,7 +58,9 @@ def train_one(run: str, args: argparse.Namespace, tokenizer, train_rows, dev_row
     adapters = ak.attach(model)
     targets = ["attn.q", "attn.v"]
     if run == "dylora":
-        config = ak.DyLoRA(r_max=max(RANKS), alpha=args.alpha, seed=args.seed, targets=targets)
+        config = ak.DyLoRA(
+            r_max=max(RANKS), alpha=args.alpha, seed=args.seed, frozen=not args.unfrozen, targets=targets
+        )
     else:
         config = ak.LoRA(r=int(run.removeprefix("lora")), alpha=args.alpha, targets=targets)
     adapters.add(run, config.replace(heads=("classifier",)))
@@ -107,7 +110,8 @@ def render(rows: list[dict], args: argparse.Namespace, n_train: int, n_dev: int)
         "",
         f"MiniLM-L6, SST-2: {n_train:,} training sentences, {args.epochs} epochs, batch {args.batch_size}, max length "
         f"{args.max_length}, lr {args.lr:g}, seed {args.seed}, targets attn.q/attn.v + own classifier head; dev = "
-        f"{n_dev} sentences. One DyLoRA run (r_max 8, frozen, alpha {args.alpha:g}) evaluated at each rank; one LoRA "
+        f"{n_dev} sentences. One DyLoRA run (r_max 8, {'frozen=False' if args.unfrozen else 'frozen'}, alpha {args.alpha:g}) "
+        "evaluated at each rank; one LoRA "
         f"run per rank (alpha {args.alpha:g}). torch {torch.__version__}.",
         "",
         "| rank | DyLoRA (one run) | LoRA at that rank (own run) |",
