@@ -315,7 +315,7 @@ BATCHED = {
 
 @pytest.mark.parametrize("case", list(BATCHED))
 def test_routing_is_batched_without_per_adapter_calls(case, monkeypatch):
-    from adapterkit.methods import bottleneck, ia3
+    from adapterkit.methods import bottleneck, bottleneck_sublayer, ia3
 
     family, cfg_a, cfg_b, slow = BATCHED[case]
     model = make_model(family)
@@ -331,7 +331,11 @@ def test_routing_is_batched_without_per_adapter_calls(case, monkeypatch):
 
     for spec in slow:
         cls_name, method = spec.split(".")
-        cls = getattr(ia3, cls_name, None) or getattr(bottleneck, cls_name)
+        cls = (
+            getattr(ia3, cls_name, None)
+            or getattr(bottleneck, cls_name, None)
+            or getattr(bottleneck_sublayer, cls_name)
+        )
         monkeypatch.setattr(cls, method, fail)
     with torch.no_grad(), adapters.route(rows):
         mixed = output_of(model, x)

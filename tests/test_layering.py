@@ -3,11 +3,12 @@
 Layers, top to bottom (a module may import its own layer and those below, never one above):
 
 4. ``adapterkit.cli`` and ``adapterkit.serve``: the commands and the server, on top of the public API.
-3. ``adapterkit`` (the public ``__init__``) and ``controller``: the verbs (add/merge/save/load/...).
+3. ``adapterkit`` (the public ``__init__``), ``controller`` and ``trainer`` (its Trainer callback): the verbs
+   (add/merge/save/load/...).
 2. ``formats/*``, ``quant/*``, ``merging``, ``methods/*``: readers/writers, quantized bases, weight-space
    arithmetic, method families. They receive the controller as an argument (duck-typed ``ctl``) and hand
    it ``plan.Plan`` objects; they never import it.
-1. ``plan``, ``sites``, ``compose``, ``targeting``, ``profiles``, ``context``, ``config``, ``component``,
+1. ``plan``, ``sites``, ``compose``, ``targeting``, ``profiles``, ``infer_roles``, ``context``, ``config``, ``component``,
    ``backends``: the vocabulary everything above shares.
 
 Checked: (a) no cycle among module-level imports (with the submodules that ``methods/__init__`` and
@@ -30,7 +31,7 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 ROOT = "adapterkit"
 
 TOP = ("adapterkit.cli", "adapterkit.serve")
-CONTROLLER = ("adapterkit", "adapterkit.controller")
+CONTROLLER = ("adapterkit", "adapterkit.controller", "adapterkit.trainer")
 MIDDLE = ("adapterkit.formats", "adapterkit.quant", "adapterkit.merging", "adapterkit.methods")
 BOTTOM = (
     "adapterkit.plan",
@@ -38,6 +39,7 @@ BOTTOM = (
     "adapterkit.compose",
     "adapterkit.targeting",
     "adapterkit.profiles",
+    "adapterkit.infer_roles",
     "adapterkit.context",
     "adapterkit.config",
     "adapterkit.component",

@@ -104,8 +104,6 @@ __all__ = [
     "SequentialBottleneck",
     "ParallelBottleneck",
     "FFNInputTap",
-    "SublayerBottleneck",
-    "ResidualTap",
     "activation",
 ]
 
@@ -365,9 +363,9 @@ class Bottleneck(AdapterConfig):
                 f"skip_layers={self.skip_layers} leaves none of the {len(targets)} targets; lower it"
             )
         if self.hook is Hook.SUBLAYER:
-            from .bottleneck_sublayer import build_sublayer  # the module imports this one
-
-            comps: dict[str, Component] = build_sublayer(self, modules, kept, select)
+            if _SUBLAYER_BUILDER is None:  # methods/__init__ imports every method module, that one included
+                raise RuntimeError("adapterkit.methods.bottleneck_sublayer was not imported")
+            comps: dict[str, Component] = _SUBLAYER_BUILDER(self, modules, kept, select)
         else:
             comps = {n: self.build(modules[n], n) for n in kept}
         if self.placement is Placement.PARALLEL and self.hook is Hook.PROJECTION:
@@ -846,5 +844,12 @@ for _name, _cfg in _PRESETS.items():
 for _alias, _name in _ALIASES.items():
     register_preset(_alias, _PRESETS[_name])
 
-# the sub-layer components (hook="sublayer") live in their own module, which builds on the classes above
-from .bottleneck_sublayer import ResidualTap, SublayerBottleneck  # noqa: E402
+
+# hook="sublayer": the components live in methods/bottleneck_sublayer.py, which builds on the classes above and
+# registers its builder here when imported (no import back from this module, so no cycle)
+_SUBLAYER_BUILDER: Callable[..., dict[str, Component]] | None = None
+
+
+def register_sublayer_builder(build: Callable[..., dict[str, Component]]) -> None:
+    global _SUBLAYER_BUILDER
+    _SUBLAYER_BUILDER = build

@@ -40,7 +40,15 @@ from torch import nn
 
 from ..component import Component, first_input
 from ..targeting import TargetError
-from .bottleneck import _BottleneckBase, _first_param, _io_dims, _main, _pair, _with_main
+from .bottleneck import (
+    _BottleneckBase,
+    _first_param,
+    _io_dims,
+    _main,
+    _pair,
+    _with_main,
+    register_sublayer_builder,
+)
 
 __all__ = ["SublayerBottleneck", "ResidualTap", "ResidualHolder"]
 
@@ -323,3 +331,6 @@ def build_sublayer(
     if both:
         raise TargetError(f"{both[0]!r} is both an adapted sub-layer and the residual source of another one")
     return {**comps, **taps}
+
+
+register_sublayer_builder(build_sublayer)
