@@ -55,6 +55,11 @@ __all__ = ["InferredRoles", "infer_roles"]
 _CONTAINER = "ak_adapters"  # targeting.CONTAINER (not imported: targeting imports profiles, which imports us)
 
 
+_ORDER = ("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.out", "ffn.in", "ffn.up", "ffn.gate", "ffn.down", "ffn",
+          "block", "embed", "attention", "head", "attn.sublayer", "attn.residual", "attn.norm", "ffn.sublayer",
+          "ffn.residual", "ffn.norm")  # profiles.ROLES' order (not imported: profiles imports this module)  # fmt: skip
+
+
 class InferredRoles(dict):
     """A role map derived by :func:`infer_roles` (a ``dict`` role -> patterns; the type marks it as inferred)."""
 
@@ -436,7 +441,7 @@ def infer_roles(model: nn.Module) -> InferredRoles:
         # fail, the fused projections serve them
         found.pop("attn.q", None), found.pop("attn.v", None), found.pop("attn.k", None)
     out = InferredRoles()
-    for role, names in found.items():
+    for role, names in sorted(found.items(), key=lambda kv: _ORDER.index(kv[0]) if kv[0] in _ORDER else 99):
         # anchored at the model's root ("(?<!.)": nothing before it), since they are full paths: a head pattern
         # `classifier` must not also match a router's `mlp.router.classifier`
         pats = list(dict.fromkeys("(?<!.)" + _pattern(n, stacks) for n in names if n))
