@@ -74,3 +74,36 @@ def test_aliased_families_resolve_roles(config_cls, model_cls, kw, expected) -> 
         with adapters.use(None):
             base = model(input_ids=ids).logits
     assert not torch.allclose(out, base)
+
+
+def test_deepcopy_of_a_model_with_adapters_is_independent():
+    """copy.deepcopy (peft users copy models before merging) gives a model with its own controller, equal outputs,
+    and no shared adapter weights; a scheduled method's missing-step check follows the copied parameters."""
+    import copy
+
+    model = make_model("llama")
+    adapters = ak.attach(model)
+    adapters.add("x", ak.LoRA(init_weights=False))
+    adapters.add("y", ak.IA3(init_weights=False))
+    adapters.add("d", ak.DyLoRA(r_max=4))
+    adapters.activate("x")
+    x = make_inputs("llama")
+    with torch.no_grad():
+        ref = output_of(model, x)
+    twin = copy.deepcopy(model)
+    other = ak.attach(twin)
+    assert other is not adapters and other.model is twin and other.names == ["x", "y", "d"]
+    with torch.no_grad():
+        torch.testing.assert_close(output_of(twin, x), ref, rtol=0, atol=0)
+        for p in other.parameters("x"):
+            p.add_(1.0)
+        assert not torch.equal(output_of(twin, x), ref)
+        torch.testing.assert_close(output_of(model, x), ref, rtol=0, atol=0)
+        with other.route(["x", "y"]):
+            output_of(twin, x)
+    other.train("d")
+    opt = torch.optim.SGD(other.parameters("d"), lr=0.1)
+    output_of(twin, x).sum().backward()
+    opt.step()
+    with pytest.raises(RuntimeError, match="step"):
+        output_of(twin, x)

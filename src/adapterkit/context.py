@@ -244,6 +244,15 @@ class ForwardState:
         self._lock = threading.Lock()
         self._local = _Local()
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> ForwardState:
+        """A copy with the same persistent default and no open scopes (those belong to running code)."""
+        import copy
+
+        new = ForwardState()
+        memo[id(self)] = new
+        new.default = copy.deepcopy(self.default, memo)
+        return new
+
     # --- reads (hot path: every site, every call) --------------------------------------------------
     def _current(self, field: str, default: Any) -> Any:
         """The innermost scope override of ``field`` for this thread/task, else ``default``."""

@@ -143,6 +143,22 @@ class Adapters:
         self._watched_ids: set[int] = set()
         self._pending_step = False
 
+    # --- copying (copy.deepcopy of a model with adapters, as peft users do) ---------------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_sync_lock", None)
+        state["_route_caches"], state["_route_carry"] = {}, {}  # stacked copies: rebuilt on use
+        state["_stepping"] = self in _STEPPING
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        stepping = state.pop("_stepping", False)
+        self.__dict__.update(state)
+        self._sync_lock = threading.Lock()
+        self._watched_ids = {id(p) for _, p, _ in self._stepped}  # the copied parameters
+        if stepping:
+            _watch_optimizers(self)
+
     # --- introspection ---------------------------------------------------------------------
     def __repr__(self) -> str:
         return f"Adapters({type(self.model).__name__}, adapters={list(self._records)}, active={list(self.active)})"
