@@ -9,8 +9,9 @@ How the structure is read (no forward pass, works on the ``meta`` device):
 
 1. **Blocks**: entries of a layer stack, i.e. a ``ModuleList``/``Sequential`` whose entries share one class (or
    whose classes all end in ``Layer``/``Block``: hybrid stacks such as Jamba's), holding at least two linear or
-   convolution layers. The innermost such entries are the blocks (a Swin stage holds blocks), except expert lists
-   (a path through ``experts``), which stay inside their block.
+   convolution layers. An entry holding such entries is split into them when they hold most of its layers (a
+   Swin or ResNet stage holds its blocks; a MobileBERT layer's short FFN list does not); expert lists (a path
+   through ``experts``) stay inside their block.
 2. **Attention** in a block: the outermost module whose class or name says attention (``Attention``, ``attn``),
    or an attention-free token mixer (``Mixer``: Mamba's SSM, see below). Its linear layers are classified by
    name: ``q``/``query``/``q_proj``/``wq``/``to_q`` -> ``attn.q`` (``k``, ``v`` alike), fused ``qkv``/
@@ -34,10 +35,14 @@ How the structure is read (no forward pass, works on the ``meta`` device):
    it: a ViT's patch projection). ``head``: the output embedding and the top-level modules beside the base model
    (``classifier``, ``score``, ``lm_head``, ...). ``block``, ``attention``: the modules of 1 and 2.
 
-Not inferred: the sub-layer roles (``attn.sublayer``, ``ffn.residual``, ...), because whether a block normalizes
-before or after the residual addition is not visible in the module tree (Whisper and BART have the same modules
-in the same order; one is pre-LN, the other post-LN). Bottleneck adapters on such models need
-``hook="projection"`` (or explicit targets); the hand-written profiles carry sub-layer roles.
+6. **Sub-layer roles** (``attn.sublayer``, ``ffn.residual``, ...: where ``Bottleneck()``'s default
+   ``hook="sublayer"`` sits) only where transformers' module names fix the residual wiring: LLaMA's pre-LN block
+   (exactly ``input_layernorm``, the attention, ``post_attention_layernorm`` and one FFN module; not with a
+   parallel-residual config), Gemma 2/3's sandwich norms (``pre_/post_feedforward_layernorm``), and BERT's post-LN
+   block (``attention.output.{dropout,LayerNorm}``, ``intermediate``, ``output.{dropout,LayerNorm}``); never for a
+   block with parameters of its own (gated residuals). Elsewhere pre- and post-LN are not visible in the module tree
+   (Whisper and BART have the same modules in the same order; one is pre-LN, the other post-LN): bottleneck adapters
+   on such models need ``hook="projection"`` (or explicit targets).
 """
 
 from __future__ import annotations
