@@ -466,7 +466,8 @@ class Adapters:
             if self.is_merged(n):
                 raise ValueError(f"adapter {n!r} is merged into the base weights; unmerge it before routing")
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
-        used = [n for n in self._records if n in set(names)]
+        wanted = set(names)
+        used = [n for n in self._records if n in wanted]
         with self.state.routed(
             RoutePlan(names, device, order=used, cache=lambda: self._route_cache(used), carry=self._route_carry)
         ):
