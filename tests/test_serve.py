@@ -732,7 +732,8 @@ def test_sigterm_drains_a_stream_and_exits_0(files, tmp_path):
     )  # fmt: skip
     try:
         port = None
-        deadline = time.monotonic() + 180  # a cold start imports torch, transformers and torchao: over a minute on 2 loaded cores
+        # a cold start imports torch, transformers and torchao: over a minute on 2 loaded cores
+        deadline = time.monotonic() + 180
         lines = []
         while time.monotonic() < deadline and port is None:
             line = proc.stdout.readline()
