@@ -17,7 +17,7 @@ from torch import nn
 
 from ..plan import Plan
 from ..targeting import base_modules
-from .io import AdapterFileError
+from .io import AdapterFileError, require_float
 from .peft import PREFIX, adapter_task_type
 
 __all__ = [
@@ -78,6 +78,28 @@ def check_sites(sites: list[str], modules: dict[str, nn.Module], path: Any, mode
             f"peft adapter {str(path)!r} targets {missing[0]!r}, which this {type(model).__name__} does not "
             f"have ({len(missing)} missing): wrong base model?"
         )
+
+
+def read_sites(
+    ctl: Any,
+    raw: dict[str, torch.Tensor],
+    fields: Any,
+    path: Any,
+    suffixes: dict[str, str],
+    empty: str,
+    skip: tuple[str, ...] = (),
+) -> tuple[dict[str, nn.Module], dict[str, dict[str, torch.Tensor]], dict[str, dict[str, torch.Tensor]]]:
+    """``(modules, per_site, heads)`` of a peft file's tensors on ``ctl.model``: :func:`split_state` with the file's
+    ``modules_to_save``, then the checks every converter makes (the sites exist, there is at least one adapter
+    tensor, else ``AdapterFileError(f"{path} holds no {empty}")``, floating tensors only)."""
+    directory = Path(path)
+    modules = base_modules(ctl.model)
+    per_site, heads = split_state(raw, modules, suffixes, fields.names("modules_to_save"), directory, skip=skip)
+    check_sites(list(per_site) + list(heads), modules, path, ctl.model)
+    if not per_site:
+        raise AdapterFileError(f"{directory} holds no {empty}")
+    require_float({f"{s}.{k}": v for s, state in per_site.items() for k, v in state.items()}, directory)
+    return modules, per_site, heads
 
 
 def head_state(site: str, comp: Any) -> dict[str, torch.Tensor]:

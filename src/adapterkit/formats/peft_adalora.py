@@ -32,9 +32,8 @@ import torch
 
 from ..component import Component
 from ..methods.adalora import AdaLoRA
-from ..targeting import base_modules
-from ._peft_sites import check_sites, export_state, install_planned, peft_config, split_state
-from .io import AdapterFileError, import_checked, read_adapter, require_float
+from ._peft_sites import export_state, install_planned, peft_config, read_sites
+from .io import AdapterFileError, import_checked, read_adapter
 from .peft import Fields, write
 
 PEFT_TYPE = "ADALORA"
@@ -92,16 +91,14 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
     fields = Fields(data, directory)
     name = name or "default"
     ctl._check_new_name(name)
-    modules = base_modules(ctl.model)
-    per_site, heads = split_state(
-        raw, modules, {t: t for t in TENSORS}, fields.names("modules_to_save"), directory
+    modules, per_site, heads = read_sites(
+        ctl,
+        raw,
+        fields,
+        path,
+        {t: t for t in TENSORS},
+        "AdaLoRA tensors (keys ending in '.lora_A', '.lora_E', '.lora_B')",
     )
-    check_sites(list(per_site) + list(heads), modules, path, ctl.model)
-    if not per_site:
-        raise AdapterFileError(
-            f"{directory} holds no AdaLoRA tensors (keys ending in '.lora_A', '.lora_E', '.lora_B')"
-        )
-    require_float({f"{s}.{k}": v for s, state in per_site.items() for k, v in state.items()}, directory)
     pattern = _pattern(fields)
     total = data.get("total_step")
     cfg = fields.build(

@@ -27,9 +27,14 @@ from typing import Any
 
 from ..component import Component
 from ..methods.boft import BOFT
-from ..targeting import base_modules
-from ._peft_sites import check_sites, export_state, install_planned, peft_config, refuse_conv1d, split_state
-from .io import AdapterFileError, import_checked, read_adapter, require_float
+from ._peft_sites import (
+    export_state,
+    install_planned,
+    peft_config,
+    read_sites,
+    refuse_conv1d,
+)
+from .io import AdapterFileError, import_checked, read_adapter
 from .peft import Fields, write
 from .peft_oft import check_bias
 
@@ -61,13 +66,14 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
     check_bias(fields)
     name = name or "default"
     ctl._check_new_name(name)
-    modules = base_modules(ctl.model)
-    head_sel = fields.names("modules_to_save")
-    per_site, heads = split_state(raw, modules, {"boft_R": "boft_R", "boft_s": "boft_s"}, head_sel, directory)
-    check_sites(list(per_site) + list(heads), modules, path, ctl.model)
-    if not per_site:
-        raise AdapterFileError(f"{directory} holds no BOFT tensors (keys ending in '.boft_R' and '.boft_s')")
-    require_float({f"{s}.{k}": v for s, state in per_site.items() for k, v in state.items()}, directory)
+    modules, per_site, heads = read_sites(
+        ctl,
+        raw,
+        fields,
+        path,
+        {"boft_R": "boft_R", "boft_s": "boft_s"},
+        "BOFT tensors (keys ending in '.boft_R' and '.boft_s')",
+    )
     factors = fields.integer("boft_n_butterfly_factor", 1)
     stored = {
         state["boft_R"].shape[0] for state in per_site.values() if "boft_R" in state and state["boft_R"].dim() == 4

@@ -26,9 +26,8 @@ import torch
 
 from ..component import Component
 from ..methods.hra import HRA, HRAVariant
-from ..targeting import base_modules
-from ._peft_sites import check_sites, export_state, install_planned, peft_config, split_state
-from .io import AdapterFileError, import_checked, read_adapter, require_float
+from ._peft_sites import export_state, install_planned, peft_config, read_sites
+from .io import AdapterFileError, import_checked, read_adapter
 from .peft import Fields, write
 
 PEFT_TYPE = "HRA"
@@ -77,12 +76,9 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
         )
     name = name or "default"
     ctl._check_new_name(name)
-    modules = base_modules(ctl.model)
-    per_site, heads = split_state(raw, modules, {"hra_u": "hra_u"}, fields.names("modules_to_save"), directory)
-    check_sites(list(per_site) + list(heads), modules, path, ctl.model)
-    if not per_site:
-        raise AdapterFileError(f"{directory} holds no HRA tensors (keys ending in '.hra_u')")
-    require_float({f"{s}.{k}": v for s, state in per_site.items() for k, v in state.items()}, directory)
+    modules, per_site, heads = read_sites(
+        ctl, raw, fields, path, {"hra_u": "hra_u"}, "HRA tensors (keys ending in '.hra_u')"
+    )
     cfg = fields.build(
         HRA,
         r=fields.integer("r", 8),

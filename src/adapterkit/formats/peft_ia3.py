@@ -27,9 +27,8 @@ import torch
 
 from ..component import Component
 from ..methods.ia3 import IA3, IA3InputScale
-from ..targeting import base_modules
-from ._peft_sites import check_sites, export_state, install_planned, peft_config, split_state
-from .io import AdapterFileError, import_checked, read_adapter, require_float
+from ._peft_sites import export_state, install_planned, peft_config, read_sites
+from .io import AdapterFileError, import_checked, read_adapter
 from .peft import Fields, write
 
 PEFT_TYPE = "IA3"
@@ -71,13 +70,9 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
     name = name or "default"
     ctl._check_new_name(name)
     fields = Fields(data, directory)
-    modules = base_modules(ctl.model)
-    head_sel = fields.names("modules_to_save")
-    per_site, heads = split_state(raw, modules, {"ia3_l": "scale"}, head_sel, directory)
-    check_sites(list(per_site) + list(heads), modules, path, ctl.model)
-    if not per_site:
-        raise AdapterFileError(f"{directory} holds no (IA)^3 vectors (keys ending in '.ia3_l')")
-    require_float({f"{s}.{k}": v for s, state in per_site.items() for k, v in state.items()}, directory)
+    modules, per_site, heads = read_sites(
+        ctl, raw, fields, path, {"ia3_l": "scale"}, "(IA)^3 vectors (keys ending in '.ia3_l')"
+    )
     spec = fields.pattern_or_names("feedforward_modules")
     try:
         feedforward = tuple(s for s in per_site if _is_feedforward(s, spec))

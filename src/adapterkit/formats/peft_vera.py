@@ -28,8 +28,7 @@ import torch
 
 from ..component import Component
 from ..methods.vera import VeRA, VeRALinear
-from ..targeting import base_modules
-from ._peft_sites import check_sites, export_state, install_planned, peft_config, split_state
+from ._peft_sites import export_state, install_planned, peft_config, read_sites
 from .io import AdapterFileError, import_checked, read_adapter, require_float
 from .peft import Fields, write
 
@@ -70,14 +69,15 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
         )
     name = name or "default"
     ctl._check_new_name(name)
-    modules = base_modules(ctl.model)
-    head_sel = fields.names("modules_to_save")
-    suffixes = {"vera_lambda_b": "lambda_b", "vera_lambda_d": "lambda_d"}
-    per_site, heads = split_state(raw, modules, suffixes, head_sel, directory, skip=(_A, _B))
-    check_sites(list(per_site) + list(heads), modules, path, ctl.model)
-    if not per_site:
-        raise AdapterFileError(f"{directory} holds no VeRA vectors (keys ending in '.vera_lambda_b')")
-    require_float({f"{s}.{k}": v for s, state in per_site.items() for k, v in state.items()}, directory)
+    modules, per_site, heads = read_sites(
+        ctl,
+        raw,
+        fields,
+        path,
+        {"vera_lambda_b": "lambda_b", "vera_lambda_d": "lambda_d"},
+        "VeRA vectors (keys ending in '.vera_lambda_b')",
+        skip=(_A, _B),
+    )
     require_float({k: raw[k] for k in (_A, _B) if k in raw}, directory)
     cfg = fields.build(
         VeRA,
