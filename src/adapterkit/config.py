@@ -69,6 +69,11 @@ class AdapterConfig:
         """Targets used when ``targets`` is None (roles, names or types); ``roles`` is the model's profile."""
         raise ValueError(f"{type(self).__name__} needs `targets=`: say which modules it should act on")
 
+    def parameter_targets(self) -> Sequence[str]:
+        """Parameters this config adapts directly (e.g. LoRA's ``target_parameters`` on MoE expert stacks), which
+        ``"all-linear"``'s warning about unreached parameters leaves out; none by default."""
+        return ()
+
     def accepts(self, module: nn.Module) -> bool:
         """Whether a component of this method can sit on ``module`` (used to filter selections)."""
         return True

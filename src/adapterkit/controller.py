@@ -244,7 +244,7 @@ class Adapters:
         """Components of one (non-union) config, keyed by module name."""
         kw = {"family": self.family, "roles": self.roles, "modules": modules}
         targets = cfg.targets if cfg.targets is not None else cfg.default_targets(self.roles)
-        params = getattr(cfg, "target_parameters", ())  # all-linear's warning leaves these out
+        params = cfg.parameter_targets()  # all-linear's warning leaves these out
         names = (
             select(self.model, targets, exclude=cfg.exclude, layers=cfg.layers, parameters=params, **kw)
             if targets

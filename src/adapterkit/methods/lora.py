@@ -157,6 +157,9 @@ class LoRA(AdapterConfig):
             return ()
         return ("attn.qkv",) if "attn.q" not in roles and "attn.qkv" in roles else ("attn.q", "attn.v")
 
+    def parameter_targets(self) -> Sequence[str]:
+        return self.target_parameters
+
     def accepts(self, module: nn.Module) -> bool:
         return (
             backend_for(module) is not None
