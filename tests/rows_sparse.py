@@ -18,3 +18,15 @@ ROWS = [
 ]
 TIED = {"gpt2-sparse-embed"}
 SECOND = {"sparse_delta": {"density": 0.04, "seed": 3}}
+ROWS += [
+    ("bert-diffprune", "bert", ak.DiffPruning()),
+    ("gpt2-diffprune-bias", "gpt2", ak.DiffPruning(bias=True, targets=["attn.qkv", "ffn.up", nn.LayerNorm])),
+    (
+        "llama-diffprune-embed",
+        "llama",
+        ak.DiffPruning(beta=1.0, gamma=-1.5, zeta=1.5, targets=["embed", "attn.q"]),
+    ),
+    ("t5-diffprune", "t5", ak.DiffPruning(alpha_init=2.0, targets=["attn.q", "attn.v"])),
+    ("vit-diffprune", "vit", ak.DiffPruning(targets=["attn.v", "ffn.up"])),
+]
+SECOND["diff_pruning"] = {"alpha_init": 1.0}

@@ -440,16 +440,15 @@ def routed_dense(
     embeddings (and anything else) return None (one call per adapter)."""
     live = [c for c in comps if c is not None]
     space = live[0].space
+    dtype = next(p.dtype for p in live[0].parameters())
     if space.kind in ("linear", "conv1d"):
 
         def build() -> tuple[torch.Tensor, torch.Tensor | None]:
             mats, biases = [], []
             for c in comps:
                 if c is None:
-                    mats.append(
-                        torch.zeros(space.in_dim, space.out_dim, dtype=live[0].values.dtype, device=y.device)
-                    )
-                    biases.append(torch.zeros(space.out_dim, dtype=live[0].values.dtype, device=y.device))
+                    mats.append(torch.zeros(space.in_dim, space.out_dim, dtype=dtype, device=y.device))
+                    biases.append(torch.zeros(space.out_dim, dtype=dtype, device=y.device))
                     continue
                 m, b = c.space.batched_matrix(flat(c))
                 mats.append(m)
@@ -465,7 +464,7 @@ def routed_dense(
     if space.kind == "layernorm":
 
         def build_rows() -> tuple[torch.Tensor, torch.Tensor]:
-            zero = torch.zeros(space.nw, dtype=live[0].values.dtype, device=y.device)
+            zero = torch.zeros(space.nw, dtype=dtype, device=y.device)
             gam, bet = [], []
             for c in [*comps, None]:
                 if c is None:
