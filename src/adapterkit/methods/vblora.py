@@ -268,6 +268,9 @@ class VBLoRALinear(Component):
         nn.init.normal_(self.logits_A, 0.0, self._std)
         nn.init.normal_(self.logits_B, 0.0, self._std)
 
+    def _trainable(self) -> tuple[nn.Parameter, ...]:
+        return (self.logits_A, self.logits_B, self.bank.vector_bank)
+
     # --- the factors ------------------------------------------------------------------------------------------
     def _build(self) -> tuple[torch.Tensor, torch.Tensor]:
         bank = self.bank.vector_bank
@@ -279,7 +282,7 @@ class VBLoRALinear(Component):
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``A: (r, in)`` and ``B: (out, r)``: built from the bank on every call that records gradients (training),
         reused without gradients while the logits and the bank are unchanged (same storage and version)."""
-        if self.training and self._topk_only and torch.is_grad_enabled():
+        if self._topk_only and torch.is_grad_enabled() and any(p.requires_grad for p in self._trainable()):
             raise RuntimeError(
                 "this VB-LoRA adapter was loaded from a save_only_topk_weights file (only the top-k weights of each "
                 "sub-vector were kept), so it can serve and merge but not train; load an adapter saved with "
@@ -287,8 +290,7 @@ class VBLoRALinear(Component):
             )
         if torch.is_grad_enabled():
             return self._build()
-        params = (self.logits_A, self.logits_B, self.bank.vector_bank)
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self._trainable())
         cached = self.__dict__.get("_factor_cache")
         if cached is not None and cached[0] == key:
             return cached[1]
