@@ -13,7 +13,11 @@ key                                        meaning                              
 peft's ``SEQ_2_SEQ_LM`` prompt tuning allocates ``2 P`` rows but only reads the first ``P`` (the encoder's
 prompt); loading keeps those, exporting writes ``num_transformer_submodules: 1``. ``task_type`` follows the
 model class on export (``CAUSAL_LM``, ``SEQ_2_SEQ_LM``, ``SEQ_CLS``, ``TOKEN_CLS``, ``QUESTION_ANS``, else
-``FEATURE_EXTRACTION``); peft picks its model wrapper from it.
+``FEATURE_EXTRACTION``); peft picks its model wrapper from it. A classifier (``SEQ_CLS``, ``TOKEN_CLS``,
+``QUESTION_ANS``) whose adapter has no copy of its output head (``heads=[...]`` unset) is exported as
+``FEATURE_EXTRACTION`` (:func:`prompt_task_type`): peft's classification wrappers add the head to
+``modules_to_save`` and fail with a KeyError when the file lacks it, while its feature-extraction wrapper
+prepends the prompt and keeps the base head, which is what the adapter computes.
 """
 
 from __future__ import annotations
@@ -31,14 +35,33 @@ from ..methods.prompt import PromptTuning, SoftPrompt
 from ..plan import Plan
 from ..targeting import base_modules
 from .io import AdapterFileError, import_checked, read_adapter, require_float
-from .peft import Fields, task_type, write
+from .peft import Fields, adapter_task_type, task_type, write
 
 PEFT_TYPE = "PROMPT_TUNING"
 METHOD = "prompt_tuning"
 EMBEDDINGS = "prompt_embeddings"
 HEAD_PREFIXES = ("base_model.model.", "base_model.")
 
-__all__ = ["PEFT_TYPE", "METHOD", "save", "load", "task_type", "head_tensors", "split_heads"]
+__all__ = [
+    "PEFT_TYPE",
+    "METHOD",
+    "save",
+    "load",
+    "task_type",
+    "prompt_task_type",
+    "head_tensors",
+    "split_heads",
+    "install",
+    "model_fields",
+]
+
+
+def prompt_task_type(ctl: Any, name: str) -> str:
+    """peft's ``task_type`` for a prompt-method export of adapter ``name``: the model's
+    (:func:`~adapterkit.formats.peft.adapter_task_type`), ``FEATURE_EXTRACTION`` where that is None (models of no
+    peft task, and classifiers whose adapter has no copy of the output head). peft's plain ``PeftModel`` (task
+    None) would not prepend the prompt; its classification wrappers expect the head copy in the file."""
+    return adapter_task_type(ctl, name) or "FEATURE_EXTRACTION"
 
 
 def head_tensors(ctl: Any, name: str) -> tuple[list[str], dict[str, torch.Tensor]]:
@@ -102,7 +125,8 @@ def install(
     return name
 
 
-def _model_config(ctl: Any) -> dict[str, Any]:
+def model_fields(ctl: Any) -> dict[str, Any]:
+    """The model-derived fields of a prompt-method ``adapter_config.json`` (layers, heads, base model name)."""
     config = getattr(ctl.model, "config", None)
     return {
         "num_layers": getattr(config, "num_hidden_layers", None),
@@ -119,7 +143,7 @@ def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
     tensors[EMBEDDINGS] = prompt.prompt.detach()
     config = {
         "peft_type": PEFT_TYPE,
-        "task_type": task_type(ctl.model, default="FEATURE_EXTRACTION"),
+        "task_type": prompt_task_type(ctl, name),
         "num_virtual_tokens": cfg.num_virtual_tokens,
         "token_dim": int(prompt.prompt.shape[1]),
         "num_transformer_submodules": 1,
@@ -131,7 +155,7 @@ def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
         "inference_mode": True,
         "revision": None,
         "auto_mapping": None,
-        **_model_config(ctl),
+        **model_fields(ctl),
     }
     write(path, tensors, config)
 
