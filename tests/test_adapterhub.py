@@ -44,17 +44,16 @@ SUPPORTED = {
     "adapter_plus",
     "par_bn_mh",
     "double_seq_bn_cross",
+    "prefix_tuning",
+    "prefix_tuning_flat",
+    "prefix_tuning_ejected",
+    "mam",
 }
 SUPPORTED_CASES = {"llama_seq_bn_inv"}  # the coupling on the token embedding's output
 MISSING = {
     "seq_bn_inv": "AdapterHub SeqBnInv on BERT/GPT-2: the coupling after the position embeddings / the embeddings' "
     "LayerNorm needs an 'after the embeddings' site in methods/invertible.py, issue 16 item 2",
-    "prefix_tuning": "AdapterHub prefix tuning (shared PrefixTuningPool, MLP form) not read yet, issue 16 item 1",
-    "prefix_tuning_flat": "AdapterHub prefix tuning (flat form) not read yet, issue 16 item 1",
-    "prefix_tuning_ejected": "AdapterHub ejected prefix (flat tensors, config says flat: false) not read yet, "
-    "issue 16 items 1 and 5",
     "prompt_tuning": "AdapterHub prompt tuning not read yet, issue 16 item 1",
-    "mam": "AdapterHub MAM (union of prefix tuning and ParBn) not read yet, issue 16 item 1",
     "unipelt": "AdapterHub UniPELT (gated prefix + SeqBn + LoRA) not read yet, issue 16 item 1",
 }
 
@@ -255,7 +254,7 @@ def test_wrong_base_model_is_refused():
         ("bert_compacter_bare", "shared phm_rule is missing from the file"),  # issue 16 item 5
         ("bert_seq_bn_inv", "invertible adapter of a 'bert' model after the position embeddings"),
         ("gpt2_seq_bn_inv", "invertible adapter of a 'gpt2' model after the position embeddings"),
-        ("bert_prefix_tuning", "prefix tuning"),  # refused before the pickle is read: no allow_pickle needed
+        ("bert_unipelt", "use_gating"),  # refused before the pickle is read: no allow_pickle needed
     ],
 )
 def test_unsupported_methods_are_refused_with_the_missing_piece(case, match):
@@ -348,39 +347,3 @@ def test_a_saved_head_is_not_loaded_silently(tmp_path):
     with pytest.warns(UserWarning, match="heads from AdapterHub files are not loaded yet"):
         adapters.load(d)
     assert adapters.names == ["task"]
-
-
-# --- prefix tuning: the tensors by their shapes (issue 16 item 5); loading waits for a positions option -------------
-PREFIX_CASES = sorted(c for c, info in CASES.items() if info["method"].startswith("prefix_tuning"))
-
-
-@pytest.mark.parametrize("case", PREFIX_CASES)
-def test_prefix_tensors_read_by_shape_give_the_library_outputs(case):
-    """MLP, flat and ejected prefixes (the ejected config still says flat: false: the tensors decide) become our
-    prefix; with the real tokens kept at positions 0..L-1 (position_ids shifted by -P, which our prefix hook moves
-    back) the model gives the library's outputs."""
-    from adapterkit.formats import adapterhub_files, adapterhub_prefix
-
-    info = CASES[case]
-    directory = FIXTURES / case / "adapter"
-    if info["method"] == "prefix_tuning_ejected":
-        assert json.loads((directory / "adapter_config.json").read_text())["config"]["flat"] is False
-    model = fresh(info["family"])
-    adapters = ak.attach(model)
-    read = adapterhub_files.read(directory, allow_pickle=True)
-    plan = adapterhub_prefix.plan_for(adapters, directory, read)
-    adapters.install("task", plan, activate=True)
-    exp = expected(case)
-    length, p = exp["input_ids"].shape[1], plan.config.num_virtual_tokens
-    positions = (torch.arange(length) - p).expand(exp["input_ids"].shape[0], -1)
-    with torch.no_grad():
-        out = model(input_ids=exp["input_ids"], attention_mask=exp["attention_mask"], position_ids=positions)
-    got = out.logits if hasattr(out, "logits") else out.last_hidden_state
-    assert (got - exp["output"]).abs().max().item() <= TOL
-
-
-def test_prefix_tuning_is_still_refused_with_the_reason():
-    adapters = ak.attach(fresh("bert"))
-    with pytest.raises(ak.AdapterFileError, match="prefix tuning"):
-        adapters.load(FIXTURES / "bert_prefix_tuning_ejected" / "adapter", allow_pickle=True)
-    assert adapters.names == []

@@ -28,7 +28,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from . import adapterhub_bottleneck, adapterhub_lora, adapterhub_reft
+from . import adapterhub_bottleneck, adapterhub_lora, adapterhub_prefix, adapterhub_reft, adapterhub_union
 from .adapterhub_files import is_adapterhub, read
 from .io import AdapterFileError, read_json
 
@@ -37,17 +37,13 @@ __all__ = ["is_adapterhub", "load", "save", "READERS"]
 ISSUE = "issue 16"
 
 _MISSING = {
-    "prefix_tuning": "AdapterHub prefix tuning (MLP, flat and ejected forms of the shared PrefixTuningPool) is not "
-    "read yet, issue 16 item 1",
     "prompt_tuning": "AdapterHub prompt tuning is not read yet, issue 16 item 1",
-    "union": "AdapterHub unions (MAM, UniPELT: prefix tuning + bottleneck [+ gated LoRA]) are not read yet, "
-    "issue 16 item 1",
 }
 
 
 # ``config.architecture`` -> reader module (``load(ctl, path, info, *, name, activate)``)
 # (optionally ``refusal(config) -> str | None``: why a config cannot be read, checked before the weights are read)
-_MODULES = (adapterhub_lora, adapterhub_reft, adapterhub_bottleneck)
+_MODULES = (adapterhub_lora, adapterhub_reft, adapterhub_bottleneck, adapterhub_prefix, adapterhub_union)
 READERS: dict[str, ModuleType] = {arch: m for m in _MODULES for arch in m.ARCHITECTURES}
 
 

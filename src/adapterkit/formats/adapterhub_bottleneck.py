@@ -162,14 +162,20 @@ def _layer_of(location: str, where: Path) -> tuple[str, str, str | None]:
 
 # transformers 5 renamed ViT's ``encoder.layer.{i}`` (4.x, what AdapterHub saved) to ``layers.{i}``
 def load(ctl: Any, path: str | os.PathLike, info: AdapterHubFile, *, name: str | None, activate: bool) -> str:
+    name = name or info.saved_name
+    ctl._check_new_name(name)
+    ctl.install(name, plan_of(ctl, path, info), activate=activate)
+    return name
+
+
+def plan_of(ctl: Any, path: str | os.PathLike, info: AdapterHubFile) -> Plan:
+    """Our plan (config + components holding the file's tensors) for an AdapterHub bottleneck file."""
     where = Path(path)
     why = refusal(info.config)
     if why is not None:
         raise AdapterFileError(f"{path}: {why}")
     fields = Fields(info.config, where)
     kind = bottleneck_kind(info.config)
-    name = name or info.saved_name
-    ctl._check_new_name(name)
     stored, rule = _split(info, where)
     phm = fields.flag("phm_layer", False)
     shared_rule = phm and fields.flag("shared_phm_rule", True)
@@ -288,8 +294,7 @@ def load(ctl: Any, path: str | os.PathLike, info: AdapterHubFile, *, name: str |
         raise
     except (TypeError, ValueError) as e:
         raise AdapterFileError(f"AdapterHub adapter {str(path)!r} does not fit this model: {e}") from None
-    ctl.install(name, Plan(cfg, comps), activate=activate)
-    return name
+    return Plan(cfg, comps)
 
 
 # model types where AdapterHub applies the invertible adapter to the token embedding's output (LLaMA hooks

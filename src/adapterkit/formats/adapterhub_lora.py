@@ -102,6 +102,14 @@ def _fused_groups(site: str, rows: int, out_dim: int, matrices: list[str], per_g
 
 
 def load(ctl: Any, path: str | os.PathLike, info: AdapterHubFile, *, name: str | None, activate: bool) -> str:
+    name = name or info.saved_name
+    ctl._check_new_name(name)
+    ctl.install(name, plan_of(ctl, path, info), activate=activate)
+    return name
+
+
+def plan_of(ctl: Any, path: str | os.PathLike, info: AdapterHubFile) -> Plan:
+    """Our plan (config + components holding the file's tensors) for an AdapterHub LoRA / (IA)^3 file."""
     where = Path(path)
     fields = Fields(info.config, where)
     mode = fields.choice("composition_mode", "add", ("add", "scale"))
@@ -111,8 +119,6 @@ def load(ctl: Any, path: str | os.PathLike, info: AdapterHubFile, *, name: str |
         raise AdapterFileError(f"{fields.where}: AdapterHub DoRA (use_dora) is not read yet")
     if info.config.get("vera_b") is not None or info.config.get("vera_d") is not None:
         raise AdapterFileError(f"{fields.where}: AdapterHub VeRA (vera_b/vera_d) is not read yet")
-    name = name or info.saved_name
-    ctl._check_new_name(name)
     stored = {renamed(s, ctl.model): state for s, state in _split(info, where).items()}
     require_float({f"{s}.{k}": v for s, state in stored.items() for k, v in state.items()}, where)
     mapping = resolve_sites(sorted(stored), ctl.model, where)
@@ -128,8 +134,7 @@ def load(ctl: Any, path: str | os.PathLike, info: AdapterHubFile, *, name: str |
         if isinstance(e, AdapterFileError):
             raise
         raise AdapterFileError(f"AdapterHub adapter {str(path)!r} does not fit this model: {e}") from None
-    ctl.install(name, Plan(cfg, comps), activate=activate)
-    return name
+    return Plan(cfg, comps)
 
 
 def _lora(

@@ -16,11 +16,14 @@ Layout: ``view(P, n_layers * 2, kv_heads, head_dim)``, slot ``2l`` the keys and 
 ``l``: that is peft's ``(P, n_layers, 2, kv_heads, head_dim)``, our :class:`~adapterkit.methods.prefix.PrefixKV`'s
 ``prefix`` as it is.
 
-Not loaded yet (``adapters.load`` refuses, see ``formats/adapterhub.py``): AdapterHub keeps the real tokens at
-positions ``0 .. L-1`` behind the prefix, while our :class:`~adapterkit.methods.prefix.PrefixTuning` (peft's
-semantics) moves them to ``P .. P+L-1`` (measured: logits differ by 0.02 to 2.6 on the fixtures). With that
-option in ``methods/prefix.py``, :func:`plan_for` is the reader; the tests check it by passing
-``position_ids = arange(L) - P``, which our prefix hook moves back to ``0 .. L-1``.
+Positions: AdapterHub concatenates the prefix inside each attention layer, after the position embeddings (BERT,
+GPT-2) and rotary positions (LLaMA), so the real tokens keep positions ``0 .. L-1``; peft's semantics (our
+default) move them to ``P .. P+L-1`` (logits differ by 0.02 to 2.6 on the fixtures). The file therefore loads as
+``PrefixTuning(positions="keep")``, with the library's outputs.
+
+Refused with the reason: ``leave_out`` (our prefix covers every layer), prefixes of encoder-decoder models'
+encoder or cross-attention (``encoder_prefix``/``cross_prefix`` locations; ours acts on the decoder's
+self-attention only).
 """
 
 from __future__ import annotations
@@ -34,17 +37,13 @@ import torch
 from ..methods.bottleneck import activation
 from ..methods.prefix import PrefixKV, PrefixTuning, kv_layout
 from ..plan import Plan
-from .adapterhub_files import AdapterHubFile
+from ..targeting import TargetError
+from .adapterhub_files import AdapterHubFile, renamed, resolve_sites
 from .io import AdapterFileError, require_float
 from .peft import Fields
 
-__all__ = ["prefix_tensor", "plan_for", "POSITIONS"]
-
-POSITIONS = (
-    "AdapterHub prefix tuning keeps the real tokens at positions 0..L-1 behind the prefix, while adapterkit's "
-    "PrefixTuning (peft's semantics) gives them P..P+L-1; reading it needs that option in methods/prefix.py "
-    "(issue 16 item 1)"
-)
+ARCHITECTURES = ("prefix_tuning",)
+__all__ = ["ARCHITECTURES", "prefix_tensor", "plan_of", "load", "refusal"]
 _MLP = (
     "wte.weight",
     "control_trans.0.weight",
@@ -118,17 +117,58 @@ def prefix_tensor(info: AdapterHubFile, where: str | os.PathLike, width: int) ->
     return out
 
 
-def plan_for(ctl: Any, path: str | os.PathLike, info: AdapterHubFile) -> Plan:
-    """Our plan for the file: ``PrefixTuning(num_virtual_tokens=P, prefix_projection=False)`` holding the prefix
-    (peft's positions: see the module docstring for why ``adapters.load`` does not use it yet)."""
+def attention_sites(info: AdapterHubFile, model: Any, where: str | os.PathLike) -> dict[str, str]:
+    """Stored attention module path (``encoder.layer.0.attention.self``, ``transformer.h.0.attn``,
+    ``model.layers.0.self_attn``: where the pool's per-layer copies and the gates are stored) -> this model's
+    module name.
+
+    Raises:
+        AdapterFileError: a path this model does not have (wrong base model?).
+    """
+    paths = set()
+    for key in info.tensors:
+        for marker in (".prefix_tuning.pool.", ".prefix_tuning.prefix_gates."):
+            if marker in key:
+                paths.add(renamed(key.partition(marker)[0], model))
+    return resolve_sites(sorted(paths), model, where)
+
+
+def refusal(config: dict[str, Any]) -> str | None:
+    """Why this prefix-tuning config cannot be read exactly (None: it can; checked before the weights are read)."""
+    if config.get("leave_out"):
+        return (
+            f"AdapterHub prefix tuning with leave_out {config.get('leave_out')!r} is not read: adapterkit's prefix "
+            "covers every layer, and no prefix is a no-op on a layer (a zero key still takes attention weight)"
+        )
+    if config.get("use_gating"):
+        return "AdapterHub gated prefix tuning (use_gating, UniPELT) is not read"
+    return None
+
+
+def plan_of(ctl: Any, path: str | os.PathLike, info: AdapterHubFile) -> Plan:
+    """Our plan for the file: ``PrefixTuning(num_virtual_tokens=P, prefix_projection=False, positions="keep")``
+    holding the computed prefix (the MLP form is folded into it, as our saves do; further training then updates
+    the prefix directly). ``dropout`` acts only in training and is not kept."""
     where = Path(path)
-    if info.config.get("use_gating"):
-        raise AdapterFileError(f"{where}: gated prefix tuning (UniPELT) is not read")
+    why = refusal(info.config)
+    if why is not None:
+        raise AdapterFileError(f"{where}: {why}")
+    attention_sites(info, ctl.model, where)  # the stored layers exist here (else: wrong base model)
     layout = kv_layout(ctl.model)
     prefix = prefix_tensor(info, where, layout.num_layers * 2 * layout.kv_dim)
-    cfg = PrefixTuning(num_virtual_tokens=prefix.shape[0], prefix_projection=False)
-    plan = ctl.plan(cfg)
+    cfg = PrefixTuning(num_virtual_tokens=prefix.shape[0], prefix_projection=False, positions="keep")
+    try:
+        plan = ctl.plan(cfg)
+    except TargetError as e:
+        raise AdapterFileError(f"AdapterHub prefix tuning {str(path)!r} does not fit this model: {e}") from None
     for _, comp in plan.components.values():
         if isinstance(comp, PrefixKV):
             comp.import_state({"prefix": prefix.to(comp.prefix.dtype)}, ctl.model)
     return plan
+
+
+def load(ctl: Any, path: str | os.PathLike, info: AdapterHubFile, *, name: str | None, activate: bool) -> str:
+    name = name or info.saved_name
+    ctl._check_new_name(name)
+    ctl.install(name, plan_of(ctl, path, info), activate=activate)
+    return name

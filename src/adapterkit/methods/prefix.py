@@ -10,7 +10,9 @@ The prefixes enter through the model's own KV cache (``past_key_values``): a for
 puts them into a transformers ``DynamicCache`` (``EncoderDecoderCache`` for the decoder self-attention of
 T5/BART, as peft) and extends the attention mask by ``P`` ones. The models give the real tokens positions
 ``P, P+1, ...`` after a cached prefix; given ``position_ids`` are moved by ``P`` the same way (peft's
-semantics, so logits equal peft's). With ``generate()`` the prefix enters the cache once, on the first step
+semantics, so logits equal peft's). With ``positions="keep"`` (AdapterHub's semantics: its prefixes are
+concatenated inside the attention, after the position embeddings) the real tokens keep ``0, 1, ...``: the hook
+passes explicit position ids, and given ones are used as they are. With ``generate()`` the prefix enters the cache once, on the first step
 (the cache records which prefixes it holds). Without a cache passed in, one is created for the call and, as
 for the base model, returned only when ``use_cache`` is on. Static (compileable) caches are not supported.
 Grouped-query attention: prefixes have ``num_key_value_heads`` heads.
@@ -63,6 +65,7 @@ _OWN = "_adapterkit_created"  # set on caches this module created (not passed in
 _ROUTED = -1  # VirtualCache record key of the per-row prefixes of a routed batch
 _ROWS = "_adapterkit_routed_rows"  # on such a cache: which prefix each row holds
 _NO_CACHE = "_adapterkit_no_cache"  # on a cache created for a use_cache=False call: left out of the output
+POSITIONS = ("shift", "keep")  # PrefixTuning.positions
 __all__ = ["PrefixTuning", "PrefixKV", "KVLayout", "kv_layout"]
 
 
@@ -183,6 +186,12 @@ class PrefixTuning(AdapterConfig):
         prefix_projection: train through the MLP reparametrization ``P = MLP(P')`` (Li & Liang §4.3); folded
             into the plain prefix when saved.
         encoder_hidden_size: hidden width of that MLP (default: the key/value width, as peft).
+        positions: the position ids of the real tokens behind the prefix. ``"shift"`` (default, peft's
+            semantics and the original implementation's: the prefix takes positions ``0 .. P-1`` as if it were
+            text, so the real tokens get ``P .. P+L-1``; given ``position_ids`` are moved by ``P``) or ``"keep"``
+            (AdapterHub's ``adapters`` library, whose prefixes enter at attention level, after the position
+            embeddings / rotary positions: the real tokens keep ``0 .. L-1``, given ``position_ids`` are used as
+            they are). ``"keep"`` needs a model whose forward takes (decoder) position ids.
         init_weights: accepted for the common interface; prefixes start from ``N(0, 1)`` values (peft's
             default) either way, since no prefix is an identity.
         targets: leave unset; the method acts on the model as a whole (module name ``""``).
@@ -191,10 +200,16 @@ class PrefixTuning(AdapterConfig):
     num_virtual_tokens: int = 20
     prefix_projection: bool = False
     encoder_hidden_size: int | None = None
+    positions: str = "shift"
     init_weights: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.positions not in POSITIONS:
+            raise ValueError(
+                f"positions must be one of {', '.join(repr(p) for p in POSITIONS)} (peft's shifted positions, or "
+                f"AdapterHub's unchanged ones), got {self.positions!r}"
+            )
         if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens <= 0:
             raise ValueError(f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
         if self.encoder_hidden_size is not None and (
@@ -211,6 +226,8 @@ class PrefixTuning(AdapterConfig):
                 f"prefix tuning acts on the whole model, not on {name!r}: leave `targets` unset (or pass [''])"
             )
         _check_fits(module)
+        if self.positions == "keep":
+            _check_keeps_positions(module)
         return PrefixKV(self, module)
 
 
@@ -247,6 +264,23 @@ def _check_fits(model: nn.Module) -> None:
         ) from None
 
 
+def _check_keeps_positions(model: nn.Module) -> None:
+    """Refuse ``positions="keep"`` on a model whose forward takes no position ids: its real tokens would be numbered
+    after the cached prefix, which is what ``"shift"`` means.
+
+    Raises:
+        TargetError: why, and what to use instead.
+    """
+    enc_dec = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    key = "decoder_position_ids" if enc_dec else "position_ids"
+    if not takes(type(model), key):
+        raise TargetError(
+            f"prefix tuning with positions='keep' needs explicit {key}, which {type(model).__name__}.forward does "
+            "not take (models with relative position biases, e.g. T5, number tokens after the cache); use "
+            "positions='shift'"
+        )
+
+
 register_preset("ptuning_v2", PrefixTuning(num_virtual_tokens=20, prefix_projection=False))
 
 
@@ -270,6 +304,7 @@ class PrefixKV(Component):
         }
         n, width, kv = cfg.num_virtual_tokens, self.layout.num_layers * 2 * self.layout.kv_dim, self.layout.kv_dim
         self.num_virtual_tokens = n
+        self.positions = cfg.positions
         if cfg.prefix_projection:
             hidden = cfg.encoder_hidden_size or kv
             self.embedding = nn.Parameter(torch.empty(n, kv, **factory))
@@ -360,13 +395,23 @@ class PrefixKV(Component):
                 target.update(k, v, i)
             VirtualCache.add(cache, self.key, n)
         pos_key = "decoder_position_ids" if dec else "position_ids"
-        if isinstance(kw.get(pos_key), torch.Tensor):
-            kw[pos_key] = kw[pos_key] + n
-        mask_key = "decoder_attention_mask" if dec else "attention_mask"
         new = next((kw[k] for k in ids_keys if isinstance(kw.get(k), torch.Tensor)), None)
+        if self.positions == "shift":
+            if isinstance(kw.get(pos_key), torch.Tensor):
+                kw[pos_key] = kw[pos_key] + n
+        elif not isinstance(kw.get(pos_key), torch.Tensor) and new is not None:
+            kw[pos_key] = self._kept_positions(cache, new, batch)
+        mask_key = "decoder_attention_mask" if dec else "attention_mask"
         if new is not None and kw.get(mask_key) is not None:
             kw[mask_key] = extend_mask(kw[mask_key], n, VirtualCache.length(cache) + new.shape[1])
         return (), kw
+
+    @staticmethod
+    def _kept_positions(cache: Any, new: torch.Tensor, batch: int) -> torch.Tensor:
+        """``(B, L)`` position ids ``past .. past+L-1`` of this call's real tokens for ``positions="keep"``, ``past``
+        the real tokens already cached (the model's own numbering without any prefix in its cache)."""
+        past = VirtualCache.length(cache) - sum(VirtualCache.record(cache).values())
+        return (past + torch.arange(int(new.shape[1]), device=new.device)).expand(batch, -1)
 
     # --- per-row routing ------------------------------------------------------------------------------
     @classmethod
@@ -414,7 +459,15 @@ class PrefixKV(Component):
         total = VirtualCache.length(cache) + length  # virtual slots + cached real tokens + this call's tokens
         past = total - length - sum(VirtualCache.record(cache).values())
         pos, mask = kw.get(pos_key), kw.get(mask_key)
-        if layout.uniform:
+        kept = [rows for c, _, rows in layout.groups if c is not None and c.positions == "keep"]
+        if kept:  # rows whose prefix keeps the real positions: shifted by nothing; the others by their count
+            shift = layout.counts.clone()
+            for rows in kept:
+                shift[rows] = 0
+            pos = layout.positions(model, pos_key, pos, past, length, batch, "prefixes") + shift[:, None]
+            if mask is None and not layout.uniform:
+                mask = torch.ones(batch, past + length, dtype=torch.long, device=new.device)
+        elif layout.uniform:
             pos = pos + layout.width if isinstance(pos, torch.Tensor) else pos
         else:
             relative = getattr(model.config, "relative_attention_num_buckets", None) is not None

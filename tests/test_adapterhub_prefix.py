@@ -1,0 +1,248 @@
+"""AdapterHub prefix tuning, MAM and UniPELT (issue 16 item 1), and ``PrefixTuning(positions="keep")``.
+
+The fixtures (tests/fixtures/adapterhub, written by the real ``adapters`` 1.3.0 library) are read with
+``adapters.load`` and give the library's outputs; tests/test_adapterhub.py runs every fixture, this file checks
+what they become, the ``positions`` option itself (generation with a KV cache, per-row routing) and the
+refusals.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import adapterkit as ak
+from adapterkit.methods.bottleneck_sublayer import SublayerBottleneck
+from adapterkit.methods.prefix import PrefixKV
+from adapterkit.targeting import TargetError
+from test_adapterhub import CASES, FIXTURES, expected, fresh, run
+
+from conftest import make_inputs, make_model
+
+PREFIX = sorted(c for c, i in CASES.items() if i["method"].startswith("prefix_tuning"))
+MAM = sorted(c for c, i in CASES.items() if i["method"] == "mam")
+TOL = 1e-5  # measured <= 7.2e-7 (see /tmp/notes/ahub-prefix.md)
+
+
+def _load(case: str):
+    info = CASES[case]
+    model = fresh(info["family"])
+    adapters = ak.attach(model)
+    adapters.load(FIXTURES / case / "adapter", allow_pickle=info["file"] == "pickle", activate=True)
+    return model, adapters
+
+
+def _diff(model, case: str) -> float:
+    exp = expected(case)
+    out, hidden = run(model, exp)
+    return max((out - exp["output"]).abs().max().item(), (hidden - exp["hidden"]).abs().max().item())
+
+
+@pytest.mark.parametrize("case", PREFIX)
+def test_prefix_loads_as_a_plain_prefix_that_keeps_positions(case):
+    """MLP, flat and ejected files (the ejected config still says flat: false: the tensors decide) become
+    ``PrefixTuning(positions="keep")`` holding the computed prefix, with the library's outputs."""
+    model, adapters = _load(case)
+    cfg = adapters.config("task")
+    assert isinstance(cfg, ak.PrefixTuning)
+    assert (cfg.num_virtual_tokens, cfg.prefix_projection, cfg.positions) == (5, False, "keep")
+    if CASES[case]["method"] == "prefix_tuning_ejected":
+        data = json.loads((FIXTURES / case / "adapter" / "adapter_config.json").read_text())
+        assert data["config"]["flat"] is False
+    assert _diff(model, case) <= TOL
+
+
+@pytest.mark.parametrize("case", MAM)
+def test_mam_is_a_union_of_prefix_and_parallel_bottleneck(case):
+    model, adapters = _load(case)
+    cfg = adapters.config("task")
+    assert isinstance(cfg, ak.Union) and not cfg.gated
+    prefix, bottleneck = cfg.configs
+    assert isinstance(prefix, ak.PrefixTuning) and prefix.positions == "keep"
+    assert isinstance(bottleneck, ak.Bottleneck)
+    assert (bottleneck.placement, bottleneck.hook, bottleneck.scaling) == ("parallel", "sublayer", 4.0)
+    comps = adapters.components("task")
+    assert isinstance(comps[""], PrefixKV)
+    assert sum(isinstance(c, SublayerBottleneck) for c in comps.values()) == 2  # one FFN sub-layer per layer
+    assert _diff(model, case) <= TOL
+
+
+@pytest.mark.parametrize("case", ["llama_prefix_tuning", "bert_prefix_tuning_ejected", "gpt2_mam"])
+def test_native_save_reloads_the_same(case, tmp_path):
+    model, adapters = _load(case)
+    adapters.save("task", tmp_path / "native")
+    again = fresh(CASES[case]["family"])
+    ak.attach(again).load(tmp_path / "native", activate=True)
+    assert _diff(again, case) <= TOL
+
+
+def test_positions_without_the_option_differ():
+    """The option matters: the same prefix under peft's shifted positions misses the library's outputs."""
+    model, adapters = _load("llama_prefix_tuning")
+    prefix = adapters.components("task")[""].prefix.detach().clone()
+    base = fresh("llama")
+    shifted = ak.attach(base)
+    shifted.add("s", ak.PrefixTuning(num_virtual_tokens=5))
+    shifted.components("s")[""].import_state({"prefix": prefix}, base)
+    shifted.activate("s")
+    assert _diff(base, "llama_prefix_tuning") > 1e-3
+
+
+# --- PrefixTuning(positions="keep") -------------------------------------------------------------------------
+P = 3
+
+
+def _perturbed(model, cfg, name="a", seed=3):
+    adapters = ak.attach(model)
+    torch.manual_seed(seed)
+    adapters.add(name, cfg)
+    with torch.no_grad():
+        for p in adapters.parameters(name):
+            p.add_(0.3 * torch.randn(p.shape))
+    return adapters
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+def test_keep_equals_shift_with_positions_moved_back(family):
+    """``keep`` gives the real tokens the positions a run without prefix gives them: the ``shift`` adapter with
+    explicit ``position_ids - P`` (which it moves forward by P again) computes the same."""
+    x = make_inputs(family)
+    keep_model, shift_model = make_model(family), make_model(family)
+    keep = ak.attach(keep_model)
+    keep.add("a", ak.PrefixTuning(num_virtual_tokens=P, positions="keep"))
+    shift = ak.attach(shift_model)
+    shift.add("a", ak.PrefixTuning(num_virtual_tokens=P))
+    with torch.no_grad():
+        shift.components("a")[""].prefix.copy_(keep.components("a")[""].prefix)
+    keep.activate("a")
+    shift.activate("a")
+    length = x["input_ids"].shape[1]
+    pos = (torch.arange(length) - P).expand(x["input_ids"].shape[0], -1)
+    with torch.no_grad():
+        a = keep_model(**x).logits
+        b = shift_model(**x, position_ids=pos).logits
+        c = keep_model(**x, position_ids=pos + P).logits  # given positions are used as they are
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    torch.testing.assert_close(a, c, atol=1e-6, rtol=0)
+
+
+@torch.no_grad()
+def _reference(family, prefix, ids, mask, steps):
+    """Greedy decoding without our hook: the prefix put into a fresh cache by hand, the whole sequence fed each
+    step, the real tokens numbered as without a prefix (padding-aware, as generate() numbers them)."""
+    from transformers import DynamicCache
+
+    base = make_model(family)
+    cfg = base.config
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    kv = prefix.view(P, cfg.num_hidden_layers, 2, heads, head_dim)
+    batch = ids.shape[0]
+    for _ in range(steps):
+        cache = DynamicCache(config=cfg)
+        for i in range(cfg.num_hidden_layers):
+            k = kv[:, i, 0].permute(1, 0, 2).unsqueeze(0).expand(batch, -1, -1, -1)
+            v = kv[:, i, 1].permute(1, 0, 2).unsqueeze(0).expand(batch, -1, -1, -1)
+            cache.update(k, v, i)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = base(
+            input_ids=ids,
+            attention_mask=torch.cat([mask.new_ones(batch, P), mask], 1),
+            position_ids=pos,
+            past_key_values=cache,
+        )
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, mask.new_ones(batch, 1)], 1)
+    return ids
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["full", "left-padded"])
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_keep_generate_with_cache_equals_reference(family, padded):
+    model = make_model(family)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    adapters = _perturbed(model, ak.PrefixTuning(num_virtual_tokens=P, positions="keep"))
+    adapters.activate("a")
+    x = make_inputs(family)
+    if padded:
+        x["attention_mask"][1, :2] = 0
+    steps = 5
+    out = model.generate(**x, max_new_tokens=steps, do_sample=False)
+    prefix = adapters.components("a")[""].prefix.detach()
+    assert out.tolist() == _reference(family, prefix, x["input_ids"], x["attention_mask"], steps).tolist()
+    assert torch.equal(model.generate(**x, max_new_tokens=steps, do_sample=False, use_cache=False), out)
+
+
+def test_routed_rows_with_keep_shift_and_base_each_equal_their_run_alone():
+    family = "llama"
+    model = make_model(family)
+    adapters = _perturbed(model, ak.PrefixTuning(num_virtual_tokens=P, positions="keep"), "keep")
+    _perturbed(model, ak.PrefixTuning(num_virtual_tokens=P + 2), "shift", seed=4)
+    x = make_inputs(family, batch=3)
+    names = ["keep", "shift", None]
+    alone = []
+    with torch.no_grad():
+        for b, n in enumerate(names):
+            row = {k: v[b : b + 1] for k, v in x.items()}
+            adapters.activate(n)
+            alone.append(model(**row).logits)
+        adapters.activate()
+        with adapters.route(names):
+            routed = model(**x).logits
+    torch.testing.assert_close(routed, torch.cat(alone), atol=1e-5, rtol=0)
+
+
+def test_positions_option_is_checked():
+    with pytest.raises(ValueError, match="positions must be one of 'shift', 'keep'"):
+        ak.PrefixTuning(positions="zero")
+    adapters = ak.attach(make_model("t5"))
+    with pytest.raises(TargetError, match="positions='keep' needs explicit decoder_position_ids"):
+        adapters.add("a", ak.PrefixTuning(positions="keep"))
+    assert ak.PrefixTuning().positions == "shift"  # peft's semantics stay the default
+
+
+def test_native_config_round_trip_keeps_the_option(tmp_path):
+    model = make_model("gpt2")
+    adapters = _perturbed(model, ak.PrefixTuning(num_virtual_tokens=P, positions="keep"))
+    adapters.save("a", tmp_path / "a")
+    again = ak.attach(make_model("gpt2"))
+    again.load(tmp_path / "a")
+    assert again.config("a").positions == "keep"
+
+
+# --- refusals ------------------------------------------------------------------------------------------------
+def _edited(tmp_path, case: str, edit) -> str:
+    d = tmp_path / case
+    shutil.copytree(FIXTURES / case / "adapter", d)
+    data = json.loads((d / "adapter_config.json").read_text())
+    edit(data["config"])
+    (d / "adapter_config.json").write_text(json.dumps(data))
+    return d
+
+
+@pytest.mark.parametrize(
+    ("case", "edit", "match"),
+    [
+        ("bert_prefix_tuning", lambda c: c.update(leave_out=[0]), "leave_out"),
+        ("bert_prefix_tuning", lambda c: c.update(use_gating=True), "use_gating"),
+        ("bert_mam", lambda c: c["configs"][0].update(leave_out=[1]), "leave_out"),
+        ("bert_mam", lambda c: c["configs"].append(dict(c["configs"][0])), "several members of one kind"),
+        ("bert_mam", lambda c: c["configs"].append({"architecture": "reft"}), "members are not read"),
+    ],
+)
+def test_what_cannot_be_read_is_refused_before_the_pickle(tmp_path, case, edit, match):
+    adapters = ak.attach(fresh(CASES[case]["family"]))
+    with pytest.raises(ak.AdapterFileError, match=match):
+        adapters.load(_edited(tmp_path, case, edit))  # no allow_pickle: refused before the weights are read
+    assert adapters.names == []
+
+
+def test_wrong_base_model_is_refused():
+    adapters = ak.attach(fresh("bert"))
+    with pytest.raises(ak.AdapterFileError, match="wrong base model"):
+        adapters.load(FIXTURES / "gpt2_prefix_tuning_flat" / "adapter", allow_pickle=True)
+    assert adapters.names == []
