@@ -10,7 +10,11 @@ Columns are chosen by flags (``--text-column``, ``--label-column``, ...) or foun
   (MRPC), ``question``+``sentence`` (QNLI), ``premise``+``hypothesis``, ``sentence``, ``text``; label
   ``label``, ``gold_label``, ``is_duplicate``, ``Quality`` (MRPC), ``score`` (STS-B, regression).
 * causal-lm: alpaca-style ``instruction`` / ``input`` / ``output`` rendered with a prompt template
-  (loss on the response tokens only unless ``--train-on-prompt``), or one plain ``text`` column.
+  (loss on the response tokens only unless ``--train-on-prompt``); chat data: a column holding a list of
+  ``{"role", "content"}`` messages (``messages``, ``conversations``, ... or any column whose values are such
+  lists; ShareGPT's ``{"from", "value"}`` is read too) rendered with the tokenizer's chat template (or
+  ``--chat-template FILE``), loss on the assistant turns only unless ``--train-on-prompt``; or one plain ``text``
+  column.
 * seq2seq: ``source``/``target``, ``input``/``output``, ``question``/``answer``, ``document``/``summary``,
   or alpaca-style rows (the rendered prompt is the source, ``output`` the target).
 """
@@ -27,7 +31,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["DataError", "DataSpec", "Splits", "TEMPLATES", "load_splits", "read_table", "encode", "Encoded"]
+__all__ = [
+    "DataError", "DataSpec", "Splits", "TEMPLATES", "load_splits", "read_table", "encode", "Encoded", "pack",
+    "PackedCollator", "is_messages", "read_chat_template",
+]  # fmt: skip
 
 SUFFIXES = (".tsv", ".csv", ".jsonl", ".json")
 DEV_STEMS = ("dev", "dev_matched", "validation", "valid", "val", "eval")
@@ -46,6 +53,16 @@ TEXT_CANDIDATES: tuple[tuple[str, ...], ...] = (
 )
 LABEL_CANDIDATES = ("label", "labels", "gold_label", "is_duplicate", "Quality", "score", "target")
 SEQ2SEQ_CANDIDATES = (("source", "target"), ("input", "output"), ("question", "answer"), ("document", "summary"))
+MESSAGES_CANDIDATES = ("messages", "conversations", "conversation", "chat", "dialog")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+                  "bot": "assistant", "model": "assistant", "tool": "tool"}  # fmt: skip
+
+# A ChatML template (``--chat-template chatml``) for tokenizers that have none.
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + "
+    "'\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+BUILTIN_CHAT_TEMPLATES = {"chatml": CHATML}
 
 # Prompt templates for instruction data (alpaca-lora's templates/alpaca.json wording).
 TEMPLATES: dict[str, tuple[str, str]] = {
@@ -82,6 +99,7 @@ class DataSpec:
     train_size: int | None = None
     dev_size: int | None = None
     seed: int = 42
+    chat_template: str | None = None  # Jinja text given with --chat-template (None: the tokenizer's own)
 
     def to_dict(self, *, absolute: bool = False) -> dict[str, Any]:
         """The fields; with ``absolute``, ``data`` and ``dev`` as absolute paths (run.json: ``adapterkit eval``
@@ -104,6 +122,7 @@ class Splits:
     columns: dict[str, Any]  # resolved columns (text/label or instruction/input/output or source/target)
     labels: list[str] | None = None  # classify: index -> label name; None for regression and generation
     regression: bool = False
+    chat_template: str | None = None  # chat data: the template given with --chat-template (None: the tokenizer's)
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -221,31 +240,77 @@ def _pick(columns: Sequence[str], wanted: Sequence[str] | None, candidates: Sequ
     )
 
 
-def resolve_columns(spec: DataSpec, columns: Sequence[str], source: str) -> dict[str, Any]:
-    """Which columns carry what, for ``spec.task``."""
+def is_messages(value: Any) -> bool:
+    """Whether ``value`` is a chat: a non-empty list of ``{"role", "content"}`` (or ShareGPT ``{"from", "value"}``)
+    dicts."""
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(m, dict) and (("role" in m and "content" in m) or ("from" in m and "value" in m))
+                for m in value)
+    )  # fmt: skip
+
+
+def _messages_column(columns: Sequence[str], row: dict[str, Any] | None) -> str | None:
+    """The column of ``row`` holding a chat (a known name first, then any column), or None."""
+    if row is None:
+        return None
+    for name in [*[c for c in MESSAGES_CANDIDATES if c in columns], *columns]:
+        if is_messages(row.get(name)):
+            return name
+    return None
+
+
+def _refuse_chat(task: str, chosen: Sequence[str], row: dict[str, Any] | None, flag: str) -> None:
+    for c in chosen:
+        if row is not None and isinstance(row.get(c), list):
+            raise DataError(
+                f"column {c!r} ({flag}) holds lists (chat messages?), not text: chat data trains causal-lm models "
+                f"(--task causal-lm); {task} needs text columns"
+            )
+
+
+def resolve_columns(spec: DataSpec, columns: Sequence[str], source: str,
+                    row: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Which columns carry what, for ``spec.task`` (``row``: the first row, to recognise chat columns)."""
     if spec.task == "classify":
         text = _pick(columns, spec.text_columns, TEXT_CANDIDATES, "text", "--text-column", source)
         if len(text) > 2:
             raise DataError(f"at most two text columns (a sentence pair), got {text}")
+        _refuse_chat("classify", text, row, "--text-column")
         wanted = [spec.label_column] if spec.label_column else None
         label = _pick(columns, wanted, [(c,) for c in LABEL_CANDIDATES], "label", "--label-column", source)[0]
         return {"text": text, "label": label}
     if spec.task == "causal-lm":
+        if spec.text_columns:
+            text = _pick(columns, spec.text_columns, [], "text", "--text-column", source)
+            if len(text) != 1:
+                raise DataError(f"causal-lm takes one text column, got {text}")
+            if row is not None and is_messages(row.get(text[0])):
+                return {"messages": text[0]}
+            if row is not None and isinstance(row.get(text[0]), (list, dict)):
+                raise DataError(
+                    f"column {text[0]!r} of {source} holds {type(row[text[0]]).__name__}s, not text nor chat "
+                    'messages (a list of {"role": ..., "content": ...}): pass another --text-column'
+                )
+            return {"text": text[0]}
         if spec.instruction_column in columns and spec.output_column in columns:
             return {
                 "instruction": spec.instruction_column,
                 "input": spec.input_column,
                 "output": spec.output_column,
             }
-        text = _pick(columns, spec.text_columns, [("text",)], "text", "--text-column", source)
-        if len(text) != 1:
-            raise DataError(f"causal-lm takes one text column, got {text}")
+        chat = _messages_column(columns, row)
+        if chat is not None:
+            return {"messages": chat}
+        text = _pick(columns, None, [("text",)], "text", "--text-column", source)
         return {"text": text[0]}
     # seq2seq
     if spec.text_columns:
         if len(spec.text_columns) != 2:
             raise DataError("seq2seq takes --text-column SOURCE --text-column TARGET (two columns)")
         src_tgt = _pick(columns, spec.text_columns, [], "source/target", "--text-column", source)
+        _refuse_chat("seq2seq", src_tgt, row, "--text-column")
         return {"source": src_tgt[0], "target": src_tgt[1]}
     if spec.instruction_column in columns and spec.output_column in columns:
         return {"instruction": spec.instruction_column, "input": spec.input_column, "output": spec.output_column}
@@ -320,7 +385,7 @@ def load_splits(spec: DataSpec) -> Splits:
         rows = rows[: spec.train_size]
     if spec.dev_size is not None:
         dev = dev[: spec.dev_size]
-    columns = resolve_columns(spec, list(rows[0]), str(train_path))
+    columns = resolve_columns(spec, list(rows[0]), str(train_path), rows[0])
     labels, regression = None, False
     if spec.task == "classify":
         label = columns["label"]
@@ -337,7 +402,7 @@ def load_splits(spec: DataSpec) -> Splits:
                 f"the dev set ({dev_source}) has no labelled rows in column {label!r}: pass --dev with a labelled file"
             )
         labels, regression = _label_names(rows, dev, label)
-    return Splits(rows, dev, dev_source, columns, labels, regression)
+    return Splits(rows, dev, dev_source, columns, labels, regression, chat_template=spec.chat_template)
 
 
 # --- prompts and tokenization ---------------------------------------------------------------------
@@ -369,16 +434,34 @@ def prompt_and_response(row: dict[str, Any], columns: dict[str, Any], template: 
 
 
 class Encoded(torch.utils.data.Dataset):
-    """Tokenized examples: a list of feature dicts (lists of ints, ``labels`` an int/float or a list)."""
+    """Tokenized examples: a list of feature dicts (lists of ints, ``labels`` an int/float or a list).
 
-    def __init__(self, features: list[dict[str, Any]]) -> None:
+    ``no_target``: indices of generation examples without a single loss token (``labels`` all -100): ``cut`` the
+    ones whose response tokens truncation to ``max_length`` removed, ``empty`` those that had none to begin with
+    (an empty output, a chat without an assistant turn). Such examples teach nothing.
+    """
+
+    def __init__(
+        self, features: list[dict[str, Any]], *, cut: Sequence[int] = (), empty: Sequence[int] = ()
+    ) -> None:
         self.features = features
+        self.cut = list(cut)
+        self.empty = list(empty)
 
     def __len__(self) -> int:
         return len(self.features)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         return self.features[i]
+
+    @property
+    def no_target(self) -> list[int]:
+        return sorted(set(self.cut) | set(self.empty))
+
+    def without(self, drop: Sequence[int]) -> Encoded:
+        """A copy without the examples at ``drop``."""
+        gone = set(drop)
+        return Encoded([f for i, f in enumerate(self.features) if i not in gone])
 
 
 def special_ids(tokenizer: Any) -> tuple[int | None, int]:
@@ -392,7 +475,10 @@ def special_ids(tokenizer: Any) -> tuple[int | None, int]:
 
 def encode(rows: list[dict[str, Any]], splits: Splits, tokenizer: Any, *, task: str, max_length: int,
            template: str = "alpaca", train_on_prompt: bool = False) -> Encoded:  # fmt: skip
-    """Tokenize rows for ``task`` (truncated to ``max_length``; padding happens in the collator)."""
+    """Tokenize rows for ``task`` (truncated to ``max_length``; padding happens in the collator).
+
+    Generation examples left without a loss token are kept and listed in ``Encoded.cut`` / ``Encoded.empty``
+    (the caller decides: ``adapterkit train`` warns, drops them, and fails with ``--strict``)."""
     cols = splits.columns
     if task == "classify":
         first = [str(r[cols["text"][0]]).strip() for r in rows]
@@ -404,8 +490,19 @@ def encode(rows: list[dict[str, Any]], splits: Splits, tokenizer: Any, *, task: 
             f["labels"] = float(raw) if splits.regression else _label_index(raw, splits.labels)
         return Encoded(feats)
     if task == "causal-lm":
-        return Encoded([_causal_features(r, cols, tokenizer, max_length, template, train_on_prompt) for r in rows])
-    return Encoded([_seq2seq_features(r, cols, tokenizer, max_length, template) for r in rows])
+        if "messages" in cols:
+            chat = ChatRenderer(tokenizer, splits.chat_template)
+            pairs = [
+                chat.features(r[cols["messages"]], max_length, train_on_prompt, i) for i, r in enumerate(rows)
+            ]
+        else:
+            pairs = [_causal_features(r, cols, tokenizer, max_length, template, train_on_prompt) for r in rows]
+    else:
+        pairs = [_seq2seq_features(r, cols, tokenizer, max_length, template) for r in rows]
+    feats = [f for f, _ in pairs]
+    cut = [i for i, (f, n) in enumerate(pairs) if n > 0 and all(x == -100 for x in f["labels"])]
+    empty = [i for i, (_, n) in enumerate(pairs) if n == 0]
+    return Encoded(feats, cut=cut, empty=empty)
 
 
 def _label_index(raw: str, names: list[str] | None) -> int:
@@ -418,7 +515,8 @@ def _label_index(raw: str, names: list[str] | None) -> int:
 
 
 def _causal_features(row: dict[str, Any], cols: dict[str, Any], tokenizer: Any, max_length: int, template: str,
-                     train_on_prompt: bool) -> dict[str, Any]:  # fmt: skip
+                     train_on_prompt: bool) -> tuple[dict[str, Any], int]:  # fmt: skip
+    """(features, number of target tokens before truncation)."""
     eos, _ = special_ids(tokenizer)
     prompt, response = prompt_and_response(row, cols, template)
     prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"] if prompt else []
@@ -426,20 +524,155 @@ def _causal_features(row: dict[str, Any], cols: dict[str, Any], tokenizer: Any, 
     if not prompt_ids and tokenizer.bos_token_id is not None:
         prompt_ids = [tokenizer.bos_token_id]
     tail = [eos] if eos is not None else []
-    ids = (prompt_ids + response_ids + tail)[:max_length]
+    full = prompt_ids + response_ids + tail
+    ids = full[:max_length]
     labels = list(ids)
     if not train_on_prompt:
         n = min(len(prompt_ids), len(ids))
         labels[:n] = [-100] * n
-    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+    targets = len(full) - (0 if train_on_prompt else len(prompt_ids))
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}, targets
+
+
+# --- chat data ----------------------------------------------------------------------------------------------------
+def read_chat_template(value: str | None) -> str | None:
+    """``--chat-template``: a Jinja file's text, or a built-in name (``chatml``); None stays None."""
+    if value is None:
+        return None
+    if value in BUILTIN_CHAT_TEMPLATES:
+        return BUILTIN_CHAT_TEMPLATES[value]
+    path = Path(value)
+    if not path.is_file():
+        raise DataError(
+            f"--chat-template {value!r} is neither a file nor a built-in template ({', '.join(BUILTIN_CHAT_TEMPLATES)})"
+        )
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":  # a tokenizer_config.json, or {"chat_template": "..."}
+        try:
+            text = json.loads(text)["chat_template"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise DataError(f'{value!r}: a .json chat template must hold a "chat_template" string') from None
+    if not isinstance(text, str) or "{" not in text:
+        raise DataError(f"{value!r} does not look like a Jinja chat template (no {{ or {{% in it)")
+    return text
+
+
+def normalize_messages(value: Any, where: str) -> list[dict[str, str]]:
+    """``[{"role", "content"}, ...]`` from a chat value (ShareGPT ``from``/``value`` mapped: human -> user,
+    gpt -> assistant)."""
+    if not is_messages(value):
+        raise DataError(
+            f'{where} is not a chat: expected a non-empty list of {{"role": ..., "content": ...}} messages, got '
+            f"{str(value)[:80]!r}"
+        )
+    out = []
+    for m in value:
+        if "role" in m:
+            role, content = m["role"], m["content"]
+        else:
+            role, content = SHAREGPT_ROLES.get(str(m["from"]).lower(), str(m["from"])), m["value"]
+        if not isinstance(role, str) or not isinstance(content, str):
+            raise DataError(f"{where}: message roles and contents must be strings, got {m!r}"[:200])
+        out.append({"role": role, "content": content})
+    return out
+
+
+class ChatRenderer:
+    """Renders chats with a tokenizer's chat template and finds the assistant turns' tokens.
+
+    The assistant span of turn ``i`` is the text between the rendering of ``messages[:i]`` with the generation
+    prompt and the rendering of ``messages[:i + 1]``: the reply and whatever the template closes it with (an
+    end-of-turn token, so the model learns to stop). It needs a template that renders the start of a chat as the
+    start of its rendering (prefix-stable); templates that rewrite earlier turns (e.g. ones that drop the
+    reasoning of past turns) are refused with ``--train-on-prompt`` as the way out. Token positions come from
+    the fast tokenizer's character offsets (slow tokenizers: each span tokenized on its own).
+    """
+
+    def __init__(self, tokenizer: Any, template: str | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.template = template or getattr(tokenizer, "chat_template", None)
+        if not self.template:
+            name = getattr(tokenizer, "name_or_path", "") or "the model"
+            raise DataError(
+                f"chat data needs a chat template, and the tokenizer of {name!r} has none: pass --chat-template "
+                "FILE (a Jinja template as in a tokenizer_config.json's chat_template, or a chat_template.jinja) "
+                "or --chat-template chatml"
+            )
+
+    def render(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, chat_template=self.template, tokenize=False, add_generation_prompt=generation_prompt
+            )
+        except Exception as e:  # jinja2's TemplateError, and templates that raise_exception() on a role order
+            raise DataError(f"the chat template cannot render {str(messages)[:120]}...: {e}") from None
+
+    def spans(self, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+        """(rendered chat, character spans of the assistant turns)."""
+        full = self.render(messages, False)
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before = self.render(messages[:i], True) if i else self._empty_prompt()
+            upto = self.render(messages[: i + 1], False)
+            if not (full.startswith(upto) and upto.startswith(before)):
+                raise DataError(
+                    "the chat template renders the start of a chat differently from the whole chat (it rewrites "
+                    "earlier turns), so the assistant turns cannot be located: pass --train-on-prompt (loss on every "
+                    "token) or --chat-template FILE with a template that does not"
+                )
+            spans.append((len(before), len(upto)))
+        return full, spans
+
+    def _empty_prompt(self) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(
+                [], chat_template=self.template, tokenize=False, add_generation_prompt=True
+            )
+        except Exception:  # noqa: BLE001 - templates that index messages[0]
+            return ""
+
+    def features(self, value: Any, max_length: int, train_on_prompt: bool,
+                 index: int = 0) -> tuple[dict[str, Any], int]:  # fmt: skip
+        """(features, number of target tokens before truncation) of one chat."""
+        messages = normalize_messages(value, f"row {index + 1}")
+        full, spans = self.spans(messages) if not train_on_prompt else (self.render(messages, False), [])
+        ids, mask = self._tokenize(full, spans)
+        targets = len(ids) if train_on_prompt else sum(mask)
+        ids = ids[:max_length]
+        labels = list(ids) if train_on_prompt else [t if m else -100 for t, m in zip(ids, mask)]
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}, targets
+
+    def _tokenize(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[bool]]:
+        tok = self.tokenizer
+        if getattr(tok, "is_fast", False):
+            enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+            inside = [any(a <= s < b for a, b in spans) for s, _ in enc["offset_mapping"]]
+            return list(enc["input_ids"]), inside
+        ids: list[int] = []
+        mask: list[bool] = []
+        pos = 0
+        for a, b in [*spans, (len(text), len(text))]:
+            for piece, flag in ((text[pos:a], False), (text[a:b], True)):
+                if piece:
+                    part = tok(piece, add_special_tokens=False)["input_ids"]
+                    ids += part
+                    mask += [flag] * len(part)
+            pos = b
+        return ids, mask
+
+    def generation_text(self, messages: list[dict[str, str]]) -> str:
+        """The prompt for a reply to ``messages`` (the template's generation prompt appended)."""
+        return self.render(messages, True)
 
 
 def _seq2seq_features(row: dict[str, Any], cols: dict[str, Any], tokenizer: Any, max_length: int,
-                      template: str) -> dict[str, Any]:  # fmt: skip
+                      template: str) -> tuple[dict[str, Any], int]:  # fmt: skip
     source, target = prompt_and_response(row, cols, template)
     enc = tokenizer(source, truncation=True, max_length=max_length)
     labels = tokenizer(text_target=target, truncation=True, max_length=max_length)["input_ids"]
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}, len(labels)
 
 
 def collator(tokenizer: Any, task: str) -> Any:
@@ -449,3 +682,69 @@ def collator(tokenizer: Any, task: str) -> Any:
     if task == "classify":
         return DataCollatorWithPadding(tokenizer)
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+
+
+# --- packing ---------------------------------------------------------------------------------------------------------
+def pack(features: Encoded, max_length: int) -> Encoded:
+    """Pack causal-LM examples into rows of at most ``max_length`` tokens (``--packing``).
+
+    Examples are placed by best-fit decreasing (longest first, each into the fullest row it fits), which leaves
+    little padding and keeps every example whole. A packed row holds ``input_ids``, ``labels`` and
+    ``position_ids`` restarting at 0 for each example, and no ``attention_mask``: transformers then builds a
+    block-diagonal causal mask from the position ids (``masking_utils.find_packed_sequence_indices``; flash
+    attention reads the same boundaries as variable-length sequences), so no token attends to another
+    example. The first label of each example is -100, so no example is trained to predict the next one's first
+    token: the loss is the unpacked loss exactly (``tests/test_cli_llm.py`` checks logits and loss).
+    """
+    import bisect
+
+    items = sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"]))
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (space left, row index), sorted
+    for i in items:
+        n = len(features[i]["input_ids"])
+        if n > max_length:
+            raise DataError(f"example {i} has {n} tokens, more than --max-length {max_length}")
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            space, row = free.pop(k)
+            rows[row].append(i)
+            bisect.insort(free, (space - n, row))
+        else:
+            rows.append([i])
+            bisect.insort(free, (max_length - n, len(rows) - 1))
+    packed = []
+    for members in rows:
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for i in members:
+            f = features[i]
+            ids += f["input_ids"]
+            labels += [-100, *f["labels"][1:]]
+            positions += list(range(len(f["input_ids"])))
+        packed.append({"input_ids": ids, "labels": labels, "position_ids": positions})
+    return Encoded(packed)
+
+
+class PackedCollator:
+    """Pads packed rows to the longest of the batch: ``input_ids`` with the pad id, ``labels`` with -100 and
+    ``position_ids`` with ``0, 1, 2, ...`` (the padding becomes one more block of its own, which no real token
+    attends to). No ``attention_mask``: the mask comes from the position ids (see :func:`pack`). Batches of
+    unpacked examples (the dev set) go to ``fallback``."""
+
+    def __init__(self, pad_id: int, fallback: Any = None) -> None:
+        self.pad_id = pad_id
+        self.fallback = fallback
+
+    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if self.fallback is not None and "position_ids" not in batch[0]:
+            return self.fallback(batch)
+        width = max(len(f["input_ids"]) for f in batch)
+        out: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "position_ids": []}
+        for f in batch:
+            gap = width - len(f["input_ids"])
+            out["input_ids"].append(f["input_ids"] + [self.pad_id] * gap)
+            out["labels"].append(f["labels"] + [-100] * gap)
+            out["position_ids"].append(f["position_ids"] + list(range(gap)))
+        return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}

@@ -11,7 +11,8 @@ import torch
 
 __all__ = [
     "TASKS", "RUN_FILE", "guess_task", "load_tokenizer", "load_model", "read_run", "model_class", "check_adapter_size",
-    "add_adapter", "load_adapter",
+    "add_adapter", "load_adapter", "DTYPES", "prequantized", "reveal_quantization_libraries", "quantize_base",
+    "check_packing",
 ]  # fmt: skip
 
 TASKS = ("classify", "causal-lm", "seq2seq")
@@ -24,6 +25,7 @@ class ModelError(ValueError):
 
 QUANT_ENV = "ADAPTERKIT_QUANT_LIBS"
 QUANT_LIBRARIES = ("bitsandbytes", "torchao")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def hide_quantization_libraries() -> None:
@@ -44,21 +46,43 @@ def hide_quantization_libraries() -> None:
         sys.modules.setdefault(name, None)  # type: ignore[arg-type]
 
 
-def _refuse_hidden_quantization(path: str | os.PathLike) -> None:
-    import sys
-
+def prequantized(path: str | os.PathLike) -> str | None:
+    """The ``quant_method`` of a checkpoint saved already quantized (its config.json has a
+    ``quantization_config``), else None."""
     file = Path(path) / "config.json"
     try:
         quant = json.loads(file.read_text()).get("quantization_config") if file.is_file() else None
     except (OSError, ValueError, AttributeError):
-        return
-    hidden = [n for n in QUANT_LIBRARIES if n in sys.modules and sys.modules[n] is None]
-    if quant and hidden:
-        method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
-        raise ModelError(
-            f"{str(path)!r} is a pre-quantized checkpoint (quant_method {method!r}); the CLI keeps quantization "
-            f"libraries unloaded by default: run with {QUANT_ENV}=1 to load it"
-        )
+        return None
+    if not quant:
+        return None
+    return str(quant.get("quant_method", "?")) if isinstance(quant, dict) else "?"
+
+
+def reveal_quantization_libraries(names: tuple[str, ...] = QUANT_LIBRARIES) -> None:
+    """Undo :func:`hide_quantization_libraries` for ``names`` (a quantized base is about to be used: ``--quantize``,
+    or a checkpoint saved already quantized). transformers' cached "is bitsandbytes/torchao available" answers are
+    cleared so that it sees them."""
+    import sys
+
+    revealed = False
+    for name in names:
+        if name in sys.modules and sys.modules[name] is None:
+            del sys.modules[name]
+            revealed = True
+    iu = sys.modules.get("transformers.utils.import_utils")
+    if revealed and iu is not None:
+        for fn in ("is_bitsandbytes_available", "is_torchao_available"):
+            clear = getattr(getattr(iu, fn, None), "cache_clear", None)
+            if callable(clear):
+                clear()
+
+
+def _reveal_for(path: str | os.PathLike) -> None:
+    """A checkpoint saved quantized needs its library: reveal the hidden ones (see :func:`hide_quantization_libraries`)."""
+    method = prequantized(path)
+    if method:
+        reveal_quantization_libraries(tuple(n for n in QUANT_LIBRARIES if n == method) or QUANT_LIBRARIES)
 
 
 def _quiet_transformers() -> None:
@@ -71,7 +95,7 @@ def _quiet_transformers() -> None:
 def model_config(path: str | os.PathLike) -> Any:
     from transformers import AutoConfig
 
-    _refuse_hidden_quantization(path)
+    _reveal_for(path)
     _quiet_transformers()
     try:
         return AutoConfig.from_pretrained(str(path))
@@ -121,8 +145,10 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
 def load_model(path: str | os.PathLike, task: str, *, labels: list[str] | None = None, regression: bool = False,
                pad_token_id: int | None = None, seed: int = 42, dtype: torch.dtype | None = None) -> torch.nn.Module:  # fmt: skip
     """The base model for ``task``; classification gets a fresh head of ``len(labels)`` outputs (1 for
-    regression), initialized from ``seed`` so that every process of a distributed run starts the same."""
-    _refuse_hidden_quantization(path)
+    regression), initialized from ``seed`` so that every process of a distributed run starts the same.
+    ``dtype``: the base weights' dtype (None: the checkpoint's). A checkpoint saved already quantized
+    (``quantization_config`` in its config.json) loads quantized, on the CPU unless a GPU is there."""
+    _reveal_for(path)
     _quiet_transformers()
     kwargs: dict[str, Any] = {}
     if dtype is not None:
@@ -135,6 +161,8 @@ def load_model(path: str | os.PathLike, task: str, *, labels: list[str] | None =
             kwargs["problem_type"] = "regression"
         else:
             kwargs.update(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+    if prequantized(path) and torch.cuda.is_available():
+        kwargs.setdefault("device_map", {"": torch.cuda.current_device()})
     torch.manual_seed(seed)
     try:
         model = model_class(task).from_pretrained(str(path), **kwargs)
@@ -255,3 +283,53 @@ def load_adapter(adapters: Any, directory: str | os.PathLike, *, method: str, **
         if not _allocation_failed(e):
             raise
         raise _build_error(e, method, f"in {str(directory)!r}") from None
+
+
+def quantize_base(model: torch.nn.Module, scheme: str, backend: str = "bitsandbytes", *,
+                  path: str | os.PathLike = "") -> torch.nn.Module:  # fmt: skip
+    """``train --quantize``: ``ak.quantize`` the base's linear layers (output heads kept dense) in place, QLoRA
+    style (NF4 with double quantization, or int8). Refuses a checkpoint saved already quantized."""
+    import adapterkit as ak
+
+    if getattr(model, "is_quantized", False) or prequantized(path):
+        raise ModelError(
+            f"{str(path)!r} was saved already quantized ({prequantized(path) or 'quantized'}): drop --quantize, it "
+            "loads quantized as it is"
+        )
+    reveal_quantization_libraries((backend,) if backend in QUANT_LIBRARIES else QUANT_LIBRARIES)
+    return ak.quantize(model, scheme, backend)
+
+
+def check_packing(model: torch.nn.Module) -> None:
+    """Refuse ``--packing`` on a model whose attention does not keep packed examples apart.
+
+    Packed rows carry no attention mask, only position ids restarting per example (see ``data.pack``); models
+    whose masks come from transformers' ``masking_utils`` turn them into a block-diagonal causal mask. This
+    probe packs two short sequences into one row and compares the logits with the sequences run alone.
+    """
+    vocab = int(getattr(model.get_input_embeddings(), "num_embeddings", 0) or 0)
+    if vocab < 4:
+        return
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randint(1, vocab, (1, n), generator=g).to(device) for n in (3, 4))
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3]], device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            packed = model(input_ids=torch.cat([a, b], 1), position_ids=pos, use_cache=False).logits.float()
+            alone = model(input_ids=b, use_cache=False).logits.float()
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ModelError(
+            f"--packing needs a model that takes position_ids; {type(model).__name__} failed: {str(e).splitlines()[0]}"
+        ) from None
+    finally:
+        model.train(was_training)
+    gap = (packed[:, 3:] - alone).abs().max().item()
+    scale = alone.abs().max().item() or 1.0
+    if not gap <= 1e-2 * scale + 1e-3:
+        raise ModelError(
+            f"--packing: {type(model).__name__} lets packed examples attend to each other (it does not build its "
+            f"attention mask from position ids; logits differ by {gap:.3g}): train without --packing"
+        )

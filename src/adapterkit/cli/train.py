@@ -18,10 +18,27 @@ The loop is ``transformers.Trainer``'s (progress bar, evaluation and checkpoint 
   model handles its own gradient reduction (``is_distributed_loading_by_transformers``, the flag transformers
   uses for models sharded at load time). Adapter tensors are gathered (``full_tensor``) to be saved, and the
   optimizer state is checkpointed as a full state dict (``torch.distributed.checkpoint.state_dict``).
+
+LLM fine-tuning options (alpaca-lora / TRL SFTTrainer style):
+
+* QLoRA: ``--quantize nf4|int8`` quantizes the base with ``ak.quantize`` (bitsandbytes by default,
+  ``--quant-backend torchao``) and prepares it with ``ak.prepare_for_kbit_training``; ``--dtype bf16|fp16|fp32``
+  loads the base weights in that dtype (adapter parameters stay float32 on a half-precision base, as peft's
+  ``autocast_adapter_dtype``); ``--gradient-checkpointing``. A checkpoint saved already quantized (by
+  transformers, ``quantization_config`` in its config.json) loads as it is: transformers' Trainer refuses a
+  quantized model unless peft adapters are attached (``validate_quantization_for_training`` reads peft's
+  ``_hf_peft_config_loaded`` flag), so :class:`AdapterTrainer` sets that flag while the Trainer is built when the
+  model carries trainable adapterkit adapters.
+* chat data (``messages``) with the chat template and loss on assistant turns (``data.ChatRenderer``);
+  examples whose response tokens ``--max-length`` cuts away entirely are dropped with a warning (an error
+  with ``--strict``);
+* ``--packing`` (``data.pack``), ``--group-by-length``, ``--optim adamw|adamw_8bit|adafactor``,
+  ``--early-stopping N``, ``--report-to none|tensorboard|wandb``, ``--fp16``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Iterator
@@ -301,7 +318,24 @@ class AdapterTrainer(_trainer_base()):  # type: ignore[misc]
     """``transformers.Trainer`` whose checkpoints hold adapter ``adapter_name`` only (native format)."""
 
     def __init__(self, *args: Any, adapters: ak.Adapters, adapter_name: str, fsdp: bool = False, **kwargs: Any):
-        super().__init__(*args, **kwargs)
+        model = kwargs.get("model", args[0] if args else None)
+        # transformers refuses to train a model it quantized unless peft adapters are attached (it reads peft's
+        # flag, validate_quantization_for_training): adapterkit's adapters are attached, so raise the flag while
+        # the Trainer checks (only then: the flag also changes what save_pretrained writes)
+        flag = "_hf_peft_config_loaded"
+        mark = (
+            model is not None
+            and getattr(model, "is_quantized", False)
+            and not getattr(model, flag, False)
+            and any(p.requires_grad for p in adapters.parameters(adapter_name))
+        )
+        if mark:
+            setattr(model, flag, True)
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            if mark:
+                setattr(model, flag, False)
         self.adapters = adapters
         self.adapter_name = adapter_name
         self.fsdp2 = fsdp
@@ -387,11 +421,60 @@ def ddp_backend(use_cpu: bool, world: int) -> str | None:
     return "gloo" if use_cpu else "nccl"
 
 
+OPTIMIZERS = {"adamw": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit", "adafactor": "adafactor"}
+REPORTERS = {"none": None, "tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+
+
+def _reporting(o: dict[str, Any]) -> list[str]:
+    """``--report-to``: [] or the one integration, refused with the install command when its package is missing."""
+    import importlib.util
+
+    which = o.get("report_to") or "none"
+    if which not in REPORTERS:
+        raise ValueError(f"--report-to {which!r}: use one of {', '.join(REPORTERS)}")
+    packages = REPORTERS[which]
+    if packages is None:
+        return []
+    if not any(importlib.util.find_spec(p) is not None for p in packages):
+        raise ImportError(f"--report-to {which} needs the {packages[0]} package: pip install {packages[0]}")
+    return [which]
+
+
+def _optimizer(o: dict[str, Any]) -> str:
+    """``--optim``: the Trainer's optimizer name (adamw_8bit needs bitsandbytes, made visible to transformers)."""
+    which = o.get("optim") or "adamw"
+    if which not in OPTIMIZERS:
+        raise ValueError(f"--optim {which!r}: use one of {', '.join(OPTIMIZERS)}")
+    if which != "adamw" and o.get("loraplus_ratio"):
+        raise ValueError("--loraplus-ratio builds its own AdamW: drop --optim or --loraplus-ratio")
+    if which == "adamw_8bit":
+        import importlib.util
+
+        from .models import reveal_quantization_libraries
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ImportError("--optim adamw_8bit needs bitsandbytes: pip install bitsandbytes")
+        reveal_quantization_libraries(("bitsandbytes",))
+    return OPTIMIZERS[which]
+
+
 def _training_args(o: dict[str, Any], out: Path, task: str, metric: str, greater: bool, use_cpu: bool) -> Any:
     from transformers import TrainingArguments
 
     strategy = "steps" if o["eval_steps"] else "epoch"
     distributed = world_size() > 1
+    if o["bf16"] and o.get("fp16"):
+        raise ValueError("--bf16 and --fp16 are two mixed-precision modes: pick one")
+    reporting = _reporting(o)
+    extra: dict[str, Any] = {}
+    if o.get("group_by_length"):  # LengthGroupedSampler; transformers >= 5.x names it train_sampling_strategy
+        fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+        if "train_sampling_strategy" in fields:
+            extra["train_sampling_strategy"] = "group_by_length"
+        else:
+            extra["group_by_length"] = True
+    if reporting:
+        extra["run_name"] = f"{o['name']}-{out.name}"  # tensorboard logs go to OUT/checkpoints/runs/
     return TrainingArguments(
         output_dir=str(out / CHECKPOINTS),
         num_train_epochs=o["epochs"],
@@ -415,6 +498,8 @@ def _training_args(o: dict[str, Any], out: Path, task: str, metric: str, greater
         logging_steps=o["logging_steps"],
         seed=o["seed"],
         bf16=o["bf16"],
+        fp16=bool(o.get("fp16")),
+        optim=_optimizer(o),
         use_cpu=use_cpu,
         ddp_backend=ddp_backend(use_cpu, world_size()),
         ddp_find_unused_parameters=False if distributed else None,
@@ -423,11 +508,86 @@ def _training_args(o: dict[str, Any], out: Path, task: str, metric: str, greater
         average_tokens_across_devices=task != "classify",
         remove_unused_columns=False,
         label_names=["labels"],
-        report_to=[],
+        report_to=reporting,
         disable_tqdm=not o["progress"],
         dataloader_num_workers=0,
         save_only_model=False,
+        **extra,
     )
+
+
+DEFAULT_MAX_LENGTH = 256  # alpaca-lora's cutoff_len
+
+# Options of the LLM workflow, with their defaults (older callers of run_train pass dicts without them).
+LLM_DEFAULTS: dict[str, Any] = {
+    "quantize": None, "quant_backend": "bitsandbytes", "dtype": None, "gradient_checkpointing": False,
+    "chat_template": None, "packing": False, "group_by_length": False, "optim": "adamw", "early_stopping": None,
+    "report_to": "none", "fp16": False, "strict": False,
+}  # fmt: skip
+
+
+def _check_llm_options(o: dict[str, Any], task: str) -> None:
+    from adapterkit.quant import SCHEMES
+
+    from .models import DTYPES
+
+    if o["quantize"] is not None and o["quantize"] not in SCHEMES:
+        raise ValueError(f"--quantize {o['quantize']!r}: use one of {', '.join(SCHEMES)}")
+    if o["dtype"] is not None and o["dtype"] not in DTYPES:
+        raise ValueError(f"--dtype {o['dtype']!r}: use one of {', '.join(DTYPES)}")
+    if o["packing"] and task != "causal-lm":
+        raise ValueError(f"--packing packs causal-lm examples; this run is {task}: drop --packing")
+    if o["early_stopping"] is not None and o["early_stopping"] < 1:
+        raise ValueError(
+            f"--early-stopping must be a whole number >= 1 (evaluations without improvement), got {o['early_stopping']}"
+        )
+    if o["fsdp"] and (o["quantize"] or o["packing"]):
+        raise ValueError("--fsdp cannot be combined with --quantize or --packing yet: drop one of them")
+
+
+def _drop_without_target(encoded: Any, what: str, max_length: int, strict: bool) -> Any:
+    """Warn about (or, ``strict``, refuse) examples left without a loss token, and drop them."""
+    from .data import DataError
+
+    if not encoded.no_target:
+        return encoded
+    parts = []
+    if encoded.cut:
+        parts.append(
+            f"{len(encoded.cut)} of {len(encoded)} {what} examples lose every response token to --max-length "
+            f"{max_length} (e.g. example {encoded.cut[0] + 1}); raise --max-length or shorten their prompts"
+        )
+    if encoded.empty:
+        parts.append(
+            f"{len(encoded.empty)} of {len(encoded)} {what} examples have no response tokens at all (an empty output "
+            f"or no assistant turn, e.g. example {encoded.empty[0] + 1})"
+        )
+    message = "; ".join(parts)
+    if strict:
+        raise DataError(f"{message} (--strict)")
+    kept = encoded.without(encoded.no_target)
+    if not len(kept):
+        raise DataError(f"{message}: no {what} example is left to learn from")
+    _say(
+        f"warning: {message}: their loss would be 0, so the {len(encoded.no_target)} are dropped (--strict makes this an error)"
+    )
+    return kept
+
+
+def _adapter_in_fp32(adapters: ak.Adapters, name: str, method: str) -> int:
+    """On a half-precision base, LoRA factors train in float32 (peft's ``autocast_adapter_dtype``): LoRA casts its
+    input to its own dtype and its output back. Head copies keep the base dtype. Returns the parameters cast."""
+    if method != "lora":
+        return 0
+    n = 0
+    for site, kind in adapters.sites(name).items():
+        if kind == "head":
+            continue
+        for p in adapters.components(name)[site].parameters():
+            if p.is_floating_point() and p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.float()
+                n += 1
+    return n
 
 
 def run_train(o: dict[str, Any]) -> dict[str, Any]:
@@ -438,18 +598,25 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
 
     from . import data as D
     from .models import (
+        DTYPES,
         RUN_FILE,
         ModelError,
         add_adapter,
         check_adapter_size,
         check_output_directory,
+        check_packing,
         guess_task,
         load_model,
         load_tokenizer,
         model_config,
+        prequantized,
+        quantize_base,
     )
 
     t0 = time.perf_counter()
+    o = {**LLM_DEFAULTS, **{k: v for k, v in o.items() if v is not None or k not in LLM_DEFAULTS}}
+    if o.get("max_length") is None:
+        o["max_length"] = DEFAULT_MAX_LENGTH
     out = Path(o["out"])
     if o["threads"]:
         torch.set_num_threads(o["threads"])
@@ -469,6 +636,7 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
         raise ModelError(
             f"cannot tell the task of {str(o['model'])!r} from its config: pass --task classify|causal-lm|seq2seq"
         )
+    _check_llm_options(o, task)
     heads = o["heads"] if o["heads"] is not None else (["head"] if task == "classify" else [])
     overrides["heads"] = heads
     check_adapter_size(o["model"], task, ak.get_config(o["method"], **overrides), source="from --method and --opt")
@@ -493,22 +661,57 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
         label_column=o["label_column"], instruction_column=o["instruction_column"], input_column=o["input_column"],
         output_column=o["output_column"], template=o["template"], dev_fraction=o["dev_fraction"],
         train_size=o["train_size"], dev_size=o["dev_size"], seed=o["seed"],
+        chat_template=D.read_chat_template(o["chat_template"]),
     )  # fmt: skip
     splits = D.load_splits(spec)
+    if spec.chat_template is not None and "messages" not in splits.columns:
+        raise D.DataError(
+            f"--chat-template applies to chat data (a messages column); the columns are {splits.columns}"
+        )
     tokenizer = load_tokenizer(o["model"])
     enc = dict(task=task, max_length=o["max_length"], template=o["template"], train_on_prompt=o["train_on_prompt"])
-    train_set = D.encode(splits.train, splits, tokenizer, **enc)
-    dev_set = D.encode(splits.dev, splits, tokenizer, **enc)
+    train_set = _drop_without_target(
+        D.encode(splits.train, splits, tokenizer, **enc), "training", o["max_length"], o["strict"]
+    )
+    dev_set = _drop_without_target(
+        D.encode(splits.dev, splits, tokenizer, **enc), "dev", o["max_length"], o["strict"]
+    )
+    examples = len(train_set)
+    _, pad_id = D.special_ids(tokenizer)
+    if o["packing"]:
+        train_set = D.pack(train_set, o["max_length"])
+        _say(
+            f"packing: {examples:,} training examples in {len(train_set):,} rows of up to {o['max_length']} tokens"
+        )
     _say(
-        f"data: {len(train_set):,} training and {len(dev_set):,} dev examples ({splits.dev_source}); columns {splits.columns}"
+        f"data: {examples:,} training and {len(dev_set):,} dev examples ({splits.dev_source}); columns {splits.columns}"
     )
 
+    dtype = DTYPES[o["dtype"]] if o["dtype"] else None
     model = load_model(o["model"], task, labels=splits.labels, regression=splits.regression,
-                       pad_token_id=tokenizer.pad_token_id, seed=o["seed"])  # fmt: skip
+                       pad_token_id=tokenizer.pad_token_id, seed=o["seed"], dtype=dtype)  # fmt: skip
+    if o["quantize"]:
+        quantize_base(model, o["quantize"], o["quant_backend"], path=o["model"])
+    quantized = bool(o["quantize"] or prequantized(o["model"]) or getattr(model, "is_quantized", False))
+    if o["packing"]:
+        check_packing(model)
+    if o["packing"] or o["gradient_checkpointing"]:
+        # training needs no KV cache, and with one transformers ignores the packed position ids' boundaries
+        model.config.use_cache = False
     name = o["name"]
     adapters = ak.attach(model)
     add_adapter(adapters, name, o["method"], source="from --method and --opt", **overrides)
     adapters.train(name)
+    if dtype in (torch.float16, torch.bfloat16) or (quantized and o["fp16"]):
+        _adapter_in_fp32(adapters, name, o["method"])
+    if quantized:
+        ak.prepare_for_kbit_training(model, gradient_checkpointing=o["gradient_checkpointing"])
+    elif o["gradient_checkpointing"]:
+        if not callable(getattr(model, "gradient_checkpointing_enable", None)):
+            raise ModelError(
+                f"{type(model).__name__} does not support gradient checkpointing: drop --gradient-checkpointing"
+            )
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     summary = adapters.summary()
     _say(str(summary))
 
@@ -533,6 +736,12 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
         preprocess_logits_for_metrics=None if task == "classify" else argmax_logits,
         adapters=adapters, adapter_name=name, fsdp=o["fsdp"], optimizers=optimizers,
     )  # fmt: skip
+    if o["packing"]:  # training batches are packed rows; evaluation stays on whole, padded examples
+        trainer.data_collator = D.PackedCollator(pad_id, fallback=trainer.data_collator)
+    if o["early_stopping"]:
+        from transformers import EarlyStoppingCallback
+
+        trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=o["early_stopping"]))
     from ..trainer import AdapterCallback
 
     # adapters.step() after every optimizer step and aux losses in the training loss (methods like AdaLoRA, DyLoRA)
@@ -558,7 +767,8 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
         "model": str(o["model"]),
         "adapter": str(out),
         "adapter_name": name,
-        "train_examples": len(train_set),
+        "train_examples": examples,
+        "train_rows": len(train_set),
         "dev_examples": len(dev_set),
         "dev_source": splits.dev_source,
         "trainable_params": summary.trainable_params,
@@ -584,6 +794,8 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
             "task": task, "method": o["method"], "name": name, "labels": splits.labels, "regression": splits.regression,
             "max_length": o["max_length"], "template": o["template"], "train_on_prompt": o["train_on_prompt"],
             "data": spec.to_dict(absolute=True), "columns": splits.columns,
+            "chat_template": spec.chat_template, "packing": o["packing"], "quantize": o["quantize"],
+            "quant_backend": o["quant_backend"] if o["quantize"] else None, "dtype": o["dtype"],
         }  # fmt: skip
         (out / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
