@@ -365,3 +365,39 @@ def test_peft_file_refusals(tmp_path):
         ak.attach(make_model("llama")).load(tmp_path / "len")
     # an unrelated export refuses nothing: the good file loads
     ak.attach(make_model("llama")).load(tmp_path / "ok")
+
+
+@pytest.mark.parametrize("family", ["llama", "bert", "gpt2"])
+def test_in_place_training_forward_matches_out_of_place(family, monkeypatch):
+    """Training forwards accumulate ``h Bᵀ`` into the layer's own output (no bias: a fresh tensor; with a bias or
+    GPT-2's Conv1D: the base of a whole-tensor view); loss and every gradient equal the out-of-place ``addmm``."""
+    from adapterkit.methods import vblora
+
+    x = make_inputs(family)
+
+    def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model = make_model(family)
+        adapters = ak.attach(model)
+        torch.manual_seed(0)
+        adapters.add(
+            "a", ak.VBLoRA(r=2, num_vectors=8, vector_length=16, init_weights=False, targets="all-linear")
+        )
+        adapters.train("a")
+        model.train()
+        out = output_of(model, x)
+        loss = (out.float() ** 2).mean()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return loss.detach(), grads
+
+    calls = []
+    real = vblora._sole_owner
+    monkeypatch.setattr(vblora, "_sole_owner", lambda y: calls.append(real(y)) or calls[-1])
+    loss, grads = run()
+    assert any(c is not None for c in calls)  # the in-place path ran
+    monkeypatch.setattr(vblora, "_sole_owner", lambda y: None)
+    ref_loss, ref_grads = run()
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
+    assert grads.keys() == ref_grads.keys() and grads
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-6, rtol=1e-5, msg=n)

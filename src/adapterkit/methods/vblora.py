@@ -103,6 +103,45 @@ def logits_from_topk(indices: torch.Tensor, weights: torch.Tensor, num_vectors: 
     return out.scatter(-1, indices.long(), torch.log(w))
 
 
+def _sole_owner(y: torch.Tensor) -> torch.Tensor | None:
+    """The tensor whose storage ``y`` is exactly (itself, or the base of a whole-tensor view such as
+    ``F.linear``'s 3-D output with a bias), when accumulating into it in place is safe for autograd: a non-leaf (or a
+    tensor that needs no gradient), contiguous, covering the same elements. None otherwise."""
+    owner = y if y._base is None else y._base
+    if owner._base is not None or not owner.is_contiguous() or owner.numel() != y.numel():
+        return None
+    if owner.storage_offset() != y.storage_offset() or (owner.is_leaf and owner.requires_grad):
+        return None
+    return owner
+
+
+class _AddLowRank(torch.autograd.Function):
+    """``y += h Bᵀ`` in place for a layer output ``y`` nothing else holds (a site's first post sees the module's
+    fresh output; no linear layer saves its output for backward, and autograd's version check would refuse a
+    backward if something had).
+
+    An out-of-place ``addmm`` first copies ``y`` (one read and one write of the whole ``(tokens, out)`` output per
+    site and step) and peft's ``y + B(A x)`` reads two such tensors and writes a third; accumulating into ``y`` saves
+    those passes. Shapes: ``y: (tokens·…, out)`` in any shape with that many elements, ``h: (tokens, r)``,
+    ``B: (out, r)``."""
+
+    @staticmethod
+    def forward(ctx: Any, y: torch.Tensor, h: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(h, B)
+        y.view(-1, B.shape[0]).addmm_(h, B.t())
+        ctx.mark_dirty(y)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        h, B = ctx.saved_tensors
+        g = grad.reshape(-1, B.shape[0])
+        grad_h = g @ B if ctx.needs_input_grad[1] else None  # (tokens, r)
+        grad_B = g.t() @ h if ctx.needs_input_grad[2] else None  # (out, r)
+        return grad, grad_h, grad_B
+
+
 @register("vblora")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class VBLoRA(AdapterConfig):
@@ -303,13 +342,16 @@ class VBLoRALinear(Component):
         A, B = self.factors()
         x = x if self.dropout is None else self.dropout(x)
         h = F.linear(x if x.dtype == A.dtype else x.to(A.dtype), A)  # (..., r)
-        if y.dtype != B.dtype:
+        if y.dtype != B.dtype or not y.is_contiguous():
             return y + F.linear(h, B).to(y.dtype)
-        # one fused GEMM: y + h @ Bᵀ, without materializing the branch output separately
-        y2, h2 = y.reshape(-1, self.out_dim), h.reshape(-1, self.r)
-        if torch.is_grad_enabled():
-            return torch.addmm(y2, h2, B.t()).view(y.shape)
-        return y2.addmm_(h2, B.t()).view(y.shape)
+        h2 = h.reshape(-1, self.r)
+        if not torch.is_grad_enabled():
+            return y.view(-1, self.out_dim).addmm_(h2, B.t()).view(y.shape)
+        owner = _sole_owner(y)
+        if owner is None:  # one fused GEMM: y + h @ Bᵀ (a copy of y, then accumulated into)
+            return torch.addmm(y.reshape(-1, self.out_dim), h2, B.t()).view(y.shape)
+        # accumulated into y's own storage: no copy of the layer's output (see _AddLowRank)
+        return _AddLowRank.apply(owner, h2, B).view(y.shape)
 
     def delta_weight(self, module: nn.Module) -> torch.Tensor:
         """``B A``: ``(out, in)``."""
