@@ -121,7 +121,7 @@ def _modules():
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d", "embedding", "layernorm"])
-@pytest.mark.parametrize("density", [0.02, 0.5])  # the gathered product and the dense scatter
+@pytest.mark.parametrize("density", [0.002, 0.5])  # the gathered product and the dense scatter
 @pytest.mark.parametrize("bias", [False, True])
 def test_forward_equals_changed_weight(kind, density, bias):
     module, x = _modules()[kind]
