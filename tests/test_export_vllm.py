@@ -399,5 +399,5 @@ def test_adapters_export_with_target_vllm(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="only applies to target='vllm'"):
         adapters.export("x", tmp_path / "bad", rank=8)
-    with pytest.raises(ValueError, match="the only target is 'vllm'"):
+    with pytest.raises(ValueError, match="targets are 'vllm' and 'diffusers'"):
         adapters.export("x", tmp_path / "bad", format="native", target="vllm")

@@ -957,6 +957,7 @@ class Adapters:
         *,
         target: str | None = None,
         rank: int | None = None,
+        prefix: str | None = None,
     ) -> Any:
         """Write adapter ``name`` in another library's format (``"peft"``) or natively (``"native"``).
 
@@ -965,18 +966,27 @@ class Adapters:
         SVD of their weight change at ``rank`` (default: the adapter's ``r``); returns the per-module report
         (:class:`adapterkit.formats.vllm.VllmExport`) and raises ``VllmExportError`` naming every module vLLM
         cannot take, writing nothing. See docs/export_vllm.md.
+
+        ``target="diffusers"`` (LoRA and LoKr) writes ``pytorch_lora_weights.safetensors`` with keys under a
+        component ``prefix`` (default ``unet``/``transformer``/``text_encoder`` by model) and the config in its
+        metadata, which diffusers' ``load_lora_adapter(path, prefix=...)`` loads; returns the file's path
+        (:mod:`adapterkit.formats.diffusers`).
         """
+        if rank is not None and target != "vllm":
+            raise ValueError("rank= only applies to target='vllm' (conversion to LoRA); drop it or add the target")
+        if prefix is not None and target != "diffusers":
+            raise ValueError("prefix= only applies to target='diffusers'; drop it or add the target")
         if target is None:
-            if rank is not None:
-                raise ValueError(
-                    "rank= only applies to target='vllm' (conversion to LoRA); drop it or add the target"
-                )
             writer(format).save(self, name, path)
             return None
-        if target != "vllm" or format != "peft":
+        if target not in ("vllm", "diffusers") or format != "peft":
             raise ValueError(
-                f"export target {target!r} with format {format!r}: the only target is 'vllm' (format 'peft')"
+                f"export target {target!r} with format {format!r}: targets are 'vllm' and 'diffusers' (format 'peft')"
             )
+        if target == "diffusers":
+            from .formats import diffusers
+
+            return diffusers.export(self, name, path, prefix=prefix)
         from .formats import vllm
 
         return vllm.export(self, name, path, rank=rank)

@@ -5,7 +5,7 @@ Commands (``adapterkit COMMAND --help`` documents each)::
     adapterkit train    --model PATH --data PATH --task classify --method lora --out DIR [--config run.yaml]
     adapterkit eval     DIR [--data PATH]
     adapterkit merge    DIR --out MERGED
-    adapterkit export   DIR --format peft [--target vllm --rank 16] --out PEFT_DIR
+    adapterkit export   DIR --format peft [--target vllm --rank 16 | --target diffusers] --out PEFT_DIR
     adapterkit inspect  --model PATH [--method lora --targets all-linear]
     adapterkit generate DIR --prompt "..."
     adapterkit serve    --model PATH [--adapters DIR] [--adapter NAME=PATH] [--port 8000]
@@ -59,6 +59,7 @@ class ExportFormat(str, enum.Enum):
 class ExportTarget(str, enum.Enum):
     peft = "peft"
     vllm = "vllm"
+    diffusers = "diffusers"
 
 
 # --- --config FILE -----------------------------------------------------------------------------------------
@@ -417,7 +418,8 @@ def export(
         typer.Option(
             help="peft: what peft loads; vllm: a plain LoRA vLLM's --lora-modules (and LoRAX) accept (ranks padded "
             "to a --max-lora-rank choice, DoRA/LoHa/LoKr/VeRA/(IA)^3 converted by truncated SVD), or a refusal "
-            "naming each module vLLM cannot take."
+            "naming each module vLLM cannot take; diffusers: pytorch_lora_weights.safetensors for diffusers' "
+            "load_lora_adapter / load_lora_weights (LoRA and LoKr)."
         ),
     ] = ExportTarget.peft,
     rank: Annotated[
@@ -427,31 +429,53 @@ def export(
             "truncated SVDs at this rank (default: the adapter's r)."
         ),
     ] = None,
+    prefix: Annotated[
+        str | None,
+        typer.Option(
+            help="--target diffusers: the component prefix of every key (default: text_encoder for transformers "
+            "models; '' for bare module paths)."
+        ),
+    ] = None,
     model: ModelOpt = None,
     task: TaskOpt = None,
     num_labels: NumLabelsOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Write the adapter in another library's format (peft), or for a server (--target vllm).
+    """Write the adapter in another library's format (peft), or for a server (--target vllm) or diffusers.
 
     Example: adapterkit export out/sql --format peft --target vllm --rank 16 --out out/sql-vllm
     """
     _configure_logging()
     _check_numbers(num_labels=(num_labels, ">=1"), rank=(rank, ">=1"))
+    if rank is not None and target is not ExportTarget.vllm:
+        raise typer.BadParameter("--rank applies to --target vllm only", param_hint="--rank")
+    if prefix is not None and target is not ExportTarget.diffusers:
+        raise typer.BadParameter("--prefix applies to --target diffusers only", param_hint="--prefix")
     if target is ExportTarget.peft:
-        if rank is not None:
-            raise typer.BadParameter("--rank applies to --target vllm only", param_hint="--rank")
         from .ops import run_export
 
         run_export(adapter, out, fmt=fmt.value, model=model, task=task.value if task else None,
                    num_labels=num_labels)  # fmt: skip
         return
     if fmt is not ExportFormat.peft:
-        raise typer.BadParameter("--target vllm writes peft's format: pass --format peft", param_hint="--format")
-    from ..formats.vllm import REPORT, allowed_rank
-    from ..formats.vllm import export as export_vllm
+        raise typer.BadParameter(
+            f"--target {target.value} writes peft's format: pass --format peft", param_hint="--format"
+        )
     from .models import check_output_directory
     from .ops import load_adapted
+
+    if target is ExportTarget.diffusers:
+        check_output_directory(out)
+        _, adapters, name, _, _ = load_adapted(adapter, model=model, task=task.value if task else None,
+                                               num_labels=num_labels)  # fmt: skip
+        try:
+            written = adapters.export(name, out, target="diffusers", prefix=prefix)
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--target") from None
+        typer.echo(f"exported adapter {name!r} for diffusers to {written}")
+        return
+    from ..formats.vllm import REPORT, allowed_rank
+    from ..formats.vllm import export as export_vllm
 
     if rank is not None:
         try:
