@@ -43,6 +43,13 @@ _FAMILIES = {
     "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 8}),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 8, "query_pre_attn_scalar": 16}),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {"partial_rotary_factor": 0.5}),  # fused qkv_proj
+    # sliding-window layers with their own rotary embedding, per-head q/k norms
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        {"head_dim": 8, "query_pre_attn_scalar": 16, "sliding_window": 4},
+    ),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),  # q/k norms over all heads
 }
 
 
@@ -186,8 +193,9 @@ def reference_logits(family: str, adapters: ak.Adapters, name: str, x: dict[str,
             else:
                 k, v = module.k_proj(prompt), module.v_proj(prompt)
             k, v = k.view(1, -1, kvh, hd), v.view(1, -1, kvh, hd)
-            if hasattr(module, "k_norm"):
-                k = module.k_norm(k)
+            if hasattr(module, "k_norm"):  # per head (Qwen3, Gemma 3) or over all heads (OLMo 2)
+                per_head = module.k_norm.weight.numel() == hd
+                k = module.k_norm(k) if per_head else module.k_norm(k.flatten(2)).view(k.shape)
             k = k.transpose(1, 2).repeat_interleave(h // kvh, 1)
             v = v.transpose(1, 2).repeat_interleave(h // kvh, 1)
             q = queries[id(module)]
@@ -211,7 +219,8 @@ def reference_logits(family: str, adapters: ak.Adapters, name: str, x: dict[str,
 
 @pytest.mark.parametrize("family", list(_FAMILIES))
 def test_families_equal_reference(family):
-    """Qwen2/3, Gemma 1/2, Phi-3 (and LLaMA/Mistral): the query is the one the layer uses, the rest as peft."""
+    """Qwen2/3, Gemma 1/2/3, Phi-3, OLMo 2 (and LLaMA/Mistral): the query is the one the layer uses (its norm, its
+    rotary embedding, partial or not), the rest as peft."""
     model, x = tiny(family), inputs()
     base = logits(model, x)
     adapters = ak.attach(model)
@@ -406,3 +415,35 @@ def test_scale_is_the_modules_own():
     assert isinstance(comp, AdaptionPrompt)
     assert math.isclose(comp.layout.scaling, 16**-0.5)
     assert comp.layout.softcap == model.config.attn_logit_softcapping
+
+
+def test_routed_generate_equals_per_row_runs():
+    """Rows of one generate() use different adapters (different prompt lengths, per-layer and per-head gates)."""
+    model = tiny("llama")
+    adapters = ak.attach(model)
+    adapters.add("a", ak.LlamaAdapter(adapter_len=3, adapter_layers=2))
+    adapters.add("b", ak.LlamaAdapter(adapter_len=2, gate="head"))
+    perturb(adapters, "a")
+    perturb(adapters, "b", seed=8)
+    x = make_inputs("llama", batch=3)
+    rows = ["b", None, "a"]
+    kw = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    with adapters.route(rows):
+        mixed = model.generate(**x, **kw)
+    for i, name in enumerate(rows):
+        with adapters.use(name):
+            alone = model.generate(**{k: v[i : i + 1] for k, v in x.items()}, **kw)
+        assert mixed[i].tolist() == alone[0].tolist()
+
+
+def test_deepcopy_keeps_a_working_adapter():
+    import copy
+
+    model, x = make_model("llama"), make_inputs("llama")
+    adapters = ak.attach(model)
+    adapters.add("a", ak.LlamaAdapter(adapter_len=3, init_weights=False))
+    twin = copy.deepcopy(model)
+    torch.testing.assert_close(logits(twin, x), logits(model, x), atol=0, rtol=0)
+    comp = next(iter(ak.attach(twin).components("a").values()))
+    twin_modules = {id(m) for m in twin.modules()}
+    assert id(comp.layout.q) in twin_modules and id(comp.layout.out) in twin_modules

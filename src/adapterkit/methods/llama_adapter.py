@@ -63,7 +63,7 @@ from ..backends import backend_for
 from ..component import Component, first_input
 from ..config import AdapterConfig, register
 from ..targeting import CONTAINER, TargetError
-from .prompt import takes
+from .prompt import as_kwargs, takes
 
 PUBLIC = ("LlamaAdapter",)
 __all__ = ["LlamaAdapter", "AdaptionPrompt", "AttentionLayout", "attention_layout"]
@@ -454,10 +454,10 @@ class AdaptionPrompt(Component):
 
     # --- forward --------------------------------------------------------------------------------------
     def _inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, Any]:
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else first_input(args, kwargs)
-        pos = kwargs.get("position_embeddings")
-        if pos is None and self._rope_taken and len(args) > 1:
-            pos = args[1]
+        """``(hidden_states, position_embeddings or None)`` of the attention call (given by keyword or position)."""
+        kw = as_kwargs(self.__dict__["_module_ref"], args, kwargs) if args else kwargs
+        hidden = kw["hidden_states"] if "hidden_states" in kw else first_input(args, kwargs)
+        pos = kw.get("position_embeddings")
         if pos is None and self._rope_taken:
             raise ValueError(
                 f"{self.layout.name!r} takes rotary position_embeddings but was called without them; LLaMA-Adapter "
