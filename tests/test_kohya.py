@@ -465,8 +465,92 @@ def test_refuses_ambiguous_names(tmp_path):
 
 
 def test_refuses_ldm_names(unet, tmp_path):
-    tensors = {"lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.ones(1, 32)}
-    _refused(unet, tensors, tmp_path, "original Stable Diffusion")
+    """LDM/SGM names that the UNet does not have, and LDM names on a model that is not a diffusers UNet."""
+    tensors = {"lora_unet_input_blocks_9_1_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.ones(1, 32)}
+    _refused(unet, tensors, tmp_path, "original Stable Diffusion.*no module of that name")
+    tensors = {"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": torch.ones(1, 32)}
+    _refused(_Net(), tensors, tmp_path, "original Stable Diffusion.*_Net is not one")
+
+
+# --- the original Stable Diffusion (LDM/SGM) layout -----------------------------------------------------------------
+# LDM name -> diffusers path on the tiny SD 1.x-shaped UNet (down: CrossAttnDown, Down; up: Up, CrossAttnUp; one
+# layer per block), written out by hand from the CompVis UNet's layout
+LDM_SD1 = {
+    "input_blocks.0.0": "conv_in",
+    "time_embed.0": "time_embedding.linear_1",
+    "time_embed.2": "time_embedding.linear_2",
+    "input_blocks.1.0.in_layers.2": "down_blocks.0.resnets.0.conv1",
+    "input_blocks.1.1.proj_in": "down_blocks.0.attentions.0.proj_in",
+    "input_blocks.1.1.transformer_blocks.0.attn1.to_q": f"{ATTN}.attn1.to_q",
+    "input_blocks.1.1.transformer_blocks.0.attn2.to_out.0": f"{ATTN}.attn2.to_out.0",
+    "input_blocks.2.0.op": "down_blocks.0.downsamplers.0.conv",
+    "input_blocks.3.0.skip_connection": "down_blocks.1.resnets.0.conv_shortcut",
+    "input_blocks.3.0.emb_layers.1": "down_blocks.1.resnets.0.time_emb_proj",
+    "middle_block.0.out_layers.3": "mid_block.resnets.0.conv2",
+    "middle_block.1.transformer_blocks.0.ff.net.0.proj": "mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj",
+    "middle_block.2.in_layers.2": "mid_block.resnets.1.conv1",
+    "output_blocks.0.0.skip_connection": "up_blocks.0.resnets.0.conv_shortcut",
+    "output_blocks.1.1.conv": "up_blocks.0.upsamplers.0.conv",  # a block without attention: the sampler is .1
+    "output_blocks.2.0.in_layers.2": "up_blocks.1.resnets.0.conv1",
+    "output_blocks.3.1.transformer_blocks.0.ff.net.2": "up_blocks.1.attentions.1.transformer_blocks.0.ff.net.2",
+    "out.2": "conv_out",
+}
+
+
+def test_ldm_names_sd1(unet, base_unet, tmp_path):
+    """A LoRA file in the LDM layout gives the outputs of the same weights under diffusers names."""
+    sites = list(LDM_SD1.values())
+    to_ldm = {v: k for k, v in LDM_SD1.items()}
+    ldm, new = _lora_file(unet, sites, rename=to_ldm.__getitem__)
+    plain, _ = _lora_file(unet, sites)
+    assert all(torch.equal(a, b) for a, b in zip(ldm.values(), plain.values()))
+    assert any(k.startswith("lora_unet_output_blocks_1_1_conv.") for k in ldm)
+    want = _reference(unet, new)
+    ad = _load(unet, ldm, tmp_path)
+    assert sorted(ad.sites("k")) == sorted(sites)
+    got = _run(unet)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    other = copy.deepcopy(base_unet)
+    _load(other, plain, tmp_path)
+    torch.testing.assert_close(_run(other), got, atol=1e-6, rtol=1e-5)
+
+
+def test_ldm_names_sdxl_shape_agree_with_diffusers_converter():
+    """On an SDXL-shaped UNet (down: Down, CrossAttnDown; up: CrossAttnUp, Up; two layers per block, two
+    transformer layers, text-time embedding), every LDM name of a Linear/Conv2d converts, with diffusers' own
+    ``_maybe_map_sgm_blocks_to_diffusers`` + ``_convert_unet_lora_key``, to the module we map it to."""
+    conv = pytest.importorskip("diffusers.loaders.lora_conversion_utils")
+    from adapterkit.formats.kohya_ldm import ldm_paths
+
+    unet = diffusers.UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        transformer_layers_per_block=(1, 2),
+        cross_attention_dim=32,
+        sample_size=8,
+        norm_num_groups=8,
+        attention_head_dim=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=8 * 6 + 32,
+        use_linear_projection=True,
+    )
+    modules = dict(unet.named_modules())
+    paths = {p: q for p, q in ldm_paths(unet).items() if isinstance(modules[p], (nn.Linear, nn.Conv2d))}
+    assert "input_blocks.4.1.transformer_blocks.1.attn2.to_k" in paths.values()
+    assert paths["add_embedding.linear_2"] == "label_emb.0.2"
+    assert paths["up_blocks.0.upsamplers.0.conv"] == "output_blocks.2.2.conv"
+    keys = {f"lora_unet_{q.replace('.', '_')}.lora_down.weight": p for p, q in paths.items()}
+    mapped = conv._maybe_map_sgm_blocks_to_diffusers(dict.fromkeys(keys, 0), unet.config)
+    assert len(mapped) == len(keys)
+    theirs = set()
+    for key in mapped:
+        name = conv._convert_unet_lora_key(key).replace(".processor", "")  # attn1.processor.to_q_lora.down.weight
+        name = name.removesuffix(".lora.down.weight").removesuffix("_lora.down.weight")
+        theirs.add(name + ".0" if name.endswith(".to_out") else name)
+    assert theirs == set(keys.values())
 
 
 # --- LycorisOFT beyond loading -----------------------------------------------------------------------------------------

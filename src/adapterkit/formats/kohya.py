@@ -52,10 +52,11 @@ UNet) are skipped.
 Text encoders: kohya names them by transformers 4's ``CLIPTextModel`` paths (``text_model.encoder...``); on models
 without the ``text_model`` level (transformers 5's ``CLIPTextModel``) those names resolve too.
 
-Not read (refused with a hint): the original Stable Diffusion (LDM/SGM) layout names
-(``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``) that sd-scripts writes for SDXL and some older
-tools for SD 1.x; convert such files with diffusers (``pipeline.load_lora_weights`` /
-``_convert_kohya_lora_to_diffusers``) first.
+The original Stable Diffusion (LDM/SGM) layout names that sd-scripts writes for SDXL and some older tools for
+SD 1.x (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``, ``lora_unet_middle_block_1_...``,
+``lora_unet_output_blocks_...``, ``time_embed_0``, ``label_emb_0_0``, ``out_2``) are mapped onto the diffusers
+``UNet2DConditionModel``'s modules (:mod:`adapterkit.formats.kohya_ldm`, derived from the model's block
+structure); on other models they are refused.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ from ..methods.lycoris_oft import LycorisOFT, LycorisOFTLayer
 from ..plan import Plan
 from ..targeting import base_modules
 from .io import AdapterFileError, _read_safetensors, import_checked, require_float
+from .kohya_ldm import is_diffusers_unet, ldm_paths
 
 __all__ = ["load", "is_kohya_file", "kohya_names", "LycorisOFT", "LycorisOFTLayer", "COMPONENTS"]
 
@@ -162,6 +164,11 @@ def _split(
             table.setdefault("text_model_" + short, []).extend(
                 p for p in paths if p not in table.get("text_model_" + short, [])
             )
+    if component == "unet":  # the original (LDM/SGM) names of a diffusers UNet's modules: formats/kohya_ldm.py
+        for path, ldm in ldm_paths(model).items():
+            alias = ldm.replace(".", "_")
+            if path not in table.get(alias, []):
+                table.setdefault(alias, []).append(path)
     used = [p for p in COMPONENTS[component] if any(k.startswith(p) for k in raw)]
     if len(used) > 1:
         raise AdapterFileError(
@@ -180,8 +187,12 @@ def _split(
             if not paths and short.startswith(("input_blocks_", "middle_block_", "output_blocks_")):
                 raise AdapterFileError(
                     f"key {key!r} in {where} uses the original Stable Diffusion (LDM/SGM) module names (SDXL kohya "
-                    "files do); this reader takes diffusers module paths: convert the file with diffusers' "
-                    "_convert_kohya_lora_to_diffusers / pipeline.load_lora_weights first"
+                    "files do), which this reader maps onto a diffusers UNet2DConditionModel only; "
+                    + (
+                        f"this {type(model).__name__} has no module of that name (a UNet of another shape?)"
+                        if is_diffusers_unet(model)
+                        else f"this {type(model).__name__} is not one"
+                    )
                 )
             if not paths:
                 raise AdapterFileError(
