@@ -546,3 +546,87 @@ def test_ptuning_manual_reference_equals_loss():
     targets = torch.cat([torch.full((2, P), -100), labels], 1)
     manual = F.cross_entropy(full[:, :-1].reshape(-1, 100), targets[:, 1:].reshape(-1), ignore_index=-100)
     torch.testing.assert_close(out.loss, manual, **TOL)
+
+
+# --- issue 19 item 5: prompt methods on models that do not fit them ---------------------------------------------
+def _clip_text(with_projection: bool) -> nn.Module:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=32, projection_dim=16)  # fmt: skip
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(cfg).eval()
+
+
+def _deberta_v2() -> nn.Module:
+    from transformers import DebertaV2Config, DebertaV2Model
+
+    torch.manual_seed(0)
+    cfg = DebertaV2Config(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=64, pooler_hidden_size=32)  # fmt: skip
+    return DebertaV2Model(cfg).eval()
+
+
+PROMPT_METHODS = {
+    "prompt": lambda: ak.PromptTuning(num_virtual_tokens=P),
+    "ptuning": lambda: ak.PTuning(num_virtual_tokens=P),
+}
+UNFIT = [
+    ("clip-text", "no inputs_embeds.*CLIP's text model"),
+    ("clip-text-projection", "no inputs_embeds"),
+    ("whisper", "encoder of WhisperForConditionalGeneration .*takes no input_ids.*input_features"),
+    ("clip", "CLIPModel: it exposes no single input token embedding"),
+]
+
+
+def _unfit(kind: str) -> nn.Module:
+    if kind.startswith("clip-text"):
+        return _clip_text(kind.endswith("projection"))
+    if kind == "clip":
+        from transformers import CLIPConfig, CLIPModel
+
+        text = {"vocab_size": 100, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                "num_attention_heads": 4, "max_position_embeddings": 32}  # fmt: skip
+        vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+                  "image_size": 16, "patch_size": 8}  # fmt: skip
+        return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+    return make_model(kind)
+
+
+@pytest.mark.parametrize("method", list(PROMPT_METHODS))
+@pytest.mark.parametrize(("kind", "why"), UNFIT, ids=[k for k, _ in UNFIT])
+def test_prompt_methods_refuse_models_that_do_not_fit_them(kind, why, method):
+    """One clear error at ``add`` naming why and what to use instead (CLIP's text model takes input_ids but no
+    inputs_embeds: before, the forward ended in "You have to specify input_ids")."""
+    adapters = ak.attach(_unfit(kind))
+    with pytest.raises(TargetError, match=why) as err:
+        adapters.add("p", PROMPT_METHODS[method]())
+    assert "LoRA (ak.LoRA())" in str(err.value)
+    assert adapters.names == []
+
+
+@pytest.mark.parametrize("method", list(PROMPT_METHODS))
+def test_prompt_methods_work_on_deberta_v2_with_a_mask(method):
+    """DeBERTa-v2 ignores a KV cache (prefix tuning cannot act on it) but takes inputs_embeds: prompts work, padded."""
+    model = _deberta_v2()
+    ak.attach(model).add("p", PROMPT_METHODS[method]())
+    x = make_inputs("bert")
+    x["attention_mask"][1, :2] = 0
+    with torch.no_grad():
+        out = model(**x).last_hidden_state
+    assert out.shape == (2, P + 7, 32) and torch.isfinite(out).all()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="needs a change in methods/prefix.py (not this helper's file): with an attention mask the extended mask "
+    "meets DeBERTa-v2's / CLIP text's attention, which ignore the cache, in a raw shape error before the first-call "
+    "'did not read past_key_values' check; see the helper's report",
+)
+@pytest.mark.parametrize("kind", ["deberta-v2", "clip-text"])
+def test_prefix_on_a_model_without_a_kv_cache_says_why_with_a_mask(kind):
+    model = _deberta_v2() if kind == "deberta-v2" else _clip_text(False)
+    adapters = ak.attach(model)
+    adapters.add("p", ak.PrefixTuning(num_virtual_tokens=P))
+    x = make_inputs("bert")
+    with pytest.raises(TypeError, match="did not read past_key_values.*takes no KV cache"):
+        model(**x)

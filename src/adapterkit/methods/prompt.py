@@ -431,7 +431,8 @@ def _input_embeddings(module: nn.Module, model: nn.Module | None = None) -> nn.M
 
     Raises:
         TargetError: ``module`` takes no token ids or has no ``(vocab, dim)`` token embedding (vision and audio
-            models, Whisper's encoder, two-tower models such as CLIP): one message saying why and what to use.
+            models, Whisper's encoder, two-tower models such as CLIP), or takes no ``inputs_embeds`` (CLIP's text
+            model): one message saying why and what to use.
     """
     owner = type(model if model is not None else module).__name__
     where = f"the encoder of {owner} ({type(module).__name__})" if model is not None else owner
@@ -463,6 +464,11 @@ def _input_embeddings(module: nn.Module, model: nn.Module | None = None) -> nn.M
     if weight.dim() != 2:
         raise refuse(
             f"embeds its input with a {type(emb).__name__} (weight {tuple(weight.shape)}), not a token table"
+        )
+    if not takes(type(module), "inputs_embeds"):  # the prompt reaches the model as inputs_embeds
+        raise refuse(
+            "takes input_ids but no inputs_embeds, so the prompt vectors cannot be handed to it (it reads the "
+            "token ids themselves, e.g. CLIP's text model pools at the end-of-text token's position)"
         )
     return emb
 
