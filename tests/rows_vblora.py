@@ -34,7 +34,7 @@ ROWS = [
 ]
 SECOND = {"vblora": {"r": 2, "topk": 1}}
 _NOT_IDENTITY = (
-    "VB-LoRA is not an identity at init (Li et al. 2024 §3; peft has no zero init): A and B are both mixtures of "
+    "VB-LoRA is not an identity at init (Li et al. 2024; peft has no zero init): A and B are both mixtures of "
     "the same random bank; llama-vblora-zero-bank checks the identity with a zero bank"
 )
 SKIP = {(row_id, "identity"): _NOT_IDENTITY for row_id, _, _ in ROWS if not row_id.endswith("zero-bank")}

@@ -192,41 +192,50 @@ def test_equations_and_shared_bank():
     assert all(c.logits_A.grad is not None and c.logits_B.grad is not None for c in comps)
 
 
-def test_native_save_only_topk_weights(tmp_path):
+def test_save_only_topk_weights_files(tmp_path):
+    """``save_only_topk_weights`` shapes peft exports (int16 indices past 255 vectors); native files keep full logits,
+    so a trained adapter resumes from them, while one loaded from a top-k file (−inf logits) keeps refusing to
+    train after a native round trip; merging (also into a dense copy) works in both."""
     x = make_inputs("gpt2")
     model = make_model("gpt2")
     adapters = ak.attach(model)
-    cfg = ak.VBLoRA(
-        r=2, num_vectors=300, vector_length=16, topk=2, save_only_topk_weights=True, init_weights=False
-    )
+    cfg = ak.VBLoRA(r=2, num_vectors=300, vector_length=16, save_only_topk_weights=True, init_weights=False)
     adapters.add("a", cfg)
     model.eval()
     perturb(adapters.parameters("a"))
     expected = logits(model, x)
-    adapters.save("a", tmp_path / "a")
-    saved = load_file(tmp_path / "a" / "adapter.safetensors")
-    assert not any(k.endswith(("logits_A", "logits_B")) for k in saved)
-    idx = [v for k, v in saved.items() if k.endswith("_topk_indices")]
+    # native: full logits, trainable after loading
+    adapters.save("a", tmp_path / "native")
+    saved = load_file(tmp_path / "native" / "adapter.safetensors")
+    assert any(k.endswith("logits_A") for k in saved) and not any("topk" in k for k in saved)
+    # peft export: the top-k form
+    adapters.export("a", tmp_path / "peft", format="peft")
+    exported = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    idx = [v for k, v in exported.items() if k.endswith("_topk_indices")]
     assert idx and all(v.dtype == torch.int16 for v in idx)  # 256 <= num_vectors < 2**15
-    assert sum(k.endswith("vector_bank") for k in saved) == 1
-    size = (tmp_path / "a" / "adapter.safetensors").stat().st_size
-    fresh = make_model("gpt2")
-    fa = ak.attach(fresh)
-    fa.load(tmp_path / "a")
-    fresh.eval()
-    torch.testing.assert_close(logits(fresh, x), expected, **TOL)
-    # saved again, the top-k form is a fixed point
-    fa.save("a", tmp_path / "b")
-    again = load_file(tmp_path / "b" / "adapter.safetensors")
-    assert again.keys() == saved.keys()
-    assert all(torch.equal(again[k], saved[k]) for k in saved if k.endswith("indices"))
-    # the logits alone (float32) would be larger than the whole file with the bank
+    assert not any(k.endswith(("logits_A", "logits_B")) for k in exported)
     full = sum(c.logits_A.numel() + c.logits_B.numel() for c in adapters.components("a").values()) * 4
-    assert size < full
-    # no training from a top-k-only state
-    fa.train("a")
-    with pytest.raises(RuntimeError, match="save_only_topk_weights=False to resume training"):
-        output_of(fresh, x)
+    assert sum(v.numel() * v.element_size() for k, v in exported.items() if "topk" in k) < full / 50
+    for path, trains in ((tmp_path / "native", True), (tmp_path / "peft", False)):
+        fresh = make_model("gpt2")
+        fa = ak.attach(fresh)
+        name = fa.load(path)
+        fresh.eval()
+        torch.testing.assert_close(logits(fresh, x), expected, **TOL)
+        fa.save(name, tmp_path / f"again-{trains}")  # a native round trip keeps what it can do
+        again = make_model("gpt2")
+        ga = ak.attach(again)
+        ga.load(tmp_path / f"again-{trains}")
+        again.eval()
+        torch.testing.assert_close(logits(again, x), expected, **TOL)
+        dense = ga.merge_and_detach(dtype=torch.float32)
+        torch.testing.assert_close(logits(dense, x), expected, **TOL)
+        fa.train(name)
+        if trains:
+            output_of(fresh, x).sum().backward()
+        else:
+            with pytest.raises(RuntimeError, match="save_only_topk_weights file.*to resume training"):
+                output_of(fresh, x)
 
 
 def test_topk_helpers_round_trip():

@@ -17,7 +17,7 @@ With ``save_only_topk_weights`` each logits tensor ``…vblora_logits_X`` is sto
 ``(…, k)`` (uint8/int16/int32/int64 by the bank's size) and ``…vblora_logits_X_topk_weights`` ``(…, k − 1)`` (softmax
 weights; the last is ``1 − Σ``); both libraries rebuild the logits as ``log w`` at the kept indices and ``−inf``
 elsewhere, which gives the same mixtures (such an adapter serves and merges but does not train). Exports write that
-form when the adapter's config has ``save_only_topk_weights=True``. peft's ``bias="all"``/``"vblora_only"`` (training
+form when the adapter's config has ``save_only_topk_weights=True`` (native files keep the full logits). peft's ``bias="all"``/``"vblora_only"`` (training
 the base biases) is not supported: such files are refused.
 """
 
@@ -51,8 +51,8 @@ def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
     def site_tensors(site: str, comp: Any, module: torch.nn.Module) -> dict[str, torch.Tensor]:
         conv1d.append(type(module).__name__ == "Conv1D")
         banks.append(comp.bank.vector_bank)
-        state = comp.export_state()  # full logits, or their top-k form with save_only_topk_weights
-        return {f"vblora_{k}": v for k, v in state.items() if k.startswith(_OURS)}
+        state = comp.topk_state() if cfg.save_only_topk_weights else {k: getattr(comp, k) for k in _OURS}
+        return {f"vblora_{k}": v for k, v in state.items()}
 
     tensors, targets, heads = export_state(ctl, name, site_tensors)
     tensors[BANK] = banks[-1].detach().contiguous()  # one bank shared by every site

@@ -2,7 +2,8 @@
 
 VB-LoRA keeps LoRA's update ``ΔW = B A`` (``A: (r, in)``, ``B: (out, r)``) but stores no ``A`` or ``B``: every
 sub-vector of length ``b = vector_length`` of every ``A`` and ``B`` of every adapted layer is a sparse mixture of
-the vectors of ONE bank ``V: (h, b)`` (``h = num_vectors``) shared by the whole adapter (§3.2, Eq. 3-4)::
+the vectors of ONE bank ``V: (h, b)`` (``h = num_vectors``) shared by the whole adapter, through the paper's
+top-k admixture module (TKAM; the "divide-and-share" paradigm)::
 
     A[i, j·b:(j+1)·b]  = Σ_{s ∈ topk(ℓ_ij)} softmax_topk(ℓ_ij)_s · V_s          ℓ_ij ∈ R^h: per-site logits
     B[j·b:(j+1)·b, i]  = Σ_{s ∈ topk(ℓ'_ji)} softmax_topk(ℓ'_ji)_s · V_s
@@ -15,9 +16,10 @@ the vectors of ONE bank ``V: (h, b)`` (``h = num_vectors``) shared by the whole 
         │                         (+) ──► y
         └─► dropout ─► A ─► B ────┘
 
-* Only the bank and the logits train; the top-k (§3.2, "k = 2 typically gives the best results") keeps the
-  mixture sparse, so a trained adapter can be stored as the bank plus, per sub-vector, ``k`` indices and ``k − 1``
-  weights (``save_only_topk_weights``; such an adapter serves and merges but cannot resume training, as in peft).
+* Only the bank and the logits train; the top-k keeps the mixture sparse (peft's docs: k = 2 "typically provides
+  the best performance and parameter efficiency"), so a trained adapter can be stored as the bank plus, per
+  sub-vector, ``k`` indices and ``k − 1`` weights (``save_only_topk_weights``, written by the peft export; such an
+  adapter serves and merges but cannot resume training, as in peft). Native files keep the full logits.
 * Layouts, defaults, init and names follow peft 0.21's ``VBLoRAConfig``: ``logits_A: (r, in/b, h)``,
   ``logits_B: (out/b, r, h)``, bank ``U(−init_vector_bank_bound, init_vector_bank_bound)`` (0.02), logits
   ``N(0, init_logits_std²)`` (0.1); ``r=4, num_vectors=256, vector_length=256, topk=2``. peft files convert by
@@ -65,7 +67,7 @@ def _number(v: Any) -> bool:
 
 
 def mix(logits: torch.Tensor, bank: torch.Tensor, topk: int) -> torch.Tensor:
-    """The top-k softmax mixture of bank vectors (§3.2, Eq. 3; peft's ``_get_low_rank_matrix``).
+    """The top-k softmax mixture of bank vectors (the paper's TKAM; peft's ``_get_low_rank_matrix``).
 
     Shapes: ``logits: (..., h)``, ``bank: (h, b)`` -> ``(..., b)``."""
     values, indices = logits.topk(topk, dim=-1)  # (..., k)
@@ -150,13 +152,13 @@ class VBLoRA(AdapterConfig):
 
     Args:
         r: rank of ``A`` and ``B`` (peft's default 4).
-        num_vectors: vectors in the bank (``h``; 256). Larger models want more (§4: 2048 for Llama-2-13B).
+        num_vectors: vectors in the bank (``h``; 256); peft's docs advise more for larger models.
         vector_length: length ``b`` of each bank vector (256); must divide the input and output size of every
             adapted layer.
-        topk: vectors mixed per sub-vector (``k``, 1 ≤ k ≤ num_vectors; §3.2 finds 2 best).
-        save_only_topk_weights: save each sub-vector's top-k indices and ``k − 1`` weights instead of its logits
-            (smaller files, natively and in peft's format; the loaded adapter serves and merges but refuses to
-            train, as peft's).
+        topk: vectors mixed per sub-vector (``k``, 1 ≤ k ≤ num_vectors; 2 as peft and the paper advise).
+        save_only_topk_weights: peft exports store each sub-vector's top-k indices and ``k − 1`` weights instead
+            of its logits (much smaller files; loaded back, by peft or by us, the adapter serves and merges but
+            refuses to train). Native files always keep the full logits (they are what training resumes from).
         dropout: dropout probability on the VB-LoRA branch input (peft's ``vblora_dropout``).
         init_vector_bank_bound: the bank starts ``U(−bound, bound)`` (0.02; 0 gives an exact identity with no
             gradients, which peft warns against).
@@ -289,14 +291,13 @@ class VBLoRALinear(Component):
                 f"{cfg.num_vectors}, vector_length={cfg.vector_length}"
             )
         self.in_dim, self.out_dim, self.r, self.topk, self.num_vectors = in_dim, out_dim, cfg.r, cfg.topk, h
-        self.save_only_topk = cfg.save_only_topk_weights
         factory = {"device": bank.vector_bank.device, "dtype": bank.vector_bank.dtype}
         self.logits_A = nn.Parameter(torch.zeros(cfg.r, in_dim // b, h, **factory))
         self.logits_B = nn.Parameter(torch.zeros(out_dim // b, cfg.r, h, **factory))
         self.share(bank, "bank")
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else None
         self._std = float(cfg.init_logits_std) if cfg.init_weights else 1.0
-        self._topk_only = False  # logits rebuilt from saved top-k weights: serve and merge, never train
+        self._topk_only = False  # logits rebuilt from top-k weights (−inf elsewhere): serve and merge, never train
 
     def extra_repr(self) -> str:
         return f"r={self.r}, in={self.in_dim}, out={self.out_dim}, topk={self.topk}"
@@ -324,8 +325,8 @@ class VBLoRALinear(Component):
         if self._topk_only and torch.is_grad_enabled() and any(p.requires_grad for p in self._trainable()):
             raise RuntimeError(
                 "this VB-LoRA adapter was loaded from a save_only_topk_weights file (only the top-k weights of each "
-                "sub-vector were kept), so it can serve and merge but not train; load an adapter saved with "
-                "save_only_topk_weights=False to resume training"
+                "sub-vector were kept, the other logits are -inf), so it can serve and merge but not train; load a "
+                "file with full logits (a native save of the trained adapter) to resume training"
             )
         if torch.is_grad_enabled():
             return self._build()
@@ -388,20 +389,19 @@ class VBLoRALinear(Component):
         return plan.scatter_bmm(y, h, Bt)
 
     # --- saving -----------------------------------------------------------------------------------------------
-    def export_state(self) -> dict[str, torch.Tensor]:
-        """Logits and (at the bank's owner) ``bank.vector_bank``; with ``save_only_topk_weights`` each logits tensor
-        ``L`` becomes ``L_topk_indices: (..., k)`` and ``L_topk_weights: (..., k − 1)`` (peft's form)."""
-        state = super().export_state()
-        if not self.save_only_topk:
-            return state
+    def topk_state(self) -> dict[str, torch.Tensor]:
+        """``save_only_topk_weights``' form of the logits: ``logits_X_topk_indices: (..., k)`` and
+        ``logits_X_topk_weights: (..., k − 1)`` for X in A, B (peft's file form; the bank is not included)."""
+        state: dict[str, torch.Tensor] = {}
         for name in _LOGITS:
-            indices, weights = topk_state(state.pop(name), self.topk, self.num_vectors)
+            indices, weights = topk_state(getattr(self, name), self.topk, self.num_vectors)
             state[f"{name}_topk_indices"], state[f"{name}_topk_weights"] = indices, weights
         return state
 
     def import_state(self, state: dict[str, torch.Tensor], module: nn.Module) -> None:
-        """Inverse of :meth:`export_state`; accepts full logits or their top-k form (logits are then rebuilt as
-        ``log w`` at the kept indices and ``−inf`` elsewhere, and the component refuses to train)."""
+        """Inverse of :meth:`export_state`; also accepts the logits' top-k form (:meth:`topk_state`), rebuilt as
+        ``log w`` at the kept indices and ``−inf`` elsewhere. Logits with ``−inf`` entries (rebuilt here or saved so)
+        make the component refuse to train."""
         state = dict(state)
         topk_only = False
         for name in _LOGITS:
@@ -426,4 +426,4 @@ class VBLoRALinear(Component):
             state[name] = logits_from_topk(indices, weights, self.num_vectors)
             topk_only = True
         super().import_state(state, module)
-        self._topk_only = topk_only
+        self._topk_only = topk_only or bool(torch.isinf(self.logits_A).any() or torch.isinf(self.logits_B).any())
