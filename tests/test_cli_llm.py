@@ -330,6 +330,9 @@ def test_packing_trains_and_refuses_other_tasks(files, tmp_path):
     msg = _fail("train", "--model", files["llama"], "--data", files["chat"], *QUICK, "--task", "seq2seq",
                 "--packing", "--out", tmp_path / "q")  # fmt: skip
     assert "--packing" in msg
+    msg = _fail("train", "--model", files["llama"], "--data", files["chat"], *QUICK, "--method", "prompt_tuning",
+                "--packing", "--out", tmp_path / "r")  # fmt: skip
+    assert "--packing cannot train prompt_tuning" in msg
 
 
 def _capture_trainer(monkeypatch) -> list:

@@ -574,6 +574,16 @@ def _drop_without_target(encoded: Any, what: str, max_length: int, strict: bool)
     return kept
 
 
+def _model_level(adapters: ak.Adapters, name: str) -> bool:
+    """Adapter ``name`` rewrites the whole model call (prompt/prefix tuning, LoReFT, UniPELT gates): it adds
+    virtual tokens or a cache per row, which a packed row would share between its examples."""
+    for comp in adapters.components(name).values():
+        for sub in comp.modules():
+            if isinstance(sub, Component) and type(sub).pre_call is not Component.pre_call:
+                return True
+    return "" in adapters.sites(name)
+
+
 def _adapter_in_fp32(adapters: ak.Adapters, name: str, method: str) -> int:
     """On a half-precision base, LoRA factors train in float32 (peft's ``autocast_adapter_dtype``): LoRA casts its
     input to its own dtype and its output back. Head copies keep the base dtype. Returns the parameters cast."""
@@ -702,6 +712,11 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
     adapters = ak.attach(model)
     add_adapter(adapters, name, o["method"], source="from --method and --opt", **overrides)
     adapters.train(name)
+    if o["packing"] and _model_level(adapters, name):
+        raise ValueError(
+            f"--packing cannot train {o['method']}: its virtual tokens / cache are per row, and a packed row holds "
+            "several examples; train without --packing"
+        )
     if dtype in (torch.float16, torch.bfloat16) or (quantized and o["fp16"]):
         _adapter_in_fp32(adapters, name, o["method"])
     if quantized:
