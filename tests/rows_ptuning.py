@@ -18,6 +18,8 @@ ROWS: list[tuple[str, str, ak.AdapterConfig]] = [
         ak.PTuning(num_virtual_tokens=3, encoder_reparameterization_type="lstm", num_transformer_submodules=2),
     ),
     ("bert-ptuning-heads", "bert", ak.PTuning(num_virtual_tokens=3, heads=["head"])),
+    # what loading peft's files gives: the encoder's output held as a plain parameter
+    ("gpt2-ptuning-stored", "gpt2", ak.PTuning(num_virtual_tokens=3, stored_prompt=True)),
 ]
 
 SECOND: dict[str, dict] = {"p_tuning": {"num_virtual_tokens": 2}}
