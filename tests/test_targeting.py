@@ -207,6 +207,9 @@ def test_roles_need_a_profile_names_do_not():
     assert adapters.plan(ak.LoRA(targets=[nn.Linear])).sites == ["0", "2"]
     with pytest.raises(ak.TargetError, match="needs a model profile"):  # LoRA's default targets are roles
         adapters.plan(ak.LoRA())
+    adapters.add("a", ak.LoRA(targets=["0"]))
+    with pytest.raises(ak.TargetError, match=r"heads=\['classifier'\] \(CLI: --heads classifier\)"):
+        adapters.train("a", heads=["head"])  # the CLI's default for classification
 
 
 # --- plan / dry run ---------------------------------------------------------------------------------------

@@ -875,8 +875,27 @@ class Adapters:
         model = dense.merge_and_detach(list(names))
         return model.to(dtype)
 
+    def freeze_norm_statistics(self, enabled: bool = True) -> None:
+        """Keep the base model's normalization statistics fixed while adapters train (issue 19, item 8).
+
+        A frozen base still changes in train mode: BatchNorm (and InstanceNorm with ``track_running_stats``)
+        updates its running mean/variance buffers at every forward, adapters or not, and :meth:`detach` restores
+        *parameters* bit for bit, not those buffers. With ``enabled``, each such base module runs in eval mode
+        (normalizing with, and never updating, its running statistics: timm's ``freeze_batch_norm``, detectron's
+        ``FrozenBatchNorm``) whatever ``model.train()`` says; ``False`` removes that, and the modules follow the
+        model's mode again from its next ``train()``/``eval()`` call. Not saved with adapters."""
+        for module in self.model.modules():
+            _set_norm_frozen(module, False)
+        if enabled:
+            for module in base_modules(self.model).values():
+                if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
+                    _set_norm_frozen(module, True)
+
     def detach(self) -> nn.Module:
-        """Remove every adapter and hook; the model's state_dict is then bit-identical to the original."""
+        """Remove every adapter and hook (:meth:`freeze_norm_statistics`'s too); the model's parameters are then
+        bit-identical to the original, and so is its state_dict unless the model ran in train mode without frozen
+        norm statistics (BatchNorm running statistics change then, adapters or not)."""
+        self.freeze_norm_statistics(False)
         for n in list(self._records):
             self._remove(n, keep_merged=False)
         for m in list(self._sites):
@@ -1053,3 +1072,16 @@ class Summary:
             f"({self.trainable_percent:.3f}% of the base)"
         )
         return "\n".join(lines)
+
+
+def _norm_eval(module: nn.Module, args: Any) -> None:
+    """Forward pre-hook of :meth:`Adapters.freeze_norm_statistics`: the norm module runs in eval mode."""
+    module.training = False
+
+
+def _set_norm_frozen(module: nn.Module, frozen: bool) -> None:
+    hooks = module._forward_pre_hooks
+    for key in [k for k, h in hooks.items() if h is _norm_eval]:
+        del hooks[key]
+    if frozen:
+        module.register_forward_pre_hook(_norm_eval)

@@ -177,10 +177,12 @@ def _resolve_one(
         return found
     if sel in ROLES:
         if family is None:
-            raise TargetError(
-                f"role {sel!r} needs a model profile, but {type(model).__name__} has none; "
-                "target module names, suffixes, regexes, module types or 'all-linear' instead"
+            hint = (
+                "name the output module(s) instead: heads=['classifier'] (CLI: --heads classifier)"
+                if sel == "head"
+                else "target module names, suffixes, regexes, module types or 'all-linear' instead"
             )
+            raise TargetError(f"role {sel!r} needs a model profile, but {type(model).__name__} has none; {hint}")
         if sel not in roles:
             raise TargetError(
                 f"role {sel!r} does not exist for {family} models; roles for {family}: {', '.join(roles)}"

@@ -50,6 +50,13 @@ class Task(str, enum.Enum):
     seq2seq = "seq2seq"
 
 
+class InspectTask(str, enum.Enum):
+    classify = "classify"
+    causal_lm = "causal-lm"
+    seq2seq = "seq2seq"
+    none = "none"
+
+
 class ExportFormat(str, enum.Enum):
     peft = "peft"
     native = "native"
@@ -503,7 +510,8 @@ def inspect_(
         str, typer.Option("--model", "-m", help="Model directory or hub id (only its config is read).")
     ],
     task: Annotated[
-        Task | None, typer.Option(help="Task head to build (default: from the config; none: the bare model).")
+        InspectTask | None,
+        typer.Option(help="Task head to build (default: from the config; none: the bare model)."),
     ] = None,
     method: Annotated[
         str | None, typer.Option(help="Show where this method's adapters would sit (e.g. lora).")

@@ -4,6 +4,7 @@ the ``meta`` device from its config)."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from typing import Any
@@ -13,9 +14,9 @@ from torch import nn
 
 import adapterkit as ak
 from adapterkit.profiles import is_inferred
-from adapterkit.targeting import base_modules
+from adapterkit.targeting import base_modules, unreached_parameters
 
-from .models import guess_task, model_class, model_config
+from .models import ModelError, guess_task, model_class, model_config
 
 __all__ = ["inspect_model", "estimate_memory", "tree_lines"]
 
@@ -124,13 +125,31 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def _build(cfg: Any, task: str | None, path: str | os.PathLike) -> tuple[nn.Module, str | None]:
+    """The model of ``cfg`` for ``task`` on the meta device (nothing allocated); the bare model when the task's
+    auto class does not know the architecture (e.g. Whisper is no ``AutoModelForSeq2SeqLM``)."""
+    try:
+        with torch.device("meta"):
+            try:
+                return model_class(task).from_config(cfg), task
+            except ValueError as e:
+                if task is None or "Unrecognized configuration class" not in str(e):
+                    raise
+            print(f"note: {type(cfg).__name__} has no {task} model class; showing the bare model (--task none)")
+            return model_class(None).from_config(cfg), None
+    except Exception as e:  # a config transformers cannot build (inconsistent sizes, unknown class, ...)
+        raise ModelError(
+            f"cannot build the model of {str(path)!r} from its config: {type(e).__name__}: "
+            f"{(str(e).splitlines() or [''])[0]}; check its config.json"
+        ) from None
+
+
 def inspect_model(path: str | os.PathLike, *, task: str | None, method: str | None, overrides: dict[str, Any],
                   batch: int, seq: int, depth: int | None, tree: bool) -> dict[str, Any]:  # fmt: skip
     """Print the report for ``adapterkit inspect``; returns its numbers."""
     cfg = model_config(path)
-    task = task or guess_task(cfg)
-    with torch.device("meta"):
-        model = model_class(task).from_config(cfg)
+    task = None if task == "none" else task or guess_task(cfg)
+    model, task = _build(cfg, task, path)
     adapters = ak.attach(model)
     if method and task == "classify" and "heads" not in overrides:
         overrides = {**overrides, "heads": ["head"]}  # as `train` does: the new head trains with the adapter
@@ -167,11 +186,20 @@ def inspect_model(path: str | os.PathLike, *, task: str | None, method: str | No
             print(f"  {role:<10} {len(names):>4} modules, e.g. {names[0]}{'  (inferred)' if inferred else ''}")
     if not adapters.roles:
         print("  none: no profile and no attention/FFN blocks found; target modules by name, type or 'all-linear'")
+    unreached = unreached_parameters(modules)
+    if unreached:
+        count = sum(math.prod(s) for s in unreached.values())
+        suffixes = list(dict.fromkeys(".".join(k.split(".")[-2:]) for k in unreached))
+        first, shape = next(iter(unreached.items()))
+        print(f"\nnot reachable by module targets or 'all-linear': {len(unreached)} parameters of modules that are not "
+              f"layers ({count:,} values, {100 * count / max(base_params, 1):.0f}% of the model; MoE expert stacks "
+              f"and routers), e.g. {first} {shape}; LoRA reaches them with target_parameters={suffixes!r}")  # fmt: skip
     report: dict[str, Any] = {
         "base_params": base_params,
         "task": task,
         "family": adapters.family,
         "roles_inferred": inferred,
+        "unreached": unreached,
     }
     if plan is not None:
         n = plan.num_params
