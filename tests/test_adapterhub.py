@@ -48,13 +48,13 @@ SUPPORTED = {
     "prefix_tuning_flat",
     "prefix_tuning_ejected",
     "mam",
+    "unipelt",
 }
 SUPPORTED_CASES = {"llama_seq_bn_inv"}  # the coupling on the token embedding's output
 MISSING = {
     "seq_bn_inv": "AdapterHub SeqBnInv on BERT/GPT-2: the coupling after the position embeddings / the embeddings' "
     "LayerNorm needs an 'after the embeddings' site in methods/invertible.py, issue 16 item 2",
     "prompt_tuning": "AdapterHub prompt tuning not read yet, issue 16 item 1",
-    "unipelt": "AdapterHub UniPELT (gated prefix + SeqBn + LoRA) not read yet, issue 16 item 1",
 }
 
 
@@ -254,7 +254,6 @@ def test_wrong_base_model_is_refused():
         ("bert_compacter_bare", "shared phm_rule is missing from the file"),  # issue 16 item 5
         ("bert_seq_bn_inv", "invertible adapter of a 'bert' model after the position embeddings"),
         ("gpt2_seq_bn_inv", "invertible adapter of a 'gpt2' model after the position embeddings"),
-        ("bert_unipelt", "use_gating"),  # refused before the pickle is read: no allow_pickle needed
     ],
 )
 def test_unsupported_methods_are_refused_with_the_missing_piece(case, match):

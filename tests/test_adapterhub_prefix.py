@@ -16,7 +16,8 @@ import torch
 
 import adapterkit as ak
 from adapterkit.methods.bottleneck_sublayer import SublayerBottleneck
-from adapterkit.methods.prefix import PrefixKV
+from adapterkit.methods.prefix import PrefixGate, PrefixKV
+from adapterkit.methods.seq_gate import LoRAGate
 from adapterkit.targeting import TargetError
 from test_adapterhub import CASES, FIXTURES, expected, fresh, run
 
@@ -24,6 +25,7 @@ from conftest import make_inputs, make_model
 
 PREFIX = sorted(c for c, i in CASES.items() if i["method"].startswith("prefix_tuning"))
 MAM = sorted(c for c, i in CASES.items() if i["method"] == "mam")
+UNIPELT = sorted(c for c, i in CASES.items() if i["method"] == "unipelt")
 TOL = 1e-5  # measured <= 7.2e-7 (see /tmp/notes/ahub-prefix.md)
 
 
@@ -70,7 +72,41 @@ def test_mam_is_a_union_of_prefix_and_parallel_bottleneck(case):
     assert _diff(model, case) <= TOL
 
 
-@pytest.mark.parametrize("case", ["llama_prefix_tuning", "bert_prefix_tuning_ejected", "gpt2_mam"])
+@pytest.mark.parametrize("case", UNIPELT)
+def test_unipelt_is_a_union_of_sequence_gated_members(case):
+    """UniPELT: the gated prefix (a gate on each layer's self-attention), the gated SeqBn and the gated LoRA (alpha
+    = r: AdapterHub's gate replaces alpha / r; GPT-2's fused c_attn has one gate output per matrix)."""
+    model, adapters = _load(case)
+    cfg = adapters.config("task")
+    assert isinstance(cfg, ak.Union) and not cfg.gated
+    prefix, bottleneck, lora = cfg.configs
+    assert isinstance(prefix, ak.PrefixTuning) and prefix.gated and prefix.gate_outputs == 1
+    assert isinstance(bottleneck, ak.SequenceGated) and isinstance(bottleneck.config, ak.Bottleneck)
+    assert bottleneck.config.placement == "pfeiffer"
+    assert isinstance(lora, ak.SequenceGated) and isinstance(lora.config, ak.LoRA)
+    assert lora.config.alpha == lora.config.r == 4
+    assert lora.fused_qkv == ("qv" if CASES[case]["family"] == "gpt2" else "")
+    comps = adapters.components("task")
+    assert sum(isinstance(c, PrefixGate) for c in comps.values()) == 2
+    assert sum(isinstance(c, LoRAGate) for c in comps.values()) == (2 if CASES[case]["family"] == "gpt2" else 4)
+    assert _diff(model, case) <= TOL
+
+
+@pytest.mark.parametrize("kind", [PrefixGate, LoRAGate, SublayerBottleneck])
+def test_each_unipelt_gate_matters(kind):
+    """A gate set to 0.5 everywhere (zero weights and bias) changes the outputs: each gate is read and used."""
+    model, adapters = _load("llama_unipelt")
+    with torch.no_grad():
+        for comp in adapters.components("task").values():
+            if isinstance(comp, kind):
+                comp.gate.weight.zero_()
+                comp.gate.bias.zero_()
+    assert _diff(model, "llama_unipelt") > 1e-4
+
+
+@pytest.mark.parametrize(
+    "case", ["llama_prefix_tuning", "bert_prefix_tuning_ejected", "gpt2_mam", "bert_unipelt", "gpt2_unipelt"]
+)
 def test_native_save_reloads_the_same(case, tmp_path):
     model, adapters = _load(case)
     adapters.save("task", tmp_path / "native")
@@ -228,7 +264,6 @@ def _edited(tmp_path, case: str, edit) -> str:
     ("case", "edit", "match"),
     [
         ("bert_prefix_tuning", lambda c: c.update(leave_out=[0]), "leave_out"),
-        ("bert_prefix_tuning", lambda c: c.update(use_gating=True), "use_gating"),
         ("bert_mam", lambda c: c["configs"][0].update(leave_out=[1]), "leave_out"),
         ("bert_mam", lambda c: c["configs"].append(dict(c["configs"][0])), "several members of one kind"),
         ("bert_mam", lambda c: c["configs"].append({"architecture": "reft"}), "members are not read"),

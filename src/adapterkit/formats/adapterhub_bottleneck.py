@@ -23,7 +23,11 @@ LLaMA ``layers.{i}.output_adapters`` / ``.attention_adapters`` (base-model prefi
 mapped onto this model, then onto our module of role ``ffn.sublayer`` (output adapter) or ``attn.sublayer``
 (attention adapter) in that layer, through the model's profile.
 
-Refused with the reason: gating (UniPELT), Compacter with ``shared_W_phm``/``factorized_phm_rule``/no bias,
+``use_gating`` (UniPELT; keys ``...adapters.<name>.gate.{weight,bias}``): the branch is scaled by
+``g = mean_t sigmoid(gate(h_t))`` of the adapter input ``h``; loaded as
+:class:`~adapterkit.methods.seq_gate.SequenceGated` around the Bottleneck.
+
+Refused with the reason: SeqBnInv with gating, Compacter with ``shared_W_phm``/``factorized_phm_rule``/no bias,
 invertible adapters other than NICE, and ``original_ln_after`` false on a post-LN block (AdapterHub then drops the
 block's LayerNorm, which a hook on the sub-layer output cannot undo). ``stochastic_depth`` acts only in training
 and is not reproduced there (the loaded adapter's eval outputs are the library's).
@@ -40,6 +44,7 @@ import torch
 from ..methods.bottleneck import Bottleneck, FFNInputTap, ParallelBottleneck, SequentialBottleneck
 from ..methods.bottleneck_sublayer import ResidualTap, SublayerBottleneck
 from ..methods.invertible import Invertible, InvertibleEmbedding
+from ..methods.seq_gate import SequenceGated
 from ..methods.union import Union
 from ..plan import Plan
 from ..profiles import profile_for
@@ -68,6 +73,8 @@ _LEAVES = {
     "adapter_norm_after.weight": "ln_after.weight",
     "adapter_norm_after.bias": "ln_after.bias",
     "scaling": "scale",
+    "gate.weight": "gate.weight",  # use_gating (UniPELT)
+    "gate.bias": "gate.bias",
 }
 # with ln_before, adapter_down is Sequential(LayerNorm, Linear, act): the LayerNorm again under index 0
 _LEAVES_LN_BEFORE = {
@@ -106,8 +113,8 @@ def refusal(config: dict[str, Any]) -> str | None:
         config.get("shared_W_phm") or config.get("factorized_phm_rule") or config.get("phm_bias") is False
     ):
         return "AdapterHub Compacter with shared_W_phm, factorized_phm_rule or phm_bias false is not read yet"
-    if config.get("use_gating"):
-        return f"AdapterHub {kind} with use_gating (UniPELT) is not read yet"
+    if config.get("use_gating") and kind == "SeqBnInv":
+        return "AdapterHub SeqBnInv with use_gating is not read"
     scaling = config.get("scaling", 1.0)
     if isinstance(scaling, bool) or not (isinstance(scaling, (int, float)) or scaling in ("learned", "channel")):
         return f"AdapterHub {kind} with scaling {scaling!r} is not read (a number, 'learned' or 'channel')"
@@ -266,6 +273,8 @@ def plan_of(ctl: Any, path: str | os.PathLike, info: AdapterHubFile) -> Plan:
         dropout=fields.number("dropout", 0.0),
         targets=tuple(per_site),
     )
+    if fields.flag("use_gating", False):
+        cfg = SequenceGated(config=cfg)
     if coupling is not None:
         cfg = Union(configs=[cfg, _invertible(ctl, fields, info, path)])
     comps: dict[str, tuple[str, Any]] = {}

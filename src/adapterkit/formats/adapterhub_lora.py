@@ -25,8 +25,12 @@ zeros elsewhere) and alpha ``g·alpha`` for that module (``rank_pattern``/``alph
 ``alpha / r`` and the product is the library's exactly. (IA)^3 there is one ``(g·H, 1)`` vector, scattered into a
 ``3H`` vector of ones.
 
-Not read yet (clear errors): ``use_gating`` (UniPELT's gated LoRA), ``use_dora`` (AdapterHub's DoRA), VeRA
-(``vera_b``/``vera_d``).
+``use_gating`` (UniPELT's gated LoRA, keys ``...loras.<name>.gate.{weight,bias}``): ``B A x`` is scaled by
+``g = mean_t sigmoid(gate(x_t))`` instead of ``alpha / r``; loaded as
+:class:`~adapterkit.methods.seq_gate.SequenceGated` around the LoRA with ``alpha = r`` (GPT-2's fused
+``c_attn``: one gate output per enabled matrix, ``fused_qkv``).
+
+Not read yet (clear errors): ``use_dora`` (AdapterHub's DoRA), VeRA (``vera_b``/``vera_d``), gated (IA)^3.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from ..backends import backend_for
 from ..component import Component
 from ..methods.ia3 import IA3
 from ..methods.lora import LoRA
+from ..methods.seq_gate import LoRAGate, SequenceGated
 from ..plan import Plan
 from ..targeting import base_modules
 from .adapterhub_files import AdapterHubFile, renamed, resolve_sites
@@ -63,10 +68,11 @@ def _split(info: AdapterHubFile, where: Path) -> dict[str, dict[str, torch.Tenso
                 f"key {key!r} in {where} is not a LoRA tensor of adapter {info.saved_name!r} "
                 f"(expected '<module>{marker}lora_A' / 'lora_B')"
             )
-        if leaf.startswith("gate."):
-            raise AdapterFileError(
-                f"{where}: gated AdapterHub LoRA (use_gating, UniPELT) is not read yet ({key!r})"
-            )
+        if leaf in ("gate.weight", "gate.bias"):
+            if not info.config.get("use_gating"):
+                raise AdapterFileError(f"{where}: {key!r} is a LoRA gate, but the config says use_gating false")
+            out.setdefault(module, {})[leaf] = value
+            continue
         if leaf.startswith("m."):
             raise AdapterFileError(f"{where}: AdapterHub DoRA (use_dora) is not read yet ({key!r})")
         if leaf not in _LEAVES:
@@ -113,8 +119,11 @@ def plan_of(ctl: Any, path: str | os.PathLike, info: AdapterHubFile) -> Plan:
     where = Path(path)
     fields = Fields(info.config, where)
     mode = fields.choice("composition_mode", "add", ("add", "scale"))
-    if fields.flag("use_gating", False):
-        raise AdapterFileError(f"{fields.where}: gated AdapterHub LoRA (use_gating, UniPELT) is not read yet")
+    gated = fields.flag("use_gating", False)
+    if gated and mode == "scale":
+        raise AdapterFileError(
+            f"{fields.where}: gated AdapterHub (IA)^3 (use_gating with composition_mode 'scale') is not read"
+        )
     if fields.flag("use_dora", False):
         raise AdapterFileError(f"{fields.where}: AdapterHub DoRA (use_dora) is not read yet")
     if info.config.get("vera_b") is not None or info.config.get("vera_d") is not None:
@@ -128,6 +137,8 @@ def plan_of(ctl: Any, path: str | os.PathLike, info: AdapterHubFile) -> Plan:
     try:
         if mode == "scale":
             cfg, comps = _ia3(ctl, fields, per_site, modules, matrices)
+        elif gated:
+            cfg, comps = _gated(ctl, fields, per_site, modules, matrices)
         else:
             cfg, comps = _lora(ctl, fields, per_site, modules, matrices)
     except (TypeError, ValueError) as e:
@@ -194,6 +205,44 @@ def _lora(
             import_checked(comp, states[site], modules[site])
             comps[site] = ("target", comp)
     return cfg, comps
+
+
+def _gated(
+    ctl: Any,
+    fields: Fields,
+    per_site: dict[str, dict[str, torch.Tensor]],
+    modules: dict[str, Any],
+    matrices: list[str],
+) -> tuple[SequenceGated, dict[str, tuple[str, Component]]]:
+    """Gated LoRA (UniPELT): AdapterHub scales ``B A x`` by the gate instead of ``alpha / r``, so the LoRA loads
+    with ``alpha = r`` inside :class:`~adapterkit.methods.seq_gate.SequenceGated`; a fused q/k/v projection has one
+    gate output per enabled matrix (``fused_qkv``)."""
+    gates = {
+        site: {k: state.pop(k) for k in ("gate.weight", "gate.bias") if k in state}
+        for site, state in per_site.items()
+    }
+    r = fields.integer("r", 8)
+    lora, comps = _lora(ctl, Fields({**fields.data, "alpha": r}, fields.where.parent), per_site, modules, matrices)
+    fused = {site for site in per_site if lora.rank_for(site) != r}
+    if fused and fused != set(per_site):
+        raise ValueError(f"a gated LoRA on fused q/k/v projections {sorted(fused)} and other modules is not read")
+    cfg = SequenceGated(config=lora, fused_qkv="".join(matrices) if fused else "")
+    out: dict[str, tuple[str, Component]] = {}
+    for site, (kind, comp) in comps.items():
+        gate = LoRAGate(comp, modules[site], cfg.fused_qkv, True)
+        if set(gates[site]) != {"gate.weight", "gate.bias"}:
+            raise ValueError(
+                f"{site!r} lacks its gate (gate.weight, gate.bias) although the config sets use_gating"
+            )
+        if gates[site]["gate.weight"].shape != gate.gate.weight.shape:
+            raise ValueError(
+                f"{site!r}: gate.weight {tuple(gates[site]['gate.weight'].shape)}, expected {tuple(gate.gate.weight.shape)}"
+            )
+        with torch.no_grad():
+            gate.gate.weight.copy_(gates[site]["gate.weight"])
+            gate.gate.bias.copy_(gates[site]["gate.bias"])
+        out[site] = (kind, gate)
+    return cfg, out
 
 
 def _ia3(

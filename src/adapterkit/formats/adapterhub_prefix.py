@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from ..methods.bottleneck import activation
-from ..methods.prefix import PrefixKV, PrefixTuning, kv_layout
+from ..methods.prefix import PrefixGate, PrefixKV, PrefixTuning, kv_layout
 from ..plan import Plan
 from ..targeting import TargetError
 from .adapterhub_files import AdapterHubFile, renamed, resolve_sites
@@ -60,8 +60,8 @@ def _leaves(info: AdapterHubFile, where: Path) -> dict[str, torch.Tensor]:
     for key, value in info.tensors.items():
         _, sep, rest = key.partition(marker)
         if not sep:
-            if ".prefix_gates." in key:
-                raise AdapterFileError(f"{where}: gated prefix tuning (UniPELT) is not read ({key!r})")
+            if f"prefix_gates.{info.saved_name}." in key:
+                continue  # read by _gates
             raise AdapterFileError(f"key {key!r} in {where} is not a prefix tensor of adapter {info.saved_name!r}")
         location, _, leaf = rest.partition(".")
         if location != "self_prefix":
@@ -125,12 +125,14 @@ def attention_sites(info: AdapterHubFile, model: Any, where: str | os.PathLike) 
     Raises:
         AdapterFileError: a path this model does not have (wrong base model?).
     """
-    paths = set()
+    paths: dict[str, str] = {}
     for key in info.tensors:
         for marker in (".prefix_tuning.pool.", ".prefix_tuning.prefix_gates."):
             if marker in key:
-                paths.add(renamed(key.partition(marker)[0], model))
-    return resolve_sites(sorted(paths), model, where)
+                stored = key.partition(marker)[0]
+                paths[stored] = renamed(stored, model)
+    resolved = resolve_sites(sorted(set(paths.values())), model, where)
+    return {stored: resolved[ours] for stored, ours in paths.items()}
 
 
 def refusal(config: dict[str, Any]) -> str | None:
@@ -140,8 +142,6 @@ def refusal(config: dict[str, Any]) -> str | None:
             f"AdapterHub prefix tuning with leave_out {config.get('leave_out')!r} is not read: adapterkit's prefix "
             "covers every layer, and no prefix is a no-op on a layer (a zero key still takes attention weight)"
         )
-    if config.get("use_gating"):
-        return "AdapterHub gated prefix tuning (use_gating, UniPELT) is not read"
     return None
 
 
@@ -153,18 +153,56 @@ def plan_of(ctl: Any, path: str | os.PathLike, info: AdapterHubFile) -> Plan:
     why = refusal(info.config)
     if why is not None:
         raise AdapterFileError(f"{where}: {why}")
-    attention_sites(info, ctl.model, where)  # the stored layers exist here (else: wrong base model)
+    sites = attention_sites(info, ctl.model, where)  # the stored layers exist here (else: wrong base model)
     layout = kv_layout(ctl.model)
     prefix = prefix_tensor(info, where, layout.num_layers * 2 * layout.kv_dim)
-    cfg = PrefixTuning(num_virtual_tokens=prefix.shape[0], prefix_projection=False, positions="keep")
+    fields = Fields(info.config, where)
+    gated = fields.flag("use_gating", False)
+    cfg = PrefixTuning(
+        num_virtual_tokens=prefix.shape[0],
+        prefix_projection=False,
+        positions="keep",
+        gated=gated,
+        gate_outputs=1 if fields.flag("shared_gating", True) else 2,
+    )
     try:
         plan = ctl.plan(cfg)
     except TargetError as e:
         raise AdapterFileError(f"AdapterHub prefix tuning {str(path)!r} does not fit this model: {e}") from None
-    for _, comp in plan.components.values():
+    gates = _gates(info, sites, where) if gated else {}
+    ours = {site for site, (_, comp) in plan.components.items() if isinstance(comp, PrefixGate)}
+    if gated and ours != set(gates):
+        raise AdapterFileError(
+            f"{where}: the file gates the prefix at {sorted(gates)}, this model's self-attention modules are "
+            f"{sorted(ours)}"
+        )
+    for site, (_, comp) in plan.components.items():
         if isinstance(comp, PrefixKV):
             comp.import_state({"prefix": prefix.to(comp.prefix.dtype)}, ctl.model)
+        elif isinstance(comp, PrefixGate):
+            own = comp.state_dict()
+            state = gates[site]
+            if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
+                raise AdapterFileError(
+                    f"{where}: the prefix gate for {site!r} holds { ({k: tuple(v.shape) for k, v in state.items()}) }, "
+                    f"expected { ({k: tuple(v.shape) for k, v in own.items()}) }"
+                )
+            comp.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
     return plan
+
+
+def _gates(info: AdapterHubFile, sites: dict[str, str], where: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Our attention module -> {"gate.weight", "gate.bias"} from ``<attention>.prefix_tuning.prefix_gates.<name>.*``."""
+    marker = f".prefix_tuning.prefix_gates.{info.saved_name}."
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in info.tensors.items():
+        stored, sep, leaf = key.partition(marker)
+        if sep:
+            if leaf not in ("weight", "bias"):
+                raise AdapterFileError(f"key {key!r} in {where}: unknown prefix gate tensor {leaf!r}")
+            out.setdefault(sites[stored], {})["gate." + leaf] = value
+    require_float({f"{s}.{k}": v for s, state in out.items() for k, v in state.items()}, where)
+    return out
 
 
 def load(ctl: Any, path: str | os.PathLike, info: AdapterHubFile, *, name: str | None, activate: bool) -> str:

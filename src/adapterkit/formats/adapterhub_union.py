@@ -16,8 +16,11 @@ members act on the same module their components run in that order, as a ``Chain`
 
 - **MAM** (He et al. 2022; ``MAMConfig``: prefix tuning + ParBn with ``scaling`` 4.0 on the FFN sub-layer):
   ``Union(PrefixTuning(positions="keep"), Bottleneck(placement="parallel", hook="sublayer", scaling=4.0))``.
-- **UniPELT** (Mao et al. 2022; ``UniPELTConfig``: every member with ``use_gating``): refused for now, naming the
-  gates adapterkit lacks (see :func:`refusal`).
+- **UniPELT** (Mao et al. 2022; ``UniPELTConfig``: every member with ``use_gating``):
+  ``Union(PrefixTuning(positions="keep", gated=True), SequenceGated(Bottleneck(placement="pfeiffer", ...)),
+  SequenceGated(LoRA(alpha=r, ...)))``: AdapterHub's gates, averaged over the sequence (see
+  ``methods/seq_gate.py`` and ``PrefixTuning.gated``). Not :class:`Union`'s own ``gated=True`` (a per-token gate
+  around every member, UniPELT's released code).
 """
 
 from __future__ import annotations
@@ -67,13 +70,6 @@ def refusal(config: dict[str, Any]) -> str | None:
         return f"AdapterHub unions with {unknown} members are not read (members read: {', '.join(_READERS)})"
     if len(set(archs)) != len(archs):
         return f"an AdapterHub union with several members of one kind ({archs}) is not read"
-    gated = [a for a, m in members if m.get("use_gating")]
-    if gated:
-        return (
-            f"AdapterHub UniPELT (use_gating on its {', '.join(gated)} members) is not read: adapterkit has no "
-            "gate of AdapterHub's kind (sigmoid(Linear(x)) averaged over the sequence, scaling the member's output "
-            "instead of its LoRA alpha/r)"
-        )
     for arch, member in members:
         why = getattr(_READERS[arch], "refusal", None)
         reason = why(member) if why is not None else None

@@ -53,6 +53,7 @@ from .prompt import (
     as_kwargs,
     batch_size_of,
     cache_key,
+    cache_of,
     component_key,
     extend_mask,
     output_cache,
@@ -66,7 +67,8 @@ _ROUTED = -1  # VirtualCache record key of the per-row prefixes of a routed batc
 _ROWS = "_adapterkit_routed_rows"  # on such a cache: which prefix each row holds
 _NO_CACHE = "_adapterkit_no_cache"  # on a cache created for a use_cache=False call: left out of the output
 POSITIONS = ("shift", "keep")  # PrefixTuning.positions
-__all__ = ["PrefixTuning", "PrefixKV", "KVLayout", "kv_layout"]
+_GATES = "_adapterkit_prefix_gates"  # on a cache: prefix key -> (first slot, count, layers whose gate is pending)
+__all__ = ["PrefixTuning", "PrefixKV", "PrefixGate", "KVLayout", "kv_layout", "self_attention_modules"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +143,32 @@ def _from_model(model: nn.Module) -> tuple[int | None, int | None, int | None]:
     return len(blocks), kv_heads, head_dim
 
 
+def self_attention_modules(model: nn.Module) -> list[nn.Module]:
+    """Each (decoder) block's self-attention module, in layer order: the first module of the block with a head
+    size attribute (as :func:`kv_layout` reads them; BERT ``attention.self``, GPT-2 ``attn``, LLaMA ``self_attn``).
+
+    Raises:
+        TargetError: a block without one.
+    """
+    root = model
+    get_decoder = getattr(model, "get_decoder", None)
+    if callable(get_decoder):
+        try:
+            root = get_decoder() or model
+        except Exception:  # noqa: BLE001 - some models define get_decoder but have no decoder
+            root = model
+    blocks = next((m for m in root.modules() if isinstance(m, nn.ModuleList) and len(m) > 0), None)
+    out = []
+    for i, block in enumerate(blocks or ()):
+        attn = next(
+            (m for m in block.modules() if any(isinstance(getattr(m, a, None), int) for a in _HEAD_DIM)), None
+        )
+        if attn is None:
+            raise TargetError(f"block {i} of {type(model).__name__} has no self-attention module with a head size")
+        out.append(attn)
+    return out
+
+
 def kv_layout(model: nn.Module) -> KVLayout:
     """The layer count, key/value heads and head size of the (decoder) self-attention.
 
@@ -192,6 +220,13 @@ class PrefixTuning(AdapterConfig):
             (AdapterHub's ``adapters`` library, whose prefixes enter at attention level, after the position
             embeddings / rotary positions: the real tokens keep ``0 .. L-1``, given ``position_ids`` are used as
             they are). ``"keep"`` needs a model whose forward takes (decoder) position ids.
+        gated: UniPELT's prefix gate (Mao et al. 2022, §3; AdapterHub's ``use_gating``): each layer's self-attention
+            scales the prefix keys by ``g_k`` and values by ``g_v``, ``g = mean_t sigmoid(W h_t + b)`` over the
+            positions ``t`` of that attention's input ``h: (B, L, hidden)`` (padding included, as AdapterHub), one
+            gate per row. The gates (``W: (gate_outputs, hidden)``) sit on each layer's self-attention module and
+            act once, when the prefix enters the KV cache (with ``generate()``: computed from the prompt). Not with
+            per-row routing.
+        gate_outputs: 1 (one gate for keys and values: AdapterHub's ``shared_gating``) or 2 (keys, values).
         init_weights: accepted for the common interface; prefixes start from ``N(0, 1)`` values (peft's
             default) either way, since no prefix is an identity.
         targets: leave unset; the method acts on the model as a whole (module name ``""``).
@@ -201,6 +236,8 @@ class PrefixTuning(AdapterConfig):
     prefix_projection: bool = False
     encoder_hidden_size: int | None = None
     positions: str = "shift"
+    gated: bool = False
+    gate_outputs: int = 1
     init_weights: bool = True
 
     def __post_init__(self) -> None:
@@ -209,6 +246,10 @@ class PrefixTuning(AdapterConfig):
             raise ValueError(
                 f"positions must be one of {', '.join(repr(p) for p in POSITIONS)} (peft's shifted positions, or "
                 f"AdapterHub's unchanged ones), got {self.positions!r}"
+            )
+        if self.gate_outputs not in (1, 2) or isinstance(self.gate_outputs, bool):
+            raise ValueError(
+                f"gate_outputs must be 1 (keys and values) or 2 (keys, values), got {self.gate_outputs!r}"
             )
         if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens <= 0:
             raise ValueError(f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
@@ -229,6 +270,24 @@ class PrefixTuning(AdapterConfig):
         if self.positions == "keep":
             _check_keeps_positions(module)
         return PrefixKV(self, module)
+
+    def build_all(self, modules: Mapping[str, nn.Module], targets: list[str], select: Any) -> dict[str, Component]:
+        """The prefix at ``""``; with ``gated``, also a :class:`PrefixGate` on each layer's self-attention module."""
+        built = super().build_all(modules, targets, select)
+        kv = built.get("")
+        if not self.gated or not isinstance(kv, PrefixKV):
+            return built
+        model = modules[""]
+        attention = self_attention_modules(model)
+        if len(attention) != kv.layout.num_layers:
+            raise TargetError(
+                f"gated prefix tuning needs one self-attention module per layer; found {len(attention)} for "
+                f"{kv.layout.num_layers} layers in {type(model).__name__}"
+            )
+        names = {id(m): n for n, m in modules.items()}
+        for i, module in enumerate(attention):
+            built[names[id(module)]] = PrefixGate(self, kv, i, module)
+        return built
 
 
 _ALTERNATIVES = "LoRA (ak.LoRA()), (IA)^3 (ak.IA3()) or a bottleneck adapter"
@@ -305,6 +364,7 @@ class PrefixKV(Component):
         n, width, kv = cfg.num_virtual_tokens, self.layout.num_layers * 2 * self.layout.kv_dim, self.layout.kv_dim
         self.num_virtual_tokens = n
         self.positions = cfg.positions
+        self.gated = cfg.gated
         if cfg.prefix_projection:
             hidden = cfg.encoder_hidden_size or kv
             self.embedding = nn.Parameter(torch.empty(n, kv, **factory))
@@ -391,9 +451,14 @@ class PrefixKV(Component):
                     "start from an empty cache (or none) with the adapter active"
                 )
             target = getattr(cache, "self_attention_cache", cache)
+            offset = VirtualCache.length(cache)
             for i, (k, v) in enumerate(self.per_layer(batch)):
                 target.update(k, v, i)
             VirtualCache.add(cache, self.key, n)
+            if self.gated:  # the layers' PrefixGates scale these slots once, on this call
+                pending = dict(getattr(cache, _GATES, None) or {})
+                pending[self.key] = (offset, n, set(range(self.layout.num_layers)))
+                setattr(cache, _GATES, pending)
         pos_key = "decoder_position_ids" if dec else "position_ids"
         new = next((kw[k] for k in ids_keys if isinstance(kw.get(k), torch.Tensor)), None)
         if self.positions == "shift":
@@ -567,3 +632,63 @@ class PrefixKV(Component):
             self.prefix = nn.Parameter(torch.empty(expected, device=ref.device, dtype=ref.dtype))
         with torch.no_grad():
             self.prefix.copy_(value)
+
+
+class PrefixGate(Component):
+    """UniPELT's prefix gate on one layer's self-attention module (``PrefixTuning(gated=True)``).
+
+    Before the attention runs on the call that put the prefix into the KV cache, the prefix slots of this layer's
+    cached keys/values ``(B, kv_heads, P, head_dim)`` are replaced by ``g_k · keys`` and ``g_v · values``,
+    ``g = mean_t sigmoid(gate(h_t)): (B, gate_outputs)`` from the attention input ``h: (B, L, hidden)``.
+    Parameters: ``gate.weight: (gate_outputs, hidden)``, ``gate.bias: (gate_outputs,)``.
+    """
+
+    has_pre = True
+    has_post = False
+
+    def __init__(self, cfg: PrefixTuning, prefix: PrefixKV, layer: int, module: nn.Module) -> None:
+        super().__init__()
+        hidden = _first(_text_config(prefix.__dict__["_module_ref"].config), ("d_model", "hidden_size", "n_embd"))
+        if hidden is None:
+            raise TargetError("gated prefix tuning needs the model's hidden size (hidden_size / d_model / n_embd)")
+        ref = next(module.parameters(), None)
+        dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+        self.gate = nn.Linear(
+            hidden, cfg.gate_outputs, device=ref.device if ref is not None else None, dtype=dtype
+        )
+        self.layer = layer
+        self._random = not cfg.init_weights
+        object.__setattr__(self, "_prefix_ref", prefix)  # the adapter's prefix (not a submodule: saved there)
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, outputs={self.gate.out_features}"
+
+    @torch.no_grad()
+    def initialize(self, module: nn.Module) -> None:
+        nn.init.normal_(self.gate.weight, std=0.02 if not self._random else 0.5)  # AdapterHub's init
+        nn.init.zeros_(self.gate.bias)
+
+    def pre_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        cache = cache_of(kwargs)
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if cache is None:
+            for value in args[1:]:
+                if hasattr(value, "get_seq_length"):
+                    cache = value
+        key = self.__dict__["_prefix_ref"].key
+        pending = getattr(cache, _GATES, None) or {}
+        if key not in pending or self.layer not in pending[key][2]:
+            return args, kwargs  # not the call that put the prefix in (later decoding steps): already gated
+        if not isinstance(hidden, torch.Tensor):
+            raise TypeError("the prefix gate could not find the attention input (hidden_states)")
+        offset, n, layers = pending[key]
+        layers.discard(self.layer)
+        g = torch.sigmoid(self.gate(hidden.to(self.gate.weight.dtype)))  # (B, L, outputs)
+        g = g.mean(dim=1) if g.dim() == 3 else g.mean(dim=0, keepdim=True)
+        layer = getattr(cache, "self_attention_cache", cache).layers[self.layer]
+        for attr, column in (("keys", 0), ("values", -1)):
+            t = getattr(layer, attr)
+            scale = g[:, column].to(t.dtype).view(-1, 1, 1, 1)
+            gated = t[:, :, offset : offset + n] * scale
+            setattr(layer, attr, torch.cat([t[:, :, :offset], gated, t[:, :, offset + n :]], dim=2))
+        return args, kwargs
