@@ -314,6 +314,16 @@ def test_eval_cache_follows_parameter_changes():
     assert (second - first).abs().max() > 1e-4
     with torch.enable_grad():
         torch.testing.assert_close(output_of(model, x).detach(), second, **TOL)
+    # a training step with fused AdamW (which does not bump parameter versions), then eval again: no stale factors
+    adapters.train("a")
+    opt = torch.optim.AdamW(list(adapters.parameters("a")), lr=0.5, fused=True)
+    output_of(model, x).pow(2).mean().backward()
+    opt.step()
+    adapters.step()
+    third = logits(model, x)
+    assert (third - second).abs().max() > 1e-4
+    comp.__dict__.pop("_factor_cache")
+    torch.testing.assert_close(logits(model, x), third, atol=0, rtol=0)
 
 
 def test_refusals():

@@ -321,7 +321,8 @@ class VBLoRALinear(Component):
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``A: (r, in)`` and ``B: (out, r)``: built from the bank on every call that records gradients (training),
-        reused without gradients while the logits and the bank are unchanged (same storage and version)."""
+        reused without gradients while the logits and the bank are unchanged (same storage and version, and no
+        grad-enabled forward since: fused optimizers update parameters without bumping their versions)."""
         if self._topk_only and torch.is_grad_enabled() and any(p.requires_grad for p in self._trainable()):
             raise RuntimeError(
                 "this VB-LoRA adapter was loaded from a save_only_topk_weights file (only the top-k weights of each "
@@ -329,6 +330,9 @@ class VBLoRALinear(Component):
                 "file with full logits (a native save of the trained adapter) to resume training"
             )
         if torch.is_grad_enabled():
+            # a training forward: an optimizer may update the parameters next without bumping their versions
+            # (fused AdamW), so nothing cached before it may be reused after it
+            self.__dict__.pop("_factor_cache", None)
             return self._build()
         key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self._trainable())
         cached = self.__dict__.get("_factor_cache")
