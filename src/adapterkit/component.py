@@ -268,6 +268,45 @@ class Component(nn.Module):
                 )
         self.load_state_dict(state, strict=not foreign)
 
+    # --- hot-swapping (Adapters.hotswap) ------------------------------------------------------
+    def pad_rank_(self, r: int) -> bool:
+        """Zero-pad this component's rank to ``r`` in place, outputs unchanged (:meth:`Adapters.prepare_hotswap`);
+        returns whether it has a rank to pad. Default: False (nothing to pad)."""
+        return False
+
+    def hotswap_state(self, other: Component) -> dict[str, torch.Tensor]:
+        """The values this component takes from ``other`` when an adapter is hot-swapped into its place
+        (:meth:`Adapters.hotswap`): the keys of :meth:`export_state`, each shaped as this component's own, so a
+        compiled model keeps its graph (only tensor values change). Default: the same class, equal Python
+        settings (numbers, strings, flags and tuples among the instance's attributes: a traced graph holds them
+        as constants) and equal tensor shapes. Raises ValueError naming the first difference."""
+        if type(other) is not type(self):
+            raise ValueError(f"a {type(other).__name__} cannot replace a {type(self).__name__}")
+        mine, theirs = _settings(self), _settings(other)
+        for key in sorted(set(mine) | set(theirs)):
+            if mine.get(key) != theirs.get(key):
+                raise ValueError(
+                    f"{key} differs ({theirs.get(key)!r} in the new adapter, {mine.get(key)!r} here): a compiled "
+                    "graph holds it as a constant"
+                )
+        own, new = self.export_state(), other.export_state()
+        if own.keys() != new.keys():
+            raise ValueError(f"different tensors: {sorted(set(own) ^ set(new))}")
+        for k, v in own.items():
+            if new[k].shape != v.shape:
+                raise ValueError(f"{k} has shape {tuple(new[k].shape)} in the new adapter, {tuple(v.shape)} here")
+        return new
+
+
+def _settings(component: nn.Module) -> dict[str, Any]:
+    """A component's plain Python settings (what a traced graph specializes on)."""
+    plain = (bool, int, float, str, tuple, type(None))
+    return {
+        k: v
+        for k, v in vars(component).items()
+        if not k.startswith("_") and k not in ("training", "merged") and isinstance(v, plain)
+    }
+
 
 class Chain(Component):
     """Several components of one adapter at one module (the parts of a union), applied in order.

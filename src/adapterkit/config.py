@@ -100,6 +100,17 @@ class AdapterConfig:
         model's modules by name."""
         return {n: self.build(modules[n], n) for n in targets}
 
+    def hotswap_fields(self) -> tuple[str, ...]:
+        """Fields that may differ between an adapter and one hot-swapped into its place
+        (:meth:`Adapters.hotswap`): the components absorb them (e.g. LoRA's ranks and alphas, padded and folded
+        into the factors). ``targets`` always may: the sites are compared instead. Default: none."""
+        return ()
+
+    def padded(self, r: int, scalings: Mapping[str, float]) -> AdapterConfig:
+        """This config after :meth:`Adapters.prepare_hotswap` padded its components to rank ``r`` keeping each
+        site's scaling (``scalings``: site -> scaling). Default: unchanged (a method without ranks)."""
+        return self
+
     def parts(self) -> Sequence[AdapterConfig]:
         """The configs this one is made of (a union lists its members; a plain config is its own part)."""
         return (self,)

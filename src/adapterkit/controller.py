@@ -875,6 +875,89 @@ class Adapters:
         model = dense.merge_and_detach(list(names))
         return model.to(dtype)
 
+    # --- hot-swapping under torch.compile ----------------------------------------------------------
+    def prepare_hotswap(self, max_rank: int | None = None, names: Sequence[str] | None = None) -> None:
+        """Make adapters ready to be hot-swapped (:meth:`hotswap`) in a compiled model: call before
+        ``torch.compile``. Ranked components (LoRA) are zero-padded to ``max_rank`` (default: the largest rank among
+        them), which leaves outputs unchanged, so any adapter of rank ``<= max_rank`` can replace them later
+        without a recompile; each site keeps its scaling (the config becomes ``r=max_rank`` with alphas to match).
+
+        Args:
+            max_rank: the rank to pad to (peft's ``target_rank``).
+            names: the adapters to prepare (default: all).
+
+        Raises:
+            ValueError: a component's rank exceeds ``max_rank``, or an adapter is merged or PiSSA/OLoRA-initialized.
+        """
+        names = list(self._records) if names is None else list(names)
+        comps = {n: self.components(n) for n in names}
+        for n, cs in comps.items():
+            if any(c.merged for c in cs.values()):
+                raise ValueError(f"adapter {n!r} is merged: unmerge it before preparing it for hot-swapping")
+        ranks = [c.r for cs in comps.values() for c in cs.values() if isinstance(getattr(c, "r", None), int)]
+        target = max_rank if max_rank is not None else max(ranks, default=0)
+        if ranks and (not isinstance(target, int) or target < max(ranks)):
+            raise ValueError(f"max_rank={max_rank!r} is below the largest rank {max(ranks)}: pass at least that")
+        for n, cs in comps.items():
+            padded = {site: c.scaling for site, c in cs.items() if c.pad_rank_(target)}
+            if padded:
+                record = self._record(n)
+                record.config = record.config.padded(target, padded)
+        self._route_caches.clear()
+        self._route_carry.clear()
+
+    def hotswap(self, name: str, source: str | os.PathLike, *, allow_pickle: bool = False) -> None:
+        """Replace adapter ``name``'s weights in place with the adapter stored at ``source`` (any format
+        :meth:`load` reads), keeping every tensor's shape and every Python setting, so a ``torch.compile``-d
+        model runs the new weights without recompiling (peft's ``hotswap_adapter``, for every method whose
+        shapes are fixed; LoRA ranks up to the :meth:`prepare_hotswap` rank, scalings folded into ``B``).
+
+        ``name`` keeps its name and config; its outputs become the new adapter's. All-or-nothing: the source is
+        read and every component checked before anything is copied.
+
+        Raises:
+            ValueError: different sites, method or settings (named), a larger rank than prepared, or ``name`` is
+                merged. Errors of :meth:`read` for the source.
+        """
+        record = self._record(name)
+        old = self.components(name)
+        if any(c.merged for c in old.values()):
+            raise ValueError(f"adapter {name!r} is merged: unmerge it before hot-swapping its weights")
+        new = self.read(source, allow_pickle=allow_pickle)
+        theirs = {site: comp for site, (_, comp) in new.plan.components.items()}
+        if theirs.keys() != old.keys():
+            missing, extra = sorted(old.keys() - theirs.keys()), sorted(theirs.keys() - old.keys())
+            raise ValueError(
+                f"{str(source)!r} adapts other modules than {name!r} (missing {missing[:4]}, extra {extra[:4]}): "
+                "a hot-swap keeps the sites; load it as a new adapter instead"
+            )
+        cfg, new_cfg = record.config, new.plan.config
+        if type(new_cfg) is not type(cfg):
+            raise ValueError(f"{str(source)!r} is a {new_cfg.method} adapter, {name!r} a {cfg.method} adapter")
+        free = ("targets", *cfg.hotswap_fields())
+        differ = [
+            f.name
+            for f in dataclasses.fields(cfg)
+            if f.name not in free and getattr(cfg, f.name) != getattr(new_cfg, f.name)
+        ]
+        if differ:
+            raise ValueError(
+                f"{str(source)!r} differs from {name!r} in {', '.join(differ)}: a hot-swap changes weights only"
+            )
+        states = {}
+        for site, comp in old.items():
+            try:
+                states[site] = comp.hotswap_state(theirs[site])
+            except ValueError as e:
+                raise ValueError(f"cannot hot-swap {str(source)!r} into {name!r} at {site}: {e}") from None
+        with torch.no_grad():
+            for site, state in states.items():
+                own = old[site].state_dict(keep_vars=True)
+                for key, value in state.items():
+                    own[key].copy_(value)
+        self._route_caches.clear()
+        self._route_carry.clear()
+
     def freeze_norm_statistics(self, enabled: bool = True) -> None:
         """Keep the base model's normalization statistics fixed while adapters train (issue 19, item 8).
 

@@ -32,6 +32,7 @@ import dataclasses
 import enum
 import math
 import re
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -175,6 +176,18 @@ class LoRA(AdapterConfig):
         alpha = float(pattern_value(self.alpha_pattern, name, self.alpha))
         return alpha / math.sqrt(r) if self.rslora else alpha / r
 
+    def hotswap_fields(self) -> tuple[str, ...]:
+        """Ranks and alphas: a hot-swapped LoRA of rank ``<=`` the padded rank is zero-padded and its scaling
+        folded into ``B`` (peft's ``hotswap_adapter`` does the same for compiled models)."""
+        return ("r", "alpha", "rank_pattern", "alpha_pattern")
+
+    def padded(self, r: int, scalings: Mapping[str, float]) -> LoRA:
+        """Rank ``r`` everywhere; ``alpha`` keeps the most common site scaling, ``alpha_pattern`` the others."""
+        to_alpha = (lambda s: s * math.sqrt(r)) if self.rslora else (lambda s: s * r)
+        common = Counter(scalings.values()).most_common(1)[0][0] if scalings else self.alpha / r
+        others = {site: to_alpha(s) for site, s in scalings.items() if s != common}
+        return dataclasses.replace(self, r=r, alpha=to_alpha(common), rank_pattern={}, alpha_pattern=others)
+
     def build(self, module: nn.Module, name: str) -> Component:
         if lora_conv.handles(module):  # Conv1d, Conv3d, grouped/depthwise Conv2d: methods/lora_conv.py
             return lora_conv.LoRAConv(self, module, name)
@@ -254,6 +267,52 @@ class _LoRABase(Component):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}" + (", dora" if self.magnitude is not None else "")
+
+    # --- hot-swapping ---------------------------------------------------------------------------------------
+    def pad_rank_(self, r: int) -> bool:
+        """``A: (r0, ...) -> (r, ...)`` and ``B: (out, r0, ...) -> (out, r, ...)`` with zeros (``B A`` unchanged)."""
+        if r < self.r:
+            raise ValueError(f"cannot pad rank {self.r} down to {r}")
+        if self.cfg.init in (LoRAInit.PISSA, LoRAInit.OLORA):
+            raise ValueError("PiSSA/OLoRA adapters change the base weight; they cannot be padded for hot-swapping")
+        if r > self.r:
+            A, B = self.lora_A.detach(), self.lora_B.detach()
+            self.lora_A = nn.Parameter(_pad(A, 0, r), requires_grad=self.lora_A.requires_grad)
+            self.lora_B = nn.Parameter(_pad(B, 1, r), requires_grad=self.lora_B.requires_grad)
+            self.r = r
+        return True
+
+    def hotswap_state(self, other: Component) -> dict[str, torch.Tensor]:
+        """``other``'s factors zero-padded to this rank, its scaling folded into ``B`` (``B' = B s'/s``), so this
+        component's rank and scaling (constants of a compiled graph) stay."""
+        if type(other) is not type(self):
+            raise ValueError(f"a {type(other).__name__} cannot replace a {type(self).__name__}")
+        assert isinstance(other, _LoRABase)
+        for what, mine, theirs in (
+            ("DoRA", self.magnitude is not None, other.magnitude is not None),
+            ("a bias delta", self.bias is not None, other.bias is not None),
+            ("dropout", self.dropout.p if self.dropout else 0.0, other.dropout.p if other.dropout else 0.0),
+            ("PiSSA/OLoRA init", hasattr(self, "init_A"), hasattr(other, "init_A")),
+        ):
+            if mine != theirs:
+                raise ValueError(f"{what} differs ({theirs!r} in the new adapter, {mine!r} here)")
+        if hasattr(self, "init_A"):
+            raise ValueError("PiSSA/OLoRA adapters change the base weight; they cannot be hot-swapped")
+        if other.r > self.r:
+            raise ValueError(
+                f"rank {other.r} > {self.r}: call adapters.prepare_hotswap(max_rank={other.r}) before compiling"
+            )
+        if self.scaling == 0:
+            raise ValueError("this adapter's scaling is 0 (alpha=0): nothing can be folded into it")
+        state = {
+            "lora_A": _pad(other.lora_A.detach(), 0, self.r),
+            "lora_B": _pad(other.lora_B.detach() * (other.scaling / self.scaling), 1, self.r),
+        }
+        if other.magnitude is not None:
+            state["magnitude"] = other.magnitude.detach()
+        if other.bias is not None:
+            state["bias"] = other.bias.detach()
+        return state
 
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
         x = x if self.dropout is None else self.dropout(x)
@@ -504,6 +563,17 @@ class LoRALinear(_LoRABase):
                 d = d.index_select(0, bucket.real)
             y3.index_add_(0, bucket.rows, d.to(y3.dtype), alpha=s)
         return y
+
+
+def _pad(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """``t`` zero-padded along ``dim`` to ``size``."""
+    if t.shape[dim] == size:
+        return t.clone()
+    shape = list(t.shape)
+    shape[dim] = size
+    out = t.new_zeros(shape)
+    out.narrow(dim, 0, t.shape[dim]).copy_(t)
+    return out
 
 
 class LoRAEmbedding(_LoRABase):
