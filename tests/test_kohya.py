@@ -515,13 +515,15 @@ def test_ldm_names_sd1(unet, base_unet, tmp_path):
     torch.testing.assert_close(_run(other), got, atol=1e-6, rtol=1e-5)
 
 
-def test_ldm_names_sdxl_shape_agree_with_diffusers_converter():
+def test_ldm_names_sdxl_shape(tmp_path):
     """On an SDXL-shaped UNet (down: Down, CrossAttnDown; up: CrossAttnUp, Up; two layers per block, two
-    transformer layers, text-time embedding), every LDM name of a Linear/Conv2d converts, with diffusers' own
-    ``_maybe_map_sgm_blocks_to_diffusers`` + ``_convert_unet_lora_key``, to the module we map it to."""
+    transformer layers, linear projections, text-time embedding): every LDM name of a Linear/Conv2d converts, with
+    diffusers' own ``_maybe_map_sgm_blocks_to_diffusers`` + ``_convert_unet_lora_key``, to the module we map it
+    to; and a LoRA file in the LDM layout gives the outputs of the same weights under diffusers names."""
     conv = pytest.importorskip("diffusers.loaders.lora_conversion_utils")
     from adapterkit.formats.kohya_ldm import ldm_paths
 
+    torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(
         block_out_channels=(32, 64),
         layers_per_block=2,
@@ -551,6 +553,46 @@ def test_ldm_names_sdxl_shape_agree_with_diffusers_converter():
         name = name.removesuffix(".lora.down.weight").removesuffix("_lora.down.weight")
         theirs.add(name + ".0" if name.endswith(".to_out") else name)
     assert theirs == set(keys.values())
+
+    # outputs: the LDM-named file and the diffusers-named file of the same weights
+    unet.eval()
+    sites = [
+        "conv_in",
+        "add_embedding.linear_1",
+        "time_embedding.linear_2",
+        "down_blocks.0.resnets.1.conv2",
+        "down_blocks.0.downsamplers.0.conv",
+        "down_blocks.1.attentions.1.transformer_blocks.1.attn1.to_v",
+        "down_blocks.1.attentions.0.proj_out",
+        "mid_block.attentions.0.transformer_blocks.0.attn2.to_q",
+        "up_blocks.0.resnets.2.conv_shortcut",
+        "up_blocks.0.upsamplers.0.conv",
+        "up_blocks.1.resnets.0.time_emb_proj",
+        "conv_out",
+    ]
+    ldm, new = _lora_file(unet, sites, rename=paths.__getitem__)
+    plain, _ = _lora_file(unet, sites)
+    g = torch.Generator().manual_seed(1)
+    x, enc = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 3, 32, generator=g)
+    cond = {"text_embeds": torch.randn(2, 32, generator=g), "time_ids": torch.randn(2, 6, generator=g)}
+
+    @torch.no_grad()
+    def run(model: nn.Module) -> torch.Tensor:
+        return model(x, torch.tensor([3, 7]), encoder_hidden_states=enc, added_cond_kwargs=cond).sample
+
+    outs = []
+    for tensors in (ldm, plain):
+        model = copy.deepcopy(unet)
+        ad = _load(model, tensors, tmp_path)
+        assert sorted(ad.sites("k")) == sorted(sites)
+        outs.append(run(model))
+    ref = copy.deepcopy(unet)
+    with torch.no_grad():
+        for site, weight in new.items():
+            dict(ref.named_modules())[site].weight.copy_(weight)
+    torch.testing.assert_close(outs[0], run(ref), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(outs[0], run(unet), atol=1e-3)
 
 
 # --- LycorisOFT beyond loading -----------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..component import Component
+from ..methods.lora import LoRAConv2d, LoRALinear
 from ..targeting import base_modules
 from .kohya_ldm import ldm_paths
 
@@ -77,8 +78,6 @@ def _plain_module(module: nn.Module) -> str | None:
 
 
 def _lora(comp: Component) -> dict[str, torch.Tensor] | str:
-    from ..methods.lora import LoRAConv2d, LoRALinear
-
     if not isinstance(comp, (LoRALinear, LoRAConv2d)):
         return f"its LoRA component is a {type(comp).__name__}; kohya LoRA holds linear and 2-d convolution ones"
     if getattr(comp, "magnitude", None) is not None:
