@@ -630,3 +630,19 @@ def test_prefix_on_a_model_without_a_kv_cache_says_why_with_a_mask(kind):
     x = make_inputs("bert")
     with pytest.raises(TypeError, match="did not read past_key_values.*takes no KV cache"):
         model(**x)
+
+
+def test_the_encoder_runs_once_per_prefill_not_per_decoding_step():
+    """Decoding steps with a KV cache only need the prompt's length: the encoder runs for the prefill alone."""
+    model = make_model("llama")
+    model.generation_config.eos_token_id = None
+    adapters = ak.attach(model)
+    adapters.add("a", ak.PTuning(num_virtual_tokens=P, encoder_reparameterization_type="LSTM"))
+    calls = []
+    prompt_of(adapters, "a").encoder.register_forward_hook(lambda *_: calls.append(1))
+    x = make_inputs("llama")
+    model.generate(**x, max_new_tokens=6, do_sample=False)
+    assert len(calls) == 1
+    with adapters.route(["a", None]):
+        model.generate(**x, max_new_tokens=6, do_sample=False)
+    assert len(calls) == 2

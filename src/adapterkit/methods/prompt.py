@@ -496,6 +496,7 @@ class SoftPrompt(Component):
         self.prompt = nn.Parameter(
             torch.empty(cfg.num_virtual_tokens, weight.shape[-1], device=weight.device, dtype=dtype)
         )
+        self.num_virtual_tokens = cfg.num_virtual_tokens  # the prompt's rows, read without computing the prompt
         self.token_level = token_level
         self.has_post = token_level
         self.key = component_key()
@@ -531,7 +532,7 @@ class SoftPrompt(Component):
         if ids is None and embeds is None:
             return args, kwargs  # e.g. a decoder-only call driven by other inputs: nothing to prepend to
         cache = take_cache(self.__dict__["_module_ref"], kw)
-        n = self.prompt.shape[0]
+        n = self.num_virtual_tokens
         if VirtualCache.fresh(cache):
             kw, length = self._prepend(kw, ids, embeds, n)
         else:  # a later generation step: the prompt is in the cache already
@@ -586,7 +587,7 @@ class SoftPrompt(Component):
         ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
         if ids is None and embeds is None:
             return args, kwargs
-        layout = RowLayout(comps, plan, lambda c: c.prompt.shape[0], left=head.causal)
+        layout = RowLayout(comps, plan, lambda c: c.num_virtual_tokens, left=head.causal)
         cache = take_cache(module, kw)
         fresh = VirtualCache.fresh(cache)
         x = embeds if embeds is not None else ids
