@@ -486,3 +486,39 @@ def test_aux_loss_is_the_sum_of_the_gates_penalties():
     n = sum(c.space.n for c in adapters.components("dp").values())
     expected = 0.5 * n * sigmoid(-1.0 - (2 / 3) * math.log(0.1 / 1.1))
     assert adapters.aux_loss().item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_sites_without_entries_save_and_load(tmp_path):
+    model = make_model("bert")
+    adapters = ak.attach(model)
+    torch.manual_seed(0)
+    adapters.add("s", ak.SparseDelta(density=0.05, init_weights=False))
+    site, first = next(iter(adapters.components("s").items()))
+    first.set_entries(torch.zeros(0, dtype=torch.long))  # a global top-K may leave a module without entries
+    x = make_inputs("bert")
+    with torch.no_grad():
+        expected = output_of(model, x)
+    adapters.save("s", tmp_path / "s")
+    fresh = make_model("bert")
+    fresh_adapters = ak.attach(fresh)
+    fresh_adapters.load(tmp_path / "s")
+    assert fresh_adapters.components("s")[site].nnz == 0
+    with torch.no_grad():
+        torch.testing.assert_close(output_of(fresh, x), expected, atol=1e-6, rtol=0)
+
+
+def test_half_precision_base_keeps_float32_values_and_exact_unmerge():
+    model = make_model("bert").to(torch.bfloat16)
+    adapters = ak.attach(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(0)
+    adapters.add("s", ak.SparseDelta(density=0.05, init_weights=False))
+    assert all(c.values.dtype == torch.float32 for c in adapters.components("s").values())
+    x = make_inputs("bert")
+    with torch.no_grad():
+        out = output_of(model, x)
+    assert out.dtype == torch.bfloat16
+    adapters.merge("s")
+    adapters.unmerge("s")
+    now = model.state_dict()
+    assert all(torch.equal(before[k], now[k]) for k in before)
