@@ -336,7 +336,7 @@ def test_packing_trains_and_refuses_other_tasks(files, tmp_path):
 
 
 def _capture_trainer(monkeypatch) -> list:
-    from adapterkit.cli import train as T
+    T = importlib.import_module("adapterkit.cli.train")  # not `from adapterkit.cli import train`: the command
 
     seen = []
     original = T.AdapterTrainer.train
@@ -437,15 +437,21 @@ def test_fp16_and_bf16_base_weights_train_lora_in_fp32(files, tmp_path, monkeypa
     assert "bf16, fp16, fp32" in msg
 
 
+HAS_AO = importlib.util.find_spec("torchao") is not None
+
+
 @needs_flags
-@needs_bnb
-@pytest.mark.parametrize("scheme", ["nf4", "int8"])
-def test_quantize_trains_on_a_quantized_base(files, tmp_path, monkeypatch, scheme):
+@pytest.mark.parametrize(
+    ("backend", "scheme"),
+    [pytest.param("bitsandbytes", "nf4", marks=needs_bnb), pytest.param("bitsandbytes", "int8", marks=needs_bnb),
+     pytest.param("torchao", "nf4", marks=pytest.mark.skipif(not HAS_AO, reason="torchao is not installed"))],
+)  # fmt: skip
+def test_quantize_trains_on_a_quantized_base(files, tmp_path, monkeypatch, backend, scheme):
     from adapterkit.quant import is_quantized
 
     seen = _capture_trainer(monkeypatch)
-    _ok("train", "--model", files["llama"], "--data", files["chat"], *QUICK, "--quantize", scheme,
-        "--gradient-checkpointing", "--out", tmp_path / scheme)  # fmt: skip
+    _ok("train", "--model", files["llama"], "--data", files["chat"], *QUICK, "--quantize", scheme, "--quant-backend",
+        backend, "--gradient-checkpointing", "--out", tmp_path / scheme)  # fmt: skip
     trainer = seen[-1]
     quantized = [n for n, m in trainer.model.named_modules() if is_quantized(m)]
     assert len(quantized) == 14  # 7 projections x 2 layers; lm_head stays dense
