@@ -310,6 +310,9 @@ def test_network_with_unet_and_text_encoder(tiny_unet, clip_text, tmp_path):
     u2 = copy.deepcopy(tiny_unet)
     kohya.load(ak.attach(u2), path, name="k", activate=True, component="unet")
     torch.testing.assert_close(_run_unet(u2), want_u, atol=1e-5, rtol=1e-4)
+    kohya_write.save(ta, "s", tmp_path / "te.safetensors")  # component guessed from the CLIP model class
+    with safe_open(str(tmp_path / "te.safetensors"), "pt") as f:
+        assert set(f.keys()) == {k for k in keys if k.startswith("lora_te_")}
     ta.delete("s")
     kohya.load(ta, path, name="k", activate=True, component="text_encoder")
     torch.testing.assert_close(_run_te(te), want_t, atol=1e-5, rtol=1e-4)
