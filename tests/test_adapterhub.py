@@ -49,12 +49,12 @@ SUPPORTED = {
     "prefix_tuning_ejected",
     "mam",
     "unipelt",
+    "prompt_tuning",
 }
 SUPPORTED_CASES = {"llama_seq_bn_inv"}  # the coupling on the token embedding's output
 MISSING = {
     "seq_bn_inv": "AdapterHub SeqBnInv on BERT/GPT-2: the coupling after the position embeddings / the embeddings' "
     "LayerNorm needs an 'after the embeddings' site in methods/invertible.py, issue 16 item 2",
-    "prompt_tuning": "AdapterHub prompt tuning not read yet, issue 16 item 1",
 }
 
 

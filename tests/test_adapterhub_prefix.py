@@ -1,4 +1,5 @@
-"""AdapterHub prefix tuning, MAM and UniPELT (issue 16 item 1), and ``PrefixTuning(positions="keep")``.
+"""AdapterHub prefix tuning, prompt tuning, MAM and UniPELT (issue 16 item 1), and the options they need:
+``PrefixTuning(positions="keep", gated=True)``, ``SequenceGated``, ``EmbeddingPrompt``.
 
 The fixtures (tests/fixtures/adapterhub, written by the real ``adapters`` 1.3.0 library) are read with
 ``adapters.load`` and give the library's outputs; tests/test_adapterhub.py runs every fixture, this file checks
@@ -125,6 +126,46 @@ def test_positions_without_the_option_differ():
     shifted.components("s")[""].import_state({"prefix": prefix}, base)
     shifted.activate("s")
     assert _diff(base, "llama_prefix_tuning") > 1e-3
+
+
+def test_prompt_tuning_is_a_prompt_after_the_embeddings():
+    """AdapterHub's prompt goes after BERT's embeddings module (positions and LayerNorm applied to the real tokens
+    only) and the outputs keep the P virtual positions: EmbeddingPrompt, with the library's outputs."""
+    model, adapters = _load("bert_prompt_tuning")
+    cfg = adapters.config("task")
+    assert isinstance(cfg, ak.EmbeddingPrompt) and cfg.num_virtual_tokens == 4
+    assert sorted(adapters.sites("task")) == ["", "embeddings"]
+    exp = expected("bert_prompt_tuning")
+    assert run(model, exp)[0].shape == (2, 4 + exp["input_ids"].shape[1], 32)
+    assert _diff(model, "bert_prompt_tuning") <= TOL
+
+
+def test_prompt_tuning_native_round_trip_and_peft_style_differs(tmp_path):
+    model, adapters = _load("bert_prompt_tuning")
+    adapters.save("task", tmp_path / "native")
+    again = fresh("bert")
+    ak.attach(again).load(tmp_path / "native", activate=True)
+    assert _diff(again, "bert_prompt_tuning") <= TOL
+    # the same prompt in front of inputs_embeds (peft's placement) is another model
+    prompt = adapters.components("task")["embeddings"].prompt.detach()
+    other = fresh("bert")
+    peft_style = ak.attach(other)
+    peft_style.add("p", ak.PromptTuning(num_virtual_tokens=4))
+    with torch.no_grad():
+        peft_style.components("p")[""].prompt.copy_(prompt)
+    exp = expected("bert_prompt_tuning")
+    with torch.no_grad():
+        ours = other(input_ids=exp["input_ids"], attention_mask=exp["attention_mask"]).last_hidden_state
+    assert ours.shape == exp["output"].shape  # a bare BertModel keeps the virtual positions there too
+    assert (ours - exp["output"]).abs().max().item() > 1e-3
+
+
+def test_embedding_prompt_needs_an_embeddings_module():
+    adapters = ak.attach(make_model("gpt2"))
+    with pytest.raises(TargetError, match="`embeddings` module"):
+        adapters.add("p", ak.EmbeddingPrompt(num_virtual_tokens=2))
+    with pytest.raises(ValueError, match="num_virtual_tokens"):
+        ak.EmbeddingPrompt(num_virtual_tokens=0)
 
 
 # --- PrefixTuning(positions="keep") -------------------------------------------------------------------------
@@ -267,12 +308,20 @@ def _edited(tmp_path, case: str, edit) -> str:
         ("bert_mam", lambda c: c["configs"][0].update(leave_out=[1]), "leave_out"),
         ("bert_mam", lambda c: c["configs"].append(dict(c["configs"][0])), "several members of one kind"),
         ("bert_mam", lambda c: c["configs"].append({"architecture": "reft"}), "members are not read"),
+        ("bert_prompt_tuning", lambda c: c.update(combine="prefix_after_bos"), "prefix_after_bos"),
     ],
 )
 def test_what_cannot_be_read_is_refused_before_the_pickle(tmp_path, case, edit, match):
     adapters = ak.attach(fresh(CASES[case]["family"]))
     with pytest.raises(ak.AdapterFileError, match=match):
         adapters.load(_edited(tmp_path, case, edit))  # no allow_pickle: refused before the weights are read
+    assert adapters.names == []
+
+
+def test_prompt_tuning_on_a_decoder_is_refused():
+    adapters = ak.attach(fresh("gpt2"))
+    with pytest.raises(ak.AdapterFileError, match="prompt tuning on a 'gpt2' model is not read"):
+        adapters.load(FIXTURES / "bert_prompt_tuning" / "adapter")
     assert adapters.names == []
 
 

@@ -28,7 +28,14 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from . import adapterhub_bottleneck, adapterhub_lora, adapterhub_prefix, adapterhub_reft, adapterhub_union
+from . import (
+    adapterhub_bottleneck,
+    adapterhub_lora,
+    adapterhub_prefix,
+    adapterhub_prompt,
+    adapterhub_reft,
+    adapterhub_union,
+)
 from .adapterhub_files import is_adapterhub, read
 from .io import AdapterFileError, read_json
 
@@ -36,14 +43,19 @@ __all__ = ["is_adapterhub", "load", "save", "READERS"]
 
 ISSUE = "issue 16"
 
-_MISSING = {
-    "prompt_tuning": "AdapterHub prompt tuning is not read yet, issue 16 item 1",
-}
+_MISSING: dict[str, str] = {}  # architectures known but not read yet -> why
 
 
 # ``config.architecture`` -> reader module (``load(ctl, path, info, *, name, activate)``)
 # (optionally ``refusal(config) -> str | None``: why a config cannot be read, checked before the weights are read)
-_MODULES = (adapterhub_lora, adapterhub_reft, adapterhub_bottleneck, adapterhub_prefix, adapterhub_union)
+_MODULES = (
+    adapterhub_lora,
+    adapterhub_reft,
+    adapterhub_bottleneck,
+    adapterhub_prefix,
+    adapterhub_prompt,
+    adapterhub_union,
+)
 READERS: dict[str, ModuleType] = {arch: m for m in _MODULES for arch in m.ARCHITECTURES}
 
 
