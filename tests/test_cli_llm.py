@@ -197,6 +197,12 @@ def test_truncation_that_removes_every_response_token_is_recorded():
     assert len(enc.without(enc.cut)) == len(rows) - len(enc.cut)
     empty = [{"messages": [{"role": "user", "content": "hello"}]}]
     assert D.encode(empty, _splits(empty), tok, task="causal-lm", max_length=64).empty == [0]
+    # alpaca rows: the template's ~30-token prompt leaves nothing of the response at --max-length 16 (the case)
+    alpaca = [{"instruction": "rate the film", "input": "the film is good", "output": "good"},
+              {"instruction": "say one word", "input": "", "output": ""}]  # fmt: skip
+    enc = D.encode(alpaca, _splits(alpaca), tok, task="causal-lm", max_length=16)
+    assert enc.cut == [0, 1] and enc.empty == []  # an empty output still has its EOS to learn
+    assert D.encode(alpaca, _splits(alpaca), tok, task="causal-lm", max_length=256).no_target == []
 
 
 # --- packing ------------------------------------------------------------------------------------------------------
