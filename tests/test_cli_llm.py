@@ -453,6 +453,9 @@ HAS_AO = importlib.util.find_spec("torchao") is not None
      pytest.param("torchao", "nf4", marks=pytest.mark.skipif(not HAS_AO, reason="torchao is not installed"))],
 )  # fmt: skip
 def test_quantize_trains_on_a_quantized_base(files, tmp_path, monkeypatch, backend, scheme):
+    import inspect
+
+    from adapterkit.cli.ops import load_adapted, run_eval
     from adapterkit.quant import is_quantized
 
     seen = _capture_trainer(monkeypatch)
@@ -464,8 +467,12 @@ def test_quantize_trains_on_a_quantized_base(files, tmp_path, monkeypatch, backe
     assert trainer.model.is_gradient_checkpointing
     run = json.loads((tmp_path / scheme / "run.json").read_text())
     assert run["quantize"] == scheme
-    history = json.loads((tmp_path / scheme / "metrics.json").read_text())["history"]["train"]
-    assert all(p["loss"] > 0 for p in history)
+    metrics = json.loads((tmp_path / scheme / "metrics.json").read_text())
+    assert all(p["loss"] > 0 for p in metrics["history"]["train"])
+    if "as_trained" in inspect.signature(load_adapted).parameters:  # eval quantizes the base as training did
+        again = run_eval(tmp_path / scheme, model=None, data=None, dev=None, task=None, batch_size=64, max_length=None,
+                         num_labels=None)  # fmt: skip
+        assert again["loss"] == pytest.approx(metrics["final_eval"]["loss"], rel=1e-5)
 
 
 @pytest.fixture(scope="module")
