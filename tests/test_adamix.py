@@ -225,6 +225,29 @@ def test_routing_statistics_are_uniform_and_independent():
     assert len(seen) > 2
 
 
+@pytest.mark.filterwarnings("ignore:.*gradient_checkpointing_enable.*:FutureWarning")
+def test_activation_checkpointing_replays_the_same_routes():
+    """The draws use torch's CPU RNG, which checkpointing restores for the recomputation: equal loss and grads."""
+    results = []
+    for checkpointing in (False, True):
+        model = make_model("llama")
+        adapters = ak.attach(model)
+        torch.manual_seed(0)
+        adapters.add("mix", ak.AdaMix(expert=ak.Bottleneck(placement="houlsby"), n_experts=4, init_weights=False))
+        adapters.train("mix")
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        x = make_inputs("llama")
+        torch.manual_seed(5)
+        loss = model(**x, labels=x["input_ids"]).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in adapters.parameters("mix")]))
+    (l1, g1), (l2, g2) = results
+    assert torch.equal(l1, l2)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
 def test_shared_projection_has_one_expert():
     _, adapters = setup("bert", ak.AdaMix(n_experts=3, share_up=True))
     comp = next(c for c in adapters.components("mix").values() if isinstance(c, _BottleneckBase))
