@@ -115,6 +115,28 @@ def _tiny_vit():
     return ViTForImageClassification(cfg)
 
 
+def _tiny_resnet():
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    cfg = ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic",
+                       num_labels=3)  # fmt: skip
+    return ResNetForImageClassification(cfg)
+
+
+def _tiny_clip_vision():
+    from transformers import CLIPConfig, CLIPForImageClassification
+
+    vision = dict(image_size=16, patch_size=4, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4)  # fmt: skip
+    text = dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4)
+    return CLIPForImageClassification(CLIPConfig(text_config=text, vision_config=vision, num_labels=3))
+
+
+# families for rows of particular methods (convolutional adapters, vision-language bottlenecks); tests that run
+# over every family (the ``family`` fixture) use MODEL_FACTORIES only
+EXTRA_FACTORIES: dict[str, Callable[[], torch.nn.Module]] = {"resnet": _tiny_resnet, "clip": _tiny_clip_vision}
+IMAGE_FAMILIES = ("vit", "resnet", "clip")
+
 MODEL_FACTORIES: dict[str, Callable[[], torch.nn.Module]] = {
     "bert": _tiny_bert,
     "gpt2": _tiny_gpt2,
@@ -130,13 +152,13 @@ MODEL_FACTORIES: dict[str, Callable[[], torch.nn.Module]] = {
 def make_model(family: str, seed: int = 0) -> torch.nn.Module:
     """A tiny random model of ``family`` in eval mode, identical for the same seed."""
     torch.manual_seed(seed)
-    return MODEL_FACTORIES[family]().eval()
+    return {**MODEL_FACTORIES, **EXTRA_FACTORIES}[family]().eval()
 
 
 def make_inputs(family: str, batch: int = 2, seq: int = 7, seed: int = 1) -> dict[str, torch.Tensor]:
     """Inputs for ``make_model(family)``; the second row is left-padded where padding applies."""
     g = torch.Generator().manual_seed(seed)
-    if family == "vit":
+    if family in IMAGE_FAMILIES:
         return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=g)}
     ids = torch.randint(2, 100, (batch, seq), generator=g)
     mask = torch.ones(batch, seq, dtype=torch.long)

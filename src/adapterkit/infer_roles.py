@@ -36,9 +36,10 @@ How the structure is read (no forward pass, works on the ``meta`` device):
    (``classifier``, ``score``, ``lm_head``, ...). ``block``, ``attention``: the modules of 1 and 2.
 
 6. **Sub-layer roles** (``attn.sublayer``, ``ffn.residual``, ...: where ``Bottleneck()``'s default
-   ``hook="sublayer"`` sits) only where transformers' module names fix the residual wiring: LLaMA's pre-LN block
-   (exactly ``input_layernorm``, the attention, ``post_attention_layernorm`` and one FFN module; not with a
-   parallel-residual config), Gemma 2/3's sandwich norms (``pre_/post_feedforward_layernorm``), and BERT's post-LN
+   ``hook="sublayer"`` sits) only where transformers' module names fix the residual wiring: pre-LN blocks of
+   exactly the attention, one FFN module and two norms named ``input_layernorm``/``post_attention_layernorm``
+   (LLaMA and most decoders), ``layer_norm1``/``layer_norm2`` (CLIP, SigLIP and BLIP encoders) or
+   ``layernorm_before``/``layernorm_after`` (ViT and its kin) (not with a parallel-residual config), Gemma 2/3's sandwich norms (``pre_/post_feedforward_layernorm``), and BERT's post-LN
    block (``attention.output.{dropout,LayerNorm}``, ``intermediate``, ``output.{dropout,LayerNorm}``); never for a
    block with parameters of its own (gated residuals). Elsewhere pre- and post-LN are not visible in the module tree
    (Whisper and BART have the same modules in the same order; one is pre-LN, the other post-LN): bottleneck adapters
@@ -280,6 +281,14 @@ def _ffn_roles(names: list[str], modules: dict[str, nn.Module], width: int | Non
 _NORM = re.compile(r"norm", re.I)
 
 
+# pre-LN blocks by their norms' names: LLaMA and most decoders; CLIP/SigLIP/BLIP encoders; ViT (transformers 5)
+_PRE_LN = (
+    ("input_layernorm", "post_attention_layernorm"),
+    ("layer_norm1", "layer_norm2"),
+    ("layernorm_before", "layernorm_after"),
+)
+
+
 def _sublayer_roles(
     block: str, modules: dict[str, nn.Module], attns: list[str], model: nn.Module
 ) -> dict[str, list[str]]:
@@ -299,13 +308,14 @@ def _sublayer_roles(
     ]
     if len(own) == 1 and len(rest) == 1:
         attn, ffn = own[0], full[rest[0]]
-        if norms == {"input_layernorm", "post_attention_layernorm"}:  # pre-LN (LLaMA): h = x + f(norm(x))
-            return {
-                "attn.sublayer": [attn],
-                "attn.residual": [full["input_layernorm"]],
-                "ffn.sublayer": [ffn],
-                "ffn.residual": [full["post_attention_layernorm"]],
-            }
+        for before, after in _PRE_LN:  # pre-LN: h = x + f(norm(x))
+            if norms == {before, after}:
+                return {
+                    "attn.sublayer": [attn],
+                    "attn.residual": [full[before]],
+                    "ffn.sublayer": [ffn],
+                    "ffn.residual": [full[after]],
+                }
         sandwich = {"input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                     "post_feedforward_layernorm"}  # fmt: skip
         weighted = all(any(True for _ in kids[k].parameters()) for k in sandwich if k in kids)
