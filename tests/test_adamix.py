@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import adapterkit as ak
-from adapterkit.methods.adamix import AdaMixLoRALinear, MixtureLinear, collapse, collapsed_state
+from adapterkit.methods.adamix import AdaMixLoRALinear, MixtureLinear, collapse, collapsed_state, two_pass_loss
 from adapterkit.methods.bottleneck import _BottleneckBase
 
 from conftest import make_inputs, make_model, output_of
@@ -329,6 +329,16 @@ def test_two_pass_training_step():
     (out_a.loss + cons).backward()
     assert all(p.grad is not None for p in adapters.parameters("mix"))
     opt.step()
+    # the helper runs the same two passes (same RNG state, same routes and dropout masks)
+    torch.manual_seed(4)
+    ref_a, ref_b = model(**x, labels=labels), model(**x, labels=labels)
+    want = ref_a.loss + 0.5 * ak.adamix_consistency_loss(ref_a.logits, ref_b.logits)
+    torch.manual_seed(4)
+    loss, first = two_pass_loss(model, {**x, "labels": labels}, weight=0.5)
+    torch.testing.assert_close(loss, want, atol=0, rtol=0)
+    assert torch.equal(first.logits, ref_a.logits)
+    with pytest.raises(ValueError, match="no loss"):
+        two_pass_loss(model, x)
 
 
 # --- refusals -------------------------------------------------------------------------------------------------

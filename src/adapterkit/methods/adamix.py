@@ -29,7 +29,7 @@ two forward passes of the same batch, which take different random routes::
 
 :func:`adamix_consistency_loss` computes the second term from the two passes' logits; the training loop runs the
 two forwards (it is the *model output* that the term compares, which no component sees, so it cannot be an
-``aux_loss()``). As in the authors' code each KL term treats the other pass's distribution as a constant
+``aux_loss()``); :func:`two_pass_loss` does both for one batch (a Trainer's ``compute_loss``). As in the authors' code each KL term treats the other pass's distribution as a constant
 (``detach_targets=True``, their ``softmax(q.detach())``); the value is the symmetric KL either way.
 
 Init: the experts are drawn independently (each as the plain adapter would be: the bottleneck's up projections
@@ -61,6 +61,7 @@ __all__ = [
     "MixtureLinear",
     "AdaMixLoRALinear",
     "adamix_consistency_loss",
+    "two_pass_loss",
     "collapse",
     "collapsed_state",
 ]
@@ -370,6 +371,32 @@ def adamix_consistency_loss(
     kl_b_a = (target_b.exp() * (target_b - log_a)).sum(dim=-1)  # KL(p_B ‖ p_A)
     kl_a_b = (target_a.exp() * (target_a - log_b)).sum(dim=-1)  # KL(p_A ‖ p_B)
     return 0.5 * (kl_b_a + kl_a_b).mean()
+
+
+def two_pass_loss(
+    model: nn.Module, inputs: Mapping[str, Any], *, mask: torch.Tensor | None = None, weight: float = 1.0
+) -> tuple[torch.Tensor, Any]:
+    """AdaMix's training loss for one batch (§3.2): two forwards of ``inputs`` (the model in training mode, so
+    each draws its own routes), the first pass's task loss plus ``weight`` times :func:`adamix_consistency_loss` of
+    the two passes' ``logits``. ``inputs`` must make the model return a loss (e.g. carry ``labels``).
+
+    For the transformers ``Trainer``::
+
+        class AdaMixTrainer(Trainer):
+            def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+                loss, out = two_pass_loss(model, inputs)
+                return (loss, out) if return_outputs else loss
+
+    Returns:
+        ``(loss, outputs of the first pass)``.
+    """
+    out_a = model(**inputs)
+    out_b = model(**inputs)
+    if getattr(out_a, "loss", None) is None:
+        raise ValueError(
+            "the model returned no loss: give it labels (two_pass_loss adds the consistency term to it)"
+        )
+    return out_a.loss + weight * adamix_consistency_loss(out_a.logits, out_b.logits, mask), out_a
 
 
 # --- inference: one adapter ------------------------------------------------------------------------------------
