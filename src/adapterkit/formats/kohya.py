@@ -1,4 +1,5 @@
-"""Reader of kohya-ss/sd-scripts and LyCORIS single-file adapters (one ``.safetensors`` file, keyed by module).
+"""Reader of kohya-ss/sd-scripts and LyCORIS single-file adapters (one ``.safetensors`` file, keyed by module);
+the writer is :mod:`adapterkit.formats.kohya_write`.
 
 kohya's ``networks/lora.py`` and LyCORIS (``lycoris/kohya.py``) save a Stable Diffusion network as one file whose
 keys are ``<prefix><module path with '.' -> '_'>.<tensor>``:
