@@ -420,3 +420,23 @@ def test_in_place_training_forward_matches_out_of_place(family, monkeypatch):
     assert grads.keys() == ref_grads.keys() and grads
     for n in grads:
         torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_heads_round_trip_through_peft(tmp_path):
+    """A classifier head copy (peft's ``modules_to_save``) travels with the adapter both ways."""
+    x = make_inputs("bert")
+    model = make_model("bert")
+    adapters = ak.attach(model)
+    adapters.add("a", ak.VBLoRA(num_vectors=16, vector_length=8, init_weights=False, heads=["classifier"]))
+    model.eval()
+    perturb(adapters.parameters("a"))
+    expected = logits(model, x)
+    adapters.export("a", tmp_path, format="peft")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["classifier"] and config["task_type"] == "SEQ_CLS"
+    pm = PeftModel.from_pretrained(make_model("bert"), tmp_path).eval()
+    torch.testing.assert_close(logits(pm, x), expected, **TOL)
+    again = make_model("bert")
+    ak.attach(again).load(tmp_path)
+    again.eval()
+    torch.testing.assert_close(logits(again, x), expected, **TOL)
