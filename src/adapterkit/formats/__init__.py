@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from types import ModuleType
 
-from . import adapterhub, adapterhub_export, kohya, native, peft
+from . import adapterhub, adapterhub_export, kohya, kohya_write, native, peft
 from .io import AdapterFileError, pending_config, read_json
 
 __all__ = ["detect", "writer", "AdapterFileError"]
@@ -39,7 +39,8 @@ def detect(path: str | os.PathLike) -> ModuleType:
 
 
 def writer(name: str) -> ModuleType:
-    table = {"peft": peft, "native": native, "adapterkit": native, "adapterhub": adapterhub_export}
+    table = {"peft": peft, "native": native, "adapterkit": native, "adapterhub": adapterhub_export,
+             "kohya": kohya_write}  # fmt: skip
     if name not in table:
-        raise ValueError(f"unknown export format {name!r}; choose one of: peft, native, adapterhub")
+        raise ValueError(f"unknown export format {name!r}; choose one of: peft, native, adapterhub, kohya")
     return table[name]
