@@ -273,12 +273,37 @@ def train(
             help="Prompt template for instruction data: alpaca, plain, or a format string with {instruction} and {input}."
         ),
     ] = "alpaca",
+    chat_template: Annotated[
+        str | None,
+        typer.Option(
+            help="Chat data (a messages column): a Jinja chat template file, or chatml (default: the tokenizer's)."
+        ),
+    ] = None,
     train_on_prompt: Annotated[
-        bool, typer.Option(help="Causal LM: also compute the loss on prompt tokens.")
+        bool,
+        typer.Option(
+            help="Causal LM: also compute the loss on prompt tokens (chat data: on every turn, not only the assistant's)."
+        ),
     ] = False,
     train_size: Annotated[int | None, typer.Option(help="Use only this many (shuffled) training rows.")] = None,
     dev_size: Annotated[int | None, typer.Option(help="Use only this many dev rows.")] = None,
-    max_length: Annotated[int, typer.Option(help="Truncate examples to this many tokens.")] = 128,
+    max_length: Annotated[
+        int | None,
+        typer.Option(help="Truncate examples to this many tokens (default 256, alpaca-lora's cutoff_len)."),
+    ] = None,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            help="Fail when truncation leaves an example without response tokens (default: warn, drop it)."
+        ),
+    ] = False,
+    packing: Annotated[
+        bool,
+        typer.Option(
+            help="Causal LM: pack examples into rows of --max-length tokens (position ids restart per example; no cross-example attention)."
+        ),
+    ] = False,
+    group_by_length: Annotated[bool, typer.Option(help="Batch examples of similar length together.")] = False,
     epochs: Annotated[float, typer.Option(help="Training epochs.")] = 3.0,
     max_steps: Annotated[
         int | None, typer.Option(help="Stop after this many optimizer steps (overrides --epochs).")
@@ -286,7 +311,10 @@ def train(
     batch_size: Annotated[int, typer.Option(help="Batch size per process.")] = 16,
     eval_batch_size: Annotated[int | None, typer.Option(help="Evaluation batch size per process.")] = None,
     grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 1,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 5e-4,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 5e-4,
+    optim: Annotated[
+        str, typer.Option(help="Optimizer: adamw, adamw_8bit (bitsandbytes) or adafactor.")
+    ] = "adamw",
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
     loraplus_ratio: Annotated[
         float | None,
@@ -304,9 +332,31 @@ def train(
     ] = None,
     logging_steps: Annotated[int, typer.Option(help="Log the training loss every N steps.")] = 10,
     save_total_limit: Annotated[int, typer.Option(help="Checkpoints to keep (the best one is always kept).")] = 2,
+    early_stopping: Annotated[
+        int | None, typer.Option(help="Stop after N evaluations without a better dev metric.")
+    ] = None,
+    report_to: Annotated[
+        str, typer.Option(help="Log to none, tensorboard (OUT/checkpoints/runs) or wandb.")
+    ] = "none",
     seed: Annotated[int, typer.Option(help="Seed for the data split, shuffling and initialization.")] = 42,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads per process.")] = None,
     bf16: Annotated[bool, typer.Option(help="bfloat16 mixed precision.")] = False,
+    fp16: Annotated[bool, typer.Option(help="float16 mixed precision (loss scaling).")] = False,
+    dtype: Annotated[
+        str | None, typer.Option(help="Base weights' dtype: bf16, fp16 or fp32 (default: the checkpoint's).")
+    ] = None,
+    quantize: Annotated[
+        str | None,
+        typer.Option(
+            help="QLoRA: quantize the base's linear layers to nf4 or int8 (ak.quantize) before adding the adapter."
+        ),
+    ] = None,
+    quant_backend: Annotated[
+        str, typer.Option(help="Library for --quantize: bitsandbytes or torchao.")
+    ] = "bitsandbytes",
+    gradient_checkpointing: Annotated[
+        bool, typer.Option(help="Recompute activations in the backward pass (less memory, slower).")
+    ] = False,
     cpu: Annotated[bool, typer.Option(help="Train on CPU even if a GPU is present.")] = False,
     fsdp: Annotated[
         bool, typer.Option(help="Shard the model with FSDP2 (fully_shard); launch with torchrun.")
@@ -339,7 +389,17 @@ def train(
         loraplus_ratio=(loraplus_ratio, ">0"), eval_steps=(eval_steps, ">=1"), logging_steps=(logging_steps, ">=1"),
         save_total_limit=(save_total_limit, ">=1"), max_length=(max_length, ">=1"), train_size=(train_size, ">=1"),
         dev_size=(dev_size, ">=1"), dev_fraction=(dev_fraction, ">0"), threads=(threads, ">=1"), seed=(seed, ">=0"),
+        early_stopping=(early_stopping, ">=1"),
     )  # fmt: skip
+    for flag, value, allowed in (
+        ("quantize", quantize, ("nf4", "int8")),
+        ("dtype", dtype, ("bf16", "fp16", "fp32")),
+        ("optim", optim, ("adamw", "adamw_8bit", "adafactor")),
+        ("report-to", report_to, ("none", "tensorboard", "wandb")),
+        ("quant-backend", quant_backend, ("bitsandbytes", "torchao")),
+    ):
+        if value is not None and value not in allowed:
+            raise typer.BadParameter(f"{value!r} is not one of {', '.join(allowed)}", param_hint=f"--{flag}")
     if "." in name or not name:
         raise typer.BadParameter(
             f"adapter names cannot be empty or contain '.', got {name!r}", param_hint="--name"
@@ -550,12 +610,25 @@ def inspect_(
 @_friendly
 def generate(
     adapter: AdapterArg,
-    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Instruction or prompt; repeatable.")],
+    prompt: Annotated[
+        list[str],
+        typer.Option(
+            "--prompt",
+            "-p",
+            help='Instruction or prompt, or a JSON list of chat messages ([{"role": "user", "content": "..."}]); repeatable.',
+        ),
+    ],
     model: ModelOpt = None,
     template: Annotated[
         str | None, typer.Option(help="Prompt template (default: the adapter's training template).")
     ] = None,
     raw: Annotated[bool, typer.Option(help="Send the prompt as is, without a template.")] = False,
+    chat_template: Annotated[
+        str | None,
+        typer.Option(
+            help="Chat template file (or chatml) for chat prompts (default: the adapter's training one)."
+        ),
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 128,
     temperature: Annotated[float, typer.Option(help="Sampling temperature (0: greedy).")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold.")] = 0.9,
@@ -570,7 +643,7 @@ def generate(
     from .ops import run_generate
 
     run_generate(adapter, prompt, model=model, template=template, raw=raw, max_new_tokens=max_new_tokens,
-                 temperature=temperature, top_p=top_p, seed=seed)  # fmt: skip
+                 temperature=temperature, top_p=top_p, seed=seed, chat_template=chat_template)  # fmt: skip
 
 
 # --- serve ----------------------------------------------------------------------------------------------------------------

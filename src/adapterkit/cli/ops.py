@@ -17,6 +17,7 @@ import adapterkit as ak
 from adapterkit.config import config_from_dict
 
 from .models import (
+    DTYPES,
     ModelError,
     check_adapter_size,
     check_output_directory,
@@ -25,6 +26,7 @@ from .models import (
     load_model,
     load_tokenizer,
     model_config,
+    quantize_base,
     read_run,
 )
 
@@ -82,8 +84,13 @@ def _check_heads(adapter: Path, meta: dict[str, Any], net: torch.nn.Module, labe
 
 
 def load_adapted(adapter: str | os.PathLike, *, model: str | None = None, task: str | None = None,
-                 num_labels: int | None = None) -> tuple[torch.nn.Module, ak.Adapters, str, dict[str, Any], Any]:  # fmt: skip
-    """(model, adapters, adapter name, run info, tokenizer): the base model with the adapter loaded and active."""
+                 num_labels: int | None = None,
+                 as_trained: bool = False) -> tuple[torch.nn.Module, ak.Adapters, str, dict[str, Any], Any]:  # fmt: skip
+    """(model, adapters, adapter name, run info, tokenizer): the base model with the adapter loaded and active.
+
+    ``as_trained`` (eval, generate): the base as the run trained on it, in run.json's ``--dtype`` and quantized with
+    its ``--quantize``; otherwise (merge, export) the checkpoint as saved (a QLoRA adapter merges into the dense
+    base)."""
     adapter = Path(adapter)
     meta = _adapter_meta(adapter)
     run = read_run(adapter)
@@ -108,9 +115,17 @@ def load_adapted(adapter: str | os.PathLike, *, model: str | None = None, task: 
         raise ak.AdapterFileError(f"{str(adapter / 'adapter_config.json')!r} is invalid: {e}") from None
     check_adapter_size(base, task, config, source=f"in {str(adapter)!r}")
     tokenizer = load_tokenizer(base)
+    dtype = DTYPES.get(run.get("dtype") or "") if as_trained else None
     net = load_model(
-        base, task, labels=labels, regression=bool(run.get("regression")), pad_token_id=tokenizer.pad_token_id
+        base,
+        task,
+        labels=labels,
+        regression=bool(run.get("regression")),
+        pad_token_id=tokenizer.pad_token_id,
+        dtype=dtype,
     )
+    if as_trained and run.get("quantize"):
+        quantize_base(net, run["quantize"], run.get("quant_backend") or "bitsandbytes", path=base)
     net.eval()
     if task == "classify":
         _check_heads(adapter, meta, net, labels, from_run=run.get("labels") is not None)
@@ -130,7 +145,8 @@ def run_eval(adapter: Path, *, model: str | None, data: str | None, dev: str | N
     from . import data as D
     from .train import argmax_logits, compute_metrics_for
 
-    net, adapters, name, run, tokenizer = load_adapted(adapter, model=model, task=task, num_labels=num_labels)
+    net, adapters, name, run, tokenizer = load_adapted(adapter, model=model, task=task, num_labels=num_labels,
+                                                       as_trained=True)  # fmt: skip
     task = run["task"]
     recipe = dict(run.get("data") or {})
     if data is not None or dev is not None:
@@ -218,15 +234,17 @@ def run_export(adapter: Path, out: Path, *, fmt: str, model: str | None, task: s
 
 
 def run_generate(adapter: Path, prompts: list[str], *, model: str | None, template: str | None, raw: bool,
-                 max_new_tokens: int, temperature: float, top_p: float, seed: int) -> list[str]:  # fmt: skip
+                 max_new_tokens: int, temperature: float, top_p: float, seed: int,
+                 chat_template: str | None = None) -> list[str]:  # fmt: skip
     """Generate a response per prompt with a causal LM and its adapter; prints and returns them.
 
     Prompts are rendered with the adapter's training template (``--template`` to change it, ``--raw`` to send
-    them as they are).
+    them as they are); chat adapters and JSON messages prompts with the chat template (see ``cli/chat.py``).
     """
+    from .chat import chat_prompt
     from .data import render_prompt
 
-    net, adapters, name, run, tokenizer = load_adapted(adapter, model=model, task="causal-lm")
+    net, adapters, name, run, tokenizer = load_adapted(adapter, model=model, task="causal-lm", as_trained=True)
     if run.get("task", "causal-lm") != "causal-lm":
         raise ModelError(f"adapter {name!r} was trained for {run['task']}; generate needs a causal-lm adapter")
     template = template or run.get("template") or "alpaca"
@@ -235,8 +253,9 @@ def run_generate(adapter: Path, prompts: list[str], *, model: str | None, templa
     outputs = []
     torch.manual_seed(seed)
     for prompt in prompts:
-        text = render_prompt(template, prompt) if use_template else prompt
-        enc = tokenizer(text, return_tensors="pt")
+        chat = chat_prompt(tokenizer, prompt, run, raw=raw, chat_template=chat_template)
+        text = chat if chat is not None else render_prompt(template, prompt) if use_template else prompt
+        enc = tokenizer(text, return_tensors="pt", add_special_tokens=chat is None)
         enc = {k: enc[k] for k in ("input_ids", "attention_mask") if k in enc}  # no token_type_ids for decoders
         gen = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
         if temperature > 0:
