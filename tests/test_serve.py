@@ -311,6 +311,28 @@ def test_chat_template_of_the_tokenizer(server, files):
     assert chat.usage.prompt_tokens == len(ids)
 
 
+def test_chat_uses_the_template_an_adapter_was_trained_with(server, files):
+    """An adapter trained with ``--chat-template`` carries it in its run.json; chats with that adapter use it
+    (issue 19, item 10: ``generate`` and ``serve`` render like training), other models keep the tokenizer's."""
+    srv, port = server
+    client = _client(port)
+    run = files["adapters"] / "lora-b" / "run.json"
+    template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+    run.write_text(json.dumps({"chat_template": template}))
+    messages = [{"role": "user", "content": "the film is good"}]
+    try:
+        chat = client.chat.completions.create(model="lora-b", messages=messages, max_tokens=5, temperature=0)
+        other = client.chat.completions.create(model="lora-a", messages=messages, max_tokens=5, temperature=0)
+    finally:
+        run.unlink()
+    ids = srv.tokenizer("<user>the film is good<assistant>", add_special_tokens=False)["input_ids"]
+    plain = client.completions.create(model="lora-b", prompt=ids, max_tokens=5, temperature=0)
+    assert chat.choices[0].message.content == plain.choices[0].text and chat.usage.prompt_tokens == len(ids)
+    fallback = client.completions.create(model="lora-a", prompt="user: the film is good\nassistant:", max_tokens=5,
+                                         temperature=0)  # fmt: skip
+    assert other.choices[0].message.content == fallback.choices[0].text
+
+
 def test_client_disconnect_cancels_its_request(server):
     srv, port = server
     srv.engine.step_delay = 0.02

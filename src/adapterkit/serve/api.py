@@ -5,8 +5,9 @@ The HTTP side only validates, tokenizes, queues (:class:`~adapterkit.serve.engin
 engine thread runs the model. Fields outside the supported set are refused with 400 (never ignored);
 errors follow OpenAI's schema ``{"error": {"message", "type", "param", "code"}}``.
 
-Chat prompts use the tokenizer's chat template when it has one; otherwise the plain fallback
-``"{role}: {content}\\n"`` per message followed by ``"assistant:"``.
+Chat prompts use the chat template the adapter was trained with (``chat_template`` in its ``run.json``, written by
+``adapterkit train --chat-template``), else the tokenizer's, else the plain fallback ``"{role}: {content}\\n"`` per
+message followed by ``"assistant:"``.
 """
 
 from __future__ import annotations
@@ -197,6 +198,20 @@ def _completion_prompt(state: ServerState, body: dict[str, Any]) -> list[int]:
     raise ApiError(400, "prompt must be a string or a list of token ids (one prompt per request)", "prompt")
 
 
+def _adapter_chat_template(state: ServerState, model: Any) -> str | None:
+    """The chat template adapter ``model`` was trained with (its directory's ``run.json``), None for the base
+    model, unknown names and adapters trained without one."""
+    entry = state.pool.get(model) if isinstance(model, str) else None
+    if entry is None:
+        return None
+    run = entry.path / "run.json"
+    try:
+        template = json.loads(run.read_text()).get("chat_template") if run.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return template if isinstance(template, str) and template else None
+
+
 def _chat_prompt(state: ServerState, body: dict[str, Any]) -> list[int]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -214,8 +229,9 @@ def _chat_prompt(state: ServerState, body: dict[str, Any]) -> list[int]:
             raise ApiError(400, "message content must be a string", "messages")
         clean.append({"role": m["role"], "content": content})
     tok = state.tokenizer
-    if getattr(tok, "chat_template", None):
-        text = tok.apply_chat_template(clean, add_generation_prompt=True, tokenize=False)
+    template = _adapter_chat_template(state, body.get("model"))
+    if template is not None or getattr(tok, "chat_template", None):
+        text = tok.apply_chat_template(clean, chat_template=template, add_generation_prompt=True, tokenize=False)
         return list(tok(text, add_special_tokens=False)["input_ids"])
     text = "".join(f"{m['role']}: {m['content']}\n" for m in clean) + "assistant:"
     return list(tok(text)["input_ids"])
