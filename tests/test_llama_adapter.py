@@ -321,7 +321,8 @@ def test_too_many_layers_is_refused():
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("adapter_len", 0), ("adapter_layers", 0), ("gate", "token"), ("adapter_len", 2.5)]
+    ("field", "value"),
+    [("adapter_len", 0), ("adapter_layers", 0), ("gate", "token"), ("adapter_len", 2.5), ("project_output", 1)],
 )
 def test_bad_config_values(field, value):
     with pytest.raises(ValueError, match=field):
@@ -380,13 +381,43 @@ def tiny_llama_with_bias() -> nn.Module:
     return LlamaForCausalLM(LlamaConfig(**_COMMON, attention_bias=True)).eval()
 
 
-def test_peft_gpt2_file_is_refused(tmp_path):
-    pm = get_peft_model(make_model("gpt2"), AdaptionPromptConfig(adapter_len=2, adapter_layers=1))
-    pm.save_pretrained(tmp_path)
+def test_peft_gpt2_both_ways(tmp_path):
+    """peft's GPT-2 path adds the result without c_proj: its files load as project_output=False, equal logits."""
+    x = make_inputs("gpt2")
+    x["attention_mask"][1, :2] = 0
+    pm = get_peft_model(make_model("gpt2"), AdaptionPromptConfig(adapter_len=3, adapter_layers=2)).eval()
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "adaption_" in n:
+                p.normal_(generator=torch.Generator().manual_seed(len(n)))
+    pm.save_pretrained(tmp_path / "peft")
     adapters = ak.attach(make_model("gpt2"))
-    with pytest.raises(AdapterFileError, match="without the output projection c_proj"):
-        adapters.load(tmp_path)
-    assert adapters.names == []
+    adapters.load(tmp_path / "peft", name="p")
+    assert adapters.config("p") == ak.LlamaAdapter(adapter_len=3, adapter_layers=2, project_output=False)
+    ours = logits(adapters.model, x)
+    torch.testing.assert_close(ours, logits(pm, x), **TOL)
+    adapters.export("p", tmp_path / "ours", format="peft")
+    back = PeftModel.from_pretrained(make_model("gpt2"), tmp_path / "ours").eval()
+    torch.testing.assert_close(logits(back, x), ours, **TOL)
+    adapters.add("projected", ak.LlamaAdapter(adapter_len=3))
+    with pytest.raises(ValueError, match="project_output=True"):
+        adapters.export("projected", tmp_path / "no", format="peft")
+
+
+def test_routed_rows_mix_projected_and_unprojected():
+    model = make_model("gpt2")
+    adapters = ak.attach(model)
+    adapters.add("a", ak.LlamaAdapter(adapter_len=3, init_weights=False))
+    adapters.add("b", ak.LlamaAdapter(adapter_len=2, init_weights=False, project_output=False))
+    x = make_inputs("gpt2", batch=3)
+    rows = ["b", "a", None]
+    with adapters.route(rows):
+        mixed = logits(model, x)
+    for i, name in enumerate(rows):
+        with adapters.use(name):
+            torch.testing.assert_close(
+                mixed[i : i + 1], logits(model, {k: v[i : i + 1] for k, v in x.items()}), **TOL
+            )
 
 
 def test_peft_file_for_another_depth_is_refused(tmp_path):

@@ -12,12 +12,13 @@ key                                                    shape                    
 =====================================================  ==========================  ==============================
 
 peft adapts the top ``adapter_layers`` modules whose names end in ``.<target_modules>``, so a file is read as
-``LlamaAdapter(adapter_len, adapter_layers)`` and its modules must be the ones that config plans here. Refused,
-with the reason: peft's GPT-2 files (peft adds the result without the output projection ``c_proj``, adapterkit
-projects it as on LLaMA, so the two compute different things), ``modules_to_save``, and on export per-head gates
-(``gate="head"``: peft has one gate per layer), models peft cannot load (its ``adaption_prompt`` knows
-``llama`` and ``mistral``; others get ``format="native"``), output projections with a bias (peft adds the bias
-twice) and adapters on another set of layers than peft's top ``adapter_layers``.
+``LlamaAdapter(adapter_len, adapter_layers)`` and its modules must be the ones that config plans here. peft's GPT-2
+path adds the gated result without the output projection ``c_proj``: GPT-2 files load as
+``project_output=False``, and only such GPT-2 adapters export (LLaMA/Mistral ones need ``project_output=True``).
+Refused, with the reason: ``modules_to_save``, and on export per-head gates (``gate="head"``: peft has one gate per
+layer), models peft cannot load (its ``adaption_prompt`` knows ``llama``, ``mistral`` and ``gpt2``; others get
+``format="native"``), output projections with a bias (peft adds the bias to the adapter's output) and adapters on
+another set of layers than peft's top ``adapter_layers``.
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ from .peft import PREFIX, Fields, task_type, write
 
 PEFT_TYPE = "ADAPTION_PROMPT"
 METHOD = "llama_adapter"
-# peft's TRANSFORMERS_MODEL_CONFIG: the model types it adapts the way we do (through o_proj) and their attention
-# attribute; gpt2 is in peft's table too, but computed without the output projection (refused, see above)
-PEFT_MODEL_TYPES = {"llama": "self_attn", "mistral": "self_attn"}
+# peft's TRANSFORMERS_MODEL_CONFIG: model type -> (attention attribute, whether the result goes through the output
+# projection, i.e. our project_output)
+PEFT_MODEL_TYPES = {"llama": ("self_attn", True), "mistral": ("self_attn", True), "gpt2": ("attn", False)}
 _SUFFIXES = {"adaption_prompt": "adaption_prompt", "adaption_gate": "adaption_gate"}
 
 __all__ = ["PEFT_TYPE", "METHOD", "save", "load"]
@@ -58,8 +59,14 @@ def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
     mtype = _model_type(ctl)
     if mtype not in PEFT_MODEL_TYPES:
         raise ValueError(
-            f"peft's adaption_prompt supports {', '.join(sorted(PEFT_MODEL_TYPES))} models (and GPT-2, computed "
-            f"without the output projection), not {mtype!r}: peft could not load this export; use format='native'"
+            f"peft's adaption_prompt supports {', '.join(sorted(PEFT_MODEL_TYPES))} models, not {mtype!r}: peft "
+            "could not load this export; use format='native'"
+        )
+    target, projected = PEFT_MODEL_TYPES[mtype]
+    if cfg.project_output != projected:
+        raise ValueError(
+            f"peft's adaption_prompt on {mtype} adds the result {'through' if projected else 'without'} the output "
+            f"projection, but adapter {name!r} has project_output={cfg.project_output}; use format='native'"
         )
     if cfg.gate != "layer":
         raise ValueError(
@@ -73,7 +80,6 @@ def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
             f"adapter {name!r} has head copies (heads=...), which peft's adaption_prompt does not save; use "
             "format='native'"
         )
-    target = PEFT_MODEL_TYPES[mtype]
     sites = sorted(comps, key=list(dict(ctl.model.named_modules())).index)
     parents = _peft_parents(ctl, target)
     if sites != parents[len(parents) - len(sites) :]:
@@ -86,7 +92,7 @@ def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
         comp = comps[site]
         assert isinstance(comp, AdaptionPrompt)
         out = comp.layout.out
-        if out is not None and isinstance(getattr(out, "bias", None), torch.Tensor):
+        if projected and out is not None and isinstance(getattr(out, "bias", None), torch.Tensor):
             raise ValueError(
                 f"{site}'s output projection has a bias, which peft adds to the adapter's output (so its model is "
                 "no identity at a zero gate and differs from ours); use format='native'"
@@ -112,11 +118,7 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
     data, raw = read_adapter(directory, "adapter_model", allow_pickle=allow_pickle)
     fields = Fields(data, directory)
     n, layers = fields.integer("adapter_len"), fields.integer("adapter_layers")
-    if _model_type(ctl) == "gpt2":
-        raise AdapterFileError(
-            f"{directory}: peft's GPT-2 adaption prompt adds its result without the output projection c_proj; "
-            "adapterkit projects it (as peft does on LLaMA), so this file cannot be loaded exactly"
-        )
+    default_target, projected = PEFT_MODEL_TYPES.get(_model_type(ctl) or "", ("self_attn", True))
     if fields.names("modules_to_save"):
         raise AdapterFileError(f"{fields.where}: modules_to_save with adaption prompts is not supported")
     name = name or "default"
@@ -124,10 +126,10 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
     _, per_site, _ = read_sites(
         ctl, raw, fields, path, _SUFFIXES, "adaption prompts (keys ending in '.adaption_prompt')"
     )
-    target = data.get("target_modules") or PEFT_MODEL_TYPES.get(_model_type(ctl) or "", "self_attn")
+    target = data.get("target_modules") or default_target
     if not isinstance(target, str):
         raise fields.error("target_modules", target, "the attention modules' name (a string)")
-    cfg = fields.build(LlamaAdapter, adapter_len=n, adapter_layers=layers)
+    cfg = fields.build(LlamaAdapter, adapter_len=n, adapter_layers=layers, project_output=projected)
     planned = list(ctl.plan(cfg).components) if per_site else []
     if sorted(planned) != sorted(per_site) or not all(s.endswith("." + target) for s in per_site):
         raise AdapterFileError(
@@ -140,7 +142,7 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
         if set(state) != set(_SUFFIXES.values()):
             raise ValueError(f"{site} needs adaption_prompt and adaption_gate, the file has {sorted(state)}")
         out = comp.layout.out
-        if out is not None and isinstance(getattr(out, "bias", None), torch.Tensor):
+        if projected and out is not None and isinstance(getattr(out, "bias", None), torch.Tensor):
             raise ValueError(
                 f"{site}'s output projection has a bias, which peft adds to the adapter's output; adapterkit "
                 "leaves it out (identity at a zero gate), so this file cannot be loaded exactly"

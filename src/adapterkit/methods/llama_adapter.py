@@ -35,8 +35,8 @@ Mistral and GPT-2 only) leaves open, all "as the layer computes its own attentio
   model peft supports: none has an ``o_proj`` bias; with a bias peft's adapter is no identity at init). When the
   attention module returns the heads before the projection (BERT's ``attention.self``), the result is added
   there and the model's own projection follows. Either way ``W_o`` sees ``attention + adapter``, as in the paper.
-  peft's GPT-2 path adds the result *without* ``c_proj``; our GPT-2 projects it, so GPT-2 files are not
-  exchanged with peft.
+  peft's GPT-2 path adds the result *without* ``c_proj`` (after the attention output); ``project_output=False``
+  does the same (peft's GPT-2 files load as such, and only such GPT-2 adapters export to peft).
 
 Gates (``gate``): ``"layer"`` is one scalar per layer (peft's ``adaption_gate: (1,)``, the authors' v1 code);
 ``"head"`` is one per query head (the per-head gating of the authors' later code; not exportable to peft).
@@ -88,6 +88,8 @@ class LlamaAdapter(AdapterConfig):
         gate: ``"layer"`` (one zero-initialized scalar per layer, peft) or ``"head"`` (one per query head).
         init_weights: True: gates start at zero (the adapted model equals the base); False: gates from
             ``N(0, 1)``. Prompts are drawn from ``N(0, 1)`` either way (peft, the authors' ``nn.Embedding``).
+        project_output: True: the gated result goes through the attention's output projection (the paper; peft on
+            LLaMA/Mistral). False: it is added to the attention output unprojected (peft's GPT-2 path).
         targets: default ``["attention"]`` (the attention modules of the model's profile); ``layers`` keeps
             some layer indices, of which the top ``adapter_layers`` are used.
     """
@@ -96,6 +98,7 @@ class LlamaAdapter(AdapterConfig):
     adapter_layers: int | None = None
     gate: str = "layer"
     init_weights: bool = True
+    project_output: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -112,6 +115,8 @@ class LlamaAdapter(AdapterConfig):
             )
         if self.gate not in _GATES:
             raise ValueError(f"gate must be one of {', '.join(map(repr, _GATES))}, got {self.gate!r}")
+        if not isinstance(self.project_output, bool):
+            raise ValueError(f"project_output must be True or False, got {self.project_output!r}")
 
     def default_targets(self, roles: Mapping[str, Any]) -> tuple[str, ...]:
         if "attention" not in roles:
@@ -371,6 +376,7 @@ class AdaptionPrompt(Component):
         self.adaption_prompt = nn.Parameter(torch.empty(1, cfg.adapter_len, layout.hidden, **factory))
         self.adaption_gate = nn.Parameter(torch.zeros(1 if cfg.gate == "layer" else layout.heads, **factory))
         self.per_head = cfg.gate == "head"
+        self.project_output = cfg.project_output
         object.__setattr__(self, "layout", layout)  # the model's own modules: not registered as children
         object.__setattr__(self, "_module_ref", attention)
         self._rope_taken = takes(type(attention), "position_embeddings")
@@ -431,13 +437,13 @@ class AdaptionPrompt(Component):
         g = self.adaption_gate.to(dtype)
         return g.view(1, -1, 1, 1) if self.per_head else g
 
-    def project(self, heads_out: torch.Tensor) -> torch.Tensor:
+    def project(self, heads_out: torch.Tensor, through_out: bool | None = None) -> torch.Tensor:
         """``(B, H, L, hd) -> (B, L, width)``: through the output projection (without its bias) when it is inside
-        the attention module, else the concatenated heads."""
+        the attention module and ``through_out`` (default: ``project_output``) is on, else the concatenated heads."""
         b, _, length, _ = heads_out.shape
         x = heads_out.transpose(1, 2).reshape(b, length, -1)
         out = self.layout.out
-        if out is None:
+        if out is None or not (self.project_output if through_out is None else through_out):
             return x
         y = out(x)
         bias = getattr(out, "bias", None)
@@ -500,6 +506,17 @@ class AdaptionPrompt(Component):
             gates[rows] = c.adaption_gate.to(q.dtype).expand(lay.heads)
         k, v = head.prompt_kv(prompts)
         s = gates[:, :, None, None] * head.scores(q, k, mask[:, None, None, :])
-        delta = head.project(torch.matmul(s, v.to(q.dtype)))
+        heads_out = torch.matmul(s, v.to(q.dtype))
+        kinds = {c.project_output for c in comps if c is not None}
+        if len(kinds) == 1:
+            delta = head.project(heads_out)
+        else:  # some adapters add the result through the output projection, others unprojected
+            projected = torch.zeros(batch, dtype=torch.bool, device=q.device)
+            for (_, rows), c in zip(plan.groups, comps):
+                if c is not None and c.project_output:
+                    projected[rows] = True
+            delta = torch.where(
+                projected[:, None, None], head.project(heads_out, True), head.project(heads_out, False)
+            )
         new = out + delta.to(out.dtype)
         return (new, *y[1:]) if isinstance(y, tuple) else new
