@@ -1,5 +1,6 @@
 """AdapterHub prefix tuning, prompt tuning, MAM and UniPELT (issue 16 item 1), and the options they need:
-``PrefixTuning(positions="keep", gated=True)``, ``SequenceGated``, ``EmbeddingPrompt``.
+``PrefixTuning(positions="keep", gated=True)``, ``SequenceGated``, ``EmbeddingPrompt``; and SeqBnInv on BERT/GPT-2
+(``Invertible(dim=...)`` after a non-embedding module).
 
 The fixtures (tests/fixtures/adapterhub, written by the real ``adapters`` 1.3.0 library) are read with
 ``adapters.load`` and give the library's outputs; tests/test_adapterhub.py runs every fixture, this file checks
@@ -166,6 +167,29 @@ def test_embedding_prompt_needs_an_embeddings_module():
         adapters.add("p", ak.EmbeddingPrompt(num_virtual_tokens=2))
     with pytest.raises(ValueError, match="num_virtual_tokens"):
         ak.EmbeddingPrompt(num_virtual_tokens=0)
+
+
+@pytest.mark.parametrize(
+    ("case", "site"), [("bert_seq_bn_inv", "embeddings"), ("gpt2_seq_bn_inv", "transformer.drop")]
+)
+def test_seq_bn_inv_couples_where_the_library_hooks_it(case, site):
+    """SeqBnInv: the NICE coupling after BERT's embeddings module / GPT-2's drop (after wte + wpe), as the library's
+    post_embedding_forward hooks; no inverse at the LM head (a plain model under adapters.init has none)."""
+    model, adapters = _load(case)
+    _, invertible = adapters.config("task").configs
+    assert isinstance(invertible, ak.Invertible)
+    assert (tuple(invertible.targets), invertible.dim, invertible.inverse_at_output) == ((site,), 32, False)
+    assert _diff(model, case) <= TOL
+
+
+def test_invertible_dim_is_checked():
+    adapters = ak.attach(make_model("llama"))
+    with pytest.raises(ValueError, match="outputs 32 features, but dim=16"):
+        adapters.add("i", ak.Invertible(dim=16))
+    with pytest.raises(TargetError, match="invertible cannot act on"):
+        adapters.add("j", ak.Invertible(targets=["model.norm"]))
+    with pytest.raises(ValueError, match="dim must be an integer >= 2"):
+        ak.Invertible(dim=1)
 
 
 # --- PrefixTuning(positions="keep") -------------------------------------------------------------------------

@@ -9,11 +9,12 @@ arrangement of the two (``original_ln_before``, ``original_ln_after``, ``residua
 Compacter/Compacter++ config loads as that, on the ``attn.sublayer`` (``mh_adapter``) and ``ffn.sublayer``
 (``output_adapter``) module of each stored layer.
 
-- **SeqBnInv**: the SeqBn plus the NICE coupling (``<p>invertible_adapters.<name>.{F,G}.{0,2}``) on the token
-  embedding's output (LLaMA's ``embed_tokens``), as our :class:`~adapterkit.methods.invertible.Invertible` with
-  ``inverse_at_output=False`` (a union): AdapterHub applies the inverse only inside its flex LM heads, not on a plain
-  transformers model's ``lm_head`` under ``adapters.init``. GPT-2 (coupling after the position embeddings) and BERT
-  (after the embeddings' LayerNorm) are refused: ours acts on the token embedding's output only.
+- **SeqBnInv**: the SeqBn plus the NICE coupling (``<p>invertible_adapters.<name>.{F,G}.{0,2}``) where the
+  library's ``post_embedding_forward`` hook puts it: the token embedding's output on LLaMA (``embed_tokens``), the
+  output of GPT-2's ``drop`` (after ``wte + wpe``) and of BERT's ``embeddings`` module (after the position
+  embeddings and the LayerNorm), as our :class:`~adapterkit.methods.invertible.Invertible` (with ``dim`` for the
+  last two) and ``inverse_at_output=False`` (a union): AdapterHub applies the inverse only inside its flex LM heads,
+  not on a plain transformers model's ``lm_head`` under ``adapters.init``. Other model types are refused.
 
 Keys: ``<location>.adapters.<name>.adapter_down.0.{weight,bias}`` (``Sequential(Linear, act)``; with ``ln_before``
 ``Sequential(LayerNorm, Linear, act)``, the LayerNorm also stored as ``adapter_norm_before``), ``adapter_up.*``,
@@ -306,9 +307,11 @@ def plan_of(ctl: Any, path: str | os.PathLike, info: AdapterHubFile) -> Plan:
     return Plan(cfg, comps)
 
 
-# model types where AdapterHub applies the invertible adapter to the token embedding's output (LLaMA hooks
-# embed_tokens); GPT-2 applies it after the position embeddings (on `drop`), BERT after the embeddings' LayerNorm
+# where AdapterHub applies the invertible adapter (its ``post_embedding_forward`` hooks), by model type: the token
+# embedding's output (LLaMA's embed_tokens: our `embed` role), or the output of a base-model module: GPT-2's
+# `drop` (after wte + wpe), BERT's `embeddings` (after the position embeddings and the LayerNorm)
 _INVERTIBLE_ON_TOKENS = ("llama",)
+_INVERTIBLE_AFTER = {"gpt2": "drop", "bert": "embeddings"}
 
 
 def _invertible(ctl: Any, fields: Fields, info: AdapterHubFile, path: Any) -> Invertible:
@@ -316,24 +319,38 @@ def _invertible(ctl: Any, fields: Fields, info: AdapterHubFile, path: Any) -> In
     (AdapterHub registers that inverse only on its flex language-modelling heads; a plain transformers model under
     ``adapters.init`` runs its LM head on the un-inverted hidden states)."""
     model_type = getattr(getattr(ctl.model, "config", None), "model_type", None)
-    if model_type not in _INVERTIBLE_ON_TOKENS:
-        raise AdapterFileError(
-            f"{path}: AdapterHub applies the invertible adapter of a {model_type!r} model after the position "
-            "embeddings (GPT-2) or the embeddings' LayerNorm (BERT), where ours cannot act yet: it needs an "
-            "'after the embeddings' site, issue 16 item 2"
-        )
-    family, roles = profile_for(ctl.model)
-    try:
-        embed = select(ctl.model, ["embed"], family=family, roles=roles)
-    except TargetError as e:
-        raise AdapterFileError(f"{path}: no token embedding for the invertible adapter ({e})") from None
     factor = info.config.get("inv_adapter_reduction_factor") or 2
+    extra: dict[str, Any] = {}
+    if model_type in _INVERTIBLE_AFTER:
+        base = getattr(ctl.model, getattr(ctl.model, "base_model_prefix", "") or "", ctl.model)
+        module = getattr(base, _INVERTIBLE_AFTER[model_type], None)
+        names = [n for n, m in base_modules(ctl.model).items() if m is module and module is not None]
+        width = getattr(ctl.model.config, "hidden_size", None)
+        if len(names) != 1 or not isinstance(width, int):
+            raise AdapterFileError(
+                f"{path}: no {_INVERTIBLE_AFTER[model_type]!r} module (or hidden_size) in this "
+                f"{type(ctl.model).__name__} for AdapterHub's invertible adapter"
+            )
+        targets, extra = tuple(names), {"dim": width}
+    elif model_type in _INVERTIBLE_ON_TOKENS:
+        family, roles = profile_for(ctl.model)
+        try:
+            targets = tuple(select(ctl.model, ["embed"], family=family, roles=roles))
+        except TargetError as e:
+            raise AdapterFileError(f"{path}: no token embedding for the invertible adapter ({e})") from None
+    else:
+        raise AdapterFileError(
+            f"{path}: AdapterHub's invertible adapter on a {model_type!r} model is not read (read for "
+            f"{', '.join(sorted((*_INVERTIBLE_AFTER, *_INVERTIBLE_ON_TOKENS)))}: where the library hooks it is "
+            "checked per model type)"
+        )
     return fields.build(
         Invertible,
         reduction_factor=factor,
         non_linearity=_activation(fields, info),
         inverse_at_output=False,
-        targets=tuple(embed),
+        targets=targets,
+        **extra,
     )
 
 

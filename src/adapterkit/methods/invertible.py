@@ -14,7 +14,8 @@ output embeddings::
 last hidden states back before the tied output embeddings.
 
 Sites: the ``embed`` role (every input embedding that runs: T5/BART's encoder and decoder ``embed_tokens`` share
-one coupling, as both read the same vocabulary embedding), plus the model's output embeddings
+one coupling, as both read the same vocabulary embedding), or any module returning ``(..., dim)`` given as target
+with ``dim`` (AdapterHub's sites: BERT's ``embeddings``, GPT-2's ``drop`` after ``wte + wpe``), plus the model's output embeddings
 (``get_output_embeddings()``: GPT-2/LLaMA/T5 ``lm_head``), where the inverse is applied to the module's input.
 Models without output embeddings (classifiers) get the forward coupling only. The coupling's parameters live in
 the first embedding's component; the others hold a reference, so they are trained, counted and saved once.
@@ -53,6 +54,10 @@ class Invertible(AdapterConfig):
         reduction_factor: width of ``F``/``G``: ``half // reduction_factor`` (at least 1).
         non_linearity: activation inside ``F`` and ``G``.
         inverse_at_output: apply the inverse on the input of the model's output embeddings (when it has them).
+        dim: the feature width ``d`` of targets that are not embedding or linear layers, e.g. the module after
+            which AdapterHub applies the coupling: BERT's ``embeddings`` (after the position embeddings and the
+            LayerNorm), GPT-2's ``drop`` (after ``wte + wpe``); None: read from the targets (``nn.Embedding`` /
+            linear output width).
         init_weights: True: exact identity at init; False: random (for tests).
         targets: default ``["embed"]`` (modules whose output is ``(..., d)``: ``nn.Embedding`` or linear layers).
     """
@@ -60,6 +65,7 @@ class Invertible(AdapterConfig):
     reduction_factor: float = 2
     non_linearity: str = "relu"
     inverse_at_output: bool = True
+    dim: int | None = None
     init_weights: bool = True
 
     def __post_init__(self) -> None:
@@ -67,26 +73,37 @@ class Invertible(AdapterConfig):
         activation(self.non_linearity)
         if not self.reduction_factor > 0:
             raise ValueError(f"reduction_factor must be positive, got {self.reduction_factor!r}")
+        if self.dim is not None and (isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim < 2):
+            raise ValueError(f"dim must be an integer >= 2 (the feature width of the targets), got {self.dim!r}")
 
     def default_targets(self, roles: Mapping[str, Any]) -> tuple[str, ...]:
         return ("embed",)
 
     def accepts(self, module: nn.Module) -> bool:
-        return _out_dim(module) is not None
+        return _out_dim(module) is not None or self.dim is not None
 
-    def build(self, module: nn.Module, name: str) -> Component:
+    def build(self, module: nn.Module, name: str, like: torch.Tensor | None = None) -> Component:
         dim = _out_dim(module)
-        if dim is None:
+        if dim is None and self.dim is None:
             raise TypeError(
-                f"an invertible adapter acts on token embeddings (..., d); {name!r} is a {type(module).__name__}"
+                f"an invertible adapter acts on token embeddings (..., d); {name!r} is a {type(module).__name__} "
+                "(pass dim=<feature width> to put it after another module)"
             )
-        return InvertibleEmbedding(NICECoupling(dim, self, module.weight))
+        if dim is not None and self.dim is not None and dim != self.dim:
+            raise ValueError(f"{name!r} outputs {dim} features, but dim={self.dim}")
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            weight = next(module.parameters(), None) if like is None else like
+        if weight is None:
+            weight = torch.empty(0)
+        return InvertibleEmbedding(NICECoupling(dim or self.dim, self, weight))
 
     def build_all(
         self, modules: Mapping[str, nn.Module], targets: list[str], select: Callable[[Sequence[Any]], list[str]]
     ) -> dict[str, Component]:
         """One coupling for all embedding sites (owned by the first), and its inverse at the output embeddings."""
-        comps = {n: self.build(modules[n], n) for n in targets}
+        like = next(modules[""].parameters(), None) if "" in modules else None
+        comps = {n: self.build(modules[n], n, like) for n in targets}
         dims = {c.coupling.dim for c in comps.values()}
         if len(dims) > 1:
             raise ValueError(f"the targets of an invertible adapter must share one width, got {sorted(dims)}")
@@ -196,6 +213,11 @@ class InvertibleEmbedding(Component):
             self.coupling.reset()
 
     def post(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.coupling(y)
+
+    def post_call(self, args: tuple[Any, ...], kwargs: dict[str, Any], y: Any) -> Any:
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"an invertible adapter needs a module returning (..., d), got {type(y).__name__}")
         return self.coupling(y)
 
 
