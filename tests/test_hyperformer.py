@@ -345,3 +345,27 @@ def test_config_round_trips():
 
     for cfg in (ak.HyperFormer(), CASES[3][1]):
         assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_generated_weights_are_reused_without_autograd_until_the_hypernetwork_changes(monkeypatch):
+    """Decoding calls the model again and again for the same tasks: without autograd the generated weights are
+    kept; an in-place change of the hypernetwork (an optimizer step, loading) regenerates them."""
+    model, adapters = setup(*CASES[0])
+    x = make_inputs("bert", batch=2)
+    calls = []
+    original = HyperNetwork.generate
+    monkeypatch.setattr(HyperNetwork, "generate", lambda self, *a: calls.append(1) or original(self, *a))
+    first = out(model, x, [0, 2])
+    n_sites = len(generated_sites(adapters))
+    assert len(calls) == n_sites
+    assert torch.equal(out(model, x, [0, 2]), first) and len(calls) == n_sites  # reused
+    out(model, x, [1, 2])
+    assert len(calls) == 2 * n_sites  # other tasks
+    with torch.no_grad():
+        bank_of(adapters).generators["up_bias"].bias.add_(0.5)
+    changed = out(model, x, [0, 2])
+    assert len(calls) == 3 * n_sites and not torch.equal(changed, first)
+    with torch.enable_grad():  # with autograd: generated at every call (the graph must reach the hypernetwork)
+        output_of(model, {**x, "task_ids": [0, 2]})
+        output_of(model, {**x, "task_ids": [0, 2]})
+    assert len(calls) == 5 * n_sites

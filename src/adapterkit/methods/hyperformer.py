@@ -29,7 +29,10 @@ Position ids name the adapter's place inside its layer by the profile role of th
 Task ids: one per row (``model(**batch, task_ids=ids)``, ``with adapters.tasks(ids):``, ``generate(..., task_ids=)``;
 see :mod:`adapterkit.context`); ``default_task`` for rows without ids; ``n_tasks=1`` needs none. A batch mixing
 tasks generates the weights once per distinct task in the batch and applies each row its task's (a batched matmul
-over the rows' gathered weights); a batch of one task runs the plain adapter's ``F.linear``.
+over the rows' gathered weights); a batch of one task runs the plain adapter's ``F.linear``. Without autograd
+(serving, decoding) a site keeps the weights it generated for the latest set of tasks and reuses them while every
+hypernetwork tensor has the same storage and version (optimizer steps, in-place edits, loading and ``.to()``
+regenerate).
 
 :func:`materialize` turns the adapter generated for one task (or for a new vector: MAD-G's zero-shot generation
 for an unseen language) into a plain ``ak.Bottleneck`` adapter at the same sites, which saves, loads and exports as
@@ -467,11 +470,33 @@ class _Generated:
         device = bank.layer_embedding.device
         ids = self._ids(rows, device)
         tasks, inverse = torch.unique(ids, return_inverse=True)  # weights per distinct task, not per row
-        w = self.generated(bank.task_codes(tasks))
+        w = self._cached(tasks)
+        if w is None:
+            w = self.generated(bank.task_codes(tasks))
+            if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+                self.__dict__["_generation_cache"] = (self._cache_key(tasks), w)
         self.down.current = (w["down_weight"], w["down_bias"], inverse)
         self.up.current = (w["up_weight"], w["up_bias"], inverse)
         for ln in bank.norms:
             getattr(self, ln).current = (w[f"{ln}_weight"], w[f"{ln}_bias"], inverse)
+
+    def _cache_key(self, tasks: torch.Tensor) -> tuple[Any, ...]:
+        """The distinct tasks and every hypernetwork tensor's storage and version (in-place updates, optimizer steps,
+        loading and ``.to()`` all change it)."""
+        bank = self.hypernet
+        tensors = [*bank.parameters(), *bank.buffers()]
+        return (tuple(tasks.tolist()), tuple((t.data_ptr(), t._version, t.dtype) for t in tensors))
+
+    def _cached(self, tasks: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """Without autograd (serving, decoding) the weights generated for the same tasks and the same hypernetwork
+        are reused: a decode step does not regenerate every site's adapter."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            self.__dict__.pop("_generation_cache", None)
+            return None
+        cache = self.__dict__.get("_generation_cache")
+        if cache is None or cache[0] != self._cache_key(tasks):
+            return None
+        return cache[1]
 
     def branch(self, h: torch.Tensor) -> torch.Tensor:
         self._generate(h.shape[0])
