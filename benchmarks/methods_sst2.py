@@ -54,6 +54,14 @@ METHODS: dict[str, tuple[str | None, dict, float]] = {
     "loreft": ("loreft", {}, 2e-3),
     "mam": ("mam", {}, 2e-4),  # the prefix MLP (4.8M parameters) does not train at 1e-3
     "unipelt": ("unipelt", {}, 1e-3),
+    "adalora": ("adalora", {"init_r": 12, "target_r": 8, "targets": ["attn.q", "attn.v"]}, 1e-3),
+    "dylora": ("dylora", {"r_max": 8, "alpha": 16, "targets": ["attn.q", "attn.v"]}, 1e-3),
+    "loha": ("loha", {"r": 8, "alpha": 16, "targets": ["attn.q", "attn.v"]}, 1e-3),
+    "lokr": ("lokr", {"r": 8, "alpha": 16, "targets": ["attn.q", "attn.v"]}, 1e-3),
+    "oft": ("oft", {"targets": ["attn.q", "attn.v"]}, 1e-3),
+    "boft": ("boft", {"targets": ["attn.q", "attn.v"]}, 1e-3),
+    "hra": ("hra", {"targets": ["attn.q", "attn.v"]}, 1e-3),
+    "road": ("road", {"targets": ["attn.q", "attn.v"]}, 1e-3),
 }
 
 
@@ -107,13 +115,19 @@ def run_one(name: str, args: argparse.Namespace, tokenizer, train_rows, dev_rows
     )
     torch.manual_seed(args.seed)
     model.train()
+    if spec is not None:  # methods acting during training (AdaLoRA, DyLoRA, MoLoRA top-k, ...) need these calls
+        adapters.begin_training(steps)
     t0 = time.perf_counter()
     for step, batch in enumerate(demo.batches(train_rows, args.batch_size, steps, args.seed), 1):
         enc = tokenizer([s for s, _ in batch], padding=True, truncation=True, max_length=args.max_length,
                         return_tensors="pt")  # fmt: skip
         loss = model(**enc, labels=torch.tensor([y for _, y in batch])).loss
+        if spec is not None:
+            loss = loss + adapters.aux_loss()
         loss.backward()
         opt.step()
+        if spec is not None:
+            adapters.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         if step % 100 == 0:
