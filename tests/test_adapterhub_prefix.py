@@ -169,6 +169,29 @@ def test_embedding_prompt_needs_an_embeddings_module():
         ak.EmbeddingPrompt(num_virtual_tokens=0)
 
 
+PADDED = sorted(c for c in CASES if "padded.output" in expected(c))
+
+
+def test_padded_fixtures_exist():
+    assert {CASES[c]["method"] for c in PADDED} == {"prefix_tuning", "mam", "unipelt", "prompt_tuning"}
+
+
+@pytest.mark.parametrize("case", PADDED)
+def test_left_padded_batch_gives_the_library_outputs(case):
+    """The same inputs with row 1 left-padded by 3: the prefix positions (0..L-1 whatever the padding, as the
+    library numbers them without position_ids), gates averaged over padded positions too, the prompt's mask."""
+    model, _ = _load(case)
+    exp = expected(case)
+    with torch.no_grad():
+        out = model(
+            input_ids=exp["input_ids"], attention_mask=exp["padded.attention_mask"], output_hidden_states=True
+        )
+    got = out.logits if hasattr(out, "logits") else out.last_hidden_state
+    assert (got - exp["padded.output"]).abs().max().item() <= TOL  # measured <= 4.8e-7, padded positions too
+    assert (out.hidden_states[-1] - exp["padded.hidden"]).abs().max().item() <= TOL
+    assert (exp["padded.output"] - exp["output"]).abs().max().item() > 1e-3  # the padding matters
+
+
 @pytest.mark.parametrize(
     ("case", "site"), [("bert_seq_bn_inv", "embeddings"), ("gpt2_seq_bn_inv", "transformer.drop")]
 )
