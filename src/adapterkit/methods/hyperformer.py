@@ -480,11 +480,13 @@ class _Generated:
         for ln in bank.norms:
             getattr(self, ln).current = (w[f"{ln}_weight"], w[f"{ln}_bias"], inverse)
 
-    def _cache_key(self, tasks: torch.Tensor) -> tuple[Any, ...]:
+    def _cache_key(self, tasks: torch.Tensor) -> tuple[Any, ...] | None:
         """The distinct tasks and every hypernetwork tensor's storage and version (in-place updates, optimizer steps,
-        loading and ``.to()`` all change it)."""
+        loading and ``.to()`` all change it); None for tensors without a version counter (inference tensors)."""
         bank = self.hypernet
         tensors = [*bank.parameters(), *bank.buffers()]
+        if any(t.is_inference() for t in tensors):
+            return None
         return (tuple(tasks.tolist()), tuple((t.data_ptr(), t._version, t.dtype) for t in tensors))
 
     def _cached(self, tasks: torch.Tensor) -> dict[str, torch.Tensor] | None:
@@ -494,7 +496,7 @@ class _Generated:
             self.__dict__.pop("_generation_cache", None)
             return None
         cache = self.__dict__.get("_generation_cache")
-        if cache is None or cache[0] != self._cache_key(tasks):
+        if cache is None or cache[0] is None or cache[0] != self._cache_key(tasks):
             return None
         return cache[1]
 
