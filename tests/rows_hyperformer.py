@@ -20,7 +20,7 @@ ROWS = [
             adapter=ak.Bottleneck(placement="houlsby", reduction_factor=8, ln_after=True),
             **_SMALL,
         ),
-    ),  # fmt: skip
+    ),
     (
         "t5-hyperformer",
         "t5",
@@ -37,7 +37,7 @@ ROWS = [
                 cross_adapter=True,
             ),
         ),
-    ),  # fmt: skip
+    ),
     (
         "gpt2-hyperformer-parallel",
         "gpt2",
@@ -48,7 +48,7 @@ ROWS = [
             **_SMALL,
             adapter=ak.Bottleneck(placement="parallel", hook="projection", ln_before=True, reduction_factor=8),
         ),
-    ),  # fmt: skip
+    ),
     (
         "llama-madg",
         "llama",
@@ -60,7 +60,7 @@ ROWS = [
             **_SMALL,
             adapter=ak.Bottleneck(placement="pfeiffer", reduction_factor=8, ln_after=True),
         ),
-    ),  # fmt: skip
+    ),
     (
         "vit-hyperformer-projection",
         "vit",
@@ -69,6 +69,6 @@ ROWS = [
             **_SMALL,
             adapter=ak.Bottleneck(placement="houlsby", hook="projection", reduction_factor=8, scaling="learned"),
         ),
-    ),  # fmt: skip
+    ),
 ]
 SECOND = {"hyperformer": {"task_dim": 4}}

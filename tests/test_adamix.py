@@ -29,7 +29,7 @@ BOTTLENECKS = [
             share_up=True,
             init_weights=False,
         ),
-    ),  # fmt: skip
+    ),
     (
         "t5",
         ak.AdaMix(expert=ak.Bottleneck(placement="pfeiffer", scaling="channel"), n_experts=2, init_weights=False),

@@ -34,7 +34,7 @@ CASES = [
                 placement="houlsby", reduction_factor=8, ln_before=True, ln_after=True, cross_adapter=True
             ),
         ),
-    ),  # fmt: skip
+    ),
     (
         "gpt2",
         ak.HyperFormer(
@@ -44,7 +44,7 @@ CASES = [
             **SMALL,
             adapter=ak.Bottleneck(placement="parallel", hook="projection", ln_before=True, reduction_factor=8),
         ),
-    ),  # fmt: skip
+    ),
     (
         "llama",
         ak.HyperFormer(
@@ -57,7 +57,7 @@ CASES = [
                 placement="pfeiffer", hook="projection", reduction_factor=8, ln_after=True, scaling="channel"
             ),
         ),
-    ),  # fmt: skip
+    ),
 ]
 IDS = [f for f, _ in CASES]
 

@@ -163,8 +163,10 @@ class HyperFormer(AdapterConfig):
             )
         adapter = self.adapter
         if not isinstance(adapter, Bottleneck):
-            raise TypeError(f"HyperFormer generates bottleneck adapters: adapter must be an ak.Bottleneck config, got "
-                            f"{type(adapter).__name__}")  # fmt: skip
+            raise TypeError(
+                f"HyperFormer generates bottleneck adapters: adapter must be an ak.Bottleneck config, got "
+                f"{type(adapter).__name__}"
+            )
         placed = [f for f in ("targets", "exclude", "layers", "heads") if getattr(adapter, f) not in (None, ())]
         if placed:
             raise ValueError(
@@ -351,8 +353,10 @@ class HyperNetwork(Bank):
     def vector_codes(self, vectors: torch.Tensor) -> torch.Tensor:
         """``z: (T, t)`` for given vectors ``(T, vector_dim)`` (source ``vector``)."""
         if self.source is not Source.VECTOR:
-            raise ValueError("this HyperFormer adapter reads learned task embeddings (source='task_embedding'), "
-                             "not vectors; pass a task id")  # fmt: skip
+            raise ValueError(
+                "this HyperFormer adapter reads learned task embeddings (source='task_embedding'), "
+                "not vectors; pass a task id"
+            )
         return self.vector_proj(vectors.to(self.vector_proj.weight))
 
     def generate(self, codes: torch.Tensor, layer: int, position: int) -> dict[str, torch.Tensor]:
@@ -457,8 +461,9 @@ class _Generated:
             and rows
             and int(ids.max()) >= cfg.n_tasks
         ):
-            raise ValueError(f"task id {int(ids.max())} is out of range: this HyperFormer adapter has "
-                             f"n_tasks={cfg.n_tasks}")  # fmt: skip
+            raise ValueError(
+                f"task id {int(ids.max())} is out of range: this HyperFormer adapter has n_tasks={cfg.n_tasks}"
+            )
         return ids
 
     def generated(self, codes: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -563,8 +568,10 @@ def set_task_vectors(adapters: Any, name: str, vectors: Any) -> None:
         raise ValueError(f"adapter {name!r} learns task embeddings (source='task_embedding'); it has no vectors")
     v = torch.as_tensor(vectors, dtype=bank.task_vectors.dtype)
     if tuple(v.shape) != tuple(bank.task_vectors.shape):
-        raise ValueError(f"task vectors must have shape (n_tasks, vector_dim) = {tuple(bank.task_vectors.shape)}, "
-                         f"got {tuple(v.shape)}")  # fmt: skip
+        raise ValueError(
+            f"task vectors must have shape (n_tasks, vector_dim) = {tuple(bank.task_vectors.shape)}, "
+            f"got {tuple(v.shape)}"
+        )
     bank.task_vectors.copy_(v.to(bank.task_vectors.device))
 
 
