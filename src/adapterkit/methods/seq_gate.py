@@ -43,8 +43,8 @@ class SequenceGated(AdapterConfig):
     """A LoRA or bottleneck config whose effect is scaled by a per-sequence gate (see the module docstring).
 
     Args:
-        config: the gated config (``ak.LoRA(...)`` or ``ak.Bottleneck(...)``, or a registered name/preset); its
-            ``targets``/``exclude``/``layers`` decide the sites (leave this config's unset).
+        config: the gated config (``ak.LoRA(...)`` or ``ak.Bottleneck(...)``, or a registered name/preset; default
+            ``ak.LoRA()``); its ``targets``/``exclude``/``layers`` decide the sites (leave this config's unset).
         fused_qkv: for LoRA on fused q/k/v projections: the enabled matrices in q, k, v order (``"qv"``), one gate
             output each (AdapterHub's gating heads); ``""``: one gate output for all outputs.
         init_weights: False starts the gates from random values (tests); else ``N(0, 0.02²)`` weights and zero
@@ -56,6 +56,8 @@ class SequenceGated(AdapterConfig):
     init_weights: bool = True
 
     def __post_init__(self) -> None:
+        if self.config is None:
+            object.__setattr__(self, "config", LoRA())
         if isinstance(self.config, str):
             object.__setattr__(self, "config", get_config(self.config))
         if not self.init_weights and isinstance(self.config, (LoRA, Bottleneck)) and self.config.init_weights:
