@@ -14,9 +14,13 @@ suffix                             meaning                                     a
 ``weight``/``bias`` of a head      ``modules_to_save`` copy                    ``HeadCopy``
 =================================  ==========================================  ===================
 
-PiSSA/OLoRA adapters are exported the way peft converts them
+PiSSA/OLoRA/CorDA adapters are exported the way peft converts them
 (``path_initial_model_for_weight_conversion``): ``A' = [A; A0]``, ``B' = [B, -B0]``, rank and alpha
-doubled (alpha ×√2 with rsLoRA), a plain LoRA on the *original* weights.
+doubled (alpha ×√2 with rsLoRA), a plain LoRA on the *original* weights. EVA adapters are plain LoRAs whose
+ranks were redistributed by calibration: written as peft's EVA leaves its config (``rank_pattern`` and
+``alpha_pattern`` per module where they differ from ``r``/``lora_alpha``; modules given rank 0 carry no adapter and
+are left out of ``target_modules``), with ``init_lora_weights: true``. Uncalibrated EVA/CorDA adapters are refused.
+peft's own EVA directories (``init_lora_weights: "eva"``) load as plain LoRAs.
 
 Parameter targets (``target_parameters``: MoE experts, routers; peft's ``ParamWrapper``) are stored under the
 owning module, nested by ``base_layer.`` per later targeted parameter; ``methods/lora_params.py`` converts them.
@@ -43,7 +47,7 @@ from .peft import PREFIX, Fields, adapter_task_type, write
 
 PEFT_TYPE = "LORA"
 METHOD = "lora"
-_UNSUPPORTED_INITS = ("pissa", "olora", "corda", "loftq", "eva")
+_UNSUPPORTED_INITS = ("pissa", "olora", "corda", "loftq")  # "eva" only sets A from data: a plain LoRA
 
 
 def _base_bias(module: Any, delta: torch.Tensor, merged: bool) -> torch.Tensor:
@@ -57,7 +61,18 @@ def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
     cfg = record.config
     assert isinstance(cfg, LoRA)
     comps = ctl.components(name)
-    converted = cfg.init in (LoRAInit.PISSA, LoRAInit.OLORA)
+    converted = cfg.init in (LoRAInit.PISSA, LoRAInit.OLORA, LoRAInit.CORDA)
+    eva = cfg.init is LoRAInit.EVA
+    for site, comp in comps.items():
+        if cfg.init in (LoRAInit.EVA, LoRAInit.CORDA) and not getattr(comp, "calibrated", True):
+            raise RuntimeError(
+                f"adapter {name!r} (LoRA init={cfg.init.value!r}) has not been calibrated ({site!r}): run "
+                f"adapters.calibrate({name!r}, batches) before exporting it"
+            )
+    rank_pattern = {k: v for k, v in cfg.rank_pattern.items()}
+    alpha_pattern = {k: v for k, v in cfg.alpha_pattern.items()}
+    if eva:  # per-module ranks and alphas after EVA's redistribution, as peft's _load_eva_state_dict sets them
+        rank_pattern, alpha_pattern = {}, {}
     tensors: dict[str, torch.Tensor] = {}
     targets, heads, fan_in_fan_out = [], [], False
     parameters: list[str] = []
@@ -76,6 +91,13 @@ def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
         if kind == "extra":
             tensors[f"{key}.bias"] = _base_bias(module, comp.delta, comp.merged) + comp.delta.detach()
             continue
+        if eva:
+            if comp.r == 0:
+                continue  # peft removes the LoRA layer of a module given rank 0
+            if comp.r != cfg.r:
+                rank_pattern[site] = comp.r
+            if comp.alpha_eff != cfg.alpha:
+                alpha_pattern[site] = comp.alpha_eff
         targets.append(site)
         fan_in_fan_out |= type(module).__name__ == "Conv1D"
         A, B = comp.lora_A.detach(), comp.lora_B.detach()
@@ -103,8 +125,8 @@ def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
         "use_dora": cfg.dora,
         "bias": cfg.bias.value,
         "target_modules": sorted(targets),
-        "rank_pattern": {k: v * grow_r for k, v in cfg.rank_pattern.items()},
-        "alpha_pattern": {k: v * grow_alpha for k, v in cfg.alpha_pattern.items()},
+        "rank_pattern": {k: v * grow_r for k, v in rank_pattern.items()},
+        "alpha_pattern": {k: v * grow_alpha for k, v in alpha_pattern.items()},
         "fan_in_fan_out": fan_in_fan_out,
         "modules_to_save": heads or None,
         "init_lora_weights": True,

@@ -58,6 +58,8 @@ class LoRAInit(str, enum.Enum):
     GAUSSIAN = "gaussian"
     PISSA = "pissa"
     OLORA = "olora"
+    EVA = "eva"  # from activations: methods/lora_data_init.py (adapters.calibrate)
+    CORDA = "corda"  # from activations and the weight: methods/lora_data_init.py (adapters.calibrate)
 
 
 class Bias(str, enum.Enum):
@@ -122,7 +124,14 @@ class LoRA(AdapterConfig):
         alpha_pattern: module-name pattern -> alpha, overriding ``alpha`` for matching modules.
         dora: weight-decomposed LoRA (linear-like modules).
         bias: which bias deltas to learn, see :class:`Bias`.
-        init: initialization of A and B, see :class:`LoRAInit`.
+        init: initialization of A and B, see :class:`LoRAInit`. ``"eva"`` (Paischer et al. 2024) and ``"corda"``
+            (Yang et al. 2024) are set from activations by ``adapters.calibrate(name, batches)``, which must run
+            before the first forward (``methods/lora_data_init.py``).
+        eva: with ``init="eva"``, peft's ``EvaConfig`` fields: ``rho`` (2.0), ``tau`` (0.99), ``use_label_mask``
+            (True), ``label_mask_value`` (-100), ``whiten`` (False), ``adjust_scaling_factors`` (True).
+        corda: with ``init="corda"``, peft's ``CordaConfig.corda_method``: ``{"corda_method": "ipm"}`` (default,
+            instruction-previewed: the largest context-oriented components) or ``"kpm"`` (knowledge-preserving: the
+            smallest).
         init_weights: False starts B random too (the adapter is not an identity; for tests).
         targets: default ``["attn.q", "attn.v"]`` (as in the LoRA paper's GPT-3 experiments, §7.1), or the
             fused ``"attn.qkv"`` on models that have no separate projections (GPT-2).
@@ -143,6 +152,8 @@ class LoRA(AdapterConfig):
     init: LoRAInit = LoRAInit.DEFAULT
     init_weights: bool = True
     target_parameters: Sequence[str] = ()
+    eva: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    corda: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -152,6 +163,12 @@ class LoRA(AdapterConfig):
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
         lora_params.check_config(self)  # parameter targets (MoE experts, routers): methods/lora_params.py
+        object.__setattr__(self, "eva", dict(self.eva))
+        object.__setattr__(self, "corda", dict(self.corda))
+        if self.eva or self.corda or self.init in (LoRAInit.EVA, LoRAInit.CORDA):
+            from . import lora_data_init
+
+            lora_data_init.check_options(self)
 
     def default_targets(self, roles: Mapping[str, Any]) -> tuple[str, ...]:
         if self.target_parameters:  # as peft: target_parameters without targets adapts no module
@@ -189,6 +206,10 @@ class LoRA(AdapterConfig):
         return dataclasses.replace(self, r=r, alpha=to_alpha(common), rank_pattern={}, alpha_pattern=others)
 
     def build(self, module: nn.Module, name: str) -> Component:
+        if self.init in (LoRAInit.EVA, LoRAInit.CORDA):  # set by adapters.calibrate: methods/lora_data_init.py
+            from . import lora_data_init
+
+            return lora_data_init.LoRADataInit(self, module, name)
         if lora_conv.handles(module):  # Conv1d, Conv3d, grouped/depthwise Conv2d: methods/lora_conv.py
             return lora_conv.LoRAConv(self, module, name)
         backend = backend_for(module)
@@ -206,6 +227,10 @@ class LoRA(AdapterConfig):
         """:meth:`build` for each target, except parameters (``target_parameters``, and module targets that are MoE
         expert stacks or routers): ``lora_params.build_parameter_sites``."""
         built = {n: self.build(modules[n], n) for n in targets if not lora_params.module_parameters(modules[n])}
+        if self.init is LoRAInit.EVA:  # one calibration state for the adapter (EVA's rank budget is global)
+            from . import lora_data_init
+
+            lora_data_init.link(self, modules, built)
         return lora_params.build_parameter_sites(self, modules, targets, built, select)
 
     def extra_sites(self, modules: Mapping[str, nn.Module], targets: list[str]) -> dict[str, Component]:
