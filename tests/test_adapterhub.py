@@ -56,6 +56,8 @@ READ_ONLY = {
     "unipelt",
     "prompt_tuning",
     "seq_bn_inv",  # BERT (after the embeddings module) and GPT-2 (after wte + wpe)
+    "prefix_tuning_gated",
+    "lora_gated",
 }
 MISSING: dict[str, str] = {}  # method -> why its fixtures do not load yet (strict xfail)
 

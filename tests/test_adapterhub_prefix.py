@@ -94,6 +94,30 @@ def test_unipelt_is_a_union_of_sequence_gated_members(case):
     assert _diff(model, case) <= TOL
 
 
+def test_separate_key_and_value_prefix_gates():
+    """shared_gating false: two gate outputs, keys scaled by the first and values by the second."""
+    model, adapters = _load("llama_prefix_tuning_gated")
+    cfg = adapters.config("task")
+    assert cfg.gated and cfg.gate_outputs == 2
+    gates = [c for c in adapters.components("task").values() if isinstance(c, PrefixGate)]
+    assert [tuple(g.gate.weight.shape) for g in gates] == [(2, 32), (2, 32)]
+    assert _diff(model, "llama_prefix_tuning_gated") <= TOL
+    with torch.no_grad():
+        for g in gates:
+            g.gate.weight.copy_(g.gate.weight.flip(0))  # keys and values swapped: another model
+            g.gate.bias.copy_(g.gate.bias.flip(0))
+    assert _diff(model, "llama_prefix_tuning_gated") > 1e-4
+
+
+def test_gated_lora_on_fused_k_and_v():
+    """GPT-2's fused c_attn with k and v enabled: one gate output per enabled matrix (k, v), LoRA alpha = r."""
+    model, adapters = _load("gpt2_lora_gated")
+    cfg = adapters.config("task")
+    assert isinstance(cfg, ak.SequenceGated) and cfg.fused_qkv == "kv"
+    assert cfg.config.alpha == cfg.config.r == 2
+    assert _diff(model, "gpt2_lora_gated") <= TOL
+
+
 @pytest.mark.parametrize("kind", [PrefixGate, LoRAGate, SublayerBottleneck])
 def test_each_unipelt_gate_matters(kind):
     """A gate set to 0.5 everywhere (zero weights and bias) changes the outputs: each gate is read and used."""
