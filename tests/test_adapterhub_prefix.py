@@ -325,6 +325,31 @@ def test_keep_generate_with_cache_equals_reference(family, padded):
     assert torch.equal(model.generate(**x, max_new_tokens=steps, do_sample=False, use_cache=False), out)
 
 
+def test_gated_prefix_generates_with_the_gate_of_the_prompt():
+    """Gates act once, when the prefix enters the KV cache: generate()'s steps reuse the prompt's gated prefix. The
+    first new token is the full forward's; later steps equal decoding by hand with the same cache."""
+    model = make_model("llama")
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    adapters = _perturbed(
+        model, ak.PrefixTuning(num_virtual_tokens=P, positions="keep", gated=True, init_weights=False)
+    )
+    adapters.activate("a")
+    x = make_inputs("llama")
+    out = model.generate(**x, max_new_tokens=4, do_sample=False)
+    with torch.no_grad():
+        first = model(**x).logits[:, -1].argmax(-1)
+        step = model(**x, use_cache=True)
+        ids, mask, cache = out[:, : x["input_ids"].shape[1] + 1], x["attention_mask"], step.past_key_values
+        for _ in range(3):
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+            nxt = model(input_ids=ids[:, -1:], attention_mask=mask, past_key_values=cache, use_cache=True)
+            cache = nxt.past_key_values
+            ids = torch.cat([ids, nxt.logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert out[:, x["input_ids"].shape[1]].tolist() == first.tolist()
+    assert out.tolist() == ids.tolist()
+
+
 def test_routed_rows_with_keep_shift_and_base_each_equal_their_run_alone():
     family = "llama"
     model = make_model(family)

@@ -685,10 +685,22 @@ class PrefixGate(Component):
         layers.discard(self.layer)
         g = torch.sigmoid(self.gate(hidden.to(self.gate.weight.dtype)))  # (B, L, outputs)
         g = g.mean(dim=1) if g.dim() == 3 else g.mean(dim=0, keepdim=True)
-        layer = getattr(cache, "self_attention_cache", cache).layers[self.layer]
-        for attr, column in (("keys", 0), ("values", -1)):
-            t = getattr(layer, attr)
+        target = getattr(cache, "self_attention_cache", cache)
+        layers = getattr(target, "layers", None)
+        # transformers >= 4.56: cache.layers[i].keys / .values; earlier: cache.key_cache[i] / value_cache[i]
+        slots = (
+            ((layers[self.layer], "keys"), (layers[self.layer], "values"))
+            if layers is not None
+            else ((target.key_cache, self.layer), (target.value_cache, self.layer))
+        )
+        for (holder, where), column in zip(slots, (0, -1)):
+            t = getattr(holder, where) if isinstance(where, str) else holder[where]
             scale = g[:, column].to(t.dtype).view(-1, 1, 1, 1)
-            gated = t[:, :, offset : offset + n] * scale
-            setattr(layer, attr, torch.cat([t[:, :, :offset], gated, t[:, :, offset + n :]], dim=2))
+            gated = torch.cat(
+                [t[:, :, :offset], t[:, :, offset : offset + n] * scale, t[:, :, offset + n :]], dim=2
+            )
+            if isinstance(where, str):
+                setattr(holder, where, gated)
+            else:
+                holder[where] = gated
         return args, kwargs
