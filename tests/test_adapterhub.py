@@ -308,6 +308,9 @@ def test_unsupported_reft_options_are_refused(tmp_path, changes, match):
         "gpt2_par_bn",
         "t5_seq_bn",
         "bert_seq_bn_ln",
+        "bert_seq_bn_inv",
+        "bert_prompt_tuning",
+        "gpt2_lora_gated",
     ],
 )
 def test_native_save_of_a_loaded_adapter_reloads_the_same(tmp_path, case):
@@ -326,7 +329,17 @@ def test_native_save_of_a_loaded_adapter_reloads_the_same(tmp_path, case):
 
 
 @pytest.mark.parametrize(
-    "case", ["llama_lora", "gpt2_seq_bn", "bert_loreft", "llama_seq_bn_inv", "distilbert_par_bn"]
+    "case",
+    [
+        "llama_lora",
+        "gpt2_seq_bn",
+        "bert_loreft",
+        "llama_seq_bn_inv",
+        "distilbert_par_bn",
+        "bert_prompt_tuning",
+        "gpt2_seq_bn_inv",
+        "gpt2_lora_gated",
+    ],
 )
 def test_read_then_install(case):
     """``read`` (the server's loader-thread half of ``load``) works for AdapterHub directories too."""
