@@ -77,6 +77,7 @@ def peft_layers(pm: torch.nn.Module) -> dict[str, torch.nn.Module]:
         pytest.param(
             {"tau": TAU, "rho": 3.0}, {"r": 2, "lora_alpha": 4, "rank_pattern": {"o_proj": 4}}, id="pattern"
         ),
+        pytest.param({"tau": TAU, "rho": 4.0}, {"r": 1, "lora_alpha": 2}, id="rank0", marks=pytest.mark.slow),
     ],
 )
 def test_eva_equals_peft(eva: dict, lora: dict) -> None:
@@ -107,6 +108,7 @@ def test_eva_equals_peft(eva: dict, lora: dict) -> None:
     )
 
 
+@pytest.mark.slow
 def test_eva_whiten_equals_peft_where_inputs_differ() -> None:
     """peft whitens the components of an equal-input group (q/k/v) in place once per layer of the group, and the A
     of earlier layers are views of them: those layers are divided by sqrt(S) several times. We divide once (the
@@ -131,7 +133,7 @@ def test_eva_not_converged_names_calibrate_and_cycling() -> None:
 
 def test_eva_export_loads_in_peft_and_back(tmp_path: Path) -> None:
     data = batches()
-    model, adapters = ours_eva(data, {"tau": TAU}, r=4, alpha=8)
+    model, adapters = ours_eva(data, {"tau": TAU, "rho": 4.0}, calls=20, r=1, alpha=2)  # some sites get rank 0
     comps = adapters.components("e")
     torch.manual_seed(3)
     with torch.no_grad():
@@ -143,7 +145,8 @@ def test_eva_export_loads_in_peft_and_back(tmp_path: Path) -> None:
     adapters.export("e", tmp_path / "peft", format="peft")
     cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert cfg["init_lora_weights"] is True
-    assert cfg["rank_pattern"] == {s: c.r for s, c in comps.items() if c.r not in (0, 4)}
+    assert 0 in {c.r for c in comps.values()}
+    assert cfg["rank_pattern"] == {s: c.r for s, c in comps.items() if c.r not in (0, 1)}
     assert set(cfg["target_modules"]) == {s for s, c in comps.items() if c.r}
     pm = PeftModel.from_pretrained(make_model("llama"), str(tmp_path / "peft")).eval()
     with torch.no_grad():
@@ -154,6 +157,9 @@ def test_eva_export_loads_in_peft_and_back(tmp_path: Path) -> None:
     ak.attach(fresh).load(tmp_path / "native")
     with torch.no_grad():
         torch.testing.assert_close(fresh(**x).logits, expected)
+    adapters.merge("e")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**x).logits, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_peft_eva_directory_loads(tmp_path: Path) -> None:
@@ -192,7 +198,7 @@ def corda_batches(n: int = 4, seed: int = 0) -> list[dict]:
 
 
 @pytest.mark.parametrize("mode", ["ipm", "kpm"])
-@pytest.mark.parametrize("rslora", [False, True])
+@pytest.mark.parametrize("rslora", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_corda_equals_peft(mode: str, rslora: bool, tmp_path: Path) -> None:
     CordaConfig, preprocess_corda = _preprocess_corda()
     data = corda_batches()
@@ -304,3 +310,43 @@ def test_config_errors() -> None:
         adapters.add("a", ak.LoRA(targets=["embed_tokens"], init="eva"))
     cfg = ak.LoRA(init="eva", eva={"tau": 0.9})
     assert type(cfg).__name__ == "LoRA" and cfg.to_dict()["eva"] == {"tau": 0.9}
+
+
+GPT2_TARGETS = ["c_attn", "c_fc", "c_proj"]
+
+
+def test_corda_conv1d_gpt2_equals_peft() -> None:
+    """GPT-2's Conv1D (weight stored (in, out), peft's fan_in_fan_out)."""
+    CordaConfig, preprocess_corda = _preprocess_corda()
+    data, targets = corda_batches(), GPT2_TARGETS
+    model = make_model("gpt2")
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights="corda", fan_in_fan_out=True,
+                     corda_config=CordaConfig(corda_method="ipm"))  # fmt: skip
+    with torch.no_grad():
+        preprocess_corda(model, cfg, run_model=lambda: [model(**b) for b in data])
+    theirs = peft_layers(get_peft_model(model, cfg))
+    ours = make_model("gpt2")
+    adapters = ak.attach(ours)
+    adapters.add("c", ak.LoRA(targets=targets, init="corda", r=4, alpha=8))
+    adapters.calibrate("c", data)
+    modules = dict(ours.named_modules())
+    for site, c in adapters.components("c").items():
+        torch.testing.assert_close(c.lora_A, theirs[site].lora_A["default"].weight, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(modules[site].weight, theirs[site].base_layer.weight, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_eva_conv1d_gpt2_equals_peft() -> None:
+    data, targets = corda_batches(), GPT2_TARGETS
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights="eva", fan_in_fan_out=True,
+                     eva_config=EvaConfig(tau=TAU))  # fmt: skip
+    pm = get_peft_model(make_model("gpt2"), cfg)
+    initialize_lora_eva_weights(pm, data, show_progress_bar=False)
+    theirs = peft_layers(pm)
+    adapters = ak.attach(make_model("gpt2"))
+    adapters.add("e", ak.LoRA(targets=targets, init="eva", eva={"tau": TAU}, r=4, alpha=8))
+    adapters.calibrate("e", itertools.islice(itertools.cycle(data), 30))
+    for site, c in adapters.components("e").items():
+        assert c.r == (theirs[site].r["default"] if site in theirs else 0)
+        if c.r:
+            torch.testing.assert_close(c.lora_A, theirs[site].lora_A["default"].weight, atol=1e-5, rtol=1e-5)
