@@ -203,6 +203,12 @@ def _resolve_one(
 
 
 def _no_match_error(sel: Any, modules: dict[str, nn.Module], family: str | None, roles: dict) -> TargetError:
+    if isinstance(sel, type):
+        kinds = sorted({type(m).__name__ for n, m in modules.items() if n and not m._modules})
+        return TargetError(
+            f"the model has no {sel.__name__} module (target {sel.__module__}.{sel.__qualname__}); its layers are "
+            f"{', '.join(kinds[:12])}: pick a method for those, or targets naming them"
+        )
     leaves = sorted({n.split(".")[-1] for n in modules if n})
     hint = ""
     if isinstance(sel, str):

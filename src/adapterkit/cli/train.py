@@ -235,7 +235,9 @@ def _training_state(adapters: ak.Adapters, name: str) -> dict[str, torch.Tensor]
     keys or other values, e.g. a prefix MLP saved as the prefix it computes)."""
     out: dict[str, torch.Tensor] = {}
     for site, comp in adapters.components(name).items():
-        own, saved = comp.state_dict(), comp.export_state()
+        foreign = comp._foreign_bank_keys()  # a Bank shared by every site is saved by its owner only
+        own = {k: v for k, v in comp.state_dict().items() if k not in foreign}
+        saved = comp.export_state()
         if set(own) != set(saved) or any(not torch.equal(own[k], saved[k]) for k in own):
             out.update({f"{site}.{k}": v for k, v in own.items()})
     return out
