@@ -75,7 +75,10 @@ def peft_layers(pm: torch.nn.Module) -> dict[str, torch.nn.Module]:
             marks=pytest.mark.slow,
         ),
         pytest.param(
-            {"tau": TAU, "rho": 3.0}, {"r": 2, "lora_alpha": 4, "rank_pattern": {"o_proj": 4}}, id="pattern"
+            {"tau": TAU, "rho": 3.0},
+            {"r": 2, "lora_alpha": 4, "rank_pattern": {"o_proj": 4}},
+            id="pattern",
+            marks=pytest.mark.slow,
         ),
         pytest.param({"tau": TAU, "rho": 4.0}, {"r": 1, "lora_alpha": 2}, id="rank0"),
     ],
