@@ -360,3 +360,17 @@ def test_eva_conv1d_gpt2_equals_peft() -> None:
         assert c.r == (theirs[site].r["default"] if site in theirs else 0)
         if c.r:
             torch.testing.assert_close(c.lora_A, theirs[site].lora_A["default"].weight, atol=1e-5, rtol=1e-5)
+
+
+def test_eva_root_hooks_live_only_until_calibration_or_delete() -> None:
+    model = make_model("llama")
+    hooks = (len(model._forward_pre_hooks), len(model._forward_hooks))
+    adapters = ak.attach(model)
+    adapters.add("e", ak.LoRA(targets=["o_proj"], r=1, init="eva", eva={"tau": 0.0}))
+    added = (len(model._forward_pre_hooks), len(model._forward_hooks))
+    assert added[0] > hooks[0] and added[1] > hooks[1]  # the token mask of each model call
+    adapters.delete("e")
+    assert (len(model._forward_pre_hooks), len(model._forward_hooks)) == hooks
+    adapters.add("e", ak.LoRA(targets=["o_proj"], r=1, init="eva", eva={"tau": 0.0}))
+    adapters.calibrate("e", batches(3))
+    assert (len(model._forward_pre_hooks), len(model._forward_hooks)) == hooks
