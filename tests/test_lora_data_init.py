@@ -132,6 +132,23 @@ def test_eva_not_converged_names_calibrate_and_cycling() -> None:
     adapters.add("e", ak.LoRA(targets=T, init="eva", eva={"tau": 0.999999}))
     with pytest.raises(RuntimeError, match="did not converge.*itertools.cycle"):
         adapters.calibrate("e", batches(2))
+    with pytest.raises(RuntimeError, match=r"adapters\.calibrate"):
+        model(**batches(1)[0])
+
+
+def test_eva_calibration_continues_across_calls() -> None:
+    """An unconverged calibration can be continued with more batches: the same result as one longer call."""
+    data = batches()
+    eva = {"tau": TAU}
+    _, once = ours_eva(data, eva, calls=12, r=2, alpha=4)
+    model = make_model("llama")
+    adapters = ak.attach(model)
+    adapters.add("e", ak.LoRA(targets=T, init="eva", eva=eva, r=2, alpha=4))
+    with pytest.raises(RuntimeError, match="did not converge"):
+        adapters.calibrate("e", data[:2])
+    adapters.calibrate("e", itertools.islice(itertools.cycle(data[2:] + data), 10))
+    for site, c in adapters.components("e").items():
+        torch.testing.assert_close(c.lora_A, once.components("e")[site].lora_A, atol=0, rtol=0)
 
 
 def test_eva_export_loads_in_peft_and_back(tmp_path: Path) -> None:

@@ -357,7 +357,6 @@ class _EvaState:
         """Each layer's initial ``A: (rank, in)`` and rank, computed once for all members."""
         if self.result is not None:
             return self.result
-        self.unhook()
         if self.calls == 0:
             raise RuntimeError("EVA calibration saw no model call that reached the adapted modules")
         missing = [n for n in self.pca if self.pca[n].components_ is None]
@@ -369,8 +368,10 @@ class _EvaState:
                 f"EVA calibration did not converge for {(missing or late)[:4]} ({len(missing or late)} layers) after "
                 f"{self.calls} batches (tau={self.opts['tau']}): pass more batches, e.g. "
                 "itertools.islice(itertools.cycle(batches), 20 * len(batches)) (peft cycles its dataloader until every "
-                "layer converged; batches after convergence are ignored), or lower eva tau"
+                "layer converged; batches after convergence are ignored), or lower eva tau. Calling adapters.calibrate "
+                "again continues where this stopped"
             )
+        self.unhook()
         result = {}
         for n, rank in self.rank_dist.items():
             pca = self.pca[self.hook_of[n]]
