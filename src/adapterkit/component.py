@@ -39,6 +39,33 @@ def first_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return next(iter(kwargs.values()))
 
 
+# --- gradient epochs: caches of weights must not outlive an optimizer step --------------------------------------
+# Caches of adapter weights built without autograd (stacked route factors, rotation blocks, generated weights) are
+# keyed on the parameters' storage and ``_version``; fused optimizers (``torch.optim.AdamW(fused=True)``, the
+# Trainer's ``adamw_torch_fused``) update parameters in place *without* bumping ``_version``. Every optimizer step
+# follows a backward that reached the parameters, so a counter of those backwards, bumped by a post-accumulate-grad
+# hook on every adapter parameter, is part of every such key.
+_GRAD_EPOCH = [0]
+
+
+def grad_epoch() -> int:
+    """How many times a backward pass has accumulated a gradient into a watched adapter parameter (see
+    :func:`watch_gradients`); part of the key of every no-grad weight cache."""
+    return _GRAD_EPOCH[0]
+
+
+def _grad_arrived(param: torch.Tensor) -> None:
+    _GRAD_EPOCH[0] += 1
+
+
+def watch_gradients(params: Any) -> None:
+    """Count backwards into ``params`` (each trainable parameter once, however often it is watched)."""
+    for p in params:
+        if p.requires_grad and not getattr(p, "_ak_watched", False):
+            p.register_post_accumulate_grad_hook(_grad_arrived)
+            p._ak_watched = True
+
+
 class Bank(nn.Module):
     """Adapter-level state shared by every site of one adapter (a shared vector bank, shared projections, a rank
     allocator that needs every site's scores).

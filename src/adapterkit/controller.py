@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .component import Component, first_input
+from .component import Component, first_input, grad_epoch, watch_gradients
 from .compose import Block, Fuse, Parallel, RoutePlan, names_in, replicate, validate
 from .config import AdapterConfig, get_config
 from .context import ForwardState, as_task_ids, sync_task_hooks
@@ -335,6 +335,7 @@ class Adapters:
                     site = self._sites[mod_name] = Site(modules[mod_name], mod_name, self.state)
                 comp.train(modules[mod_name].training)  # follow the model's train/eval mode
                 site.add(name, comp)
+                watch_gradients(comp.parameters())
                 done.append(mod_name)
                 comp.on_attach(modules[mod_name])
         except BaseException:
@@ -382,6 +383,7 @@ class Adapters:
             p.requires_grad_(False)
         for p in self.parameters(name):
             p.requires_grad_(True)
+        watch_gradients(self.parameters(name))
         if name not in self.state.default:
             self.state.default = (name,)
         self._sync_step_check()
@@ -476,7 +478,7 @@ class Adapters:
     def _route_cache(self, used: list[str]) -> dict[Any, Any]:
         """Stacked-weight cache shared by route() blocks over the same adapters whose weights did not change
         (keyed by parameter identity and version, so training steps or loads invalidate it); last 4 kept."""
-        key = (tuple(used), tuple((id(p), p._version) for n in used for p in self.parameters(n)))
+        key = (tuple(used), grad_epoch(), tuple((id(p), p._version) for n in used for p in self.parameters(n)))
         cache = self._route_caches.pop(key, None)
         if cache is None:
             cache = {}

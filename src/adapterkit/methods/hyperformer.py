@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..component import Bank, Component
+from ..component import Bank, Component, grad_epoch
 from ..config import AdapterConfig, register
 from ..context import rows_task_ids, task_ids
 from ..targeting import TargetError, base_modules
@@ -492,7 +492,7 @@ class _Generated:
         tensors = [*bank.parameters(), *bank.buffers()]
         if any(t.is_inference() for t in tensors):
             return None
-        return (tuple(tasks.tolist()), tuple((t.data_ptr(), t._version, t.dtype) for t in tensors))
+        return (tuple(tasks.tolist()), grad_epoch(), tuple((t.data_ptr(), t._version, t.dtype) for t in tensors))
 
     def _cached(self, tasks: torch.Tensor) -> dict[str, torch.Tensor] | None:
         """Without autograd (serving, decoding) the weights generated for the same tasks and the same hypernetwork

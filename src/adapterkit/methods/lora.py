@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backends import backend_for
-from ..component import Component
+from ..component import Component, grad_epoch
 from ..config import AdapterConfig, register
 from ..targeting import CONTAINER
 from . import lora_conv, lora_params
@@ -577,7 +577,7 @@ class LoRALinear(_LoRABase):
                 return A, B, s
 
             keep = tuple(p for c in slot for p in (c.lora_A, c.lora_B))
-            sig = tuple((id(p), p._version) for p in keep) + tuple(c.scaling for c in slot)
+            sig = (grad_epoch(), *((id(p), p._version) for p in keep), *(c.scaling for c in slot))
             A, B, s = plan.carried(("lora", key, bucket.key), sig, build, keep)
             h = torch.bmm(x3.index_select(0, bucket.index).view(len(slot), -1, x3.shape[-1]), A)
             if isinstance(s, torch.Tensor):

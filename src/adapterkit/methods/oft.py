@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backends import backend_for
-from ..component import Component
+from ..component import Component, grad_epoch
 from ..config import AdapterConfig, register
 from .lora import _finite_real
 
@@ -242,7 +242,7 @@ class RotationLayer(Component):
             return self._stages()
 
         def key() -> tuple:
-            return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters())
+            return (grad_epoch(), *((p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters()))
 
         cached = self.__dict__.get("_stage_cache")
         if cached is not None and cached[0] == key():
