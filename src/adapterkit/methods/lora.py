@@ -62,6 +62,22 @@ class LoRAInit(str, enum.Enum):
     CORDA = "corda"  # from activations and the weight: methods/lora_data_init.py (adapters.calibrate)
 
 
+# EVA/CorDA live in methods/lora_data_init.py, which builds on this module and registers itself here when
+# imported (methods/__init__ imports every method module), so this module never imports it back (no cycle)
+_DATA_INIT: Any = None
+
+
+def register_data_init(module: Any) -> None:
+    """Called by ``methods/lora_data_init.py`` on import: the module implementing ``init="eva" | "corda"``."""
+    global _DATA_INIT
+    _DATA_INIT = module
+
+
+def _data_init() -> Any:
+    assert _DATA_INIT is not None, "adapterkit.methods imports lora_data_init with every method module"
+    return _DATA_INIT
+
+
 class Bias(str, enum.Enum):
     NONE = "none"
     LORA_ONLY = "lora_only"
@@ -166,9 +182,7 @@ class LoRA(AdapterConfig):
         object.__setattr__(self, "eva", dict(self.eva))
         object.__setattr__(self, "corda", dict(self.corda))
         if self.eva or self.corda or self.init in (LoRAInit.EVA, LoRAInit.CORDA):
-            from . import lora_data_init
-
-            lora_data_init.check_options(self)
+            _data_init().check_options(self)
 
     def default_targets(self, roles: Mapping[str, Any]) -> tuple[str, ...]:
         if self.target_parameters:  # as peft: target_parameters without targets adapts no module
@@ -207,9 +221,7 @@ class LoRA(AdapterConfig):
 
     def build(self, module: nn.Module, name: str) -> Component:
         if self.init in (LoRAInit.EVA, LoRAInit.CORDA):  # set by adapters.calibrate: methods/lora_data_init.py
-            from . import lora_data_init
-
-            return lora_data_init.LoRADataInit(self, module, name)
+            return _data_init().LoRADataInit(self, module, name)
         if lora_conv.handles(module):  # Conv1d, Conv3d, grouped/depthwise Conv2d: methods/lora_conv.py
             return lora_conv.LoRAConv(self, module, name)
         backend = backend_for(module)
@@ -228,9 +240,7 @@ class LoRA(AdapterConfig):
         expert stacks or routers): ``lora_params.build_parameter_sites``."""
         built = {n: self.build(modules[n], n) for n in targets if not lora_params.module_parameters(modules[n])}
         if self.init is LoRAInit.EVA:  # one calibration state for the adapter (EVA's rank budget is global)
-            from . import lora_data_init
-
-            lora_data_init.link(self, modules, built)
+            _data_init().link(self, modules, built)
         return lora_params.build_parameter_sites(self, modules, targets, built, select)
 
     def extra_sites(self, modules: Mapping[str, nn.Module], targets: list[str]) -> dict[str, Component]:

@@ -52,6 +52,7 @@ sample (the same for batches of one row). peft's ``use_float16_for_covariance`` 
 from __future__ import annotations
 
 import math
+import sys
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
@@ -61,7 +62,7 @@ from torch import nn
 
 from ..backends import backend_for
 from ..component import Component
-from .lora import LoRA, LoRAInit, LoRALinear
+from .lora import LoRA, LoRAInit, LoRALinear, register_data_init
 
 __all__ = ["EVA_DEFAULTS", "CORDA_DEFAULTS", "LoRADataInit", "check_options", "IncrementalPCA"]
 
@@ -586,3 +587,6 @@ def link(cfg: LoRA, modules: Mapping[str, nn.Module], built: dict[str, Component
     state = _EvaState(cfg, modules[""], members)
     for c in members.values():
         c._eva = state
+
+
+register_data_init(sys.modules[__name__])
