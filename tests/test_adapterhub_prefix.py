@@ -426,3 +426,13 @@ def test_wrong_base_model_is_refused():
     with pytest.raises(ak.AdapterFileError, match="wrong base model"):
         adapters.load(FIXTURES / "gpt2_prefix_tuning_flat" / "adapter", allow_pickle=True)
     assert adapters.names == []
+
+
+@pytest.mark.parametrize("opts", [{"positions": "keep"}, {"gated": True}])
+def test_peft_export_refuses_adapterhub_style_prefixes(tmp_path, opts) -> None:
+    """peft's prefix numbers positions after the prefix and has no gate: such adapters are not written as peft's."""
+    adapters = ak.attach(make_model("llama"))
+    adapters.add("p", ak.PrefixTuning(num_virtual_tokens=2, **opts))
+    with pytest.raises(ValueError, match="AdapterHub-style prefix"):
+        adapters.export("p", tmp_path / "p", format="peft")
+    assert not (tmp_path / "p" / "adapter_model.safetensors").exists()

@@ -26,8 +26,8 @@ from ..component import Component
 from ..methods.prefix import PrefixKV, PrefixTuning
 from ..targeting import base_modules
 from .io import AdapterFileError, read_adapter, require_float
-from .peft import Fields, task_type, write
-from .peft_prompt import EMBEDDINGS, head_tensors, install, split_heads
+from .peft import Fields, write
+from .peft_prompt import EMBEDDINGS, head_tensors, install, prompt_task_type, split_heads
 
 PEFT_TYPE = "PREFIX_TUNING"
 METHOD = "prefix_tuning"
@@ -43,6 +43,12 @@ def _component(ctl: Any, name: str) -> PrefixKV:
 def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
     cfg = ctl.config(name)
     assert isinstance(cfg, PrefixTuning)
+    if getattr(cfg, "positions", "shift") != "shift" or getattr(cfg, "gated", False):
+        raise ValueError(
+            f"adapter {name!r} is an AdapterHub-style prefix (positions={cfg.positions!r}, gated={cfg.gated}); peft's "
+            "prefix tuning numbers positions after the prefix and has no gate, so it would compute something else: "
+            "export it with format='native' (or as AdapterHub's once that export exists)"
+        )
     comp = _component(ctl, name)
     lay, n = comp.layout, comp.num_virtual_tokens
     prefix = comp.values().detach()  # (P, L * 2 * kv_dim)
@@ -56,7 +62,7 @@ def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
     tensors[EMBEDDINGS] = prefix
     config = {
         "peft_type": PEFT_TYPE,
-        "task_type": task_type(ctl.model, default="FEATURE_EXTRACTION"),
+        "task_type": prompt_task_type(ctl, name),
         "num_virtual_tokens": n,
         "num_layers": slots,
         "token_dim": lay.kv_dim,
