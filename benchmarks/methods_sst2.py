@@ -65,6 +65,28 @@ METHODS: dict[str, tuple[str | None, dict, float]] = {
 }
 
 
+# the same methods in peft, for ``--backend peft`` (issue 17/18: each row beside peft's run of the method at the same
+# seed); MiniLM's attn.q/attn.v are BERT's ``query``/``value``
+_QV = ["query", "value"]
+PEFT_CONFIGS: dict[str, tuple[str, dict]] = {
+    "lora": ("LoraConfig", {"r": 8, "lora_alpha": 16, "target_modules": _QV}),
+    "loha": ("LoHaConfig", {"r": 8, "alpha": 16, "target_modules": _QV}),
+    "lokr": ("LoKrConfig", {"r": 8, "alpha": 16, "target_modules": _QV}),
+    "oft": ("OFTConfig", {"target_modules": _QV}),
+    "boft": ("BOFTConfig", {"target_modules": _QV, "boft_block_size": 4}),
+    "hra": ("HRAConfig", {"target_modules": _QV}),
+    "road": ("RoadConfig", {"target_modules": _QV}),
+}
+
+
+def _peft_model(name: str, model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` wrapped by peft with ``name``'s config (classification: peft trains the head as modules_to_save)."""
+    import peft
+
+    cls_name, kwargs = PEFT_CONFIGS[name]
+    return peft.get_peft_model(model, getattr(peft, cls_name)(task_type="SEQ_CLS", **kwargs))
+
+
 def _settings(spec: str | None, overrides: dict) -> str:
     """How the row's config differs from the method's preset (for the table)."""
     if spec is None:
@@ -83,6 +105,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dev-size", type=int, default=None, help="dev sentences (default: all 872)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data", type=Path, default=demo.DATA)
+    p.add_argument(
+        "--backend", choices=("ours", "peft"), default="ours", help="peft: the methods of PEFT_CONFIGS in peft"
+    )
     p.add_argument("--out", type=Path, default=None, help="write the markdown table here (rows also to OUT.json)")
     p.add_argument(
         "--update", action="store_true", help="keep the other methods' rows already in OUT.json (re-run a few)"
@@ -94,7 +119,15 @@ def run_one(name: str, args: argparse.Namespace, tokenizer, train_rows, dev_rows
     spec, overrides, lr = METHODS[name]
     model = demo.load_model(demo.model_path(), args.seed)
     base_params = sum(p.numel() for p in model.parameters())
-    if spec is None:
+    label = name
+    if args.backend == "peft":
+        if name not in PEFT_CONFIGS:
+            print(f"{name}: no peft run defined (PEFT_CONFIGS)")
+            return None
+        model = _peft_model(name, model)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        spec, label = None, f"{name} (peft)"
+    elif spec is None:
         trainable = [p for p in model.parameters()]
     else:
         try:
@@ -137,13 +170,13 @@ def run_one(name: str, args: argparse.Namespace, tokenizer, train_rows, dev_rows
     train_s = time.perf_counter() - t0
     acc = demo.accuracy(model, tokenizer, dev_rows, args.max_length)
     row = {
-        "method": name,
+        "method": label,
         "trainable": n_train,
         "share": 100.0 * n_train / base_params,
         "acc": 100.0 * acc,
         "seconds": train_s,
         "lr": lr,
-        "settings": _settings(spec, overrides),
+        "settings": _settings(spec, overrides) if args.backend == "ours" else f"peft {PEFT_CONFIGS[name][0]}",
     }
     print(
         f"{name}: {n_train:,} trainable ({row['share']:.2f}%), dev {row['acc']:.1f}%, {train_s:.0f}s", flush=True
@@ -172,12 +205,18 @@ def main(argv: list[str] | None = None) -> int:
         row = run_one(m.strip(), args, tokenizer, train_rows, dev_rows)
         if row is not None:
             rows = [r for r in rows if r["method"] != row["method"]] + [row]
-            rows.sort(key=lambda r: list(METHODS).index(r["method"]) if r["method"] in METHODS else len(METHODS))
+            rows.sort(key=_order)
             if args.out:  # after every method, so a long run leaves its figures so far
                 args.out.write_text(render(rows, args, train_rows, dev_rows) + "\n")
                 store.write_text(json.dumps(rows, indent=1) + "\n")
     print(render(rows, args, train_rows, dev_rows))
     return 0
+
+
+def _order(row: dict) -> tuple[int, bool]:
+    """Table order: METHODS' order, each peft row right after ours."""
+    base = row["method"].removesuffix(" (peft)")
+    return (list(METHODS).index(base) if base in METHODS else len(METHODS), base != row["method"])
 
 
 def _recipe_flags(args: argparse.Namespace) -> str:
@@ -186,7 +225,7 @@ def _recipe_flags(args: argparse.Namespace) -> str:
     flags = [
         f"--{k.replace('_', '-')} {v}"
         for k, v in vars(args).items()
-        if k not in ("methods", "update", "out") and v != getattr(defaults, k)
+        if k not in ("methods", "update", "out", "backend") and v != getattr(defaults, k)
     ]
     if args.out is not None:
         flags.append(f"--out {args.out}")
