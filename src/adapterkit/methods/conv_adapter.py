@@ -59,10 +59,29 @@ def _is_kxk(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and max(module.kernel_size) > 1
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _OnConvolutions(AdapterConfig):
+    """Targets of the convolution adapters: ``nn.Conv2d`` modules; by default every ``k×k`` one (``k > 1``), not
+    the ``1×1`` shortcuts (the papers' placement)."""
+
+    def default_targets(self, roles: Mapping[str, Any]) -> Sequence[Any]:
+        return [nn.Conv2d]
+
+    def accepts(self, module: nn.Module) -> bool:
+        return isinstance(module, nn.Conv2d)
+
+    def build_all(
+        self, modules: Mapping[str, nn.Module], targets: list[str], select: Callable[[Sequence[Any]], list[str]]
+    ) -> dict[str, Component]:
+        """The default selection keeps the ``k×k`` convolutions (not ``1×1`` shortcuts)."""
+        keep = targets if self.targets is not None else [n for n in targets if _is_kxk(modules[n])]
+        return {n: self.build(modules[n], n) for n in keep}
+
+
 # --- Conv-Adapter ------------------------------------------------------------------------------------------------
 @register("conv_adapter")
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class ConvAdapter(AdapterConfig):
+class ConvAdapter(_OnConvolutions):
     """Conv-Adapter (Chen et al. 2022) beside convolutions.
 
     Args:
@@ -82,19 +101,6 @@ class ConvAdapter(AdapterConfig):
             raise ValueError(f"reduction_factor must be a positive integer, got {self.reduction_factor!r}")
         if self.non_linearity not in _ACTIVATIONS:
             raise ValueError(f"non_linearity must be one of {sorted(_ACTIVATIONS)}, got {self.non_linearity!r}")
-
-    def default_targets(self, roles: Mapping[str, Any]) -> Sequence[Any]:
-        return [nn.Conv2d]
-
-    def accepts(self, module: nn.Module) -> bool:
-        return isinstance(module, nn.Conv2d)
-
-    def build_all(
-        self, modules: Mapping[str, nn.Module], targets: list[str], select: Callable[[Sequence[Any]], list[str]]
-    ) -> dict[str, Component]:
-        """The default selection keeps the ``k×k`` convolutions (not ``1×1`` shortcuts)."""
-        keep = targets if self.targets is not None else [n for n in targets if _is_kxk(modules[n])]
-        return {n: self.build(modules[n], n) for n in keep}
 
     def build(self, module: nn.Module, name: str) -> Component:
         _check_conv(module, name, "Conv-Adapter")
@@ -136,7 +142,7 @@ class ConvAdapterComponent(Component):
 # --- residual adapters -------------------------------------------------------------------------------------------
 @register("residual_adapter")
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class ResidualAdapter(AdapterConfig):
+class ResidualAdapter(_OnConvolutions):
     """Residual adapters (Rebuffi et al. 2017/2018): a ``1×1`` convolution beside or after convolutions.
 
     Args:
@@ -153,19 +159,6 @@ class ResidualAdapter(AdapterConfig):
         super().__post_init__()
         if self.mode not in ("parallel", "series"):
             raise ValueError(f"mode must be 'parallel' or 'series', got {self.mode!r}")
-
-    def default_targets(self, roles: Mapping[str, Any]) -> Sequence[Any]:
-        return [nn.Conv2d]
-
-    def accepts(self, module: nn.Module) -> bool:
-        return isinstance(module, nn.Conv2d)
-
-    def build_all(
-        self, modules: Mapping[str, nn.Module], targets: list[str], select: Callable[[Sequence[Any]], list[str]]
-    ) -> dict[str, Component]:
-        """The default selection keeps the ``k×k`` convolutions (not ``1×1`` shortcuts)."""
-        keep = targets if self.targets is not None else [n for n in targets if _is_kxk(modules[n])]
-        return {n: self.build(modules[n], n) for n in keep}
 
     def build(self, module: nn.Module, name: str) -> Component:
         _check_conv(module, name, "a residual adapter")
