@@ -47,7 +47,7 @@ import enum
 import functools
 import inspect
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -324,6 +324,35 @@ def component_key() -> int:
 
 
 # --- config -------------------------------------------------------------------------------------------
+def whole_model_prompt(
+    cfg: Any, module: nn.Module, name: str, what: str, make: Callable[[nn.Module, nn.Module, bool], Component]
+) -> Component:
+    """The component of a prompt method on the model root: ``make(module, input embeddings, token_level=True)``
+    for decoder-only and encoder-only models; for encoder-decoder models an :class:`EncoderMask` here (the prompt
+    itself sits on the encoder: :func:`encoder_prompt_sites`)."""
+    if name != "":
+        raise TargetError(f"{what} acts on the whole model, not on {name!r}: leave `targets` unset (or pass [''])")
+    encoder = encoder_of(module)
+    if encoder is not None:
+        _input_embeddings(encoder, model=module)  # refuse encoders without token inputs before building anything
+        return EncoderMask(cfg, module)
+    return make(module, _input_embeddings(module), True)
+
+
+def encoder_prompt_sites(
+    modules: Mapping[str, nn.Module], make: Callable[[nn.Module, nn.Module, bool], Component]
+) -> dict[str, Component]:
+    """Encoder-decoder models: ``make(encoder, its input embeddings, token_level=False)`` on the encoder stack."""
+    root = modules.get("")
+    encoder = encoder_of(root) if root is not None else None
+    if encoder is None:
+        return {}
+    name = next((n for n, m in modules.items() if m is encoder), None)
+    if name is None:
+        raise TargetError(f"the encoder of this {type(root).__name__} is not one of its submodules")
+    return {name: make(encoder, _input_embeddings(encoder, model=root), False)}
+
+
 class PromptInit(str, enum.Enum):
     """How the soft prompt starts (Lester et al. §3.2)."""
 
@@ -392,28 +421,14 @@ class PromptTuning(AdapterConfig):
         return ("",)
 
     def build(self, module: nn.Module, name: str) -> Component:
-        if name != "":
-            raise TargetError(
-                f"prompt tuning acts on the whole model, not on {name!r}: leave `targets` unset (or pass [''])"
-            )
-        encoder = encoder_of(module)
-        if encoder is not None:
-            _input_embeddings(
-                encoder, model=module
-            )  # refuse encoders without token inputs before building anything
-            return EncoderMask(self, module)
-        return SoftPrompt(self, module, _input_embeddings(module), token_level=True)
+        return whole_model_prompt(self, module, name, "prompt tuning", self._prompt)
 
     def extra_sites(self, modules: Mapping[str, nn.Module], targets: list[str]) -> dict[str, Component]:
         """Encoder-decoder models: the prompt itself sits on the encoder stack."""
-        root = modules.get("")
-        encoder = encoder_of(root) if root is not None else None
-        if encoder is None:
-            return {}
-        name = next((n for n, m in modules.items() if m is encoder), None)
-        if name is None:
-            raise TargetError(f"the encoder of this {type(root).__name__} is not one of its submodules")
-        return {name: SoftPrompt(self, encoder, _input_embeddings(encoder, model=root), token_level=False)}
+        return encoder_prompt_sites(modules, self._prompt)
+
+    def _prompt(self, module: nn.Module, embeddings: nn.Module, token_level: bool) -> Component:
+        return SoftPrompt(self, module, embeddings, token_level=token_level)
 
 
 _TOKEN_INPUTS = ("input_ids", "inputs_embeds")

@@ -44,7 +44,7 @@ from torch import nn
 from ..component import Component
 from ..config import AdapterConfig, register
 from ..targeting import TargetError
-from .prompt import EncoderMask, SoftPrompt, _input_embeddings, component_key, encoder_of, is_causal
+from .prompt import SoftPrompt, component_key, encoder_prompt_sites, is_causal, whole_model_prompt
 
 PUBLIC = ("PTuning",)
 __all__ = ["PTuning", "EncoderType", "PromptEncoder", "PTuningPrompt"]
@@ -128,26 +128,14 @@ class PTuning(AdapterConfig):
         return ("",)
 
     def build(self, module: nn.Module, name: str) -> Component:
-        if name != "":
-            raise TargetError(
-                f"P-tuning acts on the whole model, not on {name!r}: leave `targets` unset (or pass [''])"
-            )
-        encoder = encoder_of(module)
-        if encoder is not None:
-            _input_embeddings(encoder, model=module)  # refuse encoders without token inputs before building
-            return EncoderMask(self, module)  # type: ignore[arg-type]  # reads num_virtual_tokens only
-        return PTuningPrompt(self, module, _input_embeddings(module), token_level=True)
+        return whole_model_prompt(self, module, name, "P-tuning", self._prompt)
 
     def extra_sites(self, modules: Mapping[str, nn.Module], targets: list[str]) -> dict[str, Component]:
         """Encoder-decoder models: the prompt itself sits on the encoder stack (as prompt tuning's)."""
-        root = modules.get("")
-        encoder = encoder_of(root) if root is not None else None
-        if encoder is None:
-            return {}
-        name = next((n for n, m in modules.items() if m is encoder), None)
-        if name is None:
-            raise TargetError(f"the encoder of this {type(root).__name__} is not one of its submodules")
-        return {name: PTuningPrompt(self, encoder, _input_embeddings(encoder, model=root), token_level=False)}
+        return encoder_prompt_sites(modules, self._prompt)
+
+    def _prompt(self, module: nn.Module, embeddings: nn.Module, token_level: bool) -> Component:
+        return PTuningPrompt(self, module, embeddings, token_level=token_level)
 
 
 class PromptEncoder(nn.Module):
