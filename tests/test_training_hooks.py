@@ -306,3 +306,19 @@ def test_calibration_sees_the_base_inputs_of_every_site():
         adapters.calibrate("lora", batches)
     with pytest.raises(ValueError, match="no batches"):
         adapters.calibrate("c", [])
+
+
+def test_calibration_runs_in_eval_mode_without_grad_and_restores_every_mode():
+    """No dropout noise in the statistics (peft calibrates EVA/CorDA in eval mode too); modes come back as they were."""
+    model = make_model("llama")
+    adapters = ak.attach(model)
+    adapters.add("c", ToyCalibration(targets=["attn.q"]))
+    model.train()
+    model.model.layers[0].eval()  # a mixed state must come back exactly
+    before = {n: m.training for n, m in model.named_modules()}
+    during = []
+    hook = model.register_forward_pre_hook(lambda m, a: during.append((m.training, torch.is_grad_enabled())))
+    adapters.calibrate("c", [make_inputs("llama")])
+    hook.remove()
+    assert during == [(False, False)]
+    assert {n: m.training for n, m in model.named_modules()} == before

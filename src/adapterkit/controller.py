@@ -725,7 +725,8 @@ class Adapters:
         tuples/lists as positional ones, anything else as the one argument) through the base model (no adapter
         active, no grad) while every component that calibrates (``Component.observe``) sees its module's first
         input and output; then each sets its values (``Component.finish_calibration``). Returns the number of
-        batches.
+        batches. The model runs in eval mode for the pass (no dropout in the statistics); every module's mode is
+        restored afterwards.
 
         Raises:
             TypeError: no component of the adapter calibrates.
@@ -736,6 +737,7 @@ class Adapters:
             raise TypeError(f"adapter {name!r} ({self._record(name).config.method}) has nothing to calibrate")
         handles = []
         count = 0
+        modes = [(mod, mod.training) for mod in self.model.modules()]
         try:
             for m, c in parts:
                 handles.append(
@@ -744,7 +746,8 @@ class Adapters:
                         with_kwargs=True,
                     )
                 )
-            with self.use():
+            self.model.eval()  # no dropout in the statistics (peft's EVA/CorDA calibrate in eval mode too)
+            with self.use(), torch.no_grad():
                 for batch in batches:
                     if isinstance(batch, Mapping):
                         self.model(**batch)
@@ -756,6 +759,8 @@ class Adapters:
         finally:
             for h in handles:
                 h.remove()
+            for mod, training in modes:
+                mod.training = training
         if not count:
             raise ValueError("calibrate() got no batches: pass an iterable of model inputs")
         for m, c in parts:
