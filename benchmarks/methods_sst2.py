@@ -62,6 +62,8 @@ METHODS: dict[str, tuple[str | None, dict, float]] = {
     "boft": ("boft", {"targets": ["attn.q", "attn.v"]}, 1e-3),
     "hra": ("hra", {"targets": ["attn.q", "attn.v"]}, 1e-3),
     "road": ("road", {"targets": ["attn.q", "attn.v"]}, 1e-3),
+    # VB-LoRA: MiniLM's width 384 is not a multiple of the default vector length 256 (peft's too): 128 divides it
+    "vblora": ("vblora", {"r": 4, "vector_length": 128, "targets": ["attn.q", "attn.v"]}, 1e-3),
 }
 
 
@@ -76,14 +78,19 @@ PEFT_CONFIGS: dict[str, tuple[str, dict]] = {
     "boft": ("BOFTConfig", {"target_modules": _QV, "boft_block_size": 4}),
     "hra": ("HRAConfig", {"target_modules": _QV}),
     "road": ("RoadConfig", {"target_modules": _QV}),
+    "adalora": ("AdaLoraConfig", {"init_r": 12, "target_r": 8, "target_modules": _QV}),  # + total_step
+    "vblora": ("VBLoRAConfig", {"r": 4, "vector_length": 128, "target_modules": _QV}),
 }
 
 
-def _peft_model(name: str, model: torch.nn.Module) -> torch.nn.Module:
-    """``model`` wrapped by peft with ``name``'s config (classification: peft trains the head as modules_to_save)."""
+def _peft_model(name: str, model: torch.nn.Module, steps: int) -> torch.nn.Module:
+    """``model`` wrapped by peft with ``name``'s config (classification: peft trains the head as modules_to_save);
+    AdaLoRA's budget schedule needs the number of training ``steps``."""
     import peft
 
     cls_name, kwargs = PEFT_CONFIGS[name]
+    if cls_name == "AdaLoraConfig":
+        kwargs = {**kwargs, "total_step": steps}
     return peft.get_peft_model(model, getattr(peft, cls_name)(task_type="SEQ_CLS", **kwargs))
 
 
@@ -124,7 +131,7 @@ def run_one(name: str, args: argparse.Namespace, tokenizer, train_rows, dev_rows
         if name not in PEFT_CONFIGS:
             print(f"{name}: no peft run defined (PEFT_CONFIGS)")
             return None
-        model = _peft_model(name, model)
+        model = _peft_model(name, model, args.epochs * math.ceil(len(train_rows) / args.batch_size))
         trainable = [p for p in model.parameters() if p.requires_grad]
         spec, label = None, f"{name} (peft)"
     elif spec is None:
@@ -161,6 +168,9 @@ def run_one(name: str, args: argparse.Namespace, tokenizer, train_rows, dev_rows
         opt.step()
         if spec is not None:
             adapters.step()
+        elif hasattr(getattr(model, "base_model", None), "update_and_allocate"):
+            # peft's AdaLoRA: its allocation step reads the gradients, so before zero_grad
+            model.base_model.update_and_allocate(step)
         sched.step()
         opt.zero_grad(set_to_none=True)
         if step % 100 == 0:
