@@ -14,6 +14,9 @@ key                                             shape                  adapterki
 ``base_model.model.<head>.<param>``             head                   ``HeadCopy``
 ==============================================  =====================  ==========================
 
+On ``nn.Conv2d`` (peft's ``SVDConv2d``) ``in`` is ``in_channels · kh · kw`` (``lora_A`` rows are flattened kernels)
+and the shapes are otherwise the same, so files need no conversion (``AdaLoRAConv2d``).
+
 ``rank_pattern`` maps ``<module path>.lora_E`` (peft may leave the adapter name in: ``...lora_E.default``) to
 ``init_r`` booleans, the triplets kept; the file then holds only those ``k`` rows (peft's
 ``resize_state_dict_by_rank_pattern``). We keep all ``init_r`` triplets: a kept row goes to its position, dropped

@@ -30,7 +30,9 @@ takes the Trainer's ``max_steps``) or ``adapters.begin_training(total_steps)``. 
 state and are not saved (nor does peft save them): a resumed run restarts them, as peft would.
 
 The kept triplets are a persistent buffer ``rank_mask`` (saved natively; peft files carry them as
-``rank_pattern`` and hold only the kept rows). Works on ``nn.Linear`` and GPT-2 ``Conv1D``.
+``rank_pattern`` and hold only the kept rows). Works on ``nn.Linear``, GPT-2 ``Conv1D`` and ungrouped ``nn.Conv2d``
+(peft's ``SVDConv2d`` layout: ``Q = lora_A: (r, in · kh · kw)``, the flattened kernel, ``P = lora_B: (out, r)``;
+``ΔW = s · P (Λ ⊙ Q)`` reshaped to ``(out, in, kh, kw)``).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from ..component import Bank, Component
 from ..config import AdapterConfig, register
 
 PUBLIC = ("AdaLoRA",)
-__all__ = ["AdaLoRA", "AdaLoRALinear", "RankAllocator"]
+__all__ = ["AdaLoRA", "AdaLoRAConv2d", "AdaLoRALinear", "RankAllocator"]
 
 
 def _int(v: Any, minimum: int) -> bool:
@@ -134,7 +136,7 @@ class AdaLoRA(AdapterConfig):
 
     def accepts(self, module: nn.Module) -> bool:
         backend = backend_for(module)
-        return backend is not None and backend.kind == "linear"
+        return backend is not None and backend.kind in ("linear", "conv2d")
 
     @property
     def scaling(self) -> float:
@@ -144,9 +146,13 @@ class AdaLoRA(AdapterConfig):
     def build(self, module: nn.Module, name: str, allocator: RankAllocator | None = None) -> Component:
         if not self.accepts(module):
             raise TypeError(
-                f"AdaLoRA cannot act on {name!r} ({type(module).__name__}): it supports nn.Linear and Conv1D"
+                f"AdaLoRA cannot act on {name!r} ({type(module).__name__}): it supports nn.Linear, Conv1D and "
+                "nn.Conv2d; exclude it from targets"
             )
-        return AdaLoRALinear(self, module, allocator if allocator is not None else RankAllocator(self))
+        allocator = allocator if allocator is not None else RankAllocator(self)
+        if isinstance(module, nn.Conv2d):
+            return AdaLoRAConv2d(self, module, allocator, name)
+        return AdaLoRALinear(self, module, allocator)
 
     def build_all(
         self, modules: Mapping[str, nn.Module], targets: list[str], select: Callable[[Sequence[Any]], list[str]]
@@ -283,9 +289,12 @@ class AdaLoRALinear(Component):
     additive = True
     scheduled = True
 
-    def __init__(self, cfg: AdaLoRA, module: nn.Module, allocator: RankAllocator) -> None:
+    def __init__(
+        self, cfg: AdaLoRA, module: nn.Module, allocator: RankAllocator, in_dim: int | None = None
+    ) -> None:
         super().__init__()
-        in_dim, out_dim = backend_for(module).dims(module)
+        dims_in, out_dim = backend_for(module).dims(module)
+        in_dim = dims_in if in_dim is None else in_dim
         weight = module.weight
         factory = {"device": weight.device, "dtype": weight.dtype if weight.is_floating_point() else torch.float32}
         r = cfg.init_r
@@ -347,3 +356,47 @@ class AdaLoRALinear(Component):
     def delta_weight(self, module: nn.Module) -> torch.Tensor:
         """``s · P (Λ ⊙ Q)``: ``(out, in)``."""
         return (self.lora_B.detach() @ (self.lora_A.detach() * self.lora_E.detach())) * self.scaling
+
+
+class AdaLoRAConv2d(AdaLoRALinear):
+    """AdaLoRA on an ungrouped ``nn.Conv2d`` (peft's ``SVDConv2d``): ``y + s · conv(dropout(x), ΔW₁)`` with
+    ``ΔW₁ = reshape(P (Λ ⊙ Q), (out, in, kh, kw))`` and the base's stride, padding and dilation.
+
+    Shapes: ``x: (N, in, H, W)``, ``y: (N, out, H', W')``, ``lora_A (Q): (init_r, in · kh · kw)`` (a row is a
+    flattened ``(in, kh, kw)`` kernel, as peft), ``lora_E (Λ): (init_r, 1)``, ``lora_B (P): (out, init_r)``,
+    ``rank_mask: (init_r,)``. The branch runs as two convolutions, ``Q`` (``in → init_r``, the base's kernel) then
+    ``P`` (``1 × 1``, ``init_r → out``), which is the same sum as peft's one convolution with the dense ``ΔW`` and
+    costs ``init_r · (in · kh · kw + out)`` instead of ``out · in · kh · kw`` multiply-adds per output pixel.
+
+    Raises:
+        TypeError: grouped convolutions (peft's reshape of ``P (Λ ⊙ Q)`` into a grouped weight is wrong there)
+            and padding modes other than ``"zeros"`` (the branch pads with zeros; merging would differ).
+    """
+
+    def __init__(self, cfg: AdaLoRA, module: nn.Conv2d, allocator: RankAllocator, name: str) -> None:
+        if module.groups != 1:
+            raise TypeError(
+                f"AdaLoRA on the grouped convolution {name!r} (groups={module.groups}) is not supported (peft's "
+                "SVDConv2d is not either); exclude it from targets"
+            )
+        if module.padding_mode != "zeros":
+            raise TypeError(
+                f"AdaLoRA on {name!r} needs zero padding (padding_mode={module.padding_mode!r}); exclude it from "
+                "targets"
+            )
+        kh, kw = module.kernel_size
+        super().__init__(cfg, module, allocator, in_dim=module.in_channels * kh * kw)
+        self.kernel = (module.in_channels, kh, kw)
+        self.conv = {"stride": module.stride, "padding": module.padding, "dilation": module.dilation}
+
+    def post(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x = x if self.dropout is None else self.dropout(x)
+        A = self.lora_A * self.lora_E  # (r, in · kh · kw)
+        h = F.conv2d(x.to(A.dtype), A.view(A.shape[0], *self.kernel), None, **self.conv)  # (N, r, H', W')
+        B = self.lora_B
+        lora = F.conv2d(h, B.view(*B.shape, 1, 1)) * self.scaling  # (N, out, H', W')
+        return y + lora.to(y.dtype)
+
+    def delta_weight(self, module: nn.Module) -> torch.Tensor:
+        """``s · P (Λ ⊙ Q)`` as ``(out, in, kh, kw)``."""
+        return super().delta_weight(module).view(self.lora_B.shape[0], *self.kernel)
