@@ -603,3 +603,40 @@ def test_abba_bad_configs():
     ):
         with pytest.raises(ValueError, match=match):
             bad()
+
+
+@pytest.mark.parametrize(
+    "ours, theirs",
+    [
+        (
+            ak.LoKr(r=4, alpha=8, targets=["attn.q", "attn.v"]),
+            LoKrConfig(r=4, alpha=8, target_modules=["query", "value"]),
+        ),
+        (
+            ak.LoKr(r=2, alpha=8, decompose_both=True, decompose_factor=4, targets=["attn.q", "attn.v"]),
+            LoKrConfig(r=2, alpha=8, decompose_both=True, decompose_factor=4, target_modules=["query", "value"]),
+        ),
+        (
+            ak.LoHa(r=4, alpha=8, targets=["attn.q", "attn.v"]),
+            LoHaConfig(r=4, alpha=8, target_modules=["query", "value"]),
+        ),
+    ],
+    ids=["lokr", "lokr-both", "loha"],
+)
+def test_init_draws_equal_peft_s_under_one_seed(ours, theirs):
+    """Under one seed our default init gives the very factors peft's does (same draws, same order, the zeroed factor
+    not drawn), so a training run beside peft's at the same seed starts from the same adapter (the SST-2 rows)."""
+    model, ref = make_model("bert"), make_model("bert")
+    torch.manual_seed(7)
+    adapters = ak.attach(model)
+    adapters.add("a", ours)
+    torch.manual_seed(7)
+    ref = get_peft_model(ref, theirs)
+    mine = {
+        f"{site}.{n}": p for site, comp in adapters.components("a").items() for n, p in comp.named_parameters()
+    }
+    theirs_ = {n: p for n, p in ref.named_parameters() if n.rsplit(".", 2)[-2].startswith(("lokr_", "hada_"))}
+    assert len(mine) == len(theirs_) > 0
+    for (k, v), (n, p) in zip(mine.items(), theirs_.items()):
+        assert k.rsplit(".", 1)[-1] == n.rsplit(".", 2)[-2], (k, n)
+        torch.testing.assert_close(v.detach(), p.detach(), rtol=0, atol=0, msg=f"{k} vs {n}")

@@ -166,12 +166,20 @@ class LoKrLayer(LycorisBase):
 
     @torch.no_grad()
     def initialize(self, module: nn.Module) -> None:
-        for p in self.parameters():
-            nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+        """Kaiming-uniform (a = √5) draws in peft's order (W1 factors, W2 factors, then the Tucker core), the
+        zeroed factor not drawn at all: under one seed the random factors equal peft's ``LoKrConfig`` init."""
+        w1 = [self.lokr_w1] if self.use_w1 else [self.lokr_w1_a, self.lokr_w1_b]
+        w2 = [self.lokr_w2] if self.use_w2 else [self.lokr_w2_a, self.lokr_w2_b]
+        zero = None
         if self.init is True:
-            nn.init.zeros_(self.lokr_w1 if self.use_w1 else self.lokr_w1_a)
+            zero = w1[0]
         elif self.init == "lycoris":
-            nn.init.zeros_(self.lokr_w2 if self.use_w2 else self.lokr_w2_b)
+            zero = w2[-1]
+        for p in w1 + w2 + ([self.lokr_t2] if self.cp else []):
+            if p is zero:
+                nn.init.zeros_(p)
+            else:
+                nn.init.kaiming_uniform_(p, a=math.sqrt(5))
 
     def _w1(self) -> torch.Tensor:
         return self.lokr_w1 if self.use_w1 else self.lokr_w1_a @ self.lokr_w1_b
