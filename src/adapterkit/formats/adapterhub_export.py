@@ -47,8 +47,19 @@ What is written, per method (the inverse of the readers):
   model's own head when the model class matches. Heads inside the base model or tied to the input embeddings
   are refused.
 
-Everything else (other methods and unions, trained biases, model types AdapterHub does not support) raises
-:class:`AdapterHubExportError` naming why, before anything is written.
+- :class:`~adapterkit.methods.seq_gate.SequenceGated` LoRA / Bottleneck (AdapterHub's ``use_gating``) -> the inner
+  method's config with ``use_gating: true`` and each module's ``gate.{weight, bias}``. A gated AdapterHub LoRA has
+  no ``alpha / r`` (the gate replaces it): our scale is folded into ``lora_B`` and ``alpha = r`` is written. On
+  GPT-2's ``c_attn`` the gate has one output per enabled matrix (a one-output gate is repeated); a matrix our
+  gate leaves ungated (not in ``fused_qkv``) but changes is refused.
+- Prefix tuning (``PrefixTuning(positions="keep")``, plain or reparametrized, gated) and prompt tuning
+  (``EmbeddingPrompt``): formats/adapterhub_export_prompt.py. Unions (MAM, UniPELT as AdapterHub computes it):
+  formats/adapterhub_export_union.py, each member written by the writers here.
+
+Everything else (other methods and unions, peft-style prefix positions and prompts, ``Union(gated=True)``, trained
+biases, model types AdapterHub does not support) raises :class:`AdapterHubExportError` naming why and the field to
+change, before anything is written. Weights are always ``adapter.safetensors``, prefixes and unions included (the
+library cannot save those as safetensors itself, but its ``load_adapter(..., use_safetensors=True)`` reads ours).
 """
 
 from __future__ import annotations
@@ -58,6 +69,7 @@ import math
 import os
 import re
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -67,62 +79,43 @@ from torch import nn
 from ..backends import backend_for
 from ..methods.bottleneck import Bottleneck, Hook, Placement, Scaling
 from ..methods.bottleneck_sublayer import ResidualTap, SublayerBottleneck
+from ..methods.embedding_prompt import EmbeddingPrompt
 from ..methods.heads import HeadCopy
 from ..methods.ia3 import IA3, IA3InputScale, IA3OutputScale
 from ..methods.invertible import Invertible, InvertibleEmbedding
 from ..methods.lora import LoRA, LoRAInit, LoRALinear
+from ..methods.prefix import PrefixTuning
+from ..methods.prompt import PromptTuning
 from ..methods.reft import LoReFT, LoReFTBlock, PositionRecorder
+from ..methods.seq_gate import LoRAGate, SequenceGated
 from ..methods.union import Union
 from ..profiles import profile_for
 from ..targeting import TargetError, base_modules, select
+from .adapterhub_export_common import (
+    BERT_LIKE,
+    MODEL_TYPES,
+    SWAPPED_MLP,
+    VERSION,
+    AdapterHubExportError,
+    hub_path,
+    model_type,
+    owner,
+    targets,
+)
+from .adapterhub_export_prompt import prefix, prompt, prompt_tuning_refusal
+from .adapterhub_export_union import union
 from .io import write_adapter
 
 __all__ = ["save", "AdapterHubExportError", "VERSION", "MODEL_TYPES"]
 
-VERSION = "adapters.1.3.0"  # the library version whose load_adapter this format is written for
+
 WEIGHTS = "adapter.safetensors"
 HEAD_WEIGHTS, HEAD_CONFIG = "model_head.safetensors", "head_config.json"
-
-# model types both libraries support (adapters 1.3.0's models/ that have a profile here with the same module names)
-_BERT_LIKE = ("bert", "roberta", "xlm-roberta", "electra")
-MODEL_TYPES = (*_BERT_LIKE, "distilbert", "gpt2", "llama", "mistral", "t5", "mt5", "bart", "vit")
-# LLaMA and Mistral wrap mlp.down_proj as AdapterHub's "intermediate" and mlp.up_proj as its "output"
-_SWAPPED_MLP = ("llama", "mistral")
-
-
-class AdapterHubExportError(ValueError):
-    """An adapter that AdapterHub's format cannot hold exactly (the message says why and what would fit)."""
+# ``writer(ctl, name, cfg, comps=None) -> (method config, tensors)``; ``comps``: a union member's components
+Writer = Callable[..., tuple[dict[str, Any], dict[str, torch.Tensor]]]
 
 
 # --- shared helpers ----------------------------------------------------------------------------------------------
-
-
-def _model_type(ctl: Any) -> str:
-    mtype = getattr(getattr(ctl.model, "config", None), "model_type", None)
-    if mtype not in MODEL_TYPES:
-        raise AdapterHubExportError(
-            f"AdapterHub export supports the model types both libraries have ({', '.join(MODEL_TYPES)}); "
-            f"this {type(ctl.model).__name__} is {mtype!r}"
-        )
-    return mtype
-
-
-def _hub_path(mtype: str, path: str) -> str:
-    """Our module path in transformers 4.57's names (what ``adapters`` 1.3.0 runs on); only ViT was renamed."""
-    if mtype != "vit" or not re.search(r"(^|\.)layers\.\d+(\.|$)", path):
-        return path
-    path = re.sub(r"(^|\.)layers\.(\d+)(?=\.|$)", r"\1encoder.layer.\2", path)
-    for ours, theirs in (
-        (".attention.q_proj", ".attention.attention.query"),
-        (".attention.k_proj", ".attention.attention.key"),
-        (".attention.v_proj", ".attention.attention.value"),
-        (".attention.o_proj", ".attention.output.dense"),
-        (".mlp.fc1", ".intermediate.dense"),
-        (".mlp.fc2", ".output.dense"),
-    ):
-        if path.endswith(ours):
-            return path[: -len(ours)] + theirs
-    return path
 
 
 def _role(ctl: Any, role: str, modules: dict[str, nn.Module]) -> list[str]:
@@ -174,12 +167,6 @@ def _check_sites(ctl: Any, name: str, method: str) -> None:
             f"adapter {name!r} ({method}) also trains the biases of {extra[:3]} (bias='all' / 'lora_only'), which "
             "an AdapterHub adapter file cannot hold"
         )
-
-
-def _targets(ctl: Any, name: str) -> dict[str, Any]:
-    """The adapter's components except its head copies (written by :func:`_head`)."""
-    kinds = ctl.sites(name)
-    return {s: c for s, c in ctl.components(name).items() if kinds[s] != "head"}
 
 
 def _head(ctl: Any, name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
@@ -257,23 +244,8 @@ def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
             "with ',', so its names cannot contain '.' or ','; rename it (adapters.rename) before exporting"
         )
     cfg = ctl.config(name)
-    writers: dict[type, Callable[[Any, str, Any], tuple[dict[str, Any], dict[str, torch.Tensor]]]] = {
-        LoRA: _lora,
-        IA3: _ia3,
-        Bottleneck: _bottleneck,
-        LoReFT: _loreft,
-    }
-    write = writers.get(type(cfg))
-    if type(cfg) is Union and _is_seq_bn_inv(cfg):
-        write = _seq_bn_inv
-    if write is None:
-        raise AdapterHubExportError(
-            f"adapter {name!r} is {type(cfg).__name__}, which AdapterHub export does not write; it writes LoRA, "
-            "(IA)^3, Bottleneck (hook='sublayer': SeqBn/DoubleSeqBn/ParBn/Compacter) and LoReFT, the methods both "
-            "libraries have (AdapterHub's prefix/prompt tuning keep the real tokens' positions / prompt placement, "
-            "which ours differ in; unions other than SeqBnInv's Bottleneck + Invertible, such as MAM and UniPELT, are not written either)"
-        )
-    _model_type(ctl)
+    write = _writer(name, cfg)
+    model_type(ctl)
     _check_sites(ctl, name, type(cfg).__name__)
     head = _head(ctl, name)
     config, tensors = write(ctl, name, cfg)
@@ -288,7 +260,7 @@ def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
 def _slots(ctl: Any, mtype: str, modules: dict[str, nn.Module]) -> dict[str, str]:
     """Module -> AdapterHub LoRA slot (``q``/``k``/``v``, ``qkv`` for GPT-2's fused ``c_attn``, ``intermediate``,
     ``output``) for every module AdapterHub can wrap in this model."""
-    swapped = mtype in _SWAPPED_MLP
+    swapped = mtype in SWAPPED_MLP
     table = {
         "q": "attn.q",
         "k": "attn.k",
@@ -316,13 +288,13 @@ def _placement(
     Raises:
         AdapterHubExportError: a module that is no AdapterHub slot.
     """
-    mtype = _model_type(ctl)
+    mtype = model_type(ctl)
     modules = base_modules(ctl.model)
     every = _slots(ctl, mtype, modules)
     blocks = _blocks(ctl, modules)
     wrong = [s for s in sites if s not in every or _layer_of(s, blocks) is None]
     if wrong:
-        names = "mlp.down_proj, mlp.up_proj" if mtype in _SWAPPED_MLP else "the FFN's input and output projections"
+        names = "mlp.down_proj, mlp.up_proj" if mtype in SWAPPED_MLP else "the FFN's input and output projections"
         raise AdapterHubExportError(
             f"adapter {name!r} ({method}) acts on {wrong[:3]}, where AdapterHub cannot put it: its {method} sits only "
             f"on the attention's q/k/v projections (GPT-2: attn.c_attn), and {names} of each layer. Target those "
@@ -367,8 +339,14 @@ def _fused_rows(module: nn.Module, m: str) -> slice:
     return slice("qkv".index(m) * h, ("qkv".index(m) + 1) * h)
 
 
-def _lora(ctl: Any, name: str, cfg: LoRA) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    comps = _targets(ctl, name)
+def _lora(
+    ctl: Any, name: str, cfg: LoRA, comps: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    comps = targets(ctl, name) if comps is None else comps
+    gates = {s: c for s, c in comps.items() if isinstance(c, LoRAGate)}  # SequenceGated: AdapterHub's use_gating
+    if gates and len(gates) != len(comps):
+        raise AdapterHubExportError(f"adapter {name!r}: some of its LoRA modules are gated and some are not")
+    comps = {s: c.inner if isinstance(c, LoRAGate) else c for s, c in comps.items()}
     for site, comp in comps.items():
         why = None
         if not isinstance(comp, LoRALinear):
@@ -388,7 +366,7 @@ def _lora(ctl: Any, name: str, cfg: LoRA) -> tuple[dict[str, Any], dict[str, tor
         )
     per_site, leave_out, blocks, every = _placement(ctl, name, "LoRA", list(comps))
     modules = base_modules(ctl.model)
-    s_hub = cfg.alpha / cfg.r
+    s_hub = 1.0 if gates else cfg.alpha / cfg.r  # a gated AdapterHub LoRA has no alpha / r: the gate replaces it
     converted = cfg.init in (LoRAInit.PISSA, LoRAInit.OLORA)
 
     def factors(comp: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -413,12 +391,12 @@ def _lora(ctl: Any, name: str, cfg: LoRA) -> tuple[dict[str, Any], dict[str, tor
             groups[site][m] = (A[keep], Bm[:, keep])
     slots = set(per_site.values())
     if groups:
-        matrices = [m for m in "qkv" if any(g[m][1].numel() for g in groups.values())] or ["q", "k", "v"]
+        matrices = _fused_matrices(name, groups, gates)
     else:
         matrices = [m for m in "qkv" if m in slots]
     ranks = [A.shape[0] for A, _ in pairs.values()] + [g[m][0].shape[0] for g in groups.values() for m in matrices]
     r_hub = max([cfg.r, *ranks])
-    alpha = cfg.alpha if r_hub == cfg.r else s_hub * r_hub
+    alpha = r_hub if gates else cfg.alpha if r_hub == cfg.r else s_hub * r_hub
     alpha = int(alpha) if float(alpha).is_integer() else float(alpha)
 
     def padded(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -429,7 +407,7 @@ def _lora(ctl: Any, name: str, cfg: LoRA) -> tuple[dict[str, Any], dict[str, tor
         return A, B
 
     tensors: dict[str, torch.Tensor] = {}
-    mtype = _model_type(ctl)
+    mtype = model_type(ctl)
     for site in _required(every, blocks, leave_out, slots, matrices):
         module = modules[site]
         in_dim, out_dim = backend_for(module).dims(module)
@@ -442,8 +420,12 @@ def _lora(ctl: Any, name: str, cfg: LoRA) -> tuple[dict[str, Any], dict[str, tor
             A, B = padded(*pairs[site])
         else:  # a slot these flags wrap that the adapter leaves alone: an exact zero
             A, B = torch.zeros(r_hub, in_dim), torch.zeros(out_dim, r_hub)
-        key = f"{_hub_path(mtype, site)}.loras.{name}"
+        key = f"{hub_path(mtype, site)}.loras.{name}"
         tensors[f"{key}.lora_A"], tensors[f"{key}.lora_B"] = A.contiguous(), B.contiguous()
+        if gates:
+            heads = len(matrices) if every[site] == "qkv" else 1
+            W, b = _lora_gate(gates.get(site), matrices if every[site] == "qkv" else None, heads, in_dim)
+            tensors[f"{key}.gate.weight"], tensors[f"{key}.gate.bias"] = W, b
     config = {
         "alpha": alpha,
         "architecture": "lora",
@@ -456,15 +438,60 @@ def _lora(ctl: Any, name: str, cfg: LoRA) -> tuple[dict[str, Any], dict[str, tor
         "leave_out": leave_out,
         "r": r_hub,
         "use_dora": False,
-        "use_gating": False,
+        "use_gating": bool(gates),
         "vera_b": None,
         "vera_d": None,
     }
     return config, tensors
 
 
-def _ia3(ctl: Any, name: str, cfg: IA3) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    comps = _targets(ctl, name)
+def _fused_matrices(
+    name: str, groups: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]], gates: dict[str, LoRAGate]
+) -> list[str]:
+    """The q/k/v matrices AdapterHub enables on GPT-2's fused ``c_attn``: those with a nonzero group, and with gates
+    those that have a gate output (``fused_qkv``).
+
+    Raises:
+        AdapterHubExportError: a gated LoRA whose nonzero group has no gate output (ours leaves it ungated; every
+            enabled AdapterHub matrix is gated).
+    """
+    used = {m for g in groups.values() for m in "qkv" if g[m][1].numel()}
+    for site, gate in gates.items():
+        if site in groups and gate.fused_qkv:
+            ungated = [m for m in "qkv" if groups[site][m][1].numel() and m not in gate.fused_qkv]
+            if ungated:
+                raise AdapterHubExportError(
+                    f"adapter {name!r}: its LoRA at {site!r} changes the {ungated} outputs, which its gate "
+                    f"(fused_qkv={gate.fused_qkv!r}) leaves ungated; AdapterHub gates every matrix it enables. "
+                    f"List them in SequenceGated(fused_qkv=...) to export"
+                )
+            used |= set(gate.fused_qkv)
+    return [m for m in "qkv" if m in used] or ["q", "k", "v"]
+
+
+def _lora_gate(
+    gate: LoRAGate | None, matrices: list[str] | None, heads: int, in_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """AdapterHub's ``gate.weight: (heads, in)``, ``gate.bias: (heads,)`` of one LoRA module: one row per enabled
+    matrix on a fused ``c_attn`` (``matrices``; a one-output gate is repeated), zeros where the adapter has no
+    LoRA (its delta is zero there, so any gate gives the same output)."""
+    if gate is None:
+        return torch.zeros(heads, in_dim), torch.zeros(heads)
+    W, b = gate.gate.weight.detach().float(), gate.gate.bias.detach().float()
+    if matrices is not None:
+        if gate.fused_qkv:
+            rows = [gate.fused_qkv.index(m) if m in gate.fused_qkv else None for m in matrices]
+            W = torch.stack([W[i] if i is not None else W.new_zeros(W.shape[1]) for i in rows])
+            b = torch.stack([b[i] if i is not None else b.new_zeros(()) for i in rows])
+        else:
+            W, b = W.expand(heads, -1), b.expand(heads)
+    return W.contiguous().clone(), b.contiguous().clone()
+
+
+def _ia3(
+    ctl: Any, name: str, cfg: IA3, comps: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    comps = targets(ctl, name) if comps is None else comps
     for site, comp in comps.items():
         if isinstance(comp, IA3InputScale):
             raise AdapterHubExportError(
@@ -488,14 +515,14 @@ def _ia3(ctl: Any, name: str, cfg: IA3) -> tuple[dict[str, Any], dict[str, torch
     else:
         matrices = [m for m in "qkv" if m in slots]
     tensors: dict[str, torch.Tensor] = {}
-    mtype = _model_type(ctl)
+    mtype = model_type(ctl)
     for site in _required(every, blocks, leave_out, slots, matrices):
         module = modules[site]
         _, out_dim = backend_for(module).dims(module)
         vec = scales.get(site, torch.ones(out_dim))
         if every[site] == "qkv":
             vec = torch.cat([vec[_fused_rows(module, m)] for m in matrices])
-        tensors[f"{_hub_path(mtype, site)}.loras.{name}.lora_B"] = vec.reshape(-1, 1).contiguous()
+        tensors[f"{hub_path(mtype, site)}.loras.{name}.lora_B"] = vec.reshape(-1, 1).contiguous()
     config = {
         "alpha": 1,
         "architecture": "lora",
@@ -524,8 +551,8 @@ def _location(mtype: str, kind: str, site: str, block: str) -> str:
     """AdapterHub's module holding the ``adapters`` ModuleDict of this sub-layer adapter (4.57 names)."""
     if mtype in ("t5", "mt5"):
         return site.rpartition(".")[0]  # the block.{i}.layer.{j} module itself
-    hub_block = _hub_path(mtype, block)
-    if mtype in _BERT_LIKE:
+    hub_block = hub_path(mtype, block)
+    if mtype in BERT_LIKE:
         table = {"mh": ".attention.output", "output": ".output"}
     elif mtype == "vit":
         table = {"mh": ".attention_adapters", "output": ".output.output_adapters"}
@@ -545,6 +572,8 @@ _BN_LEAVES = {
     "ln_after.weight": "adapter_norm_after.weight",
     "ln_after.bias": "adapter_norm_after.bias",
     "scale": "scaling",
+    "gate.weight": "gate.weight",  # SequenceGated (AdapterHub's use_gating)
+    "gate.bias": "gate.bias",
 }
 _PHM_LEAVES = {
     f"{proj}.{ours}": f"{theirs}.{t}"
@@ -568,7 +597,11 @@ _ACTIVATIONS = ("relu", "swish", "silu", "tanh", "sigmoid", "gelu", "gelu_new", 
 
 
 def _bottleneck(
-    ctl: Any, name: str, cfg: Bottleneck, invertible: Invertible | None = None
+    ctl: Any,
+    name: str,
+    cfg: Bottleneck,
+    invertible: Invertible | None = None,
+    comps: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     if cfg.hook is not Hook.SUBLAYER:
         raise AdapterHubExportError(
@@ -578,11 +611,11 @@ def _bottleneck(
         )
     if cfg.non_linearity.lower() not in _ACTIVATIONS:
         raise AdapterHubExportError(f"adapter {name!r}: activation {cfg.non_linearity!r} has no AdapterHub name")
-    mtype = _model_type(ctl)
+    mtype = model_type(ctl)
     modules = base_modules(ctl.model)
     blocks = _blocks(ctl, modules)
     role_of = {s: role for role in _KINDS for s in _role(ctl, role, modules)}
-    comps = _targets(ctl, name)
+    comps = targets(ctl, name) if comps is None else comps
     adapters = {s: c for s, c in comps.items() if isinstance(c, SublayerBottleneck)}
     allowed = (
         (SublayerBottleneck, ResidualTap, InvertibleEmbedding) if invertible else (SublayerBottleneck, ResidualTap)
@@ -645,26 +678,26 @@ def _bottleneck(
             tensors[f"{loc}.{theirs}"] = value.contiguous()
     if len(sizes) != 1:
         raise AdapterHubExportError(f"adapter {name!r}: bottlenecks of several sizes {sorted(sizes)}")
+    gated = {hasattr(c, "gate") for c in adapters.values()}
+    if len(gated) != 1:
+        raise AdapterHubExportError(f"adapter {name!r}: some of its bottlenecks are gated and some are not")
     if cfg.phm_dim is not None and cfg.shared_phm_rule:
         if rule is None:
             raise AdapterHubExportError(f"adapter {name!r}: its shared PHM rule was not found")
-        prefix = getattr(ctl.model, "base_model_prefix", "") or ""
-        owner = f"{prefix}." if prefix and hasattr(ctl.model, prefix) else ""
-        tensors[f"{owner}shared_parameters.{name}.phm_rule"] = rule.contiguous()
+        tensors[f"{owner(ctl.model)}shared_parameters.{name}.phm_rule"] = rule.contiguous()
     if invertible is not None:
         couplings = [c for c in comps.values() if isinstance(c, InvertibleEmbedding)]
         if len(couplings) != 1:
             raise AdapterHubExportError(
                 f"adapter {name!r}: {len(couplings)} invertible adapters; AdapterHub has one"
             )
-        prefix = getattr(ctl.model, "base_model_prefix", "") or ""
-        owner = f"{prefix}." if prefix and hasattr(ctl.model, prefix) else ""
+        base = owner(ctl.model)
         for key, value in couplings[0].state_dict().items():
             if not key.startswith("coupling."):
                 raise AdapterHubExportError(
                     f"adapter {name!r}: invertible adapter tensor {key!r} has no AdapterHub name"
                 )
-            tensors[f"{owner}invertible_adapters.{name}.{key[len('coupling.') :]}"] = value.detach().contiguous()
+            tensors[f"{base}invertible_adapters.{name}.{key[len('coupling.') :]}"] = value.detach().contiguous()
     parallel = cfg.placement is Placement.PARALLEL
     scaling: Any = cfg.scaling if cfg.scaling_mode is Scaling.FIXED else cfg.scaling_mode.value
     phm = cfg.phm_dim is not None
@@ -701,7 +734,7 @@ def _bottleneck(
         "shared_W_phm": False,
         "shared_phm_rule": bool(cfg.shared_phm_rule),
         "stochastic_depth": 0.0,
-        "use_gating": False,
+        "use_gating": gated.pop(),
     }
     return config, tensors
 
@@ -725,7 +758,7 @@ def _seq_bn_inv(ctl: Any, name: str, cfg: Union) -> tuple[dict[str, Any], dict[s
     and the coupling under ``<p>invertible_adapters.<name>.{F,G}.{0,2}``."""
     bn = next(c for c in cfg.configs if isinstance(c, Bottleneck))
     inv = next(c for c in cfg.configs if isinstance(c, Invertible))
-    mtype = _model_type(ctl)
+    mtype = model_type(ctl)
     if mtype not in _INVERTIBLE_ON_TOKENS:
         raise AdapterHubExportError(
             f"adapter {name!r}: AdapterHub applies a {mtype!r} model's invertible adapter after the position "
@@ -766,10 +799,10 @@ def _orthogonal_form(R: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Te
 def _loreft(ctl: Any, name: str, cfg: LoReFT) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     if cfg.prompt_from_labels:
         raise AdapterHubExportError(f"adapter {name!r}: LoReFT with prompt_from_labels has no AdapterHub form")
-    mtype = _model_type(ctl)
+    mtype = model_type(ctl)
     modules = base_modules(ctl.model)
     blocks = _blocks(ctl, modules)
-    comps = _targets(ctl, name)
+    comps = targets(ctl, name)
     units: dict[str, LoReFTBlock] = {}
     for site, comp in comps.items():
         if isinstance(comp, PositionRecorder):
@@ -789,7 +822,7 @@ def _loreft(ctl: Any, name: str, cfg: LoReFT) -> tuple[dict[str, Any], dict[str,
             else [getattr(comp, "prefix", None) or comp.suffix, getattr(comp, "suffix", None) or comp.prefix]
         )  # AdapterHub keeps units.0 and units.1 even for 0 positions: the unused one is a copy
         for u, iv in enumerate(ivs):
-            key = f"{_hub_path(mtype, site)}.reft_layer.refts.{name}.units.{u}"
+            key = f"{hub_path(mtype, site)}.reft_layer.refts.{name}.units.{u}"
             R = iv.rotation_matrix().detach().float()
             original, base = _orthogonal_form(R, seed=blocks.index(site) * 2 + u)
             tensors[f"{key}.learned_source.weight"] = iv.weight.detach().float().clone()  # units may be copies
@@ -811,3 +844,50 @@ def _loreft(ctl: Any, name: str, cfg: LoReFT) -> tuple[dict[str, Any], dict[str,
         "tied_weights": bool(cfg.share_weights),
     }
     return config, tensors
+
+
+# --- dispatch ----------------------------------------------------------------------------------------------------
+
+
+def _sequence_gated(
+    ctl: Any, name: str, cfg: SequenceGated, comps: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``SequenceGated(LoRA)`` / ``SequenceGated(Bottleneck)``: the inner method's config with ``use_gating: true``
+    (the writers find the gates on the components)."""
+    inner = cfg.config
+    if isinstance(inner, LoRA):
+        return _lora(ctl, name, inner, comps=comps)
+    return _bottleneck(ctl, name, inner, comps=comps)
+
+
+# the writers of one method each (a union's members are written by these too, formats/adapterhub_export_union.py)
+WRITERS: dict[type, Writer] = {
+    LoRA: _lora,
+    IA3: _ia3,
+    Bottleneck: _bottleneck,
+    LoReFT: _loreft,
+    PrefixTuning: prefix,
+    EmbeddingPrompt: prompt,
+    SequenceGated: _sequence_gated,
+}
+
+
+def _writer(name: str, cfg: Any) -> Writer:
+    """The writer for adapter ``name``'s config.
+
+    Raises:
+        AdapterHubExportError: a method AdapterHub's format has no exact form for.
+    """
+    if type(cfg) is Union:
+        return _seq_bn_inv if _is_seq_bn_inv(cfg) else partial(union, writers=WRITERS)
+    write = WRITERS.get(type(cfg))
+    if type(cfg) is PromptTuning:
+        raise AdapterHubExportError(prompt_tuning_refusal(name))
+    if write is None:
+        raise AdapterHubExportError(
+            f"adapter {name!r} is {type(cfg).__name__}, which AdapterHub export does not write; it writes LoRA, "
+            "(IA)^3, Bottleneck (hook='sublayer': SeqBn/DoubleSeqBn/ParBn/Compacter), LoReFT, prefix tuning "
+            "(PrefixTuning(positions='keep')), prompt tuning (EmbeddingPrompt), SequenceGated LoRA/Bottleneck and "
+            "their unions (MAM, UniPELT), the methods both libraries have"
+        )
+    return write
