@@ -433,6 +433,10 @@ def apply_post(item: str | Block, comps: dict[str, Any], args: tuple, kwargs: di
         for child in item.children:
             y = apply_post(child, comps, args, kwargs, y)
         return y
+    if isinstance(item, Fuse) and isinstance(y, tuple) and y and isinstance(y[0], torch.Tensor):
+        # a module returning (output, extras...) (attention modules): fuse the output, keep the extras
+        fused = apply_post(item, comps, args, kwargs, y[0])
+        return (fused, *y[1:])
     base = _tensor(y, item)
     if isinstance(item, Average):
         out = base

@@ -22,7 +22,7 @@ from .component import Component, first_input, grad_epoch, watch_gradients
 from .compose import Block, Fuse, Parallel, RoutePlan, names_in, replicate, validate
 from .config import AdapterConfig, get_config
 from .context import ForwardState, as_task_ids, sync_task_hooks
-from .formats import detect, native, writer
+from .formats import AdapterFileError, detect, native, writer
 from .merging import combine_adapters
 from .methods.fusion import Fusion
 from .methods.heads import HeadCopy
@@ -1039,6 +1039,10 @@ class Adapters:
         (files, shapes, base-model fingerprint) before the model is touched. Pickle files (``.bin``) are
         refused unless ``allow_pickle=True``, and are then read with ``weights_only=True``.
         """
+        fmt = detect(path)
+        several = getattr(fmt, "loads_several", None)
+        if several is not None and several(path):  # several adapters (an AdapterHub setup): the format installs them
+            return fmt.load(self, path, name=name, allow_pickle=allow_pickle, activate=activate)
         read = self.read(path, name, allow_pickle=allow_pickle)
         self.install(read.name, read.plan, activate=activate)
         return read.name
@@ -1053,7 +1057,11 @@ class Adapters:
         here; ``install`` refuses it if an adapter of that name exists by then. Errors are those of ``load``.
         """
         reading = _Reading(self)
-        name = detect(path).load(reading, path, name=name, allow_pickle=allow_pickle, activate=False)
+        fmt = detect(path)
+        several = getattr(fmt, "loads_several", None)
+        if several is not None and several(path):
+            raise AdapterFileError(f"{str(path)!r} holds several adapters (an adapter setup): load it with load()")
+        name = fmt.load(reading, path, name=name, allow_pickle=allow_pickle, activate=False)
         if reading.read is None:  # every reader ends in ``ctl.install``; one that did not is a bug
             raise RuntimeError(f"the reader of {str(path)!r} installed nothing")
         return ReadAdapter(name, reading.read, str(path))

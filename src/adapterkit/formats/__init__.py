@@ -26,6 +26,8 @@ def detect(path: str | os.PathLike) -> ModuleType:
         raise AdapterFileError(f"adapter directory {str(path)!r} does not exist")
     data = pending_config(path)  # the config of a save killed between its renames (see io.write_adapter)
     if data is None:
+        if not cfg_path.is_file() and adapterhub.is_composition(path):  # AdapterHub fusion or setup directory
+            return adapterhub
         if not cfg_path.is_file():
             raise AdapterFileError(f"{str(path)!r} has no adapter_config.json: it is not an adapter directory")
         data = read_json(cfg_path)

@@ -18,28 +18,36 @@ The method is told by ``config.architecture``: ``"lora"`` (LoRA with ``compositi
 Compacter). Readers for a method live in ``formats/adapterhub_<method>.py`` modules that define
 ``ARCHITECTURES`` (the ``architecture`` values they read) and ``load(ctl, path, info, *, name, activate)``, listed
 in :data:`READERS`; shared helpers are in ``formats/adapterhub_files.py``.
+
+Also read (issue 16 item 3): a head saved with the adapter (``head_config.json``: ``formats/adapterhub_heads.py``,
+added to the adapter as a part), AdapterFusion directories (``adapter_fusion_config.json``, no
+``adapter_config.json``: ``formats/adapterhub_fusion.py``) and adapter setups (``adapter_setup.json``:
+``formats/adapterhub_setup.py``; several adapters, so :func:`loads_several` tells ``Adapters.load`` to hand this
+module the controller itself instead of reading one adapter).
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from . import (
     adapterhub_bottleneck,
+    adapterhub_fusion,
+    adapterhub_heads,
     adapterhub_lora,
     adapterhub_prefix,
     adapterhub_prompt,
     adapterhub_reft,
+    adapterhub_setup,
     adapterhub_union,
 )
 from .adapterhub_files import is_adapterhub, read
 from .io import AdapterFileError, read_json
 
-__all__ = ["is_adapterhub", "load", "save", "READERS"]
+__all__ = ["is_adapterhub", "is_composition", "loads_several", "load", "save", "READERS"]
 
 ISSUE = "issue 16"
 
@@ -59,9 +67,25 @@ _MODULES = (
 READERS: dict[str, ModuleType] = {arch: m for m in _MODULES for arch in m.ARCHITECTURES}
 
 
+def is_composition(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an AdapterHub fusion or adapter-setup directory (they have no ``adapter_config.json``)."""
+    return adapterhub_fusion.is_fusion(path) or adapterhub_setup.is_setup(path)
+
+
+def loads_several(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds several adapters (an adapter setup): ``Adapters.load`` then calls :func:`load` with
+    the controller itself, which installs them one by one (all or nothing) and activates the setup."""
+    return adapterhub_setup.is_setup(path) and not (Path(path) / "adapter_config.json").is_file()
+
+
 def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: bool, activate: bool) -> str:
     """Load the AdapterHub adapter in directory ``path`` (dispatched from ``formats.detect``); returns its name
-    (``name``, else the saved name)."""
+    (``name``, else the saved name). Fusion directories load as a fusion over already loaded members, setup
+    directories as their adapters, fusions and heads, activated."""
+    if loads_several(path):
+        return adapterhub_setup.load(ctl, path, name=name, allow_pickle=allow_pickle, activate=activate)
+    if adapterhub_fusion.is_fusion(path) and not (Path(path) / "adapter_config.json").is_file():
+        return adapterhub_fusion.load(ctl, path, name=name, allow_pickle=allow_pickle, activate=activate)
     config = read_json(Path(path) / "adapter_config.json").get("config")
     arch = config.get("architecture") if isinstance(config, dict) else None
     arch = arch or "bottleneck"
@@ -82,12 +106,9 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
     if why is not None:
         raise AdapterFileError(f"{path}: {why}")
     info = read(path, allow_pickle=allow_pickle)
-    if (Path(path) / "head_config.json").is_file():
-        warnings.warn(
-            f"{path} also holds a prediction head (head_config.json); heads from AdapterHub files are not loaded "
-            "yet (issue 16 item 3): the model keeps its own head",
-            stacklevel=4,
-        )
+    head = adapterhub_heads.read_head(ctl, path, allow_pickle=allow_pickle)
+    if head is not None:  # the head becomes a part of the adapter (added to the plan the reader installs)
+        ctl = adapterhub_heads.WithHead(ctl, head)
     return table[arch].load(ctl, path, info, name=name, activate=activate)
 
 

@@ -1,0 +1,135 @@
+"""AdapterHub adapter setups (``model.save_adapter_setup(dir, setup, head_setup)``); dispatched from
+``formats/adapterhub.py``. See ../shared/formats/adapterhub.md and issue 16 item 3.
+
+A setup directory holds ``adapter_setup.json``::
+
+    {"adapter_setup": {"type": "Fuse", "children": [{"type": "single", "children": ["a"]},
+                                                     {"type": "single", "children": ["b"]}]},
+     "head_setup": null, "version": "adapters.1.3.0"}
+
+plus one ``save_adapter`` directory per adapter (``<dir>/<name>/``, with its head when it was saved with one) and one
+``save_adapter_fusion`` directory per ``Fuse`` block at the top level or directly under it (``<dir>/a,b/``), as the
+library's ``_save_adapter_setup_weights`` writes them. ``adapters.load(dir)`` loads the adapters in the setup's
+order (each as ``adapters.load(<dir>/<name>)`` would, heads included), then the fusions, then activates the setup
+(``Stack`` → ``ak.Stack``, ``Fuse`` → ``ak.Fuse``, ``Parallel``, ``BatchSplit(batch_sizes)`` and ``Split(splits)``,
+AdapterHub's lengths becoming our cut positions). All or nothing: a failure deletes what it loaded. ``Average``
+(AdapterHub averages the weighted states, ``mean(w_i h_i)``), ``MultiTask`` and ``Fuse`` over ``Stack`` children are
+refused. ``head_setup`` needs nothing more: each adapter's head is a part of that adapter here, active with it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ..compose import BatchSplit, Block, Fuse, Parallel, Split, Stack
+from . import adapterhub_fusion
+from .io import AdapterFileError, read_json
+
+__all__ = ["SETUP", "is_setup", "parse", "load"]
+
+SETUP = "adapter_setup.json"
+
+
+def is_setup(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a directory written by ``save_adapter_setup``."""
+    return (Path(path) / SETUP).is_file()
+
+
+def parse(node: Any, where: Path) -> str | Block:
+    """Our composition for one node of ``adapter_setup`` (``{"type": ..., "children": [...], "kwargs": {...}}``)."""
+    if not isinstance(node, dict) or not isinstance(node.get("children"), list):
+        raise AdapterFileError(
+            f"{where}: a setup node must be an object with 'type' and 'children', got {node!r:.80}"
+        )
+    kind = node.get("type")
+    children = node["children"]
+    kwargs = node.get("kwargs") or {}
+    if kind == "single":
+        if len(children) != 1 or not isinstance(children[0], str) or not children[0]:
+            raise AdapterFileError(f"{where}: a 'single' node names one adapter, got {children!r:.80}")
+        return children[0]
+    parsed = [parse(c, where) for c in children]
+    try:
+        if kind == "Stack":
+            return Stack(*parsed)
+        if kind == "Parallel":
+            return Parallel(*parsed)
+        if kind == "Fuse":
+            if not all(isinstance(c, str) for c in parsed):
+                raise AdapterFileError(
+                    f"{where}: Fuse over composition blocks is not read yet (only adapter names)"
+                )
+            return Fuse(*parsed)
+        if kind == "BatchSplit":
+            return BatchSplit(*parsed, batch_sizes=kwargs.get("batch_sizes"))
+        if kind == "Split":
+            lengths = kwargs.get("splits")
+            lengths = [lengths] * len(parsed) if isinstance(lengths, int) else list(lengths or [])
+            cuts, total = [], 0
+            for n in lengths[:-1]:
+                total += int(n)
+                cuts.append(total)
+            return Split(*parsed, splits=cuts)
+    except (TypeError, ValueError) as e:
+        raise AdapterFileError(f"{where}: {kind} block: {e}") from None
+    raise AdapterFileError(
+        f"{where}: AdapterHub {kind!r} blocks are not read (read: Stack, Fuse, Parallel, BatchSplit, Split)"
+    )
+
+
+def _names(item: str | Block) -> list[str]:
+    if isinstance(item, str):
+        return [item]
+    out: list[str] = []
+    for c in item.children:
+        out += [n for n in _names(c) if n not in out]
+    return out
+
+
+def _fusions(item: str | Block) -> list[Fuse]:
+    """The ``Fuse`` blocks the library saves: the setup itself and its direct children."""
+    if isinstance(item, str):
+        return []
+    found = [item] if isinstance(item, Fuse) else []
+    return found + [c for c in item.children if isinstance(c, Fuse)]
+
+
+def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: bool, activate: bool) -> str:
+    """Load every adapter and fusion of the setup in ``path`` onto ``ctl`` (the controller itself, not a reading)
+    and activate the setup; returns the last name installed (the setup is ``adapters.active``). ``name`` must be
+    None (the adapters keep their saved names)."""
+    where = Path(path)
+    if name is not None:
+        raise AdapterFileError(
+            f"{where} is an AdapterHub adapter setup: its adapters keep their saved names (no name=)"
+        )
+    data = read_json(where / SETUP)
+    setup = parse(data.get("adapter_setup"), where / SETUP)
+    names = _names(setup)
+    fusions = _fusions(setup)
+    missing = [n for n in names if not (where / n).is_dir()] + [
+        ",".join(f.children) for f in fusions if not (where / ",".join(f.children)).is_dir()
+    ]
+    if missing:
+        raise AdapterFileError(f"{where}: the setup names {missing}, which have no directory there")
+    taken = [n for n in names + [f.name for f in fusions] if n in ctl.names]
+    if taken:
+        raise AdapterFileError(f"{where}: adapters {taken} already exist on this model; delete them first")
+    installed: list[str] = []
+    try:
+        for n in names:
+            installed.append(ctl.load(where / n, allow_pickle=allow_pickle))
+        for f in fusions:
+            installed.append(
+                adapterhub_fusion.load(
+                    ctl, where / ",".join(f.children), name=None, allow_pickle=allow_pickle, activate=False
+                )
+            )
+        ctl.activate(setup)
+    except BaseException:
+        for n in reversed(installed):
+            ctl.delete(n)
+        raise
+    return installed[-1]
