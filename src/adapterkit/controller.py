@@ -1041,7 +1041,7 @@ class Adapters:
         """
         fmt = detect(path)
         several = getattr(fmt, "loads_several", None)
-        if several is not None and several(path):  # several adapters (an AdapterHub setup): the format installs them
+        if several is not None and several(path):  # several adapters (AdapterHub setup): the format installs
             return fmt.load(self, path, name=name, allow_pickle=allow_pickle, activate=activate)
         read = self.read(path, name, allow_pickle=allow_pickle)
         self.install(read.name, read.plan, activate=activate)
