@@ -40,6 +40,7 @@ METHODS = {
     "unipelt",
     "prompt_tuning",
     "lora_gated",
+    "seq_bn_inv",  # the coupling after BERT's embeddings module / GPT-2's drop (LLaMA's token embedding too)
 }
 FIXTURE_CASES = sorted(c for c, i in CASES.items() if i["method"] in METHODS)
 
@@ -101,6 +102,13 @@ NATIVE: dict[str, tuple[str, Callable[[], ak.AdapterConfig]]] = {
     "gpt2_lora_gated_kv": (
         "gpt2",
         lambda: _gated(ak.LoRA(r=2, alpha=2, targets=["attn.qkv"], init_weights=False), fused_qkv="qkv"),
+    ),
+    "gpt2_seq_bn_inv": (
+        "gpt2",
+        lambda: ak.Union(
+            ak.Bottleneck(placement="pfeiffer", init_weights=False),
+            ak.Invertible(targets=["transformer.drop"], dim=32, inverse_at_output=False, init_weights=False),
+        ),
     ),
     "bert_double_seq_bn_gated": ("bert", lambda: _gated(ak.Bottleneck(placement="houlsby", init_weights=False))),
 }
@@ -236,6 +244,13 @@ def _refused(family: str, config: Callable[[], ak.AdapterConfig], match: str, tm
     "family, config, match",
     [
         ("gpt2", lambda: ak.PrefixTuning(num_virtual_tokens=4), r"positions='keep'"),
+        (
+            "bert",
+            lambda: ak.Union(
+                ak.Bottleneck(), ak.Invertible(targets=["encoder.layer.0.output"], dim=32, inverse_at_output=False)
+            ),
+            r"targets=\['embeddings'\]",
+        ),
         ("bert", lambda: "mam", r"positions='keep'"),
         ("llama", lambda: "unipelt", r"gated=True.*SequenceGated"),
         ("bert", lambda: "prompt_tuning", r"EmbeddingPrompt"),
@@ -255,6 +270,7 @@ def _refused(family: str, config: Callable[[], ak.AdapterConfig], match: str, tm
     ],
     ids=[
         "prefix_shift",
+        "invertible_site",
         "mam_preset",
         "unipelt_preset",
         "peft_prompt",

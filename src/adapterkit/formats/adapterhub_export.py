@@ -40,8 +40,10 @@ What is written, per method (the inverse of the readers):
   householder map then gives the first ``r`` columns of the identity, so the weight is exactly ``R``). Position
   semantics differ on padded or short inputs (see formats/adapterhub_reft.py).
 
-- SeqBnInv on LLaMA (our ``Union`` of a sub-layer ``Bottleneck`` and an ``Invertible`` on the token embedding with
-  ``inverse_at_output=False``, what the reader makes of it) -> the bottleneck config with ``inv_adapter: "nice"``.
+- SeqBnInv (our ``Union`` of a sub-layer ``Bottleneck`` and an ``Invertible`` with ``inverse_at_output=False``,
+  what the reader makes of it) -> the bottleneck config with ``inv_adapter: "nice"``. The coupling must act where
+  AdapterHub's does: LLaMA/Mistral's token embedding, BERT's ``embeddings`` module, GPT-2's ``drop`` (after
+  ``wte + wpe``) (``Invertible(dim=H, targets=[...])`` for the last two).
 - Head copies (``heads=[...]``) -> AdapterHub's static head of a transformers model with a head
   (``head_config.json`` with ``"config": null`` + ``model_head.safetensors``), which ``load_adapter`` loads into the
   model's own head when the model class matches. Heads inside the base model or tied to the input embeddings
@@ -748,21 +750,42 @@ def _is_seq_bn_inv(cfg: Union) -> bool:
     return not cfg.gated and kinds == ["Bottleneck", "Invertible"]
 
 
-# model types where AdapterHub's invertible adapter acts on the token embedding's output, as ours does (GPT-2 applies
-# it after the position embeddings, BERT after the embeddings' LayerNorm; formats/adapterhub_bottleneck.py)
-_INVERTIBLE_ON_TOKENS = ("llama",)
+def _invertible_site(ctl: Any, mtype: str) -> tuple[str | None, str]:
+    """``(our module, in words)`` whose output AdapterHub's invertible adapter transforms (its
+    ``post_embedding_forward`` hook; formats/adapterhub_bottleneck.py): the token embedding (LLaMA, Mistral), the
+    embeddings module after its LayerNorm and dropout (BERT-like), ``drop`` after ``wte + wpe`` (GPT-2); None
+    where not checked (other model types)."""
+    base = owner(ctl.model)
+    if mtype in SWAPPED_MLP:
+        emb = ctl.model.get_input_embeddings()
+        return next((n for n, m in base_modules(ctl.model).items() if m is emb), None), "the token embedding"
+    if mtype in BERT_LIKE:
+        return f"{base}embeddings", "the embeddings module (after the position embeddings and LayerNorm)"
+    if mtype == "gpt2":
+        return f"{base}drop", "the embeddings' dropout after the position embeddings (wte + wpe)"
+    return None, ""
 
 
 def _seq_bn_inv(ctl: Any, name: str, cfg: Union) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """SeqBnInv (or any bottleneck + NICE invertible adapter): the bottleneck config with ``inv_adapter: "nice"``
-    and the coupling under ``<p>invertible_adapters.<name>.{F,G}.{0,2}``."""
+    and the coupling under ``<p>invertible_adapters.<name>.{F,G}.{0,2}``. Our coupling must sit where AdapterHub's
+    acts (:func:`_invertible_site`: what the reader makes of a SeqBnInv file,
+    ``Invertible(dim=H, targets=["embeddings"])`` on BERT, ``["transformer.drop"]`` on GPT-2)."""
     bn = next(c for c in cfg.configs if isinstance(c, Bottleneck))
     inv = next(c for c in cfg.configs if isinstance(c, Invertible))
     mtype = model_type(ctl)
-    if mtype not in _INVERTIBLE_ON_TOKENS:
+    site, where = _invertible_site(ctl, mtype)
+    ours = sorted(s for s, c in targets(ctl, name).items() if isinstance(c, InvertibleEmbedding))
+    if site is None:
         raise AdapterHubExportError(
-            f"adapter {name!r}: AdapterHub applies a {mtype!r} model's invertible adapter after the position "
-            "embeddings (GPT-2) or the embeddings' LayerNorm (BERT), not on the token embedding where ours acts"
+            f"adapter {name!r}: AdapterHub's invertible adapter (SeqBnInv) is exported for LLaMA, Mistral, BERT-like "
+            f"and GPT-2 models (where its position is known), not {mtype!r}"
+        )
+    if ours != [site]:
+        raise AdapterHubExportError(
+            f"adapter {name!r}: its invertible adapter acts on {ours}, but AdapterHub applies a {mtype!r} model's "
+            f"after {where}: {site!r} (position embeddings included where the model has them); use "
+            f"Invertible(targets=[{site!r}], dim=<hidden size>) to export"
         )
     if inv.inverse_at_output:
         raise AdapterHubExportError(
