@@ -17,6 +17,14 @@ Columns are chosen by flags (``--text-column``, ``--label-column``, ...) or foun
   column.
 * seq2seq: ``source``/``target``, ``input``/``output``, ``question``/``answer``, ``document``/``summary``,
   or alpaca-style rows (the rendered prompt is the source, ``output`` the target).
+
+Multi-task data (:data:`TASK_KEY`): several datasets, ``--data NAME=PATH`` repeated or comma-separated
+(:func:`parse_sources`; each dataset read as above with its own columns, its own dev file or held-out part,
+``--train-size``/``--dev-size`` per dataset), or one table whose ``--task-column`` names each row's task. Task ids
+are the datasets' order, or the sorted task names of a task column. Classification tasks share one label space:
+the union of their label names (tasks whose labels are named alike, GLUE's 0/1, share those classes; distinct
+names get distinct classes). Every row keeps its task name under :data:`TASK_KEY`; :func:`encode` tokenizes each
+task with its own columns and adds ``task_ids`` features when asked.
 """
 
 from __future__ import annotations
@@ -33,11 +41,14 @@ import torch
 
 __all__ = [
     "DataError", "DataSpec", "Splits", "TEMPLATES", "load_splits", "read_table", "encode", "Encoded", "pack",
-    "PackedCollator", "is_messages", "read_chat_template",
+    "PackedCollator", "is_messages", "read_chat_template", "TASK_KEY", "parse_sources", "task_rows",
 ]  # fmt: skip
 
 SUFFIXES = (".tsv", ".csv", ".jsonl", ".json")
 DEV_STEMS = ("dev", "dev_matched", "validation", "valid", "val", "eval")
+
+# the key under which multi-task rows keep their task name (not a column of the data)
+TASK_KEY = "__task__"
 
 # GLUE's CoLA files have no header: source, label, original judgement, sentence.
 GLUE_HEADERLESS = ("source", "label", "original_label", "sentence")
@@ -100,15 +111,23 @@ class DataSpec:
     dev_size: int | None = None
     seed: int = 42
     chat_template: str | None = None  # Jinja text given with --chat-template (None: the tokenizer's own)
+    sources: dict[str, str] | None = None  # multi-task: task name -> its data (file or directory), task id = order
+    dev_sources: dict[str, str] | None = (
+        None  # multi-task: task name -> its dev file (others: their own / held out)
+    )
+    task_column: str | None = None  # multi-task: the column of ``data`` that names each row's task
 
     def to_dict(self, *, absolute: bool = False) -> dict[str, Any]:
-        """The fields; with ``absolute``, ``data`` and ``dev`` as absolute paths (run.json: ``adapterkit eval``
-        may run from another directory)."""
+        """The fields; with ``absolute``, ``data`` and ``dev`` (and the per-task sources) as absolute paths
+        (run.json: ``adapterkit eval`` may run from another directory)."""
         out = dataclasses.asdict(self)
         if absolute:
             for key in ("data", "dev"):
-                if out[key] is not None:
+                if out[key] is not None and not (key == "data" and self.sources):
                     out[key] = str(Path(out[key]).resolve())
+            for key in ("sources", "dev_sources"):
+                if out[key]:
+                    out[key] = {k: str(Path(v).resolve()) for k, v in out[key].items()}
         return out
 
 
@@ -123,6 +142,8 @@ class Splits:
     labels: list[str] | None = None  # classify: index -> label name; None for regression and generation
     regression: bool = False
     chat_template: str | None = None  # chat data: the template given with --chat-template (None: the tokenizer's)
+    tasks: list[str] | None = None  # multi-task: task names, index = task id (rows keep theirs under TASK_KEY)
+    task_columns: dict[str, dict[str, Any]] | None = None  # several datasets: each task's own resolved columns
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -361,12 +382,138 @@ def _has_label(row: dict[str, Any], column: str) -> bool:
     return value is not None and str(value).strip() != ""
 
 
+# --- multi-task ------------------------------------------------------------------------------------
+def parse_sources(value: Any, flag: str = "--data") -> dict[str, str] | None:
+    """Several datasets named by task: ``NAME=PATH`` items (a list of them, or one string of comma-separated ones)
+    -> ``{name: path}`` in the order given (the task ids). None when ``value`` is one plain path (an existing file or
+    directory is always a plain path, even with ``=`` in its name).
+
+    Raises:
+        DataError: a mix of ``NAME=PATH`` items and plain paths, an empty name or path, or a name given twice.
+    """
+    if value is None:
+        return None
+    items = [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+    if len(items) == 1 and (Path(items[0]).exists() or "=" not in items[0]):
+        return None
+    parts = [p.strip() for item in items for p in item.split(",") if p.strip()]
+    out: dict[str, str] = {}
+    for part in parts:
+        name, sep, path = part.partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path:
+            raise DataError(
+                f"{flag} {part!r}: with several datasets give each as NAME=PATH (e.g. {flag} sst2=glue/SST-2 "
+                f"{flag} rte=glue/RTE, or comma-separated)"
+            )
+        if name in out:
+            raise DataError(f"{flag}: task {name!r} is given twice; give each task one dataset")
+        out[name] = path
+    return out
+
+
+def task_rows(rows: Sequence[dict[str, Any]], task: str) -> list[dict[str, Any]]:
+    """The rows of one task of multi-task data."""
+    return [r for r in rows if r.get(TASK_KEY) == task]
+
+
+def _union_labels(lists: Sequence[list[str]]) -> list[str]:
+    """One label space for several classification tasks: ``0..N-1`` when every task's labels are integers, else the
+    label names in order of first appearance (task by task)."""
+    if all(all(_is_int(n) for n in names) for names in lists):
+        return [str(i) for i in range(max(len(names) for names in lists))]
+    out: list[str] = []
+    for names in lists:
+        out += [n for n in names if n not in out]
+    return out
+
+
+def _load_sources(spec: DataSpec) -> Splits:
+    """Several datasets, one per task (``spec.sources``), as one multi-task :class:`Splits`."""
+    assert spec.sources
+    devs = spec.dev_sources or {}
+    unknown = sorted(set(devs) - set(spec.sources))
+    if unknown:
+        raise DataError(
+            f"--dev names tasks {unknown} that --data does not give (tasks: {', '.join(spec.sources)}); "
+            "use the same NAME in --dev NAME=FILE as in --data NAME=PATH"
+        )
+    per: dict[str, Splits] = {}
+    for name, path in spec.sources.items():
+        sub = dataclasses.replace(spec, data=path, dev=devs.get(name), sources=None, dev_sources=None)
+        try:
+            per[name] = load_splits(sub)
+        except DataError as e:
+            raise DataError(f"task {name!r} ({path}): {e}") from None
+    labels, regression = None, False
+    if spec.task == "classify":
+        kinds = {name: s.regression for name, s in per.items()}
+        if len(set(kinds.values())) > 1:
+            raise DataError(
+                f"tasks mix regression and classification labels ({', '.join(n for n, r in kinds.items() if r)} "
+                "regression): train them in separate runs"
+            )
+        regression = next(iter(kinds.values()))
+        if not regression:
+            labels = _union_labels([s.labels or [] for s in per.values()])
+    train = [{**r, TASK_KEY: name} for name, s in per.items() for r in s.train]
+    random.Random(spec.seed).shuffle(train)  # the tasks interleaved
+    dev = [{**r, TASK_KEY: name} for name, s in per.items() for r in s.dev]
+    columns = {name: s.columns for name, s in per.items()}
+    dev_source = "; ".join(f"{name}: {s.dev_source}" for name, s in per.items())
+    return Splits(train, dev, dev_source, columns, labels, regression, chat_template=spec.chat_template,
+                  tasks=list(per), task_columns=columns)  # fmt: skip
+
+
+def _with_task_column(splits: Splits, spec: DataSpec) -> Splits:
+    """``splits`` of one table whose ``spec.task_column`` names each row's task (task ids: the sorted names)."""
+    col = spec.task_column
+    assert col is not None
+    columns = list(splits.train[0])
+    if col not in columns:
+        raise DataError(f"the data has no column {col!r} (--task-column); its columns: {', '.join(columns)}")
+    used = {c for v in splits.columns.values() for c in ([v] if isinstance(v, str) else v)}
+    if col in used:
+        raise DataError(
+            f"--task-column {col!r} is also a text or label column: pick the column that names the task"
+        )
+
+    def tagged(rows: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
+        out = []
+        for i, r in enumerate(rows):
+            name = str(r.get(col, "")).strip()
+            if not name:
+                raise DataError(f"{where} row {i + 1} has an empty task in column {col!r} (--task-column)")
+            out.append({**r, TASK_KEY: name})
+        return out
+
+    train = tagged(splits.train, "training")
+    tasks = sorted({r[TASK_KEY] for r in train})
+    dev = tagged(splits.dev, "dev")
+    unseen = sorted({r[TASK_KEY] for r in dev} - set(tasks))
+    if unseen:
+        raise DataError(f"the dev set has tasks the training set lacks in column {col!r}: {unseen[:5]}")
+    return dataclasses.replace(splits, train=train, dev=dev, tasks=tasks)
+
+
 def load_splits(spec: DataSpec) -> Splits:
     """Read, shuffle (seeded), split and subsample the data of ``spec``.
 
     With no dev file, ``dev_fraction`` of the shuffled training rows is held out (at least one row).
-    ``train_size`` / ``dev_size`` keep the first rows after shuffling.
+    ``train_size`` / ``dev_size`` keep the first rows after shuffling (per dataset with several).
+    Multi-task data (``spec.sources`` or ``spec.task_column``) gives :attr:`Splits.tasks`.
     """
+    if spec.sources and spec.task_column:
+        raise DataError("give several datasets (--data NAME=PATH ...) or one table with a --task-column, not both")
+    if spec.sources:
+        return _load_sources(spec)
+    if spec.dev_sources:
+        raise DataError("--dev NAME=FILE names the dev file of one task of --data NAME=PATH; give --data that way")
+    splits = _load_one(spec)
+    return _with_task_column(splits, spec) if spec.task_column else splits
+
+
+def _load_one(spec: DataSpec) -> Splits:
     train_path, dev_path = resolve_files(spec.data, spec.dev)
     rows = read_table(train_path)
     rng = random.Random(spec.seed)
@@ -474,11 +621,17 @@ def special_ids(tokenizer: Any) -> tuple[int | None, int]:
 
 
 def encode(rows: list[dict[str, Any]], splits: Splits, tokenizer: Any, *, task: str, max_length: int,
-           template: str = "alpaca", train_on_prompt: bool = False) -> Encoded:  # fmt: skip
+           template: str = "alpaca", train_on_prompt: bool = False, task_ids: bool = False) -> Encoded:  # fmt: skip
     """Tokenize rows for ``task`` (truncated to ``max_length``; padding happens in the collator).
 
     Generation examples left without a loss token are kept and listed in ``Encoded.cut`` / ``Encoded.empty``
-    (the caller decides: ``adapterkit train`` warns, drops them, and fails with ``--strict``)."""
+    (the caller decides: ``adapterkit train`` warns, drops them, and fails with ``--strict``).
+
+    Multi-task splits: each task's rows are tokenized with that task's columns; ``task_ids`` adds each row's task
+    id (an int feature, ``model(**batch, task_ids=...)`` reads it) to its features."""
+    if splits.tasks is not None:
+        return _encode_tasks(rows, splits, tokenizer, task=task, max_length=max_length, template=template,
+                             train_on_prompt=train_on_prompt, task_ids=task_ids)  # fmt: skip
     cols = splits.columns
     if task == "classify":
         first = [str(r[cols["text"][0]]).strip() for r in rows]
@@ -503,6 +656,30 @@ def encode(rows: list[dict[str, Any]], splits: Splits, tokenizer: Any, *, task: 
     cut = [i for i, (f, n) in enumerate(pairs) if n > 0 and all(x == -100 for x in f["labels"])]
     empty = [i for i, (_, n) in enumerate(pairs) if n == 0]
     return Encoded(feats, cut=cut, empty=empty)
+
+
+def _encode_tasks(rows: list[dict[str, Any]], splits: Splits, tokenizer: Any, *, task_ids: bool,
+                  **kwargs: Any) -> Encoded:  # fmt: skip
+    """:func:`encode` of multi-task rows: task by task with the task's columns, back in the rows' order."""
+    assert splits.tasks is not None
+    feats: list[dict[str, Any] | None] = [None] * len(rows)
+    cut: list[int] = []
+    empty: list[int] = []
+    for tid, name in enumerate(splits.tasks):
+        where = [i for i, r in enumerate(rows) if r.get(TASK_KEY) == name]
+        if not where:
+            continue
+        cols = splits.task_columns[name] if splits.task_columns else splits.columns
+        view = dataclasses.replace(splits, tasks=None, task_columns=None, columns=cols)
+        enc = encode([rows[i] for i in where], view, tokenizer, **kwargs)
+        for i, f in zip(where, enc.features):
+            feats[i] = {**f, "task_ids": tid} if task_ids else f
+        cut += [where[j] for j in enc.cut]
+        empty += [where[j] for j in enc.empty]
+    missing = [i for i, f in enumerate(feats) if f is None]
+    if missing:
+        raise DataError(f"row {missing[0] + 1} has no known task (tasks: {', '.join(splits.tasks)})")
+    return Encoded(feats, cut=sorted(cut), empty=sorted(empty))  # type: ignore[arg-type]
 
 
 def _label_index(raw: str, names: list[str] | None) -> int:

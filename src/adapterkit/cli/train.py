@@ -602,6 +602,77 @@ def _adapter_in_fp32(adapters: ak.Adapters, name: str, method: str) -> int:
     return n
 
 
+# --- multi-task ------------------------------------------------------------------------------------------
+def _one(value: Any) -> Any:
+    """The single value of an option that may come as a list (``--data`` repeated once)."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != 1:
+            raise ValueError(f"expected one path, got {len(value)}: {list(value)}; name each as NAME=PATH")
+        return value[0]
+    return value
+
+
+def _needs_task_ids(cfg: ak.AdapterConfig) -> bool:
+    """Whether the method conditions on task ids (Poly/MHR, HyperFormer; a union with such a part)."""
+    return any(getattr(part, "needs_task_ids", False) for part in cfg.parts())
+
+
+def _multitask_overrides(
+    cfg: ak.AdapterConfig, o: dict[str, Any], overrides: dict[str, Any], tasks: list[str], routed: bool
+) -> dict[str, Any]:
+    """The method options for multi-task data: ``n_tasks`` set to the number of tasks unless ``--opt n_tasks=K``
+    gives at least as many; a note when the method reads no task ids (it trains one adapter on the mixed tasks)."""
+    fields = {f.name for f in dataclasses.fields(cfg)} if dataclasses.is_dataclass(cfg) else set()
+    overrides = dict(overrides)
+    if "n_tasks" in fields:
+        given = o["opt"].get("n_tasks")
+        if given is None:
+            overrides["n_tasks"] = len(tasks)
+        elif not isinstance(given, int) or given < len(tasks):
+            raise ValueError(
+                f"--opt n_tasks={given!r} is fewer than the {len(tasks)} tasks in the data ({', '.join(tasks)}): "
+                "raise it or drop it (the number of tasks is the default)"
+            )
+    ids = ", ".join(f"{t}={i}" for i, t in enumerate(tasks))
+    if routed:
+        _say(f"multi-task: {len(tasks)} tasks, task ids {ids} (each batch passes its rows' task_ids)")
+    else:
+        _say(
+            f"multi-task: {len(tasks)} tasks ({ids}); method {o['method']!r} reads no task ids, so one adapter "
+            "learns the mixed tasks (task-conditioned methods: poly, hyperformer); dev scores are reported per task"
+        )
+    return overrides
+
+
+def evaluate_tasks(trainer: Any, splits: Any, tokenizer: Any, enc: dict[str, Any], o: dict[str, Any]) -> dict:
+    """Dev metrics of each task of multi-task data (the Trainer's ``evaluate`` on that task's dev rows), with the
+    number of examples: ``{task: {"accuracy": ..., "examples": n, ...}}``."""
+    from . import data as D
+
+    out: dict[str, dict[str, Any]] = {}
+    for name in splits.tasks:
+        rows = D.task_rows(splits.dev, name)
+        if not rows:
+            out[name] = {"examples": 0}
+            continue
+        subset = _drop_without_target(
+            D.encode(rows, splits, tokenizer, **enc), f"{name} dev", o["max_length"], False
+        )
+        prefix = "eval_task"
+        found = trainer.evaluate(eval_dataset=subset, metric_key_prefix=prefix)
+        scores = {k[len(prefix) + 1 :]: v for k, v in found.items() if k.startswith(prefix + "_")}
+        keep = {k: v for k, v in scores.items() if not k.endswith(("runtime", "per_second", "epoch"))}
+        out[name] = {**keep, "examples": len(subset)}
+    return out
+
+
+def _fmt_scores(scores: dict[str, Any] | None) -> str:
+    if not scores:
+        return "no dev rows"
+    shown = [f"{k} {v:.4f}" for k, v in scores.items() if k not in ("examples", "loss") and isinstance(v, float)]
+    return ", ".join(shown) + f" ({scores.get('examples', 0)} examples)"
+
+
 def run_train(o: dict[str, Any]) -> dict[str, Any]:
     """The ``adapterkit train`` command (``o``: the parsed options). Returns the metrics written to metrics.json."""
     import json
@@ -668,8 +739,20 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
     elif resume_from is not None:
         _say(f"resuming from {resume_from}")
 
+    sources = D.parse_sources(o["data"], "--data")
+    dev_sources = D.parse_sources(o["dev"], "--dev") if o["dev"] else None
+    if dev_sources is not None and sources is None:
+        raise D.DataError("--dev NAME=FILE names the dev file of one task: give the data as --data NAME=PATH too")
+    if sources is not None and o["dev"] and dev_sources is None:
+        raise D.DataError(
+            "with several datasets, give their dev files as --dev NAME=FILE (or leave --dev out: each dataset's own "
+            "dev file, else a held-out part)"
+        )
+    data_arg = ",".join(f"{k}={v}" for k, v in sources.items()) if sources else str(_one(o["data"]))
     spec = D.DataSpec(
-        data=str(o["data"]), task=task, dev=str(o["dev"]) if o["dev"] else None, text_columns=o["text_column"] or None,
+        data=data_arg, task=task, dev=None if dev_sources or not o["dev"] else str(_one(o["dev"])),
+        sources=sources, dev_sources=dev_sources, task_column=o.get("task_column"),
+        text_columns=o["text_column"] or None,
         label_column=o["label_column"], instruction_column=o["instruction_column"], input_column=o["input_column"],
         output_column=o["output_column"], template=o["template"], dev_fraction=o["dev_fraction"],
         train_size=o["train_size"], dev_size=o["dev_size"], seed=o["seed"],
@@ -680,8 +763,17 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
         raise D.DataError(
             f"--chat-template applies to chat data (a messages column); the columns are {splits.columns}"
         )
+    routed = _needs_task_ids(cfg)
+    if splits.tasks is not None and routed and o["packing"]:
+        raise ValueError(
+            f"--packing cannot train {o['method']} on multi-task data: a packed row holds examples of several tasks "
+            "and the method reads one task id per row; train without --packing"
+        )
+    if splits.tasks is not None:
+        overrides = _multitask_overrides(cfg, o, overrides, splits.tasks, routed)
     tokenizer = load_tokenizer(o["model"])
-    enc = dict(task=task, max_length=o["max_length"], template=o["template"], train_on_prompt=o["train_on_prompt"])
+    enc = dict(task=task, max_length=o["max_length"], template=o["template"], train_on_prompt=o["train_on_prompt"],
+               task_ids=routed and splits.tasks is not None)  # fmt: skip
     train_set = _drop_without_target(
         D.encode(splits.train, splits, tokenizer, **enc), "training", o["max_length"], o["strict"]
     )
@@ -775,6 +867,9 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     hist = history(trainer.state.log_history, task)
     final = trainer.evaluate()  # the best checkpoint, loaded back at the end of training
+    per_task = None
+    if splits.tasks is not None:
+        per_task = evaluate_tasks(trainer, splits, tokenizer, enc, o)
 
     write = trainer.args.should_save
     save_adapter(adapters, name, out, write=write)
@@ -805,6 +900,10 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
         "seconds": time.perf_counter() - t0,
         "history": hist,
     }
+    if splits.tasks is not None:
+        metrics["tasks"] = {t: i for i, t in enumerate(splits.tasks)}
+        metrics["task_ids"] = routed
+        metrics["per_task"] = per_task
     if write:
         run = {
             "model": str(Path(o["model"]).resolve()) if Path(o["model"]).exists() else str(o["model"]),
@@ -813,6 +912,8 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
             "data": spec.to_dict(absolute=True), "columns": splits.columns,
             "chat_template": spec.chat_template, "packing": o["packing"], "quantize": o["quantize"],
             "quant_backend": o["quant_backend"] if o["quantize"] else None, "dtype": o["dtype"],
+            "tasks": {t: i for i, t in enumerate(splits.tasks)} if splits.tasks is not None else None,
+            "task_column": spec.task_column, "task_ids": routed and splits.tasks is not None,
         }  # fmt: skip
         (out / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -827,6 +928,9 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
             f"dev {metric if metric != 'loss' else 'token accuracy'}: {shown:.4f} (best checkpoint: step {trainer.state.best_global_step})"
             if shown is not None else "",
             f"adapter:  {out}  ({summary.trainable_params:,} trainable parameters, {summary.trainable_percent:.2f}% of the model)",
+            *(
+                f"  {t} (task id {i}): {_fmt_scores(per_task[t])}" for i, t in enumerate(splits.tasks or [])
+            ),
             f"metrics:  {out / 'metrics.json'}",
             f"curve:    {out / 'curve.png'}",
         )  # fmt: skip
