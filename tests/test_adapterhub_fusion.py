@@ -51,6 +51,7 @@ def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_the_fixtures_are_listed():
     assert FUSIONS == ["bert_fusion", "gpt2_fusion"]
     assert HEADS == ["bert_cls_head", "gpt2_clm_head"]
+    assert sorted(COMPOSITIONS) == sorted([*FUSIONS, *HEADS, "bert_fusion_head"])
 
 
 @pytest.mark.parametrize("case", FUSIONS)
@@ -301,3 +302,30 @@ def test_static_head_that_differs_loads_as_head_copies(tmp_path):
         warnings.simplefilter("error")
         again.load(d)
     assert again.config("task").heads == ()
+
+
+def test_fusion_setup_with_its_own_head():
+    """AdapterFusion trained with a target-task head (``save_adapter_setup(dir, Fuse(a, b), head_setup="target")``
+    from BertAdapterModel): the head loads as an adapter of its own, active after the fusion, on a bare BertModel."""
+    model = _bare("bert_cls_head")
+    adapters = ak.attach(model)
+    adapters.load(FIXTURES / "bert_fusion_head" / "setup")
+    assert adapters.names == ["a", "b", "fusion[a,b]", "target"]
+    assert adapters.active == (ak.Stack(ak.Fuse("a", "b"), "target"),)
+    exp = _expected("bert_fusion_head")
+    with torch.no_grad():
+        out = model(input_ids=exp["input_ids"], attention_mask=exp["attention_mask"])
+    assert _diff(out.logits, exp["output"]) <= TOL
+    assert _diff(out.last_hidden_state, exp["hidden"]) <= TOL
+
+
+def test_head_directory_loads_alone():
+    """A ``save_head`` directory is a head adapter of its own (a FlexHead alone)."""
+    model = _bare("bert_cls_head")
+    adapters = ak.attach(model)
+    assert adapters.load(FIXTURES / "bert_fusion_head" / "setup" / "target") == "target"
+    assert adapters.config("target").method == "flex_head"
+    adapters.activate("target")
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([[1, 2, 3]]))
+    assert out.logits.shape == (1, 3)

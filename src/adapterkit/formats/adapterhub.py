@@ -68,8 +68,11 @@ READERS: dict[str, ModuleType] = {arch: m for m in _MODULES for arch in m.ARCHIT
 
 
 def is_composition(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is an AdapterHub fusion or adapter-setup directory (they have no ``adapter_config.json``)."""
-    return adapterhub_fusion.is_fusion(path) or adapterhub_setup.is_setup(path)
+    """Whether ``path`` is an AdapterHub fusion, adapter-setup or head-only directory (they have no
+    ``adapter_config.json``)."""
+    return (
+        adapterhub_fusion.is_fusion(path) or adapterhub_setup.is_setup(path) or adapterhub_heads.is_head_only(path)
+    )
 
 
 def loads_several(path: str | os.PathLike) -> bool:
@@ -78,14 +81,32 @@ def loads_several(path: str | os.PathLike) -> bool:
     return adapterhub_setup.is_setup(path) and not (Path(path) / "adapter_config.json").is_file()
 
 
-def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: bool, activate: bool) -> str:
+def load(
+    ctl: Any,
+    path: str | os.PathLike,
+    *,
+    name: str | None,
+    allow_pickle: bool,
+    activate: bool,
+    with_head: bool = True,
+) -> str:
     """Load the AdapterHub adapter in directory ``path`` (dispatched from ``formats.detect``); returns its name
     (``name``, else the saved name). Fusion directories load as a fusion over already loaded members, setup
-    directories as their adapters, fusions and heads, activated."""
+    directories as their adapters, fusions and heads, activated, ``save_head`` directories as a head alone.
+    ``with_head=False`` leaves a head saved with the adapter out (used for setups whose ``head_setup`` names
+    another head)."""
     if loads_several(path):
-        return adapterhub_setup.load(ctl, path, name=name, allow_pickle=allow_pickle, activate=activate)
+        return adapterhub_setup.load(ctl, path, name=name, allow_pickle=allow_pickle, load_one=load)
     if adapterhub_fusion.is_fusion(path) and not (Path(path) / "adapter_config.json").is_file():
         return adapterhub_fusion.load(ctl, path, name=name, allow_pickle=allow_pickle, activate=activate)
+    if adapterhub_heads.is_head_only(path):
+        return adapterhub_heads.load_head_only(ctl, path, name=name, allow_pickle=allow_pickle, activate=activate)
+    return _load_adapter(ctl, path, name=name, allow_pickle=allow_pickle, activate=activate, with_head=with_head)
+
+
+def _load_adapter(
+    ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: bool, activate: bool, with_head: bool
+) -> str:
     config = read_json(Path(path) / "adapter_config.json").get("config")
     arch = config.get("architecture") if isinstance(config, dict) else None
     arch = arch or "bottleneck"
@@ -106,7 +127,7 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
     if why is not None:
         raise AdapterFileError(f"{path}: {why}")
     info = read(path, allow_pickle=allow_pickle)
-    head = adapterhub_heads.read_head(ctl, path, allow_pickle=allow_pickle)
+    head = adapterhub_heads.read_head(ctl, path, allow_pickle=allow_pickle) if with_head else None
     if head is not None:  # the head becomes a part of the adapter (added to the plan the reader installs)
         ctl = adapterhub_heads.WithHead(ctl, head)
     return table[arch].load(ctl, path, info, name=name, activate=activate)

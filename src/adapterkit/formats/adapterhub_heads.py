@@ -189,6 +189,50 @@ def _with_copies(ctl: Any, plan: Plan, head: Head) -> Plan:
     return Plan(cfg, {n: comps[n] for n in modules if n in comps})
 
 
+def _head_component(ctl: Any, head: Head) -> tuple[str, FlexHeadLayer]:
+    """The flex head's component (on the model root) holding the file's values."""
+    assert head.config is not None
+    kind, comp = ctl.plan(head.config).components[""]
+    if not isinstance(comp, FlexHeadLayer):
+        raise AdapterFileError(f"{head.where}: unexpected head component {type(comp).__name__}")
+    own = comp.state_dict()
+    if set(own) != set(head.state):
+        raise AdapterFileError(
+            f"{head.where}: the head's tensors {sorted(head.state)} do not match its config (expected {sorted(own)})"
+        )
+    try:
+        comp.import_state({k: head.state[k].to(own[k].dtype) for k in own}, base_modules(ctl.model)[""])
+    except ValueError as e:
+        raise AdapterFileError(f"{head.where}: {e}") from None
+    return kind, comp
+
+
+def is_head_only(path: str | os.PathLike) -> bool:
+    """A directory written by ``save_head`` (``head_config.json`` without an adapter)."""
+    return (Path(path) / CONFIG).is_file() and not (Path(path) / "adapter_config.json").is_file()
+
+
+def load_head_only(
+    ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: bool, activate: bool
+) -> str:
+    """A ``save_head`` directory as an adapter of its own: a :class:`FlexHead` alone (its name: ``name``, else the
+    saved head name). Activate it after (stacked on) what computes the hidden states, e.g.
+    ``ak.Stack(ak.Fuse("a", "b"), "target")``."""
+    where = Path(path)
+    data = read_json(where / CONFIG)
+    if data.get("config") is None:
+        raise AdapterFileError(
+            f'{where}: a static head alone ("config": null) is the model\'s own head: nothing to load'
+        )
+    head = read_head(ctl, where, allow_pickle=allow_pickle)
+    assert head is not None and head.config is not None
+    name = name or str(data.get("name") or "")
+    ctl._check_new_name(name)
+    kind, comp = _head_component(ctl, head)
+    ctl.install(name, Plan(head.config, {"": (kind, comp)}), activate=activate)
+    return name
+
+
 def with_head(ctl: Any, plan: Plan, head: Head) -> Plan:
     """``plan`` with ``head`` added: a flex head as a part (``Union(<members>, FlexHead)``, the head component on
     the root), a static head as head copies."""
@@ -205,20 +249,8 @@ def with_head(ctl: Any, plan: Plan, head: Head) -> Plan:
         extra["heads"] = cfg.heads
         members = [cfg.replace(heads=())]
     union = Union(*members, head.config, **extra)
-    head_plan = ctl.plan(head.config)
+    kind, comp = _head_component(ctl, head)
     modules = base_modules(ctl.model)
-    kind, comp = head_plan.components[""]
-    if not isinstance(comp, FlexHeadLayer):
-        raise AdapterFileError(f"{head.where}: unexpected head component {type(comp).__name__}")
-    own = comp.state_dict()
-    if set(own) != set(head.state):
-        raise AdapterFileError(
-            f"{head.where}: the head's tensors {sorted(head.state)} do not match its config (expected {sorted(own)})"
-        )
-    try:
-        comp.import_state({k: head.state[k].to(own[k].dtype) for k in own}, modules[""])
-    except ValueError as e:
-        raise AdapterFileError(f"{head.where}: {e}") from None
     comps = dict(plan.components)
     if "" in comps:
         old_kind, old = comps[""]

@@ -14,7 +14,9 @@ order (each as ``adapters.load(<dir>/<name>)`` would, heads included), then the 
 (``Stack`` → ``ak.Stack``, ``Fuse`` → ``ak.Fuse``, ``Parallel``, ``BatchSplit(batch_sizes)`` and ``Split(splits)``,
 AdapterHub's lengths becoming our cut positions). All or nothing: a failure deletes what it loaded. ``Average``
 (AdapterHub averages the weighted states, ``mean(w_i h_i)``), ``MultiTask`` and ``Fuse`` over ``Stack`` children are
-refused. ``head_setup`` needs nothing more: each adapter's head is a part of that adapter here, active with it.
+refused. ``head_setup`` (one head; see :func:`load`): a head saved with an adapter is a part of that adapter here,
+active with it; a head saved alone (``<dir>/<head>/``, e.g. AdapterFusion's target-task head) becomes an adapter of
+its own, stacked after the setup.
 """
 
 from __future__ import annotations
@@ -96,10 +98,38 @@ def _fusions(item: str | Block) -> list[Fuse]:
     return found + [c for c in item.children if isinstance(c, Fuse)]
 
 
-def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: bool, activate: bool) -> str:
-    """Load every adapter and fusion of the setup in ``path`` onto ``ctl`` (the controller itself, not a reading)
-    and activate the setup; returns the last name installed (the setup is ``adapters.active``). ``name`` must be
-    None (the adapters keep their saved names)."""
+def _head(data: dict[str, Any], where: Path, names: list[str], setup: str | Block) -> str | None:
+    """The head ``head_setup`` names (None: none), checked: one head, a member outside any ``Fuse`` or a ``save_head``
+    directory of its own."""
+    head = data.get("head_setup")
+    if head is None or head is False:
+        return None
+    if isinstance(head, list) and len(head) == 1:
+        head = head[0]
+    if not isinstance(head, str) or not head:
+        raise AdapterFileError(
+            f"{where}: head_setup {head!r:.80} is not read (one head name; several heads, a composition of heads or "
+            "the model's single head are not)"
+        )
+    if head in names:
+        if any(head in f.children for f in _fusions(setup)):
+            raise AdapterFileError(
+                f"{where}: head_setup names the head of the fused adapter {head!r}, not read yet"
+            )
+        return head
+    if not (where.parent / head / "head_config.json").is_file():
+        raise AdapterFileError(f"{where}: head_setup names {head!r}, which has no head directory there")
+    return head
+
+
+def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: bool, load_one: Any) -> str:
+    """Load every adapter and fusion of the setup in ``path`` onto ``ctl`` (the controller itself, not a reading),
+    and its head, then activate the setup; returns the last name installed (the setup is ``adapters.active``).
+    ``name`` must be None (the adapters keep their saved names). ``load_one`` is ``formats.adapterhub.load``.
+
+    ``head_setup``: None keeps each adapter's own head (if saved with one); a head name that is one of the adapters
+    keeps that adapter's head only; another name loads ``<dir>/<head>/`` (``save_head``) as a head adapter of that
+    name, active after the setup (``ak.Stack(<setup>, head)``)."""
     where = Path(path)
     if name is not None:
         raise AdapterFileError(
@@ -109,25 +139,36 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
     setup = parse(data.get("adapter_setup"), where / SETUP)
     names = _names(setup)
     fusions = _fusions(setup)
+    head = _head(data, where / SETUP, names, setup)
+    own_head = head is not None and head not in names
     missing = [n for n in names if not (where / n).is_dir()] + [
         ",".join(f.children) for f in fusions if not (where / ",".join(f.children)).is_dir()
     ]
     if missing:
         raise AdapterFileError(f"{where}: the setup names {missing}, which have no directory there")
-    taken = [n for n in names + [f.name for f in fusions] if n in ctl.names]
+    wanted = names + [f.name for f in fusions] + ([head] if own_head else [])
+    taken = [n for n in wanted if n in ctl.names]
     if taken:
         raise AdapterFileError(f"{where}: adapters {taken} already exist on this model; delete them first")
     installed: list[str] = []
     try:
         for n in names:
-            installed.append(ctl.load(where / n, allow_pickle=allow_pickle))
+            keep = head is None or head == n
+            installed.append(
+                load_one(ctl, where / n, name=None, allow_pickle=allow_pickle, activate=False, with_head=keep)
+            )
         for f in fusions:
             installed.append(
                 adapterhub_fusion.load(
                     ctl, where / ",".join(f.children), name=None, allow_pickle=allow_pickle, activate=False
                 )
             )
-        ctl.activate(setup)
+        if own_head:
+            assert head is not None
+            installed.append(load_one(ctl, where / head, name=None, allow_pickle=allow_pickle, activate=False))
+            ctl.activate(Stack(*setup.children, head) if isinstance(setup, Stack) else Stack(setup, head))
+        else:
+            ctl.activate(setup)
     except BaseException:
         for n in reversed(installed):
             ctl.delete(n)
