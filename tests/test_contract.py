@@ -14,7 +14,10 @@ Each method family keeps its rows in its own module ``tests/rows_<family>.py``, 
 refused because the weight is tied), ``SECOND`` (method name -> config overrides for the second
 adapter of contract (f), e.g. a different rank) and ``SKIP`` (``{(row id, contract): reason}`` for a
 contract a method cannot meet by its nature, e.g. prompt tuning is not an identity at init; contracts
-are named identity, merge, save, grads, detach, two, route). Every config must accept ``init_weights=False``
+are named identity, merge, save, grads, detach, two, route) and ``AFTER_ADD`` (a callable ``(adapters, name, config,
+family)`` the harness calls after each ``adapters.add`` of a contract, before the model is used; it acts on the
+configs it owns and returns for the others, e.g. ``adapters.calibrate`` for data-aware inits, see
+``rows_lora_data_init.py``). Every config must accept ``init_weights=False``
 (start from non-identity values). Methods whose components are not mergeable must make ``merge``
 raise TypeError and leave the model unchanged; that is what contract (b) checks for them.
 """
@@ -22,6 +25,8 @@ raise TypeError and leave the model unchanged; that is what contract (b) checks 
 from __future__ import annotations
 
 import importlib
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -88,6 +93,9 @@ TIED = {"gpt2-embed", "t5-embed"}  # merging into a tied embedding must raise Ty
 SECOND: dict[str, dict] = {"lora": {"r": 2, "rank_pattern": {}}}  # contract (f): the second adapter differs
 # (row id, contract) -> why the method cannot meet it by its nature (from the rows modules)
 SKIP: dict[tuple[str, str], str] = {}
+# rows modules' setup steps after each add (e.g. calibration): (adapters, name, config, family) -> None
+AFTER_ADD: list[Callable[[ak.Adapters, str, ak.AdapterConfig, str], None]] = []
+_FAMILY: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()  # model -> its family
 
 
 def _collect() -> list[tuple[str, str, ak.AdapterConfig]]:
@@ -99,6 +107,8 @@ def _collect() -> list[tuple[str, str, ak.AdapterConfig]]:
         TIED.update(getattr(module, "TIED", ()))
         SECOND.update(getattr(module, "SECOND", {}))
         SKIP.update(getattr(module, "SKIP", {}))
+        if hasattr(module, "AFTER_ADD"):
+            AFTER_ADD.append(module.AFTER_ADD)
     return rows
 
 
@@ -122,8 +132,8 @@ def _rows(contract: str) -> list:
 
 # --- helpers ---------------------------------------------------------------------------------------
 def _splits_weight(config: ak.AdapterConfig) -> bool:
-    """PiSSA/OLoRA move the principal part of W into the adapter (identity only up to rounding)."""
-    return getattr(getattr(config, "init", None), "value", None) in ("pissa", "olora")
+    """PiSSA/OLoRA/CorDA move a part of W into the adapter (identity only up to rounding)."""
+    return getattr(getattr(config, "init", None), "value", None) in ("pissa", "olora", "corda")
 
 
 def _plain(adapters: ak.Adapters, name: str) -> bool:
@@ -143,12 +153,16 @@ def out(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def setup(family: str, seed: int = 0):
     model = make_model(family, seed)
+    _FAMILY[model] = family
     return model, ak.attach(model), make_inputs(family)
 
 
 def add(adapters: ak.Adapters, name: str, config: ak.AdapterConfig, seed: int = 0, **overrides) -> None:
     torch.manual_seed(seed)
-    adapters.add(name, config.replace(**overrides) if overrides else config)
+    config = config.replace(**overrides) if overrides else config
+    adapters.add(name, config)
+    for hook in AFTER_ADD:
+        hook(adapters, name, config, _FAMILY[adapters.model])
     adapters.model.eval()  # contracts run in eval mode
 
 

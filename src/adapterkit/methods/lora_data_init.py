@@ -469,6 +469,8 @@ class LoRADataInit(LoRALinear):
             alpha *= rank / r0
         self._resize(rank, alpha)
         self.lora_A.copy_(A.to(self.lora_A.dtype))
+        if not self.cfg.init_weights:  # as LoRALinear: B random too, not an identity (for tests)
+            self._init_random()
 
     def _resize(self, rank: int, alpha: float) -> None:
         """New factors of rank ``rank`` (``A`` zeros, ``B`` zeros) and scaling from ``alpha`` (peft: ``lora_alpha``
@@ -518,9 +520,10 @@ class LoRADataInit(LoRALinear):
         B = U.mul(S.sqrt()).contiguous()  # (out, r)
         for p, v in ((self.lora_A, A), (self.lora_B, B), (self.init_A, A), (self.init_B, B)):
             p.copy_(v.to(p.dtype))
-        residual = w - self.scaling * B @ A
-        if self._original is not None:  # attached: the base weight becomes the residual
-            backend.copy_(module, residual.to(weight.dtype))
+        if self._original is not None:  # attached: the base weight becomes the residual W - s B A
+            # computed as on_attach does (a loaded adapter gets the same residual bit for bit)
+            backend.copy_(module, self._original)
+            backend.add_(module, self._delta(self.init_A, self.init_B), alpha=-1.0)
 
     # --- loading ---------------------------------------------------------------------------------------------
     def import_state(self, state: dict[str, torch.Tensor], module: nn.Module) -> None:
