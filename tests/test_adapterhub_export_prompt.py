@@ -110,6 +110,17 @@ NATIVE: dict[str, tuple[str, Callable[[], ak.AdapterConfig]]] = {
             ak.Invertible(targets=["transformer.drop"], dim=32, inverse_at_output=False, init_weights=False),
         ),
     ),
+    # on a model with a head: keys under bert. (the pool, the prompt); the union with a static head copy
+    "bertcls_prompt": ("bertcls", lambda: ak.EmbeddingPrompt(num_virtual_tokens=2)),
+    "bertcls_unipelt_head": (
+        "bertcls",
+        lambda: ak.Union(
+            _keep(3, gated=True, init_weights=False),
+            _gated(ak.Bottleneck(placement="pfeiffer", init_weights=False)),
+            _gated(ak.LoRA(r=2, targets=["attn.q", "attn.v"], init_weights=False)),
+            heads=["classifier"],
+        ),
+    ),
     "bert_double_seq_bn_gated": ("bert", lambda: _gated(ak.Bottleneck(placement="houlsby", init_weights=False))),
 }
 
