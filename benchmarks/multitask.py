@@ -122,6 +122,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--out", type=Path, default=RESULTS / "multitask.md", help="markdown table (also .json, .png)")
     p.add_argument("--update", action="store_true", help="keep rows of other methods already in OUT.json")
+    p.add_argument(
+        "--merge", type=Path, action="append", default=[],
+        help="also take the rows of methods not run here from this JSON (another run's OUT.json); repeatable",
+    )  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -465,8 +469,12 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace, argv: Sequence[
         + " | ".join({"MRPC": "MRPC F1/acc", "CoLA": "CoLA MCC"}.get(t, f"{t} acc") for t in tasks)
         + " | average | vs LoRA | train rows/s | train time | settings |"
     )
+    commands = list(dict.fromkeys(r.get("command", "") for r in rows if r.get("command")))
     lines = [
-        f"Command: `python benchmarks/multitask.py {shlex.join(argv)}`",
+        "Command"
+        + ("s" if len(commands) > 1 else "")
+        + ": "
+        + (", ".join(f"`{c}`" for c in commands) or f"`python benchmarks/multitask.py {shlex.join(argv)}`"),
         "",
         f"MiniLM-L6 (all-MiniLM-L6-v2), {len(tasks)} GLUE tasks: {meta['sizes']}; max length {args.max_length}, "
         f"batch {args.batch_size} (one task per batch), {args.epochs} epoch(s) for the adapter methods, "
@@ -545,6 +553,11 @@ def plot(rows: list[dict[str, Any]], tasks: Sequence[str], path: Path) -> bool:
     return True
 
 
+def write(args: argparse.Namespace, out_json: Path, table: str, meta: dict[str, Any], rows: list[dict]) -> None:
+    args.out.write_text(table + "\n")
+    out_json.write_text(json.dumps({"meta": meta, "args": vars(args), "rows": rows}, indent=1, default=str) + "\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -571,18 +584,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     if args.update and out_json.exists():
         rows = [r for r in json.loads(out_json.read_text())["rows"] if r["method"] not in methods]
+    for other in args.merge:
+        theirs = [r for r in json.loads(other.read_text())["rows"] if r["method"] not in methods]
+        rows = [r for r in rows if r["method"] not in {t["method"] for t in theirs}] + theirs
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta["load"] = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    table = render(rows, args, argv, meta)
     for m in methods:
         t0 = time.perf_counter()
         new = run_method(m, args, data)
         print(f"{m}: {time.perf_counter() - t0:.0f}s", flush=True)
+        for r in new:
+            r["command"] = f"python benchmarks/multitask.py {shlex.join(argv)}"
         produced = {r["method"] for r in new}
         rows = [r for r in rows if r["method"] not in produced] + new
         meta["load"] = " / ".join(f"{x:.1f}" for x in os.getloadavg())
         table = render(rows, args, argv, meta)
-        args.out.write_text(table + "\n")
-        out_json.write_text(json.dumps({"meta": meta, "args": vars(args) | {"data": str(args.data),
-                                        "out": str(args.out)}, "rows": rows}, indent=1) + "\n")  # fmt: skip
+        write(args, out_json, table, meta, rows)
+    if not methods:
+        write(args, out_json, table, meta, rows)
     if not plot(rows, tasks, args.out.with_suffix(".png")):
         print("matplotlib is not installed: no bar chart", flush=True)
     print(table)
