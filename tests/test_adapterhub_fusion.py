@@ -2,9 +2,10 @@
 saved with a flex prediction head, written by the real ``adapters`` 1.3.0 (tests/fixtures/adapterhub/make_fixtures.py,
 ``cases.json``'s ``compositions``), load here with the library's outputs.
 
-- ``bert_fusion`` (bare BertModel, SeqBn members, the default "dynamic" fusion) and ``gpt2_fusion`` (GPT2LMHeadModel,
+- ``bert_fusion`` (bare BertModel, SeqBn members, the default "dynamic" fusion), ``gpt2_fusion`` (GPT2LMHeadModel,
   DoubleSeqBn members: fusion layers on the attention and FFN sub-layers, whose attention module returns a tuple;
-  every fusion option the other way round): ``Fuse(a, b)`` and ``Stack(a, b)``.
+  every fusion option the other way round) and ``distilbert_fusion`` (DoubleSeqBn, default fusion; the residual is
+  each sub-layer's own input): ``Fuse(a, b)`` and ``Stack(a, b)``.
 - ``bert_cls_head`` (BertAdapterModel: SeqBn + a classification head) onto a bare ``BertModel``, ``gpt2_clm_head``
   (GPT2AdapterModel: LoRA + a causal-LM head) onto a bare ``GPT2Model``: the model returns the head's logits.
 """
@@ -49,13 +50,16 @@ def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_the_fixtures_are_listed():
-    assert FUSIONS == ["bert_fusion", "gpt2_fusion"]
+    assert ("bert_fusion", "fusion_pt") in SAVED and ("gpt2_fusion", "stack_setup") in SAVED
+    assert FUSIONS == ["bert_fusion", "distilbert_fusion", "gpt2_fusion"]
     assert HEADS == ["bert_cls_head", "gpt2_clm_head"]
     assert sorted(COMPOSITIONS) == sorted([*FUSIONS, *HEADS, "bert_fusion_head"])
 
 
-@pytest.mark.parametrize("case", FUSIONS)
-@pytest.mark.parametrize("kind", ["fusion", "fusion_pt"])
+SAVED = [(c, k) for c in FUSIONS for k in COMPOSITIONS[c]["saved"]]
+
+
+@pytest.mark.parametrize("case,kind", [(c, k) for c, k in SAVED if k.startswith("fusion")])
 def test_fusion_directory_gives_the_library_outputs(case, kind):
     model, adapters = _members(case)
     exp = _expected(case)
@@ -168,9 +172,9 @@ def test_fusion_over_parallel_adapters_is_refused(tmp_path):
     assert adapters.names == ["a", "b"]
 
 
-@pytest.mark.parametrize("case", FUSIONS)
-@pytest.mark.parametrize("setup,key", [("setup", "output"), ("stack_setup", "stack.output")])
-def test_setup_directory_loads_and_activates(case, setup, key):
+@pytest.mark.parametrize("case,setup", [(c, k) for c, k in SAVED if k.endswith("setup")])
+def test_setup_directory_loads_and_activates(case, setup):
+    key = "output" if setup == "setup" else "stack.output"
     model = fresh(COMPOSITIONS[case]["family"])
     adapters = ak.attach(model)
     with warnings.catch_warnings():

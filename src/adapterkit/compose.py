@@ -457,7 +457,7 @@ def apply_post(item: str | Block, comps: dict[str, Any], args: tuple, kwargs: di
             raise KeyError(
                 f"no fusion weights for {item!r} here: call adapters.add_fusion({list(item.children)!r})"
             )
-        return fusion.fuse(base, outs)
+        return fusion.fuse(base, outs, args, kwargs)
     dim = 1 if isinstance(item, Split) else 0
     size = base.shape[dim]
     parts = []

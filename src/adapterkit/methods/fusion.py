@@ -29,10 +29,10 @@ What ``q`` and ``v_i`` are (config fields; the defaults are adapterkit's fusion,
 The AdapterHub forms (``query_input="adapter_input"`` or ``values="changes"``) fuse bottleneck adapters: for
 sub-layer adapters (``hook="sublayer"``) the fusion reads ``h`` and ``res`` from the last fused adapter
 (AdapterHub's ``adapter_setup.last()``), given the sub-layer's residual ``r``, which the last adapter's residual tap
-also hands to the fusion layer (registered on attach, removed on detach). Sequential adapters without ``ln_after``
-whose block keeps its LayerNorm after the adapter (``original_ln_after``) only, and only where the residual is
-tapped from another module (not DistilBERT's or BART's attention, whose residual is the sub-layer's own input):
-others are refused when the fusion is built. AdapterHub's Fuse over parallel adapters adds the residual twice
+also hands to the fusion layer (registered on attach, removed on detach), or, where the residual is the sub-layer's
+own input (DistilBERT, BART's attention), from the call ``ak.Fuse`` hands to :meth:`FusionLayer.fuse`. Sequential
+adapters without ``ln_after`` whose block keeps its LayerNorm after the adapter (``original_ln_after``) only: others
+are refused when the fusion is built. AdapterHub's Fuse over parallel adapters adds the residual twice
 (adapters 1.3.0); it is not reproduced.
 
 Fusions are added with ``Adapters.add_fusion([...])`` under the name ``fusion[a,b,...]`` and used through
@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from ..backends import backend_for
-from ..component import Component
+from ..component import Component, first_input
 from ..config import AdapterConfig, register
 from ..targeting import CONTAINER
 from .bottleneck_sublayer import ResidualHolder, ResidualTap, SublayerBottleneck
@@ -207,12 +207,11 @@ class FusionLayer(Component):
                 why = "AdapterHub's Fuse over parallel adapters adds the residual twice (adapters 1.3.0)"
             elif member.ln_after is not None or not member.ln_after_original:
                 why = "the fused adapters have ln_after or original_ln_after=False"
-            elif member.own_input:
-                why = "the sub-layer's residual is its own input here, which a fusion layer does not see"
             if why is not None:
                 raise TypeError(f"AdapterHub-style fusion at {name!r} is not available: {why}")
-            self.holder = ResidualHolder(member.holder.source)
-            self.__dict__["_residual_module"] = modules[member.holder.source]
+            if not member.own_input:  # else the residual is the site's own first input, handed to fuse()
+                self.holder = ResidualHolder(member.holder.source)
+                self.__dict__["_residual_module"] = modules[member.holder.source]
 
     def on_attach(self, module: nn.Module) -> None:
         tap = self._tap()
@@ -230,12 +229,20 @@ class FusionLayer(Component):
         tap = _member(where, self.last) if where is not None and self.last is not None else None
         return tap if isinstance(tap, ResidualTap) else None
 
-    def _view(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(h, res)``: the last fused adapter's input and skip value for site output ``f``."""
+    def _view(
+        self, f: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(h, res)``: the last fused adapter's input and skip value for site output ``f`` (``args``/``kwargs``:
+        the site module's call)."""
         site = self.__dict__.get("_site")
         member = _member(site, self.last) if site is not None and self.last is not None else None
-        if isinstance(member, SublayerBottleneck) and self.holder is not None:
-            r = self.holder.take(member.site, f.shape[0])
+        if isinstance(member, SublayerBottleneck):
+            if member.own_input:
+                r = first_input(args, kwargs)
+            elif self.holder is not None:
+                r = self.holder.take(member.site, f.shape[0])
+            else:
+                raise RuntimeError(f"the fusion layer at {member.site!r} has no residual (it was not bound)")
             return member._h_and_res(f, r)
         return f, f  # adapters on a module's output: their input and skip value are that output
 
@@ -253,13 +260,21 @@ class FusionLayer(Component):
             if self._random:
                 self.value.weight.add_(0.1 * torch.randn_like(self.value.weight))
 
-    def fuse(self, h: torch.Tensor, outs: list[torch.Tensor]) -> torch.Tensor:
-        """``h: (..., d)`` the site's output without adapters and ``outs``: N tensors ``(..., d)`` -> ``(..., d)``."""
+    def fuse(
+        self,
+        h: torch.Tensor,
+        outs: list[torch.Tensor],
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> torch.Tensor:
+        """``h: (..., d)`` the site's output without adapters and ``outs``: N tensors ``(..., d)`` -> ``(..., d)``;
+        ``args``/``kwargs``: the site module's call (``ak.Fuse`` passes them; the AdapterHub forms read the residual
+        there when it is the sub-layer's own input)."""
         dtype = self._dtype  # computed in the fusion weights' dtype, returned in h's
         res = None
         q_in = h
         if self.query_input == "adapter_input" or self.values == "changes":
-            a_in, skip = self._view(h)
+            a_in, skip = self._view(h, args, kwargs or {})
             if self.query_input == "adapter_input":
                 q_in = a_in
             if self.values == "changes":
