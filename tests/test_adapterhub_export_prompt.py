@@ -273,6 +273,7 @@ def _refused(family: str, config: Callable[[], ak.AdapterConfig], match: str, tm
         ),
         ("bert", lambda: ak.Union(ak.LoRA(targets=["attn.q"]), ak.IA3(feedforward=())), r"several members of one"),
         ("gpt2", lambda: ak.Union(ak.LoReFT(r=2, prefix=1), _keep(2)), r"LoReFT.*does not write"),
+        ("bert", lambda: ak.Union(ak.MoV(), _keep(2)), r"MoV.*does not write"),  # an IA3 subclass
         (
             "gpt2",
             lambda: _gated(ak.LoRA(targets=["attn.qkv"], init_weights=False), fused_qkv="qv"),
@@ -289,6 +290,7 @@ def _refused(family: str, config: Callable[[], ak.AdapterConfig], match: str, tm
         "union_prompt",
         "union_two_loras",
         "union_reft",
+        "union_ia3_subclass",
         "ungated_fused_matrix",
     ],  # fmt: skip
 )

@@ -49,14 +49,10 @@ _OWNS: dict[str, tuple[type, ...]] = {
 
 
 def _architecture(member: Any) -> str | None:
-    inner = member.config if isinstance(member, SequenceGated) else member
-    if isinstance(inner, PrefixTuning):
-        return "prefix_tuning"
-    if isinstance(inner, (LoRA, IA3)):
-        return "lora"
-    if isinstance(inner, Bottleneck):
-        return "bottleneck"
-    return None
+    """The AdapterHub architecture a member is written as (exact types: subclasses such as MoV compute more)."""
+    inner = member.config if type(member) is SequenceGated else member
+    kinds = {PrefixTuning: "prefix_tuning", LoRA: "lora", IA3: "lora", Bottleneck: "bottleneck"}
+    return kinds.get(type(inner))
 
 
 def union(
@@ -75,7 +71,7 @@ def union(
             "'keep', gated=True), ak.SequenceGated(ak.Bottleneck(placement='pfeiffer')), "
             "ak.SequenceGated(ak.LoRA(targets=['attn.q', 'attn.v']))) to export"
         )
-    archs = [_architecture(m) for m in cfg.configs]
+    archs = [_architecture(m) if type(m) in writers else None for m in cfg.configs]
     bad = [type(m).__name__ for m, a in zip(cfg.configs, archs, strict=True) if a is None]
     if bad:
         raise AdapterHubExportError(
