@@ -298,6 +298,21 @@ def test_what_adapterhub_cannot_hold_is_refused(family, config, match, tmp_path)
     _refused(family, config, match, tmp_path)
 
 
+def test_prefix_on_heads_of_another_size_is_refused(tmp_path):
+    """AdapterHub cuts the prefix into heads of hidden_size // num_attention_heads: a model with its own head_dim
+    (here 16, not 32 // 4) cannot hold our prefix."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)  # fmt: skip
+    adapters = ak.attach(LlamaForCausalLM(config).eval())
+    adapters.add("task", _keep(2, prefix_projection=True))
+    with pytest.raises(AdapterHubExportError, match=r"2 key/value heads of 16 features.*2 heads of 8"):
+        adapters.export("task", tmp_path / "out", format="adapterhub")
+    assert not (tmp_path / "out").exists()
+
+
 # --- the real library --------------------------------------------------------------------------------------------
 
 

@@ -15,9 +15,7 @@
     ``bottleneck_size`` = ``encoder_hidden_size``): ``wte.weight: (P, H)``, ``control_trans.0: Linear(H,
     bottleneck)``, ``control_trans.2: Linear(bottleneck, width)``, ``non_linearity: "tanh"``. Our embedding is
     ``(P, kv_dim)``; where ``kv_dim < H`` (grouped-query attention: LLaMA, Mistral) the embedding and
-    ``control_trans.0``'s input columns are padded with zeros, which adds exactly nothing. Where ``kv_dim > H``
-    the computed prefix is written in the flat form (same outputs, but AdapterHub then trains the prefix
-    directly).
+    ``control_trans.0``'s input columns are padded with zeros, which adds exactly nothing.
 
   The tensors go under ``<p>prefix_tuning.prefix_tunings.<name>.self_prefix.*`` (the pool on the base model)
   and again under every layer's ``<attention>.prefix_tuning.pool.prefix_tunings.<name>.self_prefix.*``: the
@@ -31,7 +29,8 @@
   tests/test_adapterhub_export_prompt.py's slow test with adapters 1.3.0).
 
   Models: the BERT-like encoders, GPT-2, LLaMA and Mistral (AdapterHub's ``self_prefix`` location; our prefix
-  does not run on DistilBERT, ViT, or the positions of T5/BART).
+  does not run on DistilBERT, ViT, or the positions of T5/BART), whose attention heads have the size AdapterHub
+  assumes (``hidden_size // num_attention_heads``; a model with its own ``head_dim`` is refused).
 
 - :class:`~adapterkit.methods.embedding_prompt.EmbeddingPrompt` -> ``PromptTuningConfig`` (``combine:
   "prefix"``): ``<p>prompt_tuning.prompt_tunings.<name>.prompt_embedding.weight: (P, H)``. BERT-like encoders
@@ -79,7 +78,8 @@ def _prefix_config(length: int, flat: bool, bottleneck: int, cfg: PrefixTuning) 
 
 
 def _mlp_leaves(kv: PrefixKV, hidden: int) -> dict[str, torch.Tensor] | None:
-    """AdapterHub's MLP form of our reparametrized prefix, None where it has no exact one (``kv_dim > H``)."""
+    """AdapterHub's MLP form of our reparametrized prefix (``kv_dim <= H`` once :func:`_check_heads` passed), None
+    where it has no exact one."""
     emb = kv.embedding.detach().float()
     first, act, last = kv.transform
     if not isinstance(act, nn.Tanh) or emb.shape[1] > hidden:
@@ -93,6 +93,31 @@ def _mlp_leaves(kv: PrefixKV, hidden: int) -> dict[str, torch.Tensor] | None:
         "control_trans.2.weight": last.weight.detach().float(),
         "control_trans.2.bias": last.bias.detach().float(),
     }
+
+
+def _check_heads(ctl: Any, name: str, kv: PrefixKV) -> int:
+    """The hidden size, once the model's key/value heads are what AdapterHub sizes its prefix by:
+    ``num_key_value_heads`` (else ``num_attention_heads``) heads of ``d_kv`` (else ``hidden_size //
+    num_attention_heads``) features.
+
+    Raises:
+        AdapterHubExportError: a model whose attention heads have another size (a ``head_dim`` of its own): the
+            library would cut the prefix into heads of the wrong width.
+    """
+    mcfg = ctl.model.config
+    hidden, heads = int(mcfg.hidden_size), int(mcfg.num_attention_heads)
+    theirs = (
+        int(getattr(mcfg, "num_key_value_heads", None) or heads),
+        getattr(mcfg, "d_kv", None) or hidden // heads,
+    )
+    ours = (kv.layout.num_kv_heads, kv.layout.head_dim)
+    if ours != theirs:
+        raise AdapterHubExportError(
+            f"adapter {name!r}: this model's self-attention has {ours[0]} key/value heads of {ours[1]} features, but "
+            f"AdapterHub's prefix tuning cuts the prefix into {theirs[0]} heads of {theirs[1]} (num_key_value_heads, "
+            "hidden_size // num_attention_heads), so it cannot hold this prefix"
+        )
+    return hidden
 
 
 def prefix(
@@ -132,7 +157,7 @@ def prefix(
         raise AdapterHubExportError(
             f"adapter {name!r}: {len(sites)} self-attention modules for a prefix over {kv.layout.num_layers} layers"
         )
-    hidden = int(ctl.model.config.hidden_size)
+    hidden = _check_heads(ctl, name, kv)
     leaves = _mlp_leaves(kv, hidden) if kv.prefix is None else None
     if leaves is None:
         flat, bottleneck = True, cfg.encoder_hidden_size or _BOTTLENECK_DEFAULT
