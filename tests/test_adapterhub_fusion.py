@@ -7,7 +7,8 @@ saved with a flex prediction head, written by the real ``adapters`` 1.3.0 (tests
   every fusion option the other way round) and ``distilbert_fusion`` (DoubleSeqBn, default fusion; the residual is
   each sub-layer's own input): ``Fuse(a, b)`` and ``Stack(a, b)``.
 - ``bert_cls_head`` (BertAdapterModel: SeqBn + a classification head) onto a bare ``BertModel``, ``gpt2_clm_head``
-  (GPT2AdapterModel: LoRA + a causal-LM head) onto a bare ``GPT2Model``: the model returns the head's logits.
+  (GPT2AdapterModel: LoRA + a causal-LM head) and ``gpt2_cls_head`` (LoRA + a classification head on the last
+  token) onto a bare ``GPT2Model``: the model returns the head's logits.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_the_fixtures_are_listed():
     assert ("bert_fusion", "fusion_pt") in SAVED and ("gpt2_fusion", "stack_setup") in SAVED
     assert FUSIONS == ["bert_fusion", "distilbert_fusion", "gpt2_fusion"]
-    assert HEADS == ["bert_cls_head", "gpt2_clm_head"]
+    assert HEADS == ["bert_cls_head", "gpt2_clm_head", "gpt2_cls_head"]
     assert sorted(COMPOSITIONS) == sorted([*FUSIONS, *HEADS, "bert_fusion_head"])
 
 
@@ -208,6 +209,24 @@ def test_setup_names_are_checked_before_anything_loads():
     with pytest.raises(AdapterFileError, match=r"\['a'\] already exist"):
         adapters.load(FIXTURES / "bert_fusion" / "setup")
     assert adapters.names == ["a"]
+
+
+def test_decoder_classifier_reads_the_last_non_padding_token():
+    """AdapterHub's GPT-2/LLaMA classifiers: ``count(input_ids != pad_token_id) − 1`` (no pad id: the last token)."""
+    model = _bare("gpt2_cls_head")
+    adapters = ak.attach(model)
+    adapters.load(FIXTURES / "gpt2_cls_head" / "adapter", activate=True)
+    ids = torch.tensor([[5, 6, 7, 0, 0], [5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        last = model(input_ids=ids).logits
+        model.config.pad_token_id = 0
+        [layer] = [c for c in adapters.components("task").values() if isinstance(c, FlexHeadLayer)]
+        layer.pad_token_id = 0
+        padded = model(input_ids=ids).logits
+        short = model(input_ids=ids[:1, :3]).logits
+    assert _diff(padded[1], last[1]) == 0
+    assert _diff(padded[0], short[0]) <= 1e-6  # the head read position 2 (causal: as if the pads were absent)
+    assert _diff(padded[0], last[0]) > 1e-4
 
 
 def _bare(case: str) -> torch.nn.Module:

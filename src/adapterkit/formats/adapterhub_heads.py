@@ -6,10 +6,11 @@
   ``heads.<name>.<i>.{weight,bias}``): loaded as a part of the adapter, our
   :class:`~adapterkit.methods.flex_head.FlexHead` on the model root, so the adapter becomes
   ``ak.Union(<its method>, ak.FlexHead(...))`` and the bare base model returns the head's ``logits`` while it is
-  active (``detach()`` removes it). Head types: classification (BERT-like models: the first token), multilabel
-  classification, tagging, causal/masked/seq2seq LM. Classification heads of decoder models (AdapterHub reads
-  the last non-padding token there, BART the last ``eos``) and other head types (question answering, multiple
-  choice, dependency parsing, image classification) are refused, naming the type.
+  active (``detach()`` removes it). Head types: classification (BERT-like models: the first token; GPT-2, GPT-J,
+  LLaMA, Mistral: the last non-padding token, as the library), multilabel classification, tagging,
+  causal/masked/seq2seq LM. Classification heads of encoder-decoder models (the library reads the last ``eos``)
+  and other head types (question answering, multiple choice, dependency parsing, image classification) are
+  refused, naming the type.
 - **Static heads** (``"config": null``: the model's own head, written when ``adapters.init`` wraps a
   ``*ForSequenceClassification`` / ``*ForCausalLM`` model, and by our AdapterHub export of head copies; keys are the
   model's own, e.g. ``classifier.weight``): when every stored tensor equals this model's own (GPT-2's tied
@@ -39,8 +40,10 @@ __all__ = ["CONFIG", "Head", "read_head", "with_head", "WithHead"]
 
 CONFIG = "head_config.json"
 _WEIGHTS = (("model_head", "safetensors"), ("pytorch_model_head", "bin"))
-# AdapterHub model classes whose classification heads read another token than the first
-_LAST_TOKEN_CLASSIFIERS = ("GPT2", "GPTJ", "Llama", "Mistral", "Bart", "MBart", "PLBart", "Mt5", "T5")
+# AdapterHub model classes whose classification heads read the last non-padding token, and those that read the
+# last eos token (not read)
+_LAST_TOKEN_CLASSIFIERS = ("GPT2", "GPTJ", "Llama", "Mistral")
+_EOS_CLASSIFIERS = ("Bart", "MBart", "PLBart", "MT5", "T5", "Whisper")
 
 
 class Head:
@@ -117,10 +120,11 @@ def read_head(ctl: Any, path: str | os.PathLike, *, allow_pickle: bool) -> Head 
             "adapter without its head by removing head_config.json from a copy of the directory"
         )
     model_class = str(data.get("model_class") or "")
-    if kind in ("classification", "multilabel_classification") and model_class.startswith(_LAST_TOKEN_CLASSIFIERS):
+    classifier = kind in ("classification", "multilabel_classification")
+    if classifier and model_class.startswith(_EOS_CLASSIFIERS):
         raise AdapterFileError(
-            f"{where / CONFIG}: {model_class}'s classification head reads the last (non-padding or eos) token, "
-            "which is not read yet (classification heads of BERT-like models are)"
+            f"{where / CONFIG}: {model_class}'s classification head reads the last eos token, which is not read yet "
+            "(classification heads of BERT-like and decoder-only models are)"
         )
     tensors = _weights(where, allow_pickle)
     if tensors is None:
@@ -153,6 +157,7 @@ def read_head(ctl: Any, path: str | os.PathLike, *, allow_pickle: bool) -> Head 
             activation_function=config.get("activation_function"),
             bias=bool(config.get("bias", True)),
             use_pooler=bool(config.get("use_pooler", False)),
+            cls_token="last" if classifier and model_class.startswith(_LAST_TOKEN_CLASSIFIERS) else "first",
             layer_norm=bool(config.get("layer_norm", False)),
             embedding_size=config.get("embedding_size"),
             vocab_size=config.get("vocab_size"),

@@ -13,7 +13,9 @@ Heads (``head_type``; the layer stack is AdapterHub's, module for module, so its
 
 * ``"classification"`` / ``"multilabel_classification"`` (``num_layers`` L): ``[Dropout, Linear(H, H), act] × (L − 1)``
   then ``[Dropout, Linear(H, num_labels)]`` on the first token ``x[:, 0]`` (``use_pooler``: the output's
-  ``pooler_output``): ``logits (B, num_labels)``.
+  ``pooler_output``; ``cls_token="last"``: AdapterHub's decoder models (GPT-2, GPT-J, LLaMA, Mistral): the token at
+  ``count(input_ids != pad_token_id) − 1``, the last one when the model config has no ``pad_token_id`` or the call
+  no ``input_ids``): ``logits (B, num_labels)``.
 * ``"tagging"``: the same stack on every token: ``logits (B, T, num_labels)``.
 * ``"causal_lm"`` / ``"masked_lm"`` / ``"seq2seq_lm"`` (on the decoder's output): ``[Linear(H, E), act?, LayerNorm(E)?]`` then ``[Linear(E, E), act?, LN?]`` ×
   (L − 2) and ``Linear(E, vocab_size)`` on every token: ``logits (B, T, vocab_size)``. AdapterHub ties the last
@@ -57,6 +59,7 @@ class FlexHead(AdapterConfig):
         activation_function: between the layers (``"tanh"``, ``"gelu"``, ...; None: none).
         bias: the last linear layer has a bias.
         use_pooler: classification on the output's ``pooler_output`` instead of the first token.
+        cls_token: ``"first"`` (BERT-like models) or ``"last"`` (the last non-padding token: decoder models).
         layer_norm: language-model heads: a LayerNorm after each hidden layer.
         embedding_size: language-model heads: width of the hidden layers (None: the model's hidden size).
         vocab_size: language-model heads: outputs (None: the model config's ``vocab_size``).
@@ -79,6 +82,7 @@ class FlexHead(AdapterConfig):
     activation_function: str | None = "tanh"
     bias: bool = True
     use_pooler: bool = False
+    cls_token: str = "first"
     layer_norm: bool = False
     embedding_size: int | None = None
     vocab_size: int | None = None
@@ -96,6 +100,8 @@ class FlexHead(AdapterConfig):
             raise ValueError(f"a head needs num_layers >= 1, got {self.num_layers!r}")
         if self.head_type in CLASSIFIERS and (not isinstance(self.num_labels, int) or self.num_labels < 1):
             raise ValueError(f"num_labels must be a positive integer, got {self.num_labels!r}")
+        if self.cls_token not in ("first", "last"):
+            raise ValueError(f"cls_token must be 'first' or 'last', got {self.cls_token!r}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.activation_function is not None:
@@ -120,7 +126,9 @@ class FlexHead(AdapterConfig):
         if self.head_type in LANGUAGE_MODELS and not isinstance(vocab, int):
             raise TargetError(f"cannot tell the vocabulary size of this {type(module).__name__}: pass vocab_size=")
         like = next(module.parameters(), None)
-        return FlexHeadLayer(self, hidden, vocab, like)
+        layer = FlexHeadLayer(self, hidden, vocab, like)
+        layer.pad_token_id = getattr(text, "pad_token_id", None)
+        return layer
 
 
 def _classifier(cfg: FlexHead, hidden: int) -> list[nn.Module]:
@@ -164,9 +172,20 @@ class FlexHeadLayer(Component):
             self.net.to(device=like.device, dtype=like.dtype)
         self.head_type = cfg.head_type
         self.use_pooler = cfg.use_pooler
+        self.cls_token = cfg.cls_token
+        self.pad_token_id: int | None = None
 
     def extra_repr(self) -> str:
         return f"head_type={self.head_type!r}"
+
+    def _last(self, args: tuple[Any, ...], kwargs: dict[str, Any], hidden: torch.Tensor) -> torch.Tensor | int:
+        """Per row, the position AdapterHub's decoder classifiers read: ``count(input_ids != pad) − 1``, else -1."""
+        ids = kwargs.get("input_ids")
+        if ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
+            ids = args[0]
+        if self.pad_token_id is None or ids is None:
+            return -1
+        return (ids != self.pad_token_id).sum(-1).to(hidden.device) - 1
 
     def post_call(self, args: tuple[Any, ...], kwargs: dict[str, Any], y: Any) -> Any:
         """``y``: the model's output (a ``ModelOutput`` or a tuple); returns it with ``logits`` added."""
@@ -184,6 +203,8 @@ class FlexHeadLayer(Component):
                         "this head uses the pooler output (use_pooler), which the model did not return"
                     )
                 x = pooled
+            elif self.cls_token == "last":
+                x = hidden[torch.arange(hidden.shape[0], device=hidden.device), self._last(args, kwargs, hidden)]
             else:
                 x = hidden[:, 0]
         else:
