@@ -428,6 +428,16 @@ class LoRADataInit(LoRALinear):
             self._eva.unhook()
 
     # --- calibration -------------------------------------------------------------------------------------------
+    @property
+    def calibration_complete(self) -> bool:
+        """True once more batches would change nothing: EVA's components converged (peft stops cycling its
+        dataloader there) or the adapter is calibrated. CorDA is never complete before calibration (every batch adds
+        to the covariance); callers that feed batches until this is true (``adapterkit train``) stop at their own
+        count for it."""
+        if self.calibrated:
+            return True
+        return self._eva is not None and (self._eva.done or self._eva.result is not None)
+
     def observe(self, x: Any, y: Any) -> None:
         if self.calibrated:
             return
