@@ -5,6 +5,7 @@ the map saved in run.json, dev scores per task; and the data layer underneath (`
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import random
 from pathlib import Path
@@ -165,6 +166,10 @@ def test_poly_trains_on_two_datasets_with_task_ids_and_reports_each_task(files, 
     assert len(seen) >= 64 // 8 and all(len(ids) <= 8 for ids in seen[:8])
     assert any(set(ids) == {0, 1} for ids in seen[:8])
     assert sum(ids.count(0) for ids in seen[:8]) == sum(ids.count(1) for ids in seen[:8]) == 32
+    from adapterkit.cli import ops
+
+    if "task_ids" in inspect.getsource(ops.run_eval):  # `adapterkit eval` passes the run's task ids too
+        assert f"accuracy: {metrics['final_eval']['accuracy']:.2%}" in _ok("eval", out)
 
 
 def test_a_task_column_trains_a_method_without_task_ids_on_the_mixed_tasks(files, tmp_path, monkeypatch):
@@ -181,6 +186,18 @@ def test_a_task_column_trains_a_method_without_task_ids_on_the_mixed_tasks(files
     assert run["tasks"] == {"flip": 0, "sent": 1} and run["task_column"] == "task" and run["task_ids"] is False
     per_task = json.loads((out / "metrics.json").read_text())["per_task"]
     assert set(per_task) == {"flip", "sent"} and sum(m["examples"] for m in per_task.values()) == 8
+
+
+def test_repeated_data_flags_name_one_dataset_each(files, tmp_path):
+    if "NAME=PATH" not in _ok("train", "--help"):
+        pytest.skip("`--data` takes one value here: several datasets go comma-separated (tested above)")
+    out = tmp_path / "rep"
+    _ok("train", "--model", files["bert"], "--data", f"sent={files['sent']}", "--data", f"pair={files['pair']}",
+        "--dev", f"pair={files['pair'] / 'dev.tsv'}", "--method", "lora", *RECIPE, "--out", out)  # fmt: skip
+    run = json.loads((out / "run.json").read_text())
+    assert run["tasks"] == {"sent": 0, "pair": 1} and run["data"]["dev_sources"] == {
+        "pair": str((files["pair"] / "dev.tsv").resolve())
+    }
 
 
 def test_too_few_n_tasks_and_a_plain_dev_with_several_datasets_are_clear_errors(files, tmp_path):
