@@ -542,10 +542,13 @@ def plot(rows: list[dict[str, Any]], tasks: Sequence[str], path: Path) -> bool:
     for j, label in enumerate(labels):
         vals = [r["average"] if label == "average" else r["tasks"][label]["score"] for r in rows]
         ax.bar([i + (j - (len(labels) - 1) / 2) * width for i in range(len(rows))], vals, width, label=label)
+    base = next((r for r in rows if r["method"] == "lora"), None)
+    if base is not None:
+        ax.axhline(base["average"], color="gray", linestyle="--", linewidth=1, label="separate LoRAs' average")
     ax.set_xticks(range(len(rows)), [r["method"] for r in rows], rotation=30, ha="right")
     ax.set_ylabel("dev score ×100 (CoLA: MCC, MRPC: mean of F1 and acc)")
     ax.set_title("MiniLM-L6 multi-task GLUE: per-task adapters vs multi-task methods")
-    ax.legend(ncol=len(labels), fontsize=8)
+    ax.legend(ncol=len(labels) + 1, fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
