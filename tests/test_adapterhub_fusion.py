@@ -352,3 +352,18 @@ def test_head_directory_loads_alone():
     with torch.no_grad():
         out = model(input_ids=torch.tensor([[1, 2, 3]]))
     assert out.logits.shape == (1, 3)
+
+
+def test_add_fusion_takes_adapterhubs_equations():
+    """``add_fusion`` with AdapterHub's equations as fields: with the library's weights copied in, its outputs."""
+    model, adapters = _members("bert_fusion")
+    name = adapters.add_fusion(["a", "b"], query_input="adapter_input", values="changes", value_bias=False)
+    assert adapters.config(name).values == "changes"
+    loaded = adapterhub_fusion.plan_of(adapters, FIXTURES / "bert_fusion" / "fusion", allow_pickle=False)[1]
+    ours = adapters.components(name)
+    with torch.no_grad():
+        for site, (_, comp) in loaded.components.items():
+            ours[site].load_state_dict(comp.state_dict())
+    adapters.activate(ak.Fuse("a", "b"))
+    exp = _expected("bert_fusion")
+    assert _diff(run(model, exp)[0], exp["output"]) <= TOL

@@ -535,9 +535,13 @@ class Adapters:
             return generate(self.model, *args, **kwargs)
 
     # AdapterFusion
-    def add_fusion(self, names: Sequence[str], *, temperature: float = 1.0, init_weights: bool = True) -> str:
+    def add_fusion(
+        self, names: Sequence[str], *, temperature: float = 1.0, init_weights: bool = True, **fields: Any
+    ) -> str:
         """Add AdapterFusion weights over adapters ``names`` (Pfeiffer et al. 2021) at every site where one
-        of them has an output component; returns the fusion's name, used by ``ak.Fuse(*names)``."""
+        of them has an output component; returns the fusion's name, used by ``ak.Fuse(*names)``. ``fields`` are
+        further :class:`~adapterkit.methods.fusion.Fusion` fields (e.g. AdapterHub's equations:
+        ``query_input="adapter_input", values="changes", value_bias=False``)."""
         names = list(names)
         for n in names:
             self._record(n)
@@ -554,7 +558,9 @@ class Adapters:
         fusion = Fuse(*names).name
         self.add(
             fusion,
-            Fusion(adapters=tuple(names), targets=sites, temperature=temperature, init_weights=init_weights),
+            Fusion(
+                adapters=tuple(names), targets=sites, temperature=temperature, init_weights=init_weights, **fields
+            ),
         )
         if self.state.default == (fusion,):
             self.state.default = ()
