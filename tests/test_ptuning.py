@@ -616,20 +616,36 @@ def test_prompt_methods_work_on_deberta_v2_with_a_mask(method):
     assert out.shape == (2, P + 7, 32) and torch.isfinite(out).all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs a change in methods/prefix.py (not this helper's file): with an attention mask the extended mask "
-    "meets DeBERTa-v2's / CLIP text's attention, which ignore the cache, in a raw shape error before the first-call "
-    "'did not read past_key_values' check; see the helper's report",
-)
-@pytest.mark.parametrize("kind", ["deberta-v2", "clip-text"])
-def test_prefix_on_a_model_without_a_kv_cache_says_why_with_a_mask(kind):
-    model = _deberta_v2() if kind == "deberta-v2" else _clip_text(False)
+def test_prefix_on_deberta_v2_is_refused_at_add():
+    """DeBERTa-v2's layers cannot receive a KV cache (no module of a layer takes one, nor **kwargs): refused at
+    ``add`` (before: with an attention mask, a raw shape error in the embeddings, which multiply by the mask)."""
+    adapters = ak.attach(_deberta_v2())
+    with pytest.raises(TargetError, match=r"DebertaV2Model: its layers take no KV cache.*DebertaV2Layer") as err:
+        adapters.add("p", ak.PrefixTuning(num_virtual_tokens=P))
+    assert "LoRA (ak.LoRA())" in str(err.value) and "prompt tuning (ak.PromptTuning())" in str(err.value)
+    assert adapters.names == []
+
+
+@pytest.mark.parametrize("mask", [True, False], ids=["mask", "no-mask"])
+def test_prefix_on_clip_text_says_why_at_the_first_call(mask):
+    """CLIP's text model passes the cache to its layers through ``**kwargs`` and ignores it: the first call says
+    so (with a mask: instead of the raw shape error its attention met), never suggesting prompt tuning (it takes no
+    inputs_embeds); the model is left as it was."""
+    model = _clip_text(False)
+    block = model.text_model.encoder.layers[0] if hasattr(model, "text_model") else model.encoder.layers[0]
     adapters = ak.attach(model)
     adapters.add("p", ak.PrefixTuning(num_virtual_tokens=P))
     x = make_inputs("bert")
-    with pytest.raises(TypeError, match="did not read past_key_values.*takes no KV cache"):
+    if not mask:
+        del x["attention_mask"]
+    why = "failed without having read it.*RuntimeError" if mask else "takes no KV cache"
+    with pytest.raises(TypeError, match=rf"CLIPTextModel did not read past_key_values.*{why}.*LoRA") as err:
         model(**x)
+    assert "PromptTuning" not in str(err.value)
+    assert "forward" not in block.__dict__  # the watched block's forward is put back
+    adapters.delete("p")
+    with torch.no_grad():
+        assert model(**x).last_hidden_state.shape == (2, 7, 32)
 
 
 def test_the_encoder_runs_once_per_prefill_not_per_decoding_step():

@@ -45,7 +45,7 @@ from torch import nn
 
 from ..component import Component
 from ..config import AdapterConfig, register, register_preset
-from ..targeting import TargetError
+from ..targeting import CONTAINER, TargetError
 from .prompt import (
     CACHE_KEYS,
     RowLayout,
@@ -302,16 +302,16 @@ def _check_fits(model: nn.Module) -> None:
     """
     cls = type(model)
     enc_dec = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-    tokens = (
-        ("decoder_input_ids", "decoder_inputs_embeds", "labels") if enc_dec else ("input_ids", "inputs_embeds")
-    )
+    # labels alone do not count: WhisperForAudioClassification has Whisper's encoder-decoder config and takes
+    # labels, but runs the encoder alone (no decoder, no token input)
+    tokens = ("decoder_input_ids", "decoder_inputs_embeds") if enc_dec else ("input_ids", "inputs_embeds")
     if not any(takes(cls, t) for t in tokens):
         params = [n for n in inspect.signature(cls.forward).parameters if n.endswith(("_values", "_features"))]
         raise TargetError(
             f"prefix tuning cannot act on {cls.__name__}: it takes no {'decoder ' if enc_dec else ''}token ids "
-            f"({'/'.join(tokens[:2])}; its inputs: {', '.join(params) or 'other tensors'}). Prefix tuning (Li & Liang "
-            "2021) puts trained keys/values into the self-attention of text models through their KV cache; adapt "
-            f"this model's layers instead: {_ALTERNATIVES}"
+            f"({'/'.join(tokens)}; its inputs: {', '.join(params) or 'other tensors'}). Prefix tuning (Li & Liang "
+            "2021) puts trained keys/values into the self-attention of text models (the decoder of encoder-decoder "
+            f"models) through their KV cache; adapt this model's layers instead: {_ALTERNATIVES}"
         )
     try:
         kv_layout(model)
@@ -321,6 +321,69 @@ def _check_fits(model: nn.Module) -> None:
             f"layers with keys and values (models without attention, e.g. Mamba or CNNs, have none); use "
             f"{_ALTERNATIVES}, or prompt tuning on text models"
         ) from None
+    block = _cacheless_block(model)
+    if block is not None:
+        raise TargetError(
+            f"prefix tuning cannot act on {cls.__name__}: its layers take no KV cache (no module of {block} has a "
+            f"{'/'.join(_LAYER_CACHE_NAMES)} or **kwargs parameter), so its attention has no place for the prefix "
+            "and the longer attention mask would meet the real tokens' attention in a shape error. Prefix tuning "
+            "(Li & Liang 2021) enters through the KV cache, which such layers (e.g. DeBERTa's disentangled attention) "
+            f"never receive; use "
+            f"{alternatives(model)}"
+        )
+
+
+# where transformers' layers take their KV cache (5.24: ``cache``; earlier ``past_key_values``, older
+# ``past_key_value`` / ``layer_past``)
+_LAYER_CACHE_NAMES = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+def alternatives(model: nn.Module) -> str:
+    """What to use instead of prefix tuning on ``model`` (prompt tuning only where it takes ``inputs_embeds``)."""
+    enc_dec = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    prompt = not enc_dec and takes(type(model), "inputs_embeds")
+    return f"{_ALTERNATIVES}{', or prompt tuning (ak.PromptTuning())' if prompt else ''} for this model"
+
+
+def _blocks(model: nn.Module) -> nn.ModuleList | None:
+    """The (decoder) blocks, as :func:`_from_model` reads them: the first non-empty ``ModuleList`` of the decoder."""
+    root = model
+    get_decoder = getattr(model, "get_decoder", None)
+    if callable(get_decoder):
+        try:
+            root = get_decoder() or model
+        except Exception:  # noqa: BLE001 - some models define get_decoder but have no decoder
+            root = model
+    return next((m for m in root.modules() if isinstance(m, nn.ModuleList) and len(m) > 0), None)
+
+
+def _can_take_a_cache(module: nn.Module) -> bool:
+    """``module.forward`` has a KV-cache parameter, or ``*args``/``**kwargs`` that could carry one (containers
+    without a forward of their own, ``ModuleList``/``ModuleDict``, never run: they take nothing)."""
+    if type(module).forward is nn.Module.forward:
+        return False
+    try:
+        params = inspect.signature(type(module).forward).parameters.values()
+    except (TypeError, ValueError):  # no readable signature: assume it can
+        return True
+    return any(p.name in _LAYER_CACHE_NAMES or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) for p in params)
+
+
+def _cacheless_block(model: nn.Module) -> str | None:
+    """The class name of the first (decoder) block when its signatures prove that no KV cache can reach its
+    attention: the block holds a self-attention module (one with a head size attribute, as :func:`kv_layout`
+    reads it) and neither the block nor any module inside it takes a cache parameter or ``**kwargs``/``*args``
+    (DeBERTa v1/v2). None where a cache may reach the layers (that is then checked on the first call)."""
+    blocks = _blocks(model)
+    if blocks is None:
+        return None
+    block = blocks[0]
+    if not any(any(isinstance(getattr(m, a, None), int) for a in _HEAD_DIM) for m in block.modules()):
+        return None  # not a block of attention layers: prove nothing
+    own = [m for n, m in block.named_modules() if CONTAINER not in n.split(".")]  # not adapters' components
+    if any(_can_take_a_cache(m) for m in own):
+        return None
+    return type(block).__name__
 
 
 def _check_keeps_positions(model: nn.Module) -> None:
@@ -338,6 +401,43 @@ def _check_keeps_positions(model: nn.Module) -> None:
             "not take (models with relative position biases, e.g. T5, number tokens after the cache); use "
             "positions='shift'"
         )
+
+
+def _cached_length(cache: Any) -> int:
+    """The number of cached positions summed over the layers of ``cache`` (a transformers ``Cache``)."""
+    layers = getattr(cache, "layers", None)
+    count = len(layers) if layers is not None else len(getattr(cache, "key_cache", ()))
+    return sum(int(cache.get_seq_length(i)) for i in range(count))
+
+
+def _ignored_cache(model: nn.Module, block: str | None = None, error: BaseException | None = None) -> TypeError:
+    """The error for a model that did not read the prefix's KV cache (``block``, ``error``: the class of its first
+    block and what that block raised without having read the cache, the extended attention mask meeting the
+    real tokens' attention)."""
+    seen = (
+        f": its first layer ({block}) failed without having read it ({type(error).__name__}: "
+        f"{str(error).splitlines()[0] if str(error) else ''}; the attention mask was extended by the prefix length)"
+        if block
+        else ""
+    )
+    # transformers 5.24 renamed is_gradient_checkpointing (deprecated) to is_activation_checkpointing
+    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else None
+    if getattr(model, name or "is_gradient_checkpointing", False) and model.training:
+        why = (
+            "its layers run under gradient checkpointing, which drops the cache in training (turn gradient "
+            f"checkpointing off), or use {alternatives(model)}"
+        )
+    elif not any(takes(type(model), k) for k in CACHE_KEYS):
+        why = f"its forward takes no KV cache ({'/'.join(CACHE_KEYS)}); use {alternatives(model)}"
+    else:
+        why = (
+            "layers under gradient checkpointing drop the cache in training (turn gradient checkpointing off), and "
+            f"some models never read it: then use {alternatives(model)}"
+        )
+    return TypeError(
+        f"{type(model).__name__} did not read past_key_values (its KV cache){seen}, so the prefix had no place in "
+        f"its attention: {why}"
+    )
 
 
 register_preset("ptuning_v2", PrefixTuning(num_virtual_tokens=20, prefix_projection=False))
@@ -444,6 +544,7 @@ class PrefixKV(Component):
             cache = self._own_cache(kw)
         record = VirtualCache.record(cache)
         n = self.num_virtual_tokens
+        inserted = False
         if self.key not in record:
             if not VirtualCache.fresh(cache):
                 raise ValueError(
@@ -455,6 +556,7 @@ class PrefixKV(Component):
             for i, (k, v) in enumerate(self.per_layer(batch)):
                 target.update(k, v, i)
             VirtualCache.add(cache, self.key, n)
+            inserted = True
             if self.gated:  # the layers' PrefixGates scale these slots once, on this call
                 pending = dict(getattr(cache, _GATES, None) or {})
                 pending[self.key] = (offset, n, set(range(self.layout.num_layers)))
@@ -467,9 +569,61 @@ class PrefixKV(Component):
         elif not isinstance(kw.get(pos_key), torch.Tensor) and new is not None:
             kw[pos_key] = self._kept_positions(cache, new, batch)
         mask_key = "decoder_attention_mask" if dec else "attention_mask"
-        if new is not None and kw.get(mask_key) is not None:
+        masked = new is not None and kw.get(mask_key) is not None
+        if masked:
             kw[mask_key] = extend_mask(kw[mask_key], n, VirtualCache.length(cache) + new.shape[1])
+        if inserted:
+            self._watch_layers(cache, masked)
         return (), kw
+
+    def _watch_layers(self, cache: Any, masked: bool) -> None:
+        """Until a call has shown the model reading its KV cache, watch the first (decoder) block of a call that
+        puts the prefix into ``cache``: its ``forward`` is wrapped for that one call (an instance attribute, put
+        back before the block runs). If the block fails while no layer has added to the cache (the attention
+        never read it, and met the attention mask extended by ``P`` in a raw shape error: CLIP's text model and
+        DistilBERT pass the cache down through ``**kwargs`` and ignore it), the failure is re-raised as
+        :func:`_ignored_cache`'s TypeError. Once the block has added to the cache, the check stops for good (no
+        more wrapping: ``torch.compile`` sees a fixed model). A block that runs without error and without adding
+        (an attention-free first layer of a hybrid model) proves nothing: :meth:`post_call` still refuses a cache
+        the whole model left untouched. Only a plain ``RuntimeError`` (torch's shape errors) of a call whose
+        attention mask was extended is re-raised so; any other error passes unchanged."""
+        self._unwatch()
+        if self.__dict__.get("_reaches_layers"):
+            return
+        model = self.__dict__["_module_ref"]
+        blocks = _blocks(model)
+        if blocks is None:
+            return
+        block = blocks[0]
+        target = getattr(cache, "self_attention_cache", cache)
+        before = _cached_length(target)
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            self._unwatch()  # the block's own forward again (also for the call below)
+            try:
+                out = block.forward(*args, **kwargs)
+            except RuntimeError as e:  # torch's shape errors; not its subclasses (NotImplementedError, ...)
+                if masked and type(e) is RuntimeError and _cached_length(target) == before:
+                    raise _ignored_cache(model, type(block).__name__, e) from e
+                raise
+            if _cached_length(target) != before:
+                self.__dict__["_reaches_layers"] = True
+            return out
+
+        self.__dict__["_watch"] = (block, block.__dict__.get("forward"))
+        block.forward = forward
+
+    def _unwatch(self) -> None:
+        """Put back the first block's forward wrapped by :meth:`_watch_layers` (a call that failed before the block
+        ran leaves it wrapped until the next call or :meth:`post_call`)."""
+        watched = self.__dict__.pop("_watch", None)
+        if watched is None:
+            return
+        block, original = watched
+        if original is None:
+            block.__dict__.pop("forward", None)
+        else:
+            block.forward = original
 
     @staticmethod
     def _kept_positions(cache: Any, new: torch.Tensor, batch: int) -> torch.Tensor:
@@ -503,6 +657,7 @@ class PrefixKV(Component):
         cache = take_cache(model, kw)
         if cache is None:
             cache = head._own_cache(kw)
+        inserted = False
         if _ROUTED not in VirtualCache.record(cache):
             if not VirtualCache.fresh(cache):
                 raise ValueError(
@@ -514,6 +669,7 @@ class PrefixKV(Component):
                 target.update(k, v, i)
             VirtualCache.add(cache, _ROUTED, layout.width)
             setattr(cache, _ROWS, rows)
+            inserted = True
         elif getattr(cache, _ROWS, None) != rows:
             raise ValueError(
                 "past_key_values holds the prefixes of a different routing (other adapters or rows); keep the "
@@ -550,6 +706,8 @@ class PrefixKV(Component):
             if mask.shape[1] < total:
                 mask = torch.cat([layout.mask_front(mask), mask], dim=1)
             kw[mask_key] = mask
+        if inserted:
+            head._watch_layers(cache, mask is not None)
         return (), kw
 
     @staticmethod
@@ -584,20 +742,9 @@ class PrefixKV(Component):
         cache = kwargs.get(cache_key(type(model)))
         if cache is None:
             return y
+        self._unwatch()
         if VirtualCache.fresh(cache):
-            why = (
-                f"its forward takes no KV cache ({'/'.join(CACHE_KEYS)}), so its attention has no place for the "
-                "prefix; use prompt tuning (on text inputs), LoRA (ak.LoRA()), (IA)^3 or a bottleneck adapter for "
-                "this model"
-                if not any(takes(type(model), k) for k in CACHE_KEYS)
-                else "layers under gradient checkpointing drop the cache in training (turn gradient checkpointing "
-                "off), and some models never read it: then use prompt tuning, LoRA (ak.LoRA()) or a bottleneck "
-                "adapter"
-            )
-            raise TypeError(
-                f"{type(model).__name__} did not read past_key_values (its KV cache), so the prefix had no "
-                f"effect: {why}"
-            )
+            raise _ignored_cache(model, None)
         field, returned = output_cache(y)
         if getattr(cache, _OWN, False) and returned is cache:
             use_cache = False if getattr(cache, _NO_CACHE, False) else kwargs.get("use_cache")

@@ -457,7 +457,11 @@ def _input_embeddings(module: nn.Module, model: nn.Module | None = None) -> nn.M
             f"prompt tuning cannot act on {where}: it {why}. Prompt tuning (Lester et al. 2021) prepends trained "
             "vectors to the input token embeddings, so it needs a text input; adapt this model's layers instead: "
             "LoRA (ak.LoRA()), (IA)^3 (ak.IA3()) or a bottleneck adapter"
-            + ("; on encoder-decoder models prefix tuning acts on the decoder" if model is not None else "")
+            + (
+                "; on encoder-decoder models prefix tuning acts on the decoder"
+                if model is not None and takes(type(model), "decoder_input_ids")
+                else ""
+            )
         )
 
     if not any(takes(type(module), n) for n in _TOKEN_INPUTS):
