@@ -216,3 +216,43 @@ def test_conv2d_files_both_ways(trained_pair, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(fresh.model(**x).logits, pm(**x).logits, atol=1e-5, rtol=0)
     assert {s: c.rank_mask.tolist() for s, c in fresh.components("default").items()} == _masks(pm)
+
+
+def test_batched_importance_and_scores_are_peft_formulas_bit_for_bit():
+    """The allocator's foreach/shape-batched arithmetic gives exactly peft's per-weight ``update_ipt`` averages and
+    ``mask_to_budget`` triplet scores (ties in the global kthvalue must break the same way)."""
+    from adapterkit.methods.adalora import RankAllocator
+
+    class Weight:
+        def __init__(self, i: int, o: int) -> None:
+            self.lora_A = nn.Parameter(torch.randn(6, i))
+            self.lora_B = nn.Parameter(torch.randn(o, 6))
+            self.lora_E = nn.Parameter(torch.randn(6, 1))
+
+    torch.manual_seed(0)
+    allocator = RankAllocator(ak.AdaLoRA(init_r=6, target_r=2, beta1=0.8, beta2=0.9))
+    members = [Weight(64, 64) for _ in range(3)] + [Weight(176, 64), Weight(64, 176), Weight(48, 16)]
+    allocator.members.extend(members)
+    ref: dict[tuple[int, str], list[torch.Tensor]] = {}
+    for _ in range(4):
+        for w in members:
+            for p in (w.lora_A, w.lora_B, w.lora_E):
+                p.grad = torch.randn_like(p) * 10.0 ** float(torch.randint(-3, 3, ()))
+        with torch.no_grad():
+            allocator.update_ipt()
+            for i, w in enumerate(members):  # peft 0.21's RankAllocator.update_ipt, line for line
+                for key, p in (("A", w.lora_A), ("B", w.lora_B), ("E", w.lora_E)):
+                    avg, unc = ref.setdefault((i, key), [torch.zeros_like(p), torch.zeros_like(p)])
+                    ipt = (p * p.grad).abs().detach()
+                    avg = 0.8 * avg + (1 - 0.8) * ipt
+                    ref[i, key] = [avg, 0.9 * unc + (1 - 0.9) * (ipt - avg).abs()]
+    for i in range(len(members)):
+        for j, key in enumerate("ABE"):
+            assert torch.equal(allocator.exp_avg_ipt[3 * i + j], ref[i, key][0])
+            assert torch.equal(allocator.exp_avg_unc[3 * i + j], ref[i, key][1])
+    score = {k: v[0] * v[1] for k, v in ref.items()}
+    for i, got in enumerate(allocator.triplet_scores()):  # peft's mask_to_budget
+        s_A = score[i, "A"].mean(dim=1, keepdim=True)
+        s_B = score[i, "B"].mean(dim=0, keepdim=False).view(-1, 1)
+        expected = score[i, "E"].view(-1) + torch.cat([s_A, s_B], dim=1).sum(dim=1).view(-1)
+        assert torch.equal(got, expected), i
