@@ -110,6 +110,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sparse-epochs", type=int, default=1, help="epochs of each phase of LT-SFT / diff pruning")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=64)
+    p.add_argument(
+        "--pooling", choices=("mean", "cls"), default="mean",
+        help="sentence vector the heads read: mean of the token states (the model's own) or BERT's [CLS] pooler",
+    )  # fmt: skip
     p.add_argument("--lr-head", type=float, default=2e-3)
     p.add_argument("--lr-full", type=float, default=2e-4, help="LT-SFT's full fine-tuning phase")
     p.add_argument("--lr-delta", type=float, default=2e-4, help="diff pruning's dense diff w")
@@ -186,9 +190,10 @@ class MultiTaskModel(nn.Module):
 
     ``forward(input_ids, token_type_ids, attention_mask (B, L), task (int)) -> logits (B, 2)``."""
 
-    def __init__(self, encoder: nn.Module, n_tasks: int) -> None:
+    def __init__(self, encoder: nn.Module, n_tasks: int, pooling: str = "mean") -> None:
         super().__init__()
         self.encoder = encoder
+        self.pooling = pooling
         hidden = encoder.config.hidden_size
         self.dropout = nn.Dropout(encoder.config.hidden_dropout_prob)
         self.heads = nn.ModuleList(nn.Linear(hidden, 2) for _ in range(n_tasks))
@@ -202,10 +207,15 @@ class MultiTaskModel(nn.Module):
             token_type_ids=batch["token_type_ids"],
             attention_mask=batch["attention_mask"],
         )
-        return self.heads[task](self.dropout(out.pooler_output))
+        if self.pooling == "cls":  # BERT's pooler on [CLS] (what AutoModelForSequenceClassification uses)
+            pooled = out.pooler_output
+        else:  # the mean of the token states, all-MiniLM-L6-v2's own pooling (sentence-transformers' 1_Pooling)
+            mask = batch["attention_mask"].unsqueeze(-1).to(out.last_hidden_state.dtype)
+            pooled = (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return self.heads[task](self.dropout(pooled))
 
 
-def load_model(n_tasks: int, seed: int) -> MultiTaskModel:
+def load_model(n_tasks: int, seed: int, pooling: str = "mean") -> MultiTaskModel:
     from transformers import AutoModel
     from transformers.utils import logging
 
@@ -214,7 +224,7 @@ def load_model(n_tasks: int, seed: int) -> MultiTaskModel:
     torch.manual_seed(seed)
     encoder = AutoModel.from_pretrained(demo.model_path())
     torch.manual_seed(seed)
-    return MultiTaskModel(encoder, n_tasks)
+    return MultiTaskModel(encoder, n_tasks, pooling)
 
 
 def make_config(name: str, n_tasks: int) -> ak.AdapterConfig:
@@ -332,7 +342,7 @@ def run_method(name: str, args: argparse.Namespace, data: dict[str, Any]) -> lis
     """Train ``name`` and return its result rows (``lt_sft`` also returns ``lt_sft_composed`` and ``full``)."""
     tasks: list[str] = data["tasks"]
     T = len(tasks)
-    model = load_model(T, args.seed)
+    model = load_model(T, args.seed, args.pooling)
     adapters = ak.attach(model.encoder)
     loop = Loop(model, args, data["train"], data["pad"])
     head_params = sum(p.numel() for p in model.heads[0].parameters())
@@ -465,7 +475,7 @@ def recipe(row: dict[str, Any], args: argparse.Namespace) -> str:
     a = parse_args(shlex.split(row["command"])[2:]) if row.get("command") else args
     sparse = row["method"] in ("full", "lt_sft", "lt_sft_composed", "diff_pruning")
     epochs = f"{a.sparse_epochs}+{a.sparse_epochs}" if sparse else str(a.epochs)
-    return f"{a.train_size}, b{a.batch_size}, {epochs} ep"
+    return f"{a.train_size}/{a.dev_size}, b{a.batch_size}, {epochs} ep, {a.pooling}"
 
 
 def render(rows: list[dict[str, Any]], args: argparse.Namespace, argv: Sequence[str], meta: dict[str, Any]) -> str:
@@ -484,10 +494,10 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace, argv: Sequence[
         + ": "
         + (", ".join(f"`{c}`" for c in commands) or f"`python benchmarks/multitask.py {shlex.join(argv)}`"),
         "",
-        f"MiniLM-L6 (all-MiniLM-L6-v2), {len(tasks)} GLUE tasks, dev rows {meta['dev']}; max length "
+        f"MiniLM-L6 (all-MiniLM-L6-v2), {len(tasks)} GLUE tasks (dev: the first rows of each GLUE dev file, RTE has 277); max length "
         f"{args.max_length}, one task per batch, seed {args.seed}, {args.threads} thread(s); sparse methods keep "
-        f"{100 * args.density:g}% of the encoder's linear weights per task. Recipe column: training rows per task, "
-        "batch size, epochs (sparse methods: epochs of each phase). Small-data recipes sized for a shared 2-core "
+        f"{100 * args.density:g}% of the encoder's linear weights per task. Recipe column: training/dev rows per task, "
+        "batch size, epochs (sparse methods: epochs of each phase), pooling. Small-data recipes sized for a shared 2-core "
         "CPU machine, not the papers' recipes. "
         f"torch {torch.__version__}, transformers {meta['transformers']}, Python {platform.python_version()}.",
         "",
