@@ -16,7 +16,9 @@ rank allocation + ``zero_grad(set_to_none=True)``:
 
 ``tinit=0, deltaT=1`` and a long ``total_step``: every timed step scores every weight and reallocates the budget
 (the most expensive phase). The variants alternate in ONE process (the order rotates every rep) after warmup;
-medians over reps.
+medians over reps. The allocation (``adapters.step()`` / ``update_and_allocate``) is also timed on its own, and the
+report states the load average before and after the run (figures taken at a load above 2 are marked as not valid:
+other jobs on the cores dominate them).
 
 Quick smoke run::
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import platform
 import statistics
 import sys
@@ -85,10 +88,14 @@ def main(argv: list[str] | None = None) -> dict:
     a.train("ada")
     opt = torch.optim.AdamW(list(a.parameters("ada")), lr=1e-4)
 
+    alloc: dict[str, list[float]] = {"ours": [], "peft": [], "lora": []}
+
     def step_ours(m=m, a=a, opt=opt):
         (m(**batch).loss + a.aux_loss()).backward()
         opt.step()
+        t0 = time.perf_counter()
         a.step()
+        alloc["ours"].append(time.perf_counter() - t0)
         opt.zero_grad(set_to_none=True)
 
     runs["ours"] = step_ours
@@ -114,7 +121,9 @@ def main(argv: list[str] | None = None) -> dict:
     def step_peft(pm=pm, popt=popt):
         pm(**batch).loss.backward()
         popt.step()
+        t0 = time.perf_counter()
         pm.base_model.update_and_allocate(pstep[0])
+        alloc["peft"].append(time.perf_counter() - t0)
         pstep[0] += 1
         popt.zero_grad(set_to_none=True)
 
@@ -133,9 +142,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     runs["lora"] = step_lora
 
+    load_before = os.getloadavg()[0]
     for fn in runs.values():
         for _ in range(args.warmup):
             fn()
+    for v in alloc.values():
+        v.clear()
     times: dict[str, list[float]] = {k: [] for k in runs}
     order = list(VARIANTS)
     for rep in range(args.reps):
@@ -144,11 +156,13 @@ def main(argv: list[str] | None = None) -> dict:
             runs[k]()
             times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
+    load = (load_before, os.getloadavg()[0])
+    loaded = max(load) > 2
     import peft
     import transformers
 
     lines = [
-        "# AdaLoRA training step: adapterkit vs peft",
+        "# AdaLoRA training step: adapterkit vs peft" + (" (NOT VALID: measured under load)" if loaded else ""),
         "",
         f"`{' '.join(['benchmarks/adalora_vs_peft.py', *(argv if argv is not None else sys.argv[1:])])}`",
         "",
@@ -156,23 +170,27 @@ def main(argv: list[str] | None = None) -> dict:
         f"{args.batch} x {args.seq} tokens; all-linear; init_r {args.init_r} -> target_r {args.target_r}; "
         f"{args.threads} threads; median of {args.reps} reps after {args.warmup} warmup.",
         f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
-        f"Python {platform.python_version()}, {platform.machine()}",
+        f"Python {platform.python_version()}, {platform.machine()}, {os.cpu_count()} CPUs; 1-minute load average "
+        f"{load[0]:.2f} before, {load[1]:.2f} after"
+        + (" (above 2: other jobs share the cores)" if loaded else ""),
         "",
-        "| variant | median step (s) | / peft | fastest step (s) | / peft | every rep (s) |",
-        "| --- | ---: | ---: | ---: | ---: | --- |",
+        "| variant | median step (s) | / peft | fastest step (s) | / peft | allocation, median (ms) | every rep (s) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     low = {k: min(v) for k, v in times.items()}
     for k in VARIANTS:
         reps = ", ".join(f"{t:.2f}" for t in times[k])
+        ms = f"{statistics.median(alloc[k]) * 1e3:.1f}" if alloc[k] else "-"
         lines.append(
-            f"| {k} | {med[k]:.3f} | {med[k] / med['peft']:.2f}x | {low[k]:.3f} | {low[k] / low['peft']:.2f}x | {reps} |"
+            f"| {k} | {med[k]:.3f} | {med[k] / med['peft']:.2f}x | {low[k]:.3f} | {low[k] / low['peft']:.2f}x | {ms} "
+            f"| {reps} |"
         )
     report = "\n".join(lines) + "\n"
     print(report)
     if args.out:
         with open(args.out, "w") as f:
             f.write(report)
-    return {"median_s": med, "times": times}
+    return {"median_s": med, "times": times, "allocation_s": alloc, "load": load}
 
 
 if __name__ == "__main__":
