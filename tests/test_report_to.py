@@ -106,14 +106,22 @@ def test_report_to_wandb_offline_writes_a_run_without_network(files, tmp_path, m
     }.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    if wandb.run is not None:  # left open by an earlier in-process train (the callback would log into it)
+        wandb.finish()
+    wandb.teardown()  # wandb reads its settings (WANDB_DIR, ...) once per process: read the ones set here
+    run = None
     try:
         _train(files, tmp_path / "o", "wandb")
+        if wandb.run is not None:
+            run = Path(wandb.run.dir).parent  # .../wandb/offline-run-*/files
     finally:
-        # in-process (CliRunner) the Trainer's WandbCallback leaves its run open (a process exit finishes it):
-        # finish it here, which writes the run's summary
+        # in-process (CliRunner) the Trainer's WandbCallback leaves its run open (a process exit finishes it)
         if wandb.run is not None:
             wandb.finish()
-    (run,) = (tmp_path / "wandb").glob("offline-run-*")
+        wandb.teardown()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert runs == [run] if run is not None else len(runs) == 1, (run, runs)
+    run = runs[0]
     (record,) = run.glob("run-*.wandb")  # the run's records (history, config), what `wandb sync` would upload
     data = record.read_bytes()
     assert b"train/loss" in data and b"learning_rate" in data  # the logged loss, the Trainer's arguments
