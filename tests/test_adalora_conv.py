@@ -256,3 +256,24 @@ def test_batched_importance_and_scores_are_peft_formulas_bit_for_bit():
         s_B = score[i, "B"].mean(dim=0, keepdim=False).view(-1, 1)
         expected = score[i, "E"].view(-1) + torch.cat([s_A, s_B], dim=1).sum(dim=1).view(-1)
         assert torch.equal(got, expected), i
+
+
+def test_regularizer_follows_a_cast_model():
+    """The allocator's cached shape groups and identities are dropped when the model is moved or cast."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Conv2d(2, 4, 3))
+    adapters = ak.attach(net)
+    adapters.add("a", ak.AdaLoRA(init_r=3, target_r=1, targets=["0", "1", "2"], init_weights=False))
+    adapters.train("a")
+    first = adapters.aux_loss()
+    comps = list(adapters.components("a").values())
+    expected = sum(
+        torch.linalg.matrix_norm(c.lora_A @ c.lora_A.T - torch.eye(3))
+        + torch.linalg.matrix_norm(c.lora_B.T @ c.lora_B - torch.eye(3))
+        for c in comps
+    ) * (0.5 / (2 * 3))
+    torch.testing.assert_close(first, expected)
+    net.double()
+    again = adapters.aux_loss()
+    assert again.dtype == torch.float64
+    torch.testing.assert_close(again, expected.double(), rtol=1e-6, atol=0)

@@ -171,14 +171,20 @@ class RankAllocator(Bank):
         self.cfg = cfg
         self.total_step = cfg.total_step
         self.last_step: int | None = None
+        self._eyes: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+        self._groups: tuple[int, list[list[int]]] | None = None  # (len(members), _shape_groups())
         self.reset_ipt()
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> RankAllocator:
+        # model.to(...)/.half()/.cuda() reach this shared module: the cached groups and identities may be stale
+        self._eyes, self._groups = {}, None
+        return super()._apply(fn, recurse)
 
     def reset_ipt(self) -> None:
         """Forget the importance averages (peft's ``reset_ipt``)."""
         # one entry per factor, in the order of _factors(): A, B, E of member 0, then member 1, ...
         self.exp_avg_ipt: list[torch.Tensor] | None = None  # Ī, smoothed sensitivity
         self.exp_avg_unc: list[torch.Tensor] | None = None  # Ū, smoothed uncertainty
-        self._eyes: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
 
     def eye(self, r: int, like: torch.Tensor) -> torch.Tensor:
         """The ``(r, r)`` identity of the orthogonality regularizer, built once per device and dtype."""
@@ -199,7 +205,7 @@ class RankAllocator(Bank):
     # --- the schedule (peft's budget_schedule) ----------------------------------------------------------------
     @property
     def init_bgt(self) -> int:
-        return sum(c.lora_A.shape[0] for c in self.members)
+        return self.cfg.init_r * len(self.members)  # every weight has init_r triplets
 
     @property
     def target_bgt(self) -> int:
@@ -285,12 +291,16 @@ class RankAllocator(Bank):
         torch._foreach_add_(self.exp_avg_unc, unc)
 
     def _shape_groups(self) -> list[list[int]]:
-        """Indices of the members whose factors have equal shapes, device and dtype (batched together)."""
+        """Indices of the members whose factors have equal shapes, device and dtype (batched together); cached
+        until a member is added or the model is moved or cast (:meth:`_apply`)."""
+        if self._groups is not None and self._groups[0] == len(self.members):
+            return self._groups[1]
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, c in enumerate(self.members):
             A, B = c.lora_A, c.lora_B
             groups.setdefault((tuple(A.shape), tuple(B.shape), A.device, A.dtype), []).append(i)
-        return list(groups.values())
+        self._groups = (len(self.members), list(groups.values()))
+        return self._groups[1]
 
     def triplet_scores(self) -> list[torch.Tensor]:
         """Each member's triplet scores ``S(Λᵢ) + mean_j S(Qᵢⱼ) + mean_j S(Pⱼᵢ)``, ``(init_r,)``, with ``S = Ī · Ū``
