@@ -6,16 +6,20 @@ tests/test_adapterhub_export.py::test_the_library_loads_our_exports_with_our_out
     .venv-adapterhub/bin/python tests/adapterhub_library_check.py MANIFEST.json OUT.safetensors
 
 ``MANIFEST.json`` maps a case name to ``{"family", "adapter" (an exported directory), "name"}`` (optionally
-``"attn_implementation"``, passed to ``from_pretrained``); the base model of a family is ``tests/fixtures/adapterhub/base/<family>`` (the weights our side used too), its inputs that directory's
+``"attn_implementation"``, passed to ``from_pretrained``, and ``"padded": true``, which also records
+``<case>.padded``: the output with row 1 of the batch right-padded by 3: every query then sees some key, where a
+fully masked query of left padding is defined differently by transformers 4.57 and 5 even without adapters, which
+gates averaging over all positions would carry into the real tokens); the base model of a family is ``tests/fixtures/adapterhub/base/<family>`` (the weights our side used too), its inputs that directory's
 ``expected.safetensors``. For each case the script builds the plain transformers model, ``adapters.init``s it,
 ``load_adapter(dir, use_safetensors=True)``, activates the adapter and writes ``<case>.output`` (logits or last
 hidden state) and ``<case>.hidden`` (last hidden state), plus ``<case>.missing`` (the number of adapter weights the
 library reported missing: it fills those with fresh initial values, so it must be 0).
 
-Prefix tuning (and MAM, UniPELT) on GPT-2 and LLaMA is checked with ``attn_implementation="eager"``: that is what
-the fixtures were recorded with (models built from their configs), and under ``sdpa`` (``from_pretrained``'s default
-in transformers 4.57) the library's own prefix fixtures give other logits (max 0.26 on gpt2_prefix_tuning, 0.29 on
-llama_prefix_tuning, reloading the library's own files), so an sdpa check would compare against neither.
+Prefix and prompt tuning (and MAM, UniPELT) are checked with ``attn_implementation="eager"``: that is what the
+fixtures were recorded with (models built from their configs), and under ``sdpa`` (``from_pretrained``'s default in
+transformers 4.57) the library computes other outputs: its own prefix fixtures give other logits (max 0.26 on
+gpt2_prefix_tuning, 0.29 on llama_prefix_tuning), and a BERT prompt another padded row (0.015), so an sdpa check
+would compare against neither.
 """
 
 from __future__ import annotations
@@ -72,6 +76,17 @@ def main(manifest: Path, out: Path) -> None:
         hidden = states[-1].detach().contiguous().clone()
         results[f"{case}.output"] = (o.logits if hasattr(o, "logits") else hidden).detach().contiguous().clone()
         results[f"{case}.hidden"] = hidden
+        if info.get("padded"):  # the same batch with row 1 right-padded by 3 (the mask only)
+            mask = inputs["attention_mask"].clone()
+            mask[1, -3:] = 0
+            with torch.no_grad():
+                p = model(**{**inputs, "attention_mask": mask}, output_hidden_states=True)
+            p_states = (
+                p.hidden_states if getattr(p, "hidden_states", None) is not None else p.decoder_hidden_states
+            )
+            results[f"{case}.padded"] = (
+                (p.logits if hasattr(p, "logits") else p_states[-1]).detach().contiguous().clone()
+            )
         missing = [k for k in loading.get("missing_keys", [])]
         results[f"{case}.missing"] = torch.tensor(len(missing))
         if missing:
