@@ -199,6 +199,24 @@ def test_inferred_roles_name_the_right_modules(model_type):
         assert len([n for n in modules if role in _roles_of(adapters, n)]) == count, (model_type, role)
 
 
+def test_perceiver_mlp_takes_the_ffn_roles():
+    """Perceiver's MLPs keep the width (widening factor 1) and are named dense1/dense2: the names decide up/down,
+    so (IA)^3 and bottleneck defaults apply (before: no ffn.down)."""
+    from transformers import PerceiverConfig, PerceiverModel
+
+    torch.manual_seed(0)
+    cfg = PerceiverConfig(num_latents=4, d_latents=32, d_model=16, num_blocks=1, num_self_attends_per_block=2,
+                          num_self_attention_heads=4, num_cross_attention_heads=1, vocab_size=64,
+                          max_position_embeddings=16)  # fmt: skip
+    model = PerceiverModel(cfg).eval()
+    adapters = ak.attach(model)
+    for role, leaf in {"attn.q": "query", "ffn.up": "dense1", "ffn.down": "dense2"}.items():
+        assert role in adapters.roles, role
+        names = [n for n, _ in model.named_modules() if n and role in _roles_of(adapters, n)]
+        assert names and all(n.endswith(leaf) and ".self_attends." in n for n in names), (role, names)
+    _check_defaults("perceiver", model)
+
+
 def test_explicit_profiles_win_and_inferred_ones_are_marked():
     assert profile_for(_model("deberta"))[0] == "deberta"  # was BERT's profile: ak.LoRA() failed on in_proj
     assert not is_inferred(profile_for(_model("deberta"))[1])
@@ -314,7 +332,9 @@ def test_every_architecture_slow():
 
 
 # architectures whose default LoRA/(IA)^3/bottleneck cannot apply, by reason (the slow sweep checks no others fail;
-# measured on transformers 5.24: 548 of 622 model types build tiny offline, 486 of them take all three defaults)
+# measured on transformers 5.24: 548 of 622 model types build tiny offline, 486 of them take all three defaults;
+# Perceiver since then too, its MLP's dense1/dense2 (same width in and out) named as up/down: checked alone, not
+# re-swept)
 SLOW_LEFT_OUT = {
     "the FFN is MoE experts stored as 3-D parameters (no linear ffn.down): (IA)^3 and projection bottlenecks have "
     "nothing to act on; default LoRA works, LoRA reaches the experts with target_parameters, bottlenecks with "
@@ -339,9 +359,6 @@ SLOW_LEFT_OUT = {
         "dac", "efficientnet", "encodec", "glm_image_vqmodel", "ibert", "mobilenet_v1", "mobilenet_v2", "mobilevitv2",
         "poolformer", "pp_ocrv5_mobile_rec", "pp_ocrv6_small_det", "pp_ocrv6_small_rec", "pp_ocrv6_tiny_rec",
         "regnet", "sam3_lite_text_text_model", "swiftformer", "univnet", "wavtokenizer_encoder",
-    ],
-    "not analysed: Perceiver's cross-attention MLPs map between latent and input widths (no ffn.down found)": [
-        "perceiver",
     ],
 }  # fmt: skip
 SLOW_KNOWN = {t for ts in SLOW_LEFT_OUT.values() for t in ts}

@@ -202,9 +202,10 @@ _QKV = {"qkv", "wqkv", "c_attn", "query_key_value", "in_proj", "qkv_proj", "to_q
 _OUT = {"o", "o_proj", "out_proj", "c_proj", "dense", "wo", "out_lin", "to_out", "out", "output", "proj",
         "output_proj", "out_dense", "o_lin", "dense_out"}  # fmt: skip
 _UP = {"fc1", "up_proj", "up", "wi", "wi_1", "c_fc", "lin1", "dense_h_to_4h", "w1", "w3", "fc_in", "linear1",
-       "intermediate_dense", "pwconv1", "fc_1", "in_proj", "w_in", "wi_0", "gate_proj", "gate_up_proj", "ff_in"}  # fmt: skip
+       "intermediate_dense", "pwconv1", "fc_1", "in_proj", "w_in", "wi_0", "gate_proj", "gate_up_proj", "ff_in",
+       "dense1"}  # fmt: skip
 _DOWN = {"fc2", "down_proj", "down", "wo", "c_proj", "lin2", "dense_4h_to_h", "w2", "fc_out", "linear2",
-         "output_dense", "pwconv2", "fc_2", "out_proj", "w_out", "ff_out"}  # fmt: skip
+         "output_dense", "pwconv2", "fc_2", "out_proj", "w_out", "ff_out", "dense2"}  # fmt: skip
 
 
 def _classify_attention(names: list[str], modules: dict[str, nn.Module]) -> dict[str, list[str]]:
