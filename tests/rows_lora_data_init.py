@@ -26,6 +26,7 @@ ROWS = [
     ),  # q, v share
     ("gpt2-eva", "gpt2", ak.LoRA(init="eva", r=2, alpha=4, eva={**EVA, "rho": 3.0})),  # Conv1D, ranks move
     ("bert-eva-whiten", "bert", ak.LoRA(init="eva", r=2, eva={**EVA, "whiten": True}, bias="lora_only")),
+    ("vit-eva", "vit", ak.LoRA(init="eva", r=2, eva=EVA, targets=["attn.q", "attn.v", "ffn.up"])),  # pixel inputs
     ("llama-corda-ipm", "llama", ak.LoRA(init="corda", r=4, targets=["attn.q", "attn.v", "ffn.down"])),
     ("gpt2-corda", "gpt2", ak.LoRA(init="corda", r=2, targets=["attn.qkv", "ffn.down"])),  # Conv1D
     ("t5-corda-rslora", "t5", ak.LoRA(init="corda", r=2, rslora=True)),
