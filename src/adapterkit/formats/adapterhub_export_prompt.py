@@ -61,6 +61,8 @@ _BOTTLENECK_DEFAULT = 512  # PrefixTuningConfig.bottleneck_size (unused by the f
 
 
 def _prefix_config(length: int, flat: bool, bottleneck: int, cfg: PrefixTuning) -> dict[str, Any]:
+    """The resolved ``PrefixTuningConfig`` fields as the library writes them (its defaults where ours has no
+    counterpart: ``encoder_prefix``/``cross_prefix`` only matter on encoder-decoder models, not exported)."""
     return {
         "architecture": "prefix_tuning",
         "bottleneck_size": int(bottleneck),
