@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import itertools
 
+import torch
+
 import adapterkit as ak
 
 from conftest import make_inputs
@@ -40,15 +42,20 @@ def AFTER_ADD(adapters: ak.Adapters, name: str, config: ak.AdapterConfig, family
     if init not in ("eva", "corda"):
         return
     batches = [make_inputs(family, seed=50 + i) for i in range(4)]
-    if init == "corda":
-        adapters.calibrate(name, batches)
-        return
-    state = next(iter(adapters.components(name).values()))._eva  # the adapter's shared EVA state
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: EVA's incremental PCA is many small ops, faster on one thread
+    try:
+        if init == "corda":
+            adapters.calibrate(name, batches)
+            return
+        state = next(iter(adapters.components(name).values()))._eva  # the adapter's shared EVA state
 
-    def until_converged():
-        for batch in itertools.islice(itertools.cycle(batches), 40):
-            if state.done:
-                return
-            yield batch
+        def until_converged():
+            for batch in itertools.islice(itertools.cycle(batches), 40):
+                if state.done:
+                    return
+                yield batch
 
-    adapters.calibrate(name, until_converged())
+        adapters.calibrate(name, until_converged())
+    finally:
+        torch.set_num_threads(threads)
