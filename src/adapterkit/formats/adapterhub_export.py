@@ -240,6 +240,10 @@ def save(ctl: Any, name: str, path: str | os.PathLike) -> None:
         AdapterHubExportError: the method, model type or arrangement has no exact AdapterHub equivalent (nothing
             is written).
     """
+    from . import adapterhub_export_fusion as compositions  # fusions, flex heads, setups (``name`` a block)
+
+    if compositions.handles(ctl, name):
+        return compositions.save(ctl, name, path, save)
     if "." in name or "," in name:
         raise AdapterHubExportError(
             f"adapter name {name!r}: AdapterHub finds an adapter's tensors by '.<name>.' and joins fusion members "
