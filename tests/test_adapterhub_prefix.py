@@ -436,3 +436,15 @@ def test_peft_export_refuses_adapterhub_style_prefixes(tmp_path, opts) -> None:
     with pytest.raises(ValueError, match="AdapterHub-style prefix"):
         adapters.export("p", tmp_path / "p", format="peft")
     assert not (tmp_path / "p" / "adapter_model.safetensors").exists()
+
+
+def test_sequence_gated_survives_replace() -> None:
+    """``replace()`` re-validates a SequenceGated whose targets were copied from its gated config (a Union with
+    ``init_weights=False`` does that to each member); targets set on SequenceGated itself stay refused."""
+    gated = ak.SequenceGated(config=ak.LoRA(targets=["attn.q"]))
+    again = gated.replace(init_weights=False)
+    assert again.config.targets == ("attn.q",) or list(again.config.targets) == ["attn.q"]
+    assert not again.config.init_weights
+    ak.Union(ak.PrefixTuning(positions="keep"), gated, init_weights=False)
+    with pytest.raises(ValueError, match="on the gated config"):
+        gated.replace(targets=["attn.v"])

@@ -70,7 +70,9 @@ class SequenceGated(AdapterConfig):
             )
         if isinstance(inner, LoRA) and inner.dora:
             raise ValueError("SequenceGated does not gate DoRA (its magnitude rescales the base output)")
-        if self.targets is not None or self.exclude or self.layers is not None:
+        mirrored = (self.targets, self.exclude, self.layers) == (inner.targets, inner.exclude, inner.layers)
+        if not mirrored and (self.targets is not None or self.exclude or self.layers is not None):
+            # (equal to the gated config's: copied below by an earlier __post_init__, e.g. through replace())
             raise ValueError("set targets/exclude/layers on the gated config, not on SequenceGated")
         if inner.heads:
             raise ValueError("set heads on SequenceGated, not on the gated config")
