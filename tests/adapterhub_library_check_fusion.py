@@ -21,7 +21,8 @@ that directory's ``expected.safetensors``. For each case the script writes ``<ca
 the model's logits or its last hidden state), ``<case>.hidden`` (the last hidden state) and ``<case>.missing`` (the
 number of adapter, fusion or head weights the library did not find in our files: it would fill those with fresh
 initial values, so it must be 0; fusion layers are counted by comparing the model's fusion parameters with the
-file's keys, as ``load_adapter_fusion`` reports nothing).
+file's values, as ``load_adapter_fusion`` reports nothing: it also leaves keys without the base-model prefix
+unloaded on a model with one, e.g. a bare ``BertModel``'s fusion on ``BertAdapterModel``).
 """
 
 from __future__ import annotations
@@ -63,13 +64,19 @@ def _head_model(family: str) -> torch.nn.Module:
     return model.eval()
 
 
-def _fusion_missing(model: torch.nn.Module, directory: str) -> int:
+def _fusion_missing(model: torch.nn.Module, directory: str | Path) -> int:
+    """Fusion parameters of the model that do not hold the file's values (not found, or not loaded)."""
     with safe_open(str(Path(directory) / "model_adapter_fusion.safetensors"), "pt") as f:
-        keys = list(f.keys())
-    ours = [k for k in model.state_dict() if ".adapter_fusion_layer." in k]
-    lacking = [k for k in ours if not any(k == s or k.endswith("." + s) or s.endswith("." + k) for s in keys)]
+        stored = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    lacking = []
+    for key, value in model.state_dict().items():
+        if ".adapter_fusion_layer." not in key:
+            continue
+        match = [s for s in stored if key == s or key.endswith("." + s) or s.endswith("." + key)]
+        if len(match) != 1 or not torch.equal(stored[match[0]], value.cpu()):
+            lacking.append(key)
     if lacking:
-        print(f"fusion {directory}: missing {lacking[:4]}", file=sys.stderr)
+        print(f"fusion {directory}: not loaded {lacking[:4]}", file=sys.stderr)
     return len(lacking)
 
 
@@ -97,6 +104,8 @@ def main(manifest: Path, out: Path) -> None:
         else:
             model = _head_model(family) if info["head_model"] else _plain(family)
             model.load_adapter_setup(info["setup"], set_active=True, use_safetensors=True)
+            for fusion in Path(info["setup"]).glob("*/model_adapter_fusion.safetensors"):
+                missing += _fusion_missing(model, fusion.parent)
         missing += len(loading.get("missing_keys", []))
         if loading.get("missing_keys"):
             print(f"{case}: missing {loading['missing_keys'][:4]}", file=sys.stderr)

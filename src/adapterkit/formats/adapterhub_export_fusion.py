@@ -8,7 +8,10 @@ of ``formats/adapterhub_export.py`` for what :func:`handles` says; the format: .
   ``add_fusion(["a", "b"], ...)`` or loaded from AdapterHub) -> ``save_adapter_fusion``'s directory:
   ``adapter_fusion_config.json`` (``"adapter_names": ["a", "b"]``, ``"name": "a,b"``) and
   ``model_adapter_fusion.safetensors`` with ``<location>.adapter_fusion_layer.a,b.{query,key,value}.*`` at the
-  members' bottleneck locations (``load_adapter_fusion(dir, use_safetensors=True)`` reads it after the members).
+  members' bottleneck locations, always with the base-model prefix (``bert.encoder...``: the library's fusion loader
+  strips a prefix on a bare model but never adds one, so a bare ``BertModel``'s own unprefixed fusion file does not
+  load into ``BertAdapterModel``; ours loads into both). ``load_adapter_fusion(dir, use_safetensors=True)`` reads it
+  after the members.
   The fields map one to one: ``query_input="output"`` <-> ``query_before_ln: true``, ``values="outputs"`` <->
   ``residual_before: true``, ``query``/``key``/``value``/``value_before_softmax`` as they are, ``temperature`` 1 and
   no decay <-> ``false``, ``T = 50`` with decay 0.05 <-> ``true``, ``regularization`` 0 / 0.01 <-> false / true,
@@ -272,12 +275,18 @@ def fusion_files(ctl: Any, name: str) -> tuple[dict[str, Any], dict[str, torch.T
             f"{extra[:4]}. Fuse adapters that cover every layer"
         )
     joined = ",".join(members)
+    # keys with the base-model prefix: ``load_adapter_fusion`` strips it on a bare model but never adds it (unlike
+    # ``load_adapter``), so a bare model's unprefixed keys would not load into a ``*AdapterModel``
+    base = getattr(ctl.model, "base_model_prefix", "") or ""
+    prefix = f"{base}." if base and not hasattr(ctl.model, base) else ""
     tensors: dict[str, torch.Tensor] = {}
     for site in wanted:
         comp: FusionLayer = layers[site]
         layer = _layer_of(site, blocks)
         assert layer is not None
-        loc = f"{_location(mtype, _KINDS[role_of[site]], site, blocks[layer])}.adapter_fusion_layer.{joined}"
+        loc = (
+            f"{prefix}{_location(mtype, _KINDS[role_of[site]], site, blocks[layer])}.adapter_fusion_layer.{joined}"
+        )
         for leaf, value in comp.state_dict().items():
             if leaf == "value.bias":
                 if value.detach().any():
