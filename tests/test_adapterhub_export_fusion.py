@@ -265,6 +265,22 @@ def test_setup_export_reads_back(block, tmp_path):
     assert _diff(run(again.model, exp)[0], ours) <= EXACT
 
 
+@pytest.mark.parametrize("block", [ak.Parallel("a", "b"), ak.BatchSplit("a", "b", batch_sizes=[1, 1])], ids=repr)
+def test_parallel_and_batch_split_setups_read_back(block, tmp_path):
+    model, adapters = _fused("bert_fusion")
+    adapters.activate(block)
+    exp = _expected("bert_fusion")
+    ours = run(model, exp)[0]
+    adapters.export(block, tmp_path, format="adapterhub")
+    written = json.loads((tmp_path / "adapter_setup.json").read_text())["adapter_setup"]
+    assert written["type"] == type(block).__name__
+    assert written.get("kwargs") == ({"batch_sizes": [1, 1]} if isinstance(block, ak.BatchSplit) else None)
+    again = ak.attach(fresh("bert"))
+    again.load(tmp_path)
+    assert again.active == (block,)
+    assert _diff(run(again.model, exp)[0], ours) <= EXACT
+
+
 def test_setups_adapterhub_computes_otherwise_are_refused(tmp_path):
     _, adapters = _fused("bert_fusion")
     for block, match in [
@@ -297,6 +313,17 @@ def test_the_library_loads_our_compositions_with_our_outputs(tmp_path):
         family = COMPOSITIONS[case]["family"]
         manifest[case] = {"kind": "fusion", "family": family, "adapters": [str(out / "a"), str(out / "b")],
                           "fusion": str(out / "fusion"), "names": ["a", "b"]}  # fmt: skip
+        if case == "bert_fusion":  # Parallel / BatchSplit (our Parallel needs tensor outputs: not on GPT-2)
+            for key, block in (
+                ("parallel", ak.Parallel("a", "b")),
+                ("batch_split", ak.BatchSplit("a", "b", batch_sizes=[1, 1])),
+            ):
+                adapters.activate(block)
+                ours[f"bert_{key}_setup"] = run(model, exp)
+                adapters.export(block, tmp_path / f"bert_{key}_setup", format="adapterhub")
+                manifest[f"bert_{key}_setup"] = {"kind": "setup", "family": family, "head_model": False,
+                                                 "setup": str(tmp_path / f"bert_{key}_setup")}  # fmt: skip
+            adapters.activate(ak.Fuse("a", "b"))
         if case == "gpt2_fusion":
             adapters.activate(ak.Stack("a", "b"))
             ours["gpt2_stack_setup"] = run(model, exp)
