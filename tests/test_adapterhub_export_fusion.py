@@ -205,6 +205,36 @@ def test_flex_head_export_reads_back(case, tmp_path):
     assert _diff(out, exp["output"]) <= TOL
 
 
+# heads made here (random init) on a bare BertModel: name -> FlexHead
+MADE_HEADS = {
+    "bert_cls_made_here": {"num_labels": 4, "num_layers": 2},
+    "bert_tagging_made_here": {"head_type": "tagging", "num_labels": 5, "num_layers": 1},
+}
+
+
+def _made_head(case: str) -> tuple[torch.nn.Module, ak.Adapters]:
+    torch.manual_seed(1)
+    model = _bare("bert_cls_head")
+    adapters = ak.attach(model)
+    head = ak.FlexHead(**MADE_HEADS[case])
+    adapters.add("task", ak.Union(ak.Bottleneck(placement="pfeiffer", init_weights=False), head))
+    adapters.activate("task")
+    return model, adapters
+
+
+@pytest.mark.parametrize("case", sorted(MADE_HEADS))
+def test_flex_head_made_here_round_trips(case, tmp_path):
+    model, adapters = _made_head(case)
+    exp = _expected("bert_cls_head")
+    ours = _logits(model, exp)
+    adapters.export("task", tmp_path, format="adapterhub")
+    written = json.loads((tmp_path / "head_config.json").read_text())["config"]
+    assert written["dropout_prob"] == 0.0  # ours; BERT's own hidden_dropout_prob (the library's fallback) is 0.1
+    again = ak.attach(_bare("bert_cls_head"))
+    again.load(tmp_path, activate=True)
+    assert _diff(_logits(again.model, exp), ours) <= EXACT
+
+
 def test_head_alone_and_fusion_head_setup_round_trip(tmp_path):
     """``ak.Stack(ak.Fuse("a", "b"), "target")`` (a setup saved with ``head_setup="target"``) exports as that setup;
     the head adapter alone as ``save_head``'s directory."""
@@ -351,6 +381,13 @@ def test_the_library_loads_our_compositions_with_our_outputs(tmp_path):
         adapters.export("task", tmp_path / case, format="adapterhub")
         manifest[case] = {"kind": "head", "family": COMPOSITIONS[case]["family"], "adapter": str(tmp_path / case),
                           "name": "task"}  # fmt: skip
+    for case in sorted(MADE_HEADS):
+        model, adapters = _made_head(case)
+        with torch.no_grad():
+            o = model(**_inputs(_expected("bert_cls_head")))
+        ours[case] = (o.logits, o.last_hidden_state)
+        adapters.export("task", tmp_path / case, format="adapterhub")
+        manifest[case] = {"kind": "head", "family": "bert", "adapter": str(tmp_path / case), "name": "task"}
     model = _bare("bert_cls_head")
     adapters = ak.attach(model)
     adapters.load(FIXTURES / "bert_fusion_head" / "setup")
