@@ -117,16 +117,6 @@ def test_errors_name_what_to_change():
 
 
 # --- the CLI end to end ----------------------------------------------------------------------------------------
-def _patched() -> bool:
-    """Whether ``train`` has the calibration step wired in (the /tmp/notes/train18-train.patch change)."""
-    import importlib
-    import inspect
-
-    module = importlib.import_module("adapterkit.cli.train")  # `from adapterkit.cli import train` is the command
-    return "calibrate_for_training" in inspect.getsource(module)
-
-
-needs_patch = pytest.mark.xfail(not _patched(), strict=False, reason="needs train.py patch")
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +126,6 @@ def files(tmp_path_factory):
     return make_files.__wrapped__(tmp_path_factory)
 
 
-@needs_patch
 @pytest.mark.parametrize(
     ("model", "data", "opts"),
     [
@@ -167,7 +156,6 @@ def make_files_model(files, model: str) -> torch.nn.Module:
     return auto.from_pretrained(files[model])
 
 
-@needs_patch
 def test_calibration_batches_on_a_plain_lora_is_refused(files, tmp_path):
     from test_cli import _run
 

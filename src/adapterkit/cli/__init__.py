@@ -320,6 +320,13 @@ def train(
         float | None,
         typer.Option(help="LoRA+ (Hayou et al. 2024): LoRA B matrices learn at this many times --lr (e.g. 16)."),
     ] = None,
+    calibration_batches: Annotated[
+        int | None,
+        typer.Option(
+            help="Adapters initialized from activations (--opt init=eva|corda): batches of 4 training examples run "
+            "before training (EVA: until converged, at most this many, default 1000; CorDA: this many, default 64)."
+        ),
+    ] = None,
     warmup: Annotated[
         float, typer.Option(help="Warmup: a share of the steps if < 1, else a number of steps.")
     ] = 0.0,
@@ -389,7 +396,7 @@ def train(
         loraplus_ratio=(loraplus_ratio, ">0"), eval_steps=(eval_steps, ">=1"), logging_steps=(logging_steps, ">=1"),
         save_total_limit=(save_total_limit, ">=1"), max_length=(max_length, ">=1"), train_size=(train_size, ">=1"),
         dev_size=(dev_size, ">=1"), dev_fraction=(dev_fraction, ">0"), threads=(threads, ">=1"), seed=(seed, ">=0"),
-        early_stopping=(early_stopping, ">=1"),
+        early_stopping=(early_stopping, ">=1"), calibration_batches=(calibration_batches, ">=1"),
     )  # fmt: skip
     for flag, value, allowed in (
         ("quantize", quantize, ("nf4", "int8")),

@@ -821,6 +821,15 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
                 f"{type(model).__name__} does not support gradient checkpointing: drop --gradient-checkpointing"
             )
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    from .calibration import calibrate_for_training
+
+    # adapters initialized from activations (--opt init=eva|corda): calibrate on training batches (collated as for
+    # training) before any optimizer exists, since EVA replaces A and B by tensors of the rank it allocates
+    collate = D.collator(tokenizer, task)
+    calibrate_for_training(
+        adapters, name, train_set, D.PackedCollator(pad_id, fallback=collate) if o["packing"] else collate,
+        batches=o.get("calibration_batches"), seed=o["seed"], say=_say,
+    )  # fmt: skip
     summary = adapters.summary()
     _say(str(summary))
 
