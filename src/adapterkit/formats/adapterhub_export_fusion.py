@@ -59,8 +59,9 @@ from ..methods.bottleneck_sublayer import SublayerBottleneck
 from ..methods.flex_head import LANGUAGE_MODELS, FlexHead, FlexHeadLayer
 from ..methods.fusion import Fusion, FusionLayer
 from ..methods.union import Union
-from ..targeting import base_modules
-from .adapterhub_export_common import VERSION, AdapterHubExportError, model_type
+from ..profiles import profile_for
+from ..targeting import TargetError, base_modules, select
+from .adapterhub_export_common import BERT_LIKE, VERSION, AdapterHubExportError, hub_path, model_type
 
 __all__ = ["handles", "save", "ADAPTER_MODELS"]
 
@@ -140,6 +141,44 @@ def save(ctl: Any, name: str | Block, path: str | os.PathLike, save_adapter: Sav
 
 
 # --- fusions -----------------------------------------------------------------------------------------------------
+# where AdapterHub keeps a sub-layer's bottleneck adapters and their fusion layer: the same as
+# formats/adapterhub_export.py's ``_role``/``_layer_of``/``_location`` (repeated here: importing that module would
+# close an import cycle with its ``save``, which dispatches here; both could move to adapterhub_export_common.py)
+
+_KINDS = {"attn.sublayer": "mh", "cross.sublayer": "cross", "ffn.sublayer": "output"}
+
+
+def _role(ctl: Any, role: str, modules: dict[str, Any]) -> list[str]:
+    family, roles = profile_for(ctl.model)
+    if role not in roles:
+        return []
+    try:
+        return select(ctl.model, [role], family=family, roles=roles, modules=modules)
+    except TargetError:
+        return []
+
+
+def _layer_of(site: str, blocks: list[str]) -> int | None:
+    for i, block in enumerate(blocks):
+        if site == block or site.startswith(block + "."):
+            return i
+    return None
+
+
+def _location(mtype: str, kind: str, site: str, block: str) -> str:
+    """AdapterHub's module holding the ``adapters`` (and ``adapter_fusion_layer``) ModuleDict of this sub-layer
+    (transformers 4.57 names)."""
+    if mtype in ("t5", "mt5"):
+        return site.rpartition(".")[0]  # the block.{i}.layer.{j} module itself
+    if mtype in BERT_LIKE:
+        table = {"mh": ".attention.output", "output": ".output"}
+    elif mtype == "vit":
+        table = {"mh": ".attention_adapters", "output": ".output.output_adapters"}
+    else:  # distilbert, gpt2, llama, mistral, bart: BottleneckLayer sub-modules of the layer
+        table = {"mh": ".attention_adapters", "output": ".output_adapters", "cross": ".cross_attention_adapters"}
+    if kind not in table:
+        raise AdapterHubExportError(f"AdapterHub has no {kind} adapter in {mtype!r} layers ({site!r})")
+    return hub_path(mtype, block) + table[kind]
 
 
 def _check_name(name: str, what: str) -> None:
@@ -214,8 +253,6 @@ def fusion_files(ctl: Any, name: str) -> tuple[dict[str, Any], dict[str, torch.T
     Raises:
         AdapterHubExportError: the fusion or its members have no exact AdapterHub form (module docstring).
     """
-    from .adapterhub_export import _KINDS, _blocks, _layer_of, _location, _role
-
     cfg: Fusion = ctl.config(name)
     members = list(cfg.adapters)
     for m in members:
@@ -225,7 +262,11 @@ def fusion_files(ctl: Any, name: str) -> tuple[dict[str, Any], dict[str, torch.T
     fields = _fusion_fields(name, cfg, ctl.model)
     mtype = model_type(ctl)
     modules = base_modules(ctl.model)
-    blocks = _blocks(ctl, modules)
+    blocks = _role(ctl, "block", modules)
+    if not blocks:
+        raise AdapterHubExportError(
+            f"no transformer layers (role 'block') found in this {type(ctl.model).__name__}"
+        )
     role_of = {s: role for role in _KINDS for s in _role(ctl, role, modules)}
     arrangement = {}
     kinds: dict[str, set[str]] = {}
