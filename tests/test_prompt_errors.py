@@ -205,3 +205,31 @@ def test_the_first_call_check_puts_back_a_forward_set_on_the_block():
     with torch.no_grad():
         model(**_padded(make_inputs("gpt2")))
     assert block.__dict__["forward"] is counted and calls == [1]
+
+
+# --- inputs longer than the learned position table leaves room for (P virtual tokens + L tokens) ----------------
+def _short_positions(kind: str) -> nn.Module:
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    if kind == "bert":
+        return BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                    intermediate_size=64, max_position_embeddings=16)).eval()  # fmt: skip
+    return GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=16)).eval()
+
+
+POSITIONED = {**PROMPTS, "prefix": lambda: ak.PrefixTuning(num_virtual_tokens=P)}
+
+
+@pytest.mark.parametrize("method", list(POSITIONED))
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_virtual_tokens_beyond_the_position_table_say_so(kind, method):
+    """16 learned positions, P = 3: 13 tokens fit, 14 ended in a raw index/shape error inside the embeddings."""
+    model = _short_positions(kind)
+    ak.attach(model).add("p", POSITIONED[method]())
+    with torch.no_grad():
+        model(input_ids=torch.randint(2, 100, (2, 16 - P)))  # exactly full: runs
+        with pytest.raises(
+            ValueError, match=rf"needs 17 positions \({P} virtual tokens \+ 14 tokens\).* for 16.*at most 13"
+        ):
+            model(input_ids=torch.randint(2, 100, (2, 14)))

@@ -54,6 +54,7 @@ from .prompt import (
     batch_size_of,
     cache_key,
     cache_of,
+    check_positions,
     component_key,
     extend_mask,
     output_cache,
@@ -568,6 +569,9 @@ class PrefixKV(Component):
                 kw[pos_key] = kw[pos_key] + n
         elif not isinstance(kw.get(pos_key), torch.Tensor) and new is not None:
             kw[pos_key] = self._kept_positions(cache, new, batch)
+        if self.positions == "shift" and new is not None:  # "keep": the real tokens' own positions
+            check_positions(self, self.__dict__["_module_ref"], VirtualCache.length(cache) + new.shape[1], n,
+                            "prefix tuning")  # fmt: skip
         mask_key = "decoder_attention_mask" if dec else "attention_mask"
         masked = new is not None and kw.get(mask_key) is not None
         if masked:

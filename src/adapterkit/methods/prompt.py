@@ -318,6 +318,50 @@ class VirtualCache:
 _KEYS = itertools.count()
 
 
+def position_limit(model: nn.Module) -> int | None:
+    """How many positions ``model``'s learned absolute position embeddings hold (BERT, GPT-2, BART: the config's
+    ``max_position_embeddings``/``n_positions``, checked against a position embedding table of that size, or 2
+    more as BART's offset table), or None where positions are no table (rotary, relative, sinusoidal: LLaMA, T5)."""
+    cfg = getattr(model, "config", None)
+    limit = next(
+        (v for f in ("max_position_embeddings", "n_positions") if isinstance(v := getattr(cfg, f, None), int)),
+        None,
+    )
+    if limit is None or limit <= 0:
+        return None
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if (
+            isinstance(module, nn.Embedding)
+            and ("position" in leaf or leaf == "wpe")
+            and module.num_embeddings in (limit, limit + 2)
+        ):
+            return limit
+    return None
+
+
+_UNREAD = object()
+
+
+def check_positions(component: nn.Module, model: nn.Module, total: int, n: int, what: str) -> None:
+    """Refuse a call whose ``total`` positions (``n`` virtual tokens of ``component`` + cached and new tokens) do not
+    fit ``model``'s learned position embeddings (:func:`position_limit`, read once per component), instead of the
+    model's raw index or shape error.
+
+    Raises:
+        ValueError: how many positions, the limit, and what to shorten.
+    """
+    limit = component.__dict__.get("_position_limit", _UNREAD)
+    if limit is _UNREAD:
+        limit = component.__dict__["_position_limit"] = position_limit(model)
+    if limit is not None and total > limit:
+        raise ValueError(
+            f"{what} needs {total} positions ({n} virtual tokens + {total - n} tokens), but {type(model).__name__} "
+            f"has learned position embeddings for {limit}: keep inputs (and generation) to at most {limit - n} "
+            f"tokens (truncate, e.g. --max-length {limit - n}) or use fewer virtual tokens"
+        )
+
+
 def component_key() -> int:
     """A process-unique key for a model-level component (its entry in :class:`VirtualCache` records)."""
     return next(_KEYS)
@@ -558,6 +602,8 @@ class SoftPrompt(Component):
             length = (embeds if embeds is not None else ids).shape[1]
             if kw.get("position_ids") is not None:
                 kw["position_ids"] = kw["position_ids"] + n
+        module = self.__dict__["_module_ref"]
+        check_positions(self, module, VirtualCache.length(cache) + length, n, "prompt tuning")
         kw["attention_mask"] = extend_mask(kw.get("attention_mask"), n, VirtualCache.length(cache) + length)
         return (), kw
 
