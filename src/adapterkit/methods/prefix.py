@@ -27,10 +27,16 @@ Grouped-query attention: prefixes have ``num_key_value_heads`` heads.
 
 The prefix tensor has peft's layout: ``prefix: (P, num_layers * 2 * kv_dim)``, viewed as
 ``(P, num_layers, 2 [key, value], kv_heads, head_dim)``. Works on decoder-only models (GPT-2, LLaMA, ...),
-BERT-like encoders whose attention reads ``past_key_values`` (checked on the first call: a model that
-ignores the cache raises instead of silently running without the prefix), and the decoder of
+BERT-like encoders whose attention reads ``past_key_values``, and the decoder of
 encoder-decoder models (T5, BART, mBART, Whisper: the layer and head counts are read from the decoder's modules,
 see :func:`kv_layout`). Not with gradient checkpointing of layers that drop the cache in training (GPT-2).
+
+Models that cannot take a prefix get one error saying why and what to use instead: at ``add`` when their
+signatures show it (no decoder/token input: vision and audio models, WhisperForAudioClassification; no module of
+a layer can receive a KV cache: DeBERTa v1/v2, Longformer), else on the first call (layers given the cache through
+``**kwargs`` that ignore it: CLIP's text model, DistilBERT, T5's encoder; see :meth:`PrefixKV._watch_layers`),
+never a raw shape error from the attention mask extended by ``P``. Inputs longer than a learned position table
+leaves room for are refused before the model runs (:func:`~adapterkit.methods.prompt.check_positions`).
 """
 
 from __future__ import annotations
