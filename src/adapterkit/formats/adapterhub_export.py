@@ -91,17 +91,20 @@ from ..methods.prompt import PromptTuning
 from ..methods.reft import LoReFT, LoReFTBlock, PositionRecorder
 from ..methods.seq_gate import LoRAGate, SequenceGated
 from ..methods.union import Union
-from ..profiles import profile_for
-from ..targeting import TargetError, base_modules, select
+from ..targeting import base_modules
 from .adapterhub_export_common import (
     BERT_LIKE,
+    KINDS,
     MODEL_TYPES,
     SWAPPED_MLP,
     VERSION,
     AdapterHubExportError,
     hub_path,
+    layer_of,
+    location,
     model_type,
     owner,
+    role_sites,
     targets,
 )
 from .adapterhub_export_prompt import prefix, prompt, prompt_tuning_refusal
@@ -120,32 +123,15 @@ Writer = Callable[..., tuple[dict[str, Any], dict[str, torch.Tensor]]]
 # --- shared helpers ----------------------------------------------------------------------------------------------
 
 
-def _role(ctl: Any, role: str, modules: dict[str, nn.Module]) -> list[str]:
-    family, roles = profile_for(ctl.model)
-    if role not in roles:
-        return []
-    try:
-        return select(ctl.model, [role], family=family, roles=roles, modules=modules)
-    except TargetError:
-        return []
-
-
 def _blocks(ctl: Any, modules: dict[str, nn.Module]) -> list[str]:
     """The model's layers in AdapterHub's ``iter_layers`` order (encoder before decoder): their index is what
     ``leave_out`` / ReFT ``layers`` count."""
-    blocks = _role(ctl, "block", modules)
+    blocks = role_sites(ctl, "block", modules)
     if not blocks:
         raise AdapterHubExportError(
             f"no transformer layers (role 'block') found in this {type(ctl.model).__name__}"
         )
     return blocks
-
-
-def _layer_of(site: str, blocks: list[str]) -> int | None:
-    for i, block in enumerate(blocks):
-        if site == block or site.startswith(block + "."):
-            return i
-    return None
 
 
 def _metadata(ctl: Any, name: str, config: dict[str, Any]) -> dict[str, Any]:
@@ -277,7 +263,7 @@ def _slots(ctl: Any, mtype: str, modules: dict[str, nn.Module]) -> dict[str, str
     }
     out: dict[str, str] = {}
     for slot, role in table.items():
-        for site in _role(ctl, role, modules):
+        for site in role_sites(ctl, role, modules):
             if slot == "qkv" and not re.search(r"(^|\.)h\.\d+\.attn\.c_attn$", site):
                 continue  # GPT-2's self-attention only
             if swapped and slot in ("intermediate", "output") and not site.endswith(("down_proj", "up_proj")):
@@ -298,7 +284,7 @@ def _placement(
     modules = base_modules(ctl.model)
     every = _slots(ctl, mtype, modules)
     blocks = _blocks(ctl, modules)
-    wrong = [s for s in sites if s not in every or _layer_of(s, blocks) is None]
+    wrong = [s for s in sites if s not in every or layer_of(s, blocks) is None]
     if wrong:
         names = "mlp.down_proj, mlp.up_proj" if mtype in SWAPPED_MLP else "the FFN's input and output projections"
         raise AdapterHubExportError(
@@ -306,7 +292,7 @@ def _placement(
             f"on the attention's q/k/v projections (GPT-2: attn.c_attn), and {names} of each layer. Target those "
             f"(e.g. targets=['attn.q', 'attn.v']) to export"
         )
-    used = {_layer_of(s, blocks) for s in sites}
+    used = {layer_of(s, blocks) for s in sites}
     leave_out = [i for i in range(len(blocks)) if i not in used]
     return {s: every[s] for s in sites}, leave_out, blocks, every
 
@@ -326,7 +312,7 @@ def _required(
     """The modules ``adapters`` will wrap for these flags (``slots``, ``matrices``) and ``leave_out``."""
     out = []
     for site, slot in every.items():
-        layer = _layer_of(site, blocks)
+        layer = layer_of(site, blocks)
         if layer is None or layer in leave_out:
             continue
         if slot in ("q", "k", "v") and slot not in matrices:
@@ -550,25 +536,6 @@ def _ia3(
 
 # --- bottleneck adapters ---------------------------------------------------------------------------------------
 
-_KINDS = {"attn.sublayer": "mh", "cross.sublayer": "cross", "ffn.sublayer": "output"}
-
-
-def _location(mtype: str, kind: str, site: str, block: str) -> str:
-    """AdapterHub's module holding the ``adapters`` ModuleDict of this sub-layer adapter (4.57 names)."""
-    if mtype in ("t5", "mt5"):
-        return site.rpartition(".")[0]  # the block.{i}.layer.{j} module itself
-    hub_block = hub_path(mtype, block)
-    if mtype in BERT_LIKE:
-        table = {"mh": ".attention.output", "output": ".output"}
-    elif mtype == "vit":
-        table = {"mh": ".attention_adapters", "output": ".output.output_adapters"}
-    else:  # distilbert, gpt2, llama, mistral, bart: BottleneckLayer sub-modules of the layer
-        table = {"mh": ".attention_adapters", "output": ".output_adapters", "cross": ".cross_attention_adapters"}
-    if kind not in table:
-        raise AdapterHubExportError(f"AdapterHub has no {kind} adapter in {mtype!r} layers ({site!r})")
-    return hub_block + table[kind]
-
-
 # our tensor name -> AdapterHub's (PHM tensors transposed in their last two axes, see adapterhub_bottleneck.py)
 _BN_LEAVES = {
     "down.weight": "adapter_down.0.weight",
@@ -620,7 +587,7 @@ def _bottleneck(
     mtype = model_type(ctl)
     modules = base_modules(ctl.model)
     blocks = _blocks(ctl, modules)
-    role_of = {s: role for role in _KINDS for s in _role(ctl, role, modules)}
+    role_of = {s: role for role in KINDS for s in role_sites(ctl, role, modules)}
     comps = targets(ctl, name) if comps is None else comps
     adapters = {s: c for s, c in comps.items() if isinstance(c, SublayerBottleneck)}
     allowed = (
@@ -631,21 +598,21 @@ def _bottleneck(
         raise AdapterHubExportError(f"adapter {name!r}: {other[:3]} have no AdapterHub form")
     placed: dict[str, tuple[int, str]] = {}
     for site in adapters:
-        layer = _layer_of(site, blocks)
+        layer = layer_of(site, blocks)
         if site not in role_of or layer is None:
             raise AdapterHubExportError(
                 f"adapter {name!r} sits on {site!r}, which is no sub-layer of a layer (roles attn.sublayer, "
                 "ffn.sublayer, cross.sublayer), where AdapterHub's adapters are"
             )
-        placed[site] = (layer, _KINDS[role_of[site]])
+        placed[site] = (layer, KINDS[role_of[site]])
     kinds = {k for _, k in placed.values()}
     used = {layer for layer, _ in placed.values()}
     leave_out = [i for i in range(len(blocks)) if i not in used]
     have: dict[int, set[str]] = {}
     for site, role in role_of.items():
-        layer = _layer_of(site, blocks)
+        layer = layer_of(site, blocks)
         if layer is not None:
-            have.setdefault(layer, set()).add(_KINDS[role])
+            have.setdefault(layer, set()).add(KINDS[role])
     for layer in sorted(used):
         got = {k for lay, k in placed.values() if lay == layer}
         if got != kinds & have.get(layer, set()):
@@ -660,7 +627,7 @@ def _bottleneck(
     rule: torch.Tensor | None = None
     for site, comp in adapters.items():
         layer, kind = placed[site]
-        loc = f"{_location(mtype, kind, site, blocks[layer])}.adapters.{name}"
+        loc = f"{location(mtype, kind, site, blocks[layer])}.adapters.{name}"
         state = {k: v.detach() for k, v in comp.state_dict().items()}
         sizes.add(int(state["down.bias"].shape[0]))
         for ours, value in state.items():

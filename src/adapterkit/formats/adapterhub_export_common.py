@@ -9,6 +9,9 @@ from typing import Any
 
 from torch import nn
 
+from ..profiles import profile_for
+from ..targeting import TargetError, select
+
 __all__ = [
     "AdapterHubExportError",
     "VERSION",
@@ -19,6 +22,10 @@ __all__ = [
     "hub_path",
     "targets",
     "owner",
+    "KINDS",
+    "role_sites",
+    "layer_of",
+    "location",
 ]
 
 VERSION = "adapters.1.3.0"  # the library version whose load_adapter this format is written for
@@ -78,3 +85,41 @@ def owner(model: nn.Module) -> str:
     the prefix-tuning pool, the prompt): ``"bert."`` on a model with a head, ``""`` on the bare base model."""
     prefix = getattr(model, "base_model_prefix", "") or ""
     return f"{prefix}." if prefix and hasattr(model, prefix) else ""
+
+
+def role_sites(ctl: Any, role: str, modules: dict[str, nn.Module]) -> list[str]:
+    """The modules of ``role`` among ``modules`` (none when the model's profile lacks the role)."""
+    family, roles = profile_for(ctl.model)
+    if role not in roles:
+        return []
+    try:
+        return select(ctl.model, [role], family=family, roles=roles, modules=modules)
+    except TargetError:
+        return []
+
+
+def layer_of(site: str, blocks: list[str]) -> int | None:
+    """Index of the block holding ``site`` (None: outside every block)."""
+    for i, block in enumerate(blocks):
+        if site == block or site.startswith(block + "."):
+            return i
+    return None
+
+
+KINDS = {"attn.sublayer": "mh", "cross.sublayer": "cross", "ffn.sublayer": "output"}
+
+
+def location(mtype: str, kind: str, site: str, block: str) -> str:
+    """AdapterHub's module holding the ``adapters`` ModuleDict of this sub-layer adapter (4.57 names)."""
+    if mtype in ("t5", "mt5"):
+        return site.rpartition(".")[0]  # the block.{i}.layer.{j} module itself
+    hub_block = hub_path(mtype, block)
+    if mtype in BERT_LIKE:
+        table = {"mh": ".attention.output", "output": ".output"}
+    elif mtype == "vit":
+        table = {"mh": ".attention_adapters", "output": ".output.output_adapters"}
+    else:  # distilbert, gpt2, llama, mistral, bart: BottleneckLayer sub-modules of the layer
+        table = {"mh": ".attention_adapters", "output": ".output_adapters", "cross": ".cross_attention_adapters"}
+    if kind not in table:
+        raise AdapterHubExportError(f"AdapterHub has no {kind} adapter in {mtype!r} layers ({site!r})")
+    return hub_block + table[kind]

@@ -59,9 +59,16 @@ from ..methods.bottleneck_sublayer import SublayerBottleneck
 from ..methods.flex_head import LANGUAGE_MODELS, FlexHead, FlexHeadLayer
 from ..methods.fusion import Fusion, FusionLayer
 from ..methods.union import Union
-from ..profiles import profile_for
-from ..targeting import TargetError, base_modules, select
-from .adapterhub_export_common import BERT_LIKE, VERSION, AdapterHubExportError, hub_path, model_type
+from ..targeting import base_modules
+from .adapterhub_export_common import (
+    KINDS,
+    VERSION,
+    AdapterHubExportError,
+    layer_of,
+    location,
+    model_type,
+    role_sites,
+)
 
 __all__ = ["handles", "save", "ADAPTER_MODELS"]
 
@@ -142,45 +149,6 @@ def save(ctl: Any, name: str | Block, path: str | os.PathLike, save_adapter: Sav
 
 # --- fusions -----------------------------------------------------------------------------------------------------
 # where AdapterHub keeps a sub-layer's bottleneck adapters and their fusion layer: the same as
-# formats/adapterhub_export.py's ``_role``/``_layer_of``/``_location`` (repeated here: importing that module would
-# close an import cycle with its ``save``, which dispatches here; both could move to adapterhub_export_common.py)
-
-_KINDS = {"attn.sublayer": "mh", "cross.sublayer": "cross", "ffn.sublayer": "output"}
-
-
-def _role(ctl: Any, role: str, modules: dict[str, Any]) -> list[str]:
-    family, roles = profile_for(ctl.model)
-    if role not in roles:
-        return []
-    try:
-        return select(ctl.model, [role], family=family, roles=roles, modules=modules)
-    except TargetError:
-        return []
-
-
-def _layer_of(site: str, blocks: list[str]) -> int | None:
-    for i, block in enumerate(blocks):
-        if site == block or site.startswith(block + "."):
-            return i
-    return None
-
-
-def _location(mtype: str, kind: str, site: str, block: str) -> str:
-    """AdapterHub's module holding the ``adapters`` (and ``adapter_fusion_layer``) ModuleDict of this sub-layer
-    (transformers 4.57 names)."""
-    if mtype in ("t5", "mt5"):
-        return site.rpartition(".")[0]  # the block.{i}.layer.{j} module itself
-    if mtype in BERT_LIKE:
-        table = {"mh": ".attention.output", "output": ".output"}
-    elif mtype == "vit":
-        table = {"mh": ".attention_adapters", "output": ".output.output_adapters"}
-    else:  # distilbert, gpt2, llama, mistral, bart: BottleneckLayer sub-modules of the layer
-        table = {"mh": ".attention_adapters", "output": ".output_adapters", "cross": ".cross_attention_adapters"}
-    if kind not in table:
-        raise AdapterHubExportError(f"AdapterHub has no {kind} adapter in {mtype!r} layers ({site!r})")
-    return hub_path(mtype, block) + table[kind]
-
-
 def _check_name(name: str, what: str) -> None:
     if not name or "." in name or "," in name:
         raise AdapterHubExportError(
@@ -262,12 +230,12 @@ def fusion_files(ctl: Any, name: str) -> tuple[dict[str, Any], dict[str, torch.T
     fields = _fusion_fields(name, cfg, ctl.model)
     mtype = model_type(ctl)
     modules = base_modules(ctl.model)
-    blocks = _role(ctl, "block", modules)
+    blocks = role_sites(ctl, "block", modules)
     if not blocks:
         raise AdapterHubExportError(
             f"no transformer layers (role 'block') found in this {type(ctl.model).__name__}"
         )
-    role_of = {s: role for role in _KINDS for s in _role(ctl, role, modules)}
+    role_of = {s: role for role in KINDS for s in role_sites(ctl, role, modules)}
     arrangement = {}
     kinds: dict[str, set[str]] = {}
     for m in members:
@@ -285,10 +253,10 @@ def fusion_files(ctl: Any, name: str) -> tuple[dict[str, Any], dict[str, torch.T
                 "(placement='pfeiffer' or 'houlsby')"
             )
         arrangement[m] = tuple(str(getattr(bn, f)) for f in _ARRANGEMENT)
-        bad = [s for s in subs if s not in role_of or _layer_of(s, blocks) is None]
+        bad = [s for s in subs if s not in role_of or layer_of(s, blocks) is None]
         if bad:
             raise AdapterHubExportError(f"fusion {name!r}: member {m!r} sits on {bad[:3]}, no AdapterHub location")
-        kinds[m] = {_KINDS[role_of[s]] for s in subs}
+        kinds[m] = {KINDS[role_of[s]] for s in subs}
     first = members[0]
     for m in members[1:]:
         if kinds[m] != kinds[first] or arrangement[m] != arrangement[first]:
@@ -299,7 +267,7 @@ def fusion_files(ctl: Any, name: str) -> tuple[dict[str, Any], dict[str, torch.T
                 "residual and LayerNorm steps"
             )
     wanted = sorted(
-        s for s, role in role_of.items() if _KINDS[role] in kinds[first] and _layer_of(s, blocks) is not None
+        s for s, role in role_of.items() if KINDS[role] in kinds[first] and layer_of(s, blocks) is not None
     )
     layers = {s: c for s, c in ctl.components(name).items()}
     other = [f"{type(c).__name__} at {s!r}" for s, c in layers.items() if not isinstance(c, FusionLayer)]
@@ -323,11 +291,9 @@ def fusion_files(ctl: Any, name: str) -> tuple[dict[str, Any], dict[str, torch.T
     tensors: dict[str, torch.Tensor] = {}
     for site in wanted:
         comp: FusionLayer = layers[site]
-        layer = _layer_of(site, blocks)
+        layer = layer_of(site, blocks)
         assert layer is not None
-        loc = (
-            f"{prefix}{_location(mtype, _KINDS[role_of[site]], site, blocks[layer])}.adapter_fusion_layer.{joined}"
-        )
+        loc = f"{prefix}{location(mtype, KINDS[role_of[site]], site, blocks[layer])}.adapter_fusion_layer.{joined}"
         for leaf, value in comp.state_dict().items():
             if leaf == "value.bias":
                 if value.detach().any():
