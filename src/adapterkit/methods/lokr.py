@@ -290,9 +290,10 @@ class LoKrLayer(LycorisBase):
         X = x.to(self._dtype()).reshape(*x.shape[:-1], c, d)
         if self.use_w2:
             XD = X @ self.lokr_w2.T  # (..., c, b)
-        else:
-            XD = (X @ self.lokr_w2_b.T) @ self.lokr_w2_a.T
-        out = ((self._w1() * self.scaling) @ XD).reshape(*x.shape[:-1], a * b)  # s C (X Dᵀ): (..., a, b)
+            out = ((self._w1() * self.scaling) @ XD).reshape(*x.shape[:-1], a * b)  # s C (X Dᵀ): (..., a, b)
+        else:  # D = W2a W2b: s (C (X W2bᵀ)) W2aᵀ, C mixing the rank-r product (saves (c + a)·r per token, not c·b)
+            Xr = X @ self.lokr_w2_b.T  # (..., c, r)
+            out = (((self._w1() * self.scaling) @ Xr) @ self.lokr_w2_a.T).reshape(*x.shape[:-1], a * b)
         drop = self._row_drop()
         if drop is not None:
             out = out * drop
