@@ -132,6 +132,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--out", type=Path, default=RESULTS / "multitask.md", help="markdown table (also .json, .png)")
+    p.add_argument("--note", default=None, help="a paragraph appended to the markdown (e.g. other seeds' results)")
     p.add_argument("--update", action="store_true", help="keep rows of other methods already in OUT.json")
     p.add_argument(
         "--merge", type=Path, action="append", default=[],
@@ -537,7 +538,7 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace, argv: Sequence[
         lines += [
             "",
             "Target (at least one multi-task method beats separate per-task LoRAs on the four-task average at the "
-            f"same or fewer parameters per task): {'met by ' + ', '.join(better) if better else 'not met'} "
+            f"same or fewer parameters per task), this run (seed {args.seed}): {'met by ' + ', '.join(better) if better else 'not met'} "
             f"(LoRA average {base['average']:.1f}, {base['params_per_task']:,} parameters per task).",
         ]
     lines += [
@@ -548,6 +549,8 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace, argv: Sequence[
         "training row (AdaMix: two per step; sparse recipes: both phases, so their time includes the full/dense "
         f"phase). Wall-clock on a shared 2-core machine (load: {meta['load']}).",
     ]
+    if args.note:
+        lines += ["", args.note]
     return "\n".join(lines)
 
 
@@ -571,6 +574,8 @@ def plot(rows: list[dict[str, Any]], tasks: Sequence[str], path: Path) -> bool:
     if base is not None:
         ax.axhline(base["average"], color="gray", linestyle="--", linewidth=1, label="separate LoRAs' average")
     ax.set_xticks(range(len(rows)), [r["method"] for r in rows], rotation=30, ha="right")
+    top = max(max(r["average"], *(s["score"] for s in r["tasks"].values())) for r in rows)
+    ax.set_ylim(top=top + 15)  # room for the legend
     ax.set_ylabel("dev score ×100 (CoLA: MCC, MRPC: mean of F1 and acc)")
     ax.set_title("MiniLM-L6 multi-task GLUE: per-task adapters vs multi-task methods")
     ax.legend(ncol=len(labels) + 1, fontsize=8)
