@@ -486,6 +486,14 @@ def recipe(row: dict[str, Any], args: argparse.Namespace) -> str:
     return f"{a.train_size}/{a.dev_size}, b{a.batch_size}, {epochs} ep, {a.pooling}"
 
 
+def load_text(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """The machine load while the rows were made (their recorded 5-minute load averages), else now."""
+    loads = [r["load"] for r in rows if "load" in r]
+    if loads:
+        return f"5-minute load average {min(loads):.1f}-{max(loads):.1f} as the methods finished"
+    return f"load average now {meta['load']}"
+
+
 def render(rows: list[dict[str, Any]], args: argparse.Namespace, argv: Sequence[str], meta: dict[str, Any]) -> str:
     rows = sorted(rows, key=lambda r: ORDER.index(r["method"]) if r["method"] in ORDER else len(ORDER))
     tasks = meta["tasks"]
@@ -547,7 +555,7 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace, argv: Sequence[
         "(CoLA); average = mean of the task scores. Parameters per task include the task's head (770); a joint "
         "adapter's parameters are divided by the number of tasks. Train rows/s counts every forward pass of a "
         "training row (AdaMix: two per step; sparse recipes: both phases, so their time includes the full/dense "
-        f"phase). Wall-clock on a shared 2-core machine (load: {meta['load']}).",
+        f"phase). Wall-clock on a shared 2-core machine ({load_text(rows, meta)}).",
     ]
     if args.note:
         lines += ["", args.note]
@@ -635,6 +643,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{m}: {time.perf_counter() - t0:.0f}s", flush=True)
         for r in new:
             r["command"] = f"python benchmarks/multitask.py {shlex.join(argv)}"
+            r["load"] = os.getloadavg()[1]  # 5-minute load average when the method finished
         produced = {r["method"] for r in new}
         rows = [r for r in rows if r["method"] not in produced] + new
         meta["load"] = " / ".join(f"{x:.1f}" for x in os.getloadavg())
