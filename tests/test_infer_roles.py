@@ -97,9 +97,6 @@ BUILD_LEFT_OUT = {
 
 # (model type, method) -> why the method's default targets cannot apply; the default error must name a way out
 METHOD_LEFT_OUT = {
-    ("convnext", "lora"): "the token mixer is a depthwise 7x7 convolution (LoRA on a grouped conv needs r to be a "
-    "multiple of the groups); no attention role",
-    ("convnext", "ia3"): "no attention; (IA)^3 scales linear layers' k/v",
     ("resnet", "ia3"): "convolutions only; (IA)^3 acts on linear layers",
     (
         "resnet",
@@ -145,7 +142,10 @@ def _check_defaults(model_type: str, model: nn.Module) -> None:
         for s in sites:
             roles = _roles_of(adapters, s)
             wanted = {
-                "lora": {"attn.q", "attn.v", "attn.qkv"},
+                # without attention roles (ConvNeXt-like), LoRA takes the FFN's linears
+                "lora": {"attn.q", "attn.v", "attn.qkv"}
+                if "attn.q" in adapters.roles or "attn.qkv" in adapters.roles
+                else {"ffn.up", "ffn.down"},
                 "ia3": {"attn.k", "attn.v", "attn.qkv", "ffn.down"},
                 "bottleneck": {"ffn.down", "ffn"},
             }[method]
@@ -350,7 +350,8 @@ SLOW_LEFT_OUT = {
         "fastspeech2_conformer", "fastspeech2_conformer_with_hifigan",
     ],
     "no attention projections LoRA's default can take (depthwise-conv, Fourier, focal-modulation or xLSTM token "
-    "mixers; XLNet keeps q/k/v as raw parameters): target ffn.up/ffn.down or names": [
+    "mixers; XLNet keeps q/k/v as raw parameters): LoRA and (IA)^3 default to the FFN where its roles are inferred "
+    "(ConvNeXt), else target ffn.up/ffn.down or names": [
         "convnext", "convnextv2", "dinov3_convnext", "focalnet", "fnet", "xlnet", "xlstm", "muse_spark_audio",
         "vibevoice_acoustic_tokenizer", "vibevoice_acoustic_tokenizer_decoder", "vibevoice_acoustic_tokenizer_encoder",
     ],

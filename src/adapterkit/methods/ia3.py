@@ -73,6 +73,8 @@ class IA3(AdapterConfig):
             return ("attn.k", "attn.v", "ffn.down")
         if "attn.qkv" in roles:
             return ("attn.qkv", "ffn.down")
+        if "ffn.down" in roles and not any(r.startswith("attn.") for r in roles):
+            return ("ffn.down",)  # no attention (ConvNeXt-like): the FFN input scaling alone
         return super().default_targets(roles)
 
     def accepts(self, module: nn.Module) -> bool:

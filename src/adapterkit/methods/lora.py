@@ -187,7 +187,14 @@ class LoRA(AdapterConfig):
     def default_targets(self, roles: Mapping[str, Any]) -> tuple[str, ...]:
         if self.target_parameters:  # as peft: target_parameters without targets adapts no module
             return ()
-        return ("attn.qkv",) if "attn.q" not in roles and "attn.qkv" in roles else ("attn.q", "attn.v")
+        if "attn.q" not in roles and "attn.qkv" in roles:
+            return ("attn.qkv",)
+        if "attn.q" not in roles and "ffn.up" in roles and "ffn.down" in roles:
+            return (
+                "ffn.up",
+                "ffn.down",
+            )  # no attention (ConvNeXt-like: a depthwise token mixer): the FFN's linears
+        return ("attn.q", "attn.v")
 
     def parameter_targets(self) -> Sequence[str]:
         return self.target_parameters
