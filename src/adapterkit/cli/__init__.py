@@ -212,11 +212,12 @@ def train(
         str, typer.Option("--model", "-m", help="Base model: a local directory (save_pretrained) or a hub id.")
     ],
     data: Annotated[
-        Path,
+        list[str],
         typer.Option(
             "--data",
             "-d",
-            help="Training data: a .csv/.tsv/.json/.jsonl file, or a directory with train.* and dev.* (GLUE layout).",
+            help="Training data: a .csv/.tsv/.json/.jsonl file, or a directory with train.* and dev.* (GLUE layout); "
+            "multi-task: NAME=PATH per task, repeated or comma-separated (task ids in that order).",
         ),
     ],
     out: Annotated[
@@ -249,8 +250,17 @@ def train(
     ] = None,
     name: Annotated[str, typer.Option(help="Adapter name.")] = "default",
     dev: Annotated[
-        Path | None,
-        typer.Option(help="Dev file (default: the data directory's dev.*, else a held-out part of train)."),
+        list[str] | None,
+        typer.Option(
+            help="Dev file (default: the data directory's dev.*, else a held-out part of train); multi-task: "
+            "NAME=FILE per task."
+        ),
+    ] = None,
+    task_column: Annotated[
+        str | None,
+        typer.Option(
+            help="Multi-task from one table: the column naming each row's task (task ids: the sorted task names)."
+        ),
     ] = None,
     dev_fraction: Annotated[
         float, typer.Option(help="Share of the training rows held out as dev set when there is no dev file.")

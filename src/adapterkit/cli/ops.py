@@ -166,8 +166,12 @@ def run_eval(adapter: Path, *, model: str | None, data: str | None, dev: str | N
     splits = D.load_splits(spec)
     head = run.get("labels")
     if task == "classify" and head is not None and not splits.regression:
-        label = splits.columns["label"]
-        unknown = sorted({str(r[label]).strip() for r in splits.dev} - set(head))
+
+        def label_of(r: dict) -> str:  # multi-task data from several datasets: each task's own label column
+            cols = splits.task_columns[r[D.TASK_KEY]] if splits.task_columns else splits.columns
+            return str(r[cols["label"]]).strip()
+
+        unknown = sorted({label_of(r) for r in splits.dev} - set(head))
         unknown = [u for u in unknown if not (D._is_int(u) and 0 <= int(u) < len(head))]
         if unknown:
             fix = (
@@ -183,7 +187,8 @@ def run_eval(adapter: Path, *, model: str | None, data: str | None, dev: str | N
     max_length = max_length or run.get("max_length") or 128
     template = run.get("template", "alpaca")
     dev_set = D.encode(splits.dev, splits, tokenizer, task=task, max_length=max_length, template=template,
-                       train_on_prompt=bool(run.get("train_on_prompt")))  # fmt: skip
+                       train_on_prompt=bool(run.get("train_on_prompt")),
+                       task_ids=bool(run.get("task_ids")) and splits.tasks is not None)  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(output_dir=tmp, per_device_eval_batch_size=batch_size, report_to=[],
                                  use_cpu=not torch.cuda.is_available(), remove_unused_columns=False,

@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -873,12 +874,20 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
         trainer.is_distributed_loading_by_transformers = True  # FSDP2 reduces the gradients itself
         _say(f"FSDP2: {n} blocks and the root sharded over {world_size()} processes")
 
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    hist = history(trainer.state.log_history, task)
-    final = trainer.evaluate()  # the best checkpoint, loaded back at the end of training
-    per_task = None
-    if splits.tasks is not None:
-        per_task = evaluate_tasks(trainer, splits, tokenizer, enc, o)
+    wandb = sys.modules.get("wandb")
+    own_run = "wandb" in (trainer.args.report_to or []) and (wandb is None or wandb.run is None)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        hist = history(trainer.state.log_history, task)
+        final = trainer.evaluate()  # the best checkpoint, loaded back at the end of training
+        per_task = None
+        if splits.tasks is not None:
+            per_task = evaluate_tasks(trainer, splits, tokenizer, enc, o)
+    finally:
+        # a run this call started ends with it: a second `train` in the same process (a notebook, CliRunner) would
+        # otherwise log into it (transformers' WandbCallback only starts a run when none is open)
+        if own_run and "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+            sys.modules["wandb"].finish()
 
     write = trainer.args.should_save
     save_adapter(adapters, name, out, write=write)
