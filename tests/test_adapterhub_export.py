@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import adapterkit as ak
+from adapterhub_library import HUB_PYTHON, run_library
 from adapterkit.formats import adapterhub, adapterhub_export, detect
 from adapterkit.formats.adapterhub_export import AdapterHubExportError
 
@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_adapterhub import CASES, FIXTURES, SUPPORTED, SUPPORTED_CASES, expected, fresh, run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-HUB_PYTHON = ROOT / ".venv-adapterhub" / "bin" / "python"
 TOL = 1e-4
 
 # fixture cases our reader loads (the *_pt pickles hold the same adapters as their safetensors twins)
@@ -319,15 +318,7 @@ def test_the_library_loads_our_exports_with_our_outputs(tmp_path):
         ours[key] = (out, hidden, (out - base).abs().max())
         adapters.export("task", tmp_path / key, format="adapterhub")
         manifest[key] = {"family": family, "adapter": str(tmp_path / key), "name": "task"}
-    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    result = tmp_path / "library.safetensors"
-    script = Path(__file__).resolve().parent / "adapterhub_library_check.py"
-    proc = subprocess.run(
-        [str(HUB_PYTHON), str(script), str(tmp_path / "manifest.json"), str(result)],
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    theirs = load_file(str(result))
+    theirs = run_library("adapterhub_library_check.py", manifest, tmp_path)
     worst = {}
     for key, (out, hidden, change) in ours.items():
         assert theirs[f"{key}.missing"].item() == 0, key

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,13 +19,13 @@ import torch
 from safetensors.torch import load_file
 
 import adapterkit as ak
+from adapterhub_library import HUB_PYTHON, run_library
 from adapterkit.formats.adapterhub_export import AdapterHubExportError
 from adapterkit.methods.flex_head import FlexHeadLayer
 from test_adapterhub import FIXTURES, TOL, fresh, run
 from test_adapterhub_fusion import COMPOSITIONS, FUSIONS, HEADS, _bare, _expected, _members
 
 ROOT = Path(__file__).resolve().parents[1]
-HUB_PYTHON = ROOT / ".venv-adapterhub" / "bin" / "python"
 EXACT = 1e-5
 
 
@@ -410,15 +409,7 @@ def test_the_library_loads_our_compositions_with_our_outputs(tmp_path):
     adapters.export(adapters.active[0], tmp_path / "bert_fusion_head", format="adapterhub")
     manifest["bert_fusion_head"] = {"kind": "setup", "family": "bert", "head_model": True,
                                     "setup": str(tmp_path / "bert_fusion_head")}  # fmt: skip
-    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    result = tmp_path / "library.safetensors"
-    script = Path(__file__).resolve().parent / "adapterhub_library_check_fusion.py"
-    proc = subprocess.run(
-        [str(HUB_PYTHON), str(script), str(tmp_path / "manifest.json"), str(result)],
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    theirs = load_file(str(result))
+    theirs = run_library("adapterhub_library_check_fusion.py", manifest, tmp_path)
     worst = {}
     for key, (out, hidden) in ours.items():
         assert theirs[f"{key}.missing"].item() == 0, key
