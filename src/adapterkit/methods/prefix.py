@@ -124,14 +124,7 @@ def _from_model(model: nn.Module) -> tuple[int | None, int | None, int | None]:
     None where the model does not show it: the layers are the first ``ModuleList`` of the decoder (its blocks);
     the self-attention is the first module of the first block with a head size attribute (self-attention comes
     before cross-attention in transformers' decoder blocks)."""
-    root = model
-    get_decoder = getattr(model, "get_decoder", None)
-    if callable(get_decoder):
-        try:
-            root = get_decoder() or model
-        except Exception:  # noqa: BLE001 - some models define get_decoder but have no decoder
-            root = model
-    blocks = next((m for m in root.modules() if isinstance(m, nn.ModuleList) and len(m) > 0), None)
+    blocks = _blocks(model)
     if blocks is None:
         return None, None, None
     attn = next(
@@ -157,14 +150,7 @@ def self_attention_modules(model: nn.Module) -> list[nn.Module]:
     Raises:
         TargetError: a block without one.
     """
-    root = model
-    get_decoder = getattr(model, "get_decoder", None)
-    if callable(get_decoder):
-        try:
-            root = get_decoder() or model
-        except Exception:  # noqa: BLE001 - some models define get_decoder but have no decoder
-            root = model
-    blocks = next((m for m in root.modules() if isinstance(m, nn.ModuleList) and len(m) > 0), None)
+    blocks = _blocks(model)
     out = []
     for i, block in enumerate(blocks or ()):
         attn = next(
