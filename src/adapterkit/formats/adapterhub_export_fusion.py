@@ -69,6 +69,7 @@ from .adapterhub_export_common import (
     model_type,
     role_sites,
 )
+from .adapterhub_setup import block_names
 
 __all__ = ["handles", "save", "ADAPTER_MODELS"]
 
@@ -477,15 +478,6 @@ def _to_dict(item: str | Block, where: str) -> dict[str, Any]:
     return out
 
 
-def _names(item: str | Block) -> list[str]:
-    if isinstance(item, str):
-        return [item]
-    out: list[str] = []
-    for c in item.children:
-        out += [n for n in _names(c) if n not in out]
-    return out
-
-
 def _save_setup(ctl: Any, block: Block, path: Path, save_adapter: SaveAdapter) -> None:
     where = f"setup {block!r}"
     head = None
@@ -503,7 +495,7 @@ def _save_setup(ctl: Any, block: Block, path: Path, save_adapter: SaveAdapter) -
     if isinstance(setup, str):
         raise AdapterHubExportError(f"{where}: export a single adapter with its name, not a block")
     tree = _to_dict(setup, where)
-    names = _names(setup)
+    names = block_names(setup)
     fusions = ([setup] if isinstance(setup, Fuse) else []) + [c for c in setup.children if isinstance(c, Fuse)]
     missing = [n for n in names + [f.name for f in fusions] if n not in ctl.names]
     if missing:

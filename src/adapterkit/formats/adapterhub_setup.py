@@ -81,12 +81,13 @@ def parse(node: Any, where: Path) -> str | Block:
     )
 
 
-def _names(item: str | Block) -> list[str]:
+def block_names(item: str | Block) -> list[str]:
+    """The adapter names a composition block uses, each once, in order of first appearance."""
     if isinstance(item, str):
         return [item]
     out: list[str] = []
     for c in item.children:
-        out += [n for n in _names(c) if n not in out]
+        out += [n for n in block_names(c) if n not in out]
     return out
 
 
@@ -137,7 +138,7 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
         )
     data = read_json(where / SETUP)
     setup = parse(data.get("adapter_setup"), where / SETUP)
-    names = _names(setup)
+    names = block_names(setup)
     fusions = _fusions(setup)
     head = _head(data, where / SETUP, names, setup)
     own_head = head is not None and head not in names
