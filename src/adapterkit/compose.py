@@ -7,8 +7,10 @@ LoRA this is the sum of their deltas, peft's semantics for several active adapte
 ==============  ===========================================================================================
 ``Stack``       children one after another: the output of one feeds the next (MAD-X language + task).
 ``Average``     ``y + sum_i w_i (child_i(y) - y)``: for weights summing to 1 the weighted average of the
-                children's outputs; negative weights subtract a child's effect.
-``Split``       by sequence position: positions ``[0, s1)`` use child 0, ``[s1, s2)`` child 1, ...
+                children's outputs; negative weights subtract a child's effect (``combine="outputs"``:
+                ``sum_i w_i child_i(y)``, no base term: AdapterHub's bottleneck Average).
+``Split``       by sequence position: positions ``[0, s1)`` use child 0, ``[s1, s2)`` child 1, ... (``length``:
+                the one sequence length it is for, as AdapterHub's Split).
 ``BatchSplit``  by rows: the first ``n1`` rows use child 0, the next ``n2`` child 1, ...
 ``Parallel``    the batch is replicated once per child in one forward pass; rows ``[i B, (i+1) B)`` of the
                 outputs belong to child ``i`` (multi-task inference, also with ``generate()``).
@@ -88,24 +90,49 @@ class Stack(Block):
 
 
 class Average(Block):
-    """Weighted average of the children's outputs (``weights`` default: uniform; may be negative)."""
+    """Weighted average of the children's outputs (``weights`` default: uniform; may be negative).
 
-    def __init__(self, *children: str | Block, weights: Sequence[float] | None = None) -> None:
+    ``combine="changes"`` (default): ``y + sum_i w_i (child_i(y) - y)``, the children's changes weighted (negative
+    weights subtract an effect; weights summing to 1 give the weighted average of the outputs).
+    ``combine="outputs"``: ``sum_i w_i child_i(y)``, the weighted outputs summed with no base term: equal to the
+    default when the weights sum to 1, otherwise the base output is scaled too. AdapterHub's ``Average`` of sequential
+    bottleneck adapters is this with its weights divided by the number of children (``adapters`` 1.3.0 takes
+    ``mean(w_i h_i)`` of the adapters' states); setups read from its files use it. Under ``"outputs"`` every child
+    must act at the same modules (a child without an adapter at a module where another has one raises
+    ``ValueError``); where no child acts, the output stays as it is.
+    """
+
+    def __init__(
+        self, *children: str | Block, weights: Sequence[float] | None = None, combine: str = "changes"
+    ) -> None:
         super().__init__(*children)
         n = len(self.children)
         self.weights = tuple(float(w) for w in weights) if weights is not None else (1.0 / n,) * n
         if len(self.weights) != n:
             raise ValueError(f"Average got {n} adapters but {len(self.weights)} weights")
+        if combine not in ("changes", "outputs"):
+            raise ValueError(f"Average combine must be 'changes' or 'outputs', got {combine!r}")
+        self.combine = combine
 
     def _extra(self) -> str:
-        return f", weights={list(self.weights)}"
+        return f", weights={list(self.weights)}" + (
+            f", combine={self.combine!r}" if self.combine != "changes" else ""
+        )
 
 
 class Split(Block):
-    """By sequence position: ``splits=[s1, ...]`` are the first positions of children 1, 2, ..."""
+    """By sequence position: ``splits=[s1, ...]`` are the first positions of children 1, 2, ...
 
-    def __init__(self, *children: str | Block, splits: Sequence[int] | int) -> None:
+    ``length``: the one sequence length this split is for (None: any; positions past a cut beyond the sequence go to
+    no child). Set, other lengths raise ``ValueError``: AdapterHub's ``Split`` holds each part's length, summing to
+    the sequence length (``Split("a", "b", splits=[3, 5])`` there is ``Split("a", "b", splits=[3], length=8)`` here).
+    """
+
+    def __init__(self, *children: str | Block, splits: Sequence[int] | int, length: int | None = None) -> None:
         super().__init__(*children)
+        if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 1):
+            raise ValueError(f"Split length must be a positive integer or None, got {length!r}")
+        self.length = length
         self.splits = (int(splits),) if isinstance(splits, int) else tuple(int(s) for s in splits)
         if len(self.splits) != len(self.children) - 1 or any(s <= 0 for s in self.splits):
             raise ValueError(
@@ -114,9 +141,11 @@ class Split(Block):
             )
         if list(self.splits) != sorted(self.splits):
             raise ValueError(f"Split positions must increase, got {list(self.splits)}")
+        if length is not None and self.splits[-1] >= length:
+            raise ValueError(f"Split positions {list(self.splits)} must lie inside the length {length}")
 
     def _extra(self) -> str:
-        return f", splits={list(self.splits)}"
+        return f", splits={list(self.splits)}" + (f", length={self.length}" if self.length is not None else "")
 
 
 class BatchSplit(Block):
@@ -403,6 +432,8 @@ def _tensor(y: Any, block: Block) -> torch.Tensor:
 def _segments(block: Block, y: torch.Tensor, dim: int) -> list[tuple[int, int]]:
     size = y.shape[dim]
     if isinstance(block, Split):
+        if block.length is not None and size != block.length:
+            raise ValueError(f"{block!r} is for sequences of {block.length} positions, got {size}")
         cuts = [0, *(min(s, size) for s in block.splits), size]
     elif isinstance(block, BatchSplit):
         if sum(block.batch_sizes) != size:
@@ -420,6 +451,38 @@ def _segments(block: Block, y: torch.Tensor, dim: int) -> list[tuple[int, int]]:
     return list(zip(cuts[:-1], cuts[1:]))
 
 
+def _acts(item: str | Block, comps: dict[str, Any]) -> bool:
+    """Whether ``item`` changes this site's output: one of its adapters has an unmerged output component here that
+    is not an observer."""
+    for n in names_in(item):
+        c = comps.get(n)
+        if c is not None and not c.merged and c.has_post and not getattr(c, "observer", False):
+            return True
+    return False
+
+
+def _sum_outputs(
+    item: Average, comps: dict[str, Any], args: tuple, kwargs: dict, base: torch.Tensor
+) -> torch.Tensor:
+    """``Average(combine="outputs")``: ``sum_i w_i child_i(y)`` where the children act; ``y`` where none does."""
+    acting = [_acts(child, comps) for child in item.children]
+    if not any(acting):  # observers only (e.g. residual taps): let them record, change nothing
+        for child in item.children:
+            base = apply_post(child, comps, args, kwargs, base)
+        return base
+    if not all(acting):
+        idle = [repr(c) for c, a in zip(item.children, acting) if not a]
+        raise ValueError(
+            f"{item!r}: {', '.join(idle)} has no adapter at a module where the other children have one; with "
+            "combine='outputs' every child must act at the same modules (or use combine='changes')"
+        )
+    out = None
+    for w, child in zip(item.weights, item.children):
+        yi = w * apply_post(child, comps, args, kwargs, base.clone())
+        out = yi if out is None else out + yi
+    return out
+
+
 def apply_post(item: str | Block, comps: dict[str, Any], args: tuple, kwargs: dict, y: Any) -> Any:
     """Apply ``item`` (a name or block) to the output ``y`` of one site's module."""
     if isinstance(item, str):
@@ -433,12 +496,14 @@ def apply_post(item: str | Block, comps: dict[str, Any], args: tuple, kwargs: di
         for child in item.children:
             y = apply_post(child, comps, args, kwargs, y)
         return y
-    if isinstance(item, Fuse) and isinstance(y, tuple) and y and isinstance(y[0], torch.Tensor):
-        # a module returning (output, extras...) (attention modules): fuse the output, keep the extras
-        fused = apply_post(item, comps, args, kwargs, y[0])
-        return (fused, *y[1:])
+    if isinstance(item, (Fuse, Average, Split)) and isinstance(y, tuple) and y and isinstance(y[0], torch.Tensor):
+        # a module returning (output, extras...) (attention modules): combine the outputs, keep the extras
+        combined = apply_post(item, comps, args, kwargs, y[0])
+        return (combined, *y[1:])
     base = _tensor(y, item)
     if isinstance(item, Average):
+        if item.combine == "outputs":
+            return _sum_outputs(item, comps, args, kwargs, base)
         out = base
         for w, child in zip(item.weights, item.children):
             yi = apply_post(child, comps, args, kwargs, base.clone())

@@ -25,7 +25,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..compose import BatchSplit, Block, Fuse, Parallel, Split, Stack
+from ..compose import Average, BatchSplit, Block, Fuse, Parallel, Split, Stack
+from ..methods.bottleneck import Bottleneck, Hook, Placement
+from ..methods.flex_head import FlexHead
+from ..methods.lora import LoRA
+from ..methods.union import Union
 from . import adapterhub_fusion
 from .io import AdapterFileError, read_json
 
@@ -53,6 +57,11 @@ def parse(node: Any, where: Path) -> str | Block:
             raise AdapterFileError(f"{where}: a 'single' node names one adapter, got {children!r:.80}")
         return children[0]
     parsed = [parse(c, where) for c in children]
+    if kind in ("Average", "Split") and not all(isinstance(c, str) for c in parsed):
+        raise AdapterFileError(
+            f"{where}: {kind} over composition blocks is not read: inside nested blocks the library runs the first "
+            "adapter's pre-step again on an already prepared state (only adapter names under Average and Split)"
+        )
     try:
         if kind == "Stack":
             return Stack(*parsed)
@@ -69,16 +78,112 @@ def parse(node: Any, where: Path) -> str | Block:
         if kind == "Split":
             lengths = kwargs.get("splits")
             lengths = [lengths] * len(parsed) if isinstance(lengths, int) else list(lengths or [])
+            if len(lengths) != len(parsed) or not all(isinstance(n, int) and n > 0 for n in lengths):
+                raise ValueError(
+                    f"'splits' must give a positive length per child, got {kwargs.get('splits')!r:.60}"
+                )
             cuts, total = [], 0
             for n in lengths[:-1]:
                 total += int(n)
                 cuts.append(total)
-            return Split(*parsed, splits=cuts)
+            return Split(*parsed, splits=cuts, length=sum(lengths))
+        if kind == "Average":
+            # the library's from_dict normalizes the saved weights again; its mean(w_i h_i) divides them by n once
+            # more; whether they weigh outputs or changes depends on the members (see fit())
+            weights = kwargs.get("weights")
+            weights = [1.0 / len(parsed)] * len(parsed) if weights is None else list(weights)
+            total = sum(float(w) for w in weights)
+            if not total:
+                raise ValueError(f"weights {weights!r:.60} sum to 0 (the library divides by their sum)")
+            return Average(*parsed, weights=[float(w) / total / len(parsed) for w in weights])
     except (TypeError, ValueError) as e:
         raise AdapterFileError(f"{where}: {kind} block: {e}") from None
     raise AdapterFileError(
-        f"{where}: AdapterHub {kind!r} blocks are not read (read: Stack, Fuse, Parallel, BatchSplit, Split)"
+        f"{where}: AdapterHub {kind!r} blocks are not read (read: Stack, Fuse, Parallel, BatchSplit, Split, Average)"
     )
+
+
+# the BnConfig fields that decide AdapterHub's pre- and post-steps (the library runs the first member's pre-step and
+# the last member's post-step for a whole Average or Split block)
+_ARRANGEMENT = (
+    "placement",
+    "ln_before",
+    "ln_after",
+    "adapter_residual_before_ln",
+    "original_ln_before_resolved",
+    "original_ln_after",
+    "residual_before_ln",
+)
+
+
+def _member(ctl: Any, name: str) -> tuple[str, tuple[Any, ...]] | None:
+    """``(kind, arrangement)`` of an adapter as AdapterHub's Average/Split compute it: ``"sequential"`` (a
+    sub-layer bottleneck whose state is its output ``f'``), ``"parallel"`` (ParBn: its state is the change), ``"lora"``
+    (plain additive LoRA: the change); None for anything else."""
+    cfg = ctl.config(name)
+    if isinstance(cfg, Union):
+        parts = [c for c in cfg.configs if not isinstance(c, FlexHead)]
+        cfg = parts[0] if len(parts) == 1 else None
+    if isinstance(cfg, Bottleneck) and cfg.hook == Hook.SUBLAYER and cfg.original_ln_after:
+        kind = "parallel" if cfg.placement == Placement.PARALLEL else "sequential"
+        return kind, tuple(str(getattr(cfg, f)) for f in _ARRANGEMENT)
+    if isinstance(cfg, LoRA) and not cfg.dora:
+        return "lora", ()
+    return None
+
+
+def fit(ctl: Any, item: str | Block, where: Path) -> str | Block:
+    """``item`` with each ``Average`` and ``Split`` checked against its (loaded) members and made to compute what the
+    library computes: ``Average`` of sequential bottlenecks sums the weighted outputs (``combine="outputs"``), of
+    ParBn or LoRA adapters the weighted changes; ``Split`` runs over bottleneck adapters only.
+
+    Raises:
+        AdapterFileError: members the library computes otherwise (or not at all), naming them."""
+    if isinstance(item, str):
+        return item
+    children = [fit(ctl, c, where) for c in item.children]
+    if not isinstance(item, (Average, Split)):
+        return _rebuilt(item, children)
+    block = type(item).__name__
+    kinds = {n: _member(ctl, n) for n in children}
+    other = [n for n, k in kinds.items() if k is None]
+    if other:
+        raise AdapterFileError(
+            f"{where}: {block} over {other} is not read: the library averages and splits only bottleneck adapters "
+            "(and LoRA under Average) with their states (adapters 1.3.0 raises NotImplementedError for prefix tuning "
+            "in mean() and for every non-bottleneck adapter in compose_split)"
+        )
+    found = {k for k in kinds.values()}
+    if len(found) != 1:
+        raise AdapterFileError(
+            f"{where}: {block} over adapters of different kinds or arrangements ({kinds}) is not read: the library "
+            "runs the first member's pre-step and the last member's post-step for all of them"
+        )
+    kind = next(iter(found))[0]  # type: ignore[index]
+    if isinstance(item, Split) and kind == "lora":
+        raise AdapterFileError(
+            f"{where}: Split over LoRA adapters is not read: adapters 1.3.0 cannot run it (compose_split raises "
+            "NotImplementedError for LoRA layers)"
+        )
+    sites = {n: frozenset(s for s in ctl.sites(n) if s) for n in children}
+    if len(set(sites.values())) != 1:
+        raise AdapterFileError(
+            f"{where}: {block} over adapters on different modules ({sorted(sites)}) is not read: the library's "
+            "weights no longer line up with its states where only some members act"
+        )
+    if isinstance(item, Average) and kind == "sequential":
+        return Average(*children, weights=item.weights, combine="outputs")
+    return _rebuilt(item, children)
+
+
+def _rebuilt(item: Block, children: list[str | Block]) -> Block:
+    if isinstance(item, Average):
+        return Average(*children, weights=item.weights, combine=item.combine)
+    if isinstance(item, Split):
+        return Split(*children, splits=item.splits, length=item.length)
+    if isinstance(item, BatchSplit):
+        return BatchSplit(*children, batch_sizes=item.batch_sizes)
+    return type(item)(*children)
 
 
 def block_names(item: str | Block) -> list[str]:
@@ -109,18 +214,38 @@ def _head(data: dict[str, Any], where: Path, names: list[str], setup: str | Bloc
         head = head[0]
     if not isinstance(head, str) or not head:
         raise AdapterFileError(
-            f"{where}: head_setup {head!r:.80} is not read (one head name; several heads, a composition of heads or "
-            "the model's single head are not)"
+            f"{where}: head_setup {head!r:.80} is not read: several heads (a list, Parallel or BatchSplit of heads; "
+            "the library returns a list of head outputs, MultiHeadOutput) and the model's single head (true) are "
+            "not; one head name is"
         )
     if head in names:
         if any(head in f.children for f in _fusions(setup)):
             raise AdapterFileError(
-                f"{where}: head_setup names the head of the fused adapter {head!r}, not read yet"
+                f"{where}: head_setup names the head of the fused adapter {head!r}, which is not read yet (the head "
+                "is a part of that adapter here, and a Fuse block has no place for it); a head saved on its own "
+                "(save_adapter_setup of a head that is not an adapter's) is"
             )
         return head
     if not (where.parent / head / "head_config.json").is_file():
         raise AdapterFileError(f"{where}: head_setup names {head!r}, which has no head directory there")
     return head
+
+
+def _implied_heads(setup: str | Block) -> list[str]:
+    """The heads the library activates for a setup saved without ``head_setup`` (``parse_heads_from_composition``):
+    the last adapter of a ``Stack``, one per child of ``Parallel`` and ``BatchSplit``, none for other blocks."""
+    if isinstance(setup, str):
+        return [setup]
+    if isinstance(setup, Stack):
+        return [setup.children[-1]] if isinstance(setup.children[-1], str) else []
+    if isinstance(setup, (Parallel, BatchSplit)):
+        return [c if isinstance(c, str) else block_names(c)[-1] for c in setup.children]
+    return []
+
+
+def _has_flex_head(path: Path) -> bool:
+    config = path / "head_config.json"
+    return config.is_file() and read_json(config).get("config") is not None
 
 
 def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: bool, load_one: Any) -> str:
@@ -142,6 +267,14 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
     fusions = _fusions(setup)
     head = _head(data, where / SETUP, names, setup)
     own_head = head is not None and head not in names
+    if head is None:
+        implied = [n for n in _implied_heads(setup) if _has_flex_head(where / n)]
+        if len(implied) > 1:
+            raise AdapterFileError(
+                f"{where / SETUP}: the library activates the heads of {implied} for this {type(setup).__name__} "
+                "(several heads: it returns a list of head outputs, MultiHeadOutput), which is not read yet"
+            )
+        head = implied[0] if implied else None
     missing = [n for n in names if not (where / n).is_dir()] + [
         ",".join(f.children) for f in fusions if not (where / ",".join(f.children)).is_dir()
     ]
@@ -154,7 +287,7 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
     installed: list[str] = []
     try:
         for n in names:
-            keep = head is None or head == n
+            keep = head == n
             installed.append(
                 load_one(ctl, where / n, name=None, allow_pickle=allow_pickle, activate=False, with_head=keep)
             )
@@ -164,6 +297,7 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
                     ctl, where / ",".join(f.children), name=None, allow_pickle=allow_pickle, activate=False
                 )
             )
+        setup = fit(ctl, setup, where / SETUP)
         if own_head:
             assert head is not None
             installed.append(load_one(ctl, where / head, name=None, allow_pickle=allow_pickle, activate=False))

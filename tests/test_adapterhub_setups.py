@@ -1,0 +1,180 @@
+"""AdapterHub adapter setups with ``Average``, ``Split``, ``Parallel`` and ``BatchSplit`` blocks, and the heads those
+setups and encoder-decoder models carry (issue 16 item 3), written by the real ``adapters`` 1.3.0
+(tests/fixtures/adapterhub/make_fixtures_setups.py, ``setups_cases.json``), load here with the library's outputs.
+
+AdapterHub's ``Average`` is ``mean(w_i h_i)`` of the adapters' states with weights normalized to sum 1: for
+sequential bottlenecks the states are their outputs (``ak.Average(..., combine="outputs")`` with the weights divided by
+the number of children), for ParBn and LoRA their changes (the default ``combine="changes"``, same weights).
+``Split``'s lengths become cut positions plus the one ``length`` the library accepts.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import adapterkit as ak
+from adapterkit.formats import AdapterFileError
+from test_adapterhub import FIXTURES, TOL, fresh, run
+
+DATA = json.loads((FIXTURES / "setups_cases.json").read_text())
+CASES: dict[str, dict] = DATA["cases"]
+BLOCKS = sorted(c for c, i in CASES.items() if i["kind"] == "block")
+
+# what each setup activates here (the library's saved setup, as our blocks)
+ACTIVATED = {
+    "setup_bert_average": ak.Average("a", "b", weights=[0.35, 0.15], combine="outputs"),
+    "setup_gpt2_average": ak.Average("a", "b", weights=[0.3, 0.2], combine="outputs"),
+    "setup_bert_average_par_bn": ak.Average("a", "b", weights=[1 / 3, 1 / 6]),
+    "setup_bert_average_lora": ak.Average("a", "b", "c", weights=[1 / 9] * 3),
+    "setup_bert_stack_average": ak.Stack("a", ak.Average("b", "c", weights=[0.25, 0.25], combine="outputs")),
+    "setup_bert_split": ak.Split("a", "b", splits=[3], length=8),
+    "setup_gpt2_split": ak.Split("a", "b", "c", splits=[2, 6], length=8),
+    "setup_bert_stack_split": ak.Stack("a", ak.Split("b", "c", splits=[4], length=8)),
+    "setup_bert_parallel": ak.Parallel("a", "b"),
+    "setup_bert_batch_split": ak.BatchSplit("a", "b", batch_sizes=[1, 1]),
+}
+
+
+def _expected(case: str) -> dict[str, torch.Tensor]:
+    return load_file(str(FIXTURES / case / "expected.safetensors"))
+
+
+def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+def _same(a: ak.Block, b: ak.Block) -> bool:
+    """Blocks equal up to float rounding of the weights."""
+    if type(a) is not type(b) or len(a.children) != len(b.children):
+        return False
+    if isinstance(a, ak.Average) and (a.combine != b.combine or a.weights != pytest.approx(b.weights)):
+        return False
+    if isinstance(a, ak.Split) and (a.splits, a.length) != (b.splits, b.length):
+        return False
+    return all(
+        x == y if isinstance(x, str) or isinstance(y, str) else _same(x, y) for x, y in zip(a.children, b.children)
+    )
+
+
+def test_the_fixtures_are_listed():
+    assert sorted(ACTIVATED) == BLOCKS
+    assert DATA["versions"]["adapters"] == "1.3.0"
+
+
+@pytest.mark.parametrize("case", BLOCKS)
+def test_setup_gives_the_library_outputs(case):
+    model = fresh(CASES[case]["family"])
+    adapters = ak.attach(model)
+    exp = _expected(case)
+    adapters.load(FIXTURES / case / "setup")
+    assert len(adapters.active) == 1 and _same(adapters.active[0], ACTIVATED[case])
+    out, hidden = run(model, exp)
+    assert _diff(out, exp["output"]) <= TOL
+    assert _diff(hidden, exp["hidden"]) <= TOL
+
+
+def test_adapterhubs_average_is_not_our_default_average():
+    """The library's bottleneck Average scales the base output too (mean(w_i h_i)): our default Average with its
+    weights gives another output; AdapterHub's LoRA Average is our default one with the weights divided by n."""
+    model = fresh("bert")
+    adapters = ak.attach(model)
+    exp = _expected("setup_bert_average")
+    adapters.load(FIXTURES / "setup_bert_average" / "setup")
+    adapters.activate(ak.Average("a", "b", weights=[0.7, 0.3]))
+    assert _diff(run(model, exp)[0], exp["output"]) > 1e-2
+    adapters.activate(ak.Average("a", "b", weights=[0.35, 0.15]))  # the same weights, combine="changes"
+    assert _diff(run(model, exp)[0], exp["output"]) > 1e-2
+
+
+def test_average_of_outputs_needs_every_child_at_the_same_modules():
+    model = fresh("bert")
+    adapters = ak.attach(model)
+    adapters.load(FIXTURES / "setup_bert_average" / "setup")
+    adapters.add("lora", ak.LoRA(r=2, targets=["attn.q"]))
+    exp = _expected("setup_bert_average")
+    adapters.activate(ak.Average("a", "lora", combine="outputs"))
+    with pytest.raises(ValueError, match="same modules"):
+        run(model, exp)
+    with pytest.raises(ValueError, match="combine"):
+        ak.Average("a", "b", combine="mean")
+
+
+def test_split_with_a_length_refuses_other_lengths():
+    model = fresh("bert")
+    adapters = ak.attach(model)
+    adapters.load(FIXTURES / "setup_bert_split" / "setup")
+    exp = _expected("setup_bert_split")
+    short = {"input_ids": exp["input_ids"][:, :6], "attention_mask": exp["attention_mask"][:, :6]}
+    with pytest.raises(ValueError, match="sequences of 8 positions, got 6"):
+        run(model, short)
+    with pytest.raises(ValueError, match="inside the length"):
+        ak.Split("a", "b", splits=[8], length=8)
+
+
+def _setup(tmp_path, case, tree):
+    """A copy of ``case``'s setup directory with ``adapter_setup`` replaced by ``tree``."""
+    import shutil
+
+    target = tmp_path / case
+    shutil.copytree(FIXTURES / case / "setup", target)
+    data = json.loads((target / "adapter_setup.json").read_text())
+    data["adapter_setup"] = tree
+    (target / "adapter_setup.json").write_text(json.dumps(data))
+    return target
+
+
+def _single(n):
+    return {"type": "single", "children": [n]}
+
+
+def test_what_the_library_cannot_run_is_refused(tmp_path):
+    """Split over LoRA (the library: NotImplementedError in compose_split), Average or Split over nested blocks (the
+    library runs the first adapter's pre-step again there), members of other kinds; nothing stays loaded."""
+    errors = DATA["library_errors"]
+    assert errors["Split over LoRA adapters"]["type"] == "NotImplementedError"
+    assert errors["Average over prefix tuning"]["type"] == "NotImplementedError"
+    split_lora = _setup(
+        tmp_path,
+        "setup_bert_average_lora",
+        {"type": "Split", "children": [_single("a"), _single("b")], "kwargs": {"splits": [3, 5]}},
+    )
+    nested = _setup(
+        tmp_path,
+        "setup_bert_stack_average",
+        {
+            "type": "Average",
+            "children": [{"type": "Stack", "children": [_single("a"), _single("b")]}, _single("c")],
+        },
+    )
+    bad_lengths = _setup(
+        tmp_path, "setup_bert_split", {"type": "Split", "children": [_single("a"), _single("b")], "kwargs": {}}
+    )
+    for path, match in (
+        (split_lora, "Split over LoRA adapters is not read"),
+        (nested, "over composition blocks is not read"),
+        (bad_lengths, "positive length per child"),
+    ):
+        model = fresh("bert")
+        adapters = ak.attach(model)
+        with pytest.raises(AdapterFileError, match=match):
+            adapters.load(path)
+        assert adapters.names == []
+
+
+def test_average_over_mixed_kinds_is_refused(tmp_path):
+    import shutil
+
+    target = _setup(
+        tmp_path,
+        "setup_bert_average",
+        {"type": "Average", "children": [_single("a"), _single("c")], "kwargs": {"weights": [0.5, 0.5]}},
+    )
+    shutil.copytree(FIXTURES / "setup_bert_average_lora" / "setup" / "c", target / "c")
+    adapters = ak.attach(fresh("bert"))
+    with pytest.raises(AdapterFileError, match="different kinds"):
+        adapters.load(target)
+    assert adapters.names == []
