@@ -154,7 +154,7 @@ def test_what_the_library_cannot_run_is_refused(tmp_path):
         tmp_path, "setup_bert_split", {"type": "Split", "children": [_single("a"), _single("b")], "kwargs": {}}
     )
     for path, match in (
-        (split_lora, "Split over LoRA adapters is not read"),
+        (split_lora, "Split over LoRA adapters: adapters 1.3.0 cannot run it"),
         (nested, "over composition blocks is not read"),
         (bad_lengths, "positive length per child"),
     ):
@@ -178,3 +178,70 @@ def test_average_over_mixed_kinds_is_refused(tmp_path):
     with pytest.raises(AdapterFileError, match="different kinds"):
         adapters.load(target)
     assert adapters.names == []
+
+
+# --- export back ---------------------------------------------------------------------------------------------------
+
+
+def _tree_equal(ours, theirs) -> bool:
+    """adapter_setup trees equal, weights up to float rounding."""
+    if isinstance(ours, dict) and isinstance(theirs, dict):
+        if set(ours) != set(theirs):
+            return False
+        return all(_tree_equal(ours[k], theirs[k]) for k in ours)
+    if isinstance(ours, list) and isinstance(theirs, list):
+        return len(ours) == len(theirs) and all(_tree_equal(a, b) for a, b in zip(ours, theirs))
+    if isinstance(ours, float) or isinstance(theirs, float):
+        return ours == pytest.approx(theirs, abs=1e-12)
+    return ours == theirs
+
+
+@pytest.mark.parametrize("case", BLOCKS)
+def test_setup_export_reads_back(case, tmp_path):
+    """Our export of the loaded setup is the library's adapter_setup.json (weights up to rounding) and reads back
+    with the same outputs."""
+    model = fresh(CASES[case]["family"])
+    adapters = ak.attach(model)
+    exp = _expected(case)
+    adapters.load(FIXTURES / case / "setup")
+    ours = run(model, exp)
+    adapters.export(adapters.active[0], tmp_path / "out", format="adapterhub")
+    written = json.loads((tmp_path / "out" / "adapter_setup.json").read_text())
+    saved = json.loads((FIXTURES / case / "setup" / "adapter_setup.json").read_text())
+    assert _tree_equal(written["adapter_setup"], saved["adapter_setup"])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        p.name for p in (FIXTURES / case / "setup").iterdir()
+    )
+    again = fresh(CASES[case]["family"])
+    back = ak.attach(again)
+    back.load(tmp_path / "out")
+    assert _same(back.active[0], adapters.active[0])
+    out, hidden = run(again, exp)
+    assert _diff(out, ours[0]) <= 1e-6 and _diff(hidden, ours[1]) <= 1e-6
+    assert _diff(out, exp["output"]) <= TOL
+
+
+def test_averages_and_splits_adapterhub_computes_otherwise_are_not_written(tmp_path):
+    from adapterkit.formats.adapterhub_export_common import AdapterHubExportError
+
+    model = fresh("bert")
+    adapters = ak.attach(model)
+    adapters.load(FIXTURES / "setup_bert_average" / "setup")
+    adapters.add("lora", ak.LoRA(r=2, targets=["attn.q", "attn.v"]))
+    adapters.add("lora2", ak.LoRA(r=2, targets=["attn.q", "attn.v"]))
+    for block, match in [
+        (ak.Average("a", "b", weights=[0.25, 0.25]), "combine='outputs'"),  # SeqBn: AdapterHub weighs outputs
+        (ak.Average("a", "b", combine="outputs"), "summing to 1/2"),  # [0.5, 0.5]: not AdapterHub's
+        (ak.Average("lora", "lora2", weights=[0.25, 0.25], combine="outputs"), "combine='changes'"),
+        (ak.Average("a", "lora", weights=[0.25, 0.25], combine="outputs"), "different kinds"),
+        (ak.Average(ak.Stack("a", "b"), "a", weights=[0.25, 0.25]), "over composition blocks"),
+        (ak.Split("a", "b", splits=[3]), "length=L"),
+        (ak.Split("lora", "lora2", splits=[3], length=8), "Split over LoRA"),
+    ]:
+        with pytest.raises(AdapterHubExportError, match=match):
+            adapters.export(block, tmp_path / "out", format="adapterhub")
+    assert not list(tmp_path.iterdir())
+    # written: LoRA Average with weights summing to 1/n
+    adapters.export(ak.Average("lora", "lora2", weights=[0.3, 0.2]), tmp_path / "out", format="adapterhub")
+    written = json.loads((tmp_path / "out" / "adapter_setup.json").read_text())["adapter_setup"]
+    assert written["kwargs"]["weights"] == pytest.approx([0.6, 0.4])

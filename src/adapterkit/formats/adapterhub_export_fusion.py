@@ -36,9 +36,11 @@ of ``formats/adapterhub_export.py`` for what :func:`handles` says; the format: .
   adapter directory per adapter (``<dir>/<name>/``, written as above, heads included), one fusion directory per
   ``Fuse`` at the top or directly under it (``<dir>/a,b/``). A :class:`FlexHead` adapter stacked last
   (``ak.Stack(ak.Fuse("a", "b"), "target")``, what a setup with ``head_setup="target"`` loads as) is written as
-  ``head_setup: "target"`` and ``<dir>/target/`` (``save_head``). Refused: ``Split`` (AdapterHub's lengths must sum to
-  the sequence length; ours are cut positions), ``Average`` (the library averages ``mean(w_i h_i)``), ``Fuse`` over
-  blocks, a head anywhere else. All or nothing: written into a temporary directory, then moved into place.
+  ``head_setup: "target"`` and ``<dir>/target/`` (``save_head``). ``Average`` and ``Split`` over adapter names as
+  the library computes them (``adapterhub_setup.members_kind``): ``Average`` of sequential bottlenecks with
+  ``combine="outputs"``, of ParBn or LoRA adapters with ``combine="changes"``, weights summing to ``1/n`` (written
+  times ``n``: the library's ``mean(w_i h_i)`` divides them again); ``Split`` with its ``length`` (written as each
+  part's length). Refused: other Averages and Splits, ``Fuse`` over blocks, a head anywhere else. All or nothing: written into a temporary directory, then moved into place.
 
 Everything is checked before anything is written; errors are :class:`AdapterHubExportError`.
 """
@@ -54,7 +56,7 @@ from typing import Any
 
 import torch
 
-from ..compose import BatchSplit, Block, Fuse, Parallel, Stack
+from ..compose import Average, BatchSplit, Block, Fuse, Parallel, Split, Stack
 from ..methods.bottleneck_sublayer import SublayerBottleneck
 from ..methods.flex_head import LANGUAGE_MODELS, FlexHead, FlexHeadLayer
 from ..methods.fusion import Fusion, FusionLayer
@@ -69,7 +71,7 @@ from .adapterhub_export_common import (
     model_type,
     role_sites,
 )
-from .adapterhub_setup import block_names
+from .adapterhub_setup import block_names, members_kind
 
 __all__ = ["handles", "save", "ADAPTER_MODELS"]
 
@@ -459,23 +461,55 @@ def _save_with_head(ctl: Any, name: str, path: Path, save_adapter: SaveAdapter) 
 # --- setups ------------------------------------------------------------------------------------------------------
 
 
-def _to_dict(item: str | Block, where: str) -> dict[str, Any]:
+def _to_dict(ctl: Any, item: str | Block, where: str) -> dict[str, Any]:
     """AdapterHub's ``AdapterCompositionBlock.to_dict`` of our block (refusing what the library computes otherwise)."""
     if isinstance(item, str):
         return {"type": "single", "children": [item]}
     kind = type(item)
-    if kind not in (Stack, Fuse, Parallel, BatchSplit):
-        why = {
-            "Split": "AdapterHub's Split takes every part's length (summing to the sequence length), ours cut positions",
-            "Average": "AdapterHub's Average computes mean(w_i h_i) of weighted states, ours the weighted sum",
-        }.get(kind.__name__, "AdapterHub has no such block")
-        raise AdapterHubExportError(f"{where}: {kind.__name__} blocks are not written ({why})")
+    if kind not in (Stack, Fuse, Parallel, BatchSplit, Average, Split):
+        raise AdapterHubExportError(
+            f"{where}: {kind.__name__} blocks are not written (AdapterHub has no such block)"
+        )
     if kind is Fuse and not all(isinstance(c, str) for c in item.children):
         raise AdapterHubExportError(f"{where}: Fuse over composition blocks is not written (only adapter names)")
-    out: dict[str, Any] = {"type": kind.__name__, "children": [_to_dict(c, where) for c in item.children]}
-    if kind is BatchSplit:
+    out: dict[str, Any] = {"type": kind.__name__, "children": [_to_dict(ctl, c, where) for c in item.children]}
+    if isinstance(item, BatchSplit):
         out["kwargs"] = {"batch_sizes": list(item.batch_sizes)}
+    if isinstance(item, (Average, Split)):
+        out["kwargs"] = _average_or_split(ctl, item, where)
     return out
+
+
+def _average_or_split(ctl: Any, item: Average | Split, where: str) -> dict[str, Any]:
+    """The ``kwargs`` of AdapterHub's ``Average`` (``weights``) or ``Split`` (``splits``: each part's length) for our
+    block, refused where the library would compute something else."""
+    try:
+        kind = members_kind(ctl, item)
+    except ValueError as e:
+        raise AdapterHubExportError(f"{where}: {e} (not written)") from None
+    if isinstance(item, Split):
+        if item.length is None:
+            raise AdapterHubExportError(
+                f"{where}: AdapterHub's Split holds each part's length, which must sum to the sequence length; give "
+                f"the one length it is for: ak.Split(..., splits={list(item.splits)}, length=L)"
+            )
+        cuts = [0, *item.splits, item.length]
+        return {"splits": [b - a for a, b in zip(cuts[:-1], cuts[1:])]}
+    n = len(item.children)
+    combine = "outputs" if kind == "sequential" else "changes"
+    if item.combine != combine:
+        raise AdapterHubExportError(
+            f"{where}: AdapterHub's Average of {kind} adapters weighs their {combine} (mean(w_i h_i) of its states): "
+            f"ak.Average(..., combine={combine!r}) is written, combine={item.combine!r} is not"
+        )
+    total = sum(item.weights)
+    if abs(total * n - 1.0) > 1e-6:
+        raise AdapterHubExportError(
+            f"{where}: AdapterHub normalizes Average weights to sum 1 when it loads them and then divides them by the "
+            f"number of adapters once more (mean(w_i h_i)), so only weights summing to 1/{n} are written; these sum "
+            f"to {total:g} (for AdapterHub's Average(weights=w), give ak.Average(..., weights=[w_i / {n}]))"
+        )
+    return {"weights": [w * n for w in item.weights]}
 
 
 def _save_setup(ctl: Any, block: Block, path: Path, save_adapter: SaveAdapter) -> None:
@@ -494,7 +528,7 @@ def _save_setup(ctl: Any, block: Block, path: Path, save_adapter: SaveAdapter) -
         setup = rest[0] if len(rest) == 1 else Stack(*rest)
     if isinstance(setup, str):
         raise AdapterHubExportError(f"{where}: export a single adapter with its name, not a block")
-    tree = _to_dict(setup, where)
+    tree = _to_dict(ctl, setup, where)
     names = block_names(setup)
     fusions = ([setup] if isinstance(setup, Fuse) else []) + [c for c in setup.children if isinstance(c, Fuse)]
     missing = [n for n in names + [f.name for f in fusions] if n not in ctl.names]

@@ -10,13 +10,29 @@ A setup directory holds ``adapter_setup.json``::
 plus one ``save_adapter`` directory per adapter (``<dir>/<name>/``, with its head when it was saved with one) and one
 ``save_adapter_fusion`` directory per ``Fuse`` block at the top level or directly under it (``<dir>/a,b/``), as the
 library's ``_save_adapter_setup_weights`` writes them. ``adapters.load(dir)`` loads the adapters in the setup's
-order (each as ``adapters.load(<dir>/<name>)`` would, heads included), then the fusions, then activates the setup
-(``Stack`` → ``ak.Stack``, ``Fuse`` → ``ak.Fuse``, ``Parallel``, ``BatchSplit(batch_sizes)`` and ``Split(splits)``,
-AdapterHub's lengths becoming our cut positions). All or nothing: a failure deletes what it loaded. ``Average``
-(AdapterHub averages the weighted states, ``mean(w_i h_i)``), ``MultiTask`` and ``Fuse`` over ``Stack`` children are
-refused. ``head_setup`` (one head; see :func:`load`): a head saved with an adapter is a part of that adapter here,
-active with it; a head saved alone (``<dir>/<head>/``, e.g. AdapterFusion's target-task head) becomes an adapter of
-its own, stacked after the setup.
+order (each as ``adapters.load(<dir>/<name>)`` would), then the fusions, then activates the setup (``Stack`` →
+``ak.Stack``, ``Fuse`` → ``ak.Fuse``, ``Parallel``, ``BatchSplit(batch_sizes)``, and):
+
+- ``Split(splits=[l1, l2, ...])`` (each part's length; the library accepts only sequences of ``sum(l)``
+  positions) → ``ak.Split(splits=[l1, l1 + l2, ...], length=sum(l))``, over bottleneck adapters (the library's
+  ``compose_split`` raises NotImplementedError for LoRA).
+- ``Average(weights=w)``: adapters 1.3.0 normalizes ``w`` to sum 1 when it loads the setup, then computes
+  ``mean_i(w_i h_i)`` of the adapters' states, i.e. divides by the number ``n`` of adapters once more. A sequential
+  bottleneck's state is its output (``f'``, on which the block's own residual and LayerNorm run), so its Average
+  is ``ak.Average(weights=w/n, combine="outputs")`` (``sum_i (w_i/n) f'_i``: the base output is scaled too); ParBn's
+  and LoRA's states are their changes, so theirs is ``ak.Average(weights=w/n)`` (``y + sum_i (w_i/n) delta_i``).
+  Members must be of one kind and arrangement and sit on the same modules (the library runs the first member's
+  pre-step and the last one's post-step for all; its weights stop lining up where only some act); prefix tuning
+  is refused (the library's ``mean`` raises NotImplementedError).
+- ``Average`` and ``Split`` over nested blocks are refused (the library runs the first adapter's pre-step again
+  on an already prepared state inside them), as are ``MultiTask`` and ``Fuse`` over ``Stack`` children.
+
+All or nothing: a failure deletes what it loaded. Heads: as the library's ``set_active_adapters``, the head of the
+last adapter of a ``Stack`` is kept (a part of that adapter here, active with it), other blocks keep none, and
+``Parallel``/``BatchSplit`` of adapters with heads (several heads: the library returns a list of head outputs) are
+refused. ``head_setup`` naming one head (see :func:`load`): that adapter's head; a head saved alone
+(``<dir>/<head>/``, e.g. AdapterFusion's target-task head) becomes an adapter of its own, stacked after the setup.
+Several heads in ``head_setup`` and the head of a fused adapter are refused.
 """
 
 from __future__ import annotations
@@ -144,36 +160,55 @@ def fit(ctl: Any, item: str | Block, where: Path) -> str | Block:
     children = [fit(ctl, c, where) for c in item.children]
     if not isinstance(item, (Average, Split)):
         return _rebuilt(item, children)
-    block = type(item).__name__
-    kinds = {n: _member(ctl, n) for n in children}
-    other = [n for n, k in kinds.items() if k is None]
-    if other:
-        raise AdapterFileError(
-            f"{where}: {block} over {other} is not read: the library averages and splits only bottleneck adapters "
-            "(and LoRA under Average) with their states (adapters 1.3.0 raises NotImplementedError for prefix tuning "
-            "in mean() and for every non-bottleneck adapter in compose_split)"
-        )
-    found = {k for k in kinds.values()}
-    if len(found) != 1:
-        raise AdapterFileError(
-            f"{where}: {block} over adapters of different kinds or arrangements ({kinds}) is not read: the library "
-            "runs the first member's pre-step and the last member's post-step for all of them"
-        )
-    kind = next(iter(found))[0]  # type: ignore[index]
-    if isinstance(item, Split) and kind == "lora":
-        raise AdapterFileError(
-            f"{where}: Split over LoRA adapters is not read: adapters 1.3.0 cannot run it (compose_split raises "
-            "NotImplementedError for LoRA layers)"
-        )
-    sites = {n: frozenset(s for s in ctl.sites(n) if s) for n in children}
-    if len(set(sites.values())) != 1:
-        raise AdapterFileError(
-            f"{where}: {block} over adapters on different modules ({sorted(sites)}) is not read: the library's "
-            "weights no longer line up with its states where only some members act"
-        )
+    try:
+        kind = members_kind(ctl, item)
+    except ValueError as e:
+        raise AdapterFileError(f"{where}: {e} (not read)") from None
     if isinstance(item, Average) and kind == "sequential":
         return Average(*children, weights=item.weights, combine="outputs")
     return _rebuilt(item, children)
+
+
+def members_kind(ctl: Any, block: Average | Split) -> str:
+    """The kind (:func:`_member`) all adapters of an ``Average`` or ``Split`` block (children: names) share, for
+    the reader and the writer.
+
+    Raises:
+        ValueError: what the library computes otherwise or cannot run."""
+    what = type(block).__name__
+    if not all(isinstance(c, str) for c in block.children):
+        raise ValueError(
+            f"{what} over composition blocks: inside nested blocks the library runs the first adapter's pre-step "
+            "again on an already prepared state (only adapter names under Average and Split)"
+        )
+    names = [c for c in block.children if isinstance(c, str)]
+    kinds = {n: _member(ctl, n) for n in names}
+    other = [n for n, k in kinds.items() if k is None]
+    if other:
+        raise ValueError(
+            f"{what} over {other}: the library averages and splits only bottleneck adapters (and LoRA under "
+            "Average) with their states (adapters 1.3.0 raises NotImplementedError for prefix tuning in mean() and "
+            "for every non-bottleneck adapter in compose_split)"
+        )
+    found = set(kinds.values())
+    if len(found) != 1:
+        raise ValueError(
+            f"{what} over adapters of different kinds or arrangements ({kinds}): the library runs the first "
+            "member's pre-step and the last member's post-step for all of them"
+        )
+    kind = next(iter(found))[0]  # type: ignore[index]
+    if isinstance(block, Split) and kind == "lora":
+        raise ValueError(
+            "Split over LoRA adapters: adapters 1.3.0 cannot run it (compose_split raises NotImplementedError for "
+            "LoRA layers)"
+        )
+    sites = {n: frozenset(s for s in ctl.sites(n) if s) for n in names}
+    if len(set(sites.values())) != 1:
+        raise ValueError(
+            f"{what} over adapters on different modules ({names}): the library's weights no longer line up with "
+            "its states where only some members act"
+        )
+    return kind
 
 
 def _rebuilt(item: Block, children: list[str | Block]) -> Block:
