@@ -17,7 +17,9 @@ tests/test_adapterhub_export_fusion.py::test_the_library_loads_our_compositions_
   the plain model (``adapters.init``) or, with a head, on the ``*AdapterModel``.
 
 The base model of a family is ``tests/fixtures/adapterhub/base/<family>`` (the weights our side used), its inputs
-that directory's ``expected.safetensors``. For each case the script writes ``<case>.output`` (the head's logits,
+that directory's ``expected.safetensors``; a case may name others (``"base": dir``, ``"inputs": file``; T5 with
+its decoder, the eos inputs of encoder-decoder classification heads). Encoder-decoder models: ``hidden`` is the
+decoder's last hidden state. For each case the script writes ``<case>.output`` (the head's logits,
 the model's logits or its last hidden state), ``<case>.hidden`` (the last hidden state) and ``<case>.missing`` (the
 number of adapter, fusion or head weights the library did not find in our files: it would fill those with fresh
 initial values, so it must be 0; fusion layers are counted by comparing the model's fusion parameters with the
@@ -40,20 +42,32 @@ from safetensors.torch import load_file, save_file
 from transformers.utils import logging
 
 BASE = Path(__file__).resolve().parent / "fixtures" / "adapterhub" / "base"
-CLASSES = {"bert": "BertModel", "gpt2": "GPT2LMHeadModel", "distilbert": "DistilBertModel"}
-HEAD_CLASSES = {"bert": "BertAdapterModel", "gpt2": "GPT2AdapterModel", "distilbert": "DistilBertAdapterModel"}
+CLASSES = {
+    "bert": "BertModel",
+    "gpt2": "GPT2LMHeadModel",
+    "distilbert": "DistilBertModel",
+    "bart": "BartModel",
+    "t5": "T5Model",
+}
+HEAD_CLASSES = {
+    "bert": "BertAdapterModel",
+    "gpt2": "GPT2AdapterModel",
+    "distilbert": "DistilBertAdapterModel",
+    "bart": "BartAdapterModel",
+    "t5": "T5AdapterModel",
+}
 
 
-def _plain(family: str) -> torch.nn.Module:
+def _plain(family: str, base_dir: Path) -> torch.nn.Module:
     kwargs = {"add_pooling_layer": False} if family == "bert" else {}
-    model = getattr(transformers, CLASSES[family]).from_pretrained(str(BASE / family), **kwargs).eval()
+    model = getattr(transformers, CLASSES[family]).from_pretrained(str(base_dir), **kwargs).eval()
     adapters.init(model)
     return model
 
 
-def _head_model(family: str) -> torch.nn.Module:
+def _head_model(family: str, base_dir: Path) -> torch.nn.Module:
     """The family's ``*AdapterModel`` with the base weights (its pooler, unused by the heads here, stays random)."""
-    base = getattr(transformers, CLASSES[family]).from_pretrained(str(BASE / family)).eval()
+    base = getattr(transformers, CLASSES[family]).from_pretrained(str(base_dir)).eval()
     model = getattr(adapters, HEAD_CLASSES[family])(base.config)
     own = base.transformer if family == "gpt2" else base
     missing, unexpected = model.base_model.load_state_dict(own.state_dict(), strict=False)
@@ -86,23 +100,24 @@ def main(manifest: Path, out: Path) -> None:
     results: dict[str, torch.Tensor] = {}
     for case, info in cases.items():
         family = info["family"]
+        base_dir = Path(info.get("base") or BASE / family)
         missing = 0
         loading: dict = {}
         if info["kind"] == "fusion":
-            model = _plain(family)
+            model = _plain(family, base_dir)
             for directory in info["adapters"]:
                 model.load_adapter(directory, use_safetensors=True, loading_info=loading)
             model.load_adapter_fusion(info["fusion"], use_safetensors=True)
             missing += _fusion_missing(model, info["fusion"])
             model.set_active_adapters(Fuse(*info["names"]))
         elif info["kind"] == "head":
-            model = _head_model(family)
+            model = _head_model(family, base_dir)
             name = model.load_adapter(info["adapter"], use_safetensors=True, loading_info=loading)
             if name != info["name"] or name not in model.heads:
                 raise SystemExit(f"{case}: loaded {name!r}, heads {list(model.heads)}")
             model.set_active_adapters(name)
         else:
-            model = _head_model(family) if info["head_model"] else _plain(family)
+            model = _head_model(family, base_dir) if info["head_model"] else _plain(family, base_dir)
             model.load_adapter_setup(info["setup"], set_active=True, use_safetensors=True)
             for fusion in Path(info["setup"]).glob("*/model_adapter_fusion.safetensors"):
                 missing += _fusion_missing(model, fusion.parent)
@@ -110,11 +125,12 @@ def main(manifest: Path, out: Path) -> None:
         if loading.get("missing_keys"):
             print(f"{case}: missing {loading['missing_keys'][:4]}", file=sys.stderr)
         model.eval()
-        exp = load_file(str(BASE / family / "expected.safetensors"))
+        exp = load_file(str(info.get("inputs") or BASE / family / "expected.safetensors"))
         inputs = {"input_ids": exp["input_ids"], "attention_mask": exp["attention_mask"]}
         with torch.no_grad():
             o = model(**inputs, output_hidden_states=True)
-        hidden = o.hidden_states[-1].detach().contiguous().clone()
+        states = getattr(o, "hidden_states", None)
+        hidden = (states if states is not None else o.decoder_hidden_states)[-1].detach().contiguous().clone()
         logits = getattr(o, "logits", None)
         results[f"{case}.output"] = (logits if logits is not None else hidden).detach().contiguous().clone()
         results[f"{case}.hidden"] = hidden

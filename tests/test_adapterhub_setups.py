@@ -245,3 +245,46 @@ def test_averages_and_splits_adapterhub_computes_otherwise_are_not_written(tmp_p
     adapters.export(ak.Average("lora", "lora2", weights=[0.3, 0.2]), tmp_path / "out", format="adapterhub")
     written = json.loads((tmp_path / "out" / "adapter_setup.json").read_text())["adapter_setup"]
     assert written["kwargs"]["weights"] == pytest.approx([0.6, 0.4])
+
+
+# --- the real library ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_library_loads_our_setups_with_our_outputs(tmp_path):
+    """``adapters`` 1.3.0 loads our exports of the Average / Split / Parallel / BatchSplit setups
+    (``load_adapter_setup(dir, set_active=True)`` under ``adapters.init``) and gives our outputs (<= 1e-4)."""
+    from adapterhub_library import HUB_PYTHON, run_library
+
+    if not HUB_PYTHON.is_file():
+        pytest.skip(f"{HUB_PYTHON} is missing (make it as tests/fixtures/adapterhub/make_fixtures.py says)")
+    manifest: dict[str, dict] = {}
+    ours: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for case in BLOCKS:
+        family = CASES[case]["family"]
+        model = fresh(family)
+        adapters = ak.attach(model)
+        adapters.load(FIXTURES / case / "setup")
+        ours[case] = run(model, _expected(case))
+        adapters.export(adapters.active[0], tmp_path / case, format="adapterhub")
+        manifest[case] = {"kind": "setup", "family": family, "head_model": False, "setup": str(tmp_path / case)}
+    made = fresh("bert")  # made here: a LoRA Average with weights summing to 1/n
+    adapters = ak.attach(made)
+    for n in ("x", "y"):
+        adapters.add(n, ak.LoRA(r=4, alpha=8, targets=["attn.q", "attn.v"], init_weights=False))
+    adapters.activate(ak.Average("x", "y", weights=[0.3, 0.2]))
+    ours["bert_lora_average_made_here"] = run(made, _expected("setup_bert_average_lora"))
+    adapters.export(adapters.active[0], tmp_path / "made", format="adapterhub")
+    manifest["bert_lora_average_made_here"] = {
+        "kind": "setup", "family": "bert", "head_model": False, "setup": str(tmp_path / "made")
+    }  # fmt: skip
+    theirs = run_library("adapterhub_library_check_fusion.py", manifest, tmp_path)
+    worst = {}
+    for key, (out, hidden) in ours.items():
+        assert theirs[f"{key}.missing"].item() == 0, key
+        worst[key] = (_diff(theirs[f"{key}.output"], out), _diff(theirs[f"{key}.hidden"], hidden))
+    print("\ncase: max|library - ours| output, hidden")
+    for key, (d_out, d_hid) in worst.items():
+        print(f"  {key:30s} {d_out:.1e} {d_hid:.1e}")
+    bad = {k: v for k, v in worst.items() if v[0] > TOL or v[1] > TOL}
+    assert not bad, bad
