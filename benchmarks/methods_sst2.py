@@ -20,6 +20,7 @@ Run (slow, about 5 minutes per method on 2 cores; not part of ``make test``)::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import random
@@ -64,6 +65,25 @@ METHODS: dict[str, tuple[str | None, dict, float]] = {
     "road": ("road", {"targets": ["attn.q", "attn.v"]}, 1e-3),
     # VB-LoRA: MiniLM's width 384 is not a multiple of the default vector length 256 (peft's too): 128 divides it
     "vblora": ("vblora", {"r": 4, "vector_length": 128, "targets": ["attn.q", "attn.v"]}, 1e-3),
+    "p_tuning": ("p_tuning", {}, 1e-3),  # peft's P-tuning examples' rate; 20 virtual tokens, MLP encoder
+    "lora_eva": ("lora", {"r": 8, "alpha": 16, "targets": ["attn.q", "attn.v"], "init": "eva"}, 1e-3),
+    "lora_corda": ("lora", {"r": 8, "alpha": 16, "targets": ["attn.q", "attn.v"], "init": "corda"}, 1e-3),
+    # LoRA+: A (and the head) at lr, B at 16 x lr (the paper's ratio; 16 x 1e-3 diverges on this recipe)
+    "loraplus": ("lora", {"r": 8, "alpha": 16, "targets": ["attn.q", "attn.v"]}, 2e-4),
+}
+
+# what some rows do beyond "add the config and train":
+# - calibrate: data-aware inits (EVA, CorDA) calibrate on the first N training sentences before training (EVA: N/8
+#   padded batches of 8, cycled while peft's EVA asks for more; CorDA: one sentence per call, as peft's hook reads);
+# - loraplus_ratio: LoRA+ optimizer groups (``ak.loraplus_optimizer`` / peft's ``create_loraplus_optimizer``);
+# - same_init: our adapter starts from peft's initial one (peft's ``save_pretrained`` of the freshly built model,
+#   read by our peft reader), so the row and its peft row start from identical weights where the two libraries draw
+#   their initial values in a different order (VB-LoRA's bank, LoRA's A).
+EXTRAS: dict[str, dict] = {
+    "vblora": {"same_init": True},
+    "lora_eva": {"calibrate": 64},
+    "lora_corda": {"calibrate": 64},
+    "loraplus": {"loraplus_ratio": 16.0, "same_init": True},
 }
 
 
@@ -80,18 +100,78 @@ PEFT_CONFIGS: dict[str, tuple[str, dict]] = {
     "road": ("RoadConfig", {"target_modules": _QV}),
     "adalora": ("AdaLoraConfig", {"init_r": 12, "target_r": 8, "target_modules": _QV}),  # + total_step
     "vblora": ("VBLoRAConfig", {"r": 4, "vector_length": 128, "target_modules": _QV}),
+    "p_tuning": ("PromptEncoderConfig", {"num_virtual_tokens": 20}),
+    "lora_eva": ("LoraConfig", {"r": 8, "lora_alpha": 16, "target_modules": _QV, "init_lora_weights": "eva"}),
+    "lora_corda": ("LoraConfig", {"r": 8, "lora_alpha": 16, "target_modules": _QV, "init_lora_weights": "corda"}),
+    "loraplus": ("LoraConfig", {"r": 8, "lora_alpha": 16, "target_modules": _QV}),
 }
 
 
-def _peft_model(name: str, model: torch.nn.Module, steps: int) -> torch.nn.Module:
+def _peft_model(
+    name: str, model: torch.nn.Module, steps: int, calibration: list[dict] | None = None
+) -> torch.nn.Module:
     """``model`` wrapped by peft with ``name``'s config (classification: peft trains the head as modules_to_save);
-    AdaLoRA's budget schedule needs the number of training ``steps``."""
+    AdaLoRA's budget schedule needs the number of training ``steps``; EVA and CorDA calibrate on ``calibration``
+    (tokenized batches without labels) the way peft's own entry points do."""
     import peft
 
     cls_name, kwargs = PEFT_CONFIGS[name]
     if cls_name == "AdaLoraConfig":
         kwargs = {**kwargs, "total_step": steps}
-    return peft.get_peft_model(model, getattr(peft, cls_name)(task_type="SEQ_CLS", **kwargs))
+    init = kwargs.get("init_lora_weights")
+    if init == "eva":
+        kwargs = {**kwargs, "eva_config": peft.EvaConfig()}
+    if init == "corda":
+        try:
+            import attr  # noqa: F401  (peft 0.21's corda.py imports attrs' `dataclass`, not a peft dependency)
+        except ImportError:
+            import dataclasses
+            import types
+
+            sys.modules["attr"] = types.SimpleNamespace(dataclass=dataclasses.dataclass)
+        from peft.tuners.lora.config import CordaConfig
+        from peft.tuners.lora.corda import preprocess_corda
+
+        config = peft.LoraConfig(task_type="SEQ_CLS", **kwargs, corda_config=CordaConfig(corda_method="ipm"))
+        model.eval()
+        with torch.no_grad():
+            preprocess_corda(model, config, run_model=lambda: [model(**b) for b in calibration])
+        return peft.get_peft_model(model, config)
+    pm = peft.get_peft_model(model, getattr(peft, cls_name)(task_type="SEQ_CLS", **kwargs))
+    if init == "eva":
+        pm.eval()
+        peft.initialize_lora_eva_weights(pm, calibration, show_progress_bar=False)
+    return pm
+
+
+def _calibration(name: str, tokenizer, train_rows, args: argparse.Namespace) -> list[dict] | None:
+    """The calibration batches of ``name`` (``EXTRAS[name]["calibrate"]`` training sentences), or None."""
+    n = EXTRAS.get(name, {}).get("calibrate")
+    if not n:
+        return None
+    per = 1 if METHODS[name][1].get("init") == "corda" else 8  # peft's CorDA hook reads one sample per call
+    texts = [s for s, _ in train_rows[:n]]
+    return [
+        dict(
+            tokenizer(
+                texts[i : i + per], padding=True, truncation=True, max_length=args.max_length, return_tensors="pt"
+            )
+        )  # fmt: skip
+        for i in range(0, n, per)
+    ]
+
+
+def _from_peft_init(name: str, model: torch.nn.Module, steps: int, seed: int) -> ak.Adapters:
+    """Our adapter ``name`` on ``model`` holding the initial weights peft draws for ``name`` (built on a fresh copy
+    of the same model under the same seed, saved with ``save_pretrained``, read back by our peft reader)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pm = _peft_model(name, demo.load_model(demo.model_path(), seed), steps)
+        pm.save_pretrained(tmp)
+        adapters = ak.attach(model)
+        adapters.load(tmp, name=name)
+    return adapters
 
 
 def _settings(spec: str | None, overrides: dict) -> str:
@@ -127,16 +207,19 @@ def run_one(name: str, args: argparse.Namespace, tokenizer, train_rows, dev_rows
     model = demo.load_model(demo.model_path(), args.seed)
     base_params = sum(p.numel() for p in model.parameters())
     label = name
+    extras = EXTRAS.get(name, {})
+    steps = args.epochs * math.ceil(len(train_rows) / args.batch_size)
+    calibration = _calibration(name, tokenizer, train_rows, args)
     if args.backend == "peft":
         if name not in PEFT_CONFIGS:
             print(f"{name}: no peft run defined (PEFT_CONFIGS)")
             return None
-        model = _peft_model(name, model, args.epochs * math.ceil(len(train_rows) / args.batch_size))
-        trainable = [p for p in model.parameters() if p.requires_grad]
+        model = _peft_model(name, model, steps, calibration)
         spec, label = None, f"{name} (peft)"
-    elif spec is None:
-        trainable = [p for p in model.parameters()]
-    else:
+    elif spec is not None and extras.get("same_init"):
+        adapters = _from_peft_init(name, model, steps, args.seed)
+        adapters.train(name)
+    elif spec is not None:
         try:
             config = ak.get_config(spec, **overrides)
         except ValueError as e:
@@ -144,11 +227,26 @@ def run_one(name: str, args: argparse.Namespace, tokenizer, train_rows, dev_rows
             return None
         adapters = ak.attach(model)
         adapters.add(name, config.replace(heads=("classifier",)))
+        if (
+            calibration is not None
+        ):  # EVA: cycled as peft cycles its dataloader (batches after convergence ignored)
+            cycles = 25 if overrides.get("init") == "eva" else 1
+            adapters.calibrate(name, itertools.islice(itertools.cycle(calibration), cycles * len(calibration)))
         adapters.train(name)
-        trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = [p for p in model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in trainable)
-    steps = args.epochs * math.ceil(len(train_rows) / args.batch_size)
-    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    if extras.get("loraplus_ratio"):
+        ratio = extras["loraplus_ratio"]
+        if args.backend == "peft":
+            from peft.optimizers import create_loraplus_optimizer
+
+            opt = create_loraplus_optimizer(
+                model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=ratio, weight_decay=0.0
+            )
+        else:
+            opt = ak.loraplus_optimizer(adapters, torch.optim.AdamW, lr=lr, ratio=ratio, weight_decay=0.0)
+    else:
+        opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     warm = max(1, int(0.06 * steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm)))
@@ -173,9 +271,9 @@ def run_one(name: str, args: argparse.Namespace, tokenizer, train_rows, dev_rows
             model.base_model.update_and_allocate(step)
         sched.step()
         opt.zero_grad(set_to_none=True)
-        if step % 100 == 0:
+        if step % 100 == 0 or step <= 2:  # the first steps: compare a row with its peft run
             print(
-                f"  {name} step {step}/{steps} loss {loss.item():.4f} {time.perf_counter() - t0:.0f}s", flush=True
+                f"  {name} step {step}/{steps} loss {loss.item():.6f} {time.perf_counter() - t0:.0f}s", flush=True
             )
     train_s = time.perf_counter() - t0
     acc = demo.accuracy(model, tokenizer, dev_rows, args.max_length)
