@@ -27,10 +27,11 @@ of ``formats/adapterhub_export.py`` for what :func:`handles` says; the format: .
   "<Arch>AdapterModel"``, the head config as the library's head class writes it) + ``model_head.safetensors``
   (``heads.<name>.<i>.*``): ``load_adapter(dir)`` on the ``*AdapterModel`` adds the head too. A :class:`FlexHead`
   adapter alone -> ``save_head``'s directory (those two files only). Refused: head types the model's
-  ``*AdapterModel`` has not (ViT: ``image_classification`` only; T5/BART classifiers read the last ``eos``), a
-  classifier whose token (``cls_token``) is not the one the library reads on this model type, an LM head whose
-  output layer differs from the input embeddings when the model ties them (the library ties them on load, so
-  the file would overwrite the embeddings), another LayerNorm epsilon, a second (static) head.
+  ``*AdapterModel`` has not (ViT: ``image_classification`` only), a classifier whose token (``cls_token``) is not
+  the one the library reads on this model type (``"first"``; GPT-2/LLaMA/Mistral ``"last"``; T5/mT5/BART
+  ``"eos"``), an LM head whose output layer differs from the input embeddings when the model ties them (the library
+  ties them on load, so the file would overwrite the embeddings), another LayerNorm epsilon, a second (static)
+  head.
 - **A composition** (``name`` an ``ak.Stack`` / ``ak.Fuse`` / ``ak.Parallel`` / ``ak.BatchSplit`` block) ->
   ``save_adapter_setup``'s directory: ``adapter_setup.json`` (the block in the library's ``to_dict`` form), one
   adapter directory per adapter (``<dir>/<name>/``, written as above, heads included), one fusion directory per
@@ -100,12 +101,13 @@ ADAPTER_MODELS: dict[str, tuple[str, tuple[str, ...]]] = {
         )
     },
     **{
-        t: (c, ("seq2seq_lm",))  # their classifiers read the last eos token, which FlexHead does not
+        t: (c, ("classification", "multilabel_classification", "seq2seq_lm"))  # classifiers: the last eos token
         for t, c in (("t5", "T5AdapterModel"), ("mt5", "MT5AdapterModel"), ("bart", "BartAdapterModel"))
     },
     "vit": ("ViTAdapterModel", ()),  # image_classification only
 }
 _LAST_TOKEN = ("gpt2", "llama", "mistral")  # model types whose AdapterHub classifiers read the last non-pad token
+_EOS_TOKEN = ("t5", "mt5", "bart")  # ... and the last eos token of input_ids (FlexHead(cls_token="eos"))
 
 SaveAdapter = Callable[[Any, str, "str | os.PathLike[str]"], None]
 
@@ -341,7 +343,7 @@ def head_files(ctl: Any, name: str) -> tuple[dict[str, Any], dict[str, torch.Ten
             f"(exported there: {', '.join(types) or 'none'})"
         )
     classifier = cfg.head_type in ("classification", "multilabel_classification")
-    token = "last" if mtype in _LAST_TOKEN else "first"
+    token = "last" if mtype in _LAST_TOKEN else "eos" if mtype in _EOS_TOKEN else "first"
     if classifier and not cfg.use_pooler and cfg.cls_token != token:
         raise AdapterHubExportError(
             f"{where} reads the {cfg.cls_token} token (cls_token), but {model_class}'s classifiers read the "

@@ -7,10 +7,10 @@
   :class:`~adapterkit.methods.flex_head.FlexHead` on the model root, so the adapter becomes
   ``ak.Union(<its method>, ak.FlexHead(...))`` and the bare base model returns the head's ``logits`` while it is
   active (``detach()`` removes it). Head types: classification (BERT-like models: the first token; GPT-2, GPT-J,
-  LLaMA, Mistral: the last non-padding token, as the library), multilabel classification, tagging,
-  causal/masked/seq2seq LM. Classification heads of encoder-decoder models (the library reads the last ``eos``)
-  and other head types (question answering, multiple choice, dependency parsing, image classification) are
-  refused, naming the type.
+  LLaMA, Mistral: the last non-padding token; BART, mBART, PLBart, T5, mT5: the decoder's output at the last eos
+  token of ``input_ids``, ``FlexHead(cls_token="eos")``; as the library), multilabel classification, tagging,
+  causal/masked/seq2seq LM. Whisper's classification heads and other head types (question answering, multiple
+  choice, dependency parsing, image classification) are refused, naming the type.
 - **Static heads** (``"config": null``: the model's own head, written when ``adapters.init`` wraps a
   ``*ForSequenceClassification`` / ``*ForCausalLM`` model, and by our AdapterHub export of head copies; keys are the
   model's own, e.g. ``classifier.weight``): when every stored tensor equals this model's own (GPT-2's tied
@@ -41,9 +41,18 @@ __all__ = ["CONFIG", "Head", "read_head", "with_head", "WithHead"]
 CONFIG = "head_config.json"
 _WEIGHTS = (("model_head", "safetensors"), ("pytorch_model_head", "bin"))
 # AdapterHub model classes whose classification heads read the last non-padding token, and those that read the
-# last eos token (not read)
+# last eos token of input_ids (FlexHead(cls_token="eos"); Whisper's inputs are audio features: not read)
 _LAST_TOKEN_CLASSIFIERS = ("GPT2", "GPTJ", "Llama", "Mistral")
 _EOS_CLASSIFIERS = ("Bart", "MBart", "PLBart", "MT5", "T5", "Whisper")
+
+
+def _reads_eos() -> bool:
+    """Whether this adapterkit's :class:`FlexHead` has ``cls_token="eos"`` (methods/flex_head.py)."""
+    try:
+        FlexHead(cls_token="eos")
+    except ValueError:
+        return False
+    return True
 
 
 class Head:
@@ -121,7 +130,8 @@ def read_head(ctl: Any, path: str | os.PathLike, *, allow_pickle: bool) -> Head 
         )
     model_class = str(data.get("model_class") or "")
     classifier = kind in ("classification", "multilabel_classification")
-    if classifier and model_class.startswith(_EOS_CLASSIFIERS):
+    eos = classifier and model_class.startswith(_EOS_CLASSIFIERS)
+    if eos and (model_class.startswith("Whisper") or not _reads_eos()):
         raise AdapterFileError(
             f"{where / CONFIG}: {model_class}'s classification head reads the last eos token, which is not read yet "
             "(classification heads of BERT-like and decoder-only models are)"
@@ -157,7 +167,11 @@ def read_head(ctl: Any, path: str | os.PathLike, *, allow_pickle: bool) -> Head 
             activation_function=config.get("activation_function"),
             bias=bool(config.get("bias", True)),
             use_pooler=bool(config.get("use_pooler", False)),
-            cls_token="last" if classifier and model_class.startswith(_LAST_TOKEN_CLASSIFIERS) else "first",
+            cls_token="eos"
+            if eos
+            else "last"
+            if classifier and model_class.startswith(_LAST_TOKEN_CLASSIFIERS)
+            else "first",
             layer_norm=bool(config.get("layer_norm", False)),
             embedding_size=config.get("embedding_size"),
             vocab_size=config.get("vocab_size"),
