@@ -346,6 +346,58 @@ def test_encoder_decoder_classifier_export_reads_back(case, tmp_path):
         made.export("x", tmp_path / "x", format="adapterhub")
 
 
+# --- several heads, a fused adapter's own head (BertAdapterModel setups onto a bare BertModel) ----------------------
+def _bare_bert() -> torch.nn.Module:
+    from test_adapterhub_fusion import _bare
+
+    return _bare("bert_cls_head")
+
+
+def test_a_fused_adapters_own_head_gives_the_library_logits(tmp_path):
+    """``save_adapter_setup(dir, Fuse("a", "b"), head_setup="b")`` (b saved with its classification head): b's head
+    loads apart from b as the head adapter ``head[b]``, stacked after the fusion."""
+    case = "setup_bert_fuse_member_head"
+    model = _bare_bert()
+    adapters = ak.attach(model)
+    exp = _expected(case)
+    adapters.load(FIXTURES / case / "setup")
+    assert adapters.active == (ak.Stack(ak.Fuse("a", "b"), "head[b]"),)
+    assert isinstance(adapters.config("head[b]"), ak.FlexHead) and not isinstance(adapters.config("b"), ak.Union)
+    out = _call(model, exp)
+    assert _diff(out.logits, exp["output"]) <= TOL
+    adapters.export(adapters.active[0], tmp_path / "out", format="adapterhub")
+    written = json.loads((tmp_path / "out" / "adapter_setup.json").read_text())
+    assert written["head_setup"] == "head[b]"
+    again = _bare_bert()
+    ak.attach(again).load(tmp_path / "out")
+    assert _diff(_call(again, exp).logits, out.logits) == 0.0
+
+
+@pytest.mark.parametrize(
+    "case", ["setup_bert_parallel_heads", "setup_bert_list_heads", "setup_bert_batch_split_heads"]
+)
+def test_several_heads_are_refused(case, tmp_path):
+    """Several heads (AdapterHub returns a list of head outputs, MultiHeadOutput): refused before anything loads,
+    whether head_setup lists them or the setup implies them (Parallel / BatchSplit of adapters with heads)."""
+    exp = _expected(case)
+    assert "output.0" in exp and "output.1" in exp  # the library's list of head outputs
+    adapters = ak.attach(_bare_bert())
+    with pytest.raises(AdapterFileError, match="several heads"):
+        adapters.load(FIXTURES / case / "setup")
+    assert adapters.names == []
+    if case == "setup_bert_parallel_heads":  # without head_setup the library still activates both heads
+        import shutil
+
+        target = tmp_path / "implied"
+        shutil.copytree(FIXTURES / case / "setup", target)
+        data = json.loads((target / "adapter_setup.json").read_text())
+        data["head_setup"] = None
+        (target / "adapter_setup.json").write_text(json.dumps(data))
+        with pytest.raises(AdapterFileError, match="several heads"):
+            adapters.load(target)
+        assert adapters.names == []
+
+
 # --- the real library ------------------------------------------------------------------------------------------------
 
 
@@ -378,6 +430,14 @@ def test_the_library_loads_our_setups_with_our_outputs(tmp_path):
     manifest["bert_lora_average_made_here"] = {
         "kind": "setup", "family": "bert", "head_model": False, "setup": str(tmp_path / "made")
     }  # fmt: skip
+    model = _bare_bert()  # a fused adapter's own head, exported as the head adapter head[b]
+    adapters = ak.attach(model)
+    adapters.load(FIXTURES / "setup_bert_fuse_member_head" / "setup")
+    o = _call(model, _expected("setup_bert_fuse_member_head"))
+    ours["setup_bert_fuse_member_head"] = (o.logits, o.last_hidden_state)
+    adapters.export(adapters.active[0], tmp_path / "fuse_member_head", format="adapterhub")
+    manifest["setup_bert_fuse_member_head"] = {"kind": "setup", "family": "bert", "head_model": True,
+                                               "setup": str(tmp_path / "fuse_member_head")}  # fmt: skip
     for case in EOS_HEADS if _reads_eos() else []:
         model = _encoder_decoder(case)
         adapters = ak.attach(model)

@@ -31,8 +31,8 @@ All or nothing: a failure deletes what it loaded. Heads: as the library's ``set_
 last adapter of a ``Stack`` is kept (a part of that adapter here, active with it), other blocks keep none, and
 ``Parallel``/``BatchSplit`` of adapters with heads (several heads: the library returns a list of head outputs) are
 refused. ``head_setup`` naming one head (see :func:`load`): that adapter's head; a head saved alone
-(``<dir>/<head>/``, e.g. AdapterFusion's target-task head) becomes an adapter of its own, stacked after the setup.
-Several heads in ``head_setup`` and the head of a fused adapter are refused.
+(``<dir>/<head>/``, e.g. AdapterFusion's target-task head) becomes an adapter of its own, stacked after the setup;
+so does the head of a fused adapter ``b`` (named ``head[b]``). Several heads in ``head_setup`` are refused.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from ..methods.bottleneck import Bottleneck, Hook, Placement
 from ..methods.flex_head import FlexHead
 from ..methods.lora import LoRA
 from ..methods.union import Union
-from . import adapterhub_fusion
+from . import adapterhub_fusion, adapterhub_heads
 from .io import AdapterFileError, read_json
 
 __all__ = ["SETUP", "is_setup", "parse", "load"]
@@ -254,12 +254,6 @@ def _head(data: dict[str, Any], where: Path, names: list[str], setup: str | Bloc
             "not; one head name is"
         )
     if head in names:
-        if any(head in f.children for f in _fusions(setup)):
-            raise AdapterFileError(
-                f"{where}: head_setup names the head of the fused adapter {head!r}, which is not read yet (the head "
-                "is a part of that adapter here, and a Fuse block has no place for it); a head saved on its own "
-                "(save_adapter_setup of a head that is not an adapter's) is"
-            )
         return head
     if not (where.parent / head / "head_config.json").is_file():
         raise AdapterFileError(f"{where}: head_setup names {head!r}, which has no head directory there")
@@ -288,9 +282,12 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
     and its head, then activate the setup; returns the last name installed (the setup is ``adapters.active``).
     ``name`` must be None (the adapters keep their saved names). ``load_one`` is ``formats.adapterhub.load``.
 
-    ``head_setup``: None keeps each adapter's own head (if saved with one); a head name that is one of the adapters
-    keeps that adapter's head only; another name loads ``<dir>/<head>/`` (``save_head``) as a head adapter of that
-    name, active after the setup (``ak.Stack(<setup>, head)``)."""
+    ``head_setup``: None keeps the head the library activates (the last adapter of a ``Stack``); a head name that
+    is one of the adapters keeps that adapter's head only; another name loads ``<dir>/<head>/`` (``save_head``) as
+    a head adapter of that name, active after the setup (``ak.Stack(<setup>, head)``). The head of a fused adapter
+    ``b`` (``Fuse("a", "b")`` with ``head_setup="b"``) is loaded apart from ``b``, as the head adapter
+    ``head[b]``, active after the setup (``ak.Stack(ak.Fuse("a", "b"), "head[b]")``): a head is a part of its
+    adapter here, and a fused adapter's parts act inside the fusion."""
     where = Path(path)
     if name is not None:
         raise AdapterFileError(
@@ -301,7 +298,10 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
     names = block_names(setup)
     fusions = _fusions(setup)
     head = _head(data, where / SETUP, names, setup)
+    # a head of its own (save_head), or the head of a fused adapter: an adapter of its own, stacked after the setup
+    fused_head = head is not None and any(head in f.children for f in fusions)
     own_head = head is not None and head not in names
+    stacked = f"head[{head}]" if fused_head else head if own_head else None
     if head is None:
         implied = [n for n in _implied_heads(setup) if _has_flex_head(where / n)]
         if len(implied) > 1:
@@ -315,14 +315,14 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
     ]
     if missing:
         raise AdapterFileError(f"{where}: the setup names {missing}, which have no directory there")
-    wanted = names + [f.name for f in fusions] + ([head] if own_head else [])
+    wanted = names + [f.name for f in fusions] + ([stacked] if stacked else [])
     taken = [n for n in wanted if n in ctl.names]
     if taken:
         raise AdapterFileError(f"{where}: adapters {taken} already exist on this model; delete them first")
     installed: list[str] = []
     try:
         for n in names:
-            keep = head == n
+            keep = head == n and not fused_head
             installed.append(
                 load_one(ctl, where / n, name=None, allow_pickle=allow_pickle, activate=False, with_head=keep)
             )
@@ -333,10 +333,14 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
                 )
             )
         setup = fit(ctl, setup, where / SETUP)
-        if own_head:
+        if stacked is not None:
             assert head is not None
-            installed.append(load_one(ctl, where / head, name=None, allow_pickle=allow_pickle, activate=False))
-            ctl.activate(Stack(*setup.children, head) if isinstance(setup, Stack) else Stack(setup, head))
+            installed.append(
+                adapterhub_heads.load_head_only(
+                    ctl, where / head, name=stacked, allow_pickle=allow_pickle, activate=False
+                )
+            )
+            ctl.activate(Stack(*setup.children, stacked) if isinstance(setup, Stack) else Stack(setup, stacked))
         else:
             ctl.activate(setup)
     except BaseException:
