@@ -373,6 +373,25 @@ def test_a_fused_adapters_own_head_gives_the_library_logits(tmp_path):
     assert _diff(_call(again, exp).logits, out.logits) == 0.0
 
 
+def test_the_head_of_an_averaged_adapter_follows_the_average(tmp_path):
+    """head_setup naming an adapter inside an Average: the head acts on the model's output after the Average (the
+    library's active head), loaded apart as head[b]."""
+    target = _setup(
+        tmp_path,
+        "setup_bert_fuse_member_head",
+        {"type": "Average", "children": [_single("a"), _single("b")], "kwargs": {"weights": [0.5, 0.5]}},
+    )
+    model = _bare_bert()
+    adapters = ak.attach(model)
+    adapters.load(target)
+    assert _same(
+        adapters.active[0], ak.Stack(ak.Average("a", "b", weights=[0.25, 0.25], combine="outputs"), "head[b]")
+    )
+    out = _call(model, _expected("setup_bert_fuse_member_head"))
+    head = adapters.components("head[b]")[""]
+    torch.testing.assert_close(out.logits, head.net(out.last_hidden_state[:, 0]))
+
+
 @pytest.mark.parametrize(
     "case", ["setup_bert_parallel_heads", "setup_bert_list_heads", "setup_bert_batch_split_heads"]
 )

@@ -32,7 +32,8 @@ last adapter of a ``Stack`` is kept (a part of that adapter here, active with it
 ``Parallel``/``BatchSplit`` of adapters with heads (several heads: the library returns a list of head outputs) are
 refused. ``head_setup`` naming one head (see :func:`load`): that adapter's head; a head saved alone
 (``<dir>/<head>/``, e.g. AdapterFusion's target-task head) becomes an adapter of its own, stacked after the setup;
-so does the head of a fused adapter ``b`` (named ``head[b]``). Several heads in ``head_setup`` are refused.
+so does the head of an adapter ``b`` inside a ``Fuse``, ``Average`` or ``Split`` (named ``head[b]``). Several heads in
+``head_setup`` are refused.
 """
 
 from __future__ import annotations
@@ -272,6 +273,16 @@ def _implied_heads(setup: str | Block) -> list[str]:
     return []
 
 
+def _in_block(item: str | Block, name: str) -> bool:
+    """Whether adapter ``name`` sits inside a block other than ``Stack`` (there its root components, a head, would
+    be combined by the block)."""
+    if isinstance(item, str):
+        return False
+    if not isinstance(item, Stack):
+        return name in block_names(item)
+    return any(_in_block(c, name) for c in item.children)
+
+
 def _has_flex_head(path: Path) -> bool:
     config = path / "head_config.json"
     return config.is_file() and read_json(config).get("config") is not None
@@ -284,10 +295,11 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
 
     ``head_setup``: None keeps the head the library activates (the last adapter of a ``Stack``); a head name that
     is one of the adapters keeps that adapter's head only; another name loads ``<dir>/<head>/`` (``save_head``) as
-    a head adapter of that name, active after the setup (``ak.Stack(<setup>, head)``). The head of a fused adapter
-    ``b`` (``Fuse("a", "b")`` with ``head_setup="b"``) is loaded apart from ``b``, as the head adapter
-    ``head[b]``, active after the setup (``ak.Stack(ak.Fuse("a", "b"), "head[b]")``): a head is a part of its
-    adapter here, and a fused adapter's parts act inside the fusion."""
+    a head adapter of that name, active after the setup (``ak.Stack(<setup>, head)``). The head of an adapter ``b``
+    inside a block other than ``Stack`` (``Fuse("a", "b")`` with ``head_setup="b"``; also ``Average``, ``Split``) is
+    loaded apart from ``b``, as the head adapter ``head[b]``, active after the setup
+    (``ak.Stack(ak.Fuse("a", "b"), "head[b]")``): a head is a part of its adapter here, and that block would combine
+    it with the other children's outputs."""
     where = Path(path)
     if name is not None:
         raise AdapterFileError(
@@ -298,8 +310,9 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
     names = block_names(setup)
     fusions = _fusions(setup)
     head = _head(data, where / SETUP, names, setup)
-    # a head of its own (save_head), or the head of a fused adapter: an adapter of its own, stacked after the setup
-    fused_head = head is not None and any(head in f.children for f in fusions)
+    # a head of its own (save_head), or the head of an adapter inside a block other than Stack (a fused adapter's):
+    # an adapter of its own, stacked after the setup
+    fused_head = head is not None and _in_block(setup, head)
     own_head = head is not None and head not in names
     stacked = f"head[{head}]" if fused_head else head if own_head else None
     if head is None:
@@ -340,7 +353,14 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
                     ctl, where / head, name=stacked, allow_pickle=allow_pickle, activate=False
                 )
             )
-            ctl.activate(Stack(*setup.children, stacked) if isinstance(setup, Stack) else Stack(setup, stacked))
+            try:
+                ctl.activate(
+                    Stack(*setup.children, stacked) if isinstance(setup, Stack) else Stack(setup, stacked)
+                )
+            except ValueError as e:
+                raise AdapterFileError(
+                    f"{where / SETUP}: its head {head!r} cannot follow this setup here: {e}"
+                ) from None
         else:
             ctl.activate(setup)
     except BaseException:
