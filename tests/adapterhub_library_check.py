@@ -12,7 +12,8 @@ fully masked query of left padding is defined differently by transformers 4.57 a
 gates averaging over all positions would carry into the real tokens); the base model of a family is ``tests/fixtures/adapterhub/base/<family>`` (the weights our side used too), its inputs that directory's
 ``expected.safetensors``. For each case the script builds the plain transformers model, ``adapters.init``s it,
 ``load_adapter(dir, use_safetensors=True)``, activates the adapter and writes ``<case>.output`` (logits or last
-hidden state) and ``<case>.hidden`` (last hidden state), plus ``<case>.missing`` (the number of adapter weights the
+hidden state) and ``<case>.hidden`` (last hidden state; encoder-decoder models: the decoder's, and
+``<case>.encoder`` the encoder's), plus ``<case>.missing`` (the number of adapter weights the
 library reported missing: it fills those with fresh initial values, so it must be 0).
 
 Prefix and prompt tuning (and MAM, UniPELT) are checked with ``attn_implementation="eager"``: that is what the
@@ -42,6 +43,7 @@ CLASSES = {
     "llama": "LlamaForCausalLM",
     "distilbert": "DistilBertModel",
     "t5": "T5EncoderModel",
+    "t5ed": "T5Model",  # the full encoder-decoder T5 (tests/test_adapterhub_prefix_encdec.py)
     "bart": "BartModel",
     "vit": "ViTModel",
 }
@@ -70,8 +72,12 @@ def main(manifest: Path, out: Path) -> None:
             if "pixel_values" in exp
             else {"input_ids": exp["input_ids"], "attention_mask": exp["attention_mask"]}
         )
+        if "decoder_input_ids" in exp:  # T5Model builds no decoder inputs of its own
+            inputs["decoder_input_ids"] = exp["decoder_input_ids"]
         with torch.no_grad():
             o = model(**inputs, output_hidden_states=True)
+        if getattr(o, "encoder_last_hidden_state", None) is not None:
+            results[f"{case}.encoder"] = o.encoder_last_hidden_state.detach().contiguous().clone()
         states = o.hidden_states if getattr(o, "hidden_states", None) is not None else o.decoder_hidden_states
         hidden = states[-1].detach().contiguous().clone()
         results[f"{case}.output"] = (o.logits if hasattr(o, "logits") else hidden).detach().contiguous().clone()

@@ -400,8 +400,8 @@ def _edited(tmp_path, case: str, edit) -> str:
 @pytest.mark.parametrize(
     ("case", "edit", "match"),
     [
-        ("bert_prefix_tuning", lambda c: c.update(leave_out=[0]), "leave_out"),
-        ("bert_mam", lambda c: c["configs"][0].update(leave_out=[1]), "leave_out"),
+        ("bert_prefix_tuning", lambda c: c.update(leave_out=["0"]), "leave_out"),  # leave_out itself is read
+        ("bert_mam", lambda c: c["configs"][0].update(leave_out=[-1]), "leave_out"),
         ("bert_mam", lambda c: c["configs"].append(dict(c["configs"][0])), "several members of one kind"),
         ("bert_mam", lambda c: c["configs"].append({"architecture": "reft"}), "members are not read"),
         ("bert_prompt_tuning", lambda c: c.update(combine="prefix_after_bos"), "prefix_after_bos"),

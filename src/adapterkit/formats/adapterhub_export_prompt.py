@@ -28,13 +28,20 @@
   of the same values: that is what is written (``adapter.safetensors``, checked by
   tests/test_adapterhub_export_prompt.py's slow test with adapters 1.3.0).
 
-  Models: the BERT-like encoders, GPT-2, LLaMA and Mistral (AdapterHub's ``self_prefix`` location; our prefix
-  does not run on DistilBERT, ViT, or the positions of T5/BART), whose attention heads have the size AdapterHub
-  assumes (``hidden_size // num_attention_heads``; a model with its own ``head_dim`` is refused).
+  Models: the BERT-like encoders, GPT-2, LLaMA and Mistral (AdapterHub's ``self_prefix`` location), whose
+  attention heads have the size AdapterHub assumes (``hidden_size // num_attention_heads``; a model with its own
+  ``head_dim`` is refused).
+
+  ``PrefixTuning(inject="attention")`` (a prefix inside each attention module; also DistilBERT, T5, mT5, BART,
+  ViT) -> the flat form per location (``self_prefix``, DistilBERT's ``self``, ``encoder_prefix``,
+  ``cross_prefix``: the layers' prefixes side by side), the pool's copies under every attention module, gates per
+  prefixed attention; layers without a prefix -> ``leave_out`` (the same layers at every location; refused on
+  encoder-decoder models), an encoder-decoder model without encoder/cross prefixes -> ``encoder_prefix`` /
+  ``cross_prefix`` false (a prefix without the self-attention one is refused: AdapterHub always has it).
 
 - :class:`~adapterkit.methods.embedding_prompt.EmbeddingPrompt` -> ``PromptTuningConfig`` (``combine:
   "prefix"``): ``<p>prompt_tuning.prompt_tunings.<name>.prompt_embedding.weight: (P, H)``. BERT-like encoders
-  only, as the reader (AdapterHub puts a decoder's prompt before the position embeddings, which our
+  and DistilBERT only, as the reader (AdapterHub puts a decoder's prompt before the position embeddings, which our
   EmbeddingPrompt does not). Refused: :class:`~adapterkit.methods.prompt.PromptTuning` (peft's prompt tuning:
   the prompt joins ``inputs_embeds`` before the position embeddings and LayerNorm, and token-level outputs drop
   its positions).
@@ -48,7 +55,14 @@ import torch
 from torch import nn
 
 from ..methods.embedding_prompt import EmbeddingPrompt, EmbeddingsOutputPrompt, PromptMask
-from ..methods.prefix import PrefixGate, PrefixKV, PrefixTuning, self_attention_modules
+from ..methods.prefix import (
+    AttentionPrefix,
+    PrefixGate,
+    PrefixKV,
+    PrefixTuning,
+    attention_modules,
+    self_attention_modules,
+)
 from ..targeting import base_modules
 from .adapterhub_export_common import BERT_LIKE, AdapterHubExportError, hub_path, model_type, owner, targets
 from .adapterhub_prompt import MODEL_TYPES as PROMPT_MODEL_TYPES
@@ -140,12 +154,14 @@ def prefix(
             "'shift') to export; the prefix learned for shifted positions computes something else there"
         )
     mtype = model_type(ctl)
+    comps = targets(ctl, name) if comps is None else comps
+    if cfg.inject == "attention":
+        return _attention_prefix(ctl, name, cfg, comps, mtype)
     if mtype not in PREFIX_MODEL_TYPES:
         raise AdapterHubExportError(
             f"adapter {name!r}: AdapterHub prefix tuning is exported for {', '.join(PREFIX_MODEL_TYPES)} models "
             f"(its 'self_prefix' location), not {mtype!r}"
         )
-    comps = targets(ctl, name) if comps is None else comps
     kvs = [c for s, c in comps.items() if isinstance(c, PrefixKV) and s == ""]
     gates = {s: c for s, c in comps.items() if isinstance(c, PrefixGate)}
     other = [f"{type(c).__name__} at {s!r}" for s, c in comps.items() if c not in kvs and s not in gates]
@@ -186,6 +202,110 @@ def prefix(
     elif gates:
         raise AdapterHubExportError(f"adapter {name!r}: prefix gates on a prefix whose config is not gated")
     return _prefix_config(kv.num_virtual_tokens, flat, bottleneck, cfg), tensors
+
+
+# model types with AdapterHub prefix tuning inside each attention module (PrefixTuning(inject="attention"))
+ATTENTION_MODEL_TYPES = (*PREFIX_MODEL_TYPES, "distilbert", "t5", "mt5", "bart", "vit")
+
+
+def _location_key(mtype: str, location: str) -> str:
+    """AdapterHub's location key of our ``PrefixTuning.locations`` entry (DistilBERT's self-attention is
+    ``"self"``, everywhere else ``"<location>_prefix"``)."""
+    return "self" if mtype == "distilbert" else f"{location}_prefix"
+
+
+def _attention_path(mtype: str, site: str) -> str:
+    """The 4.57 path of the module holding AdapterHub's ``PrefixTuningLayer`` for our attention module ``site``
+    (ViT: 5's ``layers.{i}.attention`` is 4.57's ``encoder.layer.{i}.attention.attention``)."""
+    path = hub_path(mtype, site)
+    return path + ".attention" if mtype == "vit" else path
+
+
+def _attention_prefix(
+    ctl: Any, name: str, cfg: PrefixTuning, comps: dict[str, Any], mtype: str
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``PrefixTuning(inject="attention")``: the flat form per location (its layers' prefixes side by side, layer
+    ``j`` at slots ``2j``, ``2j + 1``), the pool's copies under every attention module, the gates under each
+    prefixed one; layers without a prefix -> ``leave_out`` (not on encoder-decoder models, whose decoder layer
+    numbers the library offsets), absent cross/encoder prefixes -> ``cross_prefix``/``encoder_prefix`` false."""
+    if mtype not in ATTENTION_MODEL_TYPES:
+        raise AdapterHubExportError(
+            f"adapter {name!r}: AdapterHub prefix tuning is exported for {', '.join(ATTENTION_MODEL_TYPES)} models, "
+            f"not {mtype!r}"
+        )
+    mine = {s: c for s, c in comps.items() if isinstance(c, AttentionPrefix)}
+    other = [f"{type(c).__name__} at {s!r}" for s, c in comps.items() if s not in mine]
+    if not mine or other:
+        raise AdapterHubExportError(f"adapter {name!r}: {other[:3] or 'no prefix'} have no AdapterHub prefix form")
+    model = ctl.model
+    all_attn = attention_modules(model)
+    enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
+    hidden = int(model.config.hidden_size)
+    heads = int(model.config.num_attention_heads)
+    theirs = (
+        int(getattr(model.config, "num_key_value_heads", None) or heads),
+        getattr(model.config, "d_kv", None) or hidden // heads,
+    )
+    by_loc: dict[str, list[tuple[str, AttentionPrefix]]] = {}
+    for site, comp in mine.items():
+        if (comp.kv_heads, comp.head_dim) != theirs:
+            raise AdapterHubExportError(
+                f"adapter {name!r}: the attention at {site!r} has {comp.kv_heads} key/value heads of {comp.head_dim} "
+                f"features, AdapterHub's prefix tuning cuts the prefix into {theirs[0]} heads of {theirs[1]}"
+            )
+        by_loc.setdefault(comp.location, []).append((site, comp))
+    if "self" not in by_loc:
+        raise AdapterHubExportError(
+            f"adapter {name!r}: a prefix without one on the (decoder) self-attention, which AdapterHub's prefix tuning "
+            "always has (only encoder_prefix and cross_prefix can be switched off)"
+        )
+    leave_out: set[int] = set()
+    for loc, found in by_loc.items():
+        found.sort(key=lambda sc: sc[1].layer)
+        kinds = [n for n, lk, _ in all_attn if lk == loc]
+        layers = [_layer_of(s) for s, _ in found]
+        missing = {_layer_of(n) for n in kinds} - set(layers)
+        if missing and enc_dec:
+            raise AdapterHubExportError(
+                f"adapter {name!r}: a prefix on some layers of an encoder-decoder model's {loc} attention only, which "
+                "is not exported (AdapterHub's leave_out numbers the decoder layers after the encoder's)"
+            )
+        if leave_out and missing != leave_out:
+            raise AdapterHubExportError(f"adapter {name!r}: different layers left out per attention kind")
+        leave_out |= missing  # type: ignore[arg-type]
+        if [c.layer for _, c in found] != list(range(len(found))):
+            raise AdapterHubExportError(f"adapter {name!r}: prefix layers out of order at {loc!r}")
+    lengths = {c.num_virtual_tokens for c in mine.values()}
+    if len(lengths) != 1:
+        raise AdapterHubExportError(f"adapter {name!r}: prefixes of several lengths {sorted(lengths)}")
+    leaves: dict[str, torch.Tensor] = {}
+    for loc, found in by_loc.items():
+        flat = torch.cat([c.prefix.detach().float() for _, c in found], dim=1).reshape(-1)
+        leaves[f"prefix_tunings.{name}.{_location_key(mtype, loc)}.control_trans"] = flat
+    tensors: dict[str, torch.Tensor] = {}
+    base = owner(model)
+    for leaf, value in leaves.items():  # separate copies: safetensors stores no shared storage
+        tensors[f"{base}prefix_tuning.{leaf}"] = value.contiguous().clone()
+        for site, _, _ in all_attn:
+            tensors[f"{_attention_path(mtype, site)}.prefix_tuning.pool.{leaf}"] = value.contiguous().clone()
+    gated = {s for s, c in mine.items() if c.gate is not None}
+    if cfg.gated != bool(gated) or (gated and gated != set(mine)):
+        raise AdapterHubExportError(f"adapter {name!r}: prefix gates on some prefixed attention modules only")
+    for site in sorted(gated):
+        gate = mine[site].gate
+        key = f"{_attention_path(mtype, site)}.prefix_tuning.prefix_gates.{name}"
+        tensors[f"{key}.weight"] = gate.weight.detach().float().contiguous().clone()
+        tensors[f"{key}.bias"] = gate.bias.detach().float().contiguous().clone()
+    config = _prefix_config(lengths.pop(), True, cfg.encoder_hidden_size or _BOTTLENECK_DEFAULT, cfg)
+    config["leave_out"] = sorted(leave_out)
+    if enc_dec:
+        config["encoder_prefix"] = "encoder" in by_loc
+        config["cross_prefix"] = "cross" in by_loc
+    return config, tensors
+
+
+def _layer_of(name: str) -> int | None:
+    return next((int(p) for p in name.split(".") if p.isdigit()), None)
 
 
 def prompt(

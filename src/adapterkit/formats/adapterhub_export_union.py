@@ -31,7 +31,7 @@ from ..methods.bottleneck import Bottleneck
 from ..methods.bottleneck_sublayer import ResidualTap, SublayerBottleneck
 from ..methods.ia3 import IA3, IA3InputScale, IA3OutputScale
 from ..methods.lora import LoRA, LoRALinear
-from ..methods.prefix import PrefixGate, PrefixKV, PrefixTuning
+from ..methods.prefix import AttentionPrefix, PrefixGate, PrefixKV, PrefixTuning
 from ..methods.seq_gate import LoRAGate, SequenceGated
 from ..methods.union import Union
 from .adapterhub_export_common import AdapterHubExportError, targets
@@ -42,7 +42,7 @@ Writer = Callable[..., tuple[dict[str, Any], dict[str, torch.Tensor]]]
 
 # AdapterHub architecture of a member -> the component classes it owns
 _OWNS: dict[str, tuple[type, ...]] = {
-    "prefix_tuning": (PrefixKV, PrefixGate),
+    "prefix_tuning": (PrefixKV, PrefixGate, AttentionPrefix),
     "lora": (LoRALinear, LoRAGate, IA3OutputScale, IA3InputScale),
     "bottleneck": (SublayerBottleneck, ResidualTap),
 }

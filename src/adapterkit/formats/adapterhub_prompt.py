@@ -7,8 +7,9 @@ File: ``<p>prompt_tuning.prompt_tunings.<name>.prompt_embedding.weight: (P, H)``
 AdapterHub prepends the prompt to the output of the model's embeddings module (after the position embeddings and,
 on BERT, the LayerNorm), extends the attention mask and keeps the ``P`` positions in the outputs: that is
 :class:`~adapterkit.methods.embedding_prompt.EmbeddingPrompt`, not peft-style
-:class:`~adapterkit.methods.prompt.PromptTuning`. Read for BERT-like encoders (model types below; checked on the
-BERT fixture); refused with the reason: ``combine: "prefix_after_bos"`` and decoder models (GPT-2, LLaMA:
+:class:`~adapterkit.methods.prompt.PromptTuning`. Read for BERT-like encoders and DistilBERT (model types below;
+checked on the BERT and DistilBERT fixtures: adapters 1.3.0 runs DistilBERT's prompt only under sdpa attention and
+without padding, see tests/fixtures/adapterhub/make_fixtures.py); refused with the reason: ``combine: "prefix_after_bos"`` and decoder models (GPT-2, LLaMA:
 AdapterHub's prompt goes after their token embedding, before positions are assigned, a placement not read yet).
 """
 
@@ -29,7 +30,7 @@ ARCHITECTURES = ("prompt_tuning",)
 __all__ = ["ARCHITECTURES", "refusal", "plan_of", "load"]
 
 # model types whose AdapterHub prompt sits after an ``embeddings`` module (BERT's layout)
-MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "electra")
+MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert")
 
 
 def refusal(config: dict[str, Any]) -> str | None:

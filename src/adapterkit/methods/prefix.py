@@ -74,8 +74,19 @@ _ROUTED = -1  # VirtualCache record key of the per-row prefixes of a routed batc
 _ROWS = "_adapterkit_routed_rows"  # on such a cache: which prefix each row holds
 _NO_CACHE = "_adapterkit_no_cache"  # on a cache created for a use_cache=False call: left out of the output
 POSITIONS = ("shift", "keep")  # PrefixTuning.positions
+INJECT = ("cache", "attention")  # PrefixTuning.inject
+LOCATIONS = ("self", "encoder", "cross")  # PrefixTuning.locations (inject="attention")
 _GATES = "_adapterkit_prefix_gates"  # on a cache: prefix key -> (first slot, count, layers whose gate is pending)
-__all__ = ["PrefixTuning", "PrefixKV", "PrefixGate", "KVLayout", "kv_layout", "self_attention_modules"]
+__all__ = [
+    "PrefixTuning",
+    "PrefixKV",
+    "PrefixGate",
+    "AttentionPrefix",
+    "KVLayout",
+    "kv_layout",
+    "self_attention_modules",
+    "attention_modules",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,6 +231,20 @@ class PrefixTuning(AdapterConfig):
             act once, when the prefix enters the KV cache (with ``generate()``: computed from the prompt). Not with
             per-row routing.
         gate_outputs: 1 (one gate for keys and values: AdapterHub's ``shared_gating``) or 2 (keys, values).
+        inject: where the prefix enters. ``"cache"`` (default): once per call through the model's KV cache (the
+            decoder self-attention of encoder-decoder models). ``"attention"`` (AdapterHub's ``adapters``
+            library): inside each attention module, after its key/value projections (and its own cache), through
+            transformers' attention interface (:class:`AttentionPrefix`): also the encoder self-attention and the
+            cross-attention of T5/BART (``locations``), models without a KV cache (DistilBERT) or token ids
+            (ViT), and a subset of layers (``layers``: AdapterHub's ``leave_out``). Positions are not touched
+            (``positions="keep"`` is required); T5's relative position bias then sees the prefix at key positions
+            ``0 .. P-1`` and the real keys after it, as in AdapterHub. Each layer holds its own ``(P, 2 * kv_dim)``
+            prefix (no ``prefix_projection``).
+        locations: with ``inject="attention"``: the attention modules that get a prefix, of ``"self"`` (the
+            self-attention of encoder-only and decoder-only models, the decoder self-attention of
+            encoder-decoder models), ``"encoder"`` (their encoder self-attention), ``"cross"`` (their
+            cross-attention); empty (default): every kind the model has (AdapterHub's ``encoder_prefix`` and
+            ``cross_prefix`` default to true).
         init_weights: accepted for the common interface; prefixes start from ``N(0, 1)`` values (peft's
             default) either way, since no prefix is an identity.
         targets: leave unset; the method acts on the model as a whole (module name ``""``).
@@ -231,6 +256,8 @@ class PrefixTuning(AdapterConfig):
     positions: str = "shift"
     gated: bool = False
     gate_outputs: int = 1
+    inject: str = "cache"
+    locations: tuple[str, ...] = ()
     init_weights: bool = True
 
     def __post_init__(self) -> None:
@@ -244,6 +271,34 @@ class PrefixTuning(AdapterConfig):
             raise ValueError(
                 f"gate_outputs must be 1 (keys and values) or 2 (keys, values), got {self.gate_outputs!r}"
             )
+        if isinstance(self.locations, (list, str)):
+            object.__setattr__(
+                self, "locations", (self.locations,) if isinstance(self.locations, str) else tuple(self.locations)
+            )
+        if self.inject not in INJECT:
+            raise ValueError(
+                f"inject must be one of {', '.join(repr(p) for p in INJECT)} (through the model's KV cache, or inside "
+                f"each attention module as AdapterHub), got {self.inject!r}"
+            )
+        bad = [loc for loc in self.locations if loc not in LOCATIONS]
+        if bad:
+            raise ValueError(f"locations must be among {', '.join(repr(p) for p in LOCATIONS)}, got {bad!r}")
+        if self.inject == "attention":
+            if self.positions != "keep":
+                raise ValueError(
+                    "inject='attention' joins the prefix inside the attention, after the position embeddings, so the "
+                    "real tokens keep their positions: set positions='keep'"
+                )
+            if self.prefix_projection:
+                raise ValueError(
+                    "inject='attention' holds a plain prefix per layer: set prefix_projection=False (AdapterHub's "
+                    "MLP form is folded into it when such files are read)"
+                )
+        elif self.locations or self.layers is not None:
+            raise ValueError(
+                "locations and layers need inject='attention' (the KV cache route puts a prefix into every decoder "
+                "self-attention layer)"
+            )
         if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens <= 0:
             raise ValueError(f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
         if self.encoder_hidden_size is not None and (
@@ -252,9 +307,14 @@ class PrefixTuning(AdapterConfig):
             raise ValueError(f"encoder_hidden_size must be a positive integer, got {self.encoder_hidden_size!r}")
 
     def default_targets(self, roles: Mapping[str, Any]) -> tuple[str, ...]:
-        return ("",)
+        # inject="attention": any module (a pattern, so that `layers` keeps some); build_all picks the attention
+        return (".*",) if self.inject == "attention" else ("",)
 
     def build(self, module: nn.Module, name: str) -> Component:
+        if self.inject == "attention":
+            raise TargetError(
+                "prefix tuning with inject='attention' is built for the whole model: leave `targets` unset"
+            )
         if name != "":
             raise TargetError(
                 f"prefix tuning acts on the whole model, not on {name!r}: leave `targets` unset (or pass [''])"
@@ -266,6 +326,8 @@ class PrefixTuning(AdapterConfig):
 
     def build_all(self, modules: Mapping[str, nn.Module], targets: list[str], select: Any) -> dict[str, Component]:
         """The prefix at ``""``; with ``gated``, also a :class:`PrefixGate` on each layer's self-attention module."""
+        if self.inject == "attention":
+            return _attention_prefixes(self, modules)
         built = super().build_all(modules, targets, select)
         kv = built.get("")
         if not self.gated or not isinstance(kv, PrefixKV):
@@ -847,3 +909,347 @@ class PrefixGate(Component):
             else:
                 holder[where] = gated
         return args, kwargs
+
+
+# --- inject="attention": the prefix inside each attention module (AdapterHub's placement) ---------------------
+_INTERFACE = "adapterkit_prefix"  # our entry in transformers' AttentionInterface
+_KWARG = "adapterkit_prefix"  # the attention call's keyword argument carrying the prefixes to join
+_KEY_PROJ = ("k_proj", "k", "key", "k_lin", "c_attn")
+_CROSS = ("encoder_attn", "EncDecAttention", "crossattention", "cross_attn")
+
+
+def attention_modules(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
+    """``[(module name, location, module)]`` of every attention module, in model order: the innermost modules with
+    a head size attribute and a key projection (BERT ``attention.self``, T5 ``SelfAttention``/``EncDecAttention``,
+    BART ``self_attn``/``encoder_attn``, DistilBERT ``attention``, ViT ``attention``). ``location`` is ``"self"``
+    (encoder-only / decoder-only models, and the decoder self-attention of encoder-decoder models), ``"encoder"``
+    or ``"cross"``."""
+    from ..targeting import base_modules
+
+    modules = base_modules(model)
+    found = [
+        (n, m)
+        for n, m in modules.items()
+        if any(isinstance(getattr(m, a, None), int) for a in _HEAD_DIM)
+        and any(isinstance(getattr(m, k, None), nn.Module) for k in _KEY_PROJ)
+    ]
+    names = [n for n, _ in found]
+    found = [(n, m) for n, m in found if not any(o.startswith(n + ".") for o in names)]  # innermost
+    enc_dec = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    encoder: set[int] = set()
+    if enc_dec and callable(getattr(model, "get_encoder", None)):
+        encoder = {id(m) for m in model.get_encoder().modules()}
+    out = []
+    for n, m in found:
+        if not enc_dec:
+            loc = "self"
+        elif id(m) in encoder:
+            loc = "encoder"
+        elif n.rsplit(".", 1)[-1] in _CROSS or getattr(m, "is_cross_attention", False):
+            loc = "cross"
+        else:
+            loc = "self"
+        out.append((n, loc, m))
+    return out
+
+
+def _layer_of(name: str) -> int | None:
+    return next((int(p) for p in name.split(".") if p.isdigit()), None)
+
+
+def _attention_prefixes(cfg: PrefixTuning, modules: Mapping[str, nn.Module]) -> dict[str, Component]:
+    """An :class:`AttentionPrefix` on each attention module of ``cfg.locations`` (all kinds when empty) and
+    ``cfg.layers`` (all when None)."""
+    model = modules[""]
+    found = attention_modules(model)
+    if not found:
+        raise TargetError(
+            f"prefix tuning with inject='attention' found no attention module (a module with a head size and a key "
+            f"projection) in {type(model).__name__}; use {_ALTERNATIVES}"
+        )
+    kinds = sorted({loc for _, loc, _ in found})
+    wanted = cfg.locations or tuple(kinds)
+    missing = [loc for loc in wanted if loc not in kinds]
+    if missing:
+        raise TargetError(
+            f"{type(model).__name__} has no {missing} attention for prefix tuning (its kinds: {kinds}); set locations"
+        )
+    hidden = _first(_text_config(model.config), ("d_model", "hidden_size", "n_embd", "dim"))
+    out: dict[str, Component] = {}
+    bias_source: dict[str, nn.Module] = {}
+    index: dict[str, int] = {}
+    for name, loc, module in found:
+        if getattr(module, "has_relative_attention_bias", False) and loc not in bias_source:
+            bias_source[loc] = module  # T5: the stack's first layer holds the relative position bias
+        if loc not in wanted or (cfg.layers is not None and _layer_of(name) not in cfg.layers):
+            continue
+        _check_attention_call(module, name)
+        comp = AttentionPrefix(cfg, module, loc, index.get(loc, 0), hidden)
+        index[loc] = index.get(loc, 0) + 1
+        if hasattr(module, "has_relative_attention_bias"):
+            object.__setattr__(comp, "_bias_ref", bias_source.get(loc) if loc != "cross" else None)
+        out[name] = comp
+    if not out:
+        raise TargetError(
+            f"prefix tuning with layers={cfg.layers!r} selects no attention layer of {type(model).__name__}"
+        )
+    return out
+
+
+def _check_attention_call(module: nn.Module, name: str) -> None:
+    """Refuse attention modules that cannot hand the prefix to transformers' attention interface: no ``config``
+    (read for the implementation) or no ``**kwargs`` passed on (checked by signature; that they reach the
+    interface is checked on the first call, :meth:`AttentionPrefix.post_call`)."""
+    params = inspect.signature(type(module).forward).parameters.values()
+    if getattr(module, "config", None) is None or not any(p.kind is p.VAR_KEYWORD for p in params):
+        raise TargetError(
+            f"prefix tuning with inject='attention' needs attention modules that call transformers' attention "
+            f"interface with their **kwargs; {name} ({type(module).__name__}) does not. Use inject='cache' or "
+            f"{_ALTERNATIVES}"
+        )
+
+
+def _heads(module: nn.Module) -> tuple[int, int]:
+    """``(kv_heads, head_dim)`` of an attention module's keys."""
+    head_dim = _first(module, _HEAD_DIM)
+    kv_heads = _first(module, _KV_HEADS)
+    if kv_heads is None:
+        k = next((getattr(module, n) for n in _KEY_PROJ if isinstance(getattr(module, n, None), nn.Linear)), None)
+        if k is not None and head_dim and k.out_features % head_dim == 0 and not hasattr(module, "c_attn"):
+            kv_heads = k.out_features // head_dim
+        else:
+            kv_heads = _first(module, _HEADS)
+    if not (kv_heads and head_dim):
+        raise TargetError(f"cannot read the key/value heads and head size of {type(module).__name__}")
+    return kv_heads, head_dim
+
+
+class _Prefixes(list):
+    """The prefixes for one attention call, ``[(keys, values)]`` each ``(B, kv_heads, P, head_dim)``, in the order
+    they are joined in front of the real keys; ``used`` once the attention interface has joined them."""
+
+    used = False
+
+
+class AttentionConfig:
+    """Stands in for an attention module's ``config`` while :class:`AttentionPrefix` components sit on it: its
+    ``_attn_implementation`` names our attention-interface entry (:func:`_attention`), which joins the prefixes
+    passed to the call and then runs the implementation the real config names at call time (so
+    ``set_attn_implementation`` keeps working). Everything else reads and writes the real config."""
+
+    def __init__(self, config: Any) -> None:
+        object.__setattr__(self, "_adapterkit_config", config)
+        object.__setattr__(self, "_adapterkit_users", 0)
+
+    @property
+    def _attn_implementation(self) -> str:
+        return _INTERFACE
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_adapterkit_"):
+            raise AttributeError(name)
+        return getattr(object.__getattribute__(self, "_adapterkit_config"), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(object.__getattribute__(self, "_adapterkit_config"), name, value)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> AttentionConfig:
+        import copy
+
+        out = type(self)(copy.deepcopy(object.__getattribute__(self, "_adapterkit_config"), memo))
+        object.__setattr__(out, "_adapterkit_users", object.__getattribute__(self, "_adapterkit_users"))
+        return out
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_config, (self._adapterkit_config, self._adapterkit_users))
+
+    def __repr__(self) -> str:
+        return f"AttentionConfig({self._adapterkit_config!r})"
+
+
+def _rebuild_config(config: Any, users: int) -> AttentionConfig:
+    out = AttentionConfig(config)
+    object.__setattr__(out, "_adapterkit_users", users)
+    return out
+
+
+def _register_interface() -> None:
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if _INTERFACE not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(_INTERFACE, _attention)
+
+
+def _implementation(module: nn.Module) -> tuple[Any, str]:
+    """The attention function the module's real config names now, and that name."""
+    import sys
+
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    config = module.config
+    real = config._adapterkit_config if isinstance(config, AttentionConfig) else config
+    impl = getattr(real, "_attn_implementation", None) or "eager"
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if impl == "eager":
+        if eager is None:
+            raise TypeError(
+                f"{type(module).__name__}'s module has no eager_attention_forward for the prefix to wrap"
+            )
+        return eager, impl
+    return ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager), impl
+
+
+def _extend_mask(
+    mask: torch.Tensor | None, n: int, query: torch.Tensor, key: torch.Tensor, module: nn.Module, impl: str
+) -> torch.Tensor | None:
+    """The attention mask with ``n`` attended prefix columns in front. A missing mask stays missing, except for
+    causal attention run by an implementation that derives causality from the shapes (sdpa's ``is_causal`` aligns
+    the diagonal top-left, which the longer keys would shift): then an explicit boolean mask, the prefix visible
+    and the real keys causal (aligned bottom-right, as with a cache)."""
+    if mask is None:
+        lq, lk = int(query.shape[2]), int(key.shape[2])
+        if impl == "eager" or "flash" in impl or lq == 1 or not getattr(module, "is_causal", False):
+            return None
+        rows = torch.arange(lq, device=query.device)[:, None] + (lk - lq)
+        real = torch.arange(lk, device=query.device)[None, :] <= rows
+        return torch.cat([real.new_ones(lq, n), real], dim=1)[None, None]
+    if mask.dim() == 2:  # flash attention's padding mask (B, L)
+        return torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
+    return nn.functional.pad(mask, (n, 0), value=True if mask.dtype == torch.bool else 0.0)
+
+
+def _attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *args: Any,
+    **kwargs: Any,
+) -> Any:
+    """Our attention-interface entry: join the call's prefixes (``kwargs[_KWARG]``) in front of the keys/values,
+    extend the mask (and T5's position bias), then run the module's real implementation."""
+    prefixes = kwargs.pop(_KWARG, None)
+    fn, impl = _implementation(module)
+    if prefixes:
+        prefixes.used = True
+        real_keys = int(key.shape[2])
+        for k, v, _ in prefixes:
+            key = torch.cat([k.to(key.dtype), key], dim=2)
+            value = torch.cat([v.to(value.dtype), value], dim=2)
+        n = int(key.shape[2]) - real_keys
+        attention_mask = _extend_mask(attention_mask, n, query, key[:, :, n:], module, impl)
+        bias = kwargs.get("position_bias")
+        if isinstance(bias, torch.Tensor):
+            source = prefixes[0][2].__dict__.get("_bias_ref")
+            if source is not None:  # T5: the prefix at key positions 0 .. n-1, real keys after it (AdapterHub)
+                lq = int(query.shape[2])
+                kwargs["position_bias"] = source.compute_bias(
+                    lq, n + real_keys, device=query.device, past_seen_tokens=real_keys - lq
+                ).to(bias.dtype)
+            else:  # no relative bias here (cross-attention): zeros for the prefix columns
+                kwargs["position_bias"] = nn.functional.pad(bias, (n, 0))
+    return fn(module, query, key, value, attention_mask, *args, **kwargs)
+
+
+class AttentionPrefix(Component):
+    """One attention module's prefix (``PrefixTuning(inject="attention")``): ``P`` keys and values joined in front
+    of the module's own (after its projections and its cache), the attention mask extended by ``P`` attended
+    columns, through transformers' attention interface (:class:`AttentionConfig`).
+
+    Parameters: ``prefix: (P, 2 * kv_dim)`` (keys then values, each ``(kv_heads, head_dim)`` per virtual token:
+    one layer's slice of AdapterHub's ``(P, n_layers * 2, kv_heads, head_dim)``); with ``gated``,
+    ``gate: Linear(hidden, gate_outputs)`` (UniPELT: keys scaled by ``g[:, 0]``, values by ``g[:, -1]``, ``g =
+    mean_t sigmoid(gate(h_t))`` over the attention input ``h: (B, L, hidden)`` of each call).
+    """
+
+    has_pre = True
+    has_post = True
+
+    def __init__(
+        self, cfg: PrefixTuning, module: nn.Module, location: str, layer: int, hidden: int | None
+    ) -> None:
+        super().__init__()
+        self.kv_heads, self.head_dim = _heads(module)
+        ref = next(module.parameters(), None)
+        factory = {
+            "device": ref.device if ref is not None else None,
+            "dtype": ref.dtype if ref is not None and ref.is_floating_point() else torch.float32,
+        }
+        self.num_virtual_tokens = cfg.num_virtual_tokens
+        self.location = location
+        self.layer = layer
+        self.prefix = nn.Parameter(
+            torch.empty(cfg.num_virtual_tokens, 2 * self.kv_heads * self.head_dim, **factory)
+        )
+        if cfg.gated:
+            if hidden is None:
+                raise TargetError(
+                    "gated prefix tuning needs the model's hidden size (hidden_size / d_model / dim)"
+                )
+            self.gate = nn.Linear(hidden, cfg.gate_outputs, **factory)
+        else:
+            self.gate = None
+        self._random = not cfg.init_weights
+        _register_interface()
+
+    def extra_repr(self) -> str:
+        gate = f", gate_outputs={self.gate.out_features}" if self.gate is not None else ""
+        return f"P={self.num_virtual_tokens}, location={self.location}, layer={self.layer}{gate}"
+
+    @torch.no_grad()
+    def initialize(self, module: nn.Module) -> None:
+        nn.init.normal_(self.prefix)
+        if self.gate is not None:
+            nn.init.normal_(self.gate.weight, std=0.02 if not self._random else 0.5)
+            nn.init.zeros_(self.gate.bias)
+
+    def on_attach(self, module: nn.Module) -> None:
+        config = module.__dict__.get("config")
+        if not isinstance(config, AttentionConfig):
+            config = AttentionConfig(config)
+            module.config = config
+        object.__setattr__(config, "_adapterkit_users", config._adapterkit_users + 1)
+
+    def on_detach(self, module: nn.Module, keep_merged: bool = False) -> None:
+        config = module.__dict__.get("config")
+        if isinstance(config, AttentionConfig):
+            users = config._adapterkit_users - 1
+            object.__setattr__(config, "_adapterkit_users", users)
+            if users <= 0:
+                module.config = config._adapterkit_config
+
+    def key_values(self, hidden: torch.Tensor | None, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(keys, values)``, each ``(batch, kv_heads, P, head_dim)``, gated by ``hidden: (B, L, hidden)``."""
+        kv = self.prefix.view(self.num_virtual_tokens, 2, self.kv_heads, self.head_dim).permute(1, 2, 0, 3)
+        k = kv[0].unsqueeze(0).expand(batch, -1, -1, -1)
+        v = kv[1].unsqueeze(0).expand(batch, -1, -1, -1)
+        if self.gate is not None:
+            if not isinstance(hidden, torch.Tensor):
+                raise TypeError("the prefix gate could not find the attention input (hidden_states)")
+            g = torch.sigmoid(self.gate(hidden.to(self.gate.weight.dtype))).mean(dim=1)  # (B, outputs)
+            k = k * g[:, 0].view(-1, 1, 1, 1)
+            v = v * g[:, -1].view(-1, 1, 1, 1)
+        return k, v
+
+    def pre_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        hidden = args[0] if args else kwargs.get("hidden_states", kwargs.get("query"))
+        if not isinstance(hidden, torch.Tensor):
+            raise TypeError(
+                f"prefix tuning could not find the attention input of layer {self.layer} (hidden_states)"
+            )
+        k, v = self.key_values(hidden, int(hidden.shape[0]))
+        prefixes = _Prefixes(kwargs.get(_KWARG) or ())
+        prefixes.append((k, v, self))  # joined in order: a later adapter's prefix in front (AdapterHub's Stack)
+        return args, {**kwargs, _KWARG: prefixes}
+
+    def post_call(self, args: tuple[Any, ...], kwargs: dict[str, Any], y: Any) -> Any:
+        prefixes = kwargs.get(_KWARG)
+        if isinstance(prefixes, _Prefixes) and not prefixes.used:
+            raise TypeError(
+                f"the {self.location} attention of layer {self.layer} did not call transformers' attention interface "
+                "(its config's _attn_implementation), so the prefix had no place in it: use inject='cache' or "
+                f"{_ALTERNATIVES}"
+            )
+        return y
