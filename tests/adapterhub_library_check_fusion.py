@@ -20,7 +20,7 @@ The base model of a family is ``tests/fixtures/adapterhub/base/<family>`` (the w
 that directory's ``expected.safetensors``; a case may name others (``"base": dir``, ``"inputs": file``; T5 with
 its decoder, the eos inputs of encoder-decoder classification heads). Encoder-decoder models: ``hidden`` is the
 decoder's last hidden state. For each case the script writes ``<case>.output`` (the head's logits,
-the model's logits or its last hidden state), ``<case>.hidden`` (the last hidden state) and ``<case>.missing`` (the
+the model's logits or its last hidden state; with several heads ``<case>.output.<i>`` per head, in order), ``<case>.hidden`` (the last hidden state) and ``<case>.missing`` (the
 number of adapter, fusion or head weights the library did not find in our files: it would fill those with fresh
 initial values, so it must be 0; fusion layers are counted by comparing the model's fusion parameters with the
 file's values, as ``load_adapter_fusion`` reports nothing: it also leaves keys without the base-model prefix
@@ -129,8 +129,14 @@ def main(manifest: Path, out: Path) -> None:
         inputs = {"input_ids": exp["input_ids"], "attention_mask": exp["attention_mask"]}
         with torch.no_grad():
             o = model(**inputs, output_hidden_states=True)
+        if hasattr(o, "head_outputs"):  # several heads (MultiHeadOutput): one output per head, in order
+            for i, head_out in enumerate(o.head_outputs):
+                results[f"{case}.output.{i}"] = head_out.logits.detach().contiguous().clone()
+            o = o.head_outputs[0]
         states = getattr(o, "hidden_states", None)
-        hidden = (states if states is not None else o.decoder_hidden_states)[-1].detach().contiguous().clone()
+        if states is None:
+            states = getattr(o, "decoder_hidden_states", None)
+        hidden = states[-1].detach().contiguous().clone() if states is not None else torch.zeros(0)
         logits = getattr(o, "logits", None)
         results[f"{case}.output"] = (logits if logits is not None else hidden).detach().contiguous().clone()
         results[f"{case}.hidden"] = hidden

@@ -392,29 +392,50 @@ def test_the_head_of_an_averaged_adapter_follows_the_average(tmp_path):
     torch.testing.assert_close(out.logits, head.net(out.last_hidden_state[:, 0]))
 
 
-@pytest.mark.parametrize(
-    "case", ["setup_bert_parallel_heads", "setup_bert_list_heads", "setup_bert_batch_split_heads"]
-)
-def test_several_heads_are_refused(case, tmp_path):
-    """Several heads (AdapterHub returns a list of head outputs, MultiHeadOutput): refused before anything loads,
-    whether head_setup lists them or the setup implies them (Parallel / BatchSplit of adapters with heads)."""
+@pytest.mark.parametrize("case", ["setup_bert_parallel_heads", "setup_bert_batch_split_heads"])
+def test_one_head_per_row_block_gives_the_library_logits(case, tmp_path):
+    """Parallel / BatchSplit of adapters with their heads (head_setup the same block, or none: the library activates
+    those heads either way): ``output.logits`` is a list, one entry per child on its rows, as the library's
+    ``MultiHeadOutput.head_outputs``."""
+    exp = _expected(case)
+    for drop in (False, True):
+        target = _setup(tmp_path / str(drop), case, CASES[case]["setup"])
+        if drop:
+            data = json.loads((target / "adapter_setup.json").read_text())
+            data["head_setup"] = None
+            (target / "adapter_setup.json").write_text(json.dumps(data))
+        model = _bare_bert()
+        adapters = ak.attach(model)
+        adapters.load(target)
+        logits = _call(model, exp).logits
+        assert isinstance(logits, list) and len(logits) == 2
+        assert [tuple(x.shape) for x in logits] == [tuple(exp["output.0"].shape), tuple(exp["output.1"].shape)]
+        assert _diff(logits[0], exp["output.0"]) <= TOL and _diff(logits[1], exp["output.1"]) <= TOL
+    adapters.export(adapters.active[0], tmp_path / "out", format="adapterhub")
+    again = _bare_bert()
+    ak.attach(again).load(tmp_path / "out")
+    back = _call(again, exp).logits
+    assert all(_diff(x, y) == 0.0 for x, y in zip(back, logits))
+
+
+def test_several_heads_on_the_same_rows_are_refused(tmp_path):
+    """head_setup ["a", "b"] over Stack(a, b): the library runs both heads on the whole output (a list of head
+    outputs); no block here runs two heads on the same rows: refused before anything loads."""
+    case = "setup_bert_list_heads"
     exp = _expected(case)
     assert "output.0" in exp and "output.1" in exp  # the library's list of head outputs
     adapters = ak.attach(_bare_bert())
-    with pytest.raises(AdapterFileError, match="several heads"):
+    with pytest.raises(AdapterFileError, match="several heads on the same rows"):
         adapters.load(FIXTURES / case / "setup")
     assert adapters.names == []
-    if case == "setup_bert_parallel_heads":  # without head_setup the library still activates both heads
-        import shutil
-
-        target = tmp_path / "implied"
-        shutil.copytree(FIXTURES / case / "setup", target)
-        data = json.loads((target / "adapter_setup.json").read_text())
-        data["head_setup"] = None
-        (target / "adapter_setup.json").write_text(json.dumps(data))
-        with pytest.raises(AdapterFileError, match="several heads"):
-            adapters.load(target)
-        assert adapters.names == []
+    # a Parallel head setup in another order than the adapters' is refused too (the library would pair them so)
+    target = _setup(tmp_path, "setup_bert_parallel_heads", CASES["setup_bert_parallel_heads"]["setup"])
+    data = json.loads((target / "adapter_setup.json").read_text())
+    data["head_setup"]["children"].reverse()
+    (target / "adapter_setup.json").write_text(json.dumps(data))
+    with pytest.raises(AdapterFileError, match="do not match"):
+        adapters.load(target)
+    assert adapters.names == []
 
 
 # --- the real library ------------------------------------------------------------------------------------------------
@@ -431,6 +452,7 @@ def test_the_library_loads_our_setups_with_our_outputs(tmp_path):
         pytest.skip(f"{HUB_PYTHON} is missing (make it as tests/fixtures/adapterhub/make_fixtures.py says)")
     manifest: dict[str, dict] = {}
     ours: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    multi: dict[str, torch.Tensor] = {}
     for case in BLOCKS:
         family = CASES[case]["family"]
         model = fresh(family)
@@ -457,6 +479,15 @@ def test_the_library_loads_our_setups_with_our_outputs(tmp_path):
     adapters.export(adapters.active[0], tmp_path / "fuse_member_head", format="adapterhub")
     manifest["setup_bert_fuse_member_head"] = {"kind": "setup", "family": "bert", "head_model": True,
                                                "setup": str(tmp_path / "fuse_member_head")}  # fmt: skip
+    for case in ("setup_bert_parallel_heads", "setup_bert_batch_split_heads"):  # one head per row block
+        model = _bare_bert()
+        adapters = ak.attach(model)
+        adapters.load(FIXTURES / case / "setup")
+        o = _call(model, _expected(case))
+        for i, logits in enumerate(o.logits):
+            multi[f"{case}.output.{i}"] = logits
+        adapters.export(adapters.active[0], tmp_path / case, format="adapterhub")
+        manifest[case] = {"kind": "setup", "family": "bert", "head_model": True, "setup": str(tmp_path / case)}
     for case in EOS_HEADS if _reads_eos() else []:
         model = _encoder_decoder(case)
         adapters = ak.attach(model)
@@ -476,5 +507,8 @@ def test_the_library_loads_our_setups_with_our_outputs(tmp_path):
     print("\ncase: max|library - ours| output, hidden")
     for key, (d_out, d_hid) in worst.items():
         print(f"  {key:30s} {d_out:.1e} {d_hid:.1e}")
+    for key, logits in multi.items():
+        worst[key] = (_diff(theirs[key], logits), 0.0)
+        print(f"  {key:30s} {worst[key][0]:.1e}")
     bad = {k: v for k, v in worst.items() if v[0] > TOL or v[1] > TOL}
     assert not bad, bad

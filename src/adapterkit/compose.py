@@ -37,7 +37,8 @@ Components that transform a module's *input* (``has_pre``) apply in stacking ord
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterator, Sequence
+import copy
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -483,6 +484,36 @@ def _sum_outputs(
     return out
 
 
+def _rows_of_output(item: Parallel | BatchSplit, comps: dict[str, Any], args: tuple, kwargs: dict, y: Any) -> Any:
+    """``Parallel`` / ``BatchSplit`` at a site whose output is a mapping (a ``ModelOutput``: the model root, where
+    flex heads sit): each child gets its rows of the output's batch-first tensors (and of the call); a value a child
+    adds or replaces (a head's ``logits``) comes back as a list with one entry per child, in order (its value, the
+    child's rows of the old one where it changed nothing, else None), as AdapterHub returns a list of head outputs;
+    the rest of the output stays as it was."""
+    first = next((v for v in y.values() if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+    if first is None:
+        raise TypeError(
+            f"{type(item).__name__} found no batch-first tensor in the {type(y).__name__} at this site"
+        )
+    size = first.shape[0]
+    results: list[tuple[dict[str, Any], Any]] = []
+    for child, (start, stop) in zip(item.children, _segments(item, first, 0)):
+        part = copy.copy(y)
+        for k, v in y.items():
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == size:
+                part[k] = v.narrow(0, start, stop - start)
+        given = dict(part.items())
+        a, kw = _sliced_call(args, kwargs, 0, start, stop, size)
+        results.append((given, apply_post(child, comps, a, kw, part)))
+    changed = [k for given, out in results for k, v in out.items() if k not in given or v is not given[k]]
+    if not changed:
+        return y
+    merged = copy.copy(y)
+    for k in dict.fromkeys(changed):
+        merged[k] = [out.get(k, given.get(k)) for given, out in results]
+    return merged
+
+
 def apply_post(item: str | Block, comps: dict[str, Any], args: tuple, kwargs: dict, y: Any) -> Any:
     """Apply ``item`` (a name or block) to the output ``y`` of one site's module."""
     if isinstance(item, str):
@@ -500,6 +531,8 @@ def apply_post(item: str | Block, comps: dict[str, Any], args: tuple, kwargs: di
         # a module returning (output, extras...) (attention modules): combine the outputs, keep the extras
         combined = apply_post(item, comps, args, kwargs, y[0])
         return (combined, *y[1:])
+    if isinstance(item, (Parallel, BatchSplit)) and isinstance(y, Mapping):
+        return _rows_of_output(item, comps, args, kwargs, y)
     base = _tensor(y, item)
     if isinstance(item, Average):
         if item.combine == "outputs":

@@ -28,12 +28,13 @@ order (each as ``adapters.load(<dir>/<name>)`` would), then the fusions, then ac
   on an already prepared state inside them), as are ``MultiTask`` and ``Fuse`` over ``Stack`` children.
 
 All or nothing: a failure deletes what it loaded. Heads: as the library's ``set_active_adapters``, the head of the
-last adapter of a ``Stack`` is kept (a part of that adapter here, active with it), other blocks keep none, and
-``Parallel``/``BatchSplit`` of adapters with heads (several heads: the library returns a list of head outputs) are
-refused. ``head_setup`` naming one head (see :func:`load`): that adapter's head; a head saved alone
-(``<dir>/<head>/``, e.g. AdapterFusion's target-task head) becomes an adapter of its own, stacked after the setup;
-so does the head of an adapter ``b`` inside a ``Fuse``, ``Average`` or ``Split`` (named ``head[b]``). Several heads in
-``head_setup`` are refused.
+last adapter of a ``Stack`` is kept (a part of that adapter here, active with it), one head per child of a
+``Parallel`` or ``BatchSplit`` (each on its rows: ``output.logits`` is then a list, one entry per child, as the
+library's ``MultiHeadOutput.head_outputs``), other blocks keep none. ``head_setup`` naming one head (see
+:func:`load`): that adapter's head; a head saved alone (``<dir>/<head>/``, e.g. AdapterFusion's target-task head)
+becomes an adapter of its own, stacked after the setup; so does the head of an adapter ``b`` inside a ``Fuse``,
+``Average`` or ``Split`` (named ``head[b]``). Several heads on the same rows (a ``head_setup`` list outside a
+``Parallel`` setup) are refused.
 """
 
 from __future__ import annotations
@@ -240,19 +241,38 @@ def _fusions(item: str | Block) -> list[Fuse]:
     return found + [c for c in item.children if isinstance(c, Fuse)]
 
 
+def _several(head: Any, setup: str | Block, where: Path) -> bool:
+    """Whether ``head_setup`` names one head per row block of a ``Parallel`` / ``BatchSplit`` setup, in its order (a
+    list or a block of the same kind and batch sizes): what the library also activates without a head setup."""
+    implied = _implied_heads(setup)
+    if not isinstance(setup, (Parallel, BatchSplit)):
+        return False
+    if isinstance(head, list):
+        return head == implied
+    if isinstance(head, dict) and head.get("type") == type(setup).__name__:
+        try:
+            block = parse(head, where)
+        except AdapterFileError:
+            return False
+        same = not isinstance(setup, BatchSplit) or block.batch_sizes == setup.batch_sizes  # type: ignore[union-attr]
+        return same and list(block.children) == implied  # type: ignore[union-attr]
+    return False
+
+
 def _head(data: dict[str, Any], where: Path, names: list[str], setup: str | Block) -> str | None:
-    """The head ``head_setup`` names (None: none), checked: one head, a member outside any ``Fuse`` or a ``save_head``
-    directory of its own."""
+    """The head ``head_setup`` names (None: none, or one per row block: :func:`_several`), checked: one head, a
+    member or a ``save_head`` directory of its own."""
     head = data.get("head_setup")
-    if head is None or head is False:
+    if head is None or head is False or _several(head, setup, where):
         return None
     if isinstance(head, list) and len(head) == 1:
         head = head[0]
     if not isinstance(head, str) or not head:
         raise AdapterFileError(
-            f"{where}: head_setup {head!r:.80} is not read: several heads (a list, Parallel or BatchSplit of heads; "
-            "the library returns a list of head outputs, MultiHeadOutput) and the model's single head (true) are "
-            "not; one head name is"
+            f"{where}: head_setup {head!r:.80} is not read: several heads on the same rows (a list of heads outside "
+            "a Parallel setup: the library returns a list of head outputs, MultiHeadOutput), heads that do not match "
+            "the Parallel/BatchSplit setup's row blocks, and the model's single head (true) are not; one head name, "
+            "or one head per row block of a Parallel/BatchSplit setup, is"
         )
     if head in names:
         return head
@@ -293,8 +313,11 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
     and its head, then activate the setup; returns the last name installed (the setup is ``adapters.active``).
     ``name`` must be None (the adapters keep their saved names). ``load_one`` is ``formats.adapterhub.load``.
 
-    ``head_setup``: None keeps the head the library activates (the last adapter of a ``Stack``); a head name that
-    is one of the adapters keeps that adapter's head only; another name loads ``<dir>/<head>/`` (``save_head``) as
+    ``head_setup``: None keeps the heads the library activates (the last adapter of a ``Stack``; one per child of a
+    ``Parallel`` or ``BatchSplit``, when every child has one: the model's output then holds a list of their
+    ``logits``, one entry per row block, as the library's ``MultiHeadOutput``); the same heads named in
+    ``head_setup`` (a list, or a block of the setup's kind) likewise; a head name that is one of the adapters keeps
+    that adapter's head only; another name loads ``<dir>/<head>/`` (``save_head``) as
     a head adapter of that name, active after the setup (``ak.Stack(<setup>, head)``). The head of an adapter ``b``
     inside a block other than ``Stack`` (``Fuse("a", "b")`` with ``head_setup="b"``; also ``Average``, ``Split``) is
     loaded apart from ``b``, as the head adapter ``head[b]``, active after the setup
@@ -315,14 +338,11 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
     fused_head = head is not None and _in_block(setup, head)
     own_head = head is not None and head not in names
     stacked = f"head[{head}]" if fused_head else head if own_head else None
-    if head is None:
-        implied = [n for n in _implied_heads(setup) if _has_flex_head(where / n)]
-        if len(implied) > 1:
-            raise AdapterFileError(
-                f"{where / SETUP}: the library activates the heads of {implied} for this {type(setup).__name__} "
-                "(several heads: it returns a list of head outputs, MultiHeadOutput), which is not read yet"
-            )
-        head = implied[0] if implied else None
+    keep: set[str] = {head} if head is not None and not fused_head else set()
+    if head is None:  # the heads the library activates: all of them only where every one exists
+        implied = _implied_heads(setup)
+        if implied and all(_has_flex_head(where / n) for n in implied):
+            keep = set(implied)
     missing = [n for n in names if not (where / n).is_dir()] + [
         ",".join(f.children) for f in fusions if not (where / ",".join(f.children)).is_dir()
     ]
@@ -335,9 +355,8 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
     installed: list[str] = []
     try:
         for n in names:
-            keep = head == n and not fused_head
             installed.append(
-                load_one(ctl, where / n, name=None, allow_pickle=allow_pickle, activate=False, with_head=keep)
+                load_one(ctl, where / n, name=None, allow_pickle=allow_pickle, activate=False, with_head=n in keep)
             )
         for f in fusions:
             installed.append(
