@@ -18,6 +18,11 @@ LoRA this is the sum of their deltas, peft's semantics for several active adapte
                 with weights added by ``Adapters.add_fusion`` and trained by ``Adapters.train_fusion``.
 ==============  ===========================================================================================
 
+At a module returning a tuple (attention modules) ``Fuse``, ``Average`` and ``Split`` combine its first element
+and keep the rest. At the model root (a ``ModelOutput``: flex heads sit there) ``Parallel`` and ``BatchSplit`` give
+each child its rows of the output; a value the children add or replace (each head's ``logits``) comes back as a
+list, one entry per child (AdapterHub's ``MultiHeadOutput``).
+
 Allowed nestings (anything else raises ``ValueError`` when activated):
 
 ==============  =============================================================================
