@@ -168,6 +168,58 @@ def test_the_library_loads_our_exports_with_our_outputs(tmp_path):
     assert not bad, bad
 
 
+@pytest.mark.parametrize(
+    "case",
+    [
+        "t5_prefix_tuning",
+        "t5_unipelt",
+        "bart_mam",
+        "distilbert_unipelt",
+        "distilbert_prefix_tuning_leave_out",
+        "vit_mam",
+    ],
+)
+def test_sdpa_attention_gives_the_library_eager_outputs(case):
+    """Under sdpa (transformers' default) the prefix joins the same way: explicit masks where sdpa would derive
+    causality from the (now longer) key length (measured on every case: the eager differences to 1e-7)."""
+    model = fresh(CASES[case]["family"])
+    model.set_attn_implementation("sdpa")
+    ak.attach(model).load(FIXTURES / case / "adapter", allow_pickle=True, activate=True)
+    assert diff(model, case) <= TOL
+    if CASES[case]["padded"]:
+        assert diff(model, case, "padded.") <= TOL
+
+
+@pytest.mark.parametrize(
+    ("case", "cls"),
+    [("t5_prefix_tuning", "T5ForConditionalGeneration"), ("bart_mam", "BartForConditionalGeneration")],
+)
+def test_generate_with_and_without_a_cache(case, cls):
+    """``generate()`` on the LM model of the same weights: the decoder cache holds only real keys, the prefix joins
+    every step, so cached and uncached greedy decoding agree (and differ from the base model's)."""
+    import transformers
+
+    family = CASES[case]["family"]
+    model = (
+        getattr(transformers, cls)
+        .from_pretrained(str(FIXTURES / "base" / ("t5ed" if family == "t5ed" else family)))
+        .eval()
+    )
+    model.generation_config.forced_eos_token_id = None  # BART's: the last step would not be the argmax
+    exp = expected(case)
+    inputs = {"input_ids": exp["input_ids"], "attention_mask": exp["padded.attention_mask"]}
+    kw = {"max_new_tokens": 6, "do_sample": False, "min_new_tokens": 6}
+    base = model.generate(**inputs, **kw)
+    adapters = ak.attach(model)
+    adapters.load(FIXTURES / case / "adapter", allow_pickle=True, activate=True)
+    cached = model.generate(**inputs, **kw, use_cache=True)
+    with torch.no_grad():
+        scores = model(**inputs, decoder_input_ids=cached[:, :-1]).logits
+    assert torch.equal(scores.argmax(-1)[:, -5:], cached[:, -5:])  # each cached step = the one-call argmax
+    assert torch.equal(model.generate(**inputs, **kw, use_cache=False), cached)
+    assert not torch.equal(base, cached)
+
+
 # --- what the files become ----------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("case", "locations", "sites", "layers"),
