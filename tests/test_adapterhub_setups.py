@@ -392,6 +392,19 @@ def test_the_head_of_an_averaged_adapter_follows_the_average(tmp_path):
     torch.testing.assert_close(out.logits, head.net(out.last_hidden_state[:, 0]))
 
 
+def test_fusing_adapters_that_carry_heads_says_what_to_do():
+    """Members loaded with their own heads, then fused: the heads cannot be fused (the setup loader splits them off
+    as head[b]); the error says so instead of a missing-fusion or tensor-type error."""
+    d = FIXTURES / "setup_bert_fuse_member_head" / "setup"
+    model = _bare_bert()
+    adapters = ak.attach(model)
+    for n in ("a", "b", "a,b"):
+        adapters.load(d / n)
+    adapters.activate(ak.Fuse("a", "b"))
+    with pytest.raises(TypeError, match="stack a head after the fusion"):
+        _call(model, _expected("setup_bert_fuse_member_head"))
+
+
 @pytest.mark.parametrize("case", ["setup_bert_parallel_heads", "setup_bert_batch_split_heads"])
 def test_one_head_per_row_block_gives_the_library_logits(case, tmp_path):
     """Parallel / BatchSplit of adapters with their heads (head_setup the same block, or none: the library activates

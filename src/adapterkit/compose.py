@@ -538,6 +538,12 @@ def apply_post(item: str | Block, comps: dict[str, Any], args: tuple, kwargs: di
         return (combined, *y[1:])
     if isinstance(item, (Parallel, BatchSplit)) and isinstance(y, Mapping):
         return _rows_of_output(item, comps, args, kwargs, y)
+    if isinstance(item, Fuse) and isinstance(y, Mapping) and item.name not in comps:
+        parts = [n for n in names_in(item) if _acts(n, comps)]
+        raise TypeError(
+            f"{item!r}: {parts} have parts on the model's output (e.g. a flex head), which a fusion cannot fuse; "
+            "keep heads out of fused adapters and stack a head after the fusion (ak.Stack(ak.Fuse(...), 'head'))"
+        )
     base = _tensor(y, item)
     if isinstance(item, Average):
         if item.combine == "outputs":
