@@ -32,16 +32,21 @@ of ``formats/adapterhub_export.py`` for what :func:`handles` says; the format: .
   ``"eos"``), an LM head whose output layer differs from the input embeddings when the model ties them (the library
   ties them on load, so the file would overwrite the embeddings), another LayerNorm epsilon, a second (static)
   head.
-- **A composition** (``name`` an ``ak.Stack`` / ``ak.Fuse`` / ``ak.Parallel`` / ``ak.BatchSplit`` block) ->
+- **A composition** (``name`` an ``ak.Stack`` / ``ak.Fuse`` / ``ak.Parallel`` / ``ak.BatchSplit`` / ``ak.Average`` /
+  ``ak.Split`` block) ->
   ``save_adapter_setup``'s directory: ``adapter_setup.json`` (the block in the library's ``to_dict`` form), one
   adapter directory per adapter (``<dir>/<name>/``, written as above, heads included), one fusion directory per
   ``Fuse`` at the top or directly under it (``<dir>/a,b/``). A :class:`FlexHead` adapter stacked last
   (``ak.Stack(ak.Fuse("a", "b"), "target")``, what a setup with ``head_setup="target"`` loads as) is written as
-  ``head_setup: "target"`` and ``<dir>/target/`` (``save_head``). ``Average`` and ``Split`` over adapter names as
-  the library computes them (``adapterhub_setup.members_kind``): ``Average`` of sequential bottlenecks with
-  ``combine="outputs"``, of ParBn or LoRA adapters with ``combine="changes"``, weights summing to ``1/n`` (written
-  times ``n``: the library's ``mean(w_i h_i)`` divides them again); ``Split`` with its ``length`` (written as each
-  part's length). Refused: other Averages and Splits, ``Fuse`` over blocks, a head anywhere else. All or nothing: written into a temporary directory, then moved into place.
+  ``head_setup: "target"`` and ``<dir>/target/`` (``save_head``); so is the head adapter ``head[b]`` that a fused
+  adapter's own head loads as (``head_setup: "head[b]"``: the library activates it alike). ``Parallel`` /
+  ``BatchSplit`` of adapters with heads are written with their heads and ``head_setup`` null (the library then
+  activates one head per child itself). ``Average`` and ``Split`` over adapter names as the library computes them
+  (``adapterhub_setup.members_kind``): ``Average`` of sequential bottlenecks with ``combine="outputs"``, of ParBn or
+  LoRA adapters with ``combine="changes"``, weights summing to ``1/n`` (written times ``n``: the library's
+  ``mean(w_i h_i)`` divides them again); ``Split`` with its ``length`` (written as each part's length). Refused:
+  other Averages and Splits, ``Fuse`` over blocks, a head anywhere else. All or nothing: written into a temporary
+  directory, then moved into place.
 
 Everything is checked before anything is written; errors are :class:`AdapterHubExportError`.
 """
