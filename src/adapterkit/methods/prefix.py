@@ -367,6 +367,7 @@ def _check_fits(model: nn.Module) -> None:
             f"({'/'.join(tokens)}; its inputs: {', '.join(params) or 'other tensors'}). Prefix tuning (Li & Liang "
             "2021) puts trained keys/values into the self-attention of text models (the decoder of encoder-decoder "
             f"models) through their KV cache; adapt this model's layers instead: {_ALTERNATIVES}"
+            f"{_attention_hint(model)}"
         )
     try:
         kv_layout(model)
@@ -397,7 +398,23 @@ def alternatives(model: nn.Module) -> str:
     """What to use instead of prefix tuning on ``model`` (prompt tuning only where it takes ``inputs_embeds``)."""
     enc_dec = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
     prompt = not enc_dec and takes(type(model), "inputs_embeds")
-    return f"{_ALTERNATIVES}{', or prompt tuning (ak.PromptTuning())' if prompt else ''} for this model"
+    return (
+        f"{_ALTERNATIVES}{', or prompt tuning (ak.PromptTuning())' if prompt else ''}{_attention_hint(model)} for "
+        "this model"
+    )
+
+
+def _attention_hint(model: nn.Module) -> str:
+    """``", or ... inject='attention'"`` where every attention module of ``model`` can take the prefix inside."""
+    try:
+        found = attention_modules(model)
+        for name, _, module in found:
+            _check_attention_call(module, name)
+    except (TargetError, TypeError, ValueError):
+        return ""
+    if not found:
+        return ""
+    return ", or the prefix inside each attention module (ak.PrefixTuning(positions='keep', inject='attention'))"
 
 
 def _blocks(model: nn.Module) -> nn.ModuleList | None:
@@ -454,7 +471,8 @@ def _check_keeps_positions(model: nn.Module) -> None:
         raise TargetError(
             f"prefix tuning with positions='keep' needs explicit {key}, which {type(model).__name__}.forward does "
             "not take (models with relative position biases, e.g. T5, number tokens after the cache); use "
-            "positions='shift'"
+            "positions='shift', or inject='attention' (the prefix inside each attention module, AdapterHub's "
+            "placement: positions untouched)"
         )
 
 
