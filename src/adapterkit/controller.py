@@ -1049,7 +1049,7 @@ class Adapters:
         several = getattr(fmt, "loads_several", None)
         if several is not None and several(path):  # several adapters (AdapterHub setup): the format installs
             return fmt.load(self, path, name=name, allow_pickle=allow_pickle, activate=activate)
-        read = self.read(path, name, allow_pickle=allow_pickle)
+        read = self._read_as(fmt, path, name, allow_pickle=allow_pickle)
         self.install(read.name, read.plan, activate=activate)
         return read.name
 
@@ -1062,11 +1062,15 @@ class Adapters:
         ``adapters.install(read.name, read.plan)`` between two forwards. The name is checked for syntax only
         here; ``install`` refuses it if an adapter of that name exists by then. Errors are those of ``load``.
         """
-        reading = _Reading(self)
         fmt = detect(path)
         several = getattr(fmt, "loads_several", None)
         if several is not None and several(path):
             raise AdapterFileError(f"{str(path)!r} holds several adapters (an adapter setup): load it with load()")
+        return self._read_as(fmt, path, name, allow_pickle=allow_pickle)
+
+    def _read_as(self, fmt: Any, path: str | os.PathLike, name: str | None, *, allow_pickle: bool) -> ReadAdapter:
+        """:meth:`read` with the format already detected (``load`` detects it once for both halves)."""
+        reading = _Reading(self)
         name = fmt.load(reading, path, name=name, allow_pickle=allow_pickle, activate=False)
         if reading.read is None:  # every reader ends in ``ctl.install``; one that did not is a bug
             raise RuntimeError(f"the reader of {str(path)!r} installed nothing")
