@@ -156,6 +156,24 @@ def test_the_library_loads_our_exports_with_our_outputs(tmp_path):
             "padded": padded,
             "attn_implementation": "sdpa" if family == "distilbert_sdpa" else "eager",
         }
+    for case in sorted(NATIVE):
+        model, adapters = _native(case)
+        family = NATIVE[case][0]
+        exp = load_file(str(FIXTURES / "base" / family / "expected.safetensors"))
+        got = run(model, exp)
+        if "attention_mask" in exp:
+            mask = exp["attention_mask"].clone()
+            mask[1, -3:] = 0
+            got["padded"] = run(model, {**exp, "attention_mask": mask})["output"]
+        ours[f"native_{case}"] = got
+        adapters.export("task", tmp_path / f"native_{case}", format="adapterhub")
+        manifest[f"native_{case}"] = {
+            "family": family,
+            "adapter": str(tmp_path / f"native_{case}"),
+            "name": "task",
+            "padded": "attention_mask" in exp,
+            "attn_implementation": "eager",
+        }
     theirs = run_library("adapterhub_library_check.py", manifest, tmp_path)
     worst = {}
     for case, got in ours.items():
@@ -218,6 +236,49 @@ def test_generate_with_and_without_a_cache(case, cls):
     assert torch.equal(scores.argmax(-1)[:, -5:], cached[:, -5:])  # each cached step = the one-call argmax
     assert torch.equal(model.generate(**inputs, **kw, use_cache=False), cached)
     assert not torch.equal(base, cached)
+
+
+# adapters built here (random prefixes and gates): the config flags AdapterHub has for what the files above lack
+NATIVE = {
+    "t5_self_cross_gated_2": ("t5ed", dict(locations=("self", "cross"), gated=True, gate_outputs=2)),
+    "bart_self_only": ("bart", dict(locations=("self",))),
+    "vit_layer_1": ("vit", dict(layers=[1], gated=True)),
+}
+
+
+def _native(case: str):
+    family, kw = NATIVE[case]
+    torch.manual_seed(sum(map(ord, case)))
+    model = fresh(family)
+    adapters = ak.attach(model)
+    adapters.add(
+        "task",
+        ak.PrefixTuning(num_virtual_tokens=4, positions="keep", inject="attention", init_weights=False, **kw),
+    )
+    adapters.activate("task")
+    return model, adapters
+
+
+@pytest.mark.parametrize("case", sorted(NATIVE))
+def test_native_prefix_export_round_trip(case, tmp_path):
+    """``encoder_prefix``/``cross_prefix`` false, ``leave_out``, separate key/value gates: written so that our reader
+    (and the library: slow test) gives the same outputs."""
+    model, adapters = _native(case)
+    family = NATIVE[case][0]
+    exp = load_file(str(FIXTURES / "base" / family / "expected.safetensors"))
+    ours = run(model, exp)
+    adapters.export("task", tmp_path, format="adapterhub")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())["config"]
+    locations = NATIVE[case][1].get("locations", ())
+    if family != "vit":
+        assert (config["encoder_prefix"], config["cross_prefix"]) == ("encoder" in locations, "cross" in locations)
+    assert config["leave_out"] == ([0] if case == "vit_layer_1" else [])
+    again = fresh(family)
+    back = ak.attach(again)
+    back.load(tmp_path, activate=True)
+    assert back.config("task").locations == (locations or ("self",))
+    got = run(again, exp)
+    assert max((got[k] - ours[k]).abs().max().item() for k in ours) <= 1e-6
 
 
 # --- what the files become ----------------------------------------------------------------------------------
