@@ -18,8 +18,7 @@ LoRA this is the sum of their deltas, peft's semantics for several active adapte
                 with weights added by ``Adapters.add_fusion`` and trained by ``Adapters.train_fusion``.
 ==============  ===========================================================================================
 
-At a module returning a tuple (attention modules) ``Fuse``, ``Average`` and ``Split`` combine its first element
-and keep the rest. At the model root (a ``ModelOutput``: flex heads sit there) ``Parallel`` and ``BatchSplit`` give
+At a module returning a tuple (attention modules) the blocks combine its first element and keep the rest. At the model root (a ``ModelOutput``: flex heads sit there) ``Parallel`` and ``BatchSplit`` give
 each child its rows of the output; a value the children add or replace (each head's ``logits``) comes back as a
 list, one entry per child (AdapterHub's ``MultiHeadOutput``).
 
@@ -532,7 +531,7 @@ def apply_post(item: str | Block, comps: dict[str, Any], args: tuple, kwargs: di
         for child in item.children:
             y = apply_post(child, comps, args, kwargs, y)
         return y
-    if isinstance(item, (Fuse, Average, Split)) and isinstance(y, tuple) and y and isinstance(y[0], torch.Tensor):
+    if isinstance(y, tuple) and y and isinstance(y[0], torch.Tensor):
         # a module returning (output, extras...) (attention modules): combine the outputs, keep the extras
         combined = apply_post(item, comps, args, kwargs, y[0])
         return (combined, *y[1:])

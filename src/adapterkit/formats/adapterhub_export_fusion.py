@@ -46,7 +46,8 @@ of ``formats/adapterhub_export.py`` for what :func:`handles` says; the format: .
   LoRA adapters with ``combine="changes"``, weights summing to ``1/n`` (written times ``n``: the library's
   ``mean(w_i h_i)`` divides them again); ``Split`` with its ``length`` (written as each part's length). Refused:
   other Averages and Splits, ``Fuse`` over blocks, a head anywhere else. All or nothing: written into a temporary
-  directory, then moved into place.
+  directory, then moved into place. ``Parallel`` / ``BatchSplit`` over blocks holding sequential bottlenecks with
+  ``original_ln_before`` are refused too (the library prepares their state twice: ``prepared_twice``).
 
 Everything is checked before anything is written; errors are :class:`AdapterHubExportError`.
 """
@@ -77,7 +78,7 @@ from .adapterhub_export_common import (
     model_type,
     role_sites,
 )
-from .adapterhub_setup import block_names, members_kind
+from .adapterhub_setup import block_names, members_kind, prepared_twice
 
 __all__ = ["handles", "save", "ADAPTER_MODELS"]
 
@@ -479,6 +480,9 @@ def _to_dict(ctl: Any, item: str | Block, where: str) -> dict[str, Any]:
         )
     if kind is Fuse and not all(isinstance(c, str) for c in item.children):
         raise AdapterHubExportError(f"{where}: Fuse over composition blocks is not written (only adapter names)")
+    why = prepared_twice(ctl, item)
+    if why:
+        raise AdapterHubExportError(f"{where}: {why} (not written)")
     out: dict[str, Any] = {"type": kind.__name__, "children": [_to_dict(ctl, c, where) for c in item.children]}
     if isinstance(item, BatchSplit):
         out["kwargs"] = {"batch_sizes": list(item.batch_sizes)}

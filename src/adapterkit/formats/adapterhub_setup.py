@@ -160,6 +160,9 @@ def fit(ctl: Any, item: str | Block, where: Path) -> str | Block:
     if isinstance(item, str):
         return item
     children = [fit(ctl, c, where) for c in item.children]
+    why = prepared_twice(ctl, item)
+    if why:
+        raise AdapterFileError(f"{where}: {why} (not read)")
     if not isinstance(item, (Average, Split)):
         return _rebuilt(item, children)
     try:
@@ -169,6 +172,38 @@ def fit(ctl: Any, item: str | Block, where: Path) -> str | Block:
     if isinstance(item, Average) and kind == "sequential":
         return Average(*children, weights=item.weights, combine="outputs")
     return _rebuilt(item, children)
+
+
+def prepared_twice(ctl: Any, item: str | Block) -> str | None:
+    """Why the library computes ``item`` (a ``Parallel`` / ``BatchSplit`` over blocks) otherwise than we do, None if
+    it does not: it runs the first adapter's pre-step for the whole block and again inside each nested block, which
+    changes the state of adapters whose pre-step is not the same when run twice."""
+    if not isinstance(item, (Parallel, BatchSplit)) or not any(isinstance(c, Block) for c in item.children):
+        return None
+    prepared = [n for n in block_names(item) if _prepares_twice(ctl, n)]
+    if not prepared:
+        return None
+    return (
+        f"{type(item).__name__} over composition blocks with {prepared}: the library runs the first adapter's "
+        "pre-step for the whole block and again inside each nested block, and these adapters' pre-step (the "
+        "block's own residual and LayerNorm before them: original_ln_before) changes the state when run twice"
+    )
+
+
+def _prepares_twice(ctl: Any, name: str) -> bool:
+    """Whether adapter ``name``'s AdapterHub pre-step changes its input when run a second time: a sequential
+    bottleneck with ``original_ln_before`` (it adds the residual, and normalizes, again)."""
+    kind = _member(ctl, name)
+    cfg = ctl.config(name)
+    if isinstance(cfg, Union):
+        parts = [c for c in cfg.configs if isinstance(c, Bottleneck)]
+        cfg = parts[0] if parts else None
+    return (
+        kind is not None
+        and kind[0] == "sequential"
+        and isinstance(cfg, Bottleneck)
+        and bool(cfg.original_ln_before_resolved)
+    )
 
 
 def members_kind(ctl: Any, block: Average | Split) -> str:
