@@ -18,9 +18,10 @@ LoRA this is the sum of their deltas, peft's semantics for several active adapte
                 with weights added by ``Adapters.add_fusion`` and trained by ``Adapters.train_fusion``.
 ==============  ===========================================================================================
 
-At a module returning a tuple (attention modules) the blocks combine its first element and keep the rest. At the model root (a ``ModelOutput``: flex heads sit there) ``Parallel`` and ``BatchSplit`` give
-each child its rows of the output; a value the children add or replace (each head's ``logits``) comes back as a
-list, one entry per child (AdapterHub's ``MultiHeadOutput``).
+At a module returning a tuple (attention modules) the blocks combine its first element and keep the rest. At the
+model root (a ``ModelOutput``: flex heads sit there) ``Parallel`` and ``BatchSplit`` give each child its rows of
+the output; a value the children add or replace (each head's ``logits``) comes back as a list, one entry per child
+(AdapterHub's ``MultiHeadOutput``).
 
 Allowed nestings (anything else raises ``ValueError`` when activated):
 
@@ -539,6 +540,10 @@ def apply_post(item: str | Block, comps: dict[str, Any], args: tuple, kwargs: di
         return _rows_of_output(item, comps, args, kwargs, y)
     if isinstance(item, Fuse) and isinstance(y, Mapping) and item.name not in comps:
         parts = [n for n in names_in(item) if _acts(n, comps)]
+        if not parts:  # observers only: let them record
+            for child in item.children:
+                y = apply_post(child, comps, args, kwargs, y)
+            return y
         raise TypeError(
             f"{item!r}: {parts} have parts on the model's output (e.g. a flex head), which a fusion cannot fuse; "
             "keep heads out of fused adapters and stack a head after the fusion (ak.Stack(ak.Fuse(...), 'head'))"
