@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import shutil
 
 import pytest
 import torch
@@ -23,6 +22,9 @@ from test_adapterhub import _base as _family_base
 from conftest import make_inputs, make_model
 
 CASES: dict[str, dict] = json.loads((FIXTURES / "cases.json").read_text())["prefix_encdec"]
+# fixtures refused on purpose (the library computes something adapterkit does not copy): case -> test
+REFUSED = {"t5_prefix_tuning_leave_out": "test_t5_prefix_on_some_layers_is_refused"}
+READ = sorted(set(CASES) - set(REFUSED))
 TOL = 1e-5  # measured <= 1.2e-6 (see the module docstring of formats/adapterhub_prefix.py)
 
 
@@ -78,7 +80,7 @@ def load(case: str):
     return model, adapters
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", READ)
 def test_fixture_gives_the_library_outputs(case):
     model, adapters = load(case)
     assert diff(model, case) <= TOL
@@ -90,7 +92,7 @@ def test_fixture_gives_the_library_outputs(case):
     assert not any(isinstance(getattr(m, "config", None), AttentionConfig) for m in model.modules())
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", READ)
 def test_export_reads_back_with_the_library_outputs(case, tmp_path):
     """Our export of each fixture (safetensors, the pool's copies separate) reads back with the library's outputs;
     its config has the library's keys and the same method fields (``flat`` true: the MLP is folded)."""
@@ -130,7 +132,8 @@ def test_the_library_loads_our_exports_with_our_outputs(tmp_path):
         pytest.skip(f"{HUB_PYTHON} is missing (make it as tests/fixtures/adapterhub/make_fixtures.py says)")
     manifest: dict[str, dict] = {}
     ours: dict[str, dict[str, torch.Tensor]] = {}
-    for case, info in sorted(CASES.items()):
+    for case in READ:
+        info = CASES[case]
         model, adapters = load(case)
         family = info["family"]
         exp = load_file(
@@ -243,6 +246,7 @@ NATIVE = {
     "t5_self_cross_gated_2": ("t5ed", dict(locations=("self", "cross"), gated=True, gate_outputs=2)),
     "bart_self_only": ("bart", dict(locations=("self",))),
     "vit_layer_1": ("vit", dict(layers=[1], gated=True)),
+    "bart_layer_0": ("bart", dict(layers=[0])),  # encoder layer 0, decoder layer 0: leave_out [1, 3]
 }
 
 
@@ -269,10 +273,10 @@ def test_native_prefix_export_round_trip(case, tmp_path):
     ours = run(model, exp)
     adapters.export("task", tmp_path, format="adapterhub")
     config = json.loads((tmp_path / "adapter_config.json").read_text())["config"]
-    locations = NATIVE[case][1].get("locations", ())
+    locations = NATIVE[case][1].get("locations") or (("self", "encoder", "cross") if family != "vit" else ())
     if family != "vit":
         assert (config["encoder_prefix"], config["cross_prefix"]) == ("encoder" in locations, "cross" in locations)
-    assert config["leave_out"] == ([0] if case == "vit_layer_1" else [])
+    assert config["leave_out"] == {"vit_layer_1": [0], "bart_layer_0": [1, 3]}.get(case, [])
     again = fresh(family)
     back = ak.attach(again)
     back.load(tmp_path, activate=True)
@@ -411,16 +415,18 @@ def test_missing_locations_and_layers_are_refused():
     assert adapters.names == []
 
 
-def test_leave_out_on_an_encoder_decoder_model_is_refused(tmp_path):
-    d = tmp_path / "t5"
-    shutil.copytree(FIXTURES / "t5_prefix_tuning" / "adapter", d)
-    data = json.loads((d / "adapter_config.json").read_text())
-    data["config"]["leave_out"] = [0]
-    (d / "adapter_config.json").write_text(json.dumps(data))
+def test_t5_prefix_on_some_layers_is_refused():
+    """adapters 1.3.0 gives T5 layers whose key length differs from the stack's first layer a zero position bias
+    (its t5_prefix_tuning_leave_out fixture: leave_out [0, 3], encoder layer 0 and decoder layer 1); not copied."""
     adapters = ak.attach(fresh("t5ed"))
-    with pytest.raises(ak.AdapterFileError, match="leave_out"):
-        adapters.load(d, allow_pickle=True)
-    assert adapters.names == []
+    with pytest.raises(ak.AdapterFileError, match="no position bias at all"):
+        adapters.load(FIXTURES / "t5_prefix_tuning_leave_out" / "adapter", allow_pickle=True)
+    with pytest.raises(ak.TargetError, match="no position bias at all"):
+        adapters.add("p", ak.PrefixTuning(positions="keep", inject="attention", layers=[1]))
+    adapters.add(
+        "cross", ak.PrefixTuning(positions="keep", inject="attention", locations=("self", "cross"), layers=[0, 1])
+    )
+    assert adapters.names == ["cross"]
 
 
 def test_exports_adapterhub_cannot_hold_are_refused(tmp_path):
@@ -428,6 +434,7 @@ def test_exports_adapterhub_cannot_hold_are_refused(tmp_path):
     adapters.add("enc", ak.PrefixTuning(positions="keep", inject="attention", locations=("encoder",)))
     with pytest.raises(ValueError, match="always has"):
         adapters.export("enc", tmp_path / "a", format="adapterhub")
-    adapters.add("part", ak.PrefixTuning(positions="keep", inject="attention", layers=[1]))
-    with pytest.raises(ValueError, match="some layers"):
+    cross_0 = r"decoder\.block\.0\.layer\.1\.EncDecAttention"  # decoder layer 0 keeps its self-attention prefix
+    adapters.add("part", ak.PrefixTuning(positions="keep", inject="attention", exclude=[cross_0]))
+    with pytest.raises(ValueError, match="leaves out whole layers"):
         adapters.export("part", tmp_path / "b", format="adapterhub")

@@ -35,8 +35,8 @@
   ``PrefixTuning(inject="attention")`` (a prefix inside each attention module; also DistilBERT, T5, mT5, BART,
   ViT) -> the flat form per location (``self_prefix``, DistilBERT's ``self``, ``encoder_prefix``,
   ``cross_prefix``: the layers' prefixes side by side), the pool's copies under every attention module, gates per
-  prefixed attention; layers without a prefix -> ``leave_out`` (the same layers at every location; refused on
-  encoder-decoder models), an encoder-decoder model without encoder/cross prefixes -> ``encoder_prefix`` /
+  prefixed attention; layers without a prefix -> ``leave_out`` (whole layers: encoder layers first, then the
+  decoder's, whose self- and cross-attention go together), an encoder-decoder model without encoder/cross prefixes -> ``encoder_prefix`` /
   ``cross_prefix`` false (a prefix without the self-attention one is refused: AdapterHub always has it).
 
 - :class:`~adapterkit.methods.embedding_prompt.EmbeddingPrompt` -> ``PromptTuningConfig`` (``combine:
@@ -65,6 +65,7 @@ from ..methods.prefix import (
 )
 from ..targeting import base_modules
 from .adapterhub_export_common import BERT_LIKE, AdapterHubExportError, hub_path, model_type, owner, targets
+from .adapterhub_prefix import hub_layer
 from .adapterhub_prompt import MODEL_TYPES as PROMPT_MODEL_TYPES
 
 __all__ = ["prefix", "prompt", "prompt_tuning_refusal", "PREFIX_MODEL_TYPES"]
@@ -226,8 +227,8 @@ def _attention_prefix(
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``PrefixTuning(inject="attention")``: the flat form per location (its layers' prefixes side by side, layer
     ``j`` at slots ``2j``, ``2j + 1``), the pool's copies under every attention module, the gates under each
-    prefixed one; layers without a prefix -> ``leave_out`` (not on encoder-decoder models, whose decoder layer
-    numbers the library offsets), absent cross/encoder prefixes -> ``cross_prefix``/``encoder_prefix`` false."""
+    prefixed one; layers without a prefix -> ``leave_out`` (AdapterHub's numbering: the decoder's layers after the
+    encoder's), absent cross/encoder prefixes -> ``cross_prefix``/``encoder_prefix`` false."""
     if mtype not in ATTENTION_MODEL_TYPES:
         raise AdapterHubExportError(
             f"adapter {name!r}: AdapterHub prefix tuning is exported for {', '.join(ATTENTION_MODEL_TYPES)} models, "
@@ -259,22 +260,21 @@ def _attention_prefix(
             f"adapter {name!r}: a prefix without one on the (decoder) self-attention, which AdapterHub's prefix tuning "
             "always has (only encoder_prefix and cross_prefix can be switched off)"
         )
-    leave_out: set[int] = set()
+    ranges: dict[str, set[int | None]] = {}
+    missing: dict[str, set[int | None]] = {}
     for loc, found in by_loc.items():
         found.sort(key=lambda sc: sc[1].layer)
-        kinds = [n for n, lk, _ in all_attn if lk == loc]
-        layers = [_layer_of(s) for s, _ in found]
-        missing = {_layer_of(n) for n in kinds} - set(layers)
-        if missing and enc_dec:
-            raise AdapterHubExportError(
-                f"adapter {name!r}: a prefix on some layers of an encoder-decoder model's {loc} attention only, which "
-                "is not exported (AdapterHub's leave_out numbers the decoder layers after the encoder's)"
-            )
-        if leave_out and missing != leave_out:
-            raise AdapterHubExportError(f"adapter {name!r}: different layers left out per attention kind")
-        leave_out |= missing  # type: ignore[arg-type]
+        ranges[loc] = {hub_layer(n, lk, all_attn) for n, lk, _ in all_attn if lk == loc}
+        missing[loc] = ranges[loc] - {hub_layer(s, loc, all_attn) for s, _ in found}
         if [c.layer for _, c in found] != list(range(len(found))):
             raise AdapterHubExportError(f"adapter {name!r}: prefix layers out of order at {loc!r}")
+    leave_out = set().union(*missing.values())
+    if None in leave_out or any(missing[loc] != leave_out & ranges[loc] for loc in by_loc):
+        raise AdapterHubExportError(
+            f"adapter {name!r}: prefixes on different layers per attention kind ({ {k: sorted(v) for k, v in missing.items()} } "
+            "left out), which AdapterHub's leave_out cannot say (it leaves out whole layers: the decoder's "
+            "self- and cross-attention together)"
+        )
     lengths = {c.num_virtual_tokens for c in mine.values()}
     if len(lengths) != 1:
         raise AdapterHubExportError(f"adapter {name!r}: prefixes of several lengths {sorted(lengths)}")
@@ -297,15 +297,11 @@ def _attention_prefix(
         tensors[f"{key}.weight"] = gate.weight.detach().float().contiguous().clone()
         tensors[f"{key}.bias"] = gate.bias.detach().float().contiguous().clone()
     config = _prefix_config(lengths.pop(), True, cfg.encoder_hidden_size or _BOTTLENECK_DEFAULT, cfg)
-    config["leave_out"] = sorted(leave_out)
+    config["leave_out"] = sorted(leave_out)  # type: ignore[type-var]
     if enc_dec:
         config["encoder_prefix"] = "encoder" in by_loc
         config["cross_prefix"] = "cross" in by_loc
     return config, tensors
-
-
-def _layer_of(name: str) -> int | None:
-    return next((int(p) for p in name.split(".") if p.isdigit()), None)
 
 
 def prompt(

@@ -38,8 +38,9 @@ Two routes, the same outputs (tests/test_adapterhub_prefix_encdec.py checks both
   (``T5Model``), BART, DistilBERT and ViT: prefix (MLP, flat, self-only, no cross), MAM, UniPELT, leave_out;
   <= 3e-6, left-padded batches included.
 
-Refused with the reason: ``leave_out`` on encoder-decoder models (the library's decoder layer numbering is not
-checked), unknown location keys.
+``leave_out`` on encoder-decoder models counts the encoder's layers first, then the decoder's (the library's
+``iter_layers``): the kept attention modules become explicit ``targets``. Refused with the reason: unknown location
+keys.
 """
 
 from __future__ import annotations
@@ -260,13 +261,12 @@ def _attention_plan(ctl: Any, path: str | os.PathLike, info: AdapterHubFile, sit
     if len(ours) != len(found):
         raise AdapterFileError(f"{where}: prefixes at {found}, two of them for the same attention")
     leave_out = sorted(set(info.config.get("leave_out") or []))
-    layers = None
-    if leave_out:
-        if getattr(model.config, "is_encoder_decoder", False):
-            raise AdapterFileError(
-                f"{where}: AdapterHub prefix tuning with leave_out {leave_out} on an encoder-decoder model is not read "
-                "(the library numbers decoder layers after the encoder's; not checked against it)"
-            )
+    layers = targets = None
+    if leave_out and getattr(model.config, "is_encoder_decoder", False):
+        # the library numbers the encoder's layers 0 .. N-1, the decoder's N .. (self- and cross-attention alike)
+        found_modules = attention_modules(model)
+        targets = [n for n, loc, _ in found_modules if hub_layer(n, loc, found_modules) not in leave_out]
+    elif leave_out:
         indices = sorted({i for n, _, _ in attention_modules(model) if (i := _layer_of(n)) is not None})
         layers = [i for i in indices if i not in leave_out]
     gated = fields.flag("use_gating", False)
@@ -277,6 +277,7 @@ def _attention_plan(ctl: Any, path: str | os.PathLike, info: AdapterHubFile, sit
         inject="attention",
         locations=ours,
         layers=layers,
+        targets=targets,
         gated=gated,
         gate_outputs=1 if fields.flag("shared_gating", True) else 2,
     )
@@ -315,6 +316,16 @@ def _attention_plan(ctl: Any, path: str | os.PathLike, info: AdapterHubFile, sit
 
 def _layer_of(name: str) -> int | None:
     return next((int(p) for p in name.split(".") if p.isdigit()), None)
+
+
+def hub_layer(name: str, location: str, found: list[tuple[str, str, Any]]) -> int | None:
+    """AdapterHub's layer index of our attention module ``name`` (``found``: :func:`attention_modules` of the
+    model): its block's index, after the encoder's blocks for the decoder of an encoder-decoder model (the
+    library's ``iter_layers``)."""
+    i = _layer_of(name)
+    if i is None or location == "encoder" or not any(loc == "encoder" for _, loc, _ in found):
+        return i
+    return i + len({_layer_of(n) for n, loc, _ in found if loc == "encoder"})
 
 
 def _gates(info: AdapterHubFile, sites: dict[str, str], where: Path) -> dict[str, dict[str, torch.Tensor]]:

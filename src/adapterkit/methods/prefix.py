@@ -236,7 +236,8 @@ class PrefixTuning(AdapterConfig):
             library): inside each attention module, after its key/value projections (and its own cache), through
             transformers' attention interface (:class:`AttentionPrefix`): also the encoder self-attention and the
             cross-attention of T5/BART (``locations``), models without a KV cache (DistilBERT) or token ids
-            (ViT), and a subset of layers (``layers``: AdapterHub's ``leave_out``). Positions are not touched
+            (ViT), and a subset of layers (``layers``, ``exclude`` or ``targets`` naming attention modules:
+            AdapterHub's ``leave_out``). Positions are not touched
             (``positions="keep"`` is required); T5's relative position bias then sees the prefix at key positions
             ``0 .. P-1`` and the real keys after it, as in AdapterHub. Each layer holds its own ``(P, 2 * kv_dim)``
             prefix (no ``prefix_projection``).
@@ -327,7 +328,7 @@ class PrefixTuning(AdapterConfig):
     def build_all(self, modules: Mapping[str, nn.Module], targets: list[str], select: Any) -> dict[str, Component]:
         """The prefix at ``""``; with ``gated``, also a :class:`PrefixGate` on each layer's self-attention module."""
         if self.inject == "attention":
-            return _attention_prefixes(self, modules)
+            return _attention_prefixes(self, modules, targets)
         built = super().build_all(modules, targets, select)
         kv = built.get("")
         if not self.gated or not isinstance(kv, PrefixKV):
@@ -975,9 +976,13 @@ def _layer_of(name: str) -> int | None:
     return next((int(p) for p in name.split(".") if p.isdigit()), None)
 
 
-def _attention_prefixes(cfg: PrefixTuning, modules: Mapping[str, nn.Module]) -> dict[str, Component]:
-    """An :class:`AttentionPrefix` on each attention module of ``cfg.locations`` (all kinds when empty) and
-    ``cfg.layers`` (all when None)."""
+def _attention_prefixes(
+    cfg: PrefixTuning, modules: Mapping[str, nn.Module], targets: list[str]
+) -> dict[str, Component]:
+    """An :class:`AttentionPrefix` on each attention module of ``cfg.locations`` (all kinds when empty) among the
+    resolved ``targets`` (default: every module, then ``layers``/``exclude`` as for any method; explicit targets
+    name attention modules, e.g. AdapterHub's ``leave_out`` on encoder-decoder models)."""
+    chosen = set(targets)
     model = modules[""]
     found = attention_modules(model)
     if not found:
@@ -999,7 +1004,7 @@ def _attention_prefixes(cfg: PrefixTuning, modules: Mapping[str, nn.Module]) -> 
     for name, loc, module in found:
         if getattr(module, "has_relative_attention_bias", False) and loc not in bias_source:
             bias_source[loc] = module  # T5: the stack's first layer holds the relative position bias
-        if loc not in wanted or (cfg.layers is not None and _layer_of(name) not in cfg.layers):
+        if loc not in wanted or name not in chosen:
             continue
         _check_attention_call(module, name)
         comp = AttentionPrefix(cfg, module, loc, index.get(loc, 0), hidden)
@@ -1009,8 +1014,19 @@ def _attention_prefixes(cfg: PrefixTuning, modules: Mapping[str, nn.Module]) -> 
         out[name] = comp
     if not out:
         raise TargetError(
-            f"prefix tuning with layers={cfg.layers!r} selects no attention layer of {type(model).__name__}"
+            f"prefix tuning with targets={cfg.targets!r}, layers={cfg.layers!r}, exclude={list(cfg.exclude)!r} "
+            f"selects no attention module of {type(model).__name__}"
         )
+    for loc in bias_source:  # relative position biases (T5): every layer of a stack or none
+        stack = [n for n, lk, _ in found if lk == loc]
+        chosen_here = [n for n in stack if n in out]
+        if chosen_here and len(chosen_here) != len(stack):
+            raise TargetError(
+                f"prefix tuning on some layers only of {type(model).__name__}'s {loc} attention, whose relative "
+                "position bias is computed once per stack: AdapterHub's adapters 1.3.0 then gives the layers whose "
+                "key length differs from the first layer's no position bias at all (zeros), which adapterkit does "
+                f"not copy. Put the prefix on every {loc} layer ({len(stack)}) or none (locations)"
+            )
     return out
 
 
