@@ -24,8 +24,11 @@ order (each as ``adapters.load(<dir>/<name>)`` would), then the fusions, then ac
   Members must be of one kind and arrangement and sit on the same modules (the library runs the first member's
   pre-step and the last one's post-step for all; its weights stop lining up where only some act); prefix tuning
   is refused (the library's ``mean`` raises NotImplementedError).
-- ``Average`` and ``Split`` over nested blocks are refused (the library runs the first adapter's pre-step again
-  on an already prepared state inside them), as are ``MultiTask`` and ``Fuse`` over ``Stack`` children.
+- Blocks over nested blocks: the library runs the first adapter's pre-step for the whole block and again inside
+  each nested block, so ``Average``/``Split`` over ``Stack`` children and ``Parallel``/``BatchSplit`` over blocks
+  load only where no member's pre-step changes the state when run twice (sequential bottlenecks with
+  ``original_ln_before``, e.g. SeqBn, are refused there; DoubleSeqBn and ParBn are fine). ``MultiTask`` and
+  ``Fuse`` over ``Stack`` children are refused.
 
 All or nothing: a failure deletes what it loaded. Heads: as the library's ``set_active_adapters``, the head of the
 last adapter of a ``Stack`` is kept (a part of that adapter here, active with it), one head per child of a
@@ -75,11 +78,6 @@ def parse(node: Any, where: Path) -> str | Block:
             raise AdapterFileError(f"{where}: a 'single' node names one adapter, got {children!r:.80}")
         return children[0]
     parsed = [parse(c, where) for c in children]
-    if kind in ("Average", "Split") and not all(isinstance(c, str) for c in parsed):
-        raise AdapterFileError(
-            f"{where}: {kind} over composition blocks is not read: inside nested blocks the library runs the first "
-            "adapter's pre-step again on an already prepared state (only adapter names under Average and Split)"
-        )
     try:
         if kind == "Stack":
             return Stack(*parsed)
@@ -207,18 +205,26 @@ def _prepares_twice(ctl: Any, name: str) -> bool:
 
 
 def members_kind(ctl: Any, block: Average | Split) -> str:
-    """The kind (:func:`_member`) all adapters of an ``Average`` or ``Split`` block (children: names) share, for
-    the reader and the writer.
+    """The kind (:func:`_member`) all adapters of an ``Average`` or ``Split`` block (children: names, or Stacks of
+    names where no member's pre-step changes the state when run twice) share, for the reader and the writer.
 
     Raises:
         ValueError: what the library computes otherwise or cannot run."""
     what = type(block).__name__
-    if not all(isinstance(c, str) for c in block.children):
+    nested = [c for c in block.children if not isinstance(c, str)]
+    if not all(isinstance(c, Stack) and all(isinstance(n, str) for n in c.children) for c in nested):
         raise ValueError(
-            f"{what} over composition blocks: inside nested blocks the library runs the first adapter's pre-step "
-            "again on an already prepared state (only adapter names under Average and Split)"
+            f"{what} over {[repr(c) for c in nested]}: only adapter names and Stacks of them are read under Average "
+            "and Split"
         )
-    names = [c for c in block.children if isinstance(c, str)]
+    names = block_names(block)
+    prepared = [n for n in names if _prepares_twice(ctl, n)] if nested else []
+    if prepared:
+        raise ValueError(
+            f"{what} over Stack blocks with {prepared}: the library runs the first adapter's pre-step for the whole "
+            "block and again inside each Stack, and these adapters' pre-step (the block's own residual and "
+            "LayerNorm before them: original_ln_before) changes the state when run twice"
+        )
     kinds = {n: _member(ctl, n) for n in names}
     other = [n for n, k in kinds.items() if k is None]
     if other:
@@ -416,7 +422,12 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
                     f"{where / SETUP}: its head {head!r} cannot follow this setup here: {e}"
                 ) from None
         else:
-            ctl.activate(setup)
+            try:
+                ctl.activate(setup)
+            except ValueError as e:
+                raise AdapterFileError(
+                    f"{where / SETUP}: its setup {setup!r} cannot be activated here: {e}"
+                ) from None
     except BaseException:
         for n in reversed(installed):
             ctl.delete(n)
