@@ -15,7 +15,9 @@ Heads (``head_type``; the layer stack is AdapterHub's, module for module, so its
   then ``[Dropout, Linear(H, num_labels)]`` on the first token ``x[:, 0]`` (``use_pooler``: the output's
   ``pooler_output``; ``cls_token="last"``: AdapterHub's decoder models (GPT-2, GPT-J, LLaMA, Mistral): the token at
   ``count(input_ids != pad_token_id) − 1``, the last one when the model config has no ``pad_token_id`` or the call
-  no ``input_ids``): ``logits (B, num_labels)``.
+  no ``input_ids``; ``cls_token="eos"``: AdapterHub's encoder-decoder models (BART, mBART, PLBart, T5, mT5): the
+  output (the decoder's) at the last position where ``input_ids == eos_token_id``, every row holding the same
+  number of eos tokens as there): ``logits (B, num_labels)``.
 * ``"tagging"``: the same stack on every token: ``logits (B, T, num_labels)``.
 * ``"causal_lm"`` / ``"masked_lm"`` / ``"seq2seq_lm"`` (on the decoder's output): ``[Linear(H, E), act?, LayerNorm(E)?]`` then ``[Linear(E, E), act?, LN?]`` ×
   (L − 2) and ``Linear(E, vocab_size)`` on every token: ``logits (B, T, vocab_size)``. AdapterHub ties the last
@@ -59,7 +61,8 @@ class FlexHead(AdapterConfig):
         activation_function: between the layers (``"tanh"``, ``"gelu"``, ...; None: none).
         bias: the last linear layer has a bias.
         use_pooler: classification on the output's ``pooler_output`` instead of the first token.
-        cls_token: ``"first"`` (BERT-like models) or ``"last"`` (the last non-padding token: decoder models).
+        cls_token: ``"first"`` (BERT-like models), ``"last"`` (the last non-padding token: decoder models) or
+            ``"eos"`` (the last eos token of ``input_ids``: encoder-decoder models).
         layer_norm: language-model heads: a LayerNorm after each hidden layer.
         embedding_size: language-model heads: width of the hidden layers (None: the model's hidden size).
         vocab_size: language-model heads: outputs (None: the model config's ``vocab_size``).
@@ -100,8 +103,8 @@ class FlexHead(AdapterConfig):
             raise ValueError(f"a head needs num_layers >= 1, got {self.num_layers!r}")
         if self.head_type in CLASSIFIERS and (not isinstance(self.num_labels, int) or self.num_labels < 1):
             raise ValueError(f"num_labels must be a positive integer, got {self.num_labels!r}")
-        if self.cls_token not in ("first", "last"):
-            raise ValueError(f"cls_token must be 'first' or 'last', got {self.cls_token!r}")
+        if self.cls_token not in ("first", "last", "eos"):
+            raise ValueError(f"cls_token must be 'first', 'last' or 'eos', got {self.cls_token!r}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.activation_function is not None:
@@ -128,6 +131,7 @@ class FlexHead(AdapterConfig):
         like = next(module.parameters(), None)
         layer = FlexHeadLayer(self, hidden, vocab, like)
         layer.pad_token_id = getattr(text, "pad_token_id", None)
+        layer.eos_token_id = getattr(text, "eos_token_id", None)
         return layer
 
 
@@ -174,18 +178,47 @@ class FlexHeadLayer(Component):
         self.use_pooler = cfg.use_pooler
         self.cls_token = cfg.cls_token
         self.pad_token_id: int | None = None
+        self.eos_token_id: int | None = None
 
     def extra_repr(self) -> str:
         return f"head_type={self.head_type!r}"
 
-    def _last(self, args: tuple[Any, ...], kwargs: dict[str, Any], hidden: torch.Tensor) -> torch.Tensor | int:
-        """Per row, the position AdapterHub's decoder classifiers read: ``count(input_ids != pad) − 1``, else -1."""
+    @staticmethod
+    def _input_ids(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
         ids = kwargs.get("input_ids")
         if ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
             ids = args[0]
+        return ids
+
+    def _last(self, args: tuple[Any, ...], kwargs: dict[str, Any], hidden: torch.Tensor) -> torch.Tensor | int:
+        """Per row, the position AdapterHub's decoder classifiers read: ``count(input_ids != pad) − 1``, else -1."""
+        ids = self._input_ids(args, kwargs)
         if self.pad_token_id is None or ids is None:
             return -1
         return (ids != self.pad_token_id).sum(-1).to(hidden.device) - 1
+
+    def _eos(self, args: tuple[Any, ...], kwargs: dict[str, Any], hidden: torch.Tensor) -> torch.Tensor:
+        """``(B, H)``: per row, ``hidden`` at the last eos token of ``input_ids``, as AdapterHub's encoder-decoder
+        classifiers (``x[eos_mask].view(B, -1, H)[:, -1]``: every row must hold the same number of eos tokens)."""
+        ids = self._input_ids(args, kwargs)
+        if ids is None or self.eos_token_id is None:
+            raise ValueError(
+                "this head reads the last eos token of input_ids (cls_token='eos'): call the model with input_ids "
+                "(and a model config with eos_token_id)"
+            )
+        mask = ids.eq(self.eos_token_id).to(hidden.device)
+        if mask.shape != hidden.shape[:2]:
+            raise ValueError(
+                f"this head reads the output at the eos tokens of input_ids {tuple(ids.shape)}, but the output has "
+                f"{tuple(hidden.shape[:2])} positions (decoder inputs of another length?)"
+            )
+        counts = mask.sum(-1)
+        if int(counts.min()) != int(counts.max()) or int(counts.min()) == 0:
+            raise ValueError(
+                f"every row of input_ids must hold the same number (> 0) of eos tokens ({self.eos_token_id}) for "
+                f"this head, as in AdapterHub; got {counts.tolist()}"
+            )
+        return hidden[mask, :].view(hidden.shape[0], -1, hidden.shape[-1])[:, -1, :]
 
     def post_call(self, args: tuple[Any, ...], kwargs: dict[str, Any], y: Any) -> Any:
         """``y``: the model's output (a ``ModelOutput`` or a tuple); returns it with ``logits`` added."""
@@ -205,6 +238,8 @@ class FlexHeadLayer(Component):
                 x = pooled
             elif self.cls_token == "last":
                 x = hidden[torch.arange(hidden.shape[0], device=hidden.device), self._last(args, kwargs, hidden)]
+            elif self.cls_token == "eos":
+                x = self._eos(args, kwargs, hidden)
             else:
                 x = hidden[:, 0]
         else:
