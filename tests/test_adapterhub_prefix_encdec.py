@@ -377,6 +377,36 @@ def test_distilbert_prompt_under_eager_attention_gives_the_library_sdpa_outputs(
     assert diff(model, "distilbert_prompt_tuning") <= TOL
 
 
+def test_distilbert_prompt_keeps_unpadded_rows_of_a_padded_batch():
+    """Padding one row leaves the others as they were (the library's sdpa path adds +1 to the prompt columns of a
+    padded batch's mask, changing row 0 by 0.0074: not copied)."""
+    model, _ = load("distilbert_prompt_tuning")
+    exp = expected("distilbert_prompt_tuning")
+    mask = exp["attention_mask"].clone()
+    mask[1, :3] = 0
+    with torch.no_grad():
+        alone = model(input_ids=exp["input_ids"][:1]).last_hidden_state
+        padded = model(input_ids=exp["input_ids"], attention_mask=mask).last_hidden_state
+    assert (padded[0] - alone[0]).abs().max() <= 1e-5
+
+
+def test_attention_implementation_changed_after_loading_is_followed():
+    """The attention modules' config view reads the real config at call time: set_attn_implementation after the
+    load switches the implementation under the prefix too."""
+    from adapterkit.methods import prefix
+
+    model, _ = load("bart_unipelt")
+    model.set_attn_implementation("sdpa")
+    seen = []
+    original = prefix._implementation
+    try:
+        prefix._implementation = lambda m: seen.append(original(m)[1]) or original(m)
+        assert diff(model, "bart_unipelt", "padded.") <= TOL
+    finally:
+        prefix._implementation = original
+    assert set(seen) == {"sdpa"}
+
+
 def test_native_save_and_deepcopy_keep_the_attention_prefix(tmp_path):
     model, adapters = load("t5_unipelt")
     adapters.save("task", tmp_path / "native")
