@@ -459,6 +459,38 @@ def test_t5_prefix_on_some_layers_is_refused():
     assert adapters.names == ["cross"]
 
 
+def test_an_attention_module_that_skips_the_interface_is_refused_on_the_first_call():
+    """An attention module whose forward takes **kwargs but never calls transformers' attention interface would
+    drop the prefix silently: the call raises instead."""
+    import transformers
+
+    class OwnAttention(torch.nn.Module):
+        head_dim = 8
+
+        def __init__(self, config):
+            super().__init__()
+            self.config = config
+            self.k_proj = torch.nn.Linear(32, 32)
+
+        def forward(self, hidden_states, **kwargs):
+            return self.k_proj(hidden_states)
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = transformers.PretrainedConfig(hidden_size=32, num_attention_heads=4)
+            self.layers = torch.nn.ModuleList([OwnAttention(self.config)])
+
+        def forward(self, x):
+            return self.layers[0](x)
+
+    model = Toy()
+    adapters = ak.attach(model)
+    adapters.add("p", ak.PrefixTuning(positions="keep", inject="attention", num_virtual_tokens=2))
+    with pytest.raises(TypeError, match="did not call transformers' attention interface"):
+        model(torch.randn(1, 3, 32))
+
+
 def test_exports_adapterhub_cannot_hold_are_refused(tmp_path):
     adapters = ak.attach(fresh("t5ed"))
     adapters.add("enc", ak.PrefixTuning(positions="keep", inject="attention", locations=("encoder",)))

@@ -37,6 +37,13 @@ a layer can receive a KV cache: DeBERTa v1/v2, Longformer), else on the first ca
 ``**kwargs`` that ignore it: CLIP's text model, DistilBERT, T5's encoder; see :meth:`PrefixKV._watch_layers`),
 never a raw shape error from the attention mask extended by ``P``. Inputs longer than a learned position table
 leaves room for are refused before the model runs (:func:`~adapterkit.methods.prompt.check_positions`).
+
+``inject="attention"`` (AdapterHub's placement; :class:`AttentionPrefix`) puts the prefix inside each attention
+module instead: after the module's own key/value projections and cache, through transformers' attention interface
+(:class:`AttentionConfig`), so it also reaches what the KV cache cannot: the encoder self-attention and the
+cross-attention of T5/BART (``locations``), DistilBERT, vision encoders (ViT), and a subset of layers. Positions are
+not touched; each layer holds its own ``(P, 2 * kv_dim)`` prefix. Where both routes run (BERT, GPT-2, LLaMA) they
+compute the same outputs with ``positions="keep"``.
 """
 
 from __future__ import annotations
