@@ -48,6 +48,7 @@ CLASSES = {
     "distilbert": "DistilBertModel",
     "bart": "BartModel",
     "t5": "T5Model",
+    "llama": "LlamaForCausalLM",
 }
 HEAD_CLASSES = {
     "bert": "BertAdapterModel",
