@@ -355,7 +355,7 @@ def test_the_library_loads_our_compositions_with_our_outputs(tmp_path):
         family = COMPOSITIONS[case]["family"]
         manifest[case] = {"kind": "fusion", "family": family, "adapters": [str(out / "a"), str(out / "b")],
                           "fusion": str(out / "fusion"), "names": ["a", "b"]}  # fmt: skip
-        if case == "bert_fusion":  # Parallel / BatchSplit (our Parallel needs tensor outputs: not on GPT-2)
+        if case == "bert_fusion":  # Parallel / BatchSplit (GPT-2: tests/test_adapterhub_setups.py)
             for key, block in (
                 ("parallel", ak.Parallel("a", "b")),
                 ("batch_split", ak.BatchSplit("a", "b", batch_sizes=[1, 1])),

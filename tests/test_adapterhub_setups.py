@@ -40,6 +40,7 @@ ACTIVATED = {
     "setup_bert_parallel": ak.Parallel("a", "b"),
     "setup_bert_batch_split": ak.BatchSplit("a", "b", batch_sizes=[1, 1]),
     "setup_gpt2_batch_split_stack": ak.BatchSplit(ak.Stack("a", "b"), "c", batch_sizes=[1, 1]),
+    "setup_gpt2_parallel": ak.Parallel("a", "b"),
     "setup_gpt2_split_par_bn": ak.Split("a", "b", splits=[3], length=8),
     "setup_llama_average": ak.Average("a", "b", weights=[0.2, 0.3], combine="outputs"),
     "setup_gpt2_average_stack": ak.Average(ak.Stack("a", "b"), "c", weights=[0.25, 0.25], combine="outputs"),
