@@ -377,6 +377,28 @@ def test_distilbert_prompt_under_eager_attention_gives_the_library_sdpa_outputs(
     assert diff(model, "distilbert_prompt_tuning") <= TOL
 
 
+@pytest.mark.parametrize("family", ["t5", "bart", "vit"])
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_routed_rows_with_prefixes_of_different_lengths_equal_their_runs_alone(family, impl):
+    """Per-row routing: prefixes of 2 and 4 virtual tokens and a base row in one batch (T5: each row's position
+    bias as alone; gated rows gated by their own adapter)."""
+    model = make_model(family)
+    model.set_attn_implementation(impl)
+    inputs = make_inputs(family, batch=3)
+    batch = next(iter(inputs.values())).shape[0]
+    adapters = ak.attach(model)
+    adapters.add("a", ak.PrefixTuning(num_virtual_tokens=2, positions="keep", inject="attention", gated=True))
+    adapters.add("b", ak.PrefixTuning(num_virtual_tokens=4, positions="keep", inject="attention"))
+    names = (["a", "b", None] * batch)[:batch]
+    with torch.no_grad(), adapters.route(names):
+        out = model(**inputs).logits
+    for row, name in enumerate(names):
+        alone = {k: v[row : row + 1] for k, v in inputs.items()}
+        with torch.no_grad(), adapters.use(name) if name else adapters.use():
+            ref = model(**alone).logits
+        assert (out[row : row + 1] - ref).abs().max() <= 1e-5, (row, name)
+
+
 def test_distilbert_prompt_keeps_unpadded_rows_of_a_padded_batch():
     """Padding one row leaves the others as they were (the library's sdpa path adds +1 to the prompt columns of a
     padded batch's mask, changing row 0 by 0.0074: not copied)."""

@@ -1142,12 +1142,21 @@ def _implementation(module: nn.Module) -> tuple[Any, str]:
 
 
 def _extend_mask(
-    mask: torch.Tensor | None, n: int, query: torch.Tensor, key: torch.Tensor, module: nn.Module, impl: str
+    mask: torch.Tensor | None,
+    n: int,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    module: nn.Module,
+    impl: str,
+    rowmask: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """The attention mask with ``n`` attended prefix columns in front. A missing mask stays missing, except for
     causal attention run by an implementation that derives causality from the shapes (sdpa's ``is_causal`` aligns
     the diagonal top-left, which the longer keys would shift): then an explicit boolean mask, the prefix visible
-    and the real keys causal (aligned bottom-right, as with a cache)."""
+    and the real keys causal (aligned bottom-right, as with a cache). ``rowmask: (B, n)`` (per-row routing): the
+    prefix slots each row attends to."""
+    if rowmask is not None:
+        return _extend_mask_rows(mask, rowmask, query, key, module, impl)
     if mask is None:
         lq, lk = int(query.shape[2]), int(key.shape[2])
         if impl == "eager" or "flash" in impl or lq == 1 or not getattr(module, "is_causal", False):
@@ -1158,6 +1167,41 @@ def _extend_mask(
     if mask.dim() == 2:  # flash attention's padding mask (B, L)
         return torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
     return nn.functional.pad(mask, (n, 0), value=True if mask.dtype == torch.bool else 0.0)
+
+
+def _extend_mask_rows(
+    mask: torch.Tensor | None,
+    rowmask: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    module: nn.Module,
+    impl: str,
+) -> torch.Tensor:
+    """:func:`_extend_mask` for per-row prefix slots ``rowmask: (B, n)`` (True: attended)."""
+    batch, n = rowmask.shape
+    lq, lk = int(query.shape[2]), int(key.shape[2])
+    if mask is not None and mask.dim() == 2:  # flash attention's padding mask
+        return torch.cat([rowmask.to(mask.dtype), mask], dim=1)
+    if mask is None:
+        real = torch.ones(lq, lk, dtype=torch.bool, device=query.device)
+        if getattr(module, "is_causal", False) and lq > 1:
+            real = torch.arange(lk, device=query.device)[None, :] <= (
+                torch.arange(lq, device=query.device)[:, None] + (lk - lq)
+            )
+        if impl == "eager" or "flash" in impl:
+            mask = torch.zeros(1, 1, lq, lk, dtype=query.dtype, device=query.device).masked_fill(
+                ~real, torch.finfo(query.dtype).min
+            )
+        else:
+            mask = real[None, None]
+    mask = mask.expand(batch, -1, lq if mask.shape[2] != 1 else 1, -1)
+    front = rowmask[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1)
+    if mask.dtype == torch.bool:
+        return torch.cat([front, mask], dim=-1)
+    front = torch.zeros(front.shape, dtype=mask.dtype, device=mask.device).masked_fill(
+        ~front, torch.finfo(mask.dtype).min
+    )
+    return torch.cat([front, mask], dim=-1)
 
 
 def _attention(
@@ -1176,16 +1220,27 @@ def _attention(
     if prefixes:
         prefixes.used = True
         real_keys = int(key.shape[2])
-        for k, v, _ in prefixes:
+        for k, v, *_ in prefixes:
             key = torch.cat([k.to(key.dtype), key], dim=2)
             value = torch.cat([v.to(value.dtype), value], dim=2)
         n = int(key.shape[2]) - real_keys
-        attention_mask = _extend_mask(attention_mask, n, query, key[:, :, n:], module, impl)
+        routed = len(prefixes[0]) > 3  # (keys, values, head, row mask (B, W), counts (B,)): per-row prefixes
+        rowmask = prefixes[0][3] if routed else None
+        attention_mask = _extend_mask(attention_mask, n, query, key[:, :, n:], module, impl, rowmask)
         bias = kwargs.get("position_bias")
         if isinstance(bias, torch.Tensor):
             source = prefixes[0][2].__dict__.get("_bias_ref")
-            if source is not None:  # T5: the prefix at key positions 0 .. n-1, real keys after it (AdapterHub)
-                lq = int(query.shape[2])
+            lq = int(query.shape[2])
+            if source is not None and routed:  # each row as a run alone: its own count in front of the real keys
+                counts = prefixes[0][4]
+                rows = []
+                for count in counts.tolist():
+                    b = source.compute_bias(
+                        lq, count + real_keys, device=query.device, past_seen_tokens=real_keys - lq
+                    )
+                    rows.append(nn.functional.pad(b, (n - count, 0)))
+                kwargs["position_bias"] = torch.cat(rows).to(bias.dtype)
+            elif source is not None:  # T5: the prefix at key positions 0 .. n-1, real keys after it (AdapterHub)
                 kwargs["position_bias"] = source.compute_bias(
                     lq, n + real_keys, device=query.device, past_seen_tokens=real_keys - lq
                 ).to(bias.dtype)
@@ -1284,6 +1339,46 @@ class AttentionPrefix(Component):
         prefixes = _Prefixes(kwargs.get(_KWARG) or ())
         prefixes.append((k, v, self))  # joined in order: a later adapter's prefix in front (AdapterHub's Stack)
         return args, {**kwargs, _KWARG: prefixes}
+
+    # --- per-row routing: each row its adapter's prefix, padded in front to the longest (masked) ------------
+    @classmethod
+    def routed_call(
+        cls, comps: list[Component | None], plan: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        """Row ``b`` gets its adapter's ``P_b`` keys/values in the last ``P_b`` of ``W = max P`` slots, the others
+        masked (zeros); T5's position bias per row as a run of that row alone. Returns None (not routable here)
+        when other prefixes are already joined to the call."""
+        if kwargs.get(_KWARG):
+            return None
+        hidden = args[0] if args else kwargs.get("hidden_states", kwargs.get("query"))
+        live = [c for c in comps if c is not None]
+        if not isinstance(hidden, torch.Tensor) or not live:
+            return None
+        head = live[0]
+        if any((c.kv_heads, c.head_dim) != (head.kv_heads, head.head_dim) for c in live):
+            return None
+        layout = RowLayout(comps, plan, lambda c: c.num_virtual_tokens, left=True)
+        batch, width = int(hidden.shape[0]), layout.width
+        keys = head.prefix.new_zeros(batch, head.kv_heads, width, head.head_dim)
+        values = torch.zeros_like(keys)
+        for comp, n, rows in layout.groups:
+            if comp is None or n == 0:
+                continue
+            k, v = comp.key_values(hidden.index_select(0, rows), int(rows.numel()))
+            keys = keys.index_copy(
+                0, rows, torch.cat([keys.index_select(0, rows)[:, :, : width - n], k.to(keys.dtype)], 2)
+            )
+            values = values.index_copy(
+                0, rows, torch.cat([values.index_select(0, rows)[:, :, : width - n], v.to(values.dtype)], 2)
+            )
+        rowmask = torch.arange(width, device=keys.device) >= width - layout.counts[:, None].to(keys.device)
+        return args, {**kwargs, _KWARG: _Prefixes([(keys, values, head, rowmask, layout.counts)])}
+
+    @classmethod
+    def routed_output(
+        cls, comps: list[Component | None], plan: Any, args: tuple[Any, ...], kwargs: dict[str, Any], y: Any
+    ) -> Any:
+        return next(c for c in comps if c is not None).post_call(args, kwargs, y)
 
     def post_call(self, args: tuple[Any, ...], kwargs: dict[str, Any], y: Any) -> Any:
         prefixes = kwargs.get(_KWARG)
