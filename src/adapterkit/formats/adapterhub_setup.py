@@ -54,7 +54,7 @@ from ..methods.union import Union
 from . import adapterhub_fusion, adapterhub_heads
 from .io import AdapterFileError, read_json
 
-__all__ = ["SETUP", "is_setup", "parse", "load"]
+__all__ = ["SETUP", "is_setup", "parse", "load", "fit", "block_names", "members_kind", "prepared_twice"]
 
 SETUP = "adapter_setup.json"
 
@@ -229,9 +229,9 @@ def members_kind(ctl: Any, block: Average | Split) -> str:
     other = [n for n, k in kinds.items() if k is None]
     if other:
         raise ValueError(
-            f"{what} over {other}: the library averages and splits only bottleneck adapters (and LoRA under "
-            "Average) with their states (adapters 1.3.0 raises NotImplementedError for prefix tuning in mean() and "
-            "for every non-bottleneck adapter in compose_split)"
+            f"{what} over {other}: read are sub-layer bottleneck adapters with original_ln_after (and LoRA under "
+            "Average), whose states the library averages and splits as here (adapters 1.3.0 raises "
+            "NotImplementedError for prefix tuning in mean() and for every non-bottleneck adapter in compose_split)"
         )
     found = set(kinds.values())
     if len(found) != 1:
