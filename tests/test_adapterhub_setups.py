@@ -1,11 +1,14 @@
 """AdapterHub adapter setups with ``Average``, ``Split``, ``Parallel`` and ``BatchSplit`` blocks, and the heads those
 setups and encoder-decoder models carry (issue 16 item 3), written by the real ``adapters`` 1.3.0
-(tests/fixtures/adapterhub/make_fixtures_setups.py, ``setups_cases.json``), load here with the library's outputs.
+(tests/fixtures/adapterhub/make_fixtures_setups.py, ``setups_cases.json``), load here with the library's outputs and
+export back (the slow test runs the library on our exports).
 
 AdapterHub's ``Average`` is ``mean(w_i h_i)`` of the adapters' states with weights normalized to sum 1: for
 sequential bottlenecks the states are their outputs (``ak.Average(..., combine="outputs")`` with the weights divided by
 the number of children), for ParBn and LoRA their changes (the default ``combine="changes"``, same weights).
-``Split``'s lengths become cut positions plus the one ``length`` the library accepts.
+``Split``'s lengths become cut positions plus the one ``length`` the library accepts. Heads: BART/T5 classifiers read
+the last eos token (``FlexHead(cls_token="eos")``), Parallel/BatchSplit heads give a list of logits (one per row
+block, the library's ``MultiHeadOutput``), a fused adapter's own head becomes the head adapter ``head[b]``.
 """
 
 from __future__ import annotations
