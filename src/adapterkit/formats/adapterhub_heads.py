@@ -46,15 +46,6 @@ _LAST_TOKEN_CLASSIFIERS = ("GPT2", "GPTJ", "Llama", "Mistral")
 _EOS_CLASSIFIERS = ("Bart", "MBart", "PLBart", "MT5", "T5", "Whisper")
 
 
-def _reads_eos() -> bool:
-    """Whether this adapterkit's :class:`FlexHead` has ``cls_token="eos"`` (methods/flex_head.py)."""
-    try:
-        FlexHead(cls_token="eos")
-    except ValueError:
-        return False
-    return True
-
-
 class Head:
     """A head read from a directory: a flex head's config and tensors under our names (``net.<i>.*``), or
     (``config`` None) a static head's tensors per module of the model (``copies``: module -> {leaf: tensor})."""
@@ -131,10 +122,10 @@ def read_head(ctl: Any, path: str | os.PathLike, *, allow_pickle: bool) -> Head 
     model_class = str(data.get("model_class") or "")
     classifier = kind in ("classification", "multilabel_classification")
     eos = classifier and model_class.startswith(_EOS_CLASSIFIERS)
-    if eos and (model_class.startswith("Whisper") or not _reads_eos()):
+    if eos and model_class.startswith("Whisper"):
         raise AdapterFileError(
-            f"{where / CONFIG}: {model_class}'s classification head reads the last eos token, which is not read yet "
-            "(classification heads of BERT-like and decoder-only models are)"
+            f"{where / CONFIG}: {model_class}'s classification head reads the last eos token of the decoder inputs of "
+            "an audio model, which is not read (classification heads of text models are)"
         )
     tensors = _weights(where, allow_pickle)
     if tensors is None:
