@@ -8,7 +8,8 @@ sequential bottlenecks the states are their outputs (``ak.Average(..., combine="
 the number of children), for ParBn and LoRA their changes (the default ``combine="changes"``, same weights).
 ``Split``'s lengths become cut positions plus the one ``length`` the library accepts. Heads: BART/T5 classifiers read
 the last eos token (``FlexHead(cls_token="eos")``), Parallel/BatchSplit heads give a list of logits (one per row
-block, the library's ``MultiHeadOutput``), a fused adapter's own head becomes the head adapter ``head[b]``.
+block, the library's ``MultiHeadOutput``), several heads on the same rows (a ``head_setup`` list) run side by side in
+a ``Branch`` after the setup (a list of logits too), a fused adapter's own head becomes the head adapter ``head[b]``.
 """
 
 from __future__ import annotations
@@ -441,23 +442,57 @@ def test_one_head_per_row_block_gives_the_library_logits(case, tmp_path):
     assert all(_diff(x, y) == 0.0 for x, y in zip(back, logits))
 
 
-def test_several_heads_on_the_same_rows_are_refused(tmp_path):
-    """head_setup ["a", "b"] over Stack(a, b): the library runs both heads on the whole output (a list of head
-    outputs); no block here runs two heads on the same rows: refused before anything loads."""
+def test_several_heads_on_the_same_rows_give_the_library_logits(tmp_path):
+    """head_setup ["a", "b"] over Stack(a, b): the library runs both heads on the whole output of the stack
+    (``MultiHeadOutput``); here both heads load apart from their adapters and run side by side after the stack,
+    ``ak.Stack("a", "b", Branch("head[a]", "head[b]"))``: ``output.logits`` is a list in head_setup order."""
+    from adapterkit.compose import Branch
+
     case = "setup_bert_list_heads"
     exp = _expected(case)
-    assert "output.0" in exp and "output.1" in exp  # the library's list of head outputs
+    model = _bare_bert()
+    adapters = ak.attach(model)
+    adapters.load(FIXTURES / case / "setup")
+    assert adapters.active == (ak.Stack("a", "b", Branch("head[a]", "head[b]")),)
+    assert not isinstance(adapters.config("a"), ak.Union) and isinstance(adapters.config("head[a]"), ak.FlexHead)
+    logits = _call(model, exp).logits
+    assert isinstance(logits, list) and [tuple(x.shape) for x in logits] == [(2, 3), (2, 2)]
+    assert _diff(logits[0], exp["output.0"]) <= TOL and _diff(logits[1], exp["output.1"]) <= TOL
+    adapters.export(adapters.active[0], tmp_path / "out", format="adapterhub")
+    written = json.loads((tmp_path / "out" / "adapter_setup.json").read_text())
+    assert written["head_setup"] == ["head[a]", "head[b]"]
+    assert written["adapter_setup"] == CASES[case]["setup"]
+    again = _bare_bert()
+    ak.attach(again).load(tmp_path / "out")
+    back = _call(again, exp).logits
+    assert all(_diff(x, y) == 0.0 for x, y in zip(back, logits))
+    # the heads in the other order: the list follows head_setup
+    target = _setup(tmp_path / "swapped", case, CASES[case]["setup"])
+    data = json.loads((target / "adapter_setup.json").read_text())
+    data["head_setup"] = ["b", "a"]
+    (target / "adapter_setup.json").write_text(json.dumps(data))
+    swapped = _bare_bert()
+    ak.attach(swapped).load(target)
+    assert [_diff(x, y) for x, y in zip(_call(swapped, exp).logits, [logits[1], logits[0]])] == [0.0, 0.0]
+
+
+def test_heads_that_do_not_match_the_row_blocks_are_refused(tmp_path):
+    """A Parallel head setup in another order than the adapters' is refused (the library would pair head i with row
+    block i), and so is a head named twice; nothing loads."""
     adapters = ak.attach(_bare_bert())
-    with pytest.raises(AdapterFileError, match="several heads on the same rows"):
-        adapters.load(FIXTURES / case / "setup")
-    assert adapters.names == []
-    # a Parallel head setup in another order than the adapters' is refused too (the library would pair them so)
     target = _setup(tmp_path, "setup_bert_parallel_heads", CASES["setup_bert_parallel_heads"]["setup"])
     data = json.loads((target / "adapter_setup.json").read_text())
     data["head_setup"]["children"].reverse()
     (target / "adapter_setup.json").write_text(json.dumps(data))
     with pytest.raises(AdapterFileError, match="do not match"):
         adapters.load(target)
+    assert adapters.names == []
+    twice = _setup(tmp_path / "twice", "setup_bert_list_heads", CASES["setup_bert_list_heads"]["setup"])
+    data = json.loads((twice / "adapter_setup.json").read_text())
+    data["head_setup"] = ["a", "a"]
+    (twice / "adapter_setup.json").write_text(json.dumps(data))
+    with pytest.raises(AdapterFileError, match="a head named twice"):
+        adapters.load(twice)
     assert adapters.names == []
 
 
@@ -502,7 +537,8 @@ def test_the_library_loads_our_setups_with_our_outputs(tmp_path):
     adapters.export(adapters.active[0], tmp_path / "fuse_member_head", format="adapterhub")
     manifest["setup_bert_fuse_member_head"] = {"kind": "setup", "family": "bert", "head_model": True,
                                                "setup": str(tmp_path / "fuse_member_head")}  # fmt: skip
-    for case in ("setup_bert_parallel_heads", "setup_bert_batch_split_heads"):  # one head per row block
+    # one head per row block; several heads on the same rows
+    for case in ("setup_bert_parallel_heads", "setup_bert_batch_split_heads", "setup_bert_list_heads"):
         model = _bare_bert()
         adapters = ak.attach(model)
         adapters.load(FIXTURES / case / "setup")

@@ -364,3 +364,44 @@ def test_route_cache_with_a_new_row_assignment():
             with adapters.route(rows):
                 mixed = output_of(model, x)
             torch.testing.assert_close(mixed, singles(model, adapters, x, rows), atol=1e-5, rtol=1e-5)
+
+
+# --- Branch: children side by side on one output -------------------------------------------------------------------
+@torch.no_grad()
+def test_branch_runs_heads_side_by_side_on_the_same_output():
+    """``Stack("a", Branch("h1", "h2"))``: both heads read the output of a (all rows); ``logits`` is a list, one entry
+    per child, each equal to a run of that head alone; at a module output several acting children raise."""
+    import transformers
+
+    from adapterkit.compose import Branch  # ak.Branch once adapterkit/__init__.py exports it
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+    )
+    model = transformers.BertModel(cfg, add_pooling_layer=False).eval()
+    adapters = ak.attach(model)
+    adapters.add("a", ak.LoRA(r=4, targets="all-linear", init_weights=False))
+    adapters.add("b", ak.LoRA(r=2, targets="all-linear", init_weights=False))
+    adapters.add("h1", ak.FlexHead(num_labels=3))
+    adapters.add("h2", ak.FlexHead(num_labels=2, num_layers=1))
+    x = make_inputs("bert", batch=2)
+    with adapters.use(ak.Stack("a", Branch("h1", "h2"))):
+        out = model(**x)
+    with adapters.use("a", "h1"):
+        one = model(**x).logits
+    with adapters.use("a", "h2"):
+        two = model(**x).logits
+    assert isinstance(out.logits, list) and [t.shape for t in out.logits] == [one.shape, two.shape]
+    assert torch.equal(out.logits[0], one) and torch.equal(out.logits[1], two)
+    with adapters.use("a"):
+        assert torch.equal(out.last_hidden_state, model(**x).last_hidden_state)  # the body ran once, as a stack
+    # a Branch of one acting child at the modules is that child
+    with adapters.use(Branch("a", "h1")):
+        branched = model(**x)
+    with adapters.use("a"):
+        assert torch.equal(branched.last_hidden_state, model(**x).last_hidden_state)
+    with pytest.raises(ValueError, match="side by side"), adapters.use(Branch("a", "b")):
+        model(**x)
+    with pytest.raises(ValueError, match="Branch cannot be nested in Average"):
+        adapters.activate(ak.Average("a", Branch("h1", "h2")))

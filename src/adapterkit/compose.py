@@ -16,28 +16,32 @@ LoRA this is the sum of their deltas, peft's semantics for several active adapte
                 outputs belong to child ``i`` (multi-task inference, also with ``generate()``).
 ``Fuse``        AdapterFusion (Pfeiffer et al. 2021, §3): per-site attention over the children's outputs,
                 with weights added by ``Adapters.add_fusion`` and trained by ``Adapters.train_fusion``.
+``Branch``      side by side on one output: every child gets the same output (and call) of a site; at the model
+                root the values they add (each head's ``logits``) come back as a list, one entry per child (several
+                heads on the same rows); at any other site at most one child may change the output.
 ==============  ===========================================================================================
 
 At a module returning a tuple (attention modules) the blocks combine its first element and keep the rest. At the
 model root (a ``ModelOutput``: flex heads sit there) ``Parallel`` and ``BatchSplit`` give each child its rows of
 the output; a value the children add or replace (each head's ``logits``) comes back as a list, one entry per child
-(AdapterHub's ``MultiHeadOutput``).
+(AdapterHub's ``MultiHeadOutput``); ``Branch`` does the same with every child on all rows.
 
 Allowed nestings (anything else raises ``ValueError`` when activated):
 
 ==============  =============================================================================
 block           children may be
 ==============  =============================================================================
-``Stack``       names, ``Average``, ``Split``, ``BatchSplit``, ``Fuse``, ``Stack``
+``Stack``       names, ``Average``, ``Split``, ``BatchSplit``, ``Fuse``, ``Branch``, ``Stack``
 ``Average``     names, ``Stack``, ``Average``
 ``Split``       names, ``Stack``, ``Average``, ``Fuse``
 ``BatchSplit``  names, ``Stack``, ``Average``, ``Split``, ``Fuse``
 ``Parallel``    names, ``Stack``, ``Average``, ``Split``, ``Fuse``; Parallel itself only at the top level
 ``Fuse``        names, ``Stack``
+``Branch``      names, ``Stack``
 ==============  =============================================================================
 
 Components that transform a module's *input* (``has_pre``) apply in stacking order only; under
-``Average``/``Split``/``BatchSplit``/``Fuse`` they raise, since one module call cannot take several inputs.
+``Average``/``Split``/``BatchSplit``/``Fuse``/``Branch`` they raise, since one module call cannot take several inputs.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ __all__ = [
     "BatchSplit",
     "Parallel",
     "Fuse",
+    "Branch",
     "RoutePlan",
     "names_in",
     "validate",
@@ -183,16 +188,30 @@ class Fuse(Block):
         return fusion_name([c if isinstance(c, str) else repr(c) for c in self.children])
 
 
+class Branch(Block):
+    """Children side by side on one output: each gets the same output of every site (and the same call), none sees
+    another's changes.
+
+    At the model root (a ``ModelOutput``: where flex heads sit) the values the children add or replace come back as a
+    list, one entry per child in order (a child that changed nothing gives its input's value there, or None): so
+    ``ak.Stack("a", "b", ak.Branch("head_x", "head_y"))`` runs both heads on the output of the stack and returns
+    ``out.logits == [logits_x, logits_y]``, AdapterHub's several heads on the same rows (``active_head = ["x", "y"]``,
+    ``MultiHeadOutput``). At any other site at most one child may change the output (``ValueError`` otherwise: a
+    Branch holds side-by-side results, it does not combine them); children that only observe are run.
+    """
+
+
 def fusion_name(children: Sequence[str]) -> str:
     return "fusion[" + ",".join(children) + "]"
 
 
-Stack.allowed = (str, Stack, Average, Split, BatchSplit, Fuse)
+Stack.allowed = (str, Stack, Average, Split, BatchSplit, Fuse, Branch)
 Average.allowed = (str, Stack, Average)
 Split.allowed = (str, Stack, Average, Fuse)
 BatchSplit.allowed = (str, Stack, Average, Split, Fuse)
 Parallel.allowed = (str, Stack, Average, Split, Fuse)
 Fuse.allowed = (str, Stack)
+Branch.allowed = (str, Stack)
 
 
 def names_in(item: str | Block) -> Iterator[str]:
@@ -489,19 +508,27 @@ def _sum_outputs(
     return out
 
 
-def _rows_of_output(item: Parallel | BatchSplit, comps: dict[str, Any], args: tuple, kwargs: dict, y: Any) -> Any:
-    """``Parallel`` / ``BatchSplit`` at a site whose output is a mapping (a ``ModelOutput``: the model root, where
-    flex heads sit): each child gets its rows of the output's batch-first tensors (and of the call); a value a child
-    adds or replaces (a head's ``logits``) comes back as a list with one entry per child, in order (its value, the
-    child's rows of the old one where it changed nothing, else None), as AdapterHub returns a list of head outputs;
-    the rest of the output stays as it was."""
+def _rows_of_output(
+    item: Parallel | BatchSplit | Branch, comps: dict[str, Any], args: tuple, kwargs: dict, y: Any
+) -> Any:
+    """``Parallel`` / ``BatchSplit`` / ``Branch`` at a site whose output is a mapping (a ``ModelOutput``: the model
+    root, where flex heads sit): each child gets its rows of the output's batch-first tensors (and of the call; under
+    ``Branch`` all rows: the output as it is); a value a child adds or replaces (a head's ``logits``) comes back as a
+    list with one entry per child, in order (its value, the child's rows of the old one where it changed nothing,
+    else None), as AdapterHub returns a list of head outputs; the rest of the output stays as it was."""
+    results: list[tuple[dict[str, Any], Any]] = []
+    if isinstance(item, Branch):
+        for child in item.children:
+            part = copy.copy(y)
+            given = dict(part.items())
+            results.append((given, apply_post(child, comps, args, kwargs, part)))
+        return _merged(y, results)
     first = next((v for v in y.values() if isinstance(v, torch.Tensor) and v.dim() > 0), None)
     if first is None:
         raise TypeError(
             f"{type(item).__name__} found no batch-first tensor in the {type(y).__name__} at this site"
         )
     size = first.shape[0]
-    results: list[tuple[dict[str, Any], Any]] = []
     for child, (start, stop) in zip(item.children, _segments(item, first, 0)):
         part = copy.copy(y)
         for k, v in y.items():
@@ -510,6 +537,12 @@ def _rows_of_output(item: Parallel | BatchSplit, comps: dict[str, Any], args: tu
         given = dict(part.items())
         a, kw = _sliced_call(args, kwargs, 0, start, stop, size)
         results.append((given, apply_post(child, comps, a, kw, part)))
+    return _merged(y, results)
+
+
+def _merged(y: Any, results: list[tuple[dict[str, Any], Any]]) -> Any:
+    """``y`` with each value some child added or replaced made a list of the children's values (see
+    :func:`_rows_of_output`)."""
     changed = [k for given, out in results for k, v in out.items() if k not in given or v is not given[k]]
     if not changed:
         return y
@@ -517,6 +550,23 @@ def _rows_of_output(item: Parallel | BatchSplit, comps: dict[str, Any], args: tu
     for k in dict.fromkeys(changed):
         merged[k] = [out.get(k, given.get(k)) for given, out in results]
     return merged
+
+
+def _one_branch(item: Branch, comps: dict[str, Any], args: tuple, kwargs: dict, y: Any) -> Any:
+    """``Branch`` at a site other than the model root: the one child that changes the output here applies (children
+    that only observe are run on the same output)."""
+    acting = [child for child in item.children if _acts(child, comps)]
+    if len(acting) > 1:
+        raise ValueError(
+            f"{item!r}: {[repr(c) for c in acting]} all change the output of this module; a Branch runs its children "
+            "side by side on one output and keeps their results apart, which it can do only at the model's output "
+            "(a ModelOutput: their values come back as lists); elsewhere at most one child may act (stack the "
+            "others before the Branch: ak.Stack(..., ak.Branch(...)))"
+        )
+    for child in item.children:
+        if child not in acting:
+            apply_post(child, comps, args, kwargs, y)
+    return apply_post(acting[0], comps, args, kwargs, y) if acting else y
 
 
 def apply_post(item: str | Block, comps: dict[str, Any], args: tuple, kwargs: dict, y: Any) -> Any:
@@ -536,8 +586,10 @@ def apply_post(item: str | Block, comps: dict[str, Any], args: tuple, kwargs: di
         # a module returning (output, extras...) (attention modules): combine the outputs, keep the extras
         combined = apply_post(item, comps, args, kwargs, y[0])
         return (combined, *y[1:])
-    if isinstance(item, (Parallel, BatchSplit)) and isinstance(y, Mapping):
+    if isinstance(item, (Parallel, BatchSplit, Branch)) and isinstance(y, Mapping):
         return _rows_of_output(item, comps, args, kwargs, y)
+    if isinstance(item, Branch):
+        return _one_branch(item, comps, args, kwargs, y)
     if isinstance(item, Fuse) and isinstance(y, Mapping) and item.name not in comps:
         parts = [n for n in names_in(item) if _acts(n, comps)]
         if not parts:  # observers only: let them record

@@ -39,7 +39,10 @@ of ``formats/adapterhub_export.py`` for what :func:`handles` says; the format: .
   ``Fuse`` at the top or directly under it (``<dir>/a,b/``). A :class:`FlexHead` adapter stacked last
   (``ak.Stack(ak.Fuse("a", "b"), "target")``, what a setup with ``head_setup="target"`` loads as) is written as
   ``head_setup: "target"`` and ``<dir>/target/`` (``save_head``); so is the head adapter ``head[b]`` that a fused
-  adapter's own head loads as (``head_setup: "head[b]"``: the library activates it alike). ``Parallel`` /
+  adapter's own head loads as (``head_setup: "head[b]"``: the library activates it alike). A ``Branch`` of
+  :class:`FlexHead` adapters stacked last (``ak.Stack("a", "b", ak.Branch("head[a]", "head[b]"))``, what a
+  ``head_setup`` list of several heads on the same rows loads as) is written as ``head_setup: ["head[a]",
+  "head[b]"]`` and one ``save_head`` directory per head (the library runs each on the whole output). ``Parallel`` /
   ``BatchSplit`` of adapters with heads are written with their heads and ``head_setup`` null (the library then
   activates one head per child itself). ``Average`` and ``Split`` over adapter names as the library computes them
   (``adapterhub_setup.members_kind``): ``Average`` of sequential bottlenecks with ``combine="outputs"``, of ParBn or
@@ -63,7 +66,7 @@ from typing import Any
 
 import torch
 
-from ..compose import Average, BatchSplit, Block, Fuse, Parallel, Split, Stack
+from ..compose import Average, BatchSplit, Block, Branch, Fuse, Parallel, Split, Stack
 from ..methods.bottleneck_sublayer import SublayerBottleneck
 from ..methods.flex_head import LANGUAGE_MODELS, FlexHead, FlexHeadLayer
 from ..methods.fusion import Fusion, FusionLayer
@@ -525,16 +528,23 @@ def _average_or_split(ctl: Any, item: Average | Split, where: str) -> dict[str, 
 
 def _save_setup(ctl: Any, block: Block, path: Path, save_adapter: SaveAdapter) -> None:
     where = f"setup {block!r}"
-    head = None
+    head: str | list[str] | None = None
     setup: str | Block = block
     last = block.children[-1]
-    if (
-        isinstance(block, Stack)
-        and isinstance(last, str)
-        and last in ctl.names
-        and isinstance(ctl.config(last), FlexHead)
-    ):
-        head = last
+
+    def _is_head(item: str | Block) -> bool:
+        return isinstance(item, str) and item in ctl.names and isinstance(ctl.config(item), FlexHead)
+
+    if isinstance(block, Stack) and len(block.children) > 1 and (_is_head(last) or isinstance(last, Branch)):
+        if isinstance(last, Branch):  # several heads on the same rows: a head_setup list
+            if not all(_is_head(c) for c in last.children) or len(set(last.children)) != len(last.children):
+                raise AdapterHubExportError(
+                    f"{where}: a Branch is written as AdapterHub's list of heads on the same rows (head_setup), so "
+                    f"its children must be distinct flex-head adapters (ak.FlexHead), got {list(last.children)}"
+                )
+            head = [str(c) for c in last.children]
+        else:
+            head = str(last)
         rest = block.children[:-1]
         setup = rest[0] if len(rest) == 1 else Stack(*rest)
     if isinstance(setup, str):
@@ -551,7 +561,8 @@ def _save_setup(ctl: Any, block: Block, path: Path, save_adapter: SaveAdapter) -
             f"{where}: head adapters {alone} inside the setup; AdapterHub's setup has one head setup, written from "
             "a head adapter stacked last (ak.Stack(<setup>, 'head'))"
         )
-    for n in names + ([head] if head else []):
+    heads = [head] if isinstance(head, str) else head or []
+    for n in names + heads:
         _check_name(n, f"{where}: adapter")
     data = {"adapter_setup": tree, "head_setup": head, "version": VERSION}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -563,8 +574,8 @@ def _save_setup(ctl: Any, block: Block, path: Path, save_adapter: SaveAdapter) -
             save(ctl, n, tmp / n, save_adapter) if handles(ctl, n) else save_adapter(ctl, n, tmp / n)
         for f in fusions:
             save(ctl, f.name, tmp / ",".join(f.children), save_adapter)
-        if head is not None:
-            save(ctl, head, tmp / head, save_adapter)
+        for h in heads:
+            save(ctl, h, tmp / h, save_adapter)
         (tmp / SETUP).write_text(json.dumps(data, indent=2) + "\n")
         path.mkdir(parents=True, exist_ok=True)
         for entry in sorted(tmp.iterdir()):

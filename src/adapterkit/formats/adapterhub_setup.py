@@ -37,7 +37,9 @@ library's ``MultiHeadOutput.head_outputs``), other blocks keep none. ``head_setu
 :func:`load`): that adapter's head; a head saved alone (``<dir>/<head>/``, e.g. AdapterFusion's target-task head)
 becomes an adapter of its own, stacked after the setup; so does the head of an adapter ``b`` inside a ``Fuse``,
 ``Average`` or ``Split`` (named ``head[b]``). Several heads on the same rows (a ``head_setup`` list outside a
-``Parallel`` setup) are refused.
+``Parallel``/``BatchSplit`` setup: the library runs each head on the whole output and returns ``MultiHeadOutput``)
+load as head adapters side by side after the setup: ``ak.Stack(<setup>, ak.Branch("head[a]", "head[b]"))``
+(``output.logits`` a list, one entry per head, in ``head_setup`` order).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..compose import Average, BatchSplit, Block, Fuse, Parallel, Split, Stack
+from ..compose import Average, BatchSplit, Block, Branch, Fuse, Parallel, Split, Stack
 from ..methods.bottleneck import Bottleneck, Hook, Placement
 from ..methods.flex_head import FlexHead
 from ..methods.lora import LoRA
@@ -300,25 +302,31 @@ def _several(head: Any, setup: str | Block, where: Path) -> bool:
     return False
 
 
-def _head(data: dict[str, Any], where: Path, names: list[str], setup: str | Block) -> str | None:
-    """The head ``head_setup`` names (None: none, or one per row block: :func:`_several`), checked: one head, a
-    member or a ``save_head`` directory of its own."""
+def _head(data: dict[str, Any], where: Path, names: list[str], setup: str | Block) -> str | list[str] | None:
+    """The head(s) ``head_setup`` names (None: none, or one per row block: :func:`_several`), checked: one head, or a
+    list of several run on the same rows (outside a ``Parallel``/``BatchSplit`` setup); each a member or a
+    ``save_head`` directory of its own."""
     head = data.get("head_setup")
     if head is None or head is False or _several(head, setup, where):
         return None
     if isinstance(head, list) and len(head) == 1:
         head = head[0]
-    if not isinstance(head, str) or not head:
+    several = (
+        isinstance(head, list)
+        and not isinstance(setup, (Parallel, BatchSplit))
+        and all(isinstance(h, str) and h for h in head)
+        and len(set(head)) == len(head)
+    )
+    if not several and (not isinstance(head, str) or not head):
         raise AdapterFileError(
-            f"{where}: head_setup {head!r:.80} is not read: several heads on the same rows (a list of heads outside "
-            "a Parallel setup: the library returns a list of head outputs, MultiHeadOutput), heads that do not match "
-            "the Parallel/BatchSplit setup's row blocks, and the model's single head (true) are not; one head name, "
-            "or one head per row block of a Parallel/BatchSplit setup, is"
+            f"{where}: head_setup {head!r:.80} is not read: heads that do not match the Parallel/BatchSplit setup's "
+            "row blocks, a head named twice, and the model's single head (true) are not; one head name, a list of "
+            "head names (run side by side on the same rows), or one head per row block of a Parallel/BatchSplit "
+            "setup, is"
         )
-    if head in names:
-        return head
-    if not (where.parent / head / "head_config.json").is_file():
-        raise AdapterFileError(f"{where}: head_setup names {head!r}, which has no head directory there")
+    for h in head if isinstance(head, list) else [head]:
+        if h not in names and not (where.parent / h / "head_config.json").is_file():
+            raise AdapterFileError(f"{where}: head_setup names {h!r}, which has no head directory there")
     return head
 
 
@@ -363,7 +371,11 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
     inside a block other than ``Stack`` (``Fuse("a", "b")`` with ``head_setup="b"``; also ``Average``, ``Split``) is
     loaded apart from ``b``, as the head adapter ``head[b]``, active after the setup
     (``ak.Stack(ak.Fuse("a", "b"), "head[b]")``): a head is a part of its adapter here, and that block would combine
-    it with the other children's outputs."""
+    it with the other children's outputs. A list of several heads outside a ``Parallel``/``BatchSplit`` setup (the
+    library runs each on the whole output: ``MultiHeadOutput``) loads each apart likewise (``head[a]`` for an
+    adapter's head, its own name for a ``save_head`` directory), side by side after the setup:
+    ``ak.Stack("a", "b", ak.Branch("head[a]", "head[b]"))`` for ``Stack("a", "b")`` with ``head_setup=["a", "b"]``;
+    ``output.logits`` is then a list, one entry per head in ``head_setup`` order."""
     where = Path(path)
     if name is not None:
         raise AdapterFileError(
@@ -374,13 +386,21 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
     names = block_names(setup)
     fusions = _fusions(setup)
     head = _head(data, where / SETUP, names, setup)
-    # a head of its own (save_head), or the head of an adapter inside a block other than Stack (a fused adapter's):
-    # an adapter of its own, stacked after the setup
-    fused_head = head is not None and _in_block(setup, head)
-    own_head = head is not None and head not in names
-    stacked = f"head[{head}]" if fused_head else head if own_head else None
-    keep: set[str] = {head} if head is not None and not fused_head else set()
-    if head is None:  # the heads the library activates: all of them only where every one exists
+    # head adapters of their own, stacked after the setup, as (directory, name): a head of its own (save_head), the
+    # head of an adapter inside a block other than Stack (a fused adapter's: head[b]), several heads on the same rows
+    # (each apart from its adapter, side by side in a Branch)
+    apart: list[tuple[str, str]] = []
+    keep: set[str] = set()
+    if isinstance(head, list):
+        apart = [(h, f"head[{h}]" if h in names else h) for h in head]
+    elif head is not None:
+        if _in_block(setup, head):
+            apart = [(head, f"head[{head}]")]
+        elif head not in names:
+            apart = [(head, head)]
+        else:
+            keep = {head}
+    else:  # the heads the library activates: all of them only where every one exists
         implied = _implied_heads(setup)
         if implied and all(_has_flex_head(where / n) for n in implied):
             keep = set(implied)
@@ -389,7 +409,7 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
     ]
     if missing:
         raise AdapterFileError(f"{where}: the setup names {missing}, which have no directory there")
-    wanted = names + [f.name for f in fusions] + ([stacked] if stacked else [])
+    wanted = names + [f.name for f in fusions] + [n for _, n in apart]
     taken = [n for n in wanted if n in ctl.names]
     if taken:
         raise AdapterFileError(f"{where}: adapters {taken} already exist on this model; delete them first")
@@ -406,13 +426,14 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
                 )
             )
         setup = fit(ctl, setup, where / SETUP)
-        if stacked is not None:
-            assert head is not None
-            installed.append(
-                adapterhub_heads.load_head_only(
-                    ctl, where / head, name=stacked, allow_pickle=allow_pickle, activate=False
+        if apart:
+            for directory, n in apart:
+                installed.append(
+                    adapterhub_heads.load_head_only(
+                        ctl, where / directory, name=n, allow_pickle=allow_pickle, activate=False
+                    )
                 )
-            )
+            stacked: str | Block = apart[0][1] if len(apart) == 1 else Branch(*(n for _, n in apart))
             try:
                 ctl.activate(
                     Stack(*setup.children, stacked) if isinstance(setup, Stack) else Stack(setup, stacked)
