@@ -4,6 +4,8 @@
 A LLaMA-style model is built from ``transformers.LlamaConfig`` (random init, nothing downloaded) and copied with
 identical weights for every variant; each adapts every linear layer of the decoder (``all-linear``):
 
+* ``base``: no adapter, every weight frozen, the gradient taken to the input embeddings (backward runs through every
+  layer, as in ``benchmarks/lora_vs_peft.py``): the floor no adapter's step can go below;
 * ``lora16``: ``ak.LoRA(r=16, alpha=32)`` (the reference the issue's targets compare to);
 * ``oft`` / ``peft-oft``: ``ak.OFT(oft_block_size=b)`` / ``OFTConfig(oft_block_size=b)`` (Cayley–Neumann, 5 terms:
   both rotate the activations block by block);
@@ -32,7 +34,7 @@ import sys
 import time
 import warnings
 
-VARIANTS = ("lora16", "oft", "peft-oft", "boft", "peft-boft")
+VARIANTS = ("base", "lora16", "oft", "peft-oft", "boft", "peft-boft")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,6 +72,10 @@ def build(variant: str, base, args: argparse.Namespace):
     import adapterkit as ak
 
     model = copy.deepcopy(base)
+    if variant == "base":  # the floor: every weight frozen, backward through every layer (inputs_embeds)
+        model.requires_grad_(False)
+        model.train()
+        return model, None, 0
     if variant.startswith("peft-"):
         from peft import BOFTConfig, OFTConfig, get_peft_model
 
@@ -99,6 +105,14 @@ def build(variant: str, base, args: argparse.Namespace):
 
 
 def step(model, opt, ids) -> None:
+    if opt is None:  # base: the gradient flows back to the input embeddings only
+        import torch
+
+        with torch.no_grad():
+            emb = model.get_input_embeddings()(ids)
+        emb.requires_grad_(True)
+        model(inputs_embeds=emb, labels=ids, use_cache=False).loss.backward()
+        return
     loss = model(input_ids=ids, labels=ids, use_cache=False).loss
     loss.backward()
     opt.step()
@@ -200,6 +214,13 @@ def main(argv: list[str] | None = None) -> str:
         vs_lora = f"{med[v] / med['lora16']:.2f}×" if "lora16" in med else ""
         tok = f"{one[v]:.2f}" if v in one else ""
         lines.append(f"| {v} | {built[v][2]:,} | {med[v]:.1f} | {vs_peft} | {vs_lora} | {saved[v]:.1f} | {tok} |")
+    if "base" in med and "peft-oft" in med:  # what the "OFT <= 0.8x peft" asks, against the floor
+        lines += [
+            "",
+            f"Frozen base step (no adapter, backward through every layer): {med['base']:.1f} ms; peft's OFT step is "
+            f"{med['peft-oft'] / med['base']:.2f}x that, so OFT <= 0.8x peft's would be "
+            f"{0.8 * med['peft-oft'] / med['base']:.2f}x the frozen base model's own step.",
+        ]
     table = "\n".join(lines)
     print(table)
     if args.out:
