@@ -496,6 +496,60 @@ def test_heads_that_do_not_match_the_row_blocks_are_refused(tmp_path):
     assert adapters.names == []
 
 
+# --- Fuse over Stack children ----------------------------------------------------------------------------------------
+FUSE_STACKS = sorted(c for c, i in CASES.items() if i["kind"] == "fuse_stack" and c != "setup_bert_fuse_stack")
+
+
+@pytest.mark.parametrize("case", FUSE_STACKS)
+def test_fuse_over_stack_gives_the_library_outputs(case, tmp_path):
+    """``Fuse(Stack("a", "b"), "c")`` (and ``Fuse("c", Stack("a", "b"))``) of DoubleSeqBn adapters: the library names
+    the fusion by the children's last adapters (``b,c``) and fuses the last adapter's change; ``ak.Fuse`` with a Stack
+    child does the same. The same fusion over the last adapters alone gives the library's ``Fuse("b", "c")``; the
+    export writes the library's setup and reads back bit-equal."""
+    info = CASES[case]
+    family = info["family"]
+    exp = _expected(case)
+    model = fresh(family)
+    adapters = ak.attach(model)
+    adapters.load(FIXTURES / case / "setup")
+    setup = adapters.active[0]
+    assert isinstance(setup, ak.Fuse) and setup.name == "fusion[" + info["fusion_name"] + "]"
+    assert sorted(adapters.names) == sorted(["a", "b", "c", setup.name])
+    out, hidden = run(model, exp)
+    assert _diff(out, exp["output"]) <= TOL and _diff(hidden, exp["hidden"]) <= TOL
+    adapters.activate(ak.Fuse(*info["fusion_name"].split(",")))
+    assert _diff(run(model, exp)[0], exp["fuse.output"]) <= TOL
+    adapters.export(setup, tmp_path / "out", format="adapterhub")
+    written = json.loads((tmp_path / "out" / "adapter_setup.json").read_text())
+    assert written["adapter_setup"] == info["setup"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        p.name for p in (FIXTURES / case / "setup").iterdir()
+    )
+    again = fresh(family)
+    ak.attach(again).load(tmp_path / "out")
+    assert _diff(run(again, exp)[0], out) == 0.0
+
+
+def test_fuse_over_a_stack_of_seq_bn_is_refused(tmp_path):
+    """SeqBn on BERT (original_ln_before): the library runs the last adapter's pre-step (the block's residual and
+    LayerNorm) for the Fuse and again inside the Stack (1.0 off if read as ak.Fuse computes it); refused on reading
+    and writing, naming why."""
+    from adapterkit.formats.adapterhub_export_common import AdapterHubExportError
+
+    case = "setup_bert_fuse_stack"
+    model = fresh("bert")
+    adapters = ak.attach(model)
+    with pytest.raises(AdapterFileError, match="last adapter's pre-step for the whole block and again"):
+        adapters.load(FIXTURES / case / "setup")
+    assert adapters.names == []
+    d = FIXTURES / case / "setup"
+    for n in ("a", "b", "c", "b,c"):
+        adapters.load(d / n)
+    with pytest.raises(AdapterHubExportError, match="again inside each nested block"):
+        adapters.export(ak.Fuse(ak.Stack("a", "b"), "c"), tmp_path / "out", format="adapterhub")
+    assert not (tmp_path / "out").exists()
+
+
 # --- the real library ------------------------------------------------------------------------------------------------
 
 
@@ -547,6 +601,14 @@ def test_the_library_loads_our_setups_with_our_outputs(tmp_path):
             multi[f"{case}.output.{i}"] = logits
         adapters.export(adapters.active[0], tmp_path / case, format="adapterhub")
         manifest[case] = {"kind": "setup", "family": "bert", "head_model": True, "setup": str(tmp_path / case)}
+    for case in FUSE_STACKS:  # Fuse over Stack children
+        family = CASES[case]["family"]
+        model = fresh(family)
+        adapters = ak.attach(model)
+        adapters.load(FIXTURES / case / "setup")
+        ours[case] = run(model, _expected(case))
+        adapters.export(adapters.active[0], tmp_path / case, format="adapterhub")
+        manifest[case] = {"kind": "setup", "family": family, "head_model": False, "setup": str(tmp_path / case)}
     for case in EOS_HEADS:
         model = _encoder_decoder(case)
         adapters = ak.attach(model)

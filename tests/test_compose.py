@@ -405,3 +405,19 @@ def test_branch_runs_heads_side_by_side_on_the_same_output():
         model(**x)
     with pytest.raises(ValueError, match="Branch cannot be nested in Average"):
         adapters.activate(ak.Average("a", Branch("h1", "h2")))
+
+
+@torch.no_grad()
+def test_fuse_over_a_stack_uses_its_last_adapters_fusion_and_change():
+    """A Stack child of Fuse counts as its last adapter (AdapterHub): the fusion weights are those over the last
+    adapters (``fusion[b,c]``), and its value at a site is the output plus the change of its last acting item. For
+    additive adapters (LoRA) that change does not depend on the earlier items at the same site, so Fuse(Stack(a, b), c)
+    equals Fuse(b, c); a Stack of one is its adapter."""
+    model, adapters, x = setup("bert")
+    assert ak.Fuse(ak.Stack("a", "b"), "c").name == "fusion[b,c]"
+    adapters.add_fusion(["b", "c"], init_weights=False)
+    plain = run(model, adapters, x, ak.Fuse("b", "c"))
+    assert torch.equal(run(model, adapters, x, ak.Fuse(ak.Stack("b"), "c")), plain)
+    torch.testing.assert_close(run(model, adapters, x, ak.Fuse(ak.Stack("a", "b"), "c")), plain)
+    with pytest.raises(KeyError, match=r"fusion\[a,c\]"):  # Stack(b, a) counts as a: no fusion over a and c
+        run(model, adapters, x, ak.Fuse(ak.Stack("b", "a"), "c"))

@@ -15,7 +15,8 @@ LoRA this is the sum of their deltas, peft's semantics for several active adapte
 ``Parallel``    the batch is replicated once per child in one forward pass; rows ``[i B, (i+1) B)`` of the
                 outputs belong to child ``i`` (multi-task inference, also with ``generate()``).
 ``Fuse``        AdapterFusion (Pfeiffer et al. 2021, §3): per-site attention over the children's outputs,
-                with weights added by ``Adapters.add_fusion`` and trained by ``Adapters.train_fusion``.
+                with weights added by ``Adapters.add_fusion`` and trained by ``Adapters.train_fusion``; a
+                ``Stack`` child counts as its last adapter (AdapterHub's: its weights, its change).
 ``Branch``      side by side on one output: every child gets the same output (and call) of a site; at the model
                 root the values they add (each head's ``logits``) come back as a list, one entry per child (several
                 heads on the same rows); at any other site at most one child may change the output.
@@ -62,6 +63,7 @@ __all__ = [
     "Fuse",
     "Branch",
     "RoutePlan",
+    "last_name",
     "names_in",
     "validate",
 ]
@@ -180,12 +182,25 @@ class Parallel(Block):
 
 
 class Fuse(Block):
-    """AdapterFusion over the children (their fusion weights come from ``Adapters.add_fusion``)."""
+    """AdapterFusion over the children (their fusion weights come from ``Adapters.add_fusion``).
+
+    A ``Stack`` child is represented by its last adapter, as in AdapterHub: the fusion weights are those over the
+    children's last adapters (``Fuse(Stack("a", "b"), "c").name == "fusion[b,c]"``, made by
+    ``add_fusion(["b", "c"])``), and at each site the child's value is the site's output plus the change its last
+    acting item made there, ``y + (o - x)`` (``x``: what that item received, after the Stack's earlier items; ``o``:
+    the Stack's output), AdapterHub's ``bottleneck_up`` of the Stack's last adapter. An adapter-name child's value is
+    its output ``o`` (the same formula with ``x = y``).
+    """
 
     @property
     def name(self) -> str:
-        """The name under which ``add_fusion`` stores this fusion's weights."""
-        return fusion_name([c if isinstance(c, str) else repr(c) for c in self.children])
+        """The name under which ``add_fusion`` stores this fusion's weights (a Stack child: its last adapter)."""
+        return fusion_name([last_name(c) for c in self.children])
+
+
+def last_name(item: str | Block) -> str:
+    """The last adapter name of an item (AdapterHub's ``last()``): the item itself, else its last child's."""
+    return item if isinstance(item, str) else last_name(item.children[-1])
 
 
 class Branch(Block):
@@ -552,6 +567,37 @@ def _merged(y: Any, results: list[tuple[dict[str, Any], Any]]) -> Any:
     return merged
 
 
+def _leaves(item: str | Block) -> list[str | Block]:
+    """A Stack's items in order, nested Stacks flattened."""
+    if isinstance(item, Stack):
+        return [leaf for c in item.children for leaf in _leaves(c)]
+    return [item]
+
+
+def _fused_value(child: str | Block, comps: dict[str, Any], args: tuple, kwargs: dict, base: torch.Tensor) -> Any:
+    """What ``Fuse`` attends over for one child at a site with output ``base``: a name's output; for a ``Stack``,
+    ``base + (o - x)``, the change of its last acting item (``x`` what that item received, ``o`` the Stack's
+    output) on top of the site's output (see :class:`Fuse`)."""
+    if not isinstance(child, Stack):
+        return apply_post(child, comps, args, kwargs, base.clone())
+    leaves = _leaves(child)
+    acting = [i for i, leaf in enumerate(leaves) if _acts(leaf, comps)]
+    y = base.clone()
+    if not acting:  # observers only: let them record
+        for leaf in leaves:
+            y = apply_post(leaf, comps, args, kwargs, y)
+        return y
+    for leaf in leaves[: acting[-1]]:
+        y = apply_post(leaf, comps, args, kwargs, y)
+    x = y
+    out = apply_post(leaves[acting[-1]], comps, args, kwargs, x.clone())
+    for leaf in leaves[acting[-1] + 1 :]:  # observers
+        out = apply_post(leaf, comps, args, kwargs, out)
+    if not isinstance(out, torch.Tensor) or not isinstance(x, torch.Tensor):
+        raise TypeError(f"Fuse needs a tensor output at each site, got {type(out).__name__}")
+    return base + (out - x)
+
+
 def _one_branch(item: Branch, comps: dict[str, Any], args: tuple, kwargs: dict, y: Any) -> Any:
     """``Branch`` at a site other than the model root: the one child that changes the output here applies (children
     that only observe are run on the same output)."""
@@ -617,7 +663,7 @@ def apply_post(item: str | Block, comps: dict[str, Any], args: tuple, kwargs: di
             for child in item.children:  # only observers here (e.g. FFN-input taps): let them record
                 y = apply_post(child, comps, args, kwargs, y)
             return y
-        outs = [apply_post(child, comps, args, kwargs, base.clone()) for child in item.children]
+        outs = [_fused_value(child, comps, args, kwargs, base) for child in item.children]
         if fusion is None:
             raise KeyError(
                 f"no fusion weights for {item!r} here: call adapters.add_fusion({list(item.children)!r})"

@@ -48,8 +48,10 @@ of ``formats/adapterhub_export.py`` for what :func:`handles` says; the format: .
   (``adapterhub_setup.members_kind``): ``Average`` of sequential bottlenecks with ``combine="outputs"``, of ParBn or
   LoRA adapters with ``combine="changes"``, weights summing to ``1/n`` (written times ``n``: the library's
   ``mean(w_i h_i)`` divides them again); ``Split`` with its ``length`` (written as each part's length). Refused:
-  other Averages and Splits, ``Fuse`` over blocks, a head anywhere else. All or nothing: written into a temporary
-  directory, then moved into place. ``Parallel`` / ``BatchSplit`` over blocks holding sequential bottlenecks with
+  other Averages and Splits, a head anywhere else. ``Fuse`` over ``Stack`` children of adapter names is written with
+  the fusion of the children's last adapters (``Fuse(Stack("a", "b"), "c")``: ``fusion[b,c]``, in ``<dir>/b,c/``),
+  other blocks under ``Fuse`` are refused. All or nothing: written into a temporary
+  directory, then moved into place. ``Parallel`` / ``BatchSplit`` / ``Fuse`` over blocks holding sequential bottlenecks with
   ``original_ln_before`` are refused too (the library prepares their state twice: ``prepared_twice``).
 
 Everything is checked before anything is written; errors are :class:`AdapterHubExportError`.
@@ -81,7 +83,7 @@ from .adapterhub_export_common import (
     model_type,
     role_sites,
 )
-from .adapterhub_setup import block_names, members_kind, prepared_twice
+from .adapterhub_setup import block_names, fusion_dir, members_kind, prepared_twice
 
 __all__ = ["handles", "save", "ADAPTER_MODELS"]
 
@@ -481,8 +483,14 @@ def _to_dict(ctl: Any, item: str | Block, where: str) -> dict[str, Any]:
         raise AdapterHubExportError(
             f"{where}: {kind.__name__} blocks are not written (AdapterHub has no such block)"
         )
-    if kind is Fuse and not all(isinstance(c, str) for c in item.children):
-        raise AdapterHubExportError(f"{where}: Fuse over composition blocks is not written (only adapter names)")
+    if kind is Fuse and not all(
+        isinstance(c, str) or (isinstance(c, Stack) and all(isinstance(n, str) for n in c.children))
+        for c in item.children
+    ):
+        raise AdapterHubExportError(
+            f"{where}: Fuse over {[repr(c) for c in item.children if not isinstance(c, str)]} is not written (only "
+            "adapter names and Stacks of adapter names)"
+        )
     why = prepared_twice(ctl, item)
     if why:
         raise AdapterHubExportError(f"{where}: {why} (not written)")
@@ -573,7 +581,7 @@ def _save_setup(ctl: Any, block: Block, path: Path, save_adapter: SaveAdapter) -
         for n in names:
             save(ctl, n, tmp / n, save_adapter) if handles(ctl, n) else save_adapter(ctl, n, tmp / n)
         for f in fusions:
-            save(ctl, f.name, tmp / ",".join(f.children), save_adapter)
+            save(ctl, f.name, tmp / fusion_dir(f), save_adapter)
         for h in heads:
             save(ctl, h, tmp / h, save_adapter)
         (tmp / SETUP).write_text(json.dumps(data, indent=2) + "\n")

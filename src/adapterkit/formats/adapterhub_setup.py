@@ -27,8 +27,12 @@ order (each as ``adapters.load(<dir>/<name>)`` would), then the fusions, then ac
 - Blocks over nested blocks: the library runs the first adapter's pre-step for the whole block and again inside
   each nested block, so ``Average``/``Split`` over ``Stack`` children and ``Parallel``/``BatchSplit`` over blocks
   load only where no member's pre-step changes the state when run twice (sequential bottlenecks with
-  ``original_ln_before``, e.g. SeqBn, are refused there; DoubleSeqBn and ParBn are fine). ``MultiTask`` and
-  ``Fuse`` over ``Stack`` children are refused.
+  ``original_ln_before``, e.g. SeqBn, are refused there; DoubleSeqBn and ParBn are fine). ``MultiTask`` is refused.
+- ``Fuse`` over ``Stack`` children (of adapter names): the library names the fusion by the children's last adapters
+  (``Fuse(Stack("a", "b"), "c")`` uses the fusion ``b,c``, saved as ``<dir>/b,c/``) and fuses the last adapter's
+  ``bottleneck_up`` (its change), as ``ak.Fuse`` does with a Stack child; it runs the last adapter's pre-step for
+  the block and again inside each Stack, so this loads only where no member's pre-step changes the state when run
+  twice (as above: DoubleSeqBn yes, SeqBn with ``original_ln_before`` no).
 
 All or nothing: a failure deletes what it loaded. Heads: as the library's ``set_active_adapters``, the head of the
 last adapter of a ``Stack`` is kept (a part of that adapter here, active with it), one head per child of a
@@ -48,7 +52,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..compose import Average, BatchSplit, Block, Branch, Fuse, Parallel, Split, Stack
+from ..compose import Average, BatchSplit, Block, Branch, Fuse, Parallel, Split, Stack, last_name
 from ..methods.bottleneck import Bottleneck, Hook, Placement
 from ..methods.flex_head import FlexHead
 from ..methods.lora import LoRA
@@ -56,7 +60,17 @@ from ..methods.union import Union
 from . import adapterhub_fusion, adapterhub_heads
 from .io import AdapterFileError, read_json
 
-__all__ = ["SETUP", "is_setup", "parse", "load", "fit", "block_names", "members_kind", "prepared_twice"]
+__all__ = [
+    "SETUP",
+    "is_setup",
+    "parse",
+    "load",
+    "fit",
+    "block_names",
+    "members_kind",
+    "prepared_twice",
+    "fusion_dir",
+]
 
 SETUP = "adapter_setup.json"
 
@@ -86,9 +100,13 @@ def parse(node: Any, where: Path) -> str | Block:
         if kind == "Parallel":
             return Parallel(*parsed)
         if kind == "Fuse":
-            if not all(isinstance(c, str) for c in parsed):
+            if not all(
+                isinstance(c, str) or (isinstance(c, Stack) and all(isinstance(n, str) for n in c.children))
+                for c in parsed
+            ):
                 raise AdapterFileError(
-                    f"{where}: Fuse over composition blocks is not read yet (only adapter names)"
+                    f"{where}: Fuse over {[repr(c) for c in parsed if not isinstance(c, str)]} is not read (read: "
+                    "adapter names and Stacks of adapter names)"
                 )
             return Fuse(*parsed)
         if kind == "BatchSplit":
@@ -175,16 +193,18 @@ def fit(ctl: Any, item: str | Block, where: Path) -> str | Block:
 
 
 def prepared_twice(ctl: Any, item: str | Block) -> str | None:
-    """Why the library computes ``item`` (a ``Parallel`` / ``BatchSplit`` over blocks) otherwise than we do, None if
-    it does not: it runs the first adapter's pre-step for the whole block and again inside each nested block, which
-    changes the state of adapters whose pre-step is not the same when run twice."""
-    if not isinstance(item, (Parallel, BatchSplit)) or not any(isinstance(c, Block) for c in item.children):
+    """Why the library computes ``item`` (a ``Parallel`` / ``BatchSplit`` / ``Fuse`` over blocks) otherwise than we
+    do, None if it does not: it runs the first (for ``Fuse``: the last) adapter's pre-step for the whole block and
+    again inside each nested block, which changes the state of adapters whose pre-step is not the same when run
+    twice."""
+    if not isinstance(item, (Parallel, BatchSplit, Fuse)) or not any(isinstance(c, Block) for c in item.children):
         return None
     prepared = [n for n in block_names(item) if _prepares_twice(ctl, n)]
     if not prepared:
         return None
+    which = "last" if isinstance(item, Fuse) else "first"
     return (
-        f"{type(item).__name__} over composition blocks with {prepared}: the library runs the first adapter's "
+        f"{type(item).__name__} over composition blocks with {prepared}: the library runs the {which} adapter's "
         "pre-step for the whole block and again inside each nested block, and these adapters' pre-step (the "
         "block's own residual and LayerNorm before them: original_ln_before) changes the state when run twice"
     )
@@ -274,6 +294,12 @@ def block_names(item: str | Block) -> list[str]:
     for c in item.children:
         out += [n for n in block_names(c) if n not in out]
     return out
+
+
+def fusion_dir(block: Fuse) -> str:
+    """The directory (and AdapterHub name) of a ``Fuse`` block's fusion: its children's last adapters joined by
+    commas (``Fuse(Stack("a", "b"), "c")`` -> ``b,c``)."""
+    return ",".join(last_name(c) for c in block.children)
 
 
 def _fusions(item: str | Block) -> list[Fuse]:
@@ -405,7 +431,7 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
         if implied and all(_has_flex_head(where / n) for n in implied):
             keep = set(implied)
     missing = [n for n in names if not (where / n).is_dir()] + [
-        ",".join(f.children) for f in fusions if not (where / ",".join(f.children)).is_dir()
+        fusion_dir(f) for f in fusions if not (where / fusion_dir(f)).is_dir()
     ]
     if missing:
         raise AdapterFileError(f"{where}: the setup names {missing}, which have no directory there")
@@ -422,7 +448,7 @@ def load(ctl: Any, path: str | os.PathLike, *, name: str | None, allow_pickle: b
         for f in fusions:
             installed.append(
                 adapterhub_fusion.load(
-                    ctl, where / ",".join(f.children), name=None, allow_pickle=allow_pickle, activate=False
+                    ctl, where / fusion_dir(f), name=None, allow_pickle=allow_pickle, activate=False
                 )
             )
         setup = fit(ctl, setup, where / SETUP)
