@@ -10,6 +10,8 @@ the number of children), for ParBn and LoRA their changes (the default ``combine
 the last eos token (``FlexHead(cls_token="eos")``), Parallel/BatchSplit heads give a list of logits (one per row
 block, the library's ``MultiHeadOutput``), several heads on the same rows (a ``head_setup`` list) run side by side in
 a ``Branch`` after the setup (a list of logits too), a fused adapter's own head becomes the head adapter ``head[b]``.
+``Fuse`` over ``Stack`` children uses the fusion of the children's last adapters and fuses their changes, as the
+library does (refused for SeqBn with ``original_ln_before``, whose pre-step the library runs twice there).
 """
 
 from __future__ import annotations
