@@ -3,7 +3,7 @@
 Public names only; everything else may change.
 """
 
-from .compose import Average, BatchSplit, Fuse, Parallel, Split, Stack
+from .compose import Average, BatchSplit, Branch, Fuse, Parallel, Split, Stack
 from .config import AdapterConfig, get_config, register, register_preset, registered
 from .controller import Adapters, Plan, Summary, attach
 from .formats.io import AdapterFileError
@@ -18,6 +18,7 @@ __all__ = [
     "AdapterConfig",
     "Average",
     "BatchSplit",
+    "Branch",
     "Fuse",
     "Parallel",
     "Split",

@@ -30,7 +30,7 @@ ARCHITECTURES = ("prompt_tuning",)
 __all__ = ["ARCHITECTURES", "refusal", "plan_of", "load"]
 
 # model types whose AdapterHub prompt sits after an ``embeddings`` module (BERT's layout)
-MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert")
+MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert", "vit")
 
 
 def refusal(config: dict[str, Any]) -> str | None:

@@ -137,7 +137,18 @@ class EmbeddingsOutputPrompt(Component):
         words = get() if callable(get) else None
         weight = getattr(words, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            raise TargetError(f"EmbeddingPrompt needs the input token embeddings of {type(model).__name__}")
+            # no token embedding table (vision encoders: ViT's patch projection): the prompt has the hidden size
+            hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+            ref = next(embeddings.parameters(), None)
+            if not isinstance(hidden, int) or ref is None:
+                raise TargetError(f"EmbeddingPrompt needs the input token embeddings of {type(model).__name__}")
+            if cfg.init_token_ids is not None:
+                raise TargetError(
+                    f"EmbeddingPrompt(init_token_ids=...) copies token embeddings, which {type(model).__name__} does "
+                    "not have: drop init_token_ids"
+                )
+            weight = ref.new_empty(0, hidden)
+            words = None
         dtype = weight.dtype if weight.is_floating_point() else torch.float32
         self.prompt = nn.Parameter(
             torch.empty(cfg.num_virtual_tokens, weight.shape[1], device=weight.device, dtype=dtype)
