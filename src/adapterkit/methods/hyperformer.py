@@ -40,8 +40,10 @@ such with equal outputs.
 
 Init (``init_weights=True``): as the authors' code (task, layer and position embeddings N(0, 1); projector and
 down generators N(0, 10⁻²) with zero biases), except that the up projection's generators are zero, so the adapted
-model starts exactly as the base model, and γ's generator has bias 1 (γ starts near 1) and β's is zero (the
-authors' γ, β generators are N(0, 10⁻²) without bias). Not mergeable (weights per row); per-row routing of
+model starts exactly as the base model, and β's generator is zero; γ's is N(0, 10⁻²) without bias as the authors'
+(γ starts small: the LayerNorm on the adapter's output rescales whatever the up projection gives to unit variance, so
+γ alone sets the size of the adapter's contribution; a γ near 1 would make it unit-sized at every site from the
+first step on). Not mergeable (weights per row); per-row routing of
 adapters works (one call per adapter), with task ids only one adapter at a time (the ids count the whole batch).
 """
 
@@ -335,9 +337,8 @@ class HyperNetwork(Bank):
                 std = 0.3 / math.sqrt(self.in_dim * p) if random else 1e-2
             elif name == "up_weight":
                 std = 0.3 / math.sqrt(self.size * p) if random else 0.0
-            elif name.endswith("_weight") and name.startswith("ln"):  # γ
+            elif name.endswith("_weight") and name.startswith("ln"):  # γ: small, as the authors' (no bias)
                 std = 0.1 / math.sqrt(p) if random else 1e-2
-                nn.init.ones_(lin.bias)
             elif name.startswith("ln") or name == "up_bias":  # β, the up bias: zero unless random
                 std = 0.1 / math.sqrt(p) if random else 0.0
             else:  # down bias
