@@ -7,7 +7,8 @@ AdamW with linear decay and 6% warmup, seed 42, dev accuracy on all 872 dev sent
 method trains its own copy of the classifier head (``heads=["classifier"]``); ``full`` fine-tunes
 every weight. One learning rate per method (``METHODS``): the usual one for each family; for LoRA and the
 bottleneck presets the better of two rates tried on this recipe (LoRA q/v: 5e-4 → 83.0%, 1e-3 → 83.6%;
-seq_bn: 1e-3 → 83.7%, 2e-3 → 84.7%; double_seq_bn: 1e-3 → 84.4%, 2e-3 → 85.2%); MAM trains at 2e-4
+seq_bn: 1e-3 → 83.7%, 2e-3 → 84.7%; double_seq_bn: 1e-3 → 84.4%, 2e-3 → 85.2%; both at the bottlenecks' earlier
+projection placement); MAM trains at 2e-4
 because its prefix MLP does not learn at 1e-3 (50.9%, the majority class). There is no separate
 validation split: like the issue's reference figures, these are dev-set numbers.
 
