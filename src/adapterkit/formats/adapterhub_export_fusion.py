@@ -83,7 +83,7 @@ from .adapterhub_export_common import (
     model_type,
     role_sites,
 )
-from .adapterhub_setup import block_names, fusion_dir, members_kind, prepared_twice
+from .adapterhub_setup import _ARRANGEMENT, block_names, fusion_dir, members_kind, prepared_twice
 
 __all__ = ["handles", "save", "ADAPTER_MODELS"]
 
@@ -204,17 +204,6 @@ def _fusion_fields(name: str, cfg: Fusion, model: Any) -> dict[str, Any]:
         "value_before_softmax": bool(cfg.value_before_softmax),
         "value_initialized": True,
     }
-
-
-_ARRANGEMENT = (
-    "placement",
-    "ln_before",
-    "ln_after",
-    "adapter_residual_before_ln",
-    "original_ln_before_resolved",
-    "original_ln_after",
-    "residual_before_ln",
-)
 
 
 def _bottleneck_of(cfg: Any) -> Any:
