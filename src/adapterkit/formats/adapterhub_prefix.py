@@ -223,10 +223,7 @@ def plan_of(ctl: Any, path: str | os.PathLike, info: AdapterHubFile) -> Plan:
         gated=gated,
         gate_outputs=1 if fields.flag("shared_gating", True) else 2,
     )
-    try:
-        plan = ctl.plan(cfg)
-    except TargetError as e:
-        raise AdapterFileError(f"AdapterHub prefix tuning {str(path)!r} does not fit this model: {e}") from None
+    plan = _plan(ctl, cfg, path)
     gates = _gates(info, sites, where) if gated else {}
     ours = {site for site, (_, comp) in plan.components.items() if isinstance(comp, PrefixGate)}
     if gated and ours != set(gates):
@@ -281,10 +278,7 @@ def _attention_plan(ctl: Any, path: str | os.PathLike, info: AdapterHubFile, sit
         gated=gated,
         gate_outputs=1 if fields.flag("shared_gating", True) else 2,
     )
-    try:
-        plan = ctl.plan(cfg)
-    except TargetError as e:
-        raise AdapterFileError(f"AdapterHub prefix tuning {str(path)!r} does not fit this model: {e}") from None
+    plan = _plan(ctl, cfg, path)
     comps = {site: comp for site, (_, comp) in plan.components.items() if isinstance(comp, AttentionPrefix)}
     for loc in found:
         mine = sorted((c for c in comps.values() if c.location == LOCATIONS[loc]), key=lambda c: c.layer)
@@ -347,3 +341,11 @@ def load(ctl: Any, path: str | os.PathLike, info: AdapterHubFile, *, name: str |
     ctl._check_new_name(name)
     ctl.install(name, plan_of(ctl, path, info), activate=activate)
     return name
+
+
+def _plan(ctl: Any, cfg: PrefixTuning, path: Any) -> Any:
+    """``ctl.plan(cfg)``, a target error named as the file's: the prefix does not fit this model."""
+    try:
+        return ctl.plan(cfg)
+    except TargetError as e:
+        raise AdapterFileError(f"AdapterHub prefix tuning {str(path)!r} does not fit this model: {e}") from None
