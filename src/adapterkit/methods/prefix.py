@@ -524,6 +524,14 @@ def _ignored_cache(model: nn.Module, block: str | None = None, error: BaseExcept
 register_preset("ptuning_v2", PrefixTuning(num_virtual_tokens=20, prefix_projection=False))
 
 
+def _one_post_call(
+    cls: type, comps: list[Component | None], plan: Any, args: tuple[Any, ...], kwargs: dict[str, Any], y: Any
+) -> Any:
+    """``routed_output`` of the prefix components: their ``post_call`` checks the whole call (the shared cache or
+    attention kwargs of every row), so one live component's check serves all rows."""
+    return next(c for c in comps if c is not None).post_call(args, kwargs, y)
+
+
 class PrefixKV(Component):
     """Puts per-layer key/value prefixes into the model's KV cache.
 
@@ -813,11 +821,7 @@ class PrefixKV(Component):
         )
         return [(kv[2 * i], kv[2 * i + 1]) for i in range(lay.num_layers)]
 
-    @classmethod
-    def routed_output(
-        cls, comps: list[Component | None], plan: Any, args: tuple[Any, ...], kwargs: dict[str, Any], y: Any
-    ) -> Any:
-        return next(c for c in comps if c is not None).post_call(args, kwargs, y)
+    routed_output = classmethod(_one_post_call)
 
     def post_call(self, args: tuple[Any, ...], kwargs: dict[str, Any], y: Any) -> Any:
         """Refuse models that silently ignored the cache (the prefix would have had no effect), and do not hand
@@ -1374,11 +1378,7 @@ class AttentionPrefix(Component):
         rowmask = torch.arange(width, device=keys.device) >= width - layout.counts[:, None].to(keys.device)
         return args, {**kwargs, _KWARG: _Prefixes([(keys, values, head, rowmask, layout.counts)])}
 
-    @classmethod
-    def routed_output(
-        cls, comps: list[Component | None], plan: Any, args: tuple[Any, ...], kwargs: dict[str, Any], y: Any
-    ) -> Any:
-        return next(c for c in comps if c is not None).post_call(args, kwargs, y)
+    routed_output = classmethod(_one_post_call)
 
     def post_call(self, args: tuple[Any, ...], kwargs: dict[str, Any], y: Any) -> Any:
         prefixes = kwargs.get(_KWARG)
