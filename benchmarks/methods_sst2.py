@@ -71,6 +71,9 @@ METHODS: dict[str, tuple[str | None, dict, float]] = {
     "lora_corda": ("lora", {"r": 8, "alpha": 16, "targets": ["attn.q", "attn.v"], "init": "corda"}, 1e-3),
     # LoRA+: A (and the head) at lr, B at 16 x lr (the paper's ratio): 2e-4 puts B at 3.2e-3 (not tuned)
     "loraplus": ("lora", {"r": 8, "alpha": 16, "targets": ["attn.q", "attn.v"]}, 2e-4),
+    # LLaMA-Adapter on an encoder: prompts in the top 3 of MiniLM's 6 layers (peft's adaption_prompt: LLaMA, Mistral
+    # and GPT-2 only, so no peft row); the paper's 10 prompt tokens
+    "llama_adapter": ("llama_adapter", {"adapter_len": 10, "adapter_layers": 3}, 1e-2),
 }
 
 # what some rows do beyond "add the config and train":
@@ -191,6 +194,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--dev-size", type=int, default=None, help="dev sentences (default: all 872)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate instead of METHODS' (rate searches)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data", type=Path, default=demo.DATA)
     p.add_argument(
@@ -205,6 +209,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_one(name: str, args: argparse.Namespace, tokenizer, train_rows, dev_rows) -> dict | None:
     spec, overrides, lr = METHODS[name]
+    lr = lr if args.lr is None else args.lr
     model = demo.load_model(demo.model_path(), args.seed)
     base_params = sum(p.numel() for p in model.parameters())
     label = name
