@@ -88,8 +88,10 @@ METHODS: dict[str, tuple[str | None, dict, float]] = {
 # - loraplus_ratio: LoRA+ optimizer groups (``ak.loraplus_optimizer`` / peft's ``create_loraplus_optimizer``);
 # - same_init: our adapter starts from peft's initial one (peft's ``save_pretrained`` of the freshly built model,
 #   read by our peft reader), so the row and its peft row start from identical weights where the two libraries draw
-#   their initial values in a different order (VB-LoRA's bank, LoRA's A).
+#   their initial values in a different order (VB-LoRA's bank, LoRA's A, AdaLoRA's P and Q: peft draws throw-away
+#   ``randn`` tensors before its ``normal_`` init).
 EXTRAS: dict[str, dict] = {
+    "adalora": {"same_init": True},
     "vblora": {"same_init": True},
     "lora_eva": {"calibrate": 64},
     "lora_corda": {"calibrate": 64},
