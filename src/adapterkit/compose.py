@@ -48,7 +48,7 @@ Components that transform a module's *input* (``has_pre``) apply in stacking ord
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -263,17 +263,15 @@ def validate(items: Sequence[str | Block]) -> None:
 
 
 # --- per-row routing ---------------------------------------------------------------------------------
-class Bucket(NamedTuple):
-    """One bucket of :meth:`RoutePlan.buckets`: ``slots[t]`` is the adapter (index into ``adapters``) of slot
-    ``t``; ``index`` (``len(slots) * c``) the batch row of each slot position (short slots repeat their last
-    row); ``real`` the positions that count (``None``: all); ``rows`` their batch rows."""
+class Segments(NamedTuple):
+    """Rows of :meth:`RoutePlan.segments`, grouped by adapter: ``order`` (``(n,)``) lists the batch rows of the
+    adapters that take part, adapter by adapter; ``spans`` holds ``(g, start, count)`` per adapter ``g`` (index
+    into ``adapters``), its rows being ``order[start : start + count]``; ``identity`` when ``order`` is the whole
+    batch in order (no gather or scatter needed)."""
 
-    key: Hashable
-    slots: tuple[int, ...]
-    c: int
-    index: torch.Tensor
-    real: torch.Tensor | None
-    rows: torch.Tensor
+    order: torch.Tensor
+    spans: tuple[tuple[int, int, int], ...]
+    identity: bool
 
 
 class RoutePlan:
@@ -293,7 +291,6 @@ class RoutePlan:
         uniform: the adapter name when every row runs that one adapter (sites then run it unrouted), else None.
         cache: per-site stacked weights, reused while no gradient is recorded (e.g. decode steps); the
             controller passes a cache shared by plans over the same adapters with unchanged weights.
-        carry: values kept from plan to plan while what they were built from is unchanged (:meth:`carried`).
     """
 
     def __init__(
@@ -302,7 +299,6 @@ class RoutePlan:
         device: torch.device,
         order: Sequence[str] | None = None,
         cache: dict[Any, Any] | Callable[[], dict[Any, Any]] | None = None,
-        carry: dict[Any, Any] | None = None,
     ) -> None:
         groups: dict[str, list[int]] = {}
         for row, n in enumerate(names):
@@ -334,7 +330,6 @@ class RoutePlan:
         # gathering is a no-op when slots are the batch rows in order
         self.identity = not self.padded and len(slots) == self.batch and slots == list(range(self.batch))
         self._cache = cache
-        self.carry: dict[Any, Any] = {} if carry is None else carry
         self.local: dict[Any, Any] = {}
 
     @property
@@ -373,69 +368,30 @@ class RoutePlan:
             return y
         return self.scatter_add(y, torch.bmm(h, w))
 
-    def buckets(self, keys: tuple[Hashable, ...]) -> list[Bucket]:
-        """Rows grouped for batched matmuls without padding the rank or the row count to the batch's largest.
-
-        ``keys[g]`` is adapter ``g``'s shape key at a site (e.g. its LoRA rank), ``None`` where it has nothing
-        there. Adapters with equal keys share a bucket; in a bucket, each adapter's rows are cut into slots of
-        ``c`` rows, ``c`` = the bucket's rows per adapter rounded up, so a popular adapter takes several slots
-        and a rare one pads its slot by at most ``c - 1`` rows (Punica's SGMV does this without padding on
-        GPUs; on CPUs one ``bmm`` over slots is cheaper than a matmul per adapter). Computed once per plan and
-        key tuple (sites with the same keys share it)."""
-        cache_key = ("buckets", keys)
+    def segments(self, present: tuple[bool, ...]) -> Segments:
+        """The rows of the adapters with ``present[g]`` (those that have a component at a site), grouped by
+        adapter, for one matrix product per adapter on contiguous rows against the adapter's own weights (no
+        weights copied or stacked: Punica's SGMV, segment by segment; on CPUs these small products cost about
+        what one ``bmm`` over stacked weights does, and nothing has to be restacked when the batch changes).
+        Computed once per plan and ``present`` tuple (sites with the same adapters share it)."""
+        cache_key = ("segments", present)
         found = self.local.get(cache_key)
         if found is not None:
             return found
-        rows: list[list[int]] = [[] for _ in keys]
+        rows: list[list[int]] = [[] for _ in present]
         for i, g in enumerate(self.row_group.tolist()):
-            if g < len(keys) and keys[g] is not None:
+            if g < len(present) and present[g]:
                 rows[g].append(i)
-        by_key: dict[Hashable, list[int]] = {}
-        for g, k in enumerate(keys):
-            if rows[g]:
-                by_key.setdefault(k, []).append(g)
-        device = self.row_group.device
-        out = []
-        for k, gs in by_key.items():
-            c = -(-sum(len(rows[g]) for g in gs) // len(gs))
-            slots: list[int] = []
-            index: list[int] = []
-            real: list[int] = []
-            for g in gs:
-                for start in range(0, len(rows[g]), c):
-                    chunk = rows[g][start : start + c]
-                    slots.append(g)
-                    real += range(len(index), len(index) + len(chunk))
-                    index += chunk + chunk[-1:] * (c - len(chunk))
-            index_t = torch.tensor(index, dtype=torch.long, device=device)
-            padded = len(real) < len(index)
-            real_t = torch.tensor(real, dtype=torch.long, device=device) if padded else None
-            rows_t = index_t.index_select(0, real_t) if real_t is not None else index_t
-            out.append(Bucket(k, tuple(slots), c, index_t, real_t, rows_t))
+        order: list[int] = []
+        spans = []
+        for g, rs in enumerate(rows):
+            if rs:
+                spans.append((g, len(order), len(rs)))
+                order += rs
+        identity = order == list(range(self.batch))
+        out = Segments(torch.tensor(order, dtype=torch.long, device=self.row_group.device), tuple(spans), identity)
         self.local[cache_key] = out
         return out
-
-    def carried(
-        self, key: Hashable, signature: tuple[Hashable, ...], build: Callable[[], Any], keep: tuple[Any, ...] = ()
-    ) -> Any:
-        """``build()`` for this plan, kept across plans while ``signature`` (ids and versions of what it is built
-        from) stays equal: continuous batching makes a new plan at almost every step, but most sites see the
-        same adapters in the same slots as the step before. One entry per ``key`` in the controller's carry;
-        the entry holds ``keep`` (the objects whose ids the signature names), so no id can be reused while it
-        is kept."""
-        if torch.is_grad_enabled():
-            return build()
-        found = self.local.get(("carried", key))
-        if found is not None:
-            return found
-        entry = self.carry.get(key)
-        if entry is not None and entry[0] == signature:
-            value = entry[1]
-        else:
-            value = build()
-            self.carry[key] = (signature, value, keep)
-        self.local[("carried", key)] = value
-        return value
 
     def stacked(self, key: Any, build: Any, per_plan: bool = False) -> Any:
         """``build()`` once per key while no gradient is recorded (weights cannot change then). ``per_plan``:

@@ -133,7 +133,6 @@ class Adapters:
         self._root_hook: Any = None
         self._sync_lock = threading.Lock()
         self._route_caches: dict[Any, dict[Any, Any]] = {}
-        self._route_carry: dict[Any, Any] = {}  # RoutePlan.carried: stacked weights kept from plan to plan
         # adapter tensors on float16/bfloat16 bases are stored in float32 (peft's autocast_adapter_dtype)
         self.autocast_adapter_dtype = True
         # training-time hooks: optimizer steps told to scheduled components, and what they looked like then
@@ -147,7 +146,7 @@ class Adapters:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state.pop("_sync_lock", None)
-        state["_route_caches"], state["_route_carry"] = {}, {}  # stacked copies: rebuilt on use
+        state["_route_caches"] = {}  # stacked copies: rebuilt on use
         state["_stepping"] = self in _STEPPING
         return state
 
@@ -364,7 +363,6 @@ class Adapters:
             self._drop_site_if_empty(mod_name)
         del self._records[name]
         self._route_caches.clear()  # stacked copies of its weights go with it
-        self._route_carry.clear()
         self.state.default = tuple(i for i in self.state.default if name not in set(names_in(i)))
         self._sync_parallel()
         self._sync_step_check()
@@ -470,9 +468,7 @@ class Adapters:
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         wanted = set(names)
         used = [n for n in self._records if n in wanted]
-        with self.state.routed(
-            RoutePlan(names, device, order=used, cache=lambda: self._route_cache(used), carry=self._route_carry)
-        ):
+        with self.state.routed(RoutePlan(names, device, order=used, cache=lambda: self._route_cache(used))):
             yield
 
     def _route_cache(self, used: list[str]) -> dict[Any, Any]:
@@ -917,7 +913,6 @@ class Adapters:
                 record = self._record(n)
                 record.config = record.config.padded(target, padded)
         self._route_caches.clear()
-        self._route_carry.clear()
 
     def hotswap(self, name: str, source: str | os.PathLike, *, allow_pickle: bool = False) -> None:
         """Replace adapter ``name``'s weights in place with the adapter stored at ``source`` (any format
@@ -969,7 +964,6 @@ class Adapters:
                 for key, value in state.items():
                     own[key].copy_(value)
         self._route_caches.clear()
-        self._route_carry.clear()
 
     def freeze_norm_statistics(self, enabled: bool = True) -> None:
         """Keep the base model's normalization statistics fixed while adapters train (issue 19, item 8).

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backends import backend_for
-from ..component import Component, grad_epoch
+from ..component import Component
 from ..config import AdapterConfig, register
 from ..targeting import CONTAINER
 from . import lora_conv, lora_params
@@ -529,7 +529,7 @@ class LoRALinear(_LoRABase):
 
     @classmethod
     def routed(cls, comps: list[Component | None], plan: Any, x: torch.Tensor, y: torch.Tensor, key: Any) -> Any:
-        """Per-row routing. Without gradients (serving), :meth:`_routed_buckets`. With gradients (training on a
+        """Per-row routing. Without gradients (serving), :meth:`_routed_segments`. With gradients (training on a
         mixed batch), two batched matmuls over factors stacked as ``(G + 1, in, r_max)`` and
         ``(G + 1, r_max, out)`` (ranks zero-padded to ``r_max``, scaling folded into B; the last entry, and
         adapters absent from this site, are zeros for rows of the base model).
@@ -546,7 +546,7 @@ class LoRALinear(_LoRABase):
         ref = live[0]
         r_max = max(c.r for c in live)
         if not torch.is_grad_enabled() and y.is_contiguous():
-            return cls._routed_buckets(comps, plan, x.to(ref.lora_A.dtype), y, key)
+            return cls._routed_segments(comps, plan, x.to(ref.lora_A.dtype), y)
 
         def build() -> tuple[torch.Tensor, torch.Tensor]:
             in_dim, out_dim = ref.lora_A.shape[1], ref.out_dim
@@ -573,37 +573,29 @@ class LoRALinear(_LoRABase):
         return plan.scatter_bmm(y, h, B[:G])
 
     @staticmethod
-    def _routed_buckets(
-        comps: list[Component | None], plan: Any, x: torch.Tensor, y: torch.Tensor, key: Any
-    ) -> Any:
-        """Routing without gradients (serving: prefill and decode): rows bucketed by rank (no zero-padded
-        ranks), each bucket one ``bmm`` pair over slots of a few rows (``RoutePlan.buckets``) against the
-        slots' own factors, stacked once per plan (the engine keeps a plan while its rows stay), never per set
-        of adapters (which changes at almost every step of continuous batching).
-        ``x: (batch, *rest, in)``, ``y: (batch, *rest, out)``, updated in place."""
+    def _routed_segments(comps: list[Component | None], plan: Any, x: torch.Tensor, y: torch.Tensor) -> Any:
+        """Routing without gradients (serving: prefill and decode): the rows of each adapter, contiguous after
+        one gather (:meth:`RoutePlan.segments`), run one ``mm`` pair against that adapter's own factors, ranks
+        as they are; the products land in one buffer added back with one ``index_add_`` (in place in ``y`` when
+        the rows are already in order). Nothing is stacked, so nothing is rebuilt when continuous batching
+        changes the batch at every step. ``x: (batch, *rest, in)``, ``y: (batch, *rest, out)``, updated in place."""
         batch, length = y.shape[0], y[0].numel() // y.shape[-1]
-        x3, y3 = x.reshape(batch, length, -1), y.view(batch, length, -1)
-        for bucket in plan.buckets(tuple(c.r if c is not None else None for c in comps)):
-            slot = [comps[g] for g in bucket.slots]
-
-            def build(slot: list[Any] = slot) -> tuple[torch.Tensor, torch.Tensor, Any]:
-                A = torch.stack([c.lora_A for c in slot]).mT  # (T, in, r)
-                B = torch.stack([c.lora_B for c in slot]).mT  # (T, r, out)
-                scales = {c.scaling for c in slot}
-                s = scales.pop() if len(scales) == 1 else torch.tensor([c.scaling for c in slot]).view(-1, 1, 1)
-                return A, B, s
-
-            keep = tuple(p for c in slot for p in (c.lora_A, c.lora_B))
-            sig = (grad_epoch(), *((id(p), p._version) for p in keep), *(c.scaling for c in slot))
-            A, B, s = plan.carried(("lora", key, bucket.key), sig, build, keep)
-            h = torch.bmm(x3.index_select(0, bucket.index).view(len(slot), -1, x3.shape[-1]), A)
-            if isinstance(s, torch.Tensor):
-                h.mul_(s.to(h.dtype))
-                s = 1.0
-            d = torch.bmm(h, B).view(-1, length, y3.shape[-1])
-            if bucket.real is not None:
-                d = d.index_select(0, bucket.real)
-            y3.index_add_(0, bucket.rows, d.to(y3.dtype), alpha=s)
+        seg = plan.segments(tuple(c is not None for c in comps))
+        x2 = x.reshape(batch, length, -1)
+        if not seg.identity:
+            x2 = x2.index_select(0, seg.order)
+        x2 = x2.view(-1, x2.shape[-1])  # (rows * L, in), adapter by adapter
+        direct = seg.identity and y.dtype == x2.dtype
+        out = y.view(-1, y.shape[-1]) if direct else x2.new_empty(x2.shape[0], y.shape[-1])
+        for g, start, count in seg.spans:
+            c = comps[g]
+            h = torch.mm(x2.narrow(0, start * length, count * length), c.lora_A.t())  # (count * L, r)
+            # beta=0: the buffer's uninitialized values are ignored (NaN included)
+            out.narrow(0, start * length, count * length).addmm_(
+                h, c.lora_B.t(), beta=1 if direct else 0, alpha=c.scaling
+            )
+        if not direct:
+            y.view(batch, length, -1).index_add_(0, seg.order, out.view(-1, length, y.shape[-1]).to(y.dtype))
         return y
 
 
