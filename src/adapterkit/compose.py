@@ -310,6 +310,7 @@ class RoutePlan:
         self.batch = len(names)
         self.adapters: tuple[str, ...] = tuple(groups)
         self.groups = tuple((n, torch.tensor(r, dtype=torch.long, device=device)) for n, r in groups.items())
+        self._group_rows = tuple(groups.values())  # each adapter's batch rows, in `adapters` order
         self.m = max((len(r) for r in groups.values()), default=0)
         slots, real = [], []
         for rows in groups.values():
@@ -378,16 +379,12 @@ class RoutePlan:
         found = self.local.get(cache_key)
         if found is not None:
             return found
-        rows: list[list[int]] = [[] for _ in present]
-        for i, g in enumerate(self.row_group.tolist()):
-            if g < len(present) and present[g]:
-                rows[g].append(i)
         order: list[int] = []
         spans = []
-        for g, rs in enumerate(rows):
-            if rs:
-                spans.append((g, len(order), len(rs)))
-                order += rs
+        for g, rows in enumerate(self._group_rows):
+            if present[g]:
+                spans.append((g, len(order), len(rows)))
+                order += rows
         identity = order == list(range(self.batch))
         out = Segments(torch.tensor(order, dtype=torch.long, device=self.row_group.device), tuple(spans), identity)
         self.local[cache_key] = out
