@@ -123,6 +123,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--pooling", choices=("mean", "cls"), default="mean",
         help="sentence vector the heads read: mean of the token states (the model's own) or BERT's [CLS] pooler",
     )  # fmt: skip
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="rate of the adapter methods' parameters (default: each method's own)",
+    )
     p.add_argument("--lr-head", type=float, default=3e-2, help="the task heads (a linear probe needs a high rate)")
     p.add_argument("--lr-full", type=float, default=2e-4, help="LT-SFT's full fine-tuning phase")
     p.add_argument("--lr-delta", type=float, default=2e-4, help="diff pruning's dense diff w")
@@ -357,6 +363,8 @@ def run_method(name: str, args: argparse.Namespace, data: dict[str, Any]) -> lis
     loop = Loop(model, args, data["train"], data["pad"])
     head_params = sum(p.numel() for p in model.heads[0].parameters())
     kind, lr, desc = METHODS[name]
+    if args.lr is not None and kind != "sparse":
+        lr, desc = args.lr, f"{desc}, lr {args.lr:g}"
     results: dict[str, dict[str, Any]] = {}
 
     def score_task(row: str, t: int, scope: Callable[[int, int], Any] = _no_scope) -> None:

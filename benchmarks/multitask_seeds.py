@@ -1,0 +1,155 @@
+#!/usr/bin/env python
+"""Seed table of ``benchmarks/multitask.py`` runs: per-method means over seeds and paired differences to LoRA.
+
+One multi-task run at one seed cannot separate methods on this benchmark (a task score moves by several points from
+seed to seed at a few hundred training rows per task), so issue 20's target is judged on several seeds of one
+recipe. This script reads the ``.json`` files that ``multitask.py --out`` writes (any number, any methods; one seed
+each), keeps the rows of one recipe (every argument but ``--seed``, ``--methods`` and ``--out`` equal; runs of
+another recipe are refused with the differing arguments named), and writes:
+
+* per method: the seeds it ran, each task's mean score, the mean and standard deviation (over seeds) of the
+  four-task average, parameters per task;
+* per method against the baseline (``--baseline``, default ``lora``), on the seeds both ran: the mean paired
+  difference of the average, its standard error, the paired t statistic and the number of seeds ahead.
+
+Run::
+
+    .venv/bin/python benchmarks/multitask_seeds.py RUN1.json RUN2.json ... --out benchmarks/results/multitask_seeds.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+# arguments that may differ between the runs of one recipe
+FREE = {"seed", "methods", "out", "note", "update", "merge", "threads", "data"}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", type=Path, help="multitask.py output JSON files")
+    p.add_argument("--baseline", default="lora", help="method the others are compared with (default lora)")
+    p.add_argument("--out", type=Path, default=None, help="markdown file (default: print only)")
+    p.add_argument("--note", default=None, help="a paragraph appended to the markdown")
+    return p.parse_args(argv)
+
+
+def recipe_key(args: dict[str, Any]) -> dict[str, Any]:
+    """The arguments that define a recipe (everything a seed run must share)."""
+    return {k: v for k, v in sorted(args.items()) if k not in FREE and v is not None}
+
+
+def collect(paths: Sequence[Path]) -> tuple[dict[str, Any], list[str], dict[str, dict[int, dict[str, Any]]]]:
+    """``(recipe, tasks, rows[method][seed])`` from the runs; raises ``ValueError`` on mixed recipes or a method
+    run twice at one seed."""
+    recipe: dict[str, Any] | None = None
+    first = ""
+    tasks: list[str] = []
+    rows: dict[str, dict[int, dict[str, Any]]] = {}
+    for path in paths:
+        data = json.loads(path.read_text())
+        key = recipe_key(data["args"])
+        if recipe is None:
+            recipe, first, tasks = key, str(path), list(data["meta"]["tasks"])
+        elif key != recipe:
+            diff = {k: (recipe.get(k), key.get(k)) for k in set(recipe) | set(key) if recipe.get(k) != key.get(k)}
+            raise ValueError(f"{path} is another recipe than {first}: {diff}; pass runs of one recipe")
+        seed = int(data["args"]["seed"])
+        for row in data["rows"]:
+            # a row's own seed is in its command (rows merged from other runs keep their command)
+            row_seed = seed
+            if row.get("command"):
+                words = shlex.split(row["command"])
+                if "--seed" in words:
+                    row_seed = int(words[words.index("--seed") + 1])
+            if row_seed in rows.get(row["method"], {}):
+                raise ValueError(f"{row['method']} at seed {row_seed} appears twice (second in {path})")
+            rows.setdefault(row["method"], {})[row_seed] = row
+    assert recipe is not None
+    return recipe, tasks, rows
+
+
+def paired(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
+    """Mean of ``a - b``, its standard error, the paired t statistic (nan below two pairs), pairs ``a > b``."""
+    d = [x - y for x, y in zip(a, b)]
+    mean = statistics.fmean(d)
+    se = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else math.nan
+    t = mean / se if se and not math.isnan(se) else math.nan
+    return {"n": len(d), "mean": mean, "se": se, "t": t, "ahead": sum(x > 0 for x in d)}
+
+
+def render(recipe: dict[str, Any], tasks: list[str], rows: dict[str, dict[int, dict[str, Any]]], baseline: str,
+           argv: Sequence[str], note: str | None) -> str:  # fmt: skip
+    base = rows.get(baseline, {})
+    out = [
+        f"Command: `python benchmarks/multitask_seeds.py {shlex.join(argv)}`",
+        "",
+        "Recipe (the `multitask.py` arguments every run shares): "
+        + ", ".join(f"`--{k.replace('_', '-')} {v}`" for k, v in recipe.items() if v not in (None, [], False))
+        + ".",
+        "",
+        "| method | params / task | seeds | "
+        + " | ".join(f"{t} (mean)" for t in tasks)
+        + " | average: mean (sd) | vs "
+        + baseline
+        + ": mean diff (se) | t | seeds ahead |",
+        "|---|---:|---|" + "---:|" * len(tasks) + "---:|---:|---:|---:|",
+    ]
+    order = [baseline] + sorted(m for m in rows if m != baseline)
+    for m in order:
+        if m not in rows:
+            continue
+        seeds = sorted(rows[m])
+        avgs = [rows[m][s]["average"] for s in seeds]
+        means = [statistics.fmean(rows[m][s]["tasks"][t]["score"] for s in seeds) for t in tasks]
+        sd = f"{statistics.stdev(avgs):.2f}" if len(avgs) > 1 else "-"
+        common = [s for s in seeds if s in base]
+        if m == baseline or not common:
+            cmp = "| | |"
+        else:
+            p = paired([rows[m][s]["average"] for s in common], [base[s]["average"] for s in common])
+            se, t = ("-", "-") if p["n"] < 2 else (f"{p['se']:.2f}", f"{p['t']:+.2f}")
+            cmp = f"{p['mean']:+.2f} ({se}) | {t} | {p['ahead']}/{p['n']} |"
+        out.append(
+            f"| {m} | {rows[m][seeds[0]]['params_per_task']:,} | {', '.join(map(str, seeds))} | "
+            + " | ".join(f"{x:.1f}" for x in means)
+            + f" | {statistics.fmean(avgs):.2f} ({sd}) | {cmp}"
+        )
+    out += [
+        "",
+        "Task scores ×100 as in multitask.md (accuracy; MRPC mean of F1 and accuracy; CoLA Matthews correlation); "
+        "average = mean of the four task scores at one seed; sd over seeds; vs "
+        f"{baseline}: the paired difference of the average on the seeds both ran, its standard error (sd/√n), "
+        "t = mean/se, and the number of those seeds on which the method's average is higher.",
+    ]
+    if note:
+        out += ["", note]
+    return "\n".join(out) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    try:
+        recipe, tasks, rows = collect(args.runs)
+    except ValueError as exc:
+        sys.exit(str(exc))
+    shown = [a if not a.startswith("/") else Path(a).name for a in argv]
+    text = render(recipe, tasks, rows, args.baseline, shown, args.note)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,70 @@
+"""``benchmarks/multitask_seeds.py``: the seed table that judges issue 20's multi-task target (on synthetic runs)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import multitask_seeds as ms  # noqa: E402
+
+TASKS = ["SST-2", "RTE", "MRPC", "CoLA"]
+ARGS = {"train_size": 1000, "dev_size": 1100, "epochs": 3, "lr": None, "methods": "", "out": "x.md", "seed": 0}
+
+
+def _run(tmp: Path, seed: int, scores: dict[str, list[float]], **override: object) -> Path:
+    rows = [
+        {
+            "method": m,
+            "average": sum(s) / len(s),
+            "params_per_task": 100,
+            "tasks": {t: {"score": x} for t, x in zip(TASKS, s)},
+            "command": f"python benchmarks/multitask.py --methods {m} --seed {seed}",
+        }
+        for m, s in scores.items()
+    ]
+    path = tmp / f"run_{seed}_{'_'.join(scores)}.json"
+    args = {**ARGS, "seed": seed, "methods": ",".join(scores), **override}
+    path.write_text(json.dumps({"args": args, "meta": {"tasks": TASKS}, "rows": rows}))
+    return path
+
+
+def test_paired_statistics() -> None:
+    p = ms.paired([3.0, 5.0, 4.0], [2.0, 2.0, 2.0])
+    assert p["n"] == 3 and p["ahead"] == 3
+    assert p["mean"] == pytest.approx(2.0)
+    assert p["se"] == pytest.approx(1.0 / math.sqrt(3))
+    assert p["t"] == pytest.approx(2.0 * math.sqrt(3))
+    assert math.isnan(ms.paired([1.0], [0.0])["se"])
+
+
+def test_table_pairs_seeds_across_files(tmp_path: Path) -> None:
+    runs = [
+        _run(tmp_path, 1, {"lora": [80, 50, 70, 10], "mhr": [80, 52, 72, 12]}),
+        _run(tmp_path, 2, {"lora": [82, 50, 70, 10]}),
+        _run(tmp_path, 2, {"mhr": [82, 50, 70, 14]}),
+        _run(tmp_path, 3, {"mhr": [0, 0, 0, 0]}),  # no LoRA at this seed: counted in its mean, not in the pairs
+    ]
+    out = tmp_path / "seeds.md"
+    assert ms.main([str(p) for p in runs] + ["--out", str(out)]) == 0
+    text = out.read_text()
+    mhr = next(line for line in text.splitlines() if line.startswith("| mhr "))
+    cells = [c.strip() for c in mhr.strip("|").split("|")]
+    assert cells[2] == "1, 2, 3"
+    assert cells[-3:] == ["+1.25 (0.25)", "+5.00", "2/2"]  # paired diffs of the averages: 1.5 and 1.0
+    assert "| lora | 100 | 1, 2 |" in text
+
+
+def test_mixed_recipes_and_duplicates_are_refused(tmp_path: Path) -> None:
+    a = _run(tmp_path, 1, {"lora": [80, 50, 70, 10]})
+    b = _run(tmp_path, 2, {"lora": [80, 50, 70, 10]}, lr=5e-3)
+    with pytest.raises(ValueError, match="another recipe.*'lr'"):
+        ms.collect([a, b])
+    with pytest.raises(ValueError, match="lora at seed 1 appears twice"):
+        ms.collect([a, a])
