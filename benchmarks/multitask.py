@@ -50,6 +50,10 @@ each with weight gradients of every linear layer (about 3x a LoRA run each). On 
 load ~10 one thread trained 3-5 rows/s (LoRA, batch 32, length 64), so the defaults (250 rows per task, batch 8) take
 about 1.5 hours there in one process; the figures in benchmarks/results/multitask.md come from smaller runs, the commands in its header
 (several processes, ``--merge`` joins their JSON). ``--methods`` picks methods, ``--update`` keeps other rows.
+On a quiet machine one thread trains about 45 rows/s (LoRA), so the seed study of issue 20's target (1,000 rows per
+task, 3 epochs, every dev row: ``--train-size 1000 --dev-size 1100 --epochs 3 --seed S``) takes about 6 minutes per
+LoRA or MHR run and 13 per AdaMix run; ``benchmarks/multitask_seeds.py`` tables the runs of several seeds
+(benchmarks/results/multitask_seeds.md).
 
 Run (single thread)::
 

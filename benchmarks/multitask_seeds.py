@@ -37,7 +37,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", type=Path, help="multitask.py output JSON files")
     p.add_argument("--baseline", default="lora", help="method the others are compared with (default lora)")
-    p.add_argument("--out", type=Path, default=None, help="markdown file (default: print only)")
+    p.add_argument("--out", type=Path, default=None, help="markdown file, and a chart beside it (.png)")
     p.add_argument("--note", default=None, help="a paragraph appended to the markdown")
     return p.parse_args(argv)
 
@@ -135,6 +135,42 @@ def render(recipe: dict[str, Any], tasks: list[str], rows: dict[str, dict[int, d
     return "\n".join(out) + "\n"
 
 
+def plot(rows: dict[str, dict[int, dict[str, Any]]], baseline: str, path: Path) -> bool:
+    """Each method's four-task average minus the baseline's, one dot per seed both ran, and the mean with ±se.
+    False when matplotlib is missing or no method shares a seed with the baseline."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    base = rows.get(baseline, {})
+    diffs = {
+        m: [rows[m][s]["average"] - base[s]["average"] for s in sorted(rows[m]) if s in base]
+        for m in sorted(rows)
+        if m != baseline
+    }
+    diffs = {m: d for m, d in diffs.items() if d}
+    if not diffs:
+        return False
+    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(diffs)), 3.8))
+    for i, d in enumerate(diffs.values()):
+        ax.scatter([i] * len(d), d, color="gray", s=14, zorder=2)
+        p = paired(d, [0.0] * len(d))
+        ax.errorbar([i], [p["mean"]], yerr=[0.0 if math.isnan(p["se"]) else p["se"]], fmt="o", color="C0",
+                    capsize=6, zorder=3)  # fmt: skip
+    ax.axhline(0.0, color="black", linewidth=1)
+    ax.set_xticks(range(len(diffs)), list(diffs))
+    ax.set_ylabel(f"four-task average − {baseline}'s (points)")
+    ax.set_title("Multi-task GLUE on MiniLM-L6: paired differences per seed (mean ± se)", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -148,6 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
+        plot(rows, args.baseline, args.out.with_suffix(".png"))
     return 0
 
 
