@@ -38,6 +38,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("runs", nargs="+", type=Path, help="multitask.py output JSON files")
     p.add_argument("--baseline", default="lora", help="method the others are compared with (default lora)")
     p.add_argument("--out", type=Path, default=None, help="markdown file, and a chart beside it (.png)")
+    p.add_argument(
+        "--methods", default=None, help="comma-separated methods to table (default: every method found)"
+    )
     p.add_argument("--note", default=None, help="a paragraph appended to the markdown")
     return p.parse_args(argv)
 
@@ -178,6 +181,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         recipe, tasks, rows = collect(args.runs)
     except ValueError as exc:
         sys.exit(str(exc))
+    if args.methods:
+        keep = {m.strip() for m in args.methods.split(",")}
+        rows = {m: r for m, r in rows.items() if m in keep}
     shown = [a if not a.startswith("/") else Path(a).name for a in argv]
     text = render(recipe, tasks, rows, args.baseline, shown, args.note)
     print(text)
