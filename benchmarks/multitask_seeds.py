@@ -15,6 +15,8 @@ another recipe are refused with the differing arguments named), and writes:
 Run::
 
     .venv/bin/python benchmarks/multitask_seeds.py RUN1.json RUN2.json ... --out benchmarks/results/multitask_seeds.md
+    .venv/bin/python benchmarks/multitask_seeds.py benchmarks/results/multitask_seeds_runs --methods lora,mhr,adamix \\
+        --out benchmarks/results/multitask_seeds.md         # the committed table, from the committed runs
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ FREE = {"seed", "methods", "out", "note", "update", "merge", "threads", "data"}
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", nargs="+", type=Path, help="multitask.py output JSON files")
+    p.add_argument("runs", nargs="+", type=Path, help="multitask.py output JSON files, or folders of them")
     p.add_argument("--baseline", default="lora", help="method the others are compared with (default lora)")
     p.add_argument("--out", type=Path, default=None, help="markdown file, and a chart beside it (.png)")
     p.add_argument(
@@ -57,7 +59,8 @@ def collect(paths: Sequence[Path]) -> tuple[dict[str, Any], list[str], dict[str,
     first = ""
     tasks: list[str] = []
     rows: dict[str, dict[int, dict[str, Any]]] = {}
-    for path in paths:
+    files = [f for p in paths for f in (sorted(p.glob("*.json")) if p.is_dir() else [p])]
+    for path in files:
         data = json.loads(path.read_text())
         key = recipe_key(data["args"])
         if recipe is None:
@@ -157,7 +160,7 @@ def plot(rows: dict[str, dict[int, dict[str, Any]]], baseline: str, path: Path) 
     diffs = {m: d for m, d in diffs.items() if d}
     if not diffs:
         return False
-    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(diffs)), 3.8))
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(diffs)), 3.8))
     for i, d in enumerate(diffs.values()):
         ax.scatter([i] * len(d), d, color="gray", s=14, zorder=2)
         p = paired(d, [0.0] * len(d))
@@ -166,7 +169,7 @@ def plot(rows: dict[str, dict[int, dict[str, Any]]], baseline: str, path: Path) 
     ax.axhline(0.0, color="black", linewidth=1)
     ax.set_xticks(range(len(diffs)), list(diffs))
     ax.set_ylabel(f"four-task average − {baseline}'s (points)")
-    ax.set_title("Multi-task GLUE on MiniLM-L6: paired differences per seed (mean ± se)", fontsize=9)
+    ax.set_title("MiniLM-L6 multi-task GLUE: per-seed differences (mean ± se)", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -185,6 +188,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         keep = {m.strip() for m in args.methods.split(",")}
         rows = {m: r for m, r in rows.items() if m in keep}
     shown = [a if not a.startswith("/") else Path(a).name for a in argv]
+    if "--note" in shown:  # the note is printed below the table, not in the command
+        i = shown.index("--note")
+        shown[i + 1] = "..."
     text = render(recipe, tasks, rows, args.baseline, shown, args.note)
     print(text)
     if args.out:

@@ -68,3 +68,10 @@ def test_mixed_recipes_and_duplicates_are_refused(tmp_path: Path) -> None:
         ms.collect([a, b])
     with pytest.raises(ValueError, match="lora at seed 1 appears twice"):
         ms.collect([a, a])
+
+
+def test_a_folder_stands_for_its_json_files(tmp_path: Path) -> None:
+    _run(tmp_path, 1, {"lora": [80, 50, 70, 10]})
+    _run(tmp_path, 2, {"lora": [82, 50, 70, 10], "mhr": [80, 50, 70, 10]})
+    _, tasks, rows = ms.collect([tmp_path])
+    assert tasks == TASKS and sorted(rows["lora"]) == [1, 2] and sorted(rows["mhr"]) == [2]
