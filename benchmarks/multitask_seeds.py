@@ -31,6 +31,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import multitask  # beside this script: its argument parser reads a run's command
+
 # arguments that may differ between the runs of one recipe
 FREE = {"seed", "methods", "out", "note", "update", "merge", "threads", "data"}
 
@@ -68,14 +70,11 @@ def collect(paths: Sequence[Path]) -> tuple[dict[str, Any], list[str], dict[str,
         elif key != recipe:
             diff = {k: (recipe.get(k), key.get(k)) for k in set(recipe) | set(key) if recipe.get(k) != key.get(k)}
             raise ValueError(f"{path} is another recipe than {first}: {diff}; pass runs of one recipe")
-        seed = int(data["args"]["seed"])
         for row in data["rows"]:
-            # a row's own seed is in its command (rows merged from other runs keep their command)
-            row_seed = seed
-            if row.get("command"):
-                words = shlex.split(row["command"])
-                if "--seed" in words:
-                    row_seed = int(words[words.index("--seed") + 1])
+            # a row's own seed is in its command (rows merged from other runs keep theirs), read as multitask.py's
+            # ``recipe`` reads it
+            cmd = row.get("command")
+            row_seed = multitask.parse_args(shlex.split(cmd)[2:]).seed if cmd else int(data["args"]["seed"])
             if row_seed in rows.get(row["method"], {}):
                 raise ValueError(f"{row['method']} at seed {row_seed} appears twice (second in {path})")
             rows.setdefault(row["method"], {})[row_seed] = row
@@ -83,18 +82,28 @@ def collect(paths: Sequence[Path]) -> tuple[dict[str, Any], list[str], dict[str,
     return recipe, tasks, rows
 
 
-def paired(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
-    """Mean of ``a - b``, its standard error, the paired t statistic (nan below two pairs), pairs ``a > b``."""
+def paired(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
+    """``diffs`` (``a - b``), their mean, its standard error, the paired t statistic (nan below two pairs), pairs
+    ``a > b``."""
     d = [x - y for x, y in zip(a, b)]
     mean = statistics.fmean(d)
     se = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else math.nan
     t = mean / se if se and not math.isnan(se) else math.nan
-    return {"n": len(d), "mean": mean, "se": se, "t": t, "ahead": sum(x > 0 for x in d)}
+    return {"diffs": d, "n": len(d), "mean": mean, "se": se, "t": t, "ahead": sum(x > 0 for x in d)}
+
+
+def versus(rows: dict[str, dict[int, dict[str, Any]]], method: str, baseline: str) -> dict[str, Any] | None:
+    """``paired`` of ``method``'s four-task average against ``baseline``'s on the seeds both ran (None: no such
+    seed, or ``method`` is the baseline)."""
+    base = rows.get(baseline, {})
+    common = [s for s in sorted(rows[method]) if s in base]
+    if method == baseline or not common:
+        return None
+    return paired([rows[method][s]["average"] for s in common], [base[s]["average"] for s in common])
 
 
 def render(recipe: dict[str, Any], tasks: list[str], rows: dict[str, dict[int, dict[str, Any]]], baseline: str,
            argv: Sequence[str], note: str | None) -> str:  # fmt: skip
-    base = rows.get(baseline, {})
     out = [
         f"Command: `python benchmarks/multitask_seeds.py {shlex.join(argv)}`",
         "",
@@ -117,11 +126,10 @@ def render(recipe: dict[str, Any], tasks: list[str], rows: dict[str, dict[int, d
         avgs = [rows[m][s]["average"] for s in seeds]
         means = [statistics.fmean(rows[m][s]["tasks"][t]["score"] for s in seeds) for t in tasks]
         sd = f"{statistics.stdev(avgs):.2f}" if len(avgs) > 1 else "-"
-        common = [s for s in seeds if s in base]
-        if m == baseline or not common:
+        p = versus(rows, m, baseline)
+        if p is None:
             cmp = "| | |"
         else:
-            p = paired([rows[m][s]["average"] for s in common], [base[s]["average"] for s in common])
             se, t = ("-", "-") if p["n"] < 2 else (f"{p['se']:.2f}", f"{p['t']:+.2f}")
             cmp = f"{p['mean']:+.2f} ({se}) | {t} | {p['ahead']}/{p['n']} |"
         out.append(
@@ -151,23 +159,16 @@ def plot(rows: dict[str, dict[int, dict[str, Any]]], baseline: str, path: Path) 
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    base = rows.get(baseline, {})
-    diffs = {
-        m: [rows[m][s]["average"] - base[s]["average"] for s in sorted(rows[m]) if s in base]
-        for m in sorted(rows)
-        if m != baseline
-    }
-    diffs = {m: d for m, d in diffs.items() if d}
-    if not diffs:
+    pairs = {m: p for m in sorted(rows) if (p := versus(rows, m, baseline)) is not None}
+    if not pairs:
         return False
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(diffs)), 3.8))
-    for i, d in enumerate(diffs.values()):
-        ax.scatter([i] * len(d), d, color="gray", s=14, zorder=2)
-        p = paired(d, [0.0] * len(d))
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(pairs)), 3.8))
+    for i, p in enumerate(pairs.values()):
+        ax.scatter([i] * p["n"], p["diffs"], color="gray", s=14, zorder=2)
         ax.errorbar([i], [p["mean"]], yerr=[0.0 if math.isnan(p["se"]) else p["se"]], fmt="o", color="C0",
                     capsize=6, zorder=3)  # fmt: skip
     ax.axhline(0.0, color="black", linewidth=1)
-    ax.set_xticks(range(len(diffs)), list(diffs))
+    ax.set_xticks(range(len(pairs)), list(pairs))
     ax.set_ylabel(f"four-task average − {baseline}'s (points)")
     ax.set_title("MiniLM-L6 multi-task GLUE: per-seed differences (mean ± se)", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
