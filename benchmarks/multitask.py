@@ -19,7 +19,8 @@ batches in one run, with the batch's task ids (``with adapters.tasks(ids):``); p
 time on the same batches. AdamW (no weight decay), linear decay after 6% warmup, ``torch.manual_seed(seed)`` before
 each training loop; heads at ``--lr-head``.
 
-Methods (``METHODS``; adapters on the attention query/value projections unless said otherwise):
+Methods (``METHODS``; the LoRA-based ones on the attention query/value projections, or the sites ``--targets``
+names):
 
 * ``lora``: a separate LoRA (r=8, alpha=16) per task, each trained on its task alone (the baseline).
 * ``poly``: Polytropon (``ak.Poly``), 3 LoRA skills of rank 8, a learned task-skill allocation per site.
@@ -132,6 +133,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=float,
         default=None,
         help="rate of the adapter methods' parameters (default: each method's own)",
+    )
+    p.add_argument(
+        "--targets",
+        default=",".join(QV),
+        help="comma-separated sites of the LoRA-based methods (lora, poly, mhr, molora, adamix): roles such as "
+        "attn.q,attn.k,attn.v,attn.out,ffn.in,ffn.out, or all-linear (default attn.q,attn.v)",
     )
     p.add_argument("--lr-head", type=float, default=3e-2, help="the task heads (a linear probe needs a high rate)")
     p.add_argument("--lr-full", type=float, default=2e-4, help="LT-SFT's full fine-tuning phase")
@@ -247,19 +254,28 @@ def load_model(n_tasks: int, seed: int, pooling: str = "mean") -> MultiTaskModel
     return MultiTaskModel(encoder, n_tasks, pooling)
 
 
-def make_config(name: str, n_tasks: int) -> ak.AdapterConfig:
+def parse_targets(text: str) -> str | list[str]:
+    """``--targets`` as a config's ``targets``: ``"all-linear"`` stays a string, else the list of roles / names."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise SystemExit("--targets is empty: name at least one site (e.g. attn.q,attn.v) or all-linear")
+    return names[0] if names == ["all-linear"] else names
+
+
+def make_config(name: str, n_tasks: int, targets: str | list[str] = QV) -> ak.AdapterConfig:
+    """The adapter of method ``name``; ``targets``: the sites of the LoRA-based methods (``--targets``)."""
     if name == "lora":
-        return ak.LoRA(r=8, alpha=16, targets=QV)
+        return ak.LoRA(r=8, alpha=16, targets=targets)
     if name == "poly":
-        return ak.Poly(r=8, n_tasks=n_tasks, n_skills=3, targets=QV)
+        return ak.Poly(r=8, n_tasks=n_tasks, n_skills=3, targets=targets)
     if name == "mhr":
-        return ak.Poly(r=8, n_tasks=n_tasks, n_skills=3, n_splits=8, targets=QV)
+        return ak.Poly(r=8, n_tasks=n_tasks, n_skills=3, n_splits=8, targets=targets)
     if name == "hyperformer":
         return ak.HyperFormer(n_tasks=n_tasks, projected_dim=16)
     if name == "molora":
-        return ak.MoLoRA(r=8, alpha=16, n_experts=3, targets=QV)
+        return ak.MoLoRA(r=8, alpha=16, n_experts=3, targets=targets)
     if name == "adamix":
-        return ak.AdaMix(expert=ak.LoRA(r=8, alpha=16), n_experts=4, share_up=True, targets=QV)
+        return ak.AdaMix(expert=ak.LoRA(r=8, alpha=16), n_experts=4, share_up=True, targets=targets)
     raise ValueError(f"no adapter config for {name!r}")
 
 
@@ -369,6 +385,8 @@ def run_method(name: str, args: argparse.Namespace, data: dict[str, Any]) -> lis
     kind, lr, desc = METHODS[name]
     if args.lr is not None and kind != "sparse":
         lr, desc = args.lr, f"{desc}, lr {args.lr:g}"
+    if kind != "sparse" and name != "hyperformer" and args.targets != ",".join(QV):
+        desc = f"{desc.replace(' on q,v', '')}, on {args.targets}"
     results: dict[str, dict[str, Any]] = {}
 
     def score_task(row: str, t: int, scope: Callable[[int, int], Any] = _no_scope) -> None:
@@ -387,7 +405,7 @@ def run_method(name: str, args: argparse.Namespace, data: dict[str, Any]) -> lis
     per_task: dict[str, int] = {}
     total: dict[str, int] = {}
     if kind == "per_task":
-        cfg = make_config(name, T)
+        cfg = make_config(name, T, parse_targets(args.targets))
         for t, task in enumerate(tasks):
             adapters.add(f"{name}_{task}", cfg)
             adapters.train(f"{name}_{task}")
@@ -398,7 +416,7 @@ def run_method(name: str, args: argparse.Namespace, data: dict[str, Any]) -> lis
         n = sum(p.numel() for p in params)
         per_task[name], total[name] = n, n * T
     elif kind == "joint":
-        cfg = make_config(name, T)
+        cfg = make_config(name, T, parse_targets(args.targets))
         adapters.add(name, cfg)
         adapters.train(name)
         params = list(adapters.parameters(name))

@@ -50,8 +50,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def recipe_key(args: dict[str, Any]) -> dict[str, Any]:
-    """The arguments that define a recipe (everything a seed run must share)."""
-    return {k: v for k, v in sorted(args.items()) if k not in FREE and v is not None}
+    """The arguments that define a recipe (everything a seed run must share); an argument a run's JSON lacks (it
+    predates the option) takes multitask.py's default, as that run did."""
+    full = {**vars(multitask.parse_args([])), **args}
+    return {k: v for k, v in sorted(full.items()) if k not in FREE and v is not None}
 
 
 def collect(paths: Sequence[Path]) -> tuple[dict[str, Any], list[str], dict[str, dict[int, dict[str, Any]]]]:

@@ -75,3 +75,13 @@ def test_a_folder_stands_for_its_json_files(tmp_path: Path) -> None:
     _run(tmp_path, 2, {"lora": [82, 50, 70, 10], "mhr": [80, 50, 70, 10]})
     _, tasks, rows = ms.collect([tmp_path])
     assert tasks == TASKS and sorted(rows["lora"]) == [1, 2] and sorted(rows["mhr"]) == [2]
+
+
+def test_an_option_a_run_predates_takes_its_default(tmp_path: Path) -> None:
+    old = _run(tmp_path, 1, {"lora": [80, 50, 70, 10]})  # no "targets" in its args: written before the option
+    new = _run(tmp_path, 2, {"lora": [82, 50, 70, 10]}, targets="attn.q,attn.v")
+    recipe, _, rows = ms.collect([old, new])
+    assert recipe["targets"] == "attn.q,attn.v" and sorted(rows["lora"]) == [1, 2]
+    other = _run(tmp_path, 3, {"lora": [82, 50, 70, 10]}, targets="all-linear")
+    with pytest.raises(ValueError, match="another recipe.*'targets'"):
+        ms.collect([old, other])
