@@ -135,10 +135,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="rate of the adapter methods' parameters (default: each method's own)",
     )
     p.add_argument(
+        "--lr-router",
+        type=float,
+        default=None,
+        help="rate of the routing parameters of the joint methods (Poly/MHR's allocation logits, MoLoRA's router); "
+        "default: the method's rate. The Polytropon/MHR authors train the logits at 0.1 (mttl's "
+        "module_logits_learning_rate)",
+    )
+    p.add_argument(
         "--targets",
         default=",".join(QV),
         help="comma-separated sites of the LoRA-based methods (lora, poly, mhr, molora, adamix): roles such as "
-        "attn.q,attn.k,attn.v,attn.out,ffn.in,ffn.out, or all-linear (default attn.q,attn.v)",
+        "attn.q,attn.k,attn.v,attn.out,ffn.up,ffn.down, or all-linear (which also takes BERT's pooler, unused by "
+        "--pooling mean, into the parameter count; default attn.q,attn.v)",
     )
     p.add_argument("--lr-head", type=float, default=3e-2, help="the task heads (a linear probe needs a high rate)")
     p.add_argument("--lr-full", type=float, default=2e-4, help="LT-SFT's full fine-tuning phase")
@@ -369,6 +378,22 @@ class Loop:
         self.model.eval()
 
 
+def adapter_groups(adapters: Any, name: str, lr: float, lr_router: float | None) -> list[dict[str, Any]]:
+    """Optimizer groups of adapter ``name``: its routing parameters (a parameter name with ``router`` or
+    ``module_logits``: Poly/MHR's allocation logits, MoLoRA's router) at ``lr_router``, the rest at ``lr``; one group
+    at ``lr`` when ``lr_router`` is None. Each parameter once (Poly's logits are shared by every site)."""
+    routing: dict[int, nn.Parameter] = {}
+    rest: dict[int, nn.Parameter] = {}
+    for comp in adapters.components(name).values():
+        for n, p in comp.named_parameters():
+            is_router = lr_router is not None and ("router" in n or "module_logits" in n)
+            (routing if is_router else rest)[id(p)] = p
+    groups = [{"params": list(rest.values()), "lr": lr}]
+    if routing:
+        groups.append({"params": list(routing.values()), "lr": lr_router, "name": "routing"})
+    return groups
+
+
 def _no_scope(task: int, n: int) -> Any:
     """No task ids (methods that do not read them)."""
     return contextlib.nullcontext()
@@ -385,6 +410,8 @@ def run_method(name: str, args: argparse.Namespace, data: dict[str, Any]) -> lis
     kind, lr, desc = METHODS[name]
     if args.lr is not None and kind != "sparse":
         lr, desc = args.lr, f"{desc}, lr {args.lr:g}"
+    if kind == "joint" and args.lr_router is not None:
+        desc = f"{desc}, router lr {args.lr_router:g}"
     if kind != "sparse" and name != "hyperformer" and args.targets != ",".join(QV):
         desc = f"{desc.replace(' on q,v', '')}, on {args.targets}"
     results: dict[str, dict[str, Any]] = {}
@@ -421,11 +448,12 @@ def run_method(name: str, args: argparse.Namespace, data: dict[str, Any]) -> lis
         adapters.train(name)
         params = list(adapters.parameters(name))
         routed = getattr(cfg, "needs_task_ids", False)
+        groups = adapter_groups(adapters, name, lr, args.lr_router)
 
         def scope(t: int, n: int) -> Any:
             return adapters.tasks(torch.full((n,), t, dtype=torch.long)) if routed else _no_scope(t, n)
 
-        loop.run([{"params": params, "lr": lr}, heads_group(range(T))], range(T), args.epochs, scope=scope,
+        loop.run([*groups, heads_group(range(T))], range(T), args.epochs, scope=scope,
                  extra=adapters.aux_loss, two_pass=name == "adamix", tag=name)  # fmt: skip
         for t in range(T):
             score_task(name, t, scope)
