@@ -98,6 +98,8 @@ DATA = ROOT.parent / "shared" / "data" / "glue"
 RESULTS = ROOT / "benchmarks" / "results"
 TASKS = ("SST-2", "RTE", "MRPC", "CoLA")
 QV = ["attn.q", "attn.v"]
+# the methods whose adapters are LoRAs on ``--targets`` (the others choose their own sites)
+LORA_BASED = ("lora", "poly", "mhr", "molora", "adamix")
 
 # name -> (kind, learning rate, description); configs are built in ``make_config`` (they need the task count)
 METHODS: dict[str, tuple[str, float, str]] = {
@@ -145,7 +147,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--targets",
         default=",".join(QV),
-        help="comma-separated sites of the LoRA-based methods (lora, poly, mhr, molora, adamix): roles such as "
+        help=f"comma-separated sites of the LoRA-based methods ({', '.join(LORA_BASED)}): roles such as "
         "attn.q,attn.k,attn.v,attn.out,ffn.up,ffn.down, or all-linear (which also takes BERT's pooler, unused by "
         "--pooling mean, into the parameter count; default attn.q,attn.v)",
     )
@@ -381,16 +383,15 @@ class Loop:
 def adapter_groups(adapters: Any, name: str, lr: float, lr_router: float | None) -> list[dict[str, Any]]:
     """Optimizer groups of adapter ``name``: its routing parameters (a parameter name with ``router`` or
     ``module_logits``: Poly/MHR's allocation logits, MoLoRA's router) at ``lr_router``, the rest at ``lr``; one group
-    at ``lr`` when ``lr_router`` is None. Each parameter once (Poly's logits are shared by every site)."""
-    routing: dict[int, nn.Parameter] = {}
-    rest: dict[int, nn.Parameter] = {}
-    for comp in adapters.components(name).values():
-        for n, p in comp.named_parameters():
-            is_router = lr_router is not None and ("router" in n or "module_logits" in n)
-            (routing if is_router else rest)[id(p)] = p
-    groups = [{"params": list(rest.values()), "lr": lr}]
+    at ``lr`` when ``lr_router`` is None. Each parameter once (``adapters.parameters``; Poly's logits are shared)."""
+    params = list(adapters.parameters(name))
+    if lr_router is None:
+        return [{"params": params, "lr": lr}]
+    routing = {id(p) for comp in adapters.components(name).values() for n, p in comp.named_parameters()
+               if "router" in n or "module_logits" in n}  # fmt: skip
+    groups = [{"params": [p for p in params if id(p) not in routing], "lr": lr}]
     if routing:
-        groups.append({"params": list(routing.values()), "lr": lr_router, "name": "routing"})
+        groups.append({"params": [p for p in params if id(p) in routing], "lr": lr_router, "name": "routing"})
     return groups
 
 
@@ -412,7 +413,8 @@ def run_method(name: str, args: argparse.Namespace, data: dict[str, Any]) -> lis
         lr, desc = args.lr, f"{desc}, lr {args.lr:g}"
     if kind == "joint" and args.lr_router is not None:
         desc = f"{desc}, router lr {args.lr_router:g}"
-    if kind != "sparse" and name != "hyperformer" and args.targets != ",".join(QV):
+    targets = parse_targets(args.targets)
+    if name in LORA_BASED and targets != QV:
         desc = f"{desc.replace(' on q,v', '')}, on {args.targets}"
     results: dict[str, dict[str, Any]] = {}
 
@@ -432,7 +434,7 @@ def run_method(name: str, args: argparse.Namespace, data: dict[str, Any]) -> lis
     per_task: dict[str, int] = {}
     total: dict[str, int] = {}
     if kind == "per_task":
-        cfg = make_config(name, T, parse_targets(args.targets))
+        cfg = make_config(name, T, targets)
         for t, task in enumerate(tasks):
             adapters.add(f"{name}_{task}", cfg)
             adapters.train(f"{name}_{task}")
@@ -443,7 +445,7 @@ def run_method(name: str, args: argparse.Namespace, data: dict[str, Any]) -> lis
         n = sum(p.numel() for p in params)
         per_task[name], total[name] = n, n * T
     elif kind == "joint":
-        cfg = make_config(name, T, parse_targets(args.targets))
+        cfg = make_config(name, T, targets)
         adapters.add(name, cfg)
         adapters.train(name)
         params = list(adapters.parameters(name))

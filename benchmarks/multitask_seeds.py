@@ -35,6 +35,8 @@ import multitask  # beside this script: its argument parser reads a run's comman
 
 # arguments that may differ between the runs of one recipe
 FREE = {"seed", "methods", "out", "note", "update", "merge", "threads", "data"}
+# multitask.py's defaults: what a run made before an option existed used
+DEFAULTS = vars(multitask.parse_args([]))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -52,7 +54,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def recipe_key(args: dict[str, Any]) -> dict[str, Any]:
     """The arguments that define a recipe (everything a seed run must share); an argument a run's JSON lacks (it
     predates the option) takes multitask.py's default, as that run did."""
-    full = {**vars(multitask.parse_args([])), **args}
+    full = {**DEFAULTS, **args}
     return {k: v for k, v in sorted(full.items()) if k not in FREE and v is not None}
 
 
