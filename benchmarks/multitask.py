@@ -160,6 +160,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--density", type=float, default=0.005)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument(
+        "--device", default="cpu",
+        help="torch device of the model and batches (default cpu; e.g. cuda, cuda:1). Part of the recipe: the seed "
+        "tables pair runs of one device only",
+    )  # fmt: skip
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--out", type=Path, default=RESULTS / "multitask.md", help="markdown table (also .json, .png)")
     p.add_argument("--note", default=None, help="a paragraph appended to the markdown (e.g. other seeds' results)")
@@ -192,8 +197,9 @@ def load_task(task: str, args: argparse.Namespace, tokenizer: Any) -> tuple[list
     return examples(splits.train), examples(splits.dev), splits.labels.index("1") if "1" in splits.labels else 0
 
 
-def collate(rows: Sequence[Example], pad: int) -> dict[str, torch.Tensor]:
-    """Pad a batch to its longest row: ``input_ids``, ``token_type_ids``, ``attention_mask`` (B, L); ``labels`` (B,)."""
+def collate(rows: Sequence[Example], pad: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Pad a batch to its longest row: ``input_ids``, ``token_type_ids``, ``attention_mask`` (B, L); ``labels`` (B,);
+    all on ``device``."""
     n = max(len(r[0]) for r in rows)
     ids = torch.full((len(rows), n), pad, dtype=torch.long)
     types = torch.zeros((len(rows), n), dtype=torch.long)
@@ -203,7 +209,8 @@ def collate(rows: Sequence[Example], pad: int) -> dict[str, torch.Tensor]:
         types[i, : len(b)] = torch.tensor(b)
         mask[i, : len(a)] = 1
     labels = torch.tensor([r[2] for r in rows])
-    return {"input_ids": ids, "token_type_ids": types, "attention_mask": mask, "labels": labels}
+    batch = {"input_ids": ids, "token_type_ids": types, "attention_mask": mask, "labels": labels}
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def task_batches(
@@ -253,7 +260,9 @@ class MultiTaskModel(nn.Module):
         return self.heads[task](self.dropout(pooled))
 
 
-def load_model(n_tasks: int, seed: int, pooling: str = "mean") -> MultiTaskModel:
+def load_model(
+    n_tasks: int, seed: int, pooling: str = "mean", device: torch.device | str = "cpu"
+) -> MultiTaskModel:
     from transformers import AutoModel
     from transformers.utils import logging
 
@@ -262,7 +271,21 @@ def load_model(n_tasks: int, seed: int, pooling: str = "mean") -> MultiTaskModel
     torch.manual_seed(seed)
     encoder = AutoModel.from_pretrained(demo.model_path())
     torch.manual_seed(seed)
-    return MultiTaskModel(encoder, n_tasks, pooling)
+    return MultiTaskModel(encoder, n_tasks, pooling).to(device)
+
+
+def check_device(name: str) -> None:
+    """Exit with a message naming what to change when ``--device`` is not a device torch can use here."""
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise SystemExit(f"--device {name!r} is not a torch device ({e}); pass e.g. cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: torch sees no CUDA device here; pass --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SystemExit(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s); pass a lower index")
+    if dev.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device {name}: multitask.py runs on cpu or cuda devices")
 
 
 def parse_targets(text: str) -> str | list[str]:
@@ -313,13 +336,14 @@ def scores(task: str, pred: Sequence[int], gold: Sequence[int], positive: int) -
 def evaluate(
     model: MultiTaskModel, task: int, rows: list[Example], pad: int, scope: Callable[[int, int], Any]
 ) -> list[int]:
-    """Predicted label indices of task ``task``'s rows (eval mode, batches of 64)."""
+    """Predicted label indices of task ``task``'s rows (eval mode, batches of 64, on the model's device)."""
     model.eval()
+    device = next(model.parameters()).device
     pred: list[int] = []
     for i in range(0, len(rows), 64):
         chunk = rows[i : i + 64]
         with scope(task, len(chunk)):
-            pred += model(collate(chunk, pad), task).argmax(-1).tolist()
+            pred += model(collate(chunk, pad, device), task).argmax(-1).tolist()
     return pred
 
 
@@ -357,7 +381,7 @@ class Loop:
         t0 = time.perf_counter()
         every = max(1, steps // 10)
         for step, (t, rows) in enumerate(task_batches(data, self.args.batch_size, epochs, self.args.seed), 1):
-            batch = collate(rows, self.pad)
+            batch = collate(rows, self.pad, self.args.device)
             with scope(t, len(rows)):
                 logits = self.model(batch, t)
                 loss = F.cross_entropy(logits, batch["labels"])
@@ -404,7 +428,7 @@ def run_method(name: str, args: argparse.Namespace, data: dict[str, Any]) -> lis
     """Train ``name`` and return its result rows (``lt_sft`` also returns ``lt_sft_composed`` and ``full``)."""
     tasks: list[str] = data["tasks"]
     T = len(tasks)
-    model = load_model(T, args.seed, args.pooling)
+    model = load_model(T, args.seed, args.pooling, args.device)
     adapters = ak.attach(model.encoder)
     loop = Loop(model, args, data["train"], data["pad"])
     head_params = sum(p.numel() for p in model.heads[0].parameters())
@@ -453,7 +477,8 @@ def run_method(name: str, args: argparse.Namespace, data: dict[str, Any]) -> lis
         groups = adapter_groups(adapters, name, lr, args.lr_router)
 
         def scope(t: int, n: int) -> Any:
-            return adapters.tasks(torch.full((n,), t, dtype=torch.long)) if routed else _no_scope(t, n)
+            ids = torch.full((n,), t, dtype=torch.long, device=args.device)
+            return adapters.tasks(ids) if routed else _no_scope(t, n)
 
         loop.run([*groups, heads_group(range(T))], range(T), args.epochs, scope=scope,
                  extra=adapters.aux_loss, two_pass=name == "adamix", tag=name)  # fmt: skip
@@ -673,6 +698,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing:
         sys.exit(f"GLUE task folders {missing} not found under {args.data}; pass --data DIR")
     torch.set_num_threads(args.threads)
+    check_device(args.device)
     import transformers
     from transformers import AutoTokenizer
 

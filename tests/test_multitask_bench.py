@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import BertConfig, BertModel
 
 import adapterkit as ak
@@ -49,3 +50,53 @@ def test_router_rate_splits_the_routing_parameters(method: str) -> None:
     names = {n for c in adapters.components(method).values() for n, p in c.named_parameters()
              if any(p is q for q in routing["params"])}  # fmt: skip
     assert names == ({"poly_router.module_logits"} if method == "mhr" else {"router.weight"})
+
+
+def test_collate_puts_the_batch_on_the_device() -> None:
+    batch = mt.collate([([1, 2, 3], [0, 0, 0], 1), ([4, 5], [0, 1], 0)], pad=0, device="meta")
+    assert {v.device.type for v in batch.values()} == {"meta"}
+    assert batch["input_ids"].shape == (2, 3) and batch["labels"].shape == (2,)
+
+
+def test_device_option_names_what_to_change() -> None:
+    mt.check_device("cpu")
+    with pytest.raises(SystemExit, match="not a torch device"):
+        mt.check_device("gpu0")
+    with pytest.raises(SystemExit, match="cpu or cuda"):
+        mt.check_device("meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA device.*--device cpu"):
+            mt.check_device("cuda")
+    else:
+        with pytest.raises(SystemExit, match="lower index"):
+            mt.check_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def _tiny_data(n_tasks: int, rows: int) -> dict:
+    gen = torch.Generator().manual_seed(0)
+
+    def example() -> tuple[list[int], list[int], int]:
+        n = int(torch.randint(3, 9, (1,), generator=gen))
+        ids = torch.randint(1, 50, (n,), generator=gen).tolist()
+        return ids, [0] * n, int(ids[1] % 2)
+
+    split = {t: [example() for _ in range(rows)] for t in range(n_tasks)}
+    return {"tasks": list(mt.TASKS[:n_tasks]), "train": split, "dev": split, "positive": dict.fromkeys(split, 1),
+            "pad": 0}  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["lora", "mhr"])
+def test_run_method_end_to_end_on_a_tiny_model(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The training and scoring loop of one per-task and one routed method, on a tiny random BERT (the real
+    model and GLUE are what the benchmark itself reads)."""
+
+    def load(n_tasks: int, seed: int, pooling: str = "mean", device: str = "cpu") -> mt.MultiTaskModel:
+        torch.manual_seed(seed)
+        return mt.MultiTaskModel(_bert(), n_tasks, pooling).to(device)
+
+    monkeypatch.setattr(mt, "load_model", load)
+    args = mt.parse_args(["--epochs", "1", "--batch-size", "4", "--device", "cpu"])
+    (row,) = mt.run_method(method, args, _tiny_data(2, 8))
+    assert row["method"] == method and set(row["tasks"]) == {"SST-2", "RTE"}
+    assert row["train_rows"] == 16 and row["params_per_task"] > 0
+    assert all(0 <= s["score"] <= 100 for s in row["tasks"].values())

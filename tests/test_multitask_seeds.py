@@ -85,3 +85,13 @@ def test_an_option_a_run_predates_takes_its_default(tmp_path: Path) -> None:
     other = _run(tmp_path, 3, {"lora": [82, 50, 70, 10]}, targets="all-linear")
     with pytest.raises(ValueError, match="another recipe.*'targets'"):
         ms.collect([old, other])
+
+
+def test_the_device_is_part_of_the_recipe(tmp_path: Path) -> None:
+    old = _run(tmp_path, 1, {"lora": [80, 50, 70, 10]})  # written before --device: ran on the CPU
+    cpu = _run(tmp_path, 2, {"lora": [82, 50, 70, 10]}, device="cpu")
+    recipe, _, rows = ms.collect([old, cpu])
+    assert recipe["device"] == "cpu" and sorted(rows["lora"]) == [1, 2]
+    gpu = _run(tmp_path, 3, {"lora": [82, 50, 70, 10]}, device="cuda")
+    with pytest.raises(ValueError, match="another recipe.*'device'"):
+        ms.collect([old, gpu])
