@@ -77,21 +77,16 @@ def test_a_folder_stands_for_its_json_files(tmp_path: Path) -> None:
     assert tasks == TASKS and sorted(rows["lora"]) == [1, 2] and sorted(rows["mhr"]) == [2]
 
 
-def test_an_option_a_run_predates_takes_its_default(tmp_path: Path) -> None:
-    old = _run(tmp_path, 1, {"lora": [80, 50, 70, 10]})  # no "targets" in its args: written before the option
-    new = _run(tmp_path, 2, {"lora": [82, 50, 70, 10]}, targets="attn.q,attn.v")
+@pytest.mark.parametrize(
+    ("option", "default", "other"), [("targets", "attn.q,attn.v", "all-linear"), ("device", "cpu", "cuda")]
+)
+def test_an_option_a_run_predates_takes_its_default(tmp_path: Path, option: str, default: str, other: str) -> None:
+    """A run written before the option existed ran at its default (``--device``: on the CPU); another value is
+    another recipe."""
+    old = _run(tmp_path, 1, {"lora": [80, 50, 70, 10]})  # no ``option`` in its args
+    new = _run(tmp_path, 2, {"lora": [82, 50, 70, 10]}, **{option: default})
     recipe, _, rows = ms.collect([old, new])
-    assert recipe["targets"] == "attn.q,attn.v" and sorted(rows["lora"]) == [1, 2]
-    other = _run(tmp_path, 3, {"lora": [82, 50, 70, 10]}, targets="all-linear")
-    with pytest.raises(ValueError, match="another recipe.*'targets'"):
-        ms.collect([old, other])
-
-
-def test_the_device_is_part_of_the_recipe(tmp_path: Path) -> None:
-    old = _run(tmp_path, 1, {"lora": [80, 50, 70, 10]})  # written before --device: ran on the CPU
-    cpu = _run(tmp_path, 2, {"lora": [82, 50, 70, 10]}, device="cpu")
-    recipe, _, rows = ms.collect([old, cpu])
-    assert recipe["device"] == "cpu" and sorted(rows["lora"]) == [1, 2]
-    gpu = _run(tmp_path, 3, {"lora": [82, 50, 70, 10]}, device="cuda")
-    with pytest.raises(ValueError, match="another recipe.*'device'"):
-        ms.collect([old, gpu])
+    assert recipe[option] == default and sorted(rows["lora"]) == [1, 2]
+    changed = _run(tmp_path, 3, {"lora": [82, 50, 70, 10]}, **{option: other})
+    with pytest.raises(ValueError, match=f"another recipe.*'{option}'"):
+        ms.collect([old, changed])
