@@ -19,7 +19,13 @@ from torch import nn
 
 import adapterkit as ak
 from adapterkit.formats import AdapterFileError
-from adapterkit.methods.poly import PolyAllocation, PolyLinear, average_skills, train_routing_only
+from adapterkit.methods.poly import (
+    PolyAllocation,
+    PolyLinear,
+    average_skills,
+    relaxed_bernoulli,
+    train_routing_only,
+)
 
 from conftest import make_inputs, make_model, output_of
 
@@ -202,6 +208,22 @@ def test_default_task_and_generate():
     assert torch.equal(both[1], by_scope[1][0])  # row 1 has no padding: equal to running it alone
     beams = model.generate(x["input_ids"], attention_mask=x["attention_mask"], task_ids=IDS, num_beams=2, **gen)
     assert beams.shape == both.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_relaxed_bernoulli_is_torch_distributions_bit_for_bit(dtype, temperature):
+    from torch.distributions import RelaxedBernoulli
+
+    logits = torch.tensor([[-40.0, -3.0, 0.0, 1e-3], [2.5, 17.0, 40.0, -0.7]], dtype=dtype, requires_grad=True)
+    torch.manual_seed(3)
+    expected = RelaxedBernoulli(torch.tensor(temperature, dtype=dtype), logits=logits).rsample()
+    torch.manual_seed(3)
+    got = relaxed_bernoulli(logits, temperature)
+    assert got.dtype == dtype and torch.equal(got, expected)
+    (g_exp,) = torch.autograd.grad(expected.sum(), logits)
+    (g_got,) = torch.autograd.grad(got.sum(), logits)
+    assert torch.equal(g_got, g_exp)
 
 
 def test_mhr_z_and_mu():

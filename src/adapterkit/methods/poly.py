@@ -44,7 +44,6 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from torch.distributions.relaxed_bernoulli import RelaxedBernoulli
 
 from ..backends import backend_for
 from ..component import Bank, Component
@@ -55,6 +54,26 @@ PUBLIC = ("Poly",)
 __all__ = ["Poly", "PolyAllocation", "PolyLinear", "train_routing_only", "average_skills"]
 
 EPS = 1e-12  # peft's / mttl's normalization epsilon
+
+
+def _clamp_probs(p: torch.Tensor) -> torch.Tensor:
+    eps = torch.finfo(p.dtype).eps
+    return p.clamp(min=eps, max=1 - eps)
+
+
+def relaxed_bernoulli(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """A reparameterized sample of ``RelaxedBernoulli(temperature, logits=logits)`` (Maddison et al. 2017; Jang et al.
+    2017), any shape: the same operations and the same ``torch.rand`` draw as ``torch.distributions`` (so the same
+    seed gives the same bits as peft's router), without building a distribution object at every site and step::
+
+        p = clamp(σ(logits))    u = clamp(U(0, 1))
+        z = (log u − log(1 − u) + log p − log(1 − p)) / τ      sample = clamp(σ(z))
+    """
+    probs = _clamp_probs(torch.sigmoid(logits))
+    u = _clamp_probs(torch.rand(logits.shape, dtype=probs.dtype, device=probs.device))
+    z = (u.log() - (-u).log1p() + probs.log() - (-probs).log1p()) / temperature
+    fin = torch.finfo(z.dtype)
+    return torch.sigmoid(z).clamp(min=fin.tiny, max=1.0 - fin.eps)
 
 
 def _positive_int(v: Any) -> bool:
@@ -156,7 +175,7 @@ class PolyAllocation(Bank):
         training, ``σ(logits)`` in eval, normalized over the skills (Polytropon §3.3)."""
         logits = self.module_logits[ids].view(-1, self.n_splits, self.n_skills)
         if self.training:
-            logits = RelaxedBernoulli(temperature=1.0, logits=logits).rsample()
+            logits = relaxed_bernoulli(logits)
         else:
             logits = torch.sigmoid(logits)
         return logits / (logits.sum(dim=-1, keepdim=True) + EPS)
@@ -237,8 +256,10 @@ class PolyLinear(Component):
         rows = x.shape[0]
         A, B = self.factors(self._ids(rows, x.device))
         h = x.reshape(rows, -1, self.in_dim).to(A.dtype)
-        delta = h.bmm(A).bmm(B) / self.r  # (b, tokens, out)
-        return y + delta.reshape(y.shape).to(y.dtype)
+        hA = h.bmm(A) / self.r  # (b, tokens, r): the 1/r scaling on the small tensor
+        if y.dtype == A.dtype:  # y + hA·B in one kernel, no (b, tokens, out) delta or scaled copy
+            return torch.baddbmm(y.reshape(rows, -1, self.out_dim), hA, B).reshape(y.shape)
+        return y + hA.bmm(B).reshape(y.shape).to(y.dtype)
 
 
 def train_routing_only(adapters: Any, name: str) -> None:
