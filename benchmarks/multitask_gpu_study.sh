@@ -22,7 +22,7 @@ if [ "$DEVICE" = cuda ]; then nvidia-smi --query-gpu=name,memory.total --format=
 # shellcheck disable=SC2086
 PYTHONPATH=src timeout "$LIMIT" "$PY" benchmarks/multitask_runs.py "$OUT/runs" --methods lora,mhr --seeds "$SEEDS" \
     --jobs "$JOBS" --deadline "$DEADLINE" -- --device "$DEVICE" --train-size 8000 --dev-size 1100 --epochs 3 \
-    --batch-size 32 --model .devpack/model --data .devpack/glue ${EXTRA:-}
+    --batch-size 32 --lr-router 0.1 --model .devpack/model --data .devpack/glue ${EXTRA:-}
 echo "runner status $?"
 for f in "$RUNS"/*.json; do [ -e "$f" ] && rm -f "$OUT/runs/$(basename "$f")"; done  # only the new runs go back
 tar czf "$OUT/runs.tgz" -C "$OUT" runs && rm -rf "$OUT/runs"

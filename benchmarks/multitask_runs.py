@@ -13,7 +13,8 @@ Every argument after ``--`` goes to each ``multitask.py`` run (the recipe); ``--
 are set here. Example (the GPU study fixed in DEVELOPERS.md)::
 
     .venv/bin/python benchmarks/multitask_runs.py benchmarks/results/multitask_seeds_gpu_runs --methods lora,mhr \\
-        --seeds 52-71 --jobs 16 -- --device cuda --train-size 8000 --dev-size 1100 --epochs 3 --batch-size 32
+        --seeds 52-71 --jobs 16 -- --device cuda --train-size 8000 --dev-size 1100 --epochs 3 --batch-size 32 \\
+        --lr-router 0.1 --model .devpack/model --data .devpack/glue
 """
 
 from __future__ import annotations

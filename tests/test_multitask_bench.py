@@ -93,7 +93,8 @@ def test_run_method_end_to_end_on_a_tiny_model(method: str, monkeypatch: pytest.
     """Every method's training and scoring path (per-task, routed, two-pass, sparse recipes), on a tiny random BERT
     (the real model and GLUE are what the benchmark itself reads)."""
 
-    def load(n_tasks: int, seed: int, pooling: str = "mean", device: str = "cpu") -> mt.MultiTaskModel:
+    def load(n_tasks: int, seed: int, pooling: str = "mean", device: str = "cpu", path=None) -> mt.MultiTaskModel:
+        assert path is None  # no --model: the package's encoder, here the tiny BERT
         torch.manual_seed(seed)
         return mt.MultiTaskModel(_bert(), n_tasks, pooling).to(device)
 
