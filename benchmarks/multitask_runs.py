@@ -12,7 +12,7 @@ study can be spread over several sessions, or fit into one call on a borrowed ma
 Every argument after ``--`` goes to each ``multitask.py`` run (the recipe); ``--seed``, ``--methods`` and ``--out``
 are set here. Example (the GPU study fixed in DEVELOPERS.md)::
 
-    .venv/bin/python benchmarks/multitask_runs.py benchmarks/results/multitask_seeds_gpu_runs --methods lora,mhr \\
+    .venv/bin/python benchmarks/multitask_runs.py benchmarks/results/multitask_seeds_8000_runs --methods lora,mhr \\
         --seeds 52-71 --jobs 16 -- --device cuda --train-size 8000 --dev-size 1100 --epochs 3 --batch-size 32 \\
         --lr-router 0.1 --model .devpack/model --data .devpack/glue
 """

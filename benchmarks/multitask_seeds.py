@@ -12,6 +12,11 @@ another recipe are refused with the differing arguments named), and writes:
 * per method against the baseline (``--baseline``, default ``lora``), on the seeds both ran: the mean paired
   difference of the average, its standard error, the paired t statistic and the number of seeds ahead.
 
+``--pool-devices`` pools runs of different ``--device`` (the device leaves the recipe; each seed's pair must have run
+on one device, else it is refused, and the table names the seeds of each device): the third study of issue 20 runs
+each pair on the CPU here or on a lent GPU. ``--planned N`` marks a table with fewer than N pairs as incomplete (it
+decides nothing).
+
 Run::
 
     .venv/bin/python benchmarks/multitask_seeds.py RUN1.json RUN2.json ... --out benchmarks/results/multitask_seeds.md
@@ -48,19 +53,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--methods", default=None, help="comma-separated methods to table (default: every method found)"
     )
     p.add_argument("--note", default=None, help="a paragraph appended to the markdown")
+    p.add_argument(
+        "--pool-devices",
+        action="store_true",
+        help="pool runs of different --device (each seed's pair on one device; the table names the devices)",
+    )
+    p.add_argument("--planned", type=int, default=None, help="pairs the study plans: fewer are marked incomplete")
     return p.parse_args(argv)
 
 
-def recipe_key(args: dict[str, Any]) -> dict[str, Any]:
-    """The arguments that define a recipe (everything a seed run must share); an argument a run's JSON lacks (it
-    predates the option) takes multitask.py's default, as that run did."""
+def recipe_key(args: dict[str, Any], free: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The arguments that define a recipe (everything a seed run must share, but ``free``); an argument a run's JSON
+    lacks (it predates the option) takes multitask.py's default, as that run did."""
     full = {**DEFAULTS, **args}
-    return {k: v for k, v in sorted(full.items()) if k not in FREE and v is not None}
+    return {k: v for k, v in sorted(full.items()) if k not in FREE | free and v is not None}
 
 
-def collect(paths: Sequence[Path]) -> tuple[dict[str, Any], list[str], dict[str, dict[int, dict[str, Any]]]]:
-    """``(recipe, tasks, rows[method][seed])`` from the runs; raises ``ValueError`` on mixed recipes or a method
-    run twice at one seed."""
+def collect(
+    paths: Sequence[Path], pool_devices: bool = False
+) -> tuple[dict[str, Any], list[str], dict[str, dict[int, dict[str, Any]]]]:
+    """``(recipe, tasks, rows[method][seed])`` from the runs, each row with its run's ``"device"``; raises
+    ``ValueError`` on mixed recipes (``pool_devices``: the device may differ) or a method run twice at one seed."""
     recipe: dict[str, Any] | None = None
     first = ""
     tasks: list[str] = []
@@ -68,7 +81,8 @@ def collect(paths: Sequence[Path]) -> tuple[dict[str, Any], list[str], dict[str,
     files = [f for p in paths for f in (sorted(p.glob("*.json")) if p.is_dir() else [p])]
     for path in files:
         data = json.loads(path.read_text())
-        key = recipe_key(data["args"])
+        key = recipe_key(data["args"], frozenset({"device"} if pool_devices else ()))
+        device = str({**DEFAULTS, **data["args"]}["device"])
         if recipe is None:
             recipe, first, tasks = key, str(path), list(data["meta"]["tasks"])
         elif key != recipe:
@@ -81,7 +95,7 @@ def collect(paths: Sequence[Path]) -> tuple[dict[str, Any], list[str], dict[str,
             row_seed = multitask.parse_args(shlex.split(cmd)[2:]).seed if cmd else int(data["args"]["seed"])
             if row_seed in rows.get(row["method"], {}):
                 raise ValueError(f"{row['method']} at seed {row_seed} appears twice (second in {path})")
-            rows.setdefault(row["method"], {})[row_seed] = row
+            rows.setdefault(row["method"], {})[row_seed] = {**row, "device": device}
     assert recipe is not None
     return recipe, tasks, rows
 
@@ -106,8 +120,45 @@ def versus(rows: dict[str, dict[int, dict[str, Any]]], method: str, baseline: st
     return paired([rows[method][s]["average"] for s in common], [base[s]["average"] for s in common])
 
 
+def check_devices(rows: dict[str, dict[int, dict[str, Any]]], baseline: str) -> None:
+    """Raise ``ValueError`` when a method and the baseline ran one seed on different devices (a pair must not mix
+    them: the two kernels round differently, so the difference would carry the device's noise as well)."""
+    for m, by_seed in rows.items():
+        for s, row in sorted(by_seed.items()):
+            other = rows.get(baseline, {}).get(s)
+            if m != baseline and other is not None and row["device"] != other["device"]:
+                raise ValueError(
+                    f"seed {s}: {m} ran on {row['device']}, {baseline} on {other['device']}; "
+                    "a pair must run on one device (rerun one of them)"
+                )
+
+
+def devices_line(rows: dict[str, dict[int, dict[str, Any]]]) -> str:
+    """``"Devices: cpu: seeds 52, 53; cuda: seeds 54"`` (every seed any method ran, by device)."""
+    by: dict[str, set[int]] = {}
+    for by_seed in rows.values():
+        for s, row in by_seed.items():
+            by.setdefault(row["device"], set()).add(s)
+    return (
+        "Devices (each pair on one): "
+        + "; ".join(f"{d}: seeds {', '.join(map(str, sorted(ss)))}" for d, ss in sorted(by.items()))
+        + "."
+    )
+
+
+def completeness_line(rows: dict[str, dict[int, dict[str, Any]]], baseline: str, planned: int) -> str:
+    """Whether every method has ``planned`` pairs with the baseline (a table of fewer decides nothing)."""
+    counts = {m: (p["n"] if (p := versus(rows, m, baseline)) else 0) for m in sorted(rows) if m != baseline}
+    short = {m: n for m, n in counts.items() if n < planned}
+    if not short:
+        return f"**Complete**: all {planned} planned pairs have run."
+    have = ", ".join(f"{m} {n}" for m, n in short.items())
+    return f"**Incomplete** ({have} of the {planned} planned pairs): this table decides nothing yet."
+
+
 def render(recipe: dict[str, Any], tasks: list[str], rows: dict[str, dict[int, dict[str, Any]]], baseline: str,
-           argv: Sequence[str], note: str | None) -> str:  # fmt: skip
+           argv: Sequence[str], note: str | None, pooled: bool = False,
+           planned: int | None = None) -> str:  # fmt: skip
     out = [
         f"Command: `python benchmarks/multitask_seeds.py {shlex.join(argv)}`",
         "",
@@ -122,6 +173,8 @@ def render(recipe: dict[str, Any], tasks: list[str], rows: dict[str, dict[int, d
         + ": mean diff (se) | t | seeds ahead |",
         "|---|---:|---|" + "---:|" * len(tasks) + "---:|---:|---:|---:|",
     ]
+    if planned is not None:
+        out[2:2] = [completeness_line(rows, baseline, planned), ""]
     order = [baseline] + sorted(m for m in rows if m != baseline)
     for m in order:
         if m not in rows:
@@ -148,6 +201,8 @@ def render(recipe: dict[str, Any], tasks: list[str], rows: dict[str, dict[int, d
         f"{baseline}: the paired difference of the average on the seeds both ran, its standard error (sd/√n), "
         "t = mean/se, and the number of those seeds on which the method's average is higher.",
     ]
+    if pooled:
+        out += ["", devices_line(rows)]
     if note:
         out += ["", note]
     return "\n".join(out) + "\n"
@@ -185,18 +240,21 @@ def plot(rows: dict[str, dict[int, dict[str, Any]]], baseline: str, path: Path) 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.planned is not None and args.planned < 1:
+        sys.exit(f"--planned {args.planned}: give the number of pairs the study plans (1 or more)")
     try:
-        recipe, tasks, rows = collect(args.runs)
+        recipe, tasks, rows = collect(args.runs, args.pool_devices)
+        if args.methods:
+            keep = {m.strip() for m in args.methods.split(",")}
+            rows = {m: r for m, r in rows.items() if m in keep}
+        check_devices(rows, args.baseline)
     except ValueError as exc:
         sys.exit(str(exc))
-    if args.methods:
-        keep = {m.strip() for m in args.methods.split(",")}
-        rows = {m: r for m, r in rows.items() if m in keep}
     shown = [a if not a.startswith("/") else Path(a).name for a in argv]
     if "--note" in shown:  # the note is printed below the table, not in the command
         i = shown.index("--note")
         shown[i + 1] = "..."
-    text = render(recipe, tasks, rows, args.baseline, shown, args.note)
+    text = render(recipe, tasks, rows, args.baseline, shown, args.note, args.pool_devices, args.planned)
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -101,3 +101,34 @@ def test_the_model_is_part_of_the_recipe(tmp_path: Path) -> None:
     packed = _run(tmp_path, 3, {"lora": [82, 50, 70, 10]}, model=".devpack/model")
     with pytest.raises(ValueError, match="another recipe.*'model'"):
         ms.collect([old, packed])
+
+
+def test_pooled_devices_keep_each_pair_on_one_device(tmp_path: Path) -> None:
+    """``--pool-devices``: CPU and GPU pairs pool into one table that names each seed's device; a seed whose two runs
+    differ in device is refused, and without the option the device still separates recipes."""
+    cpu = _run(tmp_path, 52, {"lora": [80, 50, 70, 10], "mhr": [81, 50, 70, 11]}, device="cpu")
+    gpu = _run(tmp_path, 53, {"lora": [82, 50, 70, 10], "mhr": [82, 52, 70, 12]}, device="cuda")
+    with pytest.raises(ValueError, match="another recipe.*'device'"):
+        ms.collect([cpu, gpu])
+    recipe, _, rows = ms.collect([cpu, gpu], pool_devices=True)
+    assert "device" not in recipe and rows["mhr"][53]["device"] == "cuda"
+    out = tmp_path / "pooled.md"
+    assert ms.main([str(cpu), str(gpu), "--pool-devices", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "Devices (each pair on one): cpu: seeds 52; cuda: seeds 53." in text
+    assert "| +0.75 (0.25) | +3.00 | 2/2 |" in text  # diffs +0.5 (cpu) and +1.0 (cuda)
+    mixed = _run(tmp_path, 54, {"lora": [80, 50, 70, 10]}, device="cpu")
+    mixed_gpu = _run(tmp_path, 54, {"mhr": [80, 50, 70, 10]}, device="cuda")
+    with pytest.raises(SystemExit, match="seed 54: mhr ran on cuda, lora on cpu; a pair must run on one device"):
+        ms.main([str(cpu), str(mixed), str(mixed_gpu), "--pool-devices"])
+
+
+def test_planned_pairs_mark_an_incomplete_table(tmp_path: Path) -> None:
+    runs = [str(_run(tmp_path, s, {"lora": [80, 50, 70, 10], "mhr": [81, 50, 70, 10 + s]})) for s in (1, 2)]
+    out = tmp_path / "t.md"
+    assert ms.main([*runs, "--planned", "20", "--out", str(out)]) == 0
+    assert "**Incomplete** (mhr 2 of the 20 planned pairs): this table decides nothing yet." in out.read_text()
+    assert ms.main([*runs, "--planned", "2", "--out", str(out)]) == 0
+    assert "**Complete**: all 2 planned pairs have run." in out.read_text()
+    with pytest.raises(SystemExit, match="--planned 0"):
+        ms.main([*runs, "--planned", "0"])
