@@ -81,8 +81,9 @@ def collect(
     files = [f for p in paths for f in (sorted(p.glob("*.json")) if p.is_dir() else [p])]
     for path in files:
         data = json.loads(path.read_text())
-        key = recipe_key(data["args"], frozenset({"device"} if pool_devices else ()))
-        device = str({**DEFAULTS, **data["args"]}["device"])
+        full = {**DEFAULTS, **data["args"]}
+        key = recipe_key(full, frozenset({"device"} if pool_devices else ()))
+        device = str(full["device"])
         if recipe is None:
             recipe, first, tasks = key, str(path), list(data["meta"]["tasks"])
         elif key != recipe:
@@ -123,18 +124,19 @@ def versus(rows: dict[str, dict[int, dict[str, Any]]], method: str, baseline: st
 def check_devices(rows: dict[str, dict[int, dict[str, Any]]], baseline: str) -> None:
     """Raise ``ValueError`` when a method and the baseline ran one seed on different devices (a pair must not mix
     them: the two kernels round differently, so the difference would carry the device's noise as well)."""
+    base = rows.get(baseline, {})
     for m, by_seed in rows.items():
-        for s, row in sorted(by_seed.items()):
-            other = rows.get(baseline, {}).get(s)
-            if m != baseline and other is not None and row["device"] != other["device"]:
+        for s in sorted(by_seed.keys() & base.keys() if m != baseline else ()):
+            if by_seed[s]["device"] != base[s]["device"]:
                 raise ValueError(
-                    f"seed {s}: {m} ran on {row['device']}, {baseline} on {other['device']}; "
+                    f"seed {s}: {m} ran on {by_seed[s]['device']}, {baseline} on {base[s]['device']}; "
                     "a pair must run on one device (rerun one of them)"
                 )
 
 
 def devices_line(rows: dict[str, dict[int, dict[str, Any]]]) -> str:
-    """``"Devices: cpu: seeds 52, 53; cuda: seeds 54"`` (every seed any method ran, by device)."""
+    """``"Devices (each pair on one): cpu: seeds 52, 53; cuda: seeds 54."`` (every seed any method ran, by
+    device)."""
     by: dict[str, set[int]] = {}
     for by_seed in rows.values():
         for s, row in by_seed.items():
